@@ -1,0 +1,121 @@
+"""Protocol buffers ↔ pipeline types. Pure conversion; validation lives in the pipeline."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+
+from service import __version__
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.errors import InvalidInput
+from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
+from service.pipeline.pipeline import DETECTOR, InstanceResult, SegmentResult
+from service.pipeline.prompts import ImageInput, Options, Region, SegmentQuery
+from service.runners.base import ModelDescriptor
+
+_ENCODINGS = {
+    pb.MASK_ENCODING_UNSPECIFIED: RLE,
+    pb.MASK_ENCODING_COCO_RLE: RLE,
+    pb.MASK_ENCODING_POLYGON: POLYGON,
+    pb.MASK_ENCODING_PNG: PNG,
+}
+_ROLES = {"detector": pb.MODEL_ROLE_DETECTOR, "segmenter": pb.MODEL_ROLE_SEGMENTER}
+
+
+def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
+    source = request.image.WhichOneof("source")
+    if source == "raw":
+        raw = request.image.raw
+        image = ImageInput(raw=raw.data, width=raw.width, height=raw.height)
+    elif source == "encoded":
+        image = ImageInput(encoded=request.image.encoded)
+    else:
+        raise InvalidInput("image: missing; set image.encoded (JPEG, PNG, WebP bytes) or image.raw")
+    o = request.options
+    encoding = _ENCODINGS.get(o.mask_encoding)
+    if encoding is None:
+        raise InvalidInput(f"options.mask_encoding: unknown value {o.mask_encoding}")
+    regions = tuple(
+        Region(
+            box=(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max) if r.HasField("box") else None,
+            points=tuple((p.x, p.y, p.label) for p in r.points),
+            label=r.label,
+        )
+        for r in request.regions
+    )
+    options = Options(
+        score_threshold=o.score_threshold if o.HasField("score_threshold") else None,
+        iou_threshold=o.iou_threshold if o.HasField("iou_threshold") else None,
+        max_instances=o.max_instances if o.HasField("max_instances") else None,
+        mask_encoding=encoding,
+        multimask=o.multimask,
+    )
+    return SegmentQuery(
+        image=image,
+        classes=tuple(request.classes),
+        regions=regions,
+        options=options,
+        request_id=request.request_id,
+    )
+
+
+def mask_to_proto(mask: EncodedMask) -> pb.Mask:
+    out = pb.Mask(height=mask.height, width=mask.width)
+    if mask.encoding == RLE:
+        out.coco_rle.size.extend([mask.height, mask.width])
+        out.coco_rle.counts = mask.rle_counts
+    elif mask.encoding == POLYGON:
+        out.polygons.SetInParent()
+        for poly in mask.polygons:
+            out.polygons.polygons.add(coordinates=poly)
+    else:
+        out.png = mask.png
+    return out
+
+
+def instance_to_proto(inst: InstanceResult) -> pb.Instance:
+    x0, y0, x1, y1 = (float(v) for v in inst.box)
+    return pb.Instance(
+        label=inst.label,
+        class_id=inst.class_id,
+        score=inst.score,
+        box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+        mask=mask_to_proto(inst.mask),
+        mask_score=inst.mask_score,
+        source=pb.INSTANCE_SOURCE_DETECTOR if inst.source == DETECTOR else pb.INSTANCE_SOURCE_REGION_PROMPT,
+        region_index=inst.region_index,
+    )
+
+
+def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        role=_ROLES.get(m.role, pb.MODEL_ROLE_UNSPECIFIED),
+        name=m.name,
+        architecture=m.architecture,
+        version=m.version,
+        weights_sha256=m.weights_sha256,
+        vocabulary=list(m.vocabulary),
+        input_size=m.input_size,
+    )
+
+
+def response_to_proto(
+    result: SegmentResult, models: list[pb.ModelInfo], profile: str, backend: str
+) -> pb.SegmentResponse:
+    image = result.image
+    timings = []
+    for stage, seconds in result.timings.items():
+        d = Duration()
+        d.FromNanoseconds(int(seconds * 1e9))
+        timings.append(pb.StageTiming(stage=stage, duration=d))
+    return pb.SegmentResponse(
+        instances=[instance_to_proto(i) for i in result.instances],
+        image=pb.ImageInfo(width=image.width, height=image.height, sha256=image.sha256, format=image.format),
+        provenance=pb.Provenance(
+            request_id=result.request_id,
+            profile=profile,
+            backend=backend,
+            models=models,
+            timings=timings,
+            server_version=__version__,
+        ),
+    )

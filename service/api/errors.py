@@ -1,0 +1,54 @@
+"""Domain errors → canonical gRPC status codes, in one place (AIP-193).
+
+Unexpected exceptions are logged with their traceback server-side; the caller sees INTERNAL with the
+request id only, never paths or internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc
+
+from service.errors import (
+    DeadlineExceeded,
+    DetsegError,
+    InvalidInput,
+    ModelUnavailable,
+    NotFound,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CODES: tuple[tuple[type[DetsegError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def status_for(error: DetsegError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def guarded(context: grpc.aio.ServicerContext, request_id: str, work: Awaitable[T]) -> T:
+    """Awaits ``work``; turns any failure into a clean status on ``context``."""
+    try:
+        return await work
+    except DetsegError as e:
+        code = status_for(e)
+        log.info("request %s: %s: %s", request_id, code.name, e)
+        await context.abort(code, str(e))
+    except Exception:
+        log.exception("request %s failed", request_id)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+    raise AssertionError("unreachable: context.abort raises")

@@ -1,0 +1,125 @@
+"""Server factory: ``create_server(settings) -> (server, port)`` (grpc examples' shape; tests bind port 0).
+
+The server starts answering at once: health is NOT_SERVING while models load and warm up, then SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.api.servicer import SegmentationServicer
+from service.config import Settings
+from service.pipeline.image import ImageLimits
+from service.pipeline.pipeline import Pipeline
+from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
+from service.runners.base import Runner
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+
+RunnerFactory = Callable[[], tuple[Runner, str]]  # -> (runner, profile name); may block (runs in a thread)
+
+
+@dataclasses.dataclass
+class _State:
+    """What the running server holds on to (kept alive on the server object)."""
+
+    servicer: SegmentationServicer
+    health: health.aio.HealthServicer
+    loading: asyncio.Task[None] | None = None
+
+
+def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
+    return Pipeline(
+        runner,
+        ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side),
+        Limits(
+            max_class_prompts=settings.max_class_prompts,
+            max_region_prompts=settings.max_region_prompts,
+            max_points_per_region=settings.max_points_per_region,
+            max_instances=settings.max_instances,
+            default_score_threshold=settings.default_score_threshold,
+            default_iou_threshold=settings.default_iou_threshold,
+            default_max_instances=settings.default_max_instances,
+        ),
+    )
+
+
+async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple[grpc.aio.Server, int]:
+    """Builds, binds and starts the server; models load in the background via ``load_runner``.
+
+    Returns the started server and the bound port (``settings.port`` 0 picks a free one).
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    servicer = SegmentationServicer(settings)
+    health_servicer = health.aio.HealthServicer()
+    pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    state = _State(servicer, health_servicer)
+    state.loading = asyncio.create_task(_load(state, settings, load_runner))
+    server._detseg_state = state  # type: ignore[attr-defined]  # keeps the loading task referenced
+    return server, port
+
+
+async def _load(state: _State, settings: Settings, load_runner: RunnerFactory) -> None:
+    try:
+        runner, profile = await asyncio.to_thread(load_runner)
+        pipeline = build_pipeline(runner, settings)
+        await _warm_up(pipeline)
+    except Exception:
+        log.exception("model loading failed; health stays NOT_SERVING")
+        return
+    state.servicer.attach(pipeline, profile)
+    for name in ("", SERVICE_NAME):
+        await state.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving: profile %s, models %s", profile, ", ".join(m.name for m in runner.models))
+
+
+async def _warm_up(pipeline: Pipeline) -> None:
+    """One full request on a small synthetic image, so the first caller pays no first-call costs."""
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up")
+    await pipeline.segment(query)
+    pipeline.runner.calls.clear()
+
+
+async def serve_forever(server: grpc.aio.Server, grace_seconds: float) -> None:
+    """Waits for termination; on SIGTERM/SIGINT, health goes NOT_SERVING and in-flight RPCs get ``grace``."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        state: _State | None = getattr(server, "_detseg_state", None)
+        if state is not None:
+            await state.health.enter_graceful_shutdown()
+        log.info("shutting down (grace %.1fs)", grace_seconds)
+        await server.stop(grace_seconds)
+    waiter.cancel()

@@ -1,0 +1,69 @@
+"""The SegmentationService servicer: converts messages and calls the pipeline, nothing more."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from service.api import convert
+from service.api.errors import guarded
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.errors import ModelUnavailable
+from service.pipeline.pipeline import Pipeline
+
+
+class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+    """Serves one Pipeline. Until ``attach`` is called (models loading), RPCs answer UNAVAILABLE."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pipeline: Pipeline | None = None
+        self._profile = ""
+        self._models: list[pb.ModelInfo] = []
+
+    def attach(self, pipeline: Pipeline, profile: str) -> None:
+        self._pipeline = pipeline
+        self._profile = profile
+        self._models = [convert.model_to_proto(m) for m in pipeline.runner.models]
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise ModelUnavailable("models are still loading; retry shortly")
+        return self._pipeline
+
+    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
+        request_id = request.request_id or uuid.uuid4().hex
+        return await guarded(context, request_id, self._segment(request, request_id))
+
+    async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
+        pipeline = self.pipeline
+        query = convert.query_from_proto(request)
+        if not query.request_id:
+            query = type(query)(query.image, query.classes, query.regions, query.options, request_id)
+        result = await pipeline.segment(query)
+        return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return await guarded(context, "list-models", self._list_models())
+
+    async def _list_models(self) -> pb.ListModelsResponse:
+        pipeline, s = self.pipeline, self._settings
+        return pb.ListModelsResponse(
+            models=self._models,
+            profile=self._profile,
+            backend=pipeline.runner.backend,
+            defaults=pb.ServerDefaults(
+                score_threshold=s.default_score_threshold,
+                iou_threshold=s.default_iou_threshold,
+                max_instances=s.default_max_instances,
+                max_instances_limit=s.max_instances,
+                max_image_bytes=s.max_image_bytes,
+                max_image_pixels=s.max_image_pixels,
+            ),
+        )

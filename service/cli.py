@@ -1,0 +1,215 @@
+"""The ``detseg`` command: serve, segment (a client of a running server), models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+from service.errors import DetsegError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DetsegError as e:
+        print(f"detseg: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detseg", description="Open-vocabulary detect-then-segment over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the gRPC API")
+    s.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
+    s.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
+    s.add_argument("--models", help="model profile: official (default) | test")
+    s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
+    s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
+    s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    s.add_argument("--cache-dir", help="weights cache (default ~/.cache/detseg)")
+    s.add_argument("--offline", action="store_const", const=True, help="never download weights")
+    s.add_argument("--no-reflection", dest="reflection", action="store_const", const=False, help="disable reflection")
+    s.add_argument("--config", type=Path, help="YAML settings file (flags > DETSEG_* env > file > defaults)")
+    s.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    s.set_defaults(func=_serve)
+
+    g = sub.add_parser("segment", help="send an image to a running server; print labeled instances")
+    g.add_argument("image", type=Path)
+    g.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
+    g.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1[,label] region prompt (repeatable)")
+    g.add_argument("--score-threshold", type=float)
+    g.add_argument("--max-instances", type=int)
+    g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    g.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    g.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g.add_argument("--out", type=Path, help="write an overlay PNG here")
+    g.set_defaults(func=_segment)
+
+    m = sub.add_parser("models", help="list catalog weights and whether they are cached, or a server's models")
+    m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
+    m.add_argument("--cache-dir")
+    m.set_defaults(func=_models)
+    return p
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
+    overrides = {n: getattr(args, n, None) for n in names}
+    return (
+        Settings.from_environ(overrides)
+        if not getattr(args, "config", None)
+        else Settings.load(overrides, __import__("os").environ, args.config)
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(
+        args,
+        (
+            "host",
+            "port",
+            "models",
+            "detector",
+            "segmenter",
+            "threads",
+            "cache_dir",
+            "offline",
+            "reflection",
+            "log_level",
+        ),
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.api.server import create_server, serve_forever
+    from service.runners.factory import load_runner
+
+    loaded = load_runner(settings)  # before binding: missing weights stop here with one clear message
+
+    async def run() -> None:
+        server, port = await create_server(settings, lambda: loaded)
+        logging.getLogger("detseg").info("listening on %s:%d", settings.host, port)
+        await serve_forever(server, settings.grace_seconds)
+
+    asyncio.run(run())
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+    data = args.image.read_bytes()
+    request = pb.SegmentRequest(
+        image=pb.Image(encoded=data), classes=[c.strip() for c in args.classes.split(",") if c.strip()]
+    )
+    for spec in args.box:
+        parts = spec.split(",")
+        x0, y0, x1, y1 = (float(v) for v in parts[:4])
+        request.regions.add(
+            box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+            label=parts[4] if len(parts) > 4 else "",
+        )
+    if args.score_threshold is not None:
+        request.options.score_threshold = args.score_threshold
+    if args.max_instances is not None:
+        request.options.max_instances = args.max_instances
+    with grpc.insecure_channel(args.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        try:
+            response = pb_grpc.SegmentationServiceStub(channel).Segment(request, timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"detseg: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    instances = [_instance_dict(i) for i in response.instances]
+    if args.json:
+        print(json.dumps({"image": _image_dict(response), "instances": instances}, indent=2, default=_json_bytes))
+    else:
+        info = response.image
+        print(f"{info.width}x{info.height} {info.format}: {len(instances)} instance(s)")
+        for n, i in enumerate(instances):
+            box = ", ".join(f"{v:.1f}" for v in i["box"])
+            area = int(_area(i))
+            score, iou = i["score"], i["mask_score"]
+            print(f"{n:3d}  {i['label']:<16} score {score:.3f}  box [{box}]  mask {area} px  mask score {iou:.3f}")
+    if args.out:
+        from service.overlay import render_overlay
+
+        args.out.write_bytes(render_overlay(data, instances))
+        print(f"overlay written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _instance_dict(i: Any) -> dict[str, Any]:
+    return {
+        "label": i.label,
+        "class_id": i.class_id,
+        "score": round(i.score, 4),
+        "box": [i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max],
+        "mask_score": round(i.mask_score, 4),
+        "rle": {"size": list(i.mask.coco_rle.size), "counts": i.mask.coco_rle.counts},
+    }
+
+
+def _image_dict(response: Any) -> dict[str, Any]:
+    im = response.image
+    return {
+        "width": im.width,
+        "height": im.height,
+        "format": im.format,
+        "sha256": im.sha256,
+        "request_id": response.provenance.request_id,
+        "profile": response.provenance.profile,
+    }
+
+
+def _area(inst: dict[str, Any]) -> float:
+    from pycocotools import mask as mask_utils
+
+    return float(mask_utils.area({"size": inst["rle"]["size"], "counts": inst["rle"]["counts"]}))
+
+
+def _json_bytes(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    raise TypeError(type(value).__name__)
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.target:
+        import grpc
+
+        from service.api.gen.detseg.v1 import detseg_pb2 as pb
+        from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(args.target) as channel:
+            response = pb_grpc.SegmentationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+        print(f"profile {response.profile}, backend {response.backend}")
+        for m in response.models:
+            vocab = f", {len(m.vocabulary)} classes" if m.vocabulary else ""
+            print(f"  {pb.ModelRole.Name(m.role)}: {m.name} ({m.architecture}) sha256 {m.weights_sha256}{vocab}")
+        return 0
+    from service.models.catalog import CATALOG, PROFILES
+
+    settings = _settings(args, ("cache_dir",))
+    print(f"cache: {settings.cache_dir}")
+    for entry in CATALOG.values():
+        cached = "cached" if (settings.cache_dir / entry.filename).exists() else "-"
+        print(f"  {entry.name:<24} {entry.role:<10} {entry.size_bytes / 1e6:7.1f} MB  {cached:<7} {entry.url}")
+    print("profiles: " + ", ".join(f"{k} = {' + '.join(v)}" for k, v in PROFILES.items()) + ", test = seeded random")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

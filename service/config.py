@@ -1,0 +1,120 @@
+"""The one Settings object of detseg.
+
+Precedence: command-line flags > environment (``DETSEG_<FIELD>``) > config file (YAML) > defaults.
+Built once (by the CLI or a test) and passed down; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "DETSEG_"
+
+
+def _default_cache_dir() -> Path:
+    return Path("~/.cache/detseg").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every tunable of the service. Field names double as flag and env names."""
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = 50051
+    reflection: bool = True  # gRPC server reflection; on in dev, turn off where the API should not be browsable.
+    grace_seconds: float = 5.0  # graceful-shutdown budget on SIGTERM
+    max_message_bytes: int = 32 * 1024 * 1024  # gRPC max receive/send message size
+    max_concurrent_rpcs: int = 64  # beyond this, new RPCs get RESOURCE_EXHAUSTED
+    log_level: str = "INFO"
+
+    # Models.
+    models: str = "official"  # profile: official | test
+    detector: str = ""  # catalog name or checkpoint path; empty = the profile's
+    segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's
+    cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
+    offline: bool = False  # never try to download weights
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    detector_imgsz: int = 640  # square letterbox side (pixels)
+
+    # Request limits (checked before any model runs).
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 16384
+    max_class_prompts: int = 256
+    max_region_prompts: int = 256
+    max_points_per_region: int = 64
+    max_instances: int = 300  # hard cap on instances per response
+
+    # Defaults for request options.
+    default_score_threshold: float = 0.25
+    default_iou_threshold: float = 0.7
+    default_max_instances: int = 100
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        config_file: Path | None = None,
+    ) -> Settings:
+        """Builds Settings from defaults < config file < env < overrides (None values are ignored)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {config_file} must hold a mapping")
+            values.update(loaded)
+        if env is not None:
+            for f in dataclasses.fields(cls):
+                key = ENV_PREFIX + f.name.upper()
+                if key in env:
+                    values[f.name] = env[key]
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """Coerces strings to each field's type; unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        kwargs = {name: _coerce(fields[name].type, value) for name, value in values.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_environ(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Convenience for the CLI: reads ``os.environ`` and ``DETSEG_CONFIG`` once."""
+        config = os.environ.get(ENV_PREFIX + "CONFIG")
+        return cls.load(overrides, os.environ, Path(config) if config else None)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(type_name: Any, value: Any) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "Path":
+        return Path(value).expanduser()
+    return str(value)

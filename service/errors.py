@@ -1,0 +1,50 @@
+"""The one domain error hierarchy of detseg.
+
+Every layer raises these; ``service.api.errors`` maps them to gRPC status codes in one place.
+Messages are written for the caller: brief, actionable, and free of paths, tracebacks and internals.
+"""
+
+from __future__ import annotations
+
+
+class DetsegError(Exception):
+    """Base class of every error detseg reports to a caller."""
+
+
+class InvalidInput(DetsegError):
+    """The request is malformed or exceeds a limit (→ INVALID_ARGUMENT).
+
+    The message names the offending field (e.g. ``image.encoded``) and, where one applies, the limit.
+    """
+
+
+class InvalidImage(InvalidInput):
+    """The image cannot be accepted: unknown format, corrupt, or too large."""
+
+
+class NotFound(DetsegError):
+    """A referenced resource (e.g. an image handle) does not exist or expired (→ NOT_FOUND)."""
+
+
+class ModelUnavailable(DetsegError):
+    """A model cannot be loaded or reached (→ UNAVAILABLE at serve time, a clear stop at start-up)."""
+
+
+class WeightsNotFound(ModelUnavailable):
+    """Official weights are absent from the cache and cannot be downloaded."""
+
+
+class ChecksumMismatch(ModelUnavailable):
+    """A downloaded or cached weights file does not match the catalog's sha256."""
+
+
+class UnsafeCheckpoint(ModelUnavailable):
+    """A checkpoint would need arbitrary code/objects to unpickle and is refused."""
+
+
+class Overloaded(DetsegError):
+    """The service is at capacity (→ RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(DetsegError):
+    """The work did not finish before the caller's deadline (→ DEADLINE_EXCEEDED)."""

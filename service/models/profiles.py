@@ -1,0 +1,117 @@
+"""Which weights a server loads: a profile (official | test) or explicit catalog names / paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
+from service.models import testing
+from service.models.catalog import CATALOG, PROFILES, CatalogEntry
+from service.models.download import ensure_weights, file_sha256
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsRef:
+    """A verified weights file and what architecture it belongs to."""
+
+    role: str  # "detector" | "segmenter"
+    name: str
+    version: str
+    architecture: str  # ultralytics yaml, or sam2 config name
+    path: Path
+    sha256: str
+    overrides: tuple[str, ...] = ()  # sam2 hydra overrides (e.g. a reduced image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSet:
+    profile: str
+    detector: WeightsRef
+    segmenter: WeightsRef
+
+
+def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
+    """Finds (downloading if allowed) and verifies every weights file the settings name.
+
+    Raises:
+        WeightsNotFound: one message naming every missing file and where to put it.
+        ModelUnavailable: an unknown profile or model name.
+    """
+    detector: WeightsRef | None
+    segmenter: WeightsRef | None
+    if settings.models == "test":
+        det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
+        detector = WeightsRef(
+            "detector", "test-yolo11n", "seed-0", testing.TEST_DETECTOR_ARCH, det_path, file_sha256(det_path)
+        )
+        segmenter = WeightsRef(
+            "segmenter",
+            "test-sam2.1_hiera_t",
+            "seed-0",
+            testing.TEST_SEGMENTER_CONFIG,
+            seg_path,
+            file_sha256(seg_path),
+            testing.TEST_SEGMENTER_OVERRIDES,
+        )
+        profile = "test"
+    elif settings.models in PROFILES:
+        det_name, seg_name = PROFILES[settings.models]
+        detector, segmenter, profile = None, None, settings.models
+        missing: list[str] = []
+        for role, name in (("detector", det_name), ("segmenter", seg_name)):
+            try:
+                ref = _from_catalog(_entry(name, role), settings, progress)
+            except WeightsNotFound as e:
+                missing.append(str(e))
+                continue
+            if role == "detector":
+                detector = ref
+            else:
+                segmenter = ref
+        if missing:
+            raise WeightsNotFound("official weights unavailable:\n  - " + "\n  - ".join(missing))
+    else:
+        known = ", ".join([*PROFILES, "test"])
+        raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
+    if settings.detector:
+        detector = _explicit(settings.detector, "detector", settings, progress)
+        profile = "custom"
+    if settings.segmenter:
+        segmenter = _explicit(settings.segmenter, "segmenter", settings, progress)
+        profile = "custom"
+    assert detector is not None and segmenter is not None  # every branch above sets both or raises
+    return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
+
+
+def _entry(name: str, role: str) -> CatalogEntry:
+    entry = CATALOG.get(name)
+    if entry is None or entry.role != role:
+        known = ", ".join(n for n, e in CATALOG.items() if e.role == role)
+        raise ModelUnavailable(f"unknown {role} {name!r}; catalog {role}s: {known}")
+    return entry
+
+
+def _from_catalog(entry: CatalogEntry, settings: Settings, progress: bool) -> WeightsRef:
+    path = ensure_weights(entry, settings.cache_dir, offline=settings.offline, progress=progress)
+    return WeightsRef(entry.role, entry.name, entry.version, entry.architecture, path, entry.sha256)
+
+
+def _explicit(value: str, role: str, settings: Settings, progress: bool) -> WeightsRef:
+    """A catalog name, or a checkpoint path (segmenters: the file name must match a catalog entry's)."""
+    if value in CATALOG:
+        return _from_catalog(_entry(value, role), settings, progress)
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise WeightsNotFound(f"{role} weights {value!r}: no such file and not a catalog name")
+    architecture = ""
+    if role == "segmenter":
+        match = [e for e in CATALOG.values() if e.role == "segmenter" and e.filename == path.name]
+        if not match:
+            raise DetsegError(
+                f"segmenter {path.name}: cannot tell its architecture; name the file like an official "
+                f"checkpoint ({', '.join(e.filename for e in CATALOG.values() if e.role == 'segmenter')})"
+            )
+        architecture = match[0].architecture
+    return WeightsRef(role, path.name, "file", architecture, path, file_sha256(path))

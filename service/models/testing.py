@@ -1,0 +1,104 @@
+"""Seeded random-init test models: real architectures, written as real checkpoints.
+
+They load through exactly the code that loads official weights, so tests exercise the real path.
+Random weights make the outputs meaningless but deterministic, which is what parity tests need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEST_VOCABULARY = ("person", "bus", "car", "dog", "cat", "bicycle")
+TEST_DETECTOR_ARCH = "yolo11n.yaml"
+TEST_SEGMENTER_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+TEST_SEGMENTER_IMAGE_SIZE = 256
+TEST_SEGMENTER_OVERRIDES = (f"++model.image_size={TEST_SEGMENTER_IMAGE_SIZE}",)
+
+
+def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Writes (once) the seeded test detector and segmenter checkpoints; returns their paths.
+
+    Detector: ultralytics checkpoint of ``yolo11n.yaml`` with the 6-class TEST_VOCABULARY.
+    Segmenter: ``{"model": state_dict}`` of SAM 2.1 hiera-tiny at image_size 256.
+    """
+    directory = directory / f"seed-{seed}"
+    detector, segmenter = directory / "test-yolo11n.pt", directory / "test-sam2.1_hiera_t_256.pt"
+    stamp = directory / "manifest.json"
+    if stamp.exists() and detector.exists() and segmenter.exists():
+        return detector, segmenter
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_detector(detector, seed)
+    _write_segmenter(segmenter, seed)
+    stamp.write_text(json.dumps({"seed": seed, "detector": detector.name, "segmenter": segmenter.name}))
+    return detector, segmenter
+
+
+def _write_detector(path: Path, seed: int) -> None:
+    import ultralytics
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(TEST_DETECTOR_ARCH, nc=len(TEST_VOCABULARY), verbose=False)
+    model.names = dict(enumerate(TEST_VOCABULARY))
+    _calibrate(model)
+    ckpt = {  # the layout ultralytics' Model.save writes
+        "ema": None,
+        "model": model.half(),
+        "date": "2026-01-01T00:00:00+00:00",  # fixed: same seed, same bytes
+        "version": ultralytics.__version__,
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "train_args": {"task": "detect", "imgsz": 640, "seed": seed},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def _calibrate(model: torch.nn.Module) -> None:
+    """Makes random weights give varied, untied scores: BatchNorm statistics re-estimated on the photos that
+    ship with ultralytics, and class logits shifted by +3 so a few boxes clear the default 0.25 threshold.
+    Still random weights (no training); without this every anchor scores the same ~0.002.
+    """
+    import numpy as np
+    from PIL import Image
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils import ASSETS
+
+    letterbox = LetterBox((640, 640), auto=False)
+    images = [np.asarray(Image.open(ASSETS / name).convert("RGB")) for name in ("bus.jpg", "zidane.jpg")]
+    batch = torch.stack([torch.from_numpy(np.asarray(letterbox(image=im)).transpose(2, 0, 1).copy()) for im in images])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(batch.float() / 255.0)
+        head: Any = model.model[-1]  # type: ignore[index]
+        for branch in head.cv3:  # Detect head: last conv of each class branch
+            branch[-1].bias += 3.0
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+
+
+def _write_segmenter(path: Path, seed: int) -> None:
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    model = build_sam2(
+        TEST_SEGMENTER_CONFIG,
+        None,
+        device="cpu",
+        mode="eval",
+        hydra_overrides_extra=list(TEST_SEGMENTER_OVERRIDES),
+    )
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict()}, tmp)
+    tmp.replace(path)

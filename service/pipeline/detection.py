@@ -1,0 +1,74 @@
+"""Detector pre/post-processing, written once for every runner.
+
+Uses ultralytics' own pieces (``LetterBox``, ``non_max_suppression``, ``scale_boxes``) so results equal
+``YOLO.predict(..., rect=False)`` on the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from ultralytics.data.augment import LetterBox
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.ops import scale_boxes
+
+from service.runners.base import DetectorOutput, DetectorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """Detections of one image.
+
+    boxes: (N, 4) float32, original-image pixels, XYXY; scores: (N,) float32 in [0, 1], descending;
+    class_ids: (N,) int64 indices into the detector vocabulary.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+class DetectorProcessing:
+    """Letterbox in, NMS + rescale out. Built once per server; stateless per call."""
+
+    def __init__(self, spec: DetectorSpec) -> None:
+        self.spec = spec
+        self._letterbox = LetterBox(new_shape=(spec.imgsz, spec.imgsz), auto=False, stride=spec.stride)
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB → (1, 3, imgsz, imgsz) float32 in [0, 1], letterboxed (pad 114)."""
+        boxed: np.ndarray = self._letterbox(image=rgb)  # type: ignore[assignment]
+        chw = np.ascontiguousarray(boxed.transpose(2, 0, 1))[None]
+        return chw.astype(np.float32) / np.float32(255.0)
+
+    def postprocess(
+        self,
+        output: DetectorOutput,
+        index: int,
+        orig_hw: tuple[int, int],
+        *,
+        class_ids: list[int] | None,
+        score_threshold: float,
+        iou_threshold: float,
+        max_instances: int,
+    ) -> Detections:
+        """Class-aware NMS on image ``index`` of the batch; boxes scaled back to original pixels."""
+        raw = torch.from_numpy(output.raw[index : index + 1])
+        (det,) = non_max_suppression(
+            raw,
+            conf_thres=score_threshold,
+            iou_thres=iou_threshold,
+            classes=class_ids,
+            max_det=max_instances,
+        )
+        boxes = scale_boxes((self.spec.imgsz, self.spec.imgsz), det[:, :4].clone(), orig_hw)
+        return Detections(
+            boxes=np.asarray(boxes, dtype=np.float32),
+            scores=det[:, 4].numpy().astype(np.float32),
+            class_ids=det[:, 5].numpy().astype(np.int64),
+        )

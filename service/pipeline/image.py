@@ -1,0 +1,140 @@
+"""Image decoding and validation: bytes in, RGB uint8 (H, W, 3) out, or InvalidImage.
+
+Checks happen cheapest-first and before any pixel is decoded: byte size, format by magic bytes
+(JPEG, PNG, WebP only), then the pixel count declared in the header. EXIF orientation is applied, so every
+coordinate detseg returns is in the displayed frame. Grayscale, palette, RGBA (composited over white),
+16-bit and CMYK images are converted to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage
+
+# Allowed formats: (magic-byte test, PIL format name, our name).
+_ALLOWED = (
+    (lambda b: b.startswith(b"\xff\xd8\xff"), "JPEG", "jpeg"),
+    (lambda b: b.startswith(b"\x89PNG\r\n\x1a\n"), "PNG", "png"),
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP", "WEBP", "webp"),
+)
+# Recognised but refused, so the message can say what was sent.
+_REFUSED = (
+    (lambda b: b[:6] in (b"GIF87a", b"GIF89a"), "GIF"),
+    (lambda b: b[:4] in (b"II*\x00", b"MM\x00*"), "TIFF"),
+    (lambda b: b[:2] == b"BM", "BMP"),
+    (lambda b: b[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"), "HEIF/AVIF"),
+)
+ALLOWED_FORMATS = "JPEG, PNG, WebP"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """A validated image.
+
+    Attributes:
+        rgb: (H, W, 3) uint8, C-contiguous, displayed orientation (EXIF applied).
+        format: "jpeg", "png", "webp" or "raw".
+        sha256: hex digest of the bytes received.
+    """
+
+    rgb: np.ndarray
+    format: str
+    sha256: str
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def sniff_format(data: bytes, field: str = "image.encoded") -> str:
+    """Returns the PIL format name of allowed bytes, or raises InvalidImage naming what was sent."""
+    for test, pil_name, _ in _ALLOWED:
+        if test(data):
+            return pil_name
+    for test, name in _REFUSED:
+        if test(data):
+            raise InvalidImage(f"{field}: {name} is not supported; send {ALLOWED_FORMATS}")
+    raise InvalidImage(f"{field}: not a recognised image (expected {ALLOWED_FORMATS} bytes)")
+
+
+def _check_size(width: int, height: int, limits: ImageLimits, field: str) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImage(f"{field}: image has no pixels ({width}x{height})")
+    if width > limits.max_side or height > limits.max_side:
+        raise InvalidImage(f"{field}: {width}x{height} exceeds the largest side allowed ({limits.max_side} px)")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"{field}: {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_pixels}"
+        )
+
+
+def decode_image(data: bytes, limits: ImageLimits, field: str = "image.encoded") -> DecodedImage:
+    """Decodes JPEG/PNG/WebP bytes into a validated RGB image (see module docstring)."""
+    if not data:
+        raise InvalidImage(f"{field}: empty; send {ALLOWED_FORMATS} bytes or image.raw")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"{field}: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    pil_format = sniff_format(data, field)
+    ours = next(name for _, pil, name in _ALLOWED if pil == pil_format)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[pil_format])
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"{field}: declared size exceeds the limit of {limits.max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InvalidImage(f"{field}: corrupt {ours.upper()} header") from None
+    _check_size(img.width, img.height, limits, field)  # from the header, before decoding
+    try:
+        img.load()
+        rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
+    return DecodedImage(rgb=rgb, format=ours, sha256=hashlib.sha256(data).hexdigest())
+
+
+def image_from_raw(data: bytes, width: int, height: int, limits: ImageLimits) -> DecodedImage:
+    """Validates raw interleaved RGB bytes (row-major, width * height * 3) and wraps them."""
+    _check_size(width, height, limits, "image.raw")
+    expected = width * height * 3
+    if len(data) != expected:
+        raise InvalidImage(
+            f"image.raw.data: {len(data)} bytes, expected width*height*3 = {width}*{height}*3 = {expected}"
+        )
+    rgb = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
+    return DecodedImage(rgb=rgb, format="raw", sha256=hashlib.sha256(data).hexdigest())
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode → (H, W, 3) uint8. Alpha is composited over white; 16-bit is scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))

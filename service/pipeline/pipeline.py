@@ -1,0 +1,163 @@
+"""The detect-then-segment orchestration: numpy in, labeled encoded masks out. No transport here."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+
+import numpy as np
+
+from service.pipeline.detection import Detections, DetectorProcessing
+from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
+from service.pipeline.masks import EncodedMask, encode_masks
+from service.pipeline.prompts import Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
+from service.pipeline.segmentation import SegmenterProcessing, select_best
+from service.runners.base import ImageFeatures, Runner
+
+DETECTOR, REGION = "detector", "region"
+_MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceResult:
+    """One labeled instance. box: (4,) float32 original-image pixels XYXY."""
+
+    label: str
+    class_id: int
+    score: float
+    box: np.ndarray
+    mask: EncodedMask
+    mask_score: float
+    source: str  # DETECTOR | REGION
+    region_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentResult:
+    request_id: str
+    image: DecodedImage
+    instances: list[InstanceResult]
+    timings: dict[str, float]  # stage -> seconds
+
+
+class Pipeline:
+    """Validates, runs detector and encoder concurrently, decodes all prompts of the image in one batch."""
+
+    def __init__(self, runner: Runner, image_limits: ImageLimits, limits: Limits) -> None:
+        self.runner = runner
+        self.image_limits = image_limits
+        self.limits = limits
+        self.detection = DetectorProcessing(runner.detector)
+        self.segmentation = SegmenterProcessing(runner.segmenter)
+
+    async def segment(self, query: SegmentQuery) -> SegmentResult:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        check_query(query, self.limits)
+        t = time.perf_counter()
+        image = await asyncio.to_thread(self._decode, query)
+        timings["decode_image"] = time.perf_counter() - t
+        p = plan(query, self.limits, self.runner.detector.names, image.width, image.height)
+
+        detections_task = asyncio.ensure_future(self._detect(image, p, timings)) if p.run_detector else None
+        features_task = asyncio.ensure_future(self._encode(image, timings))
+        try:
+            detections = await detections_task if detections_task else None
+            features = await features_task
+        except BaseException:
+            for task in (detections_task, features_task):
+                if task is not None:
+                    task.cancel()
+            raise
+
+        prompts, meta = self._prompts(detections, p)
+        instances: list[InstanceResult] = []
+        if prompts:
+            t = time.perf_counter()
+            low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
+            timings["decode_masks"] = time.perf_counter() - t
+            t = time.perf_counter()
+            masks = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding)
+            timings["encode_masks"] = time.perf_counter() - t
+            for (label, class_id, score, box, source, region), mask, mask_score in zip(
+                meta, masks, scores, strict=True
+            ):
+                instances.append(InstanceResult(label, class_id, score, box, mask, float(mask_score), source, region))
+        timings["total"] = time.perf_counter() - start
+        return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings)
+
+    def _decode(self, query: SegmentQuery) -> DecodedImage:
+        if query.image.raw is not None:
+            return image_from_raw(query.image.raw, query.image.width, query.image.height, self.image_limits)
+        return decode_image(query.image.encoded or b"", self.image_limits)
+
+    async def _detect(self, image: DecodedImage, p: Plan, timings: dict[str, float]) -> Detections:
+        t = time.perf_counter()
+        batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+        output = await self.runner.detect(batch)
+        detections = self.detection.postprocess(
+            output,
+            0,
+            (image.height, image.width),
+            class_ids=p.class_ids,
+            score_threshold=p.score_threshold,
+            iou_threshold=p.iou_threshold,
+            max_instances=p.max_instances,
+        )
+        timings["detect"] = time.perf_counter() - t
+        return detections
+
+    async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
+        t = time.perf_counter()
+        batch = await asyncio.to_thread(self.segmentation.preprocess, image.rgb)
+        features = await self.runner.encode(batch)
+        timings["encode"] = time.perf_counter() - t
+        return features
+
+    def _prompts(
+        self, detections: Detections | None, p: Plan
+    ) -> tuple[list[SamPrompt], list[tuple[str, int, float, np.ndarray, str, int]]]:
+        """Detections (score order) then regions (request order): SAM prompts + per-instance metadata."""
+        names = self.runner.detector.names
+        prompts: list[SamPrompt] = []
+        meta: list[tuple[str, int, float, np.ndarray, str, int]] = []
+        empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
+        if detections is not None:
+            for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
+                prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
+                meta.append((names[int(cid)], int(cid), float(score), box, DETECTOR, -1))
+        for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
+            prompts.append(prompt)
+            box = prompt.box if prompt.box is not None else _points_box(prompt)
+            meta.append((label, -1, 1.0, box, REGION, i))
+        return prompts, meta
+
+    async def _decode_masks(
+        self, features: ImageFeatures, prompts: list[SamPrompt], image: DecodedImage, multimask: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """All prompts of the image, one decoder call per prompt shape. Returns (N, s, s) logits, (N,) scores."""
+        s = self.runner.segmenter.image_size // 4
+        low_res = np.zeros((len(prompts), s, s), np.float32)
+        scores = np.zeros((len(prompts),), np.float32)
+        hw = (image.height, image.width)
+        for indices, batch in self.segmentation.prompt_batches(prompts, hw, multimask):
+            out = await self.runner.decode(features.select(0), batch)
+            masks, ious = select_best(out.low_res_masks, out.iou_predictions)
+            low_res[indices], scores[indices] = masks, ious
+        return low_res, scores
+
+    def _masks(self, low_res: np.ndarray, image: DecodedImage, encoding: str) -> list[EncodedMask]:
+        hw = (image.height, image.width)
+        out: list[EncodedMask] = []
+        for i in range(0, low_res.shape[0], _MASK_CHUNK):
+            out.extend(encode_masks(self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw), encoding))
+        return out
+
+
+def _points_box(prompt: SamPrompt) -> np.ndarray:
+    """Box around the positive clicks of a points-only region (the frame's reference, not a mask bound)."""
+    pts = prompt.points[prompt.point_labels == 1]
+    pts = pts if len(pts) else prompt.points
+    return np.concatenate([pts.min(axis=0), pts.max(axis=0)]).astype(np.float32)

@@ -1,0 +1,176 @@
+"""A Segment request in plain Python, and its validation (limits, ranges, vocabulary, image frame).
+
+Everything here runs before any model does; each failure is an InvalidInput naming the field and the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.pipeline.masks import ENCODINGS, RLE
+from service.pipeline.segmentation import SamPrompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A caller-placed object. box: (x_min, y_min, x_max, y_max) or None; points: [(x, y, label)]."""
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float, int], ...] = ()
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Request options; None = the server default."""
+
+    score_threshold: float | None = None
+    iou_threshold: float | None = None
+    max_instances: int | None = None
+    mask_encoding: str = RLE
+    multimask: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """Encoded bytes, or raw RGB (width, height given)."""
+
+    encoded: bytes | None = None
+    raw: bytes | None = None
+    width: int = 0
+    height: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentQuery:
+    image: ImageInput
+    classes: tuple[str, ...] = ()
+    regions: tuple[Region, ...] = ()
+    options: Options = dataclasses.field(default_factory=Options)
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_class_prompts: int
+    max_region_prompts: int
+    max_points_per_region: int
+    max_instances: int
+    default_score_threshold: float
+    default_iou_threshold: float
+    default_max_instances: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to run for one validated request."""
+
+    run_detector: bool
+    class_ids: list[int] | None  # None = every class
+    score_threshold: float
+    iou_threshold: float
+    max_instances: int
+    mask_encoding: str
+    multimask: bool
+    regions: list[SamPrompt]
+    region_labels: list[str]
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def check_query(query: SegmentQuery, limits: Limits) -> None:
+    """Checks that need no pixels: counts, option ranges, point labels, finite numbers, request id."""
+    if query.request_id and not _REQUEST_ID.match(query.request_id):
+        raise InvalidInput("request_id: at most 128 characters of [A-Za-z0-9._:-]")
+    if len(query.classes) > limits.max_class_prompts:
+        raise InvalidInput(f"classes: {len(query.classes)} given, the limit is {limits.max_class_prompts}")
+    if len(query.regions) > limits.max_region_prompts:
+        raise InvalidInput(f"regions: {len(query.regions)} given, the limit is {limits.max_region_prompts}")
+    o = query.options
+    for name, value in (("score_threshold", o.score_threshold), ("iou_threshold", o.iou_threshold)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise InvalidInput(f"options.{name}: {value} is outside [0, 1]")
+    if o.max_instances is not None and not (1 <= o.max_instances <= limits.max_instances):
+        raise InvalidInput(f"options.max_instances: {o.max_instances} is outside [1, {limits.max_instances}]")
+    if o.mask_encoding not in ENCODINGS:
+        raise InvalidInput(f"options.mask_encoding: unknown value {o.mask_encoding!r}")
+    for i, r in enumerate(query.regions):
+        field = f"regions[{i}]"
+        if r.box is None and not r.points:
+            raise InvalidInput(f"{field}: give a box, points, or both")
+        if len(r.points) > limits.max_points_per_region:
+            raise InvalidInput(f"{field}.points: {len(r.points)} given, the limit is {limits.max_points_per_region}")
+        if r.box is not None:
+            x0, y0, x1, y1 = r.box
+            if not all(math.isfinite(v) for v in r.box):
+                raise InvalidInput(f"{field}.box: coordinates must be finite numbers, got {list(r.box)}")
+            if x1 <= x0 or y1 <= y0:
+                raise InvalidInput(
+                    f"{field}.box: corners reversed or empty (x_min={x0}, y_min={y0}, x_max={x1}, y_max={y1}); "
+                    "need x_max > x_min and y_max > y_min"
+                )
+        for j, (x, y, label) in enumerate(r.points):
+            if label not in (0, 1):
+                raise InvalidInput(f"{field}.points[{j}].label: {label} must be 1 (positive) or 0 (negative)")
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise InvalidInput(f"{field}.points[{j}]: coordinates must be finite numbers")
+
+
+def plan(query: SegmentQuery, limits: Limits, vocabulary: Sequence[str], width: int, height: int) -> Plan:
+    """Validates against the image frame and the vocabulary; resolves defaults."""
+    class_ids = resolve_classes(query.classes, vocabulary) if query.classes else None
+    prompts: list[SamPrompt] = []
+    for i, r in enumerate(query.regions):
+        field = f"regions[{i}]"
+        box = None
+        if r.box is not None:
+            x0, y0, x1, y1 = r.box
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                raise InvalidInput(
+                    f"{field}.box: [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image "
+                    "(original-image pixels, XYXY)"
+                )
+            box = np.asarray(r.box, dtype=np.float32)
+        for j, (x, y, _) in enumerate(r.points):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise InvalidInput(f"{field}.points[{j}]: ({x}, {y}) lies outside the {width}x{height} image")
+        points = np.asarray([(x, y) for x, y, _ in r.points], dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray([lab for _, _, lab in r.points], dtype=np.int32)
+        prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
+    o = query.options
+    return Plan(
+        run_detector=bool(query.classes) or not query.regions,
+        class_ids=class_ids,
+        score_threshold=o.score_threshold if o.score_threshold is not None else limits.default_score_threshold,
+        iou_threshold=o.iou_threshold if o.iou_threshold is not None else limits.default_iou_threshold,
+        max_instances=o.max_instances if o.max_instances is not None else limits.default_max_instances,
+        mask_encoding=o.mask_encoding,
+        multimask=o.multimask,
+        regions=prompts,
+        region_labels=[r.label or "object" for r in query.regions],
+    )
+
+
+def normalise_class_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def resolve_classes(names: Sequence[str], vocabulary: Sequence[str]) -> list[int]:
+    """Class names → vocabulary indices, case/space/underscore-insensitive; duplicates collapse."""
+    index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
+    ids: list[int] = []
+    for i, name in enumerate(names):
+        key = normalise_class_name(name)
+        if key not in index:
+            shown = ", ".join(vocabulary[:40]) + (f" … ({len(vocabulary)} in all)" if len(vocabulary) > 40 else "")
+            raise InvalidInput(f"classes[{i}]: unknown class {name[:64]!r}; the detector knows: {shown}")
+        if index[key] not in ids:
+            ids.append(index[key])
+    return ids

@@ -1,0 +1,100 @@
+"""SAM 2 pre/post-processing, written once for every runner.
+
+Uses sam2's own ``SAM2Transforms`` (resize + ImageNet normalisation, prompt coordinate scaling, mask
+upsampling), configured as ``SAM2ImagePredictor`` configures it, so masks equal the predictor's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from sam2.utils.transforms import SAM2Transforms
+
+from service.runners.base import PromptBatch, SegmenterSpec
+
+MASK_THRESHOLD = 0.0
+_BOX_LABELS = np.array([2, 3], dtype=np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamPrompt:
+    """One object to segment. box: (4,) float32 XYXY or None; points: (P, 2) float32; labels: (P,) int32.
+
+    All in original-image pixels.
+    """
+
+    box: np.ndarray | None
+    points: np.ndarray
+    point_labels: np.ndarray
+
+    @property
+    def signature(self) -> tuple[bool, int]:
+        return (self.box is not None, int(self.points.shape[0]))
+
+
+class SegmenterProcessing:
+    """Built once per server; stateless per call (``SAM2Transforms`` is scripted once here)."""
+
+    def __init__(self, spec: SegmenterSpec) -> None:
+        self.spec = spec
+        self._transforms = SAM2Transforms(
+            resolution=spec.image_size,
+            mask_threshold=MASK_THRESHOLD,
+            max_hole_area=0.0,
+            max_sprinkle_area=0.0,
+        )
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised."""
+        with torch.inference_mode():
+            return self._transforms(rgb)[None].numpy()
+
+    def prompt_batches(
+        self, prompts: list[SamPrompt], orig_hw: tuple[int, int], multimask: bool
+    ) -> Iterator[tuple[list[int], PromptBatch]]:
+        """Groups prompts of equal shape (box or not, number of points) into batches, one decoder call each.
+
+        Boxes-only prompts (every detection) form one batch. Yields (indices into ``prompts``, batch).
+        """
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p.signature, []).append(i)
+        for (has_box, _), indices in groups.items():
+            coords, labels = [], []
+            for i in indices:
+                p = prompts[i]
+                c, lab = p.points, p.point_labels
+                if has_box:
+                    assert p.box is not None
+                    c = np.concatenate([p.box.reshape(2, 2), c])  # box corners first, as sam2 orders them
+                    lab = np.concatenate([_BOX_LABELS, lab])
+                coords.append(c)
+                labels.append(lab)
+            with torch.inference_mode():
+                sam_coords = self._transforms.transform_coords(
+                    torch.from_numpy(np.stack(coords).astype(np.float32)), normalize=True, orig_hw=orig_hw
+                )
+            yield (
+                indices,
+                PromptBatch(
+                    point_coords=sam_coords.numpy(),
+                    point_labels=np.stack(labels).astype(np.int32),
+                    multimask=multimask,
+                ),
+            )
+
+    def postprocess(self, low_res_masks: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
+        """(B, s, s) float32 logits → (B, H, W) bool at original resolution."""
+        with torch.inference_mode():
+            up = self._transforms.postprocess_masks(torch.from_numpy(low_res_masks[:, None]), orig_hw)
+            return (up[:, 0] > MASK_THRESHOLD).numpy()
+
+
+def select_best(low_res_masks: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, M, s, s), (B, M) → the highest-scoring of the M candidates: (B, s, s), (B,)."""
+    best = iou.argmax(axis=1)
+    rows = np.arange(iou.shape[0])
+    return low_res_masks[rows, best], iou[rows, best]

@@ -1,0 +1,122 @@
+"""The tensor-level runner interface shared by every backend (torch now; onnx and triton later).
+
+Runners execute models and nothing else: pre/post-processing lives once in ``service.pipeline``.
+All arrays are numpy; coordinate frames are stated per field.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescriptor:
+    """What a loaded model is, for ListModels and provenance."""
+
+    role: str  # "detector" | "segmenter"
+    name: str
+    architecture: str
+    version: str
+    weights_sha256: str
+    input_size: int
+    vocabulary: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """Static facts the detector pre/post-processing needs."""
+
+    names: tuple[str, ...]  # index = class id
+    imgsz: int  # square letterbox side, pixels
+    stride: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterSpec:
+    image_size: int  # square SAM input side, pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorOutput:
+    """Raw detector head: (N, 4 + num_classes, num_anchors) float32, boxes XYWH in letterboxed pixels."""
+
+    raw: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFeatures:
+    """SAM 2 image embeddings for N images.
+
+    image_embed: (N, 256, S/16, S/16) float32; high_res_feats: [(N, 32, S/4, S/4), (N, 64, S/8, S/8)] float32.
+    """
+
+    image_embed: np.ndarray
+    high_res_feats: tuple[np.ndarray, ...]
+
+    def select(self, index: int) -> ImageFeatures:
+        """Features of image ``index`` with a batch dimension of 1 (views, no copy)."""
+        return ImageFeatures(
+            image_embed=self.image_embed[index : index + 1],
+            high_res_feats=tuple(f[index : index + 1] for f in self.high_res_feats),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.image_embed.nbytes + sum(f.nbytes for f in self.high_res_feats))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """B prompts for ONE image, all with the same number of points.
+
+    point_coords: (B, P, 2) float32 in SAM input pixels ([0, S]); box corners come first with labels 2, 3.
+    point_labels: (B, P) int32: 1 positive, 0 negative, 2/3 box corners.
+    """
+
+    point_coords: np.ndarray
+    point_labels: np.ndarray
+    multimask: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOutput:
+    """low_res_masks: (B, M, S/4, S/4) float32 logits; iou_predictions: (B, M) float32; M = 3 if multimask else 1."""
+
+    low_res_masks: np.ndarray
+    iou_predictions: np.ndarray
+
+
+class Runner(Protocol):
+    """Executes the models of one profile. Methods are safe to call concurrently."""
+
+    @property
+    def detector(self) -> DetectorSpec: ...
+    @property
+    def segmenter(self) -> SegmenterSpec: ...
+    @property
+    def models(self) -> Sequence[ModelDescriptor]: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def calls(self) -> collections.Counter[str]:
+        """Per-method call counts, for metrics and tests."""
+        ...
+
+    async def detect(self, images: np.ndarray) -> DetectorOutput:
+        """images: (N, 3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed."""
+        ...
+
+    async def encode(self, images: np.ndarray) -> ImageFeatures:
+        """images: (N, 3, S, S) float32, SAM-normalised (ImageNet mean/std)."""
+        ...
+
+    async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
+        """All prompts of one image in one call; ``features`` has batch size 1."""
+        ...
+
+    async def close(self) -> None: ...
