@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -91,9 +92,12 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.encoded")
     if not data:
         raise InvalidImage(f"{field}: empty; send {ALLOWED_FORMATS} bytes or image.raw")
     if len(data) > limits.max_bytes:
-        raise InvalidImage(f"{field}: {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+        raise InvalidImage(f"{field}: {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
     pil_format = sniff_format(data, field)
     ours = next(name for _, pil, name in _ALLOWED if pil == pil_format)
+    declared = declared_size(data, pil_format)
+    if declared is not None:  # checked from our own header read, before Pillow allocates anything
+        _check_size(*declared, limits, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -109,6 +113,37 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.encoded")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
     return DecodedImage(rgb=rgb, format=ours, sha256=hashlib.sha256(data).hexdigest())
+
+
+def declared_size(data: bytes, pil_format: str) -> tuple[int, int] | None:
+    """(width, height) read from the header alone; None if the header is not where we look (Pillow decides)."""
+    try:
+        if pil_format == "PNG" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if pil_format == "WEBP":
+            kind = data[12:16]
+            if kind == b"VP8X":
+                w, h = int.from_bytes(data[24:27], "little"), int.from_bytes(data[27:30], "little")
+                return w + 1, h + 1
+            if kind == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if kind == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+        if pil_format == "JPEG":
+            i = 2
+            while i + 9 < len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                    return w, h
+                i += 2 + length
+    except struct.error:
+        return None
+    return None
 
 
 def image_from_raw(data: bytes, width: int, height: int, limits: ImageLimits) -> DecodedImage:
@@ -127,7 +162,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode → (H, W, 3) uint8. Alpha is composited over white; 16-bit is scaled, not clipped."""
     mode = img.mode
     if mode == "RGB":
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+        return np.array(img, dtype=np.uint8)
     if mode.startswith("I;16") or mode == "I":
         wide = np.asarray(img).astype(np.int64)
         gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
@@ -137,4 +172,4 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return np.array(img.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,138 @@
+"""Shared fixtures: seeded test models, a real gRPC server on port 0 in its own thread, generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Ultralytics reads these at import: offline, and a writable settings dir (never the developer's $HOME).
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cfg-"))
+
+import grpc
+import pytest
+import torch
+
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.runners.base import Runner
+
+ASSETS = Path(__file__).parent / "assets"
+THREADS = 2
+
+
+def ultralytics_asset(name: str) -> Path:
+    from ultralytics.utils import ASSETS as UL_ASSETS
+
+    return Path(UL_ASSETS) / name
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def settings(cache_dir: Path) -> Settings:
+    return Settings(models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True)
+
+
+@pytest.fixture(scope="session")
+def runner(settings: Settings) -> Runner:
+    from service.runners.factory import load_runner
+
+    loaded, _ = load_runner(settings)
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """ultralytics' predict drops torch to cpu_count-1 threads process-wide; restore after every test."""
+    yield
+    torch.set_num_threads(THREADS)
+
+
+class ServerThread:
+    """A real detseg gRPC server (create_server) on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings, factory: Callable[[], tuple[Runner, str]]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(settings, factory), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("server did not start")
+
+    def _main(self, settings: Settings, factory: Callable[[], tuple[Runner, str]]) -> None:
+        from service.api.server import create_server
+
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            self.server, self.port = await create_server(settings, factory)
+            self._ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+
+def wait_serving(channel: grpc.Channel, timeout: float = 120.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
+    for response in stub.Watch(request, timeout=timeout):
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+    raise AssertionError("server never reported SERVING")
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings, runner: Runner) -> Iterator[ServerThread]:
+    srv = ServerThread(settings, lambda: (runner, "test"))
+    with grpc.insecure_channel(srv.target) as channel:
+        wait_serving(channel)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> pb_grpc.SegmentationServiceStub:
+    return pb_grpc.SegmentationServiceStub(channel)
+
+
+_FIGURES: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, object]:
+    """Measured figures (parity deviations, IoUs) that the run prints in its summary."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: object) -> None:
+    if _FIGURES:
+        write = terminalreporter.write_line  # type: ignore[attr-defined]
+        write("detseg measured figures:")
+        for key, value in sorted(_FIGURES.items()):
+            write(f"  {key}: {value}")

@@ -1,0 +1,50 @@
+"""Small test helpers: image bytes, RLE decoding, mask IoU."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+
+
+def encode(rgb: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def load_rgb(path: object) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))  # type: ignore[arg-type]
+
+
+def synthetic_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A noisy background with a few filled rectangles and discs."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(60, 120, (height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    side = min(height, width)
+    for _ in range(3):
+        cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(side // 10 + 1, side // 4 + 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(150, 255, 3)
+        y0, x0 = rng.integers(0, height), rng.integers(0, width)
+        img[y0 : y0 + side // 4, x0 : x0 + side // 4] = rng.integers(0, 255, 3)
+    return img
+
+
+def rle_mask(mask: pb.Mask) -> np.ndarray:
+    """pb.Mask (COCO RLE) → (H, W) bool via pycocotools."""
+    rle = {"size": list(mask.coco_rle.size), "counts": mask.coco_rle.counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def segment_request(data: bytes, classes: tuple[str, ...] = (), **options: object) -> pb.SegmentRequest:
+    return pb.SegmentRequest(image=pb.Image(encoded=data), classes=list(classes), options=pb.SegmentOptions(**options))

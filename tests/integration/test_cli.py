@@ -1,0 +1,100 @@
+"""The `detseg` command as a user runs it: serve the test models, segment with the CLI client, overlay."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ultralytics_asset, wait_serving
+
+DETSEG = [sys.executable, "-m", "service.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(settings) -> dict[str, str]:
+    return {**os.environ, "DETSEG_CACHE_DIR": str(settings.cache_dir), "DETSEG_THREADS": "2"}
+
+
+@pytest.fixture(scope="module")
+def served(settings):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*DETSEG, "serve", "--models", "test", "--port", str(port)],
+        env=_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+            wait_serving(channel)
+        yield target
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-2000:]  # SIGTERM = graceful shutdown, exit 0
+
+
+def test_segment_prints_labeled_instances_and_writes_an_overlay(served, settings, tmp_path: Path):
+    image = ultralytics_asset("bus.jpg")
+    overlay = tmp_path / "overlay.png"
+    result = subprocess.run(
+        [*DETSEG, "segment", str(image), "--classes", "bus,person,car,dog,cat,bicycle", "--score-threshold", "0.05",
+         "--target", served, "--json", "--out", str(overlay)],
+        env=_env(settings), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["image"]["width"] == 810 and answer["image"]["profile"] == "test"
+    assert answer["instances"] and all(i["label"] for i in answer["instances"])
+    drawn = np.asarray(Image.open(overlay).convert("RGB"))
+    original = np.asarray(Image.open(image).convert("RGB"))
+    assert drawn.shape == original.shape and (drawn != original).any()
+
+
+def test_table_output_and_models_listing(served, settings):
+    table = subprocess.run(
+        [*DETSEG, "segment", str(ultralytics_asset("zidane.jpg")), "--target", served, "--score-threshold", "0.05"],
+        env=_env(settings), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert table.returncode == 0 and "1280x720 jpeg:" in table.stdout
+    listing = subprocess.run(
+        [*DETSEG, "models", "--target", served], env=_env(settings), capture_output=True, text=True, timeout=60
+    )
+    assert "MODEL_ROLE_DETECTOR: test-yolo11n" in listing.stdout and "sha256" in listing.stdout
+
+
+def test_segment_reports_server_errors_cleanly(served, settings, tmp_path: Path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"GIF89a" + b"\x00" * 100)
+    result = subprocess.run(
+        [*DETSEG, "segment", str(bad), "--target", served], env=_env(settings), capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "INVALID_ARGUMENT: image.encoded: GIF is not supported" in result.stderr
+
+
+def test_serve_official_offline_without_weights_stops_with_one_clear_message(tmp_path: Path):
+    empty = tmp_path / "empty-cache"
+    result = subprocess.run(
+        [*DETSEG, "serve", "--models", "official", "--offline", "--cache-dir", str(empty), "--port", "0"],
+        env={**os.environ}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "yolo11n.pt" in result.stderr and "sam2.1_hiera_tiny.pt" in result.stderr
+    assert f"place it at {empty}" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,177 @@
+"""The real gRPC server (create_server, port 0) called through generated stubs on real photos."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.models.download import file_sha256
+from service.models.testing import TEST_VOCABULARY
+from tests.conftest import ServerThread, ultralytics_asset, wait_serving
+from tests.helpers import encode, rle_mask, segment_request, synthetic_rgb
+
+
+@pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg"])
+def test_real_photo_returns_labeled_masks_of_the_image_size(stub, name):
+    data = ultralytics_asset(name).read_bytes()
+    response = stub.Segment(segment_request(data, score_threshold=0.05), timeout=120)
+    assert response.instances, "the calibrated test detector finds boxes on the ultralytics photos"
+    h, w = response.image.height, response.image.width
+    assert (w, h) == {"bus.jpg": (810, 1080), "zidane.jpg": (1280, 720)}[name]
+    assert response.image.format == "jpeg"
+    scores = [i.score for i in response.instances]
+    assert scores == sorted(scores, reverse=True)
+    for inst in response.instances:
+        assert inst.label in TEST_VOCABULARY
+        assert TEST_VOCABULARY[inst.class_id] == inst.label
+        assert inst.source == pb.INSTANCE_SOURCE_DETECTOR
+        assert 0 <= inst.box.x_min < inst.box.x_max <= w and 0 <= inst.box.y_min < inst.box.y_max <= h
+        assert list(inst.mask.coco_rle.size) == [h, w]
+        assert rle_mask(inst.mask).shape == (h, w)
+    prov = response.provenance
+    assert prov.profile == "test" and prov.backend == "torch" and prov.request_id
+    assert {m.role for m in prov.models} == {pb.MODEL_ROLE_DETECTOR, pb.MODEL_ROLE_SEGMENTER}
+    stages = {t.stage for t in prov.timings}
+    assert {"decode_image", "detect", "encode", "decode_masks", "encode_masks", "total"} <= stages
+
+
+def test_class_prompts_filter_detections(stub):
+    data = ultralytics_asset("bus.jpg").read_bytes()
+    everything = stub.Segment(segment_request(data, score_threshold=0.05), timeout=120)
+    labels = {i.label for i in everything.instances}
+    assert len(labels) >= 2
+    wanted = sorted(labels)[0]
+    only = stub.Segment(segment_request(data, (wanted.upper(),), score_threshold=0.05), timeout=120)
+    assert only.instances and {i.label for i in only.instances} == {wanted}
+
+
+def test_generated_image_as_raw_rgb_and_request_id_echo(stub):
+    rgb = synthetic_rgb(240, 320, seed=3)
+    request = pb.SegmentRequest(
+        image=pb.Image(raw=pb.RawImage(data=rgb.tobytes(), width=320, height=240)),
+        options=pb.SegmentOptions(score_threshold=0.0001),
+        request_id="client-42",
+    )
+    response = stub.Segment(request, timeout=120)
+    assert response.image.format == "raw" and (response.image.width, response.image.height) == (320, 240)
+    assert response.provenance.request_id == "client-42"
+    assert response.instances
+    for inst in response.instances:
+        assert rle_mask(inst.mask).shape == (240, 320)
+
+
+def test_region_prompts_skip_the_detector_and_keep_their_labels(stub, runner):
+    rgb = synthetic_rgb(200, 300, seed=1)
+    request = pb.SegmentRequest(
+        image=pb.Image(encoded=encode(rgb)),
+        regions=[
+            pb.RegionPrompt(box=pb.BoundingBox(x_min=10, y_min=20, x_max=120, y_max=150), label="sku-123"),
+            pb.RegionPrompt(points=[pb.Point(x=200, y=100, label=1), pb.Point(x=20, y=20, label=0)]),
+            pb.RegionPrompt(
+                box=pb.BoundingBox(x_min=150, y_min=50, x_max=290, y_max=190), points=[pb.Point(x=220, y=120, label=1)]
+            ),
+        ],
+    )
+    before = runner.calls["detect"]
+    response = stub.Segment(request, timeout=120)
+    assert runner.calls["detect"] == before, "regions without classes must not run the detector"
+    assert [i.label for i in response.instances] == ["sku-123", "object", "object"]
+    assert [i.region_index for i in response.instances] == [0, 1, 2]
+    assert all(i.source == pb.INSTANCE_SOURCE_REGION_PROMPT and i.class_id == -1 for i in response.instances)
+    first = response.instances[0].box
+    assert (first.x_min, first.y_min, first.x_max, first.y_max) == (10, 20, 120, 150)
+
+
+def test_regions_with_classes_run_both(stub):
+    data = ultralytics_asset("bus.jpg").read_bytes()
+    request = segment_request(data, ("bus",), score_threshold=0.01)
+    request.regions.add(box=pb.BoundingBox(x_min=0, y_min=0, x_max=100, y_max=100), label="mine")
+    response = stub.Segment(request, timeout=120)
+    sources = [i.source for i in response.instances]
+    assert sources[-1] == pb.INSTANCE_SOURCE_REGION_PROMPT and pb.INSTANCE_SOURCE_DETECTOR in sources
+    assert {i.label for i in response.instances[:-1]} == {"bus"}
+
+
+def test_max_instances_and_multimask(stub):
+    data = ultralytics_asset("zidane.jpg").read_bytes()
+    response = stub.Segment(segment_request(data, score_threshold=0.0001, max_instances=3, multimask=True), timeout=120)
+    assert len(response.instances) == 3
+
+
+@pytest.mark.parametrize("encoding", [pb.MASK_ENCODING_POLYGON, pb.MASK_ENCODING_PNG])
+def test_other_mask_encodings_match_the_rle(stub, encoding):
+    import io
+
+    import cv2
+    from PIL import Image
+
+    data = ultralytics_asset("bus.jpg").read_bytes()
+    rle = stub.Segment(segment_request(data, max_instances=2), timeout=120)
+    other = stub.Segment(segment_request(data, max_instances=2, mask_encoding=encoding), timeout=120)
+    assert len(rle.instances) == len(other.instances) == 2
+    for a, b in zip(rle.instances, other.instances, strict=True):
+        truth = rle_mask(a.mask)
+        if encoding == pb.MASK_ENCODING_PNG:
+            png = np.asarray(Image.open(io.BytesIO(b.mask.png)))
+            assert png.shape == truth.shape and np.array_equal(png > 0, truth)
+        else:
+            # Filled outer contours cover the mask's pixels (holes are not represented by outer polygons).
+            canvas = np.zeros(truth.shape, np.uint8)
+            polys = [np.asarray(p.coordinates, np.int32).reshape(-1, 2) for p in b.mask.polygons.polygons]
+            cv2.fillPoly(canvas, polys, 1)
+            assert polys and (canvas.astype(bool) | ~truth).all()
+
+
+def test_list_models_reports_weights_sha256_and_vocabulary(stub, settings):
+    from service.models.testing import make_test_models
+
+    det_path, seg_path = make_test_models(settings.cache_dir / "test-models")
+    response = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    by_role = {m.role: m for m in response.models}
+    assert by_role[pb.MODEL_ROLE_DETECTOR].weights_sha256 == file_sha256(det_path)
+    assert by_role[pb.MODEL_ROLE_SEGMENTER].weights_sha256 == file_sha256(seg_path)
+    assert list(by_role[pb.MODEL_ROLE_DETECTOR].vocabulary) == list(TEST_VOCABULARY)
+    assert by_role[pb.MODEL_ROLE_SEGMENTER].input_size == 256
+    assert response.defaults.max_instances_limit == settings.max_instances
+
+
+def test_reflection_lists_the_service(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "detseg.v1.SegmentationService" in names and "grpc.health.v1.Health" in names
+
+
+def test_health_is_serving_only_after_models_load(settings, runner):
+    import threading
+
+    release = threading.Event()
+
+    def slow_factory():
+        release.wait(60)
+        return runner, "test"
+
+    srv = ServerThread(settings, slow_factory)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
+            assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = pb.DESCRIPTOR  # keep name space tidy
+            del stub
+            from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+            seg = pb_grpc.SegmentationServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                seg.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            release.set()
+            wait_serving(ch)
+            assert seg.ListModels(pb.ListModelsRequest(), timeout=10).models
+    finally:
+        release.set()
+        srv.stop()

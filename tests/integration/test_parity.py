@@ -1,0 +1,115 @@
+"""Parity with the reference implementations on the same weights and pixels.
+
+Detector: our gRPC answers vs ``ultralytics.YOLO(...).predict(rect=False)`` (boxes within 1 px, same
+classes in the same order). Masks: vs ``SAM2ImagePredictor.predict`` given the same boxes/points (IoU >= 0.99).
+The image goes over gRPC as lossless PNG of the very array the references get.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.models import testing
+from tests.conftest import ultralytics_asset
+from tests.helpers import encode, load_rgb, mask_iou, rle_mask, segment_request
+
+PHOTOS = ("bus.jpg", "zidane.jpg")
+CONF, IOU, MAX_DET = 0.05, 0.7, 100
+
+
+@pytest.fixture(scope="module")
+def test_weights(settings):
+    return testing.make_test_models(settings.cache_dir / "test-models")
+
+
+@pytest.fixture(scope="module")
+def sam_predictor(test_weights):
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model = build_sam2(
+        testing.TEST_SEGMENTER_CONFIG,
+        str(test_weights[1]),
+        device="cpu",
+        hydra_overrides_extra=list(testing.TEST_SEGMENTER_OVERRIDES),
+    )
+    predictor = SAM2ImagePredictor(model)
+    s = testing.TEST_SEGMENTER_IMAGE_SIZE
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]  # it assumes 1024²
+    return predictor
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_detector_boxes_match_ultralytics_predict(stub, test_weights, figures, name):
+    from ultralytics import YOLO
+
+    rgb = load_rgb(ultralytics_asset(name))
+    reference = YOLO(str(test_weights[0])).predict(
+        np.ascontiguousarray(rgb[..., ::-1]),  # ultralytics takes BGR arrays
+        imgsz=640,
+        conf=CONF,
+        iou=IOU,
+        max_det=MAX_DET,
+        rect=False,
+        device="cpu",
+        verbose=False,
+    )[0]
+    response = stub.Segment(
+        segment_request(encode(rgb), score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET), timeout=300
+    )
+    ref_boxes = reference.boxes.xyxy.numpy()
+    ours = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances])
+    assert len(ref_boxes) >= 5, "the reference must find boxes for the comparison to mean anything"
+    assert len(ours) == len(ref_boxes)
+    assert [i.class_id for i in response.instances] == reference.boxes.cls.int().tolist()
+    assert [reference.names[c] for c in reference.boxes.cls.int().tolist()] == [i.label for i in response.instances]
+    np.testing.assert_allclose([i.score for i in response.instances], reference.boxes.conf.numpy(), atol=1e-4)
+    deviation = float(np.abs(ours - ref_boxes).max())
+    figures[f"detector parity {name}: boxes, max |Δ| px"] = f"{len(ours)}, {deviation:.2e}"
+    assert deviation <= 1.0
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_masks_match_sam2_image_predictor(stub, sam_predictor, figures, name):
+    rgb = load_rgb(ultralytics_asset(name))
+    response = stub.Segment(segment_request(encode(rgb), score_threshold=CONF, max_instances=20), timeout=300)
+    assert len(response.instances) >= 3
+    boxes = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances], np.float32)
+    sam_predictor.set_image(rgb)
+    masks, scores, _ = sam_predictor.predict(box=boxes, multimask_output=False)
+    masks = masks.reshape(len(boxes), *rgb.shape[:2]).astype(bool)
+    ious = [mask_iou(rle_mask(i.mask), m) for i, m in zip(response.instances, masks, strict=True)]
+    nonempty = sum(bool(m.any()) for m in masks)
+    figures[f"mask parity {name}: instances, non-empty, min IoU"] = f"{len(ious)}, {nonempty}, {min(ious):.6f}"
+    assert nonempty >= len(masks) // 2, "random SAM weights must still give non-trivial masks here"
+    assert min(ious) >= 0.99
+    np.testing.assert_allclose([i.mask_score for i in response.instances], scores.reshape(-1), atol=1e-4)
+
+
+def test_point_and_box_prompts_match_sam2_image_predictor(stub, sam_predictor, figures):
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    box = np.array([50, 230, 250, 900], np.float32)
+    points = np.array([[150, 500], [400, 400]], np.float32)
+    labels = np.array([1, 0], np.int32)
+    request = pb.SegmentRequest(
+        image=pb.Image(encoded=encode(rgb)),
+        regions=[
+            pb.RegionPrompt(
+                box=pb.BoundingBox(x_min=50, y_min=230, x_max=250, y_max=900),
+                points=[pb.Point(x=150, y=500, label=1), pb.Point(x=400, y=400, label=0)],
+            ),
+            pb.RegionPrompt(points=[pb.Point(x=150, y=500, label=1), pb.Point(x=400, y=400, label=0)]),
+        ],
+    )
+    response = stub.Segment(request, timeout=300)
+    sam_predictor.set_image(rgb)
+    with_box, _, _ = sam_predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=False)
+    points_only, _, _ = sam_predictor.predict(point_coords=points, point_labels=labels, multimask_output=False)
+    ious = [
+        mask_iou(rle_mask(response.instances[0].mask), with_box[0].astype(bool)),
+        mask_iou(rle_mask(response.instances[1].mask), points_only[0].astype(bool)),
+    ]
+    figures["mask parity points(+box) prompts: min IoU"] = f"{min(ious):.6f}"
+    assert min(ious) >= 0.99
