@@ -175,3 +175,13 @@ def test_health_is_serving_only_after_models_load(settings, runner):
     finally:
         release.set()
         srv.stop()
+
+
+def test_all_boxes_of_an_image_go_to_the_decoder_in_one_call(stub, runner):
+    data = ultralytics_asset("bus.jpg").read_bytes()
+    before = dict(runner.calls)
+    response = stub.Segment(segment_request(data, score_threshold=0.01, max_instances=50), timeout=120)
+    assert len(response.instances) == 50
+    assert runner.calls["decode"] - before.get("decode", 0) == 1
+    assert runner.calls["detect"] - before.get("detect", 0) == 1
+    assert runner.calls["encode"] - before.get("encode", 0) == 1
