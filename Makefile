@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO := protos/detseg/v1/detseg.proto
 GEN := service/api/gen
 GEN_STAMP := $(GEN)/.generated
-MODELS ?= official
+MODELS ?= auto
 PYTEST_ARGS ?=
 
 .PHONY: venv proto serve serve-test test lint typecheck unit integration clean

@@ -35,14 +35,14 @@ class Settings:
     log_level: str = "INFO"
 
     # Models.
-    models: str = "official"  # profile: official | test
+    models: str = "auto"  # profile: auto (official if obtainable, else demo) | official | demo | test
     detector: str = ""  # catalog name or checkpoint path; empty = the profile's
     segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     offline: bool = False  # never try to download weights
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = all cores
-    detector_imgsz: int = 640  # square letterbox side (pixels)
+    detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
 
     # Request limits (checked before any model runs).
     max_image_bytes: int = 20 * 1024 * 1024

@@ -31,7 +31,11 @@ class ModelUnavailable(DetsegError):
 
 
 class WeightsNotFound(ModelUnavailable):
-    """Official weights are absent from the cache and cannot be downloaded."""
+    """Official weights are absent from the cache and cannot be downloaded. ``files``: their file names."""
+
+    def __init__(self, message: str, files: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message)
+        self.files = tuple(files)
 
 
 class ChecksumMismatch(ModelUnavailable):

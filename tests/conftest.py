@@ -111,6 +111,26 @@ def server(settings: Settings, runner: Runner) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="session")
+def demo_server(settings: Settings) -> Iterator[ServerThread]:
+    """A server with the demo profile (the shapes-trained models shipped in service/models/demo)."""
+    from service.runners.factory import load_runner
+
+    demo = settings.replace(models="demo")
+    srv = ServerThread(demo, lambda: load_runner(demo))
+    with grpc.insecure_channel(srv.target) as channel:
+        wait_serving(channel)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_stub(demo_server: ServerThread) -> Iterator[pb_grpc.SegmentationServiceStub]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(demo_server.target, options=options) as ch:
+        yield pb_grpc.SegmentationServiceStub(ch)
+
+
+@pytest.fixture(scope="session")
 def channel(server: ServerThread) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         yield ch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import grpc
@@ -41,9 +42,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
         pipeline = self.pipeline
-        query = convert.query_from_proto(request)
-        if not query.request_id:
-            query = type(query)(query.image, query.classes, query.regions, query.options, request_id)
+        query = dataclasses.replace(convert.query_from_proto(request), request_id=request_id)
         result = await pipeline.segment(query)
         return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
 

@@ -63,7 +63,8 @@ def ensure_weights(
         return target
     if offline:
         raise WeightsNotFound(
-            f"{entry.filename} is not in the cache and downloads are off: " + _where_to_put(entry, cache_dir)
+            f"{entry.filename} is not in the cache and downloads are off: " + _where_to_put(entry, cache_dir),
+            files=[entry.filename],
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=cache_dir)
@@ -88,7 +89,8 @@ def ensure_weights(
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise WeightsNotFound(
             f"{entry.filename} is not in the cache and could not be downloaded ({_reason(e)}): "
-            + _where_to_put(entry, cache_dir)
+            + _where_to_put(entry, cache_dir),
+            files=[entry.filename],
         ) from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from pathlib import Path
@@ -70,14 +71,21 @@ def safe_load_ultralytics(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_detector_module(path: Path) -> torch.nn.Module:
-    """Returns the ultralytics DetectionModel in eval mode, float32, Conv+BN fused (as ultralytics predicts)."""
+@dataclasses.dataclass(frozen=True)
+class LoadedDetector:
+    module: torch.nn.Module  # ultralytics DetectionModel, eval, float32, Conv+BN fused
+    train_imgsz: int | None  # the square size it was trained at, if the checkpoint says
+
+
+def load_detector_module(path: Path) -> LoadedDetector:
+    """Loads an ultralytics detector checkpoint safely, ready to run as ultralytics predicts with it."""
     ckpt = safe_load_ultralytics(path)
     model = (ckpt.get("ema") or ckpt["model"]).float()
     if type(model).__name__ != "DetectionModel":
         raise ModelUnavailable(f"{path.name}: a {type(model).__name__}, expected a YOLO DetectionModel")
     model = model.fuse(verbose=False) if hasattr(model, "fuse") else model
-    return model.eval().requires_grad_(False)
+    imgsz = (ckpt.get("train_args") or {}).get("imgsz")
+    return LoadedDetector(model.eval().requires_grad_(False), imgsz if isinstance(imgsz, int) else None)
 
 
 def load_segmenter_module(config: str, path: Path, overrides: tuple[str, ...] = (), device: str = "cpu") -> Any:

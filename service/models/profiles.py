@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from service.config import Settings
@@ -10,6 +11,8 @@ from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
 from service.models import testing
 from service.models.catalog import CATALOG, PROFILES, CatalogEntry
 from service.models.download import ensure_weights, file_sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +38,32 @@ class ModelSet:
 def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     """Finds (downloading if allowed) and verifies every weights file the settings name.
 
+    Profile ``auto`` is ``official`` when those weights are cached or can be downloaded, else ``demo``
+    with one WARNING saying so and how to get the official ones.
+
     Raises:
         WeightsNotFound: one message naming every missing file and where to put it.
         ModelUnavailable: an unknown profile or model name.
     """
+    if settings.models == "auto":
+        try:
+            return resolve_models(settings.replace(models="official"), progress=progress)
+        except WeightsNotFound as e:
+            files = ", ".join(e.files) or "official weights"
+            log.warning(
+                "%s not in %s and not downloadable: serving the DEMO profile (shapes models); for official "
+                "weights run `detseg serve --models official` online once, or put the files `detseg models` "
+                "lists in that folder",
+                files,
+                settings.cache_dir,
+            )
+            return resolve_models(settings.replace(models="demo"), progress=progress)
     detector: WeightsRef | None
     segmenter: WeightsRef | None
-    if settings.models == "test":
+    if settings.models == "demo":
+        detector, segmenter = _demo_refs()
+        profile = "demo"
+    elif settings.models == "test":
         det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
         detector = WeightsRef(
             "detector", "test-yolo11n", "seed-0", testing.TEST_DETECTOR_ARCH, det_path, file_sha256(det_path)
@@ -60,20 +82,22 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         det_name, seg_name = PROFILES[settings.models]
         detector, segmenter, profile = None, None, settings.models
         missing: list[str] = []
+        missing_files: list[str] = []
         for role, name in (("detector", det_name), ("segmenter", seg_name)):
             try:
                 ref = _from_catalog(_entry(name, role), settings, progress)
             except WeightsNotFound as e:
                 missing.append(str(e))
+                missing_files.extend(e.files)
                 continue
             if role == "detector":
                 detector = ref
             else:
                 segmenter = ref
         if missing:
-            raise WeightsNotFound("official weights unavailable:\n  - " + "\n  - ".join(missing))
+            raise WeightsNotFound("official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files)
     else:
-        known = ", ".join([*PROFILES, "test"])
+        known = ", ".join(["auto", *PROFILES, "demo", "test"])
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
     if settings.detector:
         detector = _explicit(settings.detector, "detector", settings, progress)
@@ -83,6 +107,33 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         profile = "custom"
     assert detector is not None and segmenter is not None  # every branch above sets both or raises
     return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
+
+
+def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
+    """The shapes-trained models shipped in ``service/models/demo`` (see their model cards)."""
+    from service.models.demo import profile as demo
+
+    for path in (demo.SHAPES_YOLO, demo.SHAPES_SAM2):
+        if not path.is_file():
+            raise ModelUnavailable(f"demo weights {path.name} are missing from this installation")
+    detector = WeightsRef(
+        "detector",
+        "shapes-yolo11n",
+        demo.VERSION,
+        demo.SHAPES_YOLO_ARCH,
+        demo.SHAPES_YOLO,
+        file_sha256(demo.SHAPES_YOLO),
+    )
+    segmenter = WeightsRef(
+        "segmenter",
+        "shapes-sam2-mini",
+        demo.VERSION,
+        demo.SHAPES_SAM2_CONFIG,
+        demo.SHAPES_SAM2,
+        file_sha256(demo.SHAPES_SAM2),
+        demo.SHAPES_SAM2_OVERRIDES,
+    )
+    return detector, segmenter
 
 
 def _entry(name: str, role: str) -> CatalogEntry:

@@ -79,11 +79,13 @@ class Pipeline:
             low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
             timings["decode_masks"] = time.perf_counter() - t
             t = time.perf_counter()
-            masks = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding)
+            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding)
             timings["encode_masks"] = time.perf_counter() - t
-            for (label, class_id, score, box, source, region), mask, mask_score in zip(
-                meta, masks, scores, strict=True
+            for (label, class_id, score, box, source, region), mask, mask_score, mask_box in zip(
+                meta, masks, scores, mask_boxes, strict=True
             ):
+                if box is None:  # a clicks-only region: its box is the mask's (or the clicks' if the mask is empty)
+                    box = mask_box if mask_box is not None else _points_box(p.regions[region])
                 instances.append(InstanceResult(label, class_id, score, box, mask, float(mask_score), source, region))
         timings["total"] = time.perf_counter() - start
         return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings)
@@ -118,11 +120,11 @@ class Pipeline:
 
     def _prompts(
         self, detections: Detections | None, p: Plan
-    ) -> tuple[list[SamPrompt], list[tuple[str, int, float, np.ndarray, str, int]]]:
+    ) -> tuple[list[SamPrompt], list[tuple[str, int, float, np.ndarray | None, str, int]]]:
         """Detections (score order) then regions (request order): SAM prompts + per-instance metadata."""
         names = self.runner.detector.names
         prompts: list[SamPrompt] = []
-        meta: list[tuple[str, int, float, np.ndarray, str, int]] = []
+        meta: list[tuple[str, int, float, np.ndarray | None, str, int]] = []
         empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
         if detections is not None:
             for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
@@ -130,8 +132,7 @@ class Pipeline:
                 meta.append((names[int(cid)], int(cid), float(score), box, DETECTOR, -1))
         for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
             prompts.append(prompt)
-            box = prompt.box if prompt.box is not None else _points_box(prompt)
-            meta.append((label, -1, 1.0, box, REGION, i))
+            meta.append((label, -1, 1.0, prompt.box, REGION, i))
         return prompts, meta
 
     async def _decode_masks(
@@ -148,12 +149,26 @@ class Pipeline:
             low_res[indices], scores[indices] = masks, ious
         return low_res, scores
 
-    def _masks(self, low_res: np.ndarray, image: DecodedImage, encoding: str) -> list[EncodedMask]:
+    def _masks(
+        self, low_res: np.ndarray, image: DecodedImage, encoding: str
+    ) -> tuple[list[EncodedMask], list[np.ndarray | None]]:
+        """Upsample, threshold and encode in chunks. Returns encoded masks and each mask's XYXY box (None if empty)."""
         hw = (image.height, image.width)
         out: list[EncodedMask] = []
+        boxes: list[np.ndarray | None] = []
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
-            out.extend(encode_masks(self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw), encoding))
-        return out
+            masks = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
+            out.extend(encode_masks(masks, encoding))
+            boxes.extend(_mask_box(m) for m in masks)
+        return out, boxes
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """(H, W) bool → XYXY pixel-edge box around the mask, or None when empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if not len(cols):
+        return None
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 def _points_box(prompt: SamPrompt) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from service.config import Settings
+from service.models import sam_ops
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet, WeightsRef
 from service.runners.base import (
@@ -61,12 +62,14 @@ class TorchRunner:
         """Loads both models from verified files and sets torch's thread count from Settings."""
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
-        det: Any = load_detector_module(models.detector.path)
+        loaded = load_detector_module(models.detector.path)
+        det: Any = loaded.module
         sam = load_segmenter_module(
             models.segmenter.architecture, models.segmenter.path, models.segmenter.overrides, settings.device
         )
         names = tuple(str(det.names[i]) for i in range(len(det.names)))
-        detector = DetectorSpec(names=names, imgsz=settings.detector_imgsz, stride=int(det.stride.max()))
+        imgsz = settings.detector_imgsz or loaded.train_imgsz or 640
+        detector = DetectorSpec(names=names, imgsz=imgsz, stride=int(det.stride.max()))
         segmenter = SegmenterSpec(image_size=int(sam.image_size))
         descriptors = (
             _descriptor(models.detector, detector.imgsz, names),
@@ -89,37 +92,27 @@ class TorchRunner:
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
         def run() -> ImageFeatures:
-            sam = self._sam
-            backbone_out = sam.forward_image(torch.from_numpy(images))
-            _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
-            if sam.directly_add_no_mem_embed:
-                vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
-            n = images.shape[0]
-            # (HW, N, C) sequences -> (N, C, H, W) maps, finest level first.
-            feats = [
-                f.permute(1, 2, 0).reshape(n, -1, h, w).contiguous().numpy()
-                for f, (h, w) in zip(vision_feats, feat_sizes, strict=True)
-            ]
-            return ImageFeatures(image_embed=feats[-1], high_res_feats=tuple(feats[:-1]))
+            embed, hr0, hr1 = sam_ops.image_features(self._sam, torch.from_numpy(images))
+            return ImageFeatures(
+                image_embed=embed.contiguous().numpy(),
+                high_res_feats=(hr0.contiguous().numpy(), hr1.contiguous().numpy()),
+            )
 
         return await self._run("encode", run)
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         def run() -> DecoderOutput:
-            sam = self._sam
-            coords = torch.from_numpy(prompts.point_coords)
-            labels = torch.from_numpy(prompts.point_labels)
-            sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            low_res, iou, _, _ = sam.sam_mask_decoder(
-                image_embeddings=torch.from_numpy(features.image_embed),
-                image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=prompts.multimask,
-                repeat_image=coords.shape[0] > 1,
-                high_res_features=[torch.from_numpy(f) for f in features.high_res_feats],
+            hr0, hr1 = (torch.from_numpy(f) for f in features.high_res_feats)
+            single, single_iou, multi, multi_iou = sam_ops.decode(
+                self._sam,
+                torch.from_numpy(features.image_embed),
+                hr0,
+                hr1,
+                torch.from_numpy(prompts.point_coords),
+                torch.from_numpy(prompts.point_labels),
             )
-            return DecoderOutput(low_res_masks=low_res.float().numpy(), iou_predictions=iou.float().numpy())
+            masks, iou = (multi, multi_iou) if prompts.multimask else (single, single_iou)
+            return DecoderOutput(low_res_masks=masks.float().numpy(), iou_predictions=iou.float().numpy())
 
         return await self._run("decode", run)
 

@@ -98,3 +98,34 @@ def test_serve_official_offline_without_weights_stops_with_one_clear_message(tmp
     assert result.returncode == 2
     assert "yolo11n.pt" in result.stderr and "sam2.1_hiera_tiny.pt" in result.stderr
     assert f"place it at {empty}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_serve_offline_falls_back_to_demo_and_segments_the_sample(tmp_path: Path):
+    """What `make serve` does on a machine with no official weights and no network."""
+    port = _free_port()
+    env = {**os.environ, "DETSEG_CACHE_DIR": str(tmp_path / "empty"), "DETSEG_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [*DETSEG, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+            wait_serving(channel)
+        sample = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
+        overlay = tmp_path / "overlay.png"
+        result = subprocess.run(
+            [*DETSEG, "segment", str(sample), "--classes", "circle,star", "--target", target, "--json",
+             "--out", str(overlay)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        labels = sorted(i["label"] for i in answer["instances"])
+        assert answer["image"]["profile"] == "demo" and labels == ["circle", "star"]
+        assert Image.open(overlay).size == (answer["image"]["width"], answer["image"]["height"])
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    warnings = [line for line in out.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "DEMO profile" in warnings[0], out[-3000:]

@@ -84,6 +84,12 @@ def test_region_prompts_skip_the_detector_and_keep_their_labels(stub, runner):
     assert all(i.source == pb.INSTANCE_SOURCE_REGION_PROMPT and i.class_id == -1 for i in response.instances)
     first = response.instances[0].box
     assert (first.x_min, first.y_min, first.x_max, first.y_max) == (10, 20, 120, 150)
+    clicked = response.instances[1]  # clicks only: its box is the box around its mask
+    mask = rle_mask(clicked.mask)
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        box = clicked.box
+        assert (box.x_min, box.y_min, box.x_max, box.y_max) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
 def test_regions_with_classes_run_both(stub):

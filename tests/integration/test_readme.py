@@ -10,12 +10,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_python_client_example_runs(server):
+def test_readme_python_client_example_runs(demo_server):
     (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    code = snippet.replace('TARGET = "127.0.0.1:50051"', f'TARGET = "{server.target}"')
+    code = snippet.replace('TARGET = "127.0.0.1:50051"', f'TARGET = "{demo_server.target}"')
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=README.parent
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines and lines[-1].startswith(tuple("0123456789abcdef")) and "test-yolo11n" in lines[-1]
+    assert lines[-1].startswith(tuple("0123456789abcdef")) and "shapes-yolo11n" in lines[-1]
+    labels = [line.split()[0] for line in lines[:-1]]
+    assert "circle" in labels and "star" in labels and set(labels) <= {"circle", "star"}

@@ -82,3 +82,18 @@ def test_offline_official_profile_names_every_missing_file(tmp_path):
         resolve_models(Settings(cache_dir=tmp_path, offline=True))
     message = str(err.value)
     assert "yolo11n.pt" in message and "sam2.1_hiera_tiny.pt" in message and str(tmp_path) in message
+
+
+def test_auto_profile_without_official_weights_serves_demo_with_one_warning(tmp_path, caplog):
+    import logging
+
+    from service.config import Settings
+    from service.models.profiles import resolve_models
+
+    caplog.set_level(logging.WARNING)
+    models = resolve_models(Settings(models="auto", cache_dir=tmp_path, offline=True))
+    assert models.profile == "demo" and models.detector.name == "shapes-yolo11n"
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = warning.getMessage()
+    assert "\n" not in message and "DEMO" in message and "yolo11n.pt, sam2.1_hiera_tiny.pt" in message
+    assert "--models official" in message

@@ -40,6 +40,6 @@ def test_seeded_test_detector_loads_through_the_safe_path(settings):
     from service.models.testing import TEST_VOCABULARY, make_test_models
 
     det_path, _ = make_test_models(settings.cache_dir / "test-models")
-    model = load_detector_module(det_path)
+    model = load_detector_module(det_path).module
     assert [model.names[i] for i in range(len(model.names))] == list(TEST_VOCABULARY)
     assert not model.training

@@ -1,0 +1,30 @@
+"""The demo profile: the shapes-trained models shipped in this folder, with their architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).parent
+VERSION = "shapes-1"
+SHAPES_YOLO = DEMO_DIR / "shapes-yolo11n.pt"
+SHAPES_SAM2 = DEMO_DIR / "shapes-sam2-mini.pt"
+SHAPES_YOLO_ARCH = "yolo11n.yaml"
+SHAPES_SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+# A reduced SAM 2 built from the official config by overrides alone (2.4 M parameters, 256² input).
+SHAPES_SAM2_OVERRIDES = (
+    "++model.image_size=256",
+    "++model.image_encoder.trunk.embed_dim=32",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+    "++model.image_encoder.neck.d_model=64",
+    "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
+    "++model.memory_attention.d_model=64",
+    "++model.memory_attention.layer.d_model=64",
+    "++model.memory_attention.layer.dim_feedforward=256",
+    "++model.memory_attention.layer.self_attention.embedding_dim=64",
+    "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_encoder.out_dim=64",
+    "++model.memory_encoder.fuser.layer.dim=64",
+)

@@ -1,0 +1,66 @@
+"""Regenerates the demo detector: ultralytics YOLO11n trained from scratch on the shapes world.
+
+    python -m service.models.demo.train_detector --work /tmp/shapes-yolo
+
+Three stages, exactly as the shipped file was made (see SHAPES_YOLO.md for timings and metrics):
+  1. 15 epochs at 256² from the yolo11n.yaml architecture (random init), no validation;
+  2. 8 epochs at 256² from stage 1's last weights, no warm-up, validated each epoch;
+  3. 8 epochs at 320² from stage 2's best weights (last 4 without mosaic), validated each epoch.
+Writes ``shapes-yolo11n.pt`` (fp16, optimizer stripped, as ultralytics ships weights) beside this file.
+Note: ultralytics' ``select_device`` runs torch on cpu_count - 1 threads, i.e. one thread on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+TRAIN_IMAGES, VAL_IMAGES = 1200, 100
+SEED = 0
+COMMON: dict[str, Any] = dict(
+    batch=16, workers=0, cache="ram", device="cpu", seed=SEED, deterministic=True, plots=False, amp=False,
+    exist_ok=True, verbose=False,
+)  # fmt: skip
+STAGES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("stage1", "yolo11n.yaml", dict(imgsz=256, epochs=15, val=False, close_mosaic=3)),
+    ("stage2", "stage1/weights/last.pt", dict(imgsz=256, epochs=8, val=True, close_mosaic=3, warmup_epochs=0)),
+    ("stage3", "stage2/weights/best.pt", dict(imgsz=320, epochs=8, val=True, close_mosaic=4, warmup_epochs=0)),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="scratch dir for the dataset and runs")
+    parser.add_argument("--out", type=Path, default=HERE / "shapes-yolo11n.pt")
+    args = parser.parse_args()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    from service.shapes.dataset import write_yolo_dataset
+
+    start = time.time()
+    data = args.work / "data" / "data.yaml"
+    if not data.exists():  # deterministic, so a previous run's copy is the same dataset
+        data = write_yolo_dataset(args.work / "data", {"train": TRAIN_IMAGES, "val": VAL_IMAGES})
+    print(f"dataset ready in {time.time() - start:.0f}s", flush=True)
+    runs = args.work / "runs"
+    for name, source, options in STAGES:
+        t = time.time()
+        model = YOLO(source if source.endswith(".yaml") else str(runs / source))
+        model.train(data=str(data), project=str(runs), name=name, **COMMON, **options)
+        print(f"{name}: {time.time() - t:.0f}s", flush=True)
+    best = runs / STAGES[-1][0] / "weights" / "best.pt"
+    strip_optimizer(str(best))
+    shutil.copyfile(best, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); total {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Regenerates the demo segmenter: a reduced SAM 2 (sam2's own modules) trained from scratch on shapes.
+
+    python -m service.models.demo.train_segmenter [--minutes 40] [--seed 0]
+
+The architecture is SAM 2.1 hiera-tiny's config with hydra overrides (SHAPES_SAM2_OVERRIDES): a 4-stage
+Hiera of width 32, a 64-d neck and decoder, 256² input: 2.4 M parameters. Training prompts are ground-truth
+boxes with jitter (75 % of steps) or 1–3 clicks with optional negative click (25 %, multimask with min-loss,
+as SAM trains them). Loss: 20 x focal + dice on 256² masks, + MSE of the IoU head. AdamW, warm-up + cosine.
+Writes ``shapes-sam2-mini.pt`` ({"model": fp16 state dict}, the layout of official SAM 2.1 checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from service.models.demo.profile import SHAPES_SAM2_CONFIG, SHAPES_SAM2_OVERRIDES
+
+HERE = Path(__file__).parent
+S = 256  # SAM input side
+
+
+def build(seed: int) -> Any:
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    return build_sam2(SHAPES_SAM2_CONFIG, None, device="cpu", hydra_overrides_extra=list(SHAPES_SAM2_OVERRIDES))
+
+
+class Pool:
+    """Pre-rendered training scenes in SAM's input frame: images (N,3,S,S) float32, masks and boxes per scene."""
+
+    def __init__(self, count: int) -> None:
+        from sam2.utils.transforms import SAM2Transforms
+
+        from service.shapes.dataset import scenes
+
+        transforms = SAM2Transforms(resolution=S, mask_threshold=0.0)
+        self.images, self.masks, self.boxes = [], [], []
+        for scene in scenes("train", count):
+            self.images.append(transforms(scene.image))
+            m = torch.from_numpy(np.stack([i.mask for i in scene.instances])).float()[:, None]
+            self.masks.append((F.interpolate(m, (S, S), mode="bilinear", align_corners=False)[:, 0] > 0.5).float())
+            scale = torch.tensor([S / scene.width, S / scene.height] * 2)
+            self.boxes.append(torch.tensor([i.box for i in scene.instances], dtype=torch.float32) * scale)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _points(masks: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator, n_pos: int, neg: bool):
+    """Clicks for each mask: n_pos positives inside it, and optionally one negative inside its box but outside it."""
+    coords, labels = [], []
+    for m, b in zip(masks, boxes, strict=True):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        pick = rng.integers(0, len(xs), n_pos)
+        pts = [(float(xs[k]) + 0.5, float(ys[k]) + 0.5) for k in pick]
+        labs = [1] * n_pos
+        if neg:
+            x0, y0, x1, y1 = (int(v) for v in b)
+            region = torch.zeros_like(m, dtype=torch.bool)
+            region[max(y0, 0) : max(y1, 1), max(x0, 0) : max(x1, 1)] = True
+            ys, xs = torch.nonzero(region & (m < 0.5), as_tuple=True)
+            if len(xs):
+                k = rng.integers(0, len(xs))
+                pts.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
+                labs.append(0)
+            else:
+                pts.append(pts[0])
+                labs.append(1)
+        coords.append(pts)
+        labels.append(labs)
+    return torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)
+
+
+def _losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor):
+    """logits (P, M, S, S), target (P, S, S), iou_pred (P, M) → scalar loss (min over M, as SAM)."""
+    t = target[:, None].expand_as(logits)
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p_t = prob * t + (1 - prob) * (1 - t)
+    focal = (ce * (1 - p_t) ** 2 * (0.25 * t + 0.75 * (1 - t))).mean((-1, -2))
+    inter = (prob * t).sum((-1, -2))
+    dice = 1 - (2 * inter + 1) / (prob.sum((-1, -2)) + t.sum((-1, -2)) + 1)
+    per_mask = 20 * focal + dice
+    best = per_mask.argmin(1)
+    rows = torch.arange(logits.shape[0])
+    with torch.no_grad():
+        hard = logits[rows, best] > 0
+        actual = (hard & (target > 0.5)).sum((-1, -2)) / ((hard | (target > 0.5)).sum((-1, -2)).clamp(min=1))
+    return per_mask[rows, best].mean() + F.mse_loss(iou_pred[rows, best], actual.float())
+
+
+def train(model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr: float = 1e-3) -> dict:
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    budget, start, step, warmup = minutes * 60, time.time(), 0, 100
+    est_steps = None
+    history = []
+    model.train()
+    while time.time() - start < budget:
+        elapsed = time.time() - start
+        if step == 50:
+            est_steps = int(budget / (elapsed / 50))
+        progress = min(1.0, step / est_steps) if est_steps else 0.0
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        idx = rng.choice(len(pool), batch, replace=False)
+        images = torch.stack([pool.images[i] for i in idx])
+        masks = [pool.masks[i] for i in idx]
+        boxes = [pool.boxes[i].clone() for i in idx]
+        flip = rng.random(batch) < 0.5
+        for k in np.nonzero(flip)[0]:
+            images[k] = images[k].flip(-1)
+            masks[k] = masks[k].flip(-1)
+            boxes[k] = torch.stack([S - boxes[k][:, 2], boxes[k][:, 1], S - boxes[k][:, 0], boxes[k][:, 3]], 1)
+        backbone = model.forward_image(images)
+        _, feats, _, sizes = model._prepare_backbone_features(backbone)
+        feats[-1] = feats[-1] + model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w) for f, (h, w) in zip(feats, sizes, strict=True)]
+        owner = torch.cat([torch.full((len(b),), k) for k, b in enumerate(boxes)])
+        target = torch.cat(masks)
+        all_boxes = torch.cat(boxes)
+        point_mode = rng.random() < 0.25
+        if point_mode:
+            coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
+        else:
+            wh = (all_boxes[:, 2:] - all_boxes[:, :2]).repeat(1, 2)
+            jitter = torch.from_numpy(rng.normal(0, 0.07, all_boxes.shape)).float() * wh
+            jittered = (all_boxes + jitter).clamp(0, S)
+            coords = jittered.reshape(-1, 2, 2)
+            labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low, iou, _, _ = model.sam_mask_decoder(
+            image_embeddings=maps[-1][owner],
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=point_mode,
+            repeat_image=False,
+            high_res_features=[maps[0][owner], maps[1][owner]],
+        )
+        logits = F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
+        loss = _losses(logits, target, iou)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(float(loss))
+        if step % 50 == 0:
+            recent = sum(history[-50:]) / len(history[-50:])
+            print(
+                f"step {step} loss {recent:.4f} lr {opt.param_groups[0]['lr']:.2e} t {time.time() - start:.0f}s",
+                flush=True,
+            )
+        step += 1
+    model.eval()
+    return {"steps": step, "batch": batch, "final_loss": sum(history[-100:]) / max(1, len(history[-100:]))}
+
+
+def evaluate(model: Any, count: int) -> float:
+    """Mean mask IoU given ground-truth boxes on ``count`` test scenes, with sam2's SAM2ImagePredictor."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from service.shapes.dataset import scenes
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]
+    ious = []
+    with torch.inference_mode():
+        for scene in scenes("test", count):
+            predictor.set_image(scene.image)
+            boxes = np.array([i.box for i in scene.instances], np.float32)
+            masks, _, _ = predictor.predict(box=boxes, multimask_output=False)
+            masks = masks.reshape(len(boxes), scene.height, scene.width) > 0
+            for inst, m in zip(scene.instances, masks, strict=True):
+                ious.append((m & inst.mask).sum() / max(1, (m | inst.mask).sum()))
+    return float(np.mean(ious))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=40.0, help="training wall-time budget")
+    parser.add_argument("--scenes", type=int, default=1200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "shapes-sam2-mini.pt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    pool = Pool(args.scenes)
+    print(f"{len(pool)} scenes ready in {time.time() - start:.0f}s", flush=True)
+    model = build(args.seed)
+    stats = train(model, pool, args.minutes, args.seed)
+    miou = evaluate(model, 100)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": half}, args.out)
+    stats.update(test_mean_iou_gt_boxes=round(miou, 4), wall_s=round(time.time() - start), scenes=args.scenes)
+    stats.update(seed=args.seed, size_mb=round(args.out.stat().st_size / 1e6, 2))
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

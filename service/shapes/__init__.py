@@ -1,0 +1,1 @@
+"""A synthetic "shapes" world with exact ground truth, for the demo models and quality tests."""

@@ -1,0 +1,71 @@
+"""Scenes → on-disk datasets: YOLO (images + labels + data.yaml) and COCO instance annotations (RLE)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from service.shapes.world import CLASSES, Scene, render_scene, split_seed
+
+
+def scenes(split: str, count: int, start: int = 0) -> Iterable[Scene]:
+    """``count`` scenes of ``split`` (train | val | test), deterministic."""
+    for i in range(start, start + count):
+        yield render_scene(split_seed(split, i))
+
+
+def coco_annotations(items: Sequence[Scene], file_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """COCO instances dict (RLE segmentations with str counts, XYWH bboxes) for ``items``; image id = seed."""
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for n, scene in enumerate(items):
+        name = file_names[n] if file_names else f"{scene.seed:07d}.png"
+        images.append({"id": scene.seed, "file_name": name, "width": scene.width, "height": scene.height})
+        for inst in scene.instances:
+            rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
+            x0, y0, x1, y1 = inst.box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": scene.seed,
+                    "category_id": inst.category_id + 1,  # COCO ids start at 1
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def yolo_label_lines(scene: Scene) -> list[str]:
+    """One "class cx cy w h" line per instance, normalised to [0, 1]."""
+    lines = []
+    for inst in scene.instances:
+        x0, y0, x1, y1 = inst.box
+        cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
+        bw, bh = (x1 - x0) / scene.width, (y1 - y0) / scene.height
+        lines.append(f"{inst.category_id} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+    return lines
+
+
+def write_yolo_dataset(root: Path, counts: dict[str, int]) -> Path:
+    """Writes images/<split>/*.png, labels/<split>/*.txt and data.yaml; returns data.yaml's path."""
+    for split, count in counts.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for scene in scenes(split, count):
+            stem = f"{scene.seed:07d}"
+            Image.fromarray(scene.image).save(root / "images" / split / f"{stem}.png")
+            (root / "labels" / split / f"{stem}.txt").write_text("\n".join(yolo_label_lines(scene)) + "\n")
+    data = root / "data.yaml"
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
+    splits = "".join(f"{split}: images/{split}\n" for split in counts)
+    data.write_text(f"path: {root}\n{splits}names:\n{names}\n")
+    return data

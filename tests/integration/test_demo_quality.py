@@ -1,0 +1,98 @@
+"""The demo profile (shapes-trained YOLO11n + mini SAM 2) through the real gRPC server on held-out scenes.
+
+Quality is computed by our code (service.shapes.evaluate) and cross-checked with pycocotools COCOeval.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.shapes.dataset import coco_annotations, scenes
+from service.shapes.evaluate import Prediction, ap50, coco_eval, end_to_end
+from service.shapes.world import CLASSES
+from tests.helpers import encode
+
+E2E_IMAGES, MAP_IMAGES = 60, 100
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return list(scenes("test", MAP_IMAGES))
+
+
+def _segment(stub, scene, **options):
+    request = pb.SegmentRequest(image=pb.Image(encoded=encode(scene.image)), options=pb.SegmentOptions(**options))
+    return stub.Segment(request, timeout=120)
+
+
+def _as_items(response):
+    return [
+        {"label": i.label, "rle": {"size": list(i.mask.coco_rle.size), "counts": i.mask.coco_rle.counts}}
+        for i in response.instances
+    ]
+
+
+def test_end_to_end_labels_masks_and_recall_on_held_out_scenes(demo_stub, held_out, figures):
+    pairs = []
+    for scene in held_out[:E2E_IMAGES]:
+        response = _segment(demo_stub, scene)  # server defaults: score 0.25, NMS IoU 0.7
+        assert response.provenance.profile == "demo"
+        gt = [
+            {"label": i.category, "rle": mask_utils.encode(np.asfortranarray(i.mask.astype(np.uint8)))}
+            for i in scene.instances
+        ]
+        pairs.append((_as_items(response), gt))
+    m = end_to_end(pairs)
+    figures["demo e2e (gRPC, 60 held-out scenes)"] = (
+        f"gt {m.ground_truth}, predicted {m.predictions}, matched {m.matched}; label accuracy "
+        f"{m.label_accuracy:.3f}, mean mask IoU {m.mean_mask_iou:.3f}, recall {m.recall:.3f}, "
+        f"precision {m.precision:.3f}"
+    )
+    assert m.images >= 50
+    assert m.label_accuracy >= 0.90
+    assert m.mean_mask_iou >= 0.80
+    assert m.recall >= 0.85
+
+
+def test_detector_box_map50_and_segm_map_agree_with_cocoeval(demo_stub, held_out, figures):
+    predictions = []
+    for scene in held_out:
+        response = _segment(demo_stub, scene, score_threshold=0.001, max_instances=100)
+        for i in response.instances:
+            rle = {"size": list(i.mask.coco_rle.size), "counts": i.mask.coco_rle.counts}
+            box = (i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max)
+            predictions.append(Prediction(scene.seed, i.class_id + 1, i.score, box, rle))
+    gt = coco_annotations(held_out)
+    ours = ap50(predictions, gt)
+    bbox = coco_eval(predictions, gt, "bbox")
+    segm = coco_eval(predictions, gt, "segm")
+    figures["demo detector box mAP50 (100 held-out scenes): ours vs COCOeval"] = f"{ours:.4f} vs {bbox['map50']:.4f}"
+    figures["demo COCOeval bbox mAP50-95 / segm mAP50 / segm mAP50-95"] = (
+        f"{bbox['map']:.4f} / {segm['map50']:.4f} / {segm['map']:.4f}"
+    )
+    assert abs(ours - bbox["map50"]) < 0.01
+    assert ours >= 0.90
+    assert segm["map50"] >= 0.80
+
+
+@pytest.mark.parametrize("wanted", ["circle", "star"])
+def test_class_prompts_return_only_that_class(demo_stub, held_out, wanted):
+    with_it = [s for s in held_out[:40] if any(i.category == wanted for i in s.instances)]
+    assert with_it
+    found = 0
+    for scene in with_it:
+        request = pb.SegmentRequest(image=pb.Image(encoded=encode(scene.image)), classes=[wanted])
+        response = demo_stub.Segment(request, timeout=120)
+        assert {i.label for i in response.instances} <= {wanted}
+        found += bool(response.instances)
+    assert found >= 0.9 * len(with_it)
+
+
+def test_demo_vocabulary_is_the_shapes_classes(demo_stub):
+    response = demo_stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    (detector,) = [m for m in response.models if m.role == pb.MODEL_ROLE_DETECTOR]
+    assert list(detector.vocabulary) == list(CLASSES) and response.profile == "demo"
+    assert detector.input_size == 256
