@@ -60,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, help="write an overlay PNG here")
     g.set_defaults(func=_segment)
 
+    e = sub.add_parser("export", help="export the profile's models to ONNX, each checked against torch")
+    e.add_argument("--models", help="profile (as for serve)")
+    e.add_argument("--detector")
+    e.add_argument("--segmenter")
+    e.add_argument("--cache-dir")
+    e.add_argument("--offline", action="store_const", const=True)
+    e.add_argument("--out", type=Path, default=Path("model_repository"), help="writes <out>/<role>/1/model.onnx")
+    e.set_defaults(func=_export)
+
     m = sub.add_parser("models", help="list catalog weights and whether they are cached, or a server's models")
     m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
     m.add_argument("--cache-dir")
@@ -186,6 +195,29 @@ def _json_bytes(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii")
     raise TypeError(type(value).__name__)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from service.models import export
+    from service.models.loading import load_detector_module, load_segmenter_module
+    from service.models.profiles import resolve_models
+
+    settings = _settings(args, ("models", "detector", "segmenter", "cache_dir", "offline"))
+    models = resolve_models(settings)
+    detector = load_detector_module(models.detector.path)
+    seg = models.segmenter
+    sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides)
+    imgsz = settings.detector_imgsz or detector.train_imgsz or 640
+    reports = [
+        export.export_detector(detector.module, imgsz, args.out / "detector" / "1" / "model.onnx"),
+        export.export_encoder(sam, args.out / "sam2_image_encoder" / "1" / "model.onnx"),
+        export.export_decoder(sam, args.out / "sam2_mask_decoder" / "1" / "model.onnx"),
+    ]
+    print(f"profile {models.profile}: {models.detector.name} + {models.segmenter.name}")
+    for r in reports:
+        size = r.path.stat().st_size / 1e6
+        print(f"  {r.role:<20} {size:7.1f} MB  max |onnx - torch| = {r.max_abs_diff:.2e}  {r.path}")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -31,16 +31,23 @@ def decode(
     high_res_1: torch.Tensor,
     point_coords: torch.Tensor,
     point_labels: torch.Tensor,
+    mask_input: torch.Tensor | None = None,
+    has_mask_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All B prompts of one image in one pass.
 
-    Inputs: features with batch 1; point_coords (B, P, 2) float32 in SAM input pixels; point_labels (B, P) int32.
+    Inputs: features with batch 1; point_coords (B, P, 2) float32 in SAM input pixels; point_labels (B, P) int32;
+    optionally mask_input (B, 1, S/4, S/4) float32 logits (a previous low-res mask) with has_mask_input (B,)
+    float32 in {0, 1} choosing, per prompt, between the mask's embedding and sam2's "no mask" embedding.
     Returns (single_masks (B, 1, S/4, S/4), single_iou (B, 1), multi_masks (B, 3, S/4, S/4), multi_iou (B, 3)):
     the decoder runs once and both of sam2's output selections are applied to it (single = with
     dynamic multimask-via-stability, as ``predict(multimask_output=False)``).
     """
     b = point_coords.shape[0]
     sparse, dense = sam.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+    if mask_input is not None and has_mask_input is not None:
+        with_mask = sam.sam_prompt_encoder._embed_masks(mask_input)
+        dense = torch.where(has_mask_input.reshape(-1, 1, 1, 1) > 0.5, with_mask, dense)
     decoder = sam.sam_mask_decoder
     masks, iou, _, _ = decoder.predict_masks(
         image_embeddings=image_embed.expand(b, -1, -1, -1),

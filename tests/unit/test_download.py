@@ -79,7 +79,7 @@ def test_offline_official_profile_names_every_missing_file(tmp_path):
     from service.models.profiles import resolve_models
 
     with pytest.raises(WeightsNotFound) as err:
-        resolve_models(Settings(cache_dir=tmp_path, offline=True))
+        resolve_models(Settings(models="official", cache_dir=tmp_path, offline=True))
     message = str(err.value)
     assert "yolo11n.pt" in message and "sam2.1_hiera_tiny.pt" in message and str(tmp_path) in message
 

@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random init")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-sam2-mini.pt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -200,7 +202,10 @@ def main() -> None:
     pool = Pool(args.scenes)
     print(f"{len(pool)} scenes ready in {time.time() - start:.0f}s", flush=True)
     model = build(args.seed)
-    stats = train(model, pool, args.minutes, args.seed)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    stats = train(model, pool, args.minutes, args.seed, lr=args.lr)
     miou = evaluate(model, 100)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save({"model": half}, args.out)
