@@ -78,11 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
     overrides = {n: getattr(args, n, None) for n in names}
-    return (
-        Settings.from_environ(overrides)
-        if not getattr(args, "config", None)
-        else Settings.load(overrides, __import__("os").environ, args.config)
-    )
+    return Settings.from_environ(overrides, getattr(args, "config", None))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -207,7 +203,7 @@ def _export(args: argparse.Namespace) -> int:
     detector = load_detector_module(models.detector.path)
     seg = models.segmenter
     sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides)
-    imgsz = settings.detector_imgsz or detector.train_imgsz or 640
+    imgsz = detector.input_size(settings.detector_imgsz)
     reports = [
         export.export_detector(detector.module, imgsz, args.out / "detector" / "1" / "model.onnx"),
         export.export_encoder(sam, args.out / "sam2_image_encoder" / "1" / "model.onnx"),

@@ -91,9 +91,9 @@ class Settings:
         return cls(**kwargs)
 
     @classmethod
-    def from_environ(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
-        """Convenience for the CLI: reads ``os.environ`` and ``DETSEG_CONFIG`` once."""
-        config = os.environ.get(ENV_PREFIX + "CONFIG")
+    def from_environ(cls, overrides: Mapping[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+        """For the CLI: reads ``os.environ`` once; the config file is ``config_file`` or ``DETSEG_CONFIG``."""
+        config = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
         return cls.load(overrides, os.environ, Path(config) if config else None)
 
     def replace(self, **changes: Any) -> Settings:

@@ -76,6 +76,10 @@ class LoadedDetector:
     module: torch.nn.Module  # ultralytics DetectionModel, eval, float32, Conv+BN fused
     train_imgsz: int | None  # the square size it was trained at, if the checkpoint says
 
+    def input_size(self, override: int = 0) -> int:
+        """The square letterbox side to run at: ``override`` if set, else the training size, else 640."""
+        return override or self.train_imgsz or 640
+
 
 def load_detector_module(path: Path) -> LoadedDetector:
     """Loads an ultralytics detector checkpoint safely, ready to run as ultralytics predicts with it."""

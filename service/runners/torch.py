@@ -68,7 +68,7 @@ class TorchRunner:
             models.segmenter.architecture, models.segmenter.path, models.segmenter.overrides, settings.device
         )
         names = tuple(str(det.names[i]) for i in range(len(det.names)))
-        imgsz = settings.detector_imgsz or loaded.train_imgsz or 640
+        imgsz = loaded.input_size(settings.detector_imgsz)
         detector = DetectorSpec(names=names, imgsz=imgsz, stride=int(det.stride.max()))
         segmenter = SegmenterSpec(image_size=int(sam.image_size))
         descriptors = (

@@ -17,7 +17,7 @@ def test_export_matches_torch(settings, tmp_path, figures, profile):
     detector = load_detector_module(models.detector.path)
     seg = models.segmenter
     sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides)
-    det = export.export_detector(detector.module, detector.train_imgsz or 640, tmp_path / "det.onnx")
+    det = export.export_detector(detector.module, detector.input_size(), tmp_path / "det.onnx")
     enc = export.export_encoder(sam, tmp_path / "enc.onnx")
     dec = export.export_decoder(sam, tmp_path / "dec.onnx")
     figures[f"onnx vs torch max |Δ| ({profile}): detector / encoder / decoder"] = (

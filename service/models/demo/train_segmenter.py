@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.models import sam_ops
 from service.models.demo.profile import SHAPES_SAM2_CONFIG, SHAPES_SAM2_OVERRIDES
 
 HERE = Path(__file__).parent
@@ -39,14 +40,14 @@ class Pool:
     """Pre-rendered training scenes in SAM's input frame: images (N,3,S,S) float32, masks and boxes per scene."""
 
     def __init__(self, count: int) -> None:
-        from sam2.utils.transforms import SAM2Transforms
-
+        from service.pipeline.segmentation import SegmenterProcessing
+        from service.runners.base import SegmenterSpec
         from service.shapes.dataset import scenes
 
-        transforms = SAM2Transforms(resolution=S, mask_threshold=0.0)
+        processing = SegmenterProcessing(SegmenterSpec(image_size=S))  # the service's own SAM pre-processing
         self.images, self.masks, self.boxes = [], [], []
         for scene in scenes("train", count):
-            self.images.append(transforms(scene.image))
+            self.images.append(torch.from_numpy(processing.preprocess(scene.image)[0]))
             m = torch.from_numpy(np.stack([i.mask for i in scene.instances])).float()[:, None]
             self.masks.append((F.interpolate(m, (S, S), mode="bilinear", align_corners=False)[:, 0] > 0.5).float())
             scale = torch.tensor([S / scene.width, S / scene.height] * 2)
@@ -123,10 +124,7 @@ def train(model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr:
             images[k] = images[k].flip(-1)
             masks[k] = masks[k].flip(-1)
             boxes[k] = torch.stack([S - boxes[k][:, 2], boxes[k][:, 1], S - boxes[k][:, 0], boxes[k][:, 3]], 1)
-        backbone = model.forward_image(images)
-        _, feats, _, sizes = model._prepare_backbone_features(backbone)
-        feats[-1] = feats[-1] + model.no_mem_embed
-        maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w) for f, (h, w) in zip(feats, sizes, strict=True)]
+        embed, high_res_0, high_res_1 = sam_ops.image_features(model, images)  # what the service runs
         owner = torch.cat([torch.full((len(b),), k) for k, b in enumerate(boxes)])
         target = torch.cat(masks)
         all_boxes = torch.cat(boxes)
@@ -141,13 +139,13 @@ def train(model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr:
             labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)
         sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=maps[-1][owner],
+            image_embeddings=embed[owner],
             image_pe=model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=point_mode,
             repeat_image=False,
-            high_res_features=[maps[0][owner], maps[1][owner]],
+            high_res_features=[high_res_0[owner], high_res_1[owner]],
         )
         logits = F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
         loss = _losses(logits, target, iou)
