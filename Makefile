@@ -38,8 +38,8 @@ serve-test: proto
 	$(BIN)/detseg serve --models test
 
 lint: venv
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests model_repository
+	$(BIN)/ruff format --check service tests model_repository
 
 typecheck: proto
 	$(BIN)/mypy service

@@ -1,4 +1,4 @@
-"""The ``detseg`` command: serve, segment (a client of a running server), models."""
+"""The ``detseg`` command: serve, segment (a client of a running server), models, export, triton."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
+    s.add_argument("--backend", choices=("torch", "triton"), help="where models run (default torch, in-process)")
+    s.add_argument("--triton-url", help="Triton gRPC endpoint for --backend triton (default 127.0.0.1:8001)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     s.add_argument("--cache-dir", help="weights cache (default ~/.cache/detseg)")
     s.add_argument("--offline", action="store_const", const=True, help="never download weights")
@@ -60,20 +62,41 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, help="write an overlay PNG here")
     g.set_defaults(func=_segment)
 
-    e = sub.add_parser("export", help="export the profile's models to ONNX, each checked against torch")
-    e.add_argument("--models", help="profile (as for serve)")
-    e.add_argument("--detector")
-    e.add_argument("--segmenter")
-    e.add_argument("--cache-dir")
-    e.add_argument("--offline", action="store_const", const=True)
-    e.add_argument("--out", type=Path, default=Path("model_repository"), help="writes <out>/<role>/1/model.onnx")
+    e = sub.add_parser("export", help="export the profile's models to ONNX + Triton configs, each checked vs torch")
+    _model_flags(e)
+    e.add_argument("--out", type=Path, help="model repository (default model_repository): <out>/<role>/...")
     e.set_defaults(func=_export)
+
+    t = sub.add_parser("triton", help="a local Triton server (the one nvidia-pytriton bundles) on 127.0.0.1")
+    tsub = t.add_subparsers(dest="triton_command", required=True)
+    up = tsub.add_parser("up", help="export the profile's models if needed, start tritonserver, wait until ready")
+    _model_flags(up)
+    up.add_argument("--repository", type=Path, help="model repository (default model_repository)")
+    up.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001)")
+    up.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    up.add_argument("--metrics-port", type=int, help="metrics port (default 8002)")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models")
+    up.set_defaults(func=_triton_up)
+    down = tsub.add_parser("down", help="stop the server `triton up` started")
+    down.add_argument("--cache-dir")
+    down.set_defaults(func=_triton_down)
+    st = tsub.add_parser("status", help="is it running, and are its models ready")
+    st.add_argument("--cache-dir")
+    st.set_defaults(func=_triton_status)
 
     m = sub.add_parser("models", help="list catalog weights and whether they are cached, or a server's models")
     m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
     m.add_argument("--cache-dir")
     m.set_defaults(func=_models)
     return p
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", help="profile (as for serve)")
+    p.add_argument("--detector")
+    p.add_argument("--segmenter")
+    p.add_argument("--cache-dir")
+    p.add_argument("--offline", action="store_const", const=True)
 
 
 def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
@@ -90,6 +113,8 @@ def _serve(args: argparse.Namespace) -> int:
             "models",
             "detector",
             "segmenter",
+            "backend",
+            "triton_url",
             "threads",
             "cache_dir",
             "offline",
@@ -194,26 +219,83 @@ def _json_bytes(value: Any) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from service.models import export
-    from service.models.loading import load_detector_module, load_segmenter_module
     from service.models.profiles import resolve_models
+    from service.models.triton_repo import write_repository
 
     settings = _settings(args, ("models", "detector", "segmenter", "cache_dir", "offline"))
+    out = args.out or settings.triton_repository
     models = resolve_models(settings)
-    detector = load_detector_module(models.detector.path)
-    seg = models.segmenter
-    sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides)
-    imgsz = detector.input_size(settings.detector_imgsz)
-    reports = [
-        export.export_detector(detector.module, imgsz, args.out / "detector" / "1" / "model.onnx"),
-        export.export_encoder(sam, args.out / "sam2_image_encoder" / "1" / "model.onnx"),
-        export.export_decoder(sam, args.out / "sam2_mask_decoder" / "1" / "model.onnx"),
-    ]
-    print(f"profile {models.profile}: {models.detector.name} + {models.segmenter.name}")
+    reports = write_repository(models, settings, out)
+    print(f"profile {models.profile}: {models.detector.name} + {models.segmenter.name} -> {out}")
     for r in reports:
         size = r.path.stat().st_size / 1e6
-        print(f"  {r.role:<20} {size:7.1f} MB  max |onnx - torch| = {r.max_abs_diff:.2e}  {r.path}")
+        print(f"  {r.role:<20} {size:7.1f} MB  max |onnx - torch| = {r.max_abs_diff:.2e}")
     return 0
+
+
+def _triton_state(settings: Settings) -> Path:
+    return settings.cache_dir / "triton"
+
+
+def _triton_up(args: argparse.Namespace) -> int:
+    from service.models.profiles import resolve_models
+    from service.models.triton_repo import ensure_repository
+    from service.triton_local import LocalTriton, read_state
+
+    settings = _settings(args, ("models", "detector", "segmenter", "cache_dir", "offline"))
+    state_dir = _triton_state(settings)
+    if read_state(state_dir):
+        print("detseg: a local Triton is already up (`detseg triton down` first)", file=sys.stderr)
+        return 1
+    repository = args.repository or settings.triton_repository
+    ensure_repository(resolve_models(settings), settings, repository)
+    http_port = args.http_port or settings.triton_http_port
+    server = LocalTriton(repository, state_dir, args.port, http_port, args.metrics_port or settings.triton_metrics_port)
+    server.start(detach=True)
+    try:
+        server.wait_ready(args.timeout)
+    except Exception:
+        server.stop()
+        raise
+    server.save_state()
+    print(f"Triton ready at {server.url} (log: {server.log_path}); serve with:")
+    print(f"  detseg serve --backend triton --triton-url {server.url}")
+    return 0
+
+
+def _triton_down(args: argparse.Namespace) -> int:
+    from service.triton_local import stop_detached
+
+    settings = _settings(args, ("cache_dir",))
+    print("stopped" if stop_detached(_triton_state(settings)) else "no local Triton was running")
+    return 0
+
+
+def _triton_status(args: argparse.Namespace) -> int:
+    from service.triton_local import ROLES, read_state
+
+    settings = _settings(args, ("cache_dir",))
+    state = read_state(_triton_state(settings))
+    if state is None:
+        print("no local Triton (start one with `detseg triton up`)")
+        return 1
+    import tritonclient.grpc as grpcclient
+
+    url = f"127.0.0.1:{state['grpc_port']}"
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        ready = {m: client.is_model_ready(m, client_timeout=2) for m in ROLES}
+        server_ready = client.is_server_ready(client_timeout=2)
+    except Exception:
+        print(f"pid {state['pid']}: not answering at {url}")
+        return 1
+    finally:
+        client.close()
+    health = "ready" if server_ready else "NOT ready"
+    print(f"pid {state['pid']} at {url}: server {health}; repository {state['repository']}")
+    for m, ok in ready.items():
+        print(f"  {m:<20} {'ready' if ok else 'NOT ready'}")
+    return 0 if server_ready and all(ready.values()) else 1
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -44,6 +44,21 @@ class Settings:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
 
+    # Backend: where the models run.
+    backend: str = "torch"  # torch (in-process) | triton (a Triton Inference Server over gRPC)
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (backend triton; `detseg triton up`)
+    triton_max_message_bytes: int = 256 * 1024 * 1024  # SAM 2 features are ~17 MB fp32 at 1024²
+    health_interval_seconds: float = 1.0  # how often backend readiness is re-checked for gRPC health
+
+    # `detseg export` / `detseg triton up`: the model repository and its serving knobs.
+    triton_repository: Path = Path("model_repository")
+    triton_max_batch_size: int = 8
+    triton_max_queue_delay_us: int = 2000  # dynamic batching: the longest a request waits for company
+    triton_max_queue_size: int = 32  # per model; a full queue answers RESOURCE_EXHAUSTED
+    triton_instances: int = 1  # model instances per role
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+
     # Request limits (checked before any model runs).
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000

@@ -45,8 +45,7 @@ def settings(cache_dir: Path) -> Settings:
 def runner(settings: Settings) -> Runner:
     from service.runners.factory import load_runner
 
-    loaded, _ = load_runner(settings)
-    return loaded
+    return load_runner(settings)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +58,7 @@ def _torch_threads() -> Iterator[None]:
 class ServerThread:
     """A real detseg gRPC server (create_server) on its own event loop in a background thread."""
 
-    def __init__(self, settings: Settings, factory: Callable[[], tuple[Runner, str]]) -> None:
+    def __init__(self, settings: Settings, factory: Callable[[], Runner]) -> None:
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()
@@ -68,7 +67,7 @@ class ServerThread:
         if not self._ready.wait(60):
             raise RuntimeError("server did not start")
 
-    def _main(self, settings: Settings, factory: Callable[[], tuple[Runner, str]]) -> None:
+    def _main(self, settings: Settings, factory: Callable[[], Runner]) -> None:
         from service.api.server import create_server
 
         asyncio.set_event_loop(self.loop)
@@ -103,7 +102,7 @@ def wait_serving(channel: grpc.Channel, timeout: float = 120.0) -> None:
 
 @pytest.fixture(scope="session")
 def server(settings: Settings, runner: Runner) -> Iterator[ServerThread]:
-    srv = ServerThread(settings, lambda: (runner, "test"))
+    srv = ServerThread(settings, lambda: runner)
     with grpc.insecure_channel(srv.target) as channel:
         wait_serving(channel)
     yield srv

@@ -27,7 +27,7 @@ from service.runners.base import Runner
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 
-RunnerFactory = Callable[[], tuple[Runner, str]]  # -> (runner, profile name); may block (runs in a thread)
+RunnerFactory = Callable[[], Runner]  # may block (runs in a thread); the server awaits runner.start()
 
 
 @dataclasses.dataclass
@@ -37,6 +37,14 @@ class _State:
     servicer: SegmentationServicer
     health: health.aio.HealthServicer
     loading: asyncio.Task[None] | None = None
+    serving: bool = False
+
+    async def set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            self.serving = serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
 
 
 def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
@@ -84,17 +92,28 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
 
 
 async def _load(state: _State, settings: Settings, load_runner: RunnerFactory) -> None:
+    """Loads and warms the models, then keeps gRPC health in step with the runner's readiness."""
     try:
-        runner, profile = await asyncio.to_thread(load_runner)
+        runner = await asyncio.to_thread(load_runner)
+        await runner.start()
         pipeline = build_pipeline(runner, settings)
         await _warm_up(pipeline)
     except Exception:
         log.exception("model loading failed; health stays NOT_SERVING")
         return
-    state.servicer.attach(pipeline, profile)
-    for name in ("", SERVICE_NAME):
-        await state.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving: profile %s, models %s", profile, ", ".join(m.name for m in runner.models))
+    state.servicer.attach(pipeline, runner.profile)
+    await state.set_serving(True)
+    log.info("serving: profile %s, backend %s, models %s", runner.profile, runner.backend, _names(runner))
+    while True:  # a remote backend may go away and come back (Triton restarted): health follows it
+        await asyncio.sleep(settings.health_interval_seconds)
+        ready = await runner.ready()
+        if ready != state.serving:
+            log.warning("backend %s %s", runner.backend, "ready again: SERVING" if ready else "not ready: NOT_SERVING")
+        await state.set_serving(ready)
+
+
+def _names(runner: Runner) -> str:
+    return ", ".join(m.name for m in runner.models)
 
 
 async def _warm_up(pipeline: Pipeline) -> None:

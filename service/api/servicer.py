@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 
 import grpc
@@ -14,6 +15,7 @@ from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import ModelUnavailable
 from service.pipeline.pipeline import Pipeline
+from service.runners.base import DEADLINE
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
@@ -38,6 +40,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
         request_id = request.request_id or uuid.uuid4().hex
+        remaining = context.time_remaining()
+        if remaining is not None:  # runners see the caller's deadline (Triton gets what is left of it)
+            DEADLINE.set(time.monotonic() + remaining)
         return await guarded(context, request_id, self._segment(request, request_id))
 
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:

@@ -1,4 +1,4 @@
-"""The tensor-level runner interface shared by every backend (torch now; onnx and triton later).
+"""The tensor-level runner interface shared by every backend (torch in-process, triton over gRPC).
 
 Runners execute models and nothing else: pre/post-processing lives once in ``service.pipeline``.
 All arrays are numpy; coordinate frames are stated per field.
@@ -7,11 +7,23 @@ All arrays are numpy; coordinate frames are stated per field.
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+# The caller's deadline as a time.monotonic() instant (None: no deadline). The API layer sets it per RPC;
+# runners honour it (the Triton runner forwards what is left to Triton). Tasks inherit it (contextvars).
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("detseg_deadline", default=None)
+
+
+def time_left() -> float | None:
+    """Seconds until the current request's deadline (may be <= 0), or None without a deadline."""
+    deadline = DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +115,11 @@ class Runner(Protocol):
     @property
     def backend(self) -> str: ...
     @property
+    def profile(self) -> str:
+        """The model profile served (demo, official, test, custom)."""
+        ...
+
+    @property
     def calls(self) -> collections.Counter[str]:
         """Per-method call counts, for metrics and tests."""
         ...
@@ -117,6 +134,14 @@ class Runner(Protocol):
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         """All prompts of one image in one call; ``features`` has batch size 1."""
+        ...
+
+    async def start(self) -> None:
+        """Connects / warms what the runner needs; specs and models are valid afterwards. May wait."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the models can be run now (backs gRPC health). Cheap; never raises."""
         ...
 
     async def close(self) -> None: ...

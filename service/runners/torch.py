@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from service.config import Settings
+from service.errors import DeadlineExceeded
 from service.models import sam_ops
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet, WeightsRef
@@ -29,6 +30,7 @@ from service.runners.base import (
     ModelDescriptor,
     PromptBatch,
     SegmenterSpec,
+    time_left,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class TorchRunner:
         detector: DetectorSpec,
         segmenter: SegmenterSpec,
         models: tuple[ModelDescriptor, ...],
+        profile: str = "custom",
         workers: int = 2,
     ) -> None:
         self._det = detector_module
@@ -54,6 +57,7 @@ class TorchRunner:
         self.detector = detector
         self.segmenter = segmenter
         self.models = models
+        self.profile = profile
         self.calls: collections.Counter[str] = collections.Counter()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torch-runner")
 
@@ -75,9 +79,18 @@ class TorchRunner:
             _descriptor(models.detector, detector.imgsz, names),
             _descriptor(models.segmenter, segmenter.image_size, ()),
         )
-        return cls(det, sam, detector, segmenter, descriptors)
+        return cls(det, sam, detector, segmenter, descriptors, models.profile)
+
+    async def start(self) -> None:
+        """Nothing to connect: the modules are loaded by ``load``."""
+
+    async def ready(self) -> bool:
+        return True
 
     async def _run(self, name: str, fn: Callable[[], T]) -> T:
+        left = time_left()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before the models ran")
         self.calls[name] += 1
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _no_grad(fn))

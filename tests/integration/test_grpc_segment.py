@@ -159,7 +159,7 @@ def test_health_is_serving_only_after_models_load(settings, runner):
 
     def slow_factory():
         release.wait(60)
-        return runner, "test"
+        return runner
 
     srv = ServerThread(settings, slow_factory)
     try:
@@ -167,8 +167,6 @@ def test_health_is_serving_only_after_models_load(settings, runner):
             health = health_pb2_grpc.HealthStub(ch)
             request = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
             assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            stub = pb.DESCRIPTOR  # keep name space tidy
-            del stub
             from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
             seg = pb_grpc.SegmentationServiceStub(ch)

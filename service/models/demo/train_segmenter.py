@@ -27,6 +27,7 @@ from service.models.demo.profile import SHAPES_SAM2_CONFIG, SHAPES_SAM2_OVERRIDE
 
 HERE = Path(__file__).parent
 S = 256  # SAM input side
+LOSS_SIDE = 128  # masks are compared at this side (the decoder's 64² logits upsampled 2x)
 
 
 def build(seed: int) -> Any:
@@ -82,8 +83,8 @@ def _points(masks: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator, 
     return torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)
 
 
-def _losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor):
-    """logits (P, M, S, S), target (P, S, S), iou_pred (P, M) → scalar loss (min over M, as SAM)."""
+def _per_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits (P, M, S, S), target (P, S, S) → (P, M): 20 x focal + dice per mask, as SAM trains."""
     t = target[:, None].expand_as(logits)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
@@ -91,30 +92,53 @@ def _losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor):
     focal = (ce * (1 - p_t) ** 2 * (0.25 * t + 0.75 * (1 - t))).mean((-1, -2))
     inter = (prob * t).sum((-1, -2))
     dice = 1 - (2 * inter + 1) / (prob.sum((-1, -2)) + t.sum((-1, -2)) + 1)
-    per_mask = 20 * focal + dice
-    best = per_mask.argmin(1)
-    rows = torch.arange(logits.shape[0])
+    return 20 * focal + dice
+
+
+def _losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
+    """All four mask tokens of SAM's decoder are supervised on every prompt.
+
+    logits (P, 4, S, S), target (P, S, S), iou_pred (P, 4). Token 0 (the single-mask output) gets its own loss,
+    tokens 1-3 (the multimask outputs) the minimum over the three, and the IoU head learns the IoU of all four.
+    At inference SAM 2.1 replaces an unstable single mask by the multimask output with the best predicted IoU
+    (``dynamic_multimask_via_stability``), so those tokens and the IoU head must be good for boxes too.
+    """
+    per_mask = _per_mask_loss(logits, target)
+    multi = per_mask[:, 1:].min(1).values
     with torch.no_grad():
-        hard = logits[rows, best] > 0
-        actual = (hard & (target > 0.5)).sum((-1, -2)) / ((hard | (target > 0.5)).sum((-1, -2)).clamp(min=1))
-    return per_mask[rows, best].mean() + F.mse_loss(iou_pred[rows, best], actual.float())
+        hard = logits > 0
+        truth = target[:, None] > 0.5
+        actual = (hard & truth).sum((-1, -2)) / (hard | truth).sum((-1, -2)).clamp(min=1)
+    return per_mask[:, 0].mean() + multi.mean() + F.mse_loss(iou_pred, actual.float())
 
 
-def train(model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr: float = 1e-3) -> dict:
+def _decode_all(model: Any, embed, high_res, owner, coords, labels):
+    """Every mask token of the decoder for each prompt: logits (P, 4, S, S) and IoU predictions (P, 4)."""
+    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    low, iou, _, _ = model.sam_mask_decoder.predict_masks(
+        image_embeddings=embed[owner],
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        repeat_image=False,
+        high_res_features=[h[owner] for h in high_res],
+    )
+    return F.interpolate(low, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False), iou
+
+
+def train(
+    model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr: float = 5e-4, click_weight: float = 0.5
+) -> dict:
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    budget, start, step, warmup = minutes * 60, time.time(), 0, 100
-    est_steps = None
+    budget, start, step, warmup = minutes * 60, time.time(), 0, 200
     history = []
     model.train()
     while time.time() - start < budget:
-        elapsed = time.time() - start
-        if step == 50:
-            est_steps = int(budget / (elapsed / 50))
-        progress = min(1.0, step / est_steps) if est_steps else 0.0
+        progress = (time.time() - start) / budget  # the schedule follows wall time: it decays fully on any machine
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
         idx = rng.choice(len(pool), batch, replace=False)
         images = torch.stack([pool.images[i] for i in idx])
         masks = [pool.masks[i] for i in idx]
@@ -128,32 +152,22 @@ def train(model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr:
         owner = torch.cat([torch.full((len(b),), k) for k, b in enumerate(boxes)])
         target = torch.cat(masks)
         all_boxes = torch.cat(boxes)
-        point_mode = rng.random() < 0.25
-        if point_mode:
-            coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
-        else:
-            wh = (all_boxes[:, 2:] - all_boxes[:, :2]).repeat(1, 2)
-            jitter = torch.from_numpy(rng.normal(0, 0.07, all_boxes.shape)).float() * wh
-            jittered = (all_boxes + jitter).clamp(0, S)
-            coords = jittered.reshape(-1, 2, 2)
-            labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)
-        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        low, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=embed[owner],
-            image_pe=model.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=point_mode,
-            repeat_image=False,
-            high_res_features=[high_res_0[owner], high_res_1[owner]],
-        )
-        logits = F.interpolate(low, (S, S), mode="bilinear", align_corners=False)
-        loss = _losses(logits, target, iou)
+        # Each instance gets a jittered box prompt and a click prompt (1-3 positives, maybe a negative).
+        wh = (all_boxes[:, 2:] - all_boxes[:, :2]).repeat(1, 2)
+        jitter = torch.from_numpy(rng.normal(0, 0.07, all_boxes.shape)).float() * wh
+        box_coords = (all_boxes + jitter).clamp(0, S).reshape(-1, 2, 2)
+        box_labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(box_coords), 1)
+        logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, box_coords, box_labels)
+        small = F.interpolate(target[:, None], (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
+        loss = _losses(logits, small, iou)
+        coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
+        logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, coords, labels)
+        loss = loss + click_weight * _losses(logits, small, iou)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        history.append(float(loss))
+        history.append(loss.item())
         if step % 50 == 0:
             recent = sum(history[-50:]) / len(history[-50:])
             print(
@@ -191,7 +205,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random init")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-sam2-mini.pt")
     args = parser.parse_args()

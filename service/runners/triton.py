@@ -1,0 +1,212 @@
+"""Runs the pipeline's models on a Triton Inference Server over gRPC (tritonclient aio).
+
+The repository is the one ``detseg export`` writes (``service.models.triton_repo``): roles ``detector``,
+``sam2_image_encoder`` and ``sam2_mask_decoder``; their ``detseg_*`` config parameters give this front end
+the class names and input sizes, so it needs no weights of its own.
+
+- Deadlines: what is left of the caller's deadline becomes the gRPC deadline of each Triton call. When it
+  passes, the call is cancelled: Triton counts it (``nv_inference_request_failure{reason="CANCELED"}``)
+  and our python-backend model skips requests that were cancelled while they queued.
+- Messages: SAM 2 features are ~17 MB fp32 at 1024² (image_embed 4 MiB, high_res 8 + 4 MiB), far over
+  gRPC's 4 MiB default: the channel's limits are ``settings.triton_max_message_bytes`` both ways (Triton's
+  own gRPC server has no lower limit). Features come back as numpy views of the response bytes (no copy)
+  and go to the decoder unchanged: one serialisation per hop, no conversions.
+- Errors: Triton unreachable → ModelUnavailable (UNAVAILABLE, immediately: no wait-for-ready), queue full →
+  Overloaded (RESOURCE_EXHAUSTED), deadline / queue timeout → DeadlineExceeded. Anything else is an
+  internal error (logged server-side, not shown to callers).
+- Reconnects: the channel retries connecting every ≤ 2 s, so a restarted Triton is picked up without
+  restarting detseg; ``ready()`` (server + the three models) drives detseg's gRPC health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded
+from service.runners.base import (
+    DecoderOutput,
+    DetectorOutput,
+    DetectorSpec,
+    ImageFeatures,
+    ModelDescriptor,
+    PromptBatch,
+    SegmenterSpec,
+    time_left,
+)
+
+log = logging.getLogger(__name__)
+DETECTOR, ENCODER, DECODER = "detector", "sam2_image_encoder", "sam2_mask_decoder"
+ROLES = (DETECTOR, ENCODER, DECODER)
+
+
+class TritonRunner:
+    """A ``Runner`` whose models live on Triton (see module docstring)."""
+
+    backend = "triton"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._client: Any = None
+        self._detector: DetectorSpec | None = None
+        self._segmenter: SegmenterSpec | None = None
+        self.models: tuple[ModelDescriptor, ...] = ()
+        self.profile = ""
+
+    @property
+    def detector(self) -> DetectorSpec:
+        if self._detector is None:
+            raise ModelUnavailable("the inference server has not been reached yet")
+        return self._detector
+
+    @property
+    def segmenter(self) -> SegmenterSpec:
+        if self._segmenter is None:
+            raise ModelUnavailable("the inference server has not been reached yet")
+        return self._segmenter
+
+    def _make_client(self) -> Any:
+        import tritonclient.grpc.aio as grpcclient
+
+        limit = self._settings.triton_max_message_bytes
+        return grpcclient.InferenceServerClient(
+            self._settings.triton_url,
+            channel_args=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+            ],
+        )
+
+    async def start(self) -> None:
+        """Waits until Triton and the three models are ready (logging while it waits), then reads their metadata."""
+        self._client = self._make_client()
+        waited = 0.0
+        while not await self.ready():
+            if waited % 10 == 0:
+                log.warning("waiting for Triton at %s and models %s", self._settings.triton_url, ", ".join(ROLES))
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        params = {role: await self._parameters(role) for role in ROLES}
+        det, enc = params[DETECTOR], params[ENCODER]
+        names = tuple(json.loads(det["detseg_names"]))
+        self._detector = DetectorSpec(
+            names=names, imgsz=int(det["detseg_input_size"]), stride=int(det["detseg_stride"])
+        )
+        self._segmenter = SegmenterSpec(image_size=int(enc["detseg_input_size"]))
+        self.models = (_descriptor("detector", det, names), _descriptor("segmenter", enc, ()))
+        self.profile = det.get("detseg_profile", "custom")
+        if enc.get("detseg_sha256") != params[DECODER].get("detseg_sha256"):
+            raise ModelUnavailable("Triton's SAM encoder and decoder come from different checkpoints")
+
+    async def _parameters(self, role: str) -> dict[str, str]:
+        config = (await self._client.get_model_config(role, as_json=True, client_timeout=10))["config"]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        if "detseg_input_size" not in params:
+            raise ModelUnavailable(f"Triton model {role!r} was not written by `detseg export` (no detseg_* parameters)")
+        return params
+
+    async def ready(self) -> bool:
+        if self._client is None:
+            return False
+        try:
+            if not await self._client.is_server_ready(client_timeout=1.0):
+                return False
+            for role in ROLES:
+                if not await self._client.is_model_ready(role, client_timeout=1.0):
+                    return False
+            return True
+        except Exception:
+            return False
+
+    async def _infer(self, role: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        left = time_left()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before the models ran")
+        self.calls[role] += 1
+        infer_inputs = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        try:
+            result = await self._client.infer(
+                role, infer_inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs], client_timeout=left
+            )
+        except InferenceServerException as e:
+            raise _domain_error(role, e) from None
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def detect(self, images: np.ndarray) -> DetectorOutput:
+        out = await self._infer(DETECTOR, {"images": images}, ("output0",))
+        return DetectorOutput(raw=out["output0"])
+
+    async def encode(self, images: np.ndarray) -> ImageFeatures:
+        out = await self._infer(ENCODER, {"images": images}, ("image_embed", "high_res_0", "high_res_1"))
+        return ImageFeatures(image_embed=out["image_embed"], high_res_feats=(out["high_res_0"], out["high_res_1"]))
+
+    async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
+        b = len(prompts.point_coords)
+        side = self.segmenter.image_size // 4
+        hr0, hr1 = features.high_res_feats
+        names = ("multi_masks", "multi_iou") if prompts.multimask else ("single_masks", "single_iou")
+        out = await self._infer(
+            DECODER,
+            {
+                "image_embed": features.image_embed,
+                "high_res_0": hr0,
+                "high_res_1": hr1,
+                "point_coords": prompts.point_coords,
+                "point_labels": prompts.point_labels,
+                "mask_input": np.zeros((b, 1, side, side), np.float32),
+                "has_mask_input": np.zeros((b,), np.float32),
+            },
+            names,
+        )
+        return DecoderOutput(low_res_masks=out[names[0]], iou_predictions=out[names[1]])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _domain_error(role: str, error: Any) -> Exception:
+    """Triton / gRPC failure → the domain error detseg reports (see module docstring)."""
+    status = str(error.status() or "")
+    message = str(error.message() or "")
+    if "Exceeds maximum queue size" in message:
+        return Overloaded(f"the inference server's queue for {role} is full; retry with backoff")
+    if status.endswith("DEADLINE_EXCEEDED") or "timeout expired" in message.lower():
+        return DeadlineExceeded(f"the deadline passed while {role} ran on the inference server")
+    if status.endswith(("UNAVAILABLE", "CANCELLED")) or "not ready" in message or "unknown model" in message:
+        return ModelUnavailable("the inference server is unavailable; retry shortly")
+    log.error("Triton %s failed: %s %s", role, status, message)
+    return RuntimeError(f"Triton {role} failed: {status}")
+
+
+def _descriptor(role: str, params: dict[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
+    return ModelDescriptor(
+        role=role,
+        name=params.get("detseg_model", ""),
+        architecture=params.get("detseg_architecture", ""),
+        version=params.get("detseg_version", ""),
+        weights_sha256=params.get("detseg_sha256", ""),
+        input_size=int(params["detseg_input_size"]),
+        vocabulary=vocabulary,
+    )

@@ -1,0 +1,201 @@
+"""A local Triton Inference Server: the ``tritonserver`` that the nvidia-pytriton wheel bundles.
+
+``detseg triton up|down|status`` and the tests use this. The bundled server runs the repository's python
+backend models; three things make it work outside NVIDIA's images (measured, see ENVIRONMENT.md):
+
+- a backend folder holding the python backend plus the stub built for *this* Python (copied, once, into
+  ``<state_dir>/backends/python``; the wheel's own folder is left untouched);
+- ``LD_LIBRARY_PATH`` with the wheel's ``nvidia_pytriton.libs``;
+- this interpreter's ``bin`` first on ``PATH``: the stub imports numpy/onnxruntime from the Python it finds
+  there, and that environment must have numpy<2 (this project's venv pins it).
+
+Every endpoint binds 127.0.0.1. Production runs NVIDIA's Triton images on the same repository instead
+(see model_repository/README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from service.errors import ModelUnavailable
+
+ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            "the local Triton server needs the nvidia-pytriton package (pip install nvidia-pytriton)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def backend_directory(state_dir: Path) -> Path:
+    """A Triton backend folder with the python backend and this Python's stub (created on first use)."""
+    root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ModelUnavailable(f"nvidia-pytriton has no python-backend stub for Python {version}")
+    target = state_dir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in (
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        dest = target / source.name
+        if not dest.exists() or dest.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, dest)
+    return target.parent
+
+
+@dataclasses.dataclass
+class LocalTriton:
+    """One tritonserver process serving ``repository`` on 127.0.0.1."""
+
+    repository: Path
+    state_dir: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    config_name: str = ""  # --model-config-name (e.g. "onnxruntime" for the native configs; not runnable here)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / f"tritonserver-{self.grpc_port}.log"
+
+    def command(self) -> list[str]:
+        binary = _pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        cmd = [
+            str(binary),
+            f"--model-repository={self.repository.resolve()}",
+            f"--backend-directory={backend_directory(self.state_dir)}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ]
+        if self.config_name:
+            cmd.append(f"--model-config-name={self.config_name}")
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        return env
+
+    def start(self, detach: bool = False) -> None:
+        """Starts the process (output to ``log_path``). ``detach``: survives this Python (for the CLI)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+                start_new_session=detach,
+            )
+
+    def wait_ready(self, timeout: float = 180.0, models: tuple[str, ...] = ROLES) -> None:
+        """Blocks until the server and ``models`` are ready; raises ModelUnavailable with the log's tail if not."""
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        with contextlib.closing(grpcclient.InferenceServerClient(self.url)) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    break
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready(client_timeout=2) and all(
+                        client.is_model_ready(m, client_timeout=2) for m in models
+                    ):
+                        return
+                time.sleep(0.25)
+        raise ModelUnavailable(f"tritonserver did not become ready at {self.url}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    # The CLI's detached server is remembered in a small state file.
+    def state_file(self) -> Path:
+        return self.state_dir / "local.json"
+
+    def save_state(self) -> None:
+        assert self.process is not None
+        state = {
+            "pid": self.process.pid,
+            "repository": str(self.repository.resolve()),
+            "grpc_port": self.grpc_port,
+            "http_port": self.http_port,
+            "metrics_port": self.metrics_port,
+        }
+        self.state_file().write_text(json.dumps(state))
+
+
+def read_state(state_dir: Path) -> dict | None:
+    path = state_dir / "local.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stop_detached(state_dir: Path, timeout: float = 30.0) -> bool:
+    """Stops the server ``triton up`` started; True if one was running."""
+    state = read_state(state_dir)
+    if state is None:
+        return False
+    (state_dir / "local.json").unlink()
+    pid = int(state["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True

@@ -1,0 +1,60 @@
+"""Helpers for tests and benchmarks that run a real tritonserver and a detseg server in front of it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from service.config import Settings
+from service.runners.factory import load_runner
+from service.triton_local import ROLES, LocalTriton
+from tests.conftest import ServerThread, wait_serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def copy_repository_sources(dst: Path) -> None:
+    """The committed part of model_repository/ (python-backend code), without generated files."""
+    shutil.copytree(
+        ROOT / "model_repository", dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.onnx", "__pycache__")
+    )
+
+
+def start_triton(repo: Path, state_dir: Path, models: tuple[str, ...] = ROLES) -> LocalTriton:
+    """A tritonserver on free ports, serving ``repo``, once ``models`` are ready."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    server = LocalTriton(repo, state_dir, grpc_port, http_port, metrics_port)
+    server.start()
+    server.wait_ready(300, models=models)
+    return server
+
+
+def start_detseg(settings: Settings) -> ServerThread:
+    srv = ServerThread(settings, lambda: load_runner(settings))
+    with grpc.insecure_channel(srv.target) as channel:
+        wait_serving(channel)
+    return srv
+
+
+def metric(server: LocalTriton, name: str, **labels: str) -> float:
+    """Sum of a Prometheus counter from Triton's metrics endpoint over series matching ``labels``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
