@@ -59,6 +59,10 @@ class Settings:
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
 
+    # Embedding reuse: decoded images + SAM features by content hash (EncodeImage handles, repeated images).
+    cache_max_bytes: int = 512 * 1024 * 1024  # 0 disables the cache; ~17 MB per image at SAM's 1024² input
+    cache_ttl_seconds: float = 600.0  # since last use
+
     # Request limits (checked before any model runs).
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000

@@ -7,8 +7,9 @@ from google.protobuf.duration_pb2 import Duration
 from service import __version__
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.errors import InvalidInput
+from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
-from service.pipeline.pipeline import DETECTOR, InstanceResult, SegmentResult
+from service.pipeline.pipeline import DETECTOR, EncodeResult, InstanceResult, SegmentResult
 from service.pipeline.prompts import ImageInput, Options, Region, SegmentQuery
 from service.runners.base import ModelDescriptor
 
@@ -21,15 +22,19 @@ _ENCODINGS = {
 _ROLES = {"detector": pb.MODEL_ROLE_DETECTOR, "segmenter": pb.MODEL_ROLE_SEGMENTER}
 
 
-def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
-    source = request.image.WhichOneof("source")
+def image_from_proto(message: pb.Image) -> ImageInput:
+    source = message.WhichOneof("source")
     if source == "raw":
-        raw = request.image.raw
-        image = ImageInput(raw=raw.data, width=raw.width, height=raw.height)
-    elif source == "encoded":
-        image = ImageInput(encoded=request.image.encoded)
-    else:
-        raise InvalidInput("image: missing; set image.encoded (JPEG, PNG, WebP bytes) or image.raw")
+        return ImageInput(raw=message.raw.data, width=message.raw.width, height=message.raw.height)
+    if source == "encoded":
+        return ImageInput(encoded=message.encoded)
+    if source == "handle":
+        return ImageInput(handle=message.handle)
+    raise InvalidInput("image: missing; set image.encoded (JPEG, PNG, WebP bytes), image.raw or image.handle")
+
+
+def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
+    image = image_from_proto(request.image)
     o = request.options
     encoding = _ENCODINGS.get(o.mask_encoding)
     if encoding is None:
@@ -101,21 +106,44 @@ def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:
 def response_to_proto(
     result: SegmentResult, models: list[pb.ModelInfo], profile: str, backend: str
 ) -> pb.SegmentResponse:
-    image = result.image
+    return pb.SegmentResponse(
+        instances=[instance_to_proto(i) for i in result.instances],
+        image=image_info(result.image),
+        provenance=provenance(result.request_id, result.timings, models, profile, backend),
+    )
+
+
+def encode_response_to_proto(
+    result: EncodeResult, request_id: str, ttl_seconds: float, models: list[pb.ModelInfo], profile: str, backend: str
+) -> pb.EncodeImageResponse:
+    ttl = Duration()
+    ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+    return pb.EncodeImageResponse(
+        handle=result.handle,
+        image=image_info(result.image),
+        cached=result.cached,
+        ttl=ttl,
+        provenance=provenance(request_id, result.timings, models, profile, backend),
+    )
+
+
+def image_info(image: DecodedImage) -> pb.ImageInfo:
+    return pb.ImageInfo(width=image.width, height=image.height, sha256=image.sha256, format=image.format)
+
+
+def provenance(
+    request_id: str, stage_seconds: dict[str, float], models: list[pb.ModelInfo], profile: str, backend: str
+) -> pb.Provenance:
     timings = []
-    for stage, seconds in result.timings.items():
+    for stage, seconds in stage_seconds.items():
         d = Duration()
         d.FromNanoseconds(int(seconds * 1e9))
         timings.append(pb.StageTiming(stage=stage, duration=d))
-    return pb.SegmentResponse(
-        instances=[instance_to_proto(i) for i in result.instances],
-        image=pb.ImageInfo(width=image.width, height=image.height, sha256=image.sha256, format=image.format),
-        provenance=pb.Provenance(
-            request_id=result.request_id,
-            profile=profile,
-            backend=backend,
-            models=models,
-            timings=timings,
-            server_version=__version__,
-        ),
+    return pb.Provenance(
+        request_id=request_id,
+        profile=profile,
+        backend=backend,
+        models=models,
+        timings=timings,
+        server_version=__version__,
     )

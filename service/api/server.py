@@ -19,6 +19,7 @@ from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.servicer import SegmentationServicer
 from service.config import Settings
+from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
@@ -60,6 +61,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             default_iou_threshold=settings.default_iou_threshold,
             default_max_instances=settings.default_max_instances,
         ),
+        EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
     )
 
 
@@ -122,6 +124,7 @@ async def _warm_up(pipeline: Pipeline) -> None:
     query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up")
     await pipeline.segment(query)
     pipeline.runner.calls.clear()
+    pipeline.cache.clear()
 
 
 async def serve_forever(server: grpc.aio.Server, grace_seconds: float) -> None:

@@ -40,9 +40,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
         request_id = request.request_id or uuid.uuid4().hex
-        remaining = context.time_remaining()
-        if remaining is not None:  # runners see the caller's deadline (Triton gets what is left of it)
-            DEADLINE.set(time.monotonic() + remaining)
+        _set_deadline(context)
         return await guarded(context, request_id, self._segment(request, request_id))
 
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
@@ -50,6 +48,20 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         query = dataclasses.replace(convert.query_from_proto(request), request_id=request_id)
         result = await pipeline.segment(query)
         return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
+
+    async def EncodeImage(
+        self, request: pb.EncodeImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeImageResponse:
+        request_id = uuid.uuid4().hex
+        _set_deadline(context)
+        return await guarded(context, request_id, self._encode_image(request, request_id))
+
+    async def _encode_image(self, request: pb.EncodeImageRequest, request_id: str) -> pb.EncodeImageResponse:
+        pipeline = self.pipeline
+        result = await pipeline.encode(convert.image_from_proto(request.image))
+        return convert.encode_response_to_proto(
+            result, request_id, pipeline.cache.ttl, self._models, self._profile, pipeline.runner.backend
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -71,3 +83,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_image_pixels=s.max_image_pixels,
             ),
         )
+
+
+def _set_deadline(context: grpc.aio.ServicerContext) -> None:
+    """Runners see the caller's deadline (the Triton runner forwards what is left of it)."""
+    remaining = context.time_remaining()
+    if remaining is not None:
+        DEADLINE.set(time.monotonic() + remaining)

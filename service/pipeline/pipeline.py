@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 import uuid
 
 import numpy as np
 
+from service.errors import InvalidInput, NotFound
+from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_for
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.masks import EncodedMask, encode_masks
-from service.pipeline.prompts import Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
+from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
 from service.pipeline.segmentation import SegmenterProcessing, select_best
-from service.runners.base import ImageFeatures, Runner
+from service.runners.base import DetectorOutput, ImageFeatures, Runner
 
 DETECTOR, REGION = "detector", "region"
 _MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
@@ -40,15 +43,31 @@ class SegmentResult:
     image: DecodedImage
     instances: list[InstanceResult]
     timings: dict[str, float]  # stage -> seconds
+    cached: bool = False  # the image's features came from the embedding cache
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeResult:
+    handle: str
+    image: DecodedImage
+    cached: bool
+    timings: dict[str, float]
 
 
 class Pipeline:
-    """Validates, runs detector and encoder concurrently, decodes all prompts of the image in one batch."""
+    """Validates, runs detector and encoder concurrently, decodes all prompts of the image in one batch.
 
-    def __init__(self, runner: Runner, image_limits: ImageLimits, limits: Limits) -> None:
+    With a cache, images seen before (same bytes, or their handle) skip decoding and the SAM encoder, and
+    the detector too once it has run on them.
+    """
+
+    def __init__(
+        self, runner: Runner, image_limits: ImageLimits, limits: Limits, cache: EmbeddingCache | None = None
+    ) -> None:
         self.runner = runner
         self.image_limits = image_limits
         self.limits = limits
+        self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
         self.detection = DetectorProcessing(runner.detector)
         self.segmentation = SegmenterProcessing(runner.segmenter)
 
@@ -56,21 +75,29 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
-        t = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, query)
-        timings["decode_image"] = time.perf_counter() - t
+        handle, entry = self._lookup(query)
+        if entry is None:
+            t = time.perf_counter()
+            image = await asyncio.to_thread(self._decode, query)
+            timings["decode_image"] = time.perf_counter() - t
+        else:
+            image = entry.image
         p = plan(query, self.limits, self.runner.detector.names, image.width, image.height)
 
-        detections_task = asyncio.ensure_future(self._detect(image, p, timings)) if p.run_detector else None
-        features_task = asyncio.ensure_future(self._encode(image, timings))
+        detections_task = asyncio.ensure_future(self._detect(image, p, timings, entry)) if p.run_detector else None
+        features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
         try:
-            detections = await detections_task if detections_task else None
-            features = await features_task
+            detections, raw = await detections_task if detections_task else (None, None)
+            features = await features_task if features_task else entry.features  # type: ignore[union-attr]
         except BaseException:
             for task in (detections_task, features_task):
                 if task is not None:
                     task.cancel()
             raise
+        if entry is None:
+            self.cache.put(handle, CacheEntry(image, features, raw))
+        elif raw is not None:
+            self.cache.add_detector_output(handle, raw)
 
         prompts, meta = self._prompts(detections, p)
         instances: list[InstanceResult] = []
@@ -88,17 +115,55 @@ class Pipeline:
                     box = mask_box if mask_box is not None else _points_box(p.regions[region])
                 instances.append(InstanceResult(label, class_id, score, box, mask, float(mask_score), source, region))
         timings["total"] = time.perf_counter() - start
-        return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings)
+        return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings, entry is not None)
+
+    async def encode(self, image_input: ImageInput) -> EncodeResult:
+        """Decodes and encodes an image into the cache (EncodeImage); a cached one is only refreshed."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        handle, entry = self._lookup(SegmentQuery(image=image_input))
+        if entry is not None:
+            timings["total"] = time.perf_counter() - start
+            return EncodeResult(handle, entry.image, True, timings)
+        t = time.perf_counter()
+        image = await asyncio.to_thread(self._decode, SegmentQuery(image=image_input))
+        timings["decode_image"] = time.perf_counter() - t
+        features = await self._encode(image, timings)
+        self.cache.put(handle, CacheEntry(image, features))
+        timings["total"] = time.perf_counter() - start
+        return EncodeResult(handle, image, False, timings)
+
+    def _lookup(self, query: SegmentQuery) -> tuple[str, CacheEntry | None]:
+        """(handle, cached entry or None). A handle that is not cached is NOT_FOUND."""
+        handle = query.image.handle
+        if handle is not None:
+            if not handle.startswith(PREFIX) or len(handle) != len(PREFIX) + 64:
+                raise InvalidInput("image.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)")
+            entry = self.cache.get(handle)
+            if entry is None:
+                raise NotFound(
+                    f"image.handle: {handle[:19]}... is unknown or expired (cached images live "
+                    f"{self.cache.ttl:.0f} s after last use, fewer under memory pressure); send the image again"
+                )
+            return handle, entry
+        handle = handle_for(hashlib.sha256(query.image.data).hexdigest())
+        return handle, self.cache.get(handle)
 
     def _decode(self, query: SegmentQuery) -> DecodedImage:
         if query.image.raw is not None:
             return image_from_raw(query.image.raw, query.image.width, query.image.height, self.image_limits)
         return decode_image(query.image.encoded or b"", self.image_limits)
 
-    async def _detect(self, image: DecodedImage, p: Plan, timings: dict[str, float]) -> Detections:
+    async def _detect(
+        self, image: DecodedImage, p: Plan, timings: dict[str, float], entry: CacheEntry | None
+    ) -> tuple[Detections, DetectorOutput]:
+        """Detections for the plan's classes, and the detector's raw output (from the cache when there)."""
         t = time.perf_counter()
-        batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
-        output = await self.runner.detect(batch)
+        if entry is not None and entry.detector is not None:
+            output = entry.detector
+        else:
+            batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+            output = await self.runner.detect(batch)
         detections = self.detection.postprocess(
             output,
             0,
@@ -109,7 +174,7 @@ class Pipeline:
             max_instances=p.max_instances,
         )
         timings["detect"] = time.perf_counter() - t
-        return detections
+        return detections, output
 
     async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         t = time.perf_counter()

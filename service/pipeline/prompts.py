@@ -39,12 +39,18 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class ImageInput:
-    """Encoded bytes, or raw RGB (width, height given)."""
+    """Encoded bytes, raw RGB (width, height given), or the handle of a cached image."""
 
     encoded: bytes | None = None
     raw: bytes | None = None
     width: int = 0
     height: int = 0
+    handle: str | None = None
+
+    @property
+    def data(self) -> bytes:
+        """The bytes received (what ImageInfo.sha256 and the cache key hash)."""
+        return self.raw if self.raw is not None else self.encoded or b""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models.download import file_sha256
 from service.models.testing import TEST_VOCABULARY
 from tests.conftest import ServerThread, ultralytics_asset, wait_serving
-from tests.helpers import encode, rle_mask, segment_request, synthetic_rgb
+from tests.helpers import encode, load_rgb, rle_mask, segment_request, synthetic_rgb
 
 
 @pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg"])
@@ -182,7 +182,7 @@ def test_health_is_serving_only_after_models_load(settings, runner):
 
 
 def test_all_boxes_of_an_image_go_to_the_decoder_in_one_call(stub, runner):
-    data = ultralytics_asset("bus.jpg").read_bytes()
+    data = encode(load_rgb(ultralytics_asset("bus.jpg")), "JPEG", quality=93)  # bytes no other test sends (cache)
     before = dict(runner.calls)
     response = stub.Segment(segment_request(data, score_threshold=0.01, max_instances=50), timeout=120)
     assert len(response.instances) == 50

@@ -178,7 +178,7 @@ def test_deadline_shorter_than_the_work_is_exceeded_and_triton_sees_the_cancella
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         busy = [pool.submit(load) for _ in range(6)]
         time.sleep(0.3)
-        image = next(iter(scenes("test", 1))).image
+        image = next(iter(scenes("test", 1, start=60))).image  # not sent before: no embedding-cache hit
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             triton_stub.Segment(request_for(image), timeout=0.5)
@@ -212,7 +212,9 @@ def test_triton_crash_fails_fast_flips_health_and_recovers_without_restart(
     repository, demo_settings, tmp_path, figures
 ):
     server = start_triton(repository[0], tmp_path)
-    settings = demo_settings.replace(backend="triton", triton_url=server.url, health_interval_seconds=0.2)
+    settings = demo_settings.replace(
+        backend="triton", triton_url=server.url, health_interval_seconds=0.2, cache_max_bytes=0
+    )  # no embedding cache: every request of the same image goes to Triton
     detseg = start_detseg(settings)
     image = next(iter(scenes("test", 1))).image
     try:

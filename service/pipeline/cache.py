@@ -1,0 +1,116 @@
+"""Embedding reuse: decoded images and their SAM features, by content hash, in a byte-bounded LRU with a TTL.
+
+A handle is ``"sha256:" + hex sha256 of the image bytes received``, so the same bytes always give the
+same handle, and a Segment request carrying bytes that were seen before hits the cache without one.
+Entries hold the decoded image, the SAM image features and, once computed, the detector's raw output
+(classes only filter that output, so a new class prompt on a cached image skips the detector too).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+from service.pipeline.image import DecodedImage
+from service.runners.base import DetectorOutput, ImageFeatures
+
+PREFIX = "sha256:"
+
+
+def handle_for(sha256_hex: str) -> str:
+    return PREFIX + sha256_hex
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    image: DecodedImage
+    features: ImageFeatures
+    detector: DetectorOutput | None = None
+    last_used: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        det = self.detector.raw.nbytes if self.detector is not None else 0
+        return int(self.image.rgb.nbytes + self.features.nbytes + det)
+
+
+class EmbeddingCache:
+    """Thread-safe LRU of CacheEntry, bounded by ``max_bytes`` in total and ``ttl`` seconds since last use.
+
+    ``max_bytes`` 0 disables caching (every lookup misses, nothing is kept).
+    """
+
+    def __init__(self, max_bytes: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, handle: str) -> CacheEntry | None:
+        """The live entry for ``handle`` (refreshing its place and TTL), or None (counted as a miss)."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(handle)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            entry.last_used = self._clock()
+            self._entries.move_to_end(handle)
+            return entry
+
+    def put(self, handle: str, entry: CacheEntry) -> None:
+        """Stores ``entry`` (replacing one with the same handle), then evicts least recently used to fit."""
+        with self._lock:
+            if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
+                return
+            old = self._entries.pop(handle, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            entry.last_used = self._clock()
+            self._entries[handle] = entry
+            self._bytes += entry.nbytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self.evictions += 1
+
+    def add_detector_output(self, handle: str, output: DetectorOutput) -> None:
+        """Remembers the detector's raw output for a cached image (if it is still cached)."""
+        with self._lock:
+            entry = self._entries.get(handle)
+            if entry is None or entry.detector is not None:
+                return
+            entry.detector = output
+            self._bytes += output.raw.nbytes
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._entries:
+            handle, oldest = next(iter(self._entries.items()))
+            if now - oldest.last_used <= self.ttl:
+                break
+            del self._entries[handle]
+            self._bytes -= oldest.nbytes
+
+    def clear(self) -> None:
+        """Drops every entry and resets the counters."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+            self.hits = self.misses = self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,95 @@
+"""Embedding reuse through the real gRPC server: EncodeImage handles and repeated images skip the encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from tests.conftest import ServerThread, wait_serving
+from tests.helpers import encode, rle_mask, synthetic_rgb
+
+
+def regions(*boxes: tuple[float, float, float, float]) -> list[pb.RegionPrompt]:
+    return [pb.RegionPrompt(box=pb.BoundingBox(x_min=a, y_min=b, x_max=c, y_max=d)) for a, b, c, d in boxes]
+
+
+def test_encode_image_then_segment_by_handle_skips_the_encoder(stub, runner):
+    data = encode(synthetic_rgb(240, 320, seed=101))
+    before = dict(runner.calls)
+    encoded = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60)
+    assert encoded.handle == "sha256:" + hashlib.sha256(data).hexdigest() and not encoded.cached
+    assert encoded.image.width == 320 and encoded.ttl.seconds > 0
+    assert runner.calls["encode"] - before.get("encode", 0) == 1
+
+    answers = []
+    for boxes in (((10, 10, 120, 100),), ((50, 60, 200, 200), (0, 0, 319, 239))):  # re-prompting, twice
+        request = pb.SegmentRequest(image=pb.Image(handle=encoded.handle), regions=regions(*boxes))
+        answers.append(stub.Segment(request, timeout=60))
+    assert runner.calls["encode"] - before.get("encode", 0) == 1  # no encoder run for either
+    assert [len(a.instances) for a in answers] == [1, 2]
+    assert answers[1].image.sha256 == encoded.image.sha256 and answers[1].image.width == 320
+
+    # The same prompts with the image bytes give the same masks.
+    full = stub.Segment(
+        pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((50, 60, 200, 200), (0, 0, 319, 239))),
+        timeout=60,
+    )
+    for a, b in zip(full.instances, answers[1].instances, strict=True):
+        assert np.array_equal(rle_mask(a.mask), rle_mask(b.mask))
+    again = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60)
+    assert again.cached and again.handle == encoded.handle
+
+
+def test_the_same_image_twice_skips_encoder_and_detector(stub, runner):
+    data = encode(synthetic_rgb(200, 260, seed=102))
+    request = pb.SegmentRequest(image=pb.Image(encoded=data), options=pb.SegmentOptions(score_threshold=0.01))
+    first = stub.Segment(request, timeout=60)
+    before = dict(runner.calls)
+    second = stub.Segment(request, timeout=60)
+    assert runner.calls["encode"] == before.get("encode", 0) and runner.calls["detect"] == before.get("detect", 0)
+    assert [i.label for i in second.instances] == [i.label for i in first.instances]
+    assert "encode" not in {t.stage for t in second.provenance.timings}
+    # A class prompt on the cached image filters the cached detector output (no detector run either).
+    name = first.instances[0].label
+    filtered = stub.Segment(
+        pb.SegmentRequest(
+            image=pb.Image(encoded=data), classes=[name], options=pb.SegmentOptions(score_threshold=0.01)
+        ),
+        timeout=60,
+    )
+    assert filtered.instances and {i.label for i in filtered.instances} == {name}
+    assert runner.calls["detect"] == before.get("detect", 0)
+
+
+def test_unknown_and_malformed_handles(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Segment(pb.SegmentRequest(image=pb.Image(handle="sha256:" + "0" * 64)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown or expired" in info.value.details() and "send the image again" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Segment(pb.SegmentRequest(image=pb.Image(handle="../etc/passwd")), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image.handle" in info.value.details()
+
+
+def test_handle_expires_after_its_ttl(settings, runner):
+    srv = ServerThread(settings.replace(cache_ttl_seconds=0.5), lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            data = encode(synthetic_rgb(64, 64, seed=103))
+            handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60).handle
+            request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=regions((1, 1, 30, 30)))
+            assert stub.Segment(request, timeout=60).instances
+            time.sleep(1.0)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Segment(request, timeout=60)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        srv.stop()

@@ -1,0 +1,67 @@
+"""The embedding cache on its own: LRU by bytes, TTL since last use, counters (a fake clock, real arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.pipeline.cache import CacheEntry, EmbeddingCache, handle_for
+from service.pipeline.image import DecodedImage
+from service.runners.base import DetectorOutput, ImageFeatures
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(kib: int) -> CacheEntry:
+    """An entry of exactly ``kib`` KiB + a 12-byte image."""
+    features = ImageFeatures(np.zeros((kib * 256,), np.float32), ())
+    return CacheEntry(DecodedImage(np.zeros((2, 2, 3), np.uint8), "raw", "0" * 64), features)
+
+
+def test_hits_misses_and_lru_eviction_by_bytes():
+    cache = EmbeddingCache(max_bytes=3 * 1024 + 100, ttl=60, clock=Clock())
+    for name in "abc":
+        cache.put(handle_for(name), entry(1))
+    assert len(cache) == 3 and cache.nbytes == 3 * (1024 + 12)
+    assert cache.get(handle_for("a")) is not None  # a becomes most recently used
+    cache.put(handle_for("d"), entry(1))  # over budget: b, the least recently used, goes
+    assert cache.get(handle_for("b")) is None
+    assert cache.get(handle_for("c")) is not None and cache.get(handle_for("d")) is not None
+    assert (cache.hits, cache.misses, cache.evictions) == (3, 1, 1)
+    cache.put(handle_for("huge"), entry(8))  # larger than the whole cache: not kept, nothing evicted
+    assert len(cache) == 3 and cache.get(handle_for("huge")) is None
+
+
+def test_ttl_counts_from_last_use():
+    clock = Clock()
+    cache = EmbeddingCache(max_bytes=1 << 20, ttl=10, clock=clock)
+    cache.put("h1", entry(1))
+    cache.put("h2", entry(1))
+    clock.now = 8
+    assert cache.get("h1") is not None  # used at 8: lives until 18
+    clock.now = 12
+    assert cache.get("h2") is None  # last used at 0: expired
+    assert cache.get("h1") is not None
+    clock.now = 30
+    assert cache.get("h1") is None and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_detector_output_joins_a_cached_entry_and_counts_its_bytes():
+    cache = EmbeddingCache(max_bytes=1 << 20, ttl=10, clock=Clock())
+    cache.put("h", entry(1))
+    before = cache.nbytes
+    cache.add_detector_output("h", DetectorOutput(np.zeros((1, 9, 100), np.float32)))
+    got = cache.get("h")
+    assert got is not None and got.detector is not None and cache.nbytes == before + 3600
+    cache.add_detector_output("gone", DetectorOutput(np.zeros((1,), np.float32)))  # not cached: ignored
+
+
+def test_zero_bytes_disables_the_cache():
+    cache = EmbeddingCache(max_bytes=0, ttl=10)
+    cache.put("h", entry(1))
+    assert cache.get("h") is None and len(cache) == 0
