@@ -44,6 +44,11 @@ class Settings:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
 
+    # Micro-batching of detector and encoder calls across concurrent requests (embedded backend).
+    batch_max_size: int = 8  # images per forward pass
+    batch_max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued meanwhile
+    batch_max_queue: int = 64  # callers waiting per model; beyond it RESOURCE_EXHAUSTED
+
     # Backend: where the models run.
     backend: str = "torch"  # torch (in-process) | triton (a Triton Inference Server over gRPC)
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (backend triton; `detseg triton up`)
@@ -71,6 +76,8 @@ class Settings:
     max_region_prompts: int = 256
     max_points_per_region: int = 64
     max_instances: int = 300  # hard cap on instances per response
+    max_batch_items: int = 32  # BatchSegment requests per call
+    max_stream_in_flight: int = 4  # StreamSegment items read but not yet answered
 
     # Defaults for request options.
     default_score_threshold: float = 0.25

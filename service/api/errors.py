@@ -40,15 +40,21 @@ def status_for(error: DetsegError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def describe(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """(status code, caller-safe message) for any failure; unexpected ones are logged with their traceback."""
+    if isinstance(error, DetsegError):
+        code = status_for(error)
+        log.info("request %s: %s: %s", request_id, code.name, error)
+        return code, str(error)
+    log.error("request %s failed", request_id, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+
+
 async def guarded(context: grpc.aio.ServicerContext, request_id: str, work: Awaitable[T]) -> T:
     """Awaits ``work``; turns any failure into a clean status on ``context``."""
     try:
         return await work
-    except DetsegError as e:
-        code = status_for(e)
-        log.info("request %s: %s: %s", request_id, code.name, e)
-        await context.abort(code, str(e))
-    except Exception:
-        log.exception("request %s failed", request_id)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+    except Exception as e:
+        code, message = describe(e, request_id)
+        await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")

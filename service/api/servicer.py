@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
 from service.api import convert
-from service.api.errors import guarded
+from service.api.errors import describe, guarded
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.errors import ModelUnavailable
+from service.errors import InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
 from service.runners.base import DEADLINE
 
@@ -48,6 +50,60 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         query = dataclasses.replace(convert.query_from_proto(request), request_id=request_id)
         result = await pipeline.segment(query)
         return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
+
+    async def BatchSegment(
+        self, request: pb.BatchSegmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchSegmentResponse:
+        _set_deadline(context)
+        return await guarded(context, "batch-" + uuid.uuid4().hex, self._batch(request))
+
+    async def _batch(self, request: pb.BatchSegmentRequest) -> pb.BatchSegmentResponse:
+        self.pipeline  # noqa: B018 - UNAVAILABLE for the whole call while models load
+        limit = self._settings.max_batch_items
+        if not 1 <= len(request.requests) <= limit:
+            raise InvalidInput(f"requests: {len(request.requests)} given, need 1 to {limit}")
+        results = await asyncio.gather(*(self._item(i, r) for i, r in enumerate(request.requests)))
+        return pb.BatchSegmentResponse(results=results)
+
+    async def StreamSegment(
+        self, request_iterator: AsyncIterator[pb.SegmentRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SegmentResult]:
+        """In-order results; at most max_stream_in_flight items read and not yet answered (flow control)."""
+        _set_deadline(context)
+        if self._pipeline is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry shortly")
+        slots = asyncio.Semaphore(self._settings.max_stream_in_flight)
+        started: asyncio.Queue[asyncio.Task[pb.SegmentResult] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            index = 0
+            async for item in request_iterator:
+                await slots.acquire()  # not reading on: the client's sends block on gRPC flow control
+                await started.put(asyncio.create_task(self._item(index, item)))
+                index += 1
+            await started.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await started.get()) is not None:
+                yield await task
+                slots.release()
+            await reader
+        finally:
+            reader.cancel()
+            while not started.empty():
+                leftover = started.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def _item(self, index: int, request: pb.SegmentRequest) -> pb.SegmentResult:
+        """One batch/stream item: its response, or its own error (the others go on)."""
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            return pb.SegmentResult(index=index, response=await self._segment(request, request_id))
+        except Exception as e:
+            code, message = describe(e, request_id)
+            return pb.SegmentResult(index=index, error=pb.ItemError(code=code.value[0], message=message))
 
     async def EncodeImage(
         self, request: pb.EncodeImageRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,103 @@
+"""Micro-batching for in-process models: concurrent callers share one forward pass.
+
+Callers ``submit`` arrays with a leading batch axis; a single drain task stacks what is queued (up to
+``max_batch`` rows), runs the model once, and hands each caller its own rows back. Batches form from
+whatever arrived while the previous one ran, plus up to ``max_wait`` seconds of waiting for company
+(0 = never wait: a lone request runs at once, so batching adds no latency when the server is idle).
+The queue is bounded: beyond ``max_queue`` waiting callers, ``submit`` raises Overloaded at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from service.errors import Overloaded
+
+Outputs = tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass
+class _Item:
+    array: np.ndarray
+    future: asyncio.Future[Outputs]
+
+
+class MicroBatcher:
+    """Batches calls of ``run(stacked) -> outputs`` (every output has the stacked batch axis first)."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[np.ndarray], Awaitable[Outputs]],
+        max_batch: int = 8,
+        max_wait: float = 0.0,
+        max_queue: int = 64,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self.batches = 0  # forward passes run
+        self.items = 0  # caller requests served
+
+    async def submit(self, array: np.ndarray) -> Outputs:
+        """``array`` (n, ...) → this caller's rows of every output."""
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff")
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(array, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            if self.max_wait > 0 and self._rows() < self.max_batch:
+                await asyncio.sleep(self.max_wait)
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                stacked = batch[0].array if len(batch) == 1 else np.concatenate([i.array for i in batch])
+                outputs = await self._run(stacked)
+            except BaseException as e:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            start = 0
+            for item in batch:
+                stop = start + len(item.array)
+                if not item.future.done():  # a caller that gave up (deadline) is skipped
+                    item.future.set_result(tuple(o[start:stop] for o in outputs))
+                start = stop
+
+    def _rows(self) -> int:
+        return sum(len(i.array) for i in self._queue)
+
+    def _take(self) -> list[_Item]:
+        """Queued items, oldest first, up to max_batch rows (at least one item); callers gone are dropped."""
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():
+                self._queue.popleft()
+                continue
+            if batch and rows + len(item.array) > self.max_batch:
+                break
+            batch.append(self._queue.popleft())
+            rows += len(item.array)
+        return batch

@@ -1,0 +1,81 @@
+"""MicroBatcher on its own: concurrent callers share passes, get their own rows, errors reach every caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from service.errors import Overloaded
+from service.runners.batching import MicroBatcher
+
+
+def make(max_batch: int = 8, max_queue: int = 64, max_wait: float = 0.0):
+    seen: list[int] = []
+
+    async def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        seen.append(len(x))
+        await asyncio.sleep(0.01)  # the forward pass takes a while: callers queue meanwhile
+        if np.isnan(x).any():
+            raise ValueError("bad input")
+        return x * 2, x.sum(axis=(1, 2))
+
+    return MicroBatcher("toy", run, max_batch, max_wait, max_queue), seen
+
+
+def test_each_caller_gets_its_own_rows_from_shared_passes():
+    batcher, seen = make(max_batch=4)
+    inputs = [np.full((1 + i % 2, 2, 3), float(i), np.float32) for i in range(7)]  # 1 or 2 rows each
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    outputs = asyncio.run(main())
+    for x, (doubled, sums) in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(doubled, x * 2)
+        np.testing.assert_array_equal(sums, x.sum(axis=(1, 2)))
+    assert sum(seen) == sum(len(x) for x in inputs) == 10
+    assert all(n <= 4 for n in seen) and len(seen) < len(inputs)
+    assert batcher.items == 7 and batcher.batches == len(seen)
+
+
+def test_a_lone_call_runs_at_once_and_waiting_gathers_company():
+    batcher, seen = make(max_wait=0.05)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(np.ones((1, 1, 1), np.float32)))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(batcher.submit(np.ones((1, 1, 1), np.float32)))
+        await asyncio.gather(first, second)
+
+    asyncio.run(main())
+    assert seen == [2]  # the first waited 50 ms for company and the second joined it
+
+
+def test_a_failing_pass_fails_its_callers_and_the_batcher_goes_on():
+    batcher, _ = make(max_batch=2)
+
+    async def main():
+        bad = np.full((1, 1, 1), np.nan, np.float32)
+        results = await asyncio.gather(
+            batcher.submit(bad), batcher.submit(np.ones((1, 1, 1), np.float32)), return_exceptions=True
+        )
+        later = await batcher.submit(np.ones((1, 1, 1), np.float32))
+        return results, later
+
+    (r1, r2), later = asyncio.run(main())
+    assert isinstance(r1, ValueError) and isinstance(r2, ValueError)  # same pass
+    assert later[0].item() == 2.0
+
+
+def test_the_queue_is_bounded():
+    batcher, _ = make(max_batch=1, max_queue=2)
+
+    async def main():
+        return await asyncio.gather(
+            *(batcher.submit(np.ones((1, 1, 1), np.float32)) for _ in range(5)), return_exceptions=True
+        )
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 3 and "queue is full" in str(refused[0])
