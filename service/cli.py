@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
-    s.add_argument("--backend", choices=("torch", "triton"), help="where models run (default torch, in-process)")
+    s.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "triton"),
+        help="where models run: in-process torch (default) or " "ONNX Runtime, or a Triton server",
+    )
     s.add_argument("--triton-url", help="Triton gRPC endpoint for --backend triton (default 127.0.0.1:8001)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     s.add_argument("--cache-dir", help="weights cache (default ~/.cache/detseg)")

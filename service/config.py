@@ -50,7 +50,7 @@ class Settings:
     batch_max_queue: int = 64  # callers waiting per model; beyond it RESOURCE_EXHAUSTED
 
     # Backend: where the models run.
-    backend: str = "torch"  # torch (in-process) | triton (a Triton Inference Server over gRPC)
+    backend: str = "torch"  # torch | onnx (in-process ONNX Runtime) | triton (a Triton Inference Server over gRPC)
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (backend triton; `detseg triton up`)
     triton_max_message_bytes: int = 256 * 1024 * 1024  # SAM 2 features are ~17 MB fp32 at 1024²
     health_interval_seconds: float = 1.0  # how often backend readiness is re-checked for gRPC health

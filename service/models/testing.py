@@ -32,7 +32,7 @@ def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
         return detector, segmenter
     directory.mkdir(parents=True, exist_ok=True)
     _write_detector(detector, seed)
-    _write_segmenter(segmenter, seed)
+    write_segmenter(segmenter, seed, TEST_SEGMENTER_IMAGE_SIZE)
     stamp.write_text(json.dumps({"seed": seed, "detector": detector.name, "segmenter": segmenter.name}))
     return detector, segmenter
 
@@ -88,7 +88,8 @@ def _calibrate(model: torch.nn.Module) -> None:
             module.momentum = 0.1
 
 
-def _write_segmenter(path: Path, seed: int) -> None:
+def write_segmenter(path: Path, seed: int, image_size: int) -> None:
+    """A seeded SAM 2.1 hiera-tiny state dict at ``image_size`` (1024 = the official checkpoint's FLOPs)."""
     from sam2.build_sam import build_sam2
 
     torch.manual_seed(seed)
@@ -97,7 +98,7 @@ def _write_segmenter(path: Path, seed: int) -> None:
         None,
         device="cpu",
         mode="eval",
-        hydra_overrides_extra=list(TEST_SEGMENTER_OVERRIDES),
+        hydra_overrides_extra=[f"++model.image_size={image_size}"],
     )
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict()}, tmp)

@@ -23,7 +23,7 @@ from service.models import triton_repo
 from service.models.profiles import resolve_models
 from service.shapes.dataset import scenes
 from tests.conftest import ultralytics_asset
-from tests.helpers import encode, mask_iou, rle_mask
+from tests.helpers import assert_same_instances, encode, mask_iou, rle_mask
 from tests.triton_helpers import ROOT, copy_repository_sources, metric, start_detseg, start_triton
 
 SERVICE = "detseg.v1.SegmentationService"
@@ -62,28 +62,6 @@ def request_for(image: np.ndarray, **fields) -> pb.SegmentRequest:
     return pb.SegmentRequest(image=pb.Image(encoded=encode(image)), **fields)
 
 
-def compare(embedded: pb.SegmentResponse, triton: pb.SegmentResponse, stats: dict) -> None:
-    """Same instances (label, box within 1 px, mask IoU >= 0.99), matched by label and box distance."""
-    assert triton.image.sha256 == embedded.image.sha256
-    # Instances whose score sits right at the threshold may flip with float noise; compare the clear ones.
-    want = [i for i in embedded.instances if i.score > 0.3]
-    got = list(triton.instances)
-    assert len(got) >= len(want)
-    for e in want:
-        candidates = [t for t in got if t.label == e.label]
-        assert candidates, f"no {e.label} from Triton"
-        t = min(candidates, key=lambda t: _box_distance(t.box, e.box))
-        stats["box"] = max(stats.get("box", 0.0), _box_distance(t.box, e.box))
-        stats["iou"] = min(stats.get("iou", 1.0), mask_iou(rle_mask(t.mask), rle_mask(e.mask)))
-        stats["score"] = max(stats.get("score", 0.0), abs(t.score - e.score))
-        stats["n"] = stats.get("n", 0) + 1
-    assert stats.get("box", 0.0) <= 1.0 and stats.get("iou", 1.0) >= 0.99
-
-
-def _box_distance(a: pb.BoundingBox, b: pb.BoundingBox) -> float:
-    return max(abs(a.x_min - b.x_min), abs(a.y_min - b.y_min), abs(a.x_max - b.x_max), abs(a.y_max - b.y_max))
-
-
 def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(repository, figures):
     import onnx
 
@@ -118,7 +96,7 @@ def test_triton_answers_as_the_embedded_path(triton_stub, demo_stub, figures):
     images.append(np.asarray(__import__("PIL.Image").Image.open(ultralytics_asset("bus.jpg")).convert("RGB")))
     for image in images:
         request = request_for(image)
-        compare(demo_stub.Segment(request, timeout=120), triton_stub.Segment(request, timeout=120), stats)
+        assert_same_instances(demo_stub.Segment(request, timeout=120), triton_stub.Segment(request, timeout=120), stats)
     # Region prompts: boxes, box + clicks, clicks only (multimask): every mask agrees.
     scene = next(iter(scenes("test", 1)))
     boxes = [pb.BoundingBox(x_min=i.box[0], y_min=i.box[1], x_max=i.box[2], y_max=i.box[3]) for i in scene.instances]
@@ -151,7 +129,7 @@ def test_sixteen_concurrent_requests_each_get_their_own_answer(triton, triton_st
         assert sorted(i.label for i in got.instances if i.score > 0.3) == sorted(
             i.label for i in want.instances if i.score > 0.3
         )
-        compare(want, got, stats)
+        assert_same_instances(want, got, stats)
     executions = metric(triton, "nv_inference_exec_count", model="detector") - executions
     requests = metric(triton, "nv_inference_request_success", model="detector") - requests
     figures["Triton dynamic batching, 16 concurrent requests"] = (

@@ -1,0 +1,121 @@
+"""What every in-process runner shares: a thread pool, micro-batched detector/encoder calls, deadlines.
+
+Subclasses implement three blocking methods on numpy arrays (run on the pool, never on the event loop):
+``_detect_sync(images) -> (raw,)``, ``_encode_sync(images) -> (embed, high_res_0, high_res_1)`` and
+``_decode_sync(features, prompts) -> DecoderOutput``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import DeadlineExceeded
+from service.models.profiles import WeightsRef
+from service.runners.base import (
+    DecoderOutput,
+    DetectorOutput,
+    DetectorSpec,
+    ImageFeatures,
+    ModelDescriptor,
+    PromptBatch,
+    SegmenterSpec,
+    time_left,
+)
+from service.runners.batching import MicroBatcher
+
+T = TypeVar("T")
+Arrays = tuple[np.ndarray, ...]
+
+
+class LocalRunner:
+    """Base of the in-process runners (see ``service.runners.base.Runner`` for the interface)."""
+
+    backend = "local"
+
+    def __init__(
+        self,
+        detector: DetectorSpec,
+        segmenter: SegmenterSpec,
+        models: tuple[ModelDescriptor, ...],
+        profile: str = "custom",
+        workers: int = 2,
+        batching: tuple[int, float, int] = (8, 0.0, 64),
+    ) -> None:
+        """``batching``: (max batch, max wait seconds, max queue) of the detector's and encoder's micro-batchers."""
+        self.detector = detector
+        self.segmenter = segmenter
+        self.models = models
+        self.profile = profile
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
+        self.detect_batcher = MicroBatcher(
+            "detector", lambda x: self._run("detect", lambda: self._detect_sync(x)), *batching
+        )
+        self.encode_batcher = MicroBatcher(
+            "encoder", lambda x: self._run("encode", lambda: self._encode_sync(x)), *batching
+        )
+
+    def _detect_sync(self, images: np.ndarray) -> Arrays:
+        raise NotImplementedError
+
+    def _encode_sync(self, images: np.ndarray) -> Arrays:
+        raise NotImplementedError
+
+    def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Nothing to connect: the models are loaded by the constructor's caller."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def _run(self, name: str, fn: Callable[[], T]) -> T:
+        self.calls[name] += 1
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def detect(self, images: np.ndarray) -> DetectorOutput:
+        _check_deadline()
+        (raw,) = await self.detect_batcher.submit(images)
+        return DetectorOutput(raw=raw)
+
+    async def encode(self, images: np.ndarray) -> ImageFeatures:
+        _check_deadline()
+        embed, hr0, hr1 = await self.encode_batcher.submit(images)
+        return ImageFeatures(image_embed=embed, high_res_feats=(hr0, hr1))
+
+    async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
+        _check_deadline()
+        return await self._run("decode", lambda: self._decode_sync(features, prompts))
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batching(settings: Settings) -> tuple[int, float, int]:
+    return settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.batch_max_queue
+
+
+def _check_deadline() -> None:
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded("the request's deadline passed before the models ran")
+
+
+def descriptor(ref: WeightsRef, input_size: int, vocabulary: tuple[str, ...]) -> ModelDescriptor:
+    return ModelDescriptor(
+        role=ref.role,
+        name=ref.name,
+        architecture=ref.architecture,
+        version=ref.version,
+        weights_sha256=ref.sha256,
+        input_size=input_size,
+        vocabulary=vocabulary,
+    )

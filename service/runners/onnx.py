@@ -1,0 +1,89 @@
+"""In-process ONNX Runtime execution of the exported graphs (``detseg export``): no torch at request time.
+
+On first start the profile's models are exported (and checked against torch) into
+``<cache_dir>/onnx/<weights>/``, the same repository layout Triton serves; later starts reuse it. Class names
+and input sizes come from the configs' ``detseg_*`` parameters, as for the Triton runner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.models.profiles import ModelSet
+from service.runners.base import DecoderOutput, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
+from service.runners.local import Arrays, LocalRunner, batching, descriptor
+
+log = logging.getLogger(__name__)
+ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
+
+
+class OnnxRunner(LocalRunner):
+    """Runs the three exported graphs with ONNX Runtime in this process."""
+
+    backend = "onnx"
+
+    def __init__(self, sessions: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sessions = sessions
+
+    @classmethod
+    def load(cls, models: ModelSet, settings: Settings) -> OnnxRunner:
+        import onnxruntime as ort
+
+        from service.models.triton_repo import ensure_repository, parse_config
+
+        key = f"{models.detector.sha256[:16]}-{models.segmenter.sha256[:16]}-{settings.detector_imgsz}"
+        repo = settings.cache_dir / "onnx" / key
+        if ensure_repository(models, settings, repo):
+            log.info("exported %s + %s to ONNX (once per weights)", models.detector.name, models.segmenter.name)
+        options = ort.SessionOptions()
+        if settings.threads > 0:
+            options.intra_op_num_threads = settings.threads
+        sessions = {
+            role: ort.InferenceSession(
+                str(repo / role / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
+            for role in ROLES
+        }
+        det = {k: v.string_value for k, v in parse_config(repo / "detector" / "config.pbtxt").parameters.items()}
+        enc = {
+            k: v.string_value for k, v in parse_config(repo / "sam2_image_encoder" / "config.pbtxt").parameters.items()
+        }
+        names = tuple(json.loads(det["detseg_names"]))
+        detector = DetectorSpec(names=names, imgsz=int(det["detseg_input_size"]), stride=int(det["detseg_stride"]))
+        segmenter = SegmenterSpec(image_size=int(enc["detseg_input_size"]))
+        descriptors = (
+            descriptor(models.detector, detector.imgsz, names),
+            descriptor(models.segmenter, segmenter.image_size, ()),
+        )
+        return cls(sessions, detector, segmenter, descriptors, models.profile, batching=batching(settings))
+
+    def _detect_sync(self, images: np.ndarray) -> Arrays:
+        return tuple(self._sessions["detector"].run(["output0"], {"images": images}))
+
+    def _encode_sync(self, images: np.ndarray) -> Arrays:
+        names = ["image_embed", "high_res_0", "high_res_1"]
+        return tuple(self._sessions["sam2_image_encoder"].run(names, {"images": images}))
+
+    def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
+        b, side = len(prompts.point_coords), self.segmenter.image_size // 4
+        hr0, hr1 = features.high_res_feats
+        names = ["multi_masks", "multi_iou"] if prompts.multimask else ["single_masks", "single_iou"]
+        masks, iou = self._sessions["sam2_mask_decoder"].run(
+            names,
+            {
+                "image_embed": features.image_embed,
+                "high_res_0": hr0,
+                "high_res_1": hr1,
+                "point_coords": prompts.point_coords,
+                "point_labels": prompts.point_labels,
+                "mask_input": np.zeros((b, 1, side, side), np.float32),
+                "has_mask_input": np.zeros((b,), np.float32),
+            },
+        )
+        return DecoderOutput(low_res_masks=masks, iou_predictions=iou)

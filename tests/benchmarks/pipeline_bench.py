@@ -1,0 +1,435 @@
+"""detseg vs the naive pipeline a user would write, same weights and images, one run (not a test).
+
+    python -m tests.benchmarks.pipeline_bench [--out benchmarks] [--quick]
+
+Models: the official architectures with seeded random weights (no official weights can be downloaded here;
+FLOPs are the same): YOLO11n at 640² (6 classes, BatchNorm calibrated so it detects) and SAM 2.1 hiera-tiny
+at 1024². With ``--models official`` the cached official checkpoints are used instead.
+
+- naive baseline: ``ultralytics.YOLO.predict`` then ``SAM2ImagePredictor.set_image`` + ``predict(box=...)``
+  with all boxes, sequential, per image (torch threads restored after each predict, which ultralytics
+  lowers: the baseline gets its best case);
+- detseg embedded and detseg → Triton (python backend + ONNX Runtime), through gRPC, single-client latency;
+- throughput at 1 / 4 / 8 concurrent clients (distinct images, so no cache hits);
+- re-prompt on a cached handle vs a full request; decoder time for 1 / 10 / 50 boxes in one call vs 50
+  single-box calls; per-stage timings and gRPC + serialisation overhead (client latency − server total);
+- steady-state RSS of a ``detseg serve`` process over 500 requests (test profile, 256² SAM, for speed).
+
+Writes ``<out>/RESULTS.md`` and ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cfg-"))
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.models import testing, triton_repo
+from service.models.loading import load_detector_module
+from service.models.profiles import resolve_models
+from service.runners.base import PromptBatch
+from service.shapes.dataset import scenes
+from tests.triton_helpers import copy_repository_sources, free_ports, start_detseg, start_triton
+
+THREADS = os.cpu_count() or 2
+SCORE = 0.25
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_s": statistics.median(values),
+        "p99_s": p(values, 99),
+        "mean_s": float(np.mean(values)),
+    }
+
+
+def photo(name: str) -> np.ndarray:
+    from ultralytics.utils import ASSETS
+
+    return np.asarray(Image.open(Path(ASSETS) / name).convert("RGB"))
+
+
+def jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Naive:
+    """What a user writes: YOLO.predict, then SAM2ImagePredictor per image."""
+
+    def __init__(self, settings: Settings) -> None:
+        from sam2.build_sam import build_sam2
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+        from ultralytics import YOLO
+
+        models = resolve_models(settings)
+        self.yolo = YOLO(str(models.detector.path))
+        seg = models.segmenter
+        sam = build_sam2(seg.architecture, str(seg.path), device="cpu", hydra_overrides_extra=list(seg.overrides))
+        self.predictor = SAM2ImagePredictor(sam)
+        size = int(sam.image_size)
+        self.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
+        self.imgsz = load_detector_module(models.detector.path).input_size()
+
+    def __call__(self, rgb: np.ndarray) -> int:
+        result = self.yolo.predict(rgb[..., ::-1], imgsz=self.imgsz, conf=SCORE, verbose=False, device="cpu")[0]
+        torch.set_num_threads(THREADS)  # ultralytics lowered it for the whole process
+        boxes = result.boxes.xyxy.numpy()
+        with torch.inference_mode():
+            self.predictor.set_image(rgb)
+            if len(boxes):
+                self.predictor.predict(box=boxes, multimask_output=False)
+        return len(boxes)
+
+
+def segment_request(data: bytes, **kwargs: Any) -> pb.SegmentRequest:
+    return pb.SegmentRequest(image=pb.Image(encoded=data), options=pb.SegmentOptions(score_threshold=SCORE), **kwargs)
+
+
+def timed_call(stub: Any, request: pb.SegmentRequest) -> tuple[float, pb.SegmentResponse]:
+    start = time.perf_counter()
+    response = stub.Segment(request, timeout=600)
+    return time.perf_counter() - start, response
+
+
+def server_total(response: pb.SegmentResponse) -> float:
+    for t in response.provenance.timings:
+        if t.stage == "total":
+            return t.duration.seconds + t.duration.nanos / 1e9
+    return float("nan")
+
+
+def stage_means(responses: list[pb.SegmentResponse]) -> dict[str, float]:
+    stages: dict[str, list[float]] = {}
+    for r in responses:
+        for t in r.provenance.timings:
+            stages.setdefault(t.stage, []).append(t.duration.seconds + t.duration.nanos / 1e9)
+    return {k: float(np.median(v)) for k, v in stages.items()}
+
+
+def throughput(stub: Any, images: list[bytes], clients: int) -> dict[str, float]:
+    latencies: list[float] = []
+
+    def one(data: bytes) -> None:
+        latencies.append(timed_call(stub, segment_request(data))[0])
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, images))
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": len(images), "img_per_s": len(images) / wall, **summary(latencies)}
+
+
+def distinct_images(count: int, start: int) -> list[bytes]:
+    """Held-out shapes scenes, re-encoded as JPEG: distinct bytes, so nothing is served from the cache."""
+    return [jpeg(s.image) for s in scenes("test", count, start=start)]
+
+
+def decoder_costs(settings: Settings) -> dict[str, float]:
+    """Runner-level decoder time: one call with N boxes, and 50 one-box calls."""
+    from service.runners.factory import load_runner
+
+    runner = load_runner(settings)
+    s = runner.segmenter.image_size
+    rng = np.random.default_rng(0)
+
+    async def run() -> dict[str, float]:
+        feats = await runner.encode(rng.standard_normal((1, 3, s, s), dtype=np.float32))
+
+        def boxes(n: int) -> PromptBatch:
+            xy0 = rng.uniform(0, s * 0.6, (n, 1, 2))
+            coords = np.concatenate([xy0, xy0 + rng.uniform(20, s * 0.4, (n, 1, 2))], axis=1).astype(np.float32)
+            return PromptBatch(coords, np.tile(np.array([[2, 3]], np.int32), (n, 1)))
+
+        out: dict[str, float] = {}
+        for n in (1, 10, 50):
+            batch = boxes(n)
+            await runner.decode(feats, batch)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                await runner.decode(feats, batch)
+                times.append(time.perf_counter() - t)
+            out[f"decode_{n}_boxes_one_call_s"] = statistics.median(times)
+        singles = [boxes(1) for _ in range(50)]
+        t = time.perf_counter()
+        for b in singles:
+            await runner.decode(feats, b)
+        out["decode_50_single_box_calls_s"] = time.perf_counter() - t
+        await runner.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def rss_over_requests(cache_dir: Path, requests: int) -> dict[str, float]:
+    """RSS of a `detseg serve` process (test profile) after warm-up and after ``requests`` more."""
+    (port,) = free_ports(1)
+    env = {**os.environ, "DETSEG_CACHE_DIR": str(cache_dir), "DETSEG_THREADS": str(THREADS)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--models", "test", "--port", str(port), "--offline"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def rss_mb() -> float:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            from tests.conftest import wait_serving
+
+            grpc.channel_ready_future(channel).result(timeout=300)
+            wait_serving(channel, 300)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            images = distinct_images(50, start=1000)
+            for data in images[:20]:
+                stub.Segment(segment_request(data), timeout=300)
+            after_warmup = rss_mb()
+            samples = []
+            for k in range(requests):  # distinct bytes each time: the cache fills to its bound, then evicts
+                data = images[k % len(images)] + b"\0" * (k // len(images))  # JPEG ignores trailing bytes
+                stub.Segment(segment_request(data), timeout=300)
+                if k % 50 == 49:
+                    samples.append(rss_mb())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"after_warmup_mb": after_warmup, "after_requests_mb": samples[-1], "growth_mb": samples[-1] - after_warmup,
+            "requests": requests, "samples_mb": samples}  # fmt: skip
+
+
+def machine() -> dict[str, str]:
+    import onnxruntime
+    import sam2  # noqa: F401
+    import ultralytics
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(), "torch": torch.__version__,
+            "ultralytics": ultralytics.__version__, "onnxruntime": onnxruntime.__version__, "sam2": "1.1.0",
+            "tritonserver": "2.51 (nvidia-pytriton 0.7.0), python backend + ONNX Runtime CPU"}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--models", default="bench", help="bench (seeded official architectures) | official")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rss-requests", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for trying the script")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else args.repeats
+    torch.set_num_threads(THREADS)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="detseg-bench-") as tmp:
+        root = Path(tmp)
+        cache = root / "cache"
+        if args.models == "official":
+            settings = Settings(models="official", cache_dir=Path("~/.cache/detseg").expanduser(), port=0,
+                                threads=THREADS, offline=True)  # fmt: skip
+        else:
+            sam_path = root / "weights" / "sam2.1_hiera_tiny.pt"  # named as the official file: its architecture
+            sam_path.parent.mkdir(parents=True)
+            testing.write_segmenter(sam_path, seed=0, image_size=1024)
+            settings = Settings(models="test", segmenter=str(sam_path), cache_dir=cache, port=0, threads=THREADS,
+                                offline=True)  # fmt: skip
+        models = resolve_models(settings)
+        result["models"] = {"detector": models.detector.name, "segmenter": f"{models.segmenter.name} "
+                            f"({models.segmenter.architecture})", "kind": args.models}  # fmt: skip
+        bus = jpeg(photo("bus.jpg"))
+        bus_rgb = np.asarray(Image.open(__import__("io").BytesIO(bus)).convert("RGB"))
+
+        naive = Naive(settings)
+        naive(bus_rgb)  # warm-up
+        repo = root / "repo"
+        copy_repository_sources(repo)
+        triton_repo.write_repository(models, settings, repo)
+        triton = start_triton(repo, root / "triton")
+        embedded = start_detseg(settings)
+        remote = start_detseg(settings.replace(backend="triton", triton_url=triton.url))
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        channels = [grpc.insecure_channel(s.target, options=opts) for s in (embedded, remote)]
+        stubs = {"embedded": pb_grpc.SegmentationServiceStub(channels[0]),
+                 "triton": pb_grpc.SegmentationServiceStub(channels[1])}  # fmt: skip
+        try:
+            # 1. Single image, single client, interleaved; each detseg request gets new bytes (no cache hit).
+            lat: dict[str, list[float]] = {"naive": [], "embedded": [], "triton": []}
+            overhead: dict[str, list[float]] = {"embedded": [], "triton": []}
+            responses: dict[str, list[pb.SegmentResponse]] = {"embedded": [], "triton": []}
+            for k in range(repeats + 1):
+                t = time.perf_counter()
+                boxes = naive(bus_rgb)
+                naive_s = time.perf_counter() - t
+                for name, stub in stubs.items():
+                    seconds, response = timed_call(stub, segment_request(bus + b"\0" * (k + 1 + 100 * len(lat[name]))))
+                    if k:
+                        lat[name].append(seconds)
+                        overhead[name].append(seconds - server_total(response))
+                        responses[name].append(response)
+                if k:
+                    lat["naive"].append(naive_s)
+            result["single_image"] = {name: summary(v) for name, v in lat.items()}
+            result["single_image"]["boxes"] = boxes
+            result["single_image"]["instances"] = len(responses["embedded"][-1].instances)
+            base = result["single_image"]["naive"]["p50_s"]
+            result["ratios"] = {f"{n}_latency_vs_naive": result["single_image"][n]["p50_s"] / base
+                                for n in ("embedded", "triton")}  # fmt: skip
+            result["stages"] = {n: stage_means(r) for n, r in responses.items()}
+            result["grpc_overhead"] = {
+                n: {"p50_s": statistics.median(v), "share_of_e2e": statistics.median(v) / result["single_image"][n]["p50_s"]}
+                for n, v in overhead.items()
+            }  # fmt: skip
+            print(json.dumps(result["single_image"]), flush=True)
+
+            # 2. Throughput at 1 / 4 / 8 clients, distinct images.
+            per_level = 4 if args.quick else 8
+            result["throughput"] = {"naive": {"clients": 1, "img_per_s": 1 / statistics.mean(lat["naive"])}}
+            offset = 0
+            for name, stub in stubs.items():
+                rows = []
+                for clients in (1, 4, 8):
+                    images = distinct_images(max(per_level, clients * (1 if args.quick else 2)), start=offset)
+                    offset += len(images)
+                    rows.append(throughput(stub, images, clients))
+                    print(name, json.dumps(rows[-1]), flush=True)
+                result["throughput"][name] = rows
+            naive_tp = result["throughput"]["naive"]["img_per_s"]
+            for name in stubs:
+                result["ratios"][f"{name}_throughput_8_clients_vs_naive"] = (
+                    result["throughput"][name][-1]["img_per_s"] / naive_tp
+                )
+
+            # 3. Re-prompt on a cached handle vs a full request (embedded).
+            stub = stubs["embedded"]
+            fresh = jpeg(photo("zidane.jpg"))
+            full_s, _ = timed_call(stub, segment_request(fresh))
+            handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=fresh)), timeout=600).handle
+            box = pb.RegionPrompt(box=pb.BoundingBox(x_min=100, y_min=50, x_max=600, y_max=700))
+            reprompt = []
+            for k in range(10):
+                click = pb.RegionPrompt(points=[pb.Point(x=300 + 10 * k, y=400, label=1)])
+                request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=[box, click])
+                reprompt.append(timed_call(stub, request)[0])
+            result["reprompt"] = {"full_request_s": full_s, "cached_reprompt": summary(reprompt)}
+            result["ratios"]["cached_reprompt_vs_full"] = statistics.median(reprompt) / full_s
+        finally:
+            for c in channels:
+                c.close()
+            remote.stop()
+            embedded.stop()
+            triton.stop()
+
+        # 4. Decoder: N boxes in one call vs one call per box.
+        result["decoder"] = decoder_costs(settings)
+        d = result["decoder"]
+        result["ratios"]["decoder_50_boxes_vs_50_single_calls"] = (
+            d["decode_50_boxes_one_call_s"] / d["decode_50_single_box_calls_s"]
+        )
+        # 5. RSS of a serving process.
+        result["rss"] = rss_over_requests(cache, 50 if args.quick else args.rss_requests)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "RESULTS.md").write_text(report(result))
+    print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+def report(r: dict[str, Any]) -> str:
+    m, s, ratios = r["machine"], r["single_image"], r["ratios"]
+    rows = [
+        "# detseg vs the naive pipeline",
+        "",
+        f"Measured {r['date']} with `python -m tests.benchmarks.pipeline_bench` on {m['cpu']} ({m['cores']} cores, no GPU);",
+        f"torch {m['torch']}, ultralytics {m['ultralytics']}, sam2 {m['sam2']}, onnxruntime {m['onnxruntime']}, "
+        f"tritonserver {m['tritonserver']}.",
+        f"Models: {r['models']['detector']} (640²) + {r['models']['segmenter']} at 1024², "
+        + (
+            "seeded random weights (official architectures and FLOPs)."
+            if r["models"]["kind"] == "bench"
+            else "official weights."
+        ),
+        "",
+        "## Targets",
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+        f"| single-image latency, embedded / naive | {ratios['embedded_latency_vs_naive']:.2f} | ≤ 0.80 |",
+        f"| single-image latency, Triton / naive | {ratios['triton_latency_vs_naive']:.2f} | – |",
+        f"| throughput at 8 clients, embedded / naive | {ratios['embedded_throughput_8_clients_vs_naive']:.2f} | ≥ 1.5 |",
+        f"| throughput at 8 clients, Triton / naive | {ratios['triton_throughput_8_clients_vs_naive']:.2f} | – |",
+        f"| cached re-prompt / full request | {ratios['cached_reprompt_vs_full']:.3f} | ≤ 0.05 |",
+        f"| gRPC + serialisation overhead, share of end to end (embedded) | {r['grpc_overhead']['embedded']['share_of_e2e']:.1%} | ≤ 3 % |",
+        f"| decoder, 50 boxes in one call / 50 one-box calls | {ratios['decoder_50_boxes_vs_50_single_calls']:.2f} | ≤ 0.5 |",
+        f"| RSS growth over {r['rss']['requests']} requests after warm-up | {r['rss']['growth_mb']:+.1f} MB | ≤ 50 MB |",
+        "",
+        f"## Single image (bus.jpg, {s['boxes']} detections), single client, {s['naive']['n']} requests each, interleaved",
+        "",
+        "| path | p50 (s) | p99 (s) |",
+        "|---|---|---|",
+    ]
+    for name in ("naive", "embedded", "triton"):
+        rows.append(f"| {name} | {s[name]['p50_s']:.3f} | {s[name]['p99_s']:.3f} |")
+    rows += ["", "Per-stage medians (server side, seconds):", "", "| stage | embedded | triton |", "|---|---|---|"]
+    for stage in r["stages"]["embedded"]:
+        rows.append(
+            f"| {stage} | {r['stages']['embedded'][stage]:.4f} | {r['stages']['triton'].get(stage, float('nan')):.4f} |"
+        )
+    rows += ["", "## Throughput (distinct images, no cache hits)", "", "| path | clients | requests | img/s | p50 (s) | p99 (s) |",
+             "|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – |"]  # fmt: skip
+    for name in ("embedded", "triton"):
+        for t in r["throughput"][name]:
+            rows.append(
+                f"| {name} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
+            )
+    d = r["decoder"]
+    rows += [
+        "",
+        "## Embedding reuse and the decoder",
+        "",
+        f"Full request {r['reprompt']['full_request_s']:.3f} s; re-prompt on a cached handle (box + click) p50 "
+        f"{r['reprompt']['cached_reprompt']['p50_s']:.4f} s.",
+        "",
+        f"Decoder in one call: 1 box {d['decode_1_boxes_one_call_s'] * 1e3:.1f} ms, 10 boxes {d['decode_10_boxes_one_call_s'] * 1e3:.1f} ms, "
+        f"50 boxes {d['decode_50_boxes_one_call_s'] * 1e3:.1f} ms; 50 one-box calls {d['decode_50_single_box_calls_s'] * 1e3:.1f} ms.",
+        "",
+        f"RSS of `detseg serve` (test profile): {r['rss']['after_warmup_mb']:.0f} MB after warm-up, "
+        f"{r['rss']['after_requests_mb']:.0f} MB after {r['rss']['requests']} more requests (samples every 50: "
+        + ", ".join(f"{v:.0f}" for v in r["rss"]["samples_mb"])
+        + ").",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
