@@ -95,6 +95,21 @@ class PromptBatch:
     multimask: bool = False
 
 
+def decoder_feeds(features: ImageFeatures, prompts: PromptBatch, image_size: int) -> dict[str, np.ndarray]:
+    """The inputs of the exported ``sam2_mask_decoder`` graph (no mask input) for these prompts."""
+    b, side = len(prompts.point_coords), image_size // 4
+    hr0, hr1 = features.high_res_feats
+    return {
+        "image_embed": features.image_embed,
+        "high_res_0": hr0,
+        "high_res_1": hr1,
+        "point_coords": prompts.point_coords,
+        "point_labels": prompts.point_labels,
+        "mask_input": np.zeros((b, 1, side, side), np.float32),
+        "has_mask_input": np.zeros((b,), np.float32),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderOutput:
     """low_res_masks: (B, M, S/4, S/4) float32 logits; iou_predictions: (B, M) float32; M = 3 if multimask else 1."""

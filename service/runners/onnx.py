@@ -15,7 +15,14 @@ import numpy as np
 
 from service.config import Settings
 from service.models.profiles import ModelSet
-from service.runners.base import DecoderOutput, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
+from service.runners.base import (
+    DecoderOutput,
+    DetectorSpec,
+    ImageFeatures,
+    PromptBatch,
+    SegmenterSpec,
+    decoder_feeds,
+)
 from service.runners.local import Arrays, LocalRunner, batching, descriptor
 
 log = logging.getLogger(__name__)
@@ -71,19 +78,7 @@ class OnnxRunner(LocalRunner):
         return tuple(self._sessions["sam2_image_encoder"].run(names, {"images": images}))
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        b, side = len(prompts.point_coords), self.segmenter.image_size // 4
-        hr0, hr1 = features.high_res_feats
         names = ["multi_masks", "multi_iou"] if prompts.multimask else ["single_masks", "single_iou"]
-        masks, iou = self._sessions["sam2_mask_decoder"].run(
-            names,
-            {
-                "image_embed": features.image_embed,
-                "high_res_0": hr0,
-                "high_res_1": hr1,
-                "point_coords": prompts.point_coords,
-                "point_labels": prompts.point_labels,
-                "mask_input": np.zeros((b, 1, side, side), np.float32),
-                "has_mask_input": np.zeros((b,), np.float32),
-            },
-        )
+        feeds = decoder_feeds(features, prompts, self.segmenter.image_size)
+        masks, iou = self._sessions["sam2_mask_decoder"].run(names, feeds)
         return DecoderOutput(low_res_masks=masks, iou_predictions=iou)

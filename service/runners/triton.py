@@ -39,6 +39,7 @@ from service.runners.base import (
     ModelDescriptor,
     PromptBatch,
     SegmenterSpec,
+    decoder_feeds,
     time_left,
 )
 
@@ -161,23 +162,8 @@ class TritonRunner:
         return ImageFeatures(image_embed=out["image_embed"], high_res_feats=(out["high_res_0"], out["high_res_1"]))
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        b = len(prompts.point_coords)
-        side = self.segmenter.image_size // 4
-        hr0, hr1 = features.high_res_feats
         names = ("multi_masks", "multi_iou") if prompts.multimask else ("single_masks", "single_iou")
-        out = await self._infer(
-            DECODER,
-            {
-                "image_embed": features.image_embed,
-                "high_res_0": hr0,
-                "high_res_1": hr1,
-                "point_coords": prompts.point_coords,
-                "point_labels": prompts.point_labels,
-                "mask_input": np.zeros((b, 1, side, side), np.float32),
-                "has_mask_input": np.zeros((b,), np.float32),
-            },
-            names,
-        )
+        out = await self._infer(DECODER, decoder_feeds(features, prompts, self.segmenter.image_size), names)
         return DecoderOutput(low_res_masks=out[names[0]], iou_predictions=out[names[1]])
 
     async def close(self) -> None:
