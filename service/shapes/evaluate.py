@@ -2,8 +2,9 @@
 
 - ``ap50``: COCO-style box AP at IoU 0.5 (101-point interpolation, per-class then averaged), written here.
 - ``coco_eval``: the same data through pycocotools ``COCOeval`` (bbox or segm), for the cross-check.
-- ``match_instances`` / ``end_to_end``: greedy one-to-one matching of predicted to ground-truth masks by
-  mask IoU, then label accuracy of matched pairs, their mean mask IoU, and recall.
+- ``match_instances`` / ``end_to_end``: one-to-one matching of predicted to ground-truth masks by mask IoU
+  (predictions in score order, as COCOeval), then label accuracy of matched pairs, their mean mask IoU,
+  and recall.
 """
 
 from __future__ import annotations
@@ -133,18 +134,22 @@ class EndToEnd:
 
 
 def match_instances(pred: Sequence[dict[str, Any]], gt: Sequence[dict[str, Any]], threshold: float = 0.5):
-    """Greedy one-to-one matching by mask IoU (highest first, IoU >= threshold). Returns [(pi, gi, iou)]."""
+    """One-to-one matching by mask IoU, as COCOeval matches: predictions in descending ``score`` order, each
+    taking the unmatched ground truth it overlaps most (IoU >= threshold). Returns [(pi, gi, iou)].
+
+    Score order matters when two predictions cover one object (say a circle also detected as a hexagon):
+    the more confident one is the answer, not whichever mask happens to overlap a hair more.
+    """
     if not pred or not gt:
         return []
     ious = mask_utils.iou([_rle(p) for p in pred], [_rle(g) for g in gt], [0] * len(gt))
-    pairs = sorted(((ious[i, j], i, j) for i in range(len(pred)) for j in range(len(gt))), reverse=True)
-    used_p, used_g, out = set(), set(), []
-    for iou, i, j in pairs:
-        if iou < threshold:
-            break
-        if i not in used_p and j not in used_g:
-            used_p.add(i)
-            used_g.add(j)
+    used: set[int] = set()
+    out = []
+    for i in sorted(range(len(pred)), key=lambda k: -float(pred[k]["score"])):
+        candidates = [(ious[i, j], j) for j in range(len(gt)) if j not in used and ious[i, j] >= threshold]
+        if candidates:
+            iou, j = max(candidates)
+            used.add(j)
             out.append((i, j, float(iou)))
     return out
 
@@ -155,7 +160,8 @@ def _rle(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def end_to_end(pairs: Sequence[tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]]) -> EndToEnd:
-    """pairs: per image (predictions, ground truth), each item a dict with "label" and "rle"."""
+    """pairs: per image (predictions, ground truth), each item a dict with "label" and "rle" (predictions also
+    "score")."""
     n_gt = n_pred = n_match = n_right = 0
     ious: list[float] = []
     for pred, gt in pairs:

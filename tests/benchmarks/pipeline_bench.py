@@ -9,7 +9,8 @@ at 1024². With ``--models official`` the cached official checkpoints are used i
 - naive baseline: ``ultralytics.YOLO.predict`` then ``SAM2ImagePredictor.set_image`` + ``predict(box=...)``
   with all boxes, sequential, per image (torch threads restored after each predict, which ultralytics
   lowers: the baseline gets its best case);
-- detseg embedded and detseg → Triton (python backend + ONNX Runtime), through gRPC, single-client latency;
+- detseg embedded (torch, the default; and ONNX Runtime in-process) and detseg → Triton (python backend +
+  ONNX Runtime), through gRPC, single-client latency;
 - throughput at 1 / 4 / 8 concurrent clients (distinct images, so no cache hits);
 - re-prompt on a cached handle vs a full request; decoder time for 1 / 10 / 50 boxes in one call vs 50
   single-box calls; per-stage timings and gRPC + serialisation overhead (client latency − server total);
@@ -277,17 +278,19 @@ def main() -> None:
         copy_repository_sources(repo)
         triton_repo.write_repository(models, settings, repo)
         triton = start_triton(repo, root / "triton")
-        embedded = start_detseg(settings)
-        remote = start_detseg(settings.replace(backend="triton", triton_url=triton.url))
+        servers = {
+            "embedded": start_detseg(settings),
+            "onnx": start_detseg(settings.replace(backend="onnx")),
+            "triton": start_detseg(settings.replace(backend="triton", triton_url=triton.url)),
+        }
         opts = [("grpc.max_receive_message_length", 64 << 20)]
-        channels = [grpc.insecure_channel(s.target, options=opts) for s in (embedded, remote)]
-        stubs = {"embedded": pb_grpc.SegmentationServiceStub(channels[0]),
-                 "triton": pb_grpc.SegmentationServiceStub(channels[1])}  # fmt: skip
+        channels = [grpc.insecure_channel(s.target, options=opts) for s in servers.values()]
+        stubs = {name: pb_grpc.SegmentationServiceStub(c) for name, c in zip(servers, channels, strict=True)}
         try:
             # 1. Single image, single client, interleaved; each detseg request gets new bytes (no cache hit).
-            lat: dict[str, list[float]] = {"naive": [], "embedded": [], "triton": []}
-            overhead: dict[str, list[float]] = {"embedded": [], "triton": []}
-            responses: dict[str, list[pb.SegmentResponse]] = {"embedded": [], "triton": []}
+            lat: dict[str, list[float]] = {"naive": [], **{n: [] for n in stubs}}
+            overhead: dict[str, list[float]] = {n: [] for n in stubs}
+            responses: dict[str, list[pb.SegmentResponse]] = {n: [] for n in stubs}
             for k in range(repeats + 1):
                 t = time.perf_counter()
                 boxes = naive(bus_rgb)
@@ -304,8 +307,7 @@ def main() -> None:
             result["single_image"]["boxes"] = boxes
             result["single_image"]["instances"] = len(responses["embedded"][-1].instances)
             base = result["single_image"]["naive"]["p50_s"]
-            result["ratios"] = {f"{n}_latency_vs_naive": result["single_image"][n]["p50_s"] / base
-                                for n in ("embedded", "triton")}  # fmt: skip
+            result["ratios"] = {f"{n}_latency_vs_naive": result["single_image"][n]["p50_s"] / base for n in stubs}
             result["stages"] = {n: stage_means(r) for n, r in responses.items()}
             result["grpc_overhead"] = {
                 n: {"p50_s": statistics.median(v), "share_of_e2e": statistics.median(v) / result["single_image"][n]["p50_s"]}
@@ -347,8 +349,8 @@ def main() -> None:
         finally:
             for c in channels:
                 c.close()
-            remote.stop()
-            embedded.stop()
+            for server in servers.values():
+                server.stop()
             triton.stop()
 
         # 4. Decoder: N boxes in one call vs one call per box.
@@ -385,8 +387,10 @@ def report(r: dict[str, Any]) -> str:
         "| figure | measured | target |",
         "|---|---|---|",
         f"| single-image latency, embedded / naive | {ratios['embedded_latency_vs_naive']:.2f} | ≤ 0.80 |",
+        f"| single-image latency, ONNX Runtime in-process / naive | {ratios['onnx_latency_vs_naive']:.2f} | – |",
         f"| single-image latency, Triton / naive | {ratios['triton_latency_vs_naive']:.2f} | – |",
         f"| throughput at 8 clients, embedded / naive | {ratios['embedded_throughput_8_clients_vs_naive']:.2f} | ≥ 1.5 |",
+        f"| throughput at 8 clients, ONNX Runtime in-process / naive | {ratios['onnx_throughput_8_clients_vs_naive']:.2f} | – |",
         f"| throughput at 8 clients, Triton / naive | {ratios['triton_throughput_8_clients_vs_naive']:.2f} | – |",
         f"| cached re-prompt / full request | {ratios['cached_reprompt_vs_full']:.3f} | ≤ 0.05 |",
         f"| gRPC + serialisation overhead, share of end to end (embedded) | {r['grpc_overhead']['embedded']['share_of_e2e']:.1%} | ≤ 3 % |",
@@ -398,16 +402,21 @@ def report(r: dict[str, Any]) -> str:
         "| path | p50 (s) | p99 (s) |",
         "|---|---|---|",
     ]
-    for name in ("naive", "embedded", "triton"):
+    for name in ("naive", "embedded", "onnx", "triton"):
         rows.append(f"| {name} | {s[name]['p50_s']:.3f} | {s[name]['p99_s']:.3f} |")
-    rows += ["", "Per-stage medians (server side, seconds):", "", "| stage | embedded | triton |", "|---|---|---|"]
+    rows += [
+        "",
+        "Per-stage medians (server side, seconds):",
+        "",
+        "| stage | embedded (torch) | onnx | triton |",
+        "|---|---|---|---|",
+    ]
     for stage in r["stages"]["embedded"]:
-        rows.append(
-            f"| {stage} | {r['stages']['embedded'][stage]:.4f} | {r['stages']['triton'].get(stage, float('nan')):.4f} |"
-        )
+        cells = " | ".join(f"{r['stages'][n].get(stage, float('nan')):.4f}" for n in ("embedded", "onnx", "triton"))
+        rows.append(f"| {stage} | {cells} |")
     rows += ["", "## Throughput (distinct images, no cache hits)", "", "| path | clients | requests | img/s | p50 (s) | p99 (s) |",
              "|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – |"]  # fmt: skip
-    for name in ("embedded", "triton"):
+    for name in ("embedded", "onnx", "triton"):
         for t in r["throughput"][name]:
             rows.append(
                 f"| {name} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"

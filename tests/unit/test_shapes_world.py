@@ -93,8 +93,24 @@ def test_end_to_end_matching_counts_labels_and_recall():
         {"label": i.category, "rle": mask_utils.encode(np.asfortranarray(i.mask.astype(np.uint8)))}
         for i in scene.instances
     ]
-    pred = [dict(g) for g in gt[:-1]]
+    pred = [{**g, "score": 0.9} for g in gt[:-1]]
     pred[0] = {**pred[0], "label": "wrong"}
     m = end_to_end([(pred, gt)])
     assert m.matched == len(gt) - 1 and m.mean_mask_iou == 1.0
     assert m.recall == (len(gt) - 1) / len(gt) and m.label_accuracy == (len(gt) - 2) / (len(gt) - 1)
+
+
+def test_matching_follows_scores_when_two_predictions_cover_one_object():
+    scene = render_scene(3)
+    truth = scene.instances[0]
+    gt = [{"label": truth.category, "rle": mask_utils.encode(np.asfortranarray(truth.mask.astype(np.uint8)))}]
+    grown = truth.mask.copy()
+    grown[:, 1:] |= truth.mask[:, :-1]  # one pixel wider: IoU just below 1
+    confident = {
+        "label": truth.category,
+        "score": 0.9,
+        "rle": mask_utils.encode(np.asfortranarray(grown.astype(np.uint8))),
+    }
+    duplicate = {"label": "wrong", "score": 0.3, "rle": gt[0]["rle"]}  # a perfect mask, but less confident
+    m = end_to_end([([duplicate, confident], gt)])
+    assert m.matched == 1 and m.label_accuracy == 1.0 and m.mean_mask_iou < 1.0

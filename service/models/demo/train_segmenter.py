@@ -1,11 +1,14 @@
 """Regenerates the demo segmenter: a reduced SAM 2 (sam2's own modules) trained from scratch on shapes.
 
-    python -m service.models.demo.train_segmenter [--minutes 40] [--seed 0]
+    python -m service.models.demo.train_segmenter [--minutes 40.5] [--seed 0]
 
 The architecture is SAM 2.1 hiera-tiny's config with hydra overrides (SHAPES_SAM2_OVERRIDES): a 4-stage
-Hiera of width 32, a 64-d neck and decoder, 256² input: 2.4 M parameters. Training prompts are ground-truth
-boxes with jitter (75 % of steps) or 1–3 clicks with optional negative click (25 %, multimask with min-loss,
-as SAM trains them). Loss: 20 x focal + dice on 256² masks, + MSE of the IoU head. AdamW, warm-up + cosine.
+Hiera of width 32, a 64-d neck and decoder, 256² input: 2.4 M parameters. Every step, each instance of
+4 scenes gets a jittered ground-truth box prompt and a click prompt (1-3 positives, maybe a negative), and
+all four mask tokens of the decoder are supervised: token 0 (single mask) and the best of tokens 1-3
+(multimask), because SAM 2.1 swaps an unstable single mask for the multimask output with the highest
+predicted IoU at inference. Loss: 20 x focal + dice at 128² (the decoder's 64² logits upsampled), + MSE of
+the IoU head on all tokens. AdamW; warm-up, then a cosine schedule over the wall-time budget.
 Writes ``shapes-sam2-mini.pt`` ({"model": fp16 state dict}, the layout of official SAM 2.1 checkpoints).
 """
 
@@ -201,7 +204,7 @@ def evaluate(model: Any, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--minutes", type=float, default=40.0, help="training wall-time budget")
+    parser.add_argument("--minutes", type=float, default=40.5, help="training wall-time budget")
     parser.add_argument("--scenes", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
