@@ -255,7 +255,7 @@ def _triton_up(args: argparse.Namespace) -> int:
     ensure_repository(resolve_models(settings), settings, repository)
     http_port = args.http_port or settings.triton_http_port
     server = LocalTriton(repository, state_dir, args.port, http_port, args.metrics_port or settings.triton_metrics_port)
-    server.start(detach=True)
+    server.start()
     try:
         server.wait_ready(args.timeout)
     except Exception:

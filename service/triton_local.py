@@ -109,8 +109,9 @@ class LocalTriton:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
-    def start(self, detach: bool = False) -> None:
-        """Starts the process (output to ``log_path``). ``detach``: survives this Python (for the CLI)."""
+    def start(self) -> None:
+        """Starts the process (output to ``log_path``) in a session of its own, so that it outlives this
+        Python when detached (the CLI) and so that it and its python-backend stubs can be signalled together."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -119,8 +120,16 @@ class LocalTriton:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
-                start_new_session=detach,
+                start_new_session=True,
             )
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its stub processes at once (a crash, for fault tests)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
 
     def wait_ready(self, timeout: float = 180.0, models: tuple[str, ...] = ROLES) -> None:
         """Blocks until the server and ``models`` are ready; raises ModelUnavailable with the log's tail if not."""
@@ -145,16 +154,16 @@ class LocalTriton:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        """SIGTERM, then SIGKILL to its process group after ``timeout`` seconds or once it has exited."""
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its group: the server, stubs
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         self.process = None
 
     # The CLI's detached server is remembered in a small state file.
@@ -194,8 +203,8 @@ def stop_detached(state_dir: Path, timeout: float = 30.0) -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
+            break
         time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the server if it hung, and any stub left in its group
+        os.killpg(pid, signal.SIGKILL)
     return True

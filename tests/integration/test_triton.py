@@ -202,9 +202,7 @@ def test_triton_crash_fails_fast_flips_health_and_recovers_without_restart(
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 in_flight = [pool.submit(stub.Segment, request_for(image), timeout=60) for _ in range(4)]
                 time.sleep(0.05)
-                assert server.process is not None
-                server.process.kill()  # a crash, mid-run
-                server.process.wait()
+                server.kill()  # a crash, mid-run (server and its stub processes)
                 for f in in_flight:  # each either finished before the crash or failed UNAVAILABLE
                     try:
                         f.result()
