@@ -134,7 +134,8 @@ def bench_end_to_end(root: Path, profile: str, repeats: int) -> dict[str, Any]:
     from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
     from service.models.demo.profile import DEMO_DIR
 
-    settings = Settings(models=profile, cache_dir=root / "cache", port=0, offline=True)
+    # No embedding cache: every request of the same image runs the whole pipeline.
+    settings = Settings(models=profile, cache_dir=root / "cache", port=0, offline=True, cache_max_bytes=0)
     repo = root / f"repo-{profile}"
     copy_repository_sources(repo)
     triton_repo.write_repository(resolve_models(settings), settings, repo)
@@ -211,7 +212,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         )
     lines += [
         "",
-        "## One image end to end through detseg: embedded vs Triton (same models, interleaved requests)",
+        "## One image end to end through detseg: embedded vs Triton (same models, interleaved requests, embedding cache off)",
         "",
         "| profile | requests each | embedded p50 (s) | Triton p50 (s) | embedded p99 (s) | Triton p99 (s) "
         "| Triton / embedded |",
