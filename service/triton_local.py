@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from service.errors import ModelUnavailable
+from service.runners.base import MODEL_ROLES
 
-ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
+ROLES = MODEL_ROLES
 
 
 def _pytriton_root() -> Path:

@@ -24,8 +24,9 @@ from typing import Any
 
 from service.config import Settings
 from service.models.profiles import ModelSet, WeightsRef
+from service.runners.base import MODEL_ROLES
 
-ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
+ROLES = MODEL_ROLES
 BATCHED = {"detector": True, "sam2_image_encoder": True, "sam2_mask_decoder": False}
 NATIVE_CONFIG_NAME = "onnxruntime"
 _DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(int32)": "TYPE_INT32", "tensor(int64)": "TYPE_INT64"}

@@ -87,8 +87,12 @@ def _check_size(width: int, height: int, limits: ImageLimits, field: str) -> Non
         )
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str = "image.encoded") -> DecodedImage:
-    """Decodes JPEG/PNG/WebP bytes into a validated RGB image (see module docstring)."""
+def decode_image(
+    data: bytes, limits: ImageLimits, field: str = "image.encoded", sha256: str | None = None
+) -> DecodedImage:
+    """Decodes JPEG/PNG/WebP bytes into a validated RGB image (see module docstring).
+
+    ``sha256``: the bytes' hex digest when the caller has it already (not recomputed)."""
     if not data:
         raise InvalidImage(f"{field}: empty; send {ALLOWED_FORMATS} bytes or image.raw")
     if len(data) > limits.max_bytes:
@@ -112,7 +116,7 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image.encoded")
         rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
-    return DecodedImage(rgb=rgb, format=ours, sha256=hashlib.sha256(data).hexdigest())
+    return DecodedImage(rgb=rgb, format=ours, sha256=sha256 or hashlib.sha256(data).hexdigest())
 
 
 def declared_size(data: bytes, pil_format: str) -> tuple[int, int] | None:
@@ -146,7 +150,9 @@ def declared_size(data: bytes, pil_format: str) -> tuple[int, int] | None:
     return None
 
 
-def image_from_raw(data: bytes, width: int, height: int, limits: ImageLimits) -> DecodedImage:
+def image_from_raw(
+    data: bytes, width: int, height: int, limits: ImageLimits, sha256: str | None = None
+) -> DecodedImage:
     """Validates raw interleaved RGB bytes (row-major, width * height * 3) and wraps them."""
     _check_size(width, height, limits, "image.raw")
     expected = width * height * 3
@@ -155,7 +161,7 @@ def image_from_raw(data: bytes, width: int, height: int, limits: ImageLimits) ->
             f"image.raw.data: {len(data)} bytes, expected width*height*3 = {width}*{height}*3 = {expected}"
         )
     rgb = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
-    return DecodedImage(rgb=rgb, format="raw", sha256=hashlib.sha256(data).hexdigest())
+    return DecodedImage(rgb=rgb, format="raw", sha256=sha256 or hashlib.sha256(data).hexdigest())
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

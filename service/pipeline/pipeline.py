@@ -78,7 +78,7 @@ class Pipeline:
         handle, entry = self._lookup(query)
         if entry is None:
             t = time.perf_counter()
-            image = await asyncio.to_thread(self._decode, query)
+            image = await asyncio.to_thread(self._decode, query, handle)
             timings["decode_image"] = time.perf_counter() - t
         else:
             image = entry.image
@@ -126,7 +126,7 @@ class Pipeline:
             timings["total"] = time.perf_counter() - start
             return EncodeResult(handle, entry.image, True, timings)
         t = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, SegmentQuery(image=image_input))
+        image = await asyncio.to_thread(self._decode, SegmentQuery(image=image_input), handle)
         timings["decode_image"] = time.perf_counter() - t
         features = await self._encode(image, timings)
         self.cache.put(handle, CacheEntry(image, features))
@@ -149,10 +149,13 @@ class Pipeline:
         handle = handle_for(hashlib.sha256(query.image.data).hexdigest())
         return handle, self.cache.get(handle)
 
-    def _decode(self, query: SegmentQuery) -> DecodedImage:
+    def _decode(self, query: SegmentQuery, handle: str) -> DecodedImage:
+        """Decodes the request's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
+        digest = handle.removeprefix(PREFIX)
         if query.image.raw is not None:
-            return image_from_raw(query.image.raw, query.image.width, query.image.height, self.image_limits)
-        return decode_image(query.image.encoded or b"", self.image_limits)
+            raw = query.image
+            return image_from_raw(raw.raw or b"", raw.width, raw.height, self.image_limits, sha256=digest)
+        return decode_image(query.image.encoded or b"", self.image_limits, sha256=digest)
 
     async def _detect(
         self, image: DecodedImage, p: Plan, timings: dict[str, float], entry: CacheEntry | None

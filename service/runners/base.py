@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -24,6 +25,10 @@ def time_left() -> float | None:
     """Seconds until the current request's deadline (may be <= 0), or None without a deadline."""
     deadline = DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+# The exported graphs / Triton models, by pipeline role (model_repository/<role>/).
+MODEL_ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,30 @@ class PromptBatch:
     point_coords: np.ndarray
     point_labels: np.ndarray
     multimask: bool = False
+
+
+def specs_from_parameters(
+    detector: dict[str, str], encoder: dict[str, str]
+) -> tuple[DetectorSpec, SegmenterSpec, tuple[ModelDescriptor, ...], str]:
+    """Specs, model descriptors and profile from the ``detseg_*`` parameters ``detseg export`` writes into the
+    detector's and encoder's configs (what the ONNX and Triton runners know their models by)."""
+    names = tuple(json.loads(detector["detseg_names"]))
+    det = DetectorSpec(names=names, imgsz=int(detector["detseg_input_size"]), stride=int(detector["detseg_stride"]))
+    seg = SegmenterSpec(image_size=int(encoder["detseg_input_size"]))
+
+    def describe(role: str, params: dict[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
+        return ModelDescriptor(
+            role=role,
+            name=params.get("detseg_model", ""),
+            architecture=params.get("detseg_architecture", ""),
+            version=params.get("detseg_version", ""),
+            weights_sha256=params.get("detseg_sha256", ""),
+            input_size=int(params["detseg_input_size"]),
+            vocabulary=vocabulary,
+        )
+
+    models = (describe("detector", detector, names), describe("segmenter", encoder, ()))
+    return det, seg, models, detector.get("detseg_profile", "custom")
 
 
 def decoder_feeds(features: ImageFeatures, prompts: PromptBatch, image_size: int) -> dict[str, np.ndarray]:

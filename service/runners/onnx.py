@@ -7,7 +7,6 @@ and input sizes come from the configs' ``detseg_*`` parameters, as for the Trito
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -16,17 +15,16 @@ import numpy as np
 from service.config import Settings
 from service.models.profiles import ModelSet
 from service.runners.base import (
+    MODEL_ROLES,
     DecoderOutput,
-    DetectorSpec,
     ImageFeatures,
     PromptBatch,
-    SegmenterSpec,
     decoder_feeds,
+    specs_from_parameters,
 )
-from service.runners.local import Arrays, LocalRunner, batching, descriptor
+from service.runners.local import Arrays, LocalRunner, batching
 
 log = logging.getLogger(__name__)
-ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
 
 
 class OnnxRunner(LocalRunner):
@@ -55,19 +53,13 @@ class OnnxRunner(LocalRunner):
             role: ort.InferenceSession(
                 str(repo / role / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
-            for role in ROLES
+            for role in MODEL_ROLES
         }
-        det = {k: v.string_value for k, v in parse_config(repo / "detector" / "config.pbtxt").parameters.items()}
-        enc = {
-            k: v.string_value for k, v in parse_config(repo / "sam2_image_encoder" / "config.pbtxt").parameters.items()
-        }
-        names = tuple(json.loads(det["detseg_names"]))
-        detector = DetectorSpec(names=names, imgsz=int(det["detseg_input_size"]), stride=int(det["detseg_stride"]))
-        segmenter = SegmenterSpec(image_size=int(enc["detseg_input_size"]))
-        descriptors = (
-            descriptor(models.detector, detector.imgsz, names),
-            descriptor(models.segmenter, segmenter.image_size, ()),
+        det, enc = (
+            {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
+            for role in ("detector", "sam2_image_encoder")
         )
+        detector, segmenter, descriptors, _ = specs_from_parameters(det, enc)
         return cls(sessions, detector, segmenter, descriptors, models.profile, batching=batching(settings))
 
     def _detect_sync(self, images: np.ndarray) -> Arrays:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded
 from service.runners.base import (
+    MODEL_ROLES,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
@@ -40,12 +40,13 @@ from service.runners.base import (
     PromptBatch,
     SegmenterSpec,
     decoder_feeds,
+    specs_from_parameters,
     time_left,
 )
 
 log = logging.getLogger(__name__)
 DETECTOR, ENCODER, DECODER = "detector", "sam2_image_encoder", "sam2_mask_decoder"
-ROLES = (DETECTOR, ENCODER, DECODER)
+ROLES = MODEL_ROLES
 
 
 class TritonRunner:
@@ -102,13 +103,7 @@ class TritonRunner:
             waited += 0.5
         params = {role: await self._parameters(role) for role in ROLES}
         det, enc = params[DETECTOR], params[ENCODER]
-        names = tuple(json.loads(det["detseg_names"]))
-        self._detector = DetectorSpec(
-            names=names, imgsz=int(det["detseg_input_size"]), stride=int(det["detseg_stride"])
-        )
-        self._segmenter = SegmenterSpec(image_size=int(enc["detseg_input_size"]))
-        self.models = (_descriptor("detector", det, names), _descriptor("segmenter", enc, ()))
-        self.profile = det.get("detseg_profile", "custom")
+        self._detector, self._segmenter, self.models, self.profile = specs_from_parameters(det, enc)
         if enc.get("detseg_sha256") != params[DECODER].get("detseg_sha256"):
             raise ModelUnavailable("Triton's SAM encoder and decoder come from different checkpoints")
 
@@ -184,15 +179,3 @@ def _domain_error(role: str, error: Any) -> Exception:
         return ModelUnavailable("the inference server is unavailable; retry shortly")
     log.error("Triton %s failed: %s %s", role, status, message)
     return RuntimeError(f"Triton {role} failed: {status}")
-
-
-def _descriptor(role: str, params: dict[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
-    return ModelDescriptor(
-        role=role,
-        name=params.get("detseg_model", ""),
-        architecture=params.get("detseg_architecture", ""),
-        version=params.get("detseg_version", ""),
-        weights_sha256=params.get("detseg_sha256", ""),
-        input_size=int(params["detseg_input_size"]),
-        vocabulary=vocabulary,
-    )
