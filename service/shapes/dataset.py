@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,17 +56,32 @@ def yolo_label_lines(scene: Scene) -> list[str]:
     return lines
 
 
-def write_yolo_dataset(root: Path, counts: dict[str, int]) -> Path:
-    """Writes images/<split>/*.png, labels/<split>/*.txt and data.yaml; returns data.yaml's path."""
+def write_yolo_dataset(root: Path, counts: dict[str, int], workers: int = 1) -> Path:
+    """Writes images/<split>/*.png, labels/<split>/*.txt and data.yaml; returns data.yaml's path.
+
+    ``workers`` > 1 renders scenes in that many processes (the files are the same either way).
+    """
+    jobs = []
     for split, count in counts.items():
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for scene in scenes(split, count):
-            stem = f"{scene.seed:07d}"
-            Image.fromarray(scene.image).save(root / "images" / split / f"{stem}.png")
-            (root / "labels" / split / f"{stem}.txt").write_text("\n".join(yolo_label_lines(scene)) + "\n")
+        jobs += [(root, split, i) for i in range(count)]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_yolo_item, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _write_yolo_item(job)
     data = root / "data.yaml"
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
     splits = "".join(f"{split}: images/{split}\n" for split in counts)
     data.write_text(f"path: {root}\n{splits}names:\n{names}\n")
     return data
+
+
+def _write_yolo_item(job: tuple[Path, str, int]) -> None:
+    root, split, index = job
+    (scene,) = scenes(split, 1, start=index)
+    stem = f"{scene.seed:07d}"
+    Image.fromarray(scene.image).save(root / "images" / split / f"{stem}.png")
+    (root / "labels" / split / f"{stem}.txt").write_text("\n".join(yolo_label_lines(scene)) + "\n")
