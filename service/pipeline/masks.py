@@ -36,7 +36,8 @@ def encode_masks(masks: np.ndarray, encoding: str) -> list[EncodedMask]:
     if encoding == RLE:
         if n == 0:
             return []
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        # (H, W, N) column-major uint8: free when ``masks`` is a view of such memory (SegmenterProcessing).
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).view(np.uint8)))
         return [EncodedMask(h, w, RLE, rle_counts=r["counts"]) for r in rles]
     if encoding == POLYGON:
         return [EncodedMask(h, w, POLYGON, polygons=_polygons(m)) for m in masks]
@@ -46,7 +47,8 @@ def encode_masks(masks: np.ndarray, encoding: str) -> list[EncodedMask]:
 
 
 def _polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    image = np.ascontiguousarray(mask, dtype=np.uint8)
+    contours, _ = cv2.findContours(image, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return tuple(tuple(float(v) for v in c.reshape(-1)) for c in contours if len(c) >= 3)
 
 

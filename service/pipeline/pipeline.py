@@ -106,7 +106,8 @@ class Pipeline:
             low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
             timings["decode_masks"] = time.perf_counter() - t
             t = time.perf_counter()
-            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding)
+            wanted = [box is None for _, _, _, box, _, _ in meta]  # clicks-only regions take the mask's box
+            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding, wanted)
             timings["encode_masks"] = time.perf_counter() - t
             for (label, class_id, score, box, source, region), mask, mask_score, mask_box in zip(
                 meta, masks, scores, mask_boxes, strict=True
@@ -218,16 +219,17 @@ class Pipeline:
         return low_res, scores
 
     def _masks(
-        self, low_res: np.ndarray, image: DecodedImage, encoding: str
+        self, low_res: np.ndarray, image: DecodedImage, encoding: str, box_wanted: list[bool]
     ) -> tuple[list[EncodedMask], list[np.ndarray | None]]:
-        """Upsample, threshold and encode in chunks. Returns encoded masks and each mask's XYXY box (None if empty)."""
+        """Upsample, threshold and encode in chunks. Returns encoded masks and, where ``box_wanted``, the mask's
+        XYXY box (None if empty or not wanted)."""
         hw = (image.height, image.width)
         out: list[EncodedMask] = []
         boxes: list[np.ndarray | None] = []
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
             masks = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
             out.extend(encode_masks(masks, encoding))
-            boxes.extend(_mask_box(m) for m in masks)
+            boxes.extend(_mask_box(m) if box_wanted[i + k] else None for k, m in enumerate(masks))
         return out, boxes
 
 

@@ -40,3 +40,24 @@ def test_class_names_match_loosely_and_unknown_lists_the_vocabulary():
     assert resolve_classes(["Traffic_Light", " PERSON ", "person", "cell-phone"], vocab) == [1, 0, 2]
     with pytest.raises(InvalidInput, match=r"classes\[0\]: unknown class 'zebra'; the detector knows: person"):
         resolve_classes(["zebra"], vocab)
+
+
+def test_mask_upsampling_equals_sam2s_and_feeds_rle_in_its_own_layout():
+    """OpenCV's bilinear upsampling (the service's) against sam2's ``postprocess_masks`` (the reference)."""
+    import cv2
+    import torch
+    from sam2.utils.transforms import SAM2Transforms
+
+    from service.pipeline.segmentation import SegmenterProcessing
+    from service.runners.base import SegmenterSpec
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 64, 64)).astype(np.float32)
+    logits = np.stack([cv2.GaussianBlur(m, (0, 0), 3) * 10 for m in logits])  # smooth, like decoder logits
+    hw = (301, 177)
+    ours = SegmenterProcessing(SegmenterSpec(image_size=256)).postprocess(logits, hw)
+    reference = SAM2Transforms(256, 0.0).postprocess_masks(torch.from_numpy(logits[:, None]), hw)[:, 0] > 0
+    assert ours.shape == (5, *hw) and ours.dtype == bool
+    assert np.mean(ours != reference.numpy()) < 1e-4  # only pixels whose logit is ~0 may differ
+    for m, e in zip(ours, encode_masks(ours, RLE), strict=True):
+        assert np.array_equal(mask_utils.decode({"size": list(hw), "counts": e.rle_counts}).astype(bool), m)
