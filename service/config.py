@@ -40,7 +40,7 @@ class Settings:
     segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     offline: bool = False  # never try to download weights
-    device: str = "cpu"
+    device: str = "cpu"  # torch backend: cpu | cuda | cuda:N (both models; arrays cross to it and back)
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
 

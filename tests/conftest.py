@@ -23,6 +23,9 @@ from service.runners.base import Runner
 
 ASSETS = Path(__file__).parent / "assets"
 THREADS = 2
+# Where the torch runner and the reference predictors run: cpu in CI; a GPU machine runs the same parity
+# tests with DETSEG_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("DETSEG_TEST_DEVICE", "cpu")
 
 
 def ultralytics_asset(name: str) -> Path:
@@ -38,7 +41,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(cache_dir: Path) -> Settings:
-    return Settings(models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True)
+    return Settings(models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True, device=DEVICE)
 
 
 @pytest.fixture(scope="session")

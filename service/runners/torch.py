@@ -30,10 +30,17 @@ class TorchRunner(LocalRunner):
 
     backend = "torch"
 
-    def __init__(self, detector_module: torch.nn.Module, segmenter_module: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, detector_module: torch.nn.Module, segmenter_module: Any, *args: Any, device: str = "cpu", **kwargs: Any
+    ) -> None:
+        """``device``: where both modules live (``cpu``, ``cuda``, ``cuda:1``); arrays cross to it and back."""
         super().__init__(*args, **kwargs)
-        self._det = detector_module
-        self._sam = segmenter_module
+        self._device = torch.device(device)
+        self._det = detector_module.to(self._device)
+        self._sam = segmenter_module.to(self._device)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self._device, non_blocking=True)
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> TorchRunner:
@@ -53,29 +60,38 @@ class TorchRunner(LocalRunner):
             descriptor(models.detector, detector.imgsz, names),
             descriptor(models.segmenter, segmenter.image_size, ()),
         )
-        return cls(det, sam, detector, segmenter, descriptors, models.profile, batching=batching(settings))
+        return cls(
+            det,
+            sam,
+            detector,
+            segmenter,
+            descriptors,
+            models.profile,
+            batching=batching(settings),
+            device=settings.device,
+        )
 
     def _detect_sync(self, images: np.ndarray) -> Arrays:
         with torch.inference_mode():
-            out = self._det(torch.from_numpy(images))
+            out = self._det(self._tensor(images))
         raw = out[0] if isinstance(out, tuple | list) else out
-        return (raw.numpy(),)
+        return (raw.cpu().numpy(),)
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
         with torch.inference_mode():
-            embed, hr0, hr1 = sam_ops.image_features(self._sam, torch.from_numpy(images))
-        return embed.contiguous().numpy(), hr0.contiguous().numpy(), hr1.contiguous().numpy()
+            embed, hr0, hr1 = sam_ops.image_features(self._sam, self._tensor(images))
+        return tuple(f.contiguous().cpu().numpy() for f in (embed, hr0, hr1))
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        hr0, hr1 = (torch.from_numpy(f) for f in features.high_res_feats)
+        hr0, hr1 = (self._tensor(f) for f in features.high_res_feats)
         with torch.inference_mode():
             single, single_iou, multi, multi_iou = sam_ops.decode(
                 self._sam,
-                torch.from_numpy(features.image_embed),
+                self._tensor(features.image_embed),
                 hr0,
                 hr1,
-                torch.from_numpy(prompts.point_coords),
-                torch.from_numpy(prompts.point_labels),
+                self._tensor(prompts.point_coords),
+                self._tensor(prompts.point_labels),
             )
         masks, iou = (multi, multi_iou) if prompts.multimask else (single, single_iou)
-        return DecoderOutput(low_res_masks=masks.float().numpy(), iou_predictions=iou.float().numpy())
+        return DecoderOutput(low_res_masks=masks.float().cpu().numpy(), iou_predictions=iou.float().cpu().numpy())

@@ -55,6 +55,7 @@ from tests.triton_helpers import copy_repository_sources, free_ports, start_dets
 
 THREADS = os.cpu_count() or 2
 SCORE = 0.25
+BACKENDS = ("embedded", "onnx", "triton")  # detseg torch in-process, ONNX Runtime in-process, -> Triton
 
 
 def p(values: list[float], q: float) -> float:
@@ -88,6 +89,7 @@ class Naive:
     """What a user writes: YOLO.predict, then SAM2ImagePredictor per image."""
 
     def __init__(self, settings: Settings) -> None:
+        self.device = settings.device
         from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
         from ultralytics import YOLO
@@ -95,7 +97,7 @@ class Naive:
         models = resolve_models(settings)
         self.yolo = YOLO(str(models.detector.path))
         seg = models.segmenter
-        sam = build_sam2(seg.architecture, str(seg.path), device="cpu", hydra_overrides_extra=list(seg.overrides))
+        sam = build_sam2(seg.architecture, str(seg.path), device=self.device, hydra_overrides_extra=list(seg.overrides))
         self.predictor = SAM2ImagePredictor(sam)
         size = int(sam.image_size)
         self.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
@@ -105,10 +107,10 @@ class Naive:
         """``rect`` False: the square letterbox detseg uses, so both segment the same boxes (with seeded random
         weights the two letterboxes detect different objects; trained weights barely differ)."""
         result = self.yolo.predict(
-            rgb[..., ::-1], imgsz=self.imgsz, conf=SCORE, verbose=False, device="cpu", rect=rect
+            rgb[..., ::-1], imgsz=self.imgsz, conf=SCORE, verbose=False, device=self.device, rect=rect
         )[0]
         torch.set_num_threads(THREADS)  # ultralytics lowered it for the whole process
-        boxes = result.boxes.xyxy.numpy()
+        boxes = result.boxes.xyxy.cpu().numpy()
         with torch.inference_mode():
             self.predictor.set_image(rgb)
             if len(boxes):
@@ -235,14 +237,16 @@ def rss_over_requests(cache_dir: Path, requests: int) -> dict[str, float]:
             "requests": requests, "samples_mb": samples}  # fmt: skip
 
 
-def machine() -> dict[str, str]:
+def machine(device: str) -> dict[str, str]:
     import onnxruntime
     import sam2  # noqa: F401
     import ultralytics
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "no GPU"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "gpu": gpu, "device": device,
+            "python": platform.python_version(), "torch": torch.__version__,
             "ultralytics": ultralytics.__version__, "onnxruntime": onnxruntime.__version__, "sam2": "1.1.0",
             "tritonserver": "2.51 (nvidia-pytriton 0.7.0), python backend + ONNX Runtime CPU"}  # fmt: skip
 
@@ -254,22 +258,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss-requests", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for trying the script")
+    parser.add_argument("--device", default="cpu", help="torch device of the naive pipeline and detseg embedded")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="detseg backends to run, of " + ",".join(BACKENDS)
+    )
     args = parser.parse_args()
+    backends = [b for b in BACKENDS if b in args.backends.split(",")]
     repeats = 2 if args.quick else args.repeats
     torch.set_num_threads(THREADS)
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(args.device), "backends": backends}
     with tempfile.TemporaryDirectory(prefix="detseg-bench-") as tmp:
         root = Path(tmp)
         cache = root / "cache"
         if args.models == "official":
             settings = Settings(models="official", cache_dir=Path("~/.cache/detseg").expanduser(), port=0,
-                                threads=THREADS, offline=True)  # fmt: skip
+                                threads=THREADS, offline=True, device=args.device)  # fmt: skip
         else:
             sam_path = root / "weights" / "sam2.1_hiera_tiny.pt"  # named as the official file: its architecture
             sam_path.parent.mkdir(parents=True)
             testing.write_segmenter(sam_path, seed=0, image_size=1024)
             settings = Settings(models="test", segmenter=str(sam_path), cache_dir=cache, port=0, threads=THREADS,
-                                offline=True)  # fmt: skip
+                                offline=True, device=args.device)  # fmt: skip
         models = resolve_models(settings)
         result["models"] = {"detector": models.detector.name, "segmenter": f"{models.segmenter.name} "
                             f"({models.segmenter.architecture})", "kind": args.models}  # fmt: skip
@@ -279,14 +288,19 @@ def main() -> None:
         naive = Naive(settings)
         naive(bus_rgb)  # warm-up
         naive(bus_rgb, rect=False)
-        repo = root / "repo"
-        copy_repository_sources(repo)
-        triton_repo.write_repository(models, settings, repo)
-        triton = start_triton(repo, root / "triton")
+        triton = None
+        if "triton" in backends:
+            repo = root / "repo"
+            copy_repository_sources(repo)
+            triton_repo.write_repository(models, settings, repo)
+            triton = start_triton(repo, root / "triton")
         servers = {
-            "embedded": start_detseg(settings),
-            "onnx": start_detseg(settings.replace(backend="onnx")),
-            "triton": start_detseg(settings.replace(backend="triton", triton_url=triton.url)),
+            name: start_detseg(
+                settings.replace(
+                    backend="torch" if name == "embedded" else name, triton_url=triton.url if triton else ""
+                )
+            )
+            for name in backends
         }
         opts = [("grpc.max_receive_message_length", 64 << 20)]
         channels = [grpc.insecure_channel(s.target, options=opts) for s in servers.values()]
@@ -360,7 +374,8 @@ def main() -> None:
                 c.close()
             for server in servers.values():
                 server.stop()
-            triton.stop()
+            if triton is not None:
+                triton.stop()
 
         # 4. Decoder: N boxes in one call vs one call per box.
         result["decoder"] = decoder_costs(settings)
@@ -369,21 +384,26 @@ def main() -> None:
             d["decode_50_boxes_one_call_s"] / d["decode_50_single_box_calls_s"]
         )
         # 5. RSS of a serving process.
-        result["rss"] = rss_over_requests(cache, 50 if args.quick else args.rss_requests)
+        if args.rss_requests:
+            result["rss"] = rss_over_requests(cache, 50 if args.quick else args.rss_requests)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "RESULTS.md").write_text(report(result))
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 
+LABELS = {"embedded": "embedded (torch)", "onnx": "ONNX Runtime in-process", "triton": "Triton"}
+
+
 def report(r: dict[str, Any]) -> str:
-    m, s, ratios = r["machine"], r["single_image"], r["ratios"]
+    m, s, ratios, backends = r["machine"], r["single_image"], r["ratios"], r["backends"]
     rows = [
         "# detseg vs the naive pipeline",
         "",
-        f"Measured {r['date']} with `python -m tests.benchmarks.pipeline_bench` on {m['cpu']} ({m['cores']} cores, no GPU);",
-        f"torch {m['torch']}, ultralytics {m['ultralytics']}, sam2 {m['sam2']}, onnxruntime {m['onnxruntime']}, "
-        f"tritonserver {m['tritonserver']}.",
+        f"Measured {r['date']} with `python -m tests.benchmarks.pipeline_bench` on {m['cpu']} ({m['cores']} cores, "
+        f"{m['gpu']}; torch device `{m['device']}` for the naive pipeline and detseg embedded);",
+        f"torch {m['torch']}, ultralytics {m['ultralytics']}, sam2 {m['sam2']}, onnxruntime {m['onnxruntime']}"
+        + (f", tritonserver {m['tritonserver']}." if "triton" in backends else "."),
         f"Models: {r['models']['detector']} (640²) + {r['models']['segmenter']} at 1024², "
         + (
             "seeded random weights (official architectures and FLOPs)."
@@ -395,16 +415,27 @@ def report(r: dict[str, Any]) -> str:
         "",
         "| figure | measured | target |",
         "|---|---|---|",
-        f"| single-image latency, embedded / naive | {ratios['embedded_latency_vs_naive']:.2f} | ≤ 0.80 |",
-        f"| single-image latency, ONNX Runtime in-process / naive | {ratios['onnx_latency_vs_naive']:.2f} | – |",
-        f"| single-image latency, Triton / naive | {ratios['triton_latency_vs_naive']:.2f} | – |",
-        f"| throughput at 8 clients, embedded / naive | {ratios['embedded_throughput_8_clients_vs_naive']:.2f} | ≥ 1.5 |",
-        f"| throughput at 8 clients, ONNX Runtime in-process / naive | {ratios['onnx_throughput_8_clients_vs_naive']:.2f} | – |",
-        f"| throughput at 8 clients, Triton / naive | {ratios['triton_throughput_8_clients_vs_naive']:.2f} | – |",
+    ]
+    for name in backends:
+        target = "≤ 0.80" if name == "embedded" else "–"
+        rows.append(
+            f"| single-image latency, {LABELS[name]} / naive | {ratios[name + '_latency_vs_naive']:.2f} | {target} |"
+        )
+    for name in backends:
+        target = "≥ 1.5" if name == "embedded" else "–"
+        rows.append(
+            f"| throughput at 8 clients, {LABELS[name]} / naive | {ratios[name + '_throughput_8_clients_vs_naive']:.2f} | {target} |"
+        )
+    rows += [
         f"| cached re-prompt / full request | {ratios['cached_reprompt_vs_full']:.3f} | ≤ 0.05 |",
         f"| gRPC + serialisation overhead, share of end to end (embedded) | {r['grpc_overhead']['embedded']['share_of_e2e']:.1%} | ≤ 3 % |",
         f"| decoder, 50 boxes in one call / 50 one-box calls | {ratios['decoder_50_boxes_vs_50_single_calls']:.2f} | ≤ 0.5 |",
-        f"| RSS growth over {r['rss']['requests']} requests after warm-up | {r['rss']['growth_mb']:+.1f} MB | ≤ 50 MB |",
+    ]
+    if "rss" in r:
+        rows.append(
+            f"| RSS growth over {r['rss']['requests']} requests after warm-up | {r['rss']['growth_mb']:+.1f} MB | ≤ 50 MB |"
+        )
+    rows += [
         "",
         f"## Single image (bus.jpg, {s['boxes']} detections), single client, {s['naive']['n']} requests each, interleaved",
         "",
@@ -415,24 +446,26 @@ def report(r: dict[str, Any]) -> str:
         "naive": f"naive, square letterbox ({s['boxes']} boxes, the baseline of the ratios)",
         "naive_defaults": f"naive, ultralytics defaults (rect letterbox: {s['boxes_naive_defaults']} boxes)",
     }
-    for name in ("naive", "naive_defaults", "embedded", "onnx", "triton"):
-        rows.append(f"| {labels.get(name, 'detseg ' + name)} | {s[name]['p50_s']:.3f} | {s[name]['p99_s']:.3f} |")
+    for name in ("naive", "naive_defaults", *backends):
+        rows.append(
+            f"| {labels.get(name, 'detseg ' + LABELS.get(name, name))} | {s[name]['p50_s']:.3f} | {s[name]['p99_s']:.3f} |"
+        )
     rows += [
         "",
         "Per-stage medians (server side, seconds):",
         "",
-        "| stage | embedded (torch) | onnx | triton |",
-        "|---|---|---|---|",
+        "| stage | " + " | ".join(LABELS[n] for n in backends) + " |",
+        "|---|" + "---|" * len(backends),
     ]
     for stage in r["stages"]["embedded"]:
-        cells = " | ".join(f"{r['stages'][n].get(stage, float('nan')):.4f}" for n in ("embedded", "onnx", "triton"))
+        cells = " | ".join(f"{r['stages'][n].get(stage, float('nan')):.4f}" for n in backends)
         rows.append(f"| {stage} | {cells} |")
     rows += ["", "## Throughput (bus.jpg with new bytes per request, so no cache hits)", "", "| path | clients | requests | img/s | p50 (s) | p99 (s) |",
              "|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – |"]  # fmt: skip
-    for name in ("embedded", "onnx", "triton"):
+    for name in backends:
         for t in r["throughput"][name]:
             rows.append(
-                f"| {name} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
+                f"| {LABELS[name]} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
             )
     d = r["decoder"]
     rows += [
@@ -444,12 +477,15 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Decoder in one call: 1 box {d['decode_1_boxes_one_call_s'] * 1e3:.1f} ms, 10 boxes {d['decode_10_boxes_one_call_s'] * 1e3:.1f} ms, "
         f"50 boxes {d['decode_50_boxes_one_call_s'] * 1e3:.1f} ms; 50 one-box calls {d['decode_50_single_box_calls_s'] * 1e3:.1f} ms.",
-        "",
-        f"RSS of `detseg serve` (demo profile, distinct shapes scenes): {r['rss']['after_warmup_mb']:.0f} MB after warm-up, "
-        f"{r['rss']['after_requests_mb']:.0f} MB after {r['rss']['requests']} more requests (samples every 50: "
-        + ", ".join(f"{v:.0f}" for v in r["rss"]["samples_mb"])
-        + ").",
     ]
+    if "rss" in r:
+        rows += [
+            "",
+            f"RSS of `detseg serve` (demo profile, distinct shapes scenes): {r['rss']['after_warmup_mb']:.0f} MB after warm-up, "
+            f"{r['rss']['after_requests_mb']:.0f} MB after {r['rss']['requests']} more requests (samples every 50: "
+            + ", ".join(f"{v:.0f}" for v in r["rss"]["samples_mb"])
+            + ").",
+        ]
     return "\n".join(rows) + "\n"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models import testing
-from tests.conftest import ultralytics_asset
+from tests.conftest import DEVICE, ultralytics_asset
 from tests.helpers import encode, load_rgb, mask_iou, rle_mask, segment_request
 
 PHOTOS = ("bus.jpg", "zidane.jpg")
@@ -32,7 +32,7 @@ def sam_predictor(test_weights):
     model = build_sam2(
         testing.TEST_SEGMENTER_CONFIG,
         str(test_weights[1]),
-        device="cpu",
+        device=DEVICE,
         hydra_overrides_extra=list(testing.TEST_SEGMENTER_OVERRIDES),
     )
     predictor = SAM2ImagePredictor(model)
@@ -53,19 +53,19 @@ def test_detector_boxes_match_ultralytics_predict(stub, test_weights, figures, n
         iou=IOU,
         max_det=MAX_DET,
         rect=False,
-        device="cpu",
+        device=DEVICE,
         verbose=False,
     )[0]
     response = stub.Segment(
         segment_request(encode(rgb), score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET), timeout=300
     )
-    ref_boxes = reference.boxes.xyxy.numpy()
+    ref_boxes = reference.boxes.xyxy.cpu().numpy()
     ours = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances])
     assert len(ref_boxes) >= 5, "the reference must find boxes for the comparison to mean anything"
     assert len(ours) == len(ref_boxes)
     assert [i.class_id for i in response.instances] == reference.boxes.cls.int().tolist()
     assert [reference.names[c] for c in reference.boxes.cls.int().tolist()] == [i.label for i in response.instances]
-    np.testing.assert_allclose([i.score for i in response.instances], reference.boxes.conf.numpy(), atol=1e-4)
+    np.testing.assert_allclose([i.score for i in response.instances], reference.boxes.conf.cpu().numpy(), atol=1e-4)
     deviation = float(np.abs(ours - ref_boxes).max())
     figures[f"detector parity {name}: boxes, max |Δ| px"] = f"{len(ours)}, {deviation:.2e}"
     assert deviation <= 1.0
