@@ -33,6 +33,9 @@ class OrtModel:
         threads = int(params.get("intra_op_threads", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
+        # ONNX Runtime's CPU arena keeps the peak activation memory of the largest batch for good (measured:
+        # 5.9 GB retained after one batch of 4 SAM 2 encodes at 1024²; 0.4 GB without it, same speed).
+        options.enable_cpu_mem_arena = False
         if args.get("model_instance_kind") == "GPU":
             device = int(args.get("model_instance_device_id", "0"))
             providers: list = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]

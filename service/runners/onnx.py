@@ -49,6 +49,9 @@ class OnnxRunner(LocalRunner):
         options = ort.SessionOptions()
         if settings.threads > 0:
             options.intra_op_num_threads = settings.threads
+        # The CPU arena would keep the peak activation memory of the largest micro-batch for good (measured:
+        # 5.9 GB retained after a batch of 4 SAM 2 encodes at 1024², 0.4 GB without it, at the same speed).
+        options.enable_cpu_mem_arena = False
         sessions = {
             role: ort.InferenceSession(
                 str(repo / role / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
