@@ -59,7 +59,7 @@ class Settings:
 
     # `detseg export` / `detseg triton up`: the model repository and its serving knobs.
     triton_repository: Path = Path("model_repository")
-    triton_max_batch_size: int = 8
+    triton_max_batch_size: int = 4  # as batch_max_size: 4 suits CPU instances (ONNX Runtime); raise it for GPUs
     triton_max_queue_delay_us: int = 2000  # dynamic batching: the longest a request waits for company
     triton_max_queue_size: int = 32  # per model; a full queue answers RESOURCE_EXHAUSTED
     triton_instances: int = 1  # model instances per role

@@ -36,7 +36,7 @@ _DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(int32)": "TYPE_INT32", "tensor(
 class RepositoryOptions:
     """Serving knobs written into every config (from Settings)."""
 
-    max_batch_size: int = 8
+    max_batch_size: int = 4
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
     max_queue_size: int = 32  # per model; beyond it Triton rejects (→ RESOURCE_EXHAUSTED in detseg)
     instances: int = 1

@@ -62,7 +62,7 @@ def request_for(image: np.ndarray, **fields) -> pb.SegmentRequest:
     return pb.SegmentRequest(image=pb.Image(encoded=encode(image)), **fields)
 
 
-def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(repository, figures):
+def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(repository, demo_settings, figures):
     import onnx
 
     repo, reports = repository
@@ -81,7 +81,8 @@ def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(reposito
             assert config.parameters["detseg_profile"].string_value == "demo"
         batched = triton_repo.parse_config(repo / role / "config.pbtxt")
         if triton_repo.BATCHED[role]:
-            assert batched.max_batch_size == 8 and batched.dynamic_batching.default_queue_policy.max_queue_size == 32
+            assert batched.max_batch_size == demo_settings.triton_max_batch_size
+            assert batched.dynamic_batching.default_queue_policy.max_queue_size == 32
         else:
             assert batched.max_batch_size == 0 and not batched.HasField("dynamic_batching")
         # The committed configs are this very export of the demo profile.
@@ -138,13 +139,16 @@ def test_sixteen_concurrent_requests_each_get_their_own_answer(triton, triton_st
     assert requests == 16
 
 
-def test_deadline_shorter_than_the_work_is_exceeded_and_triton_sees_the_cancellation(triton, triton_stub):
+def test_deadline_shorter_than_the_work_is_exceeded_and_triton_sees_the_cancellation(
+    triton, triton_stub, demo_settings
+):
     import tritonclient.grpc as grpcclient
 
     cancelled = metric(triton, "nv_inference_request_failure", reason="CANCELED")
     client = grpcclient.InferenceServerClient(triton.url)
     # Keep the detector busy with batches sent straight to Triton, so detseg's call has to queue.
-    batch = np.random.default_rng(0).random((8, 3, 320, 320), dtype=np.float32)
+    size = demo_settings.triton_max_batch_size  # the largest batch the detector's config takes
+    batch = np.random.default_rng(0).random((size, 3, 320, 320), dtype=np.float32)
     done = []
 
     def load() -> None:
@@ -153,8 +157,8 @@ def test_deadline_shorter_than_the_work_is_exceeded_and_triton_sees_the_cancella
         client.infer("detector", [tensor])
         done.append(1)
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        busy = [pool.submit(load) for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:  # 24 requests queued: fewer than max_queue_size (32)
+        busy = [pool.submit(load) for _ in range(96 // size)]
         time.sleep(0.3)
         image = next(iter(scenes("test", 1, start=60))).image  # not sent before: no embedding-cache hit
         start = time.monotonic()
