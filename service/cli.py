@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reflection", dest="reflection", action="store_const", const=False, help="disable reflection")
     s.add_argument("--config", type=Path, help="YAML settings file (flags > DETSEG_* env > file > defaults)")
     s.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
+    s.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("segment", help="send an image to a running server; print labeled instances")
@@ -124,17 +125,21 @@ def _serve(args: argparse.Namespace) -> int:
             "offline",
             "reflection",
             "log_level",
+            "log_format",
         ),
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.startup import configure_logging, configure_process
+
+    configure_logging(settings.log_level, settings.log_format)
+    configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
     from service.api.server import create_server, serve_forever
     from service.runners.factory import load_runner
 
-    loaded = load_runner(settings)  # before binding: missing weights stop here with one clear message
-
     async def run() -> None:
-        server, port = await create_server(settings, lambda: loaded)
-        logging.getLogger("detseg").info("listening on %s:%d", settings.host, port)
+        # The port opens at once (health NOT_SERVING); models load behind it. A load failure (e.g. missing
+        # weights) stops the server and surfaces here as the DetsegError main() prints.
+        server, port = await create_server(settings, lambda: load_runner(settings))
+        logging.getLogger("detseg").info("listening on %s:%d; loading models", settings.host, port)
         await serve_forever(server, settings.grace_seconds)
 
     asyncio.run(run())

@@ -33,6 +33,7 @@ class Settings:
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC max receive/send message size
     max_concurrent_rpcs: int = 64  # beyond this, new RPCs get RESOURCE_EXHAUSTED
     log_level: str = "INFO"
+    log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
 
     # Models.
     models: str = "auto"  # profile: auto (official if obtainable, else demo) | official | demo | test
@@ -85,6 +86,15 @@ class Settings:
     default_score_threshold: float = 0.25
     default_iou_threshold: float = 0.7
     default_max_instances: int = 100
+
+    # Mask refinement defaults (SegmentOptions.refinement overrides them per request; ListModels reports them).
+    # Islands smaller than this are removed and holes smaller than it filled, in pixels, as SAM's automatic mask
+    # generator does with min_mask_region_area (100 in SAM's own example); 0 = off.
+    mask_min_region_area: int = 100
+    # Masks of box-prompted instances (detections, region boxes) are clipped to the box grown on each side by
+    # this fraction of its width / height: SAM may spill onto neighbouring objects, which a labeled mask must not.
+    mask_clip_to_box: bool = True
+    mask_box_margin: float = 0.1
 
     @classmethod
     def load(

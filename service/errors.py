@@ -31,11 +31,17 @@ class ModelUnavailable(DetsegError):
 
 
 class WeightsNotFound(ModelUnavailable):
-    """Official weights are absent from the cache and cannot be downloaded. ``files``: their file names."""
+    """Official weights are absent from the cache and cannot be downloaded.
 
-    def __init__(self, message: str, files: tuple[str, ...] | list[str] = ()) -> None:
+    ``files``: their file names; ``reasons``: why each could not be fetched (e.g. "download failed: HTTP 404").
+    """
+
+    def __init__(
+        self, message: str, files: tuple[str, ...] | list[str] = (), reasons: tuple[str, ...] | list[str] = ()
+    ) -> None:
         super().__init__(message)
         self.files = tuple(files)
+        self.reasons = tuple(reasons)
 
 
 class ChecksumMismatch(ModelUnavailable):

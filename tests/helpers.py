@@ -46,6 +46,10 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+# SAM's masks untouched (no clipping, hole filling or island removal): what SAM2ImagePredictor returns.
+RAW_MASKS = pb.MaskRefinement(disabled=True)
+
+
 def segment_request(data: bytes, classes: tuple[str, ...] = (), **options: object) -> pb.SegmentRequest:
     return pb.SegmentRequest(image=pb.Image(encoded=data), classes=list(classes), options=pb.SegmentOptions(**options))
 

@@ -10,7 +10,7 @@ from service.errors import InvalidInput
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
 from service.pipeline.pipeline import DETECTOR, EncodeResult, InstanceResult, SegmentResult
-from service.pipeline.prompts import ImageInput, Options, Region, SegmentQuery
+from service.pipeline.prompts import ImageInput, Options, RefinementOptions, Region, SegmentQuery
 from service.runners.base import ModelDescriptor
 
 _ENCODINGS = {
@@ -53,6 +53,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         max_instances=o.max_instances if o.HasField("max_instances") else None,
         mask_encoding=encoding,
         multimask=o.multimask,
+        refinement=refinement_from_proto(o.refinement),
     )
     return SegmentQuery(
         image=image,
@@ -60,6 +61,15 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         regions=regions,
         options=options,
         request_id=request.request_id,
+    )
+
+
+def refinement_from_proto(r: pb.MaskRefinement) -> RefinementOptions:
+    return RefinementOptions(
+        disabled=r.disabled,
+        min_region_area=r.min_region_area if r.HasField("min_region_area") else None,
+        clip_to_box=r.clip_to_box if r.HasField("clip_to_box") else None,
+        box_margin=r.box_margin if r.HasField("box_margin") else None,
     )
 
 

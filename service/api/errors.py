@@ -1,7 +1,8 @@
 """Domain errors → canonical gRPC status codes, in one place (AIP-193).
 
-Unexpected exceptions are logged with their traceback server-side; the caller sees INTERNAL with the
-request id only, never paths or internals.
+Every failure is logged with the request id as a structured field (``service.startup`` formats it; ids reaching
+here were validated or generated). Unexpected exceptions are logged with their traceback server-side; the caller
+sees INTERNAL with the request id only, never paths or internals.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def describe(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     """(status code, caller-safe message) for any failure; unexpected ones are logged with their traceback."""
     if isinstance(error, DetsegError):
         code = status_for(error)
-        log.info("request %s: %s: %s", request_id, code.name, error)
+        log.info("request %s: %s: %s", request_id, code.name, error, extra={"request_id": request_id})
         return code, str(error)
-    log.error("request %s failed", request_id, exc_info=error)
+    log.error("request %s failed", request_id, exc_info=error, extra={"request_id": request_id})
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
 
 

@@ -1,6 +1,8 @@
 """Server factory: ``create_server(settings) -> (server, port)`` (grpc examples' shape; tests bind port 0).
 
-The server starts answering at once: health is NOT_SERVING while models load and warm up, then SERVING.
+The port opens at once, before any model loads: health answers NOT_SERVING and the detseg RPCs UNAVAILABLE
+while the models load and warm up (what Kubernetes probes expect), then SERVING. If loading fails, health stays
+NOT_SERVING, RPCs say the models failed to load, and ``serve_forever`` stops the server and raises the error.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.servicer import SegmentationServicer
 from service.config import Settings
+from service.errors import DetsegError, ModelUnavailable
 from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.runners.base import Runner
+from service.startup import configure_process
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
@@ -39,6 +43,8 @@ class _State:
     health: health.aio.HealthServicer
     loading: asyncio.Task[None] | None = None
     serving: bool = False
+    load_error: BaseException | None = None
+    load_failed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     async def set_serving(self, serving: bool) -> None:
         if serving != self.serving:
@@ -60,16 +66,22 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             default_score_threshold=settings.default_score_threshold,
             default_iou_threshold=settings.default_iou_threshold,
             default_max_instances=settings.default_max_instances,
+            max_image_pixels=settings.max_image_pixels,
+            mask_min_region_area=settings.mask_min_region_area,
+            mask_clip_to_box=settings.mask_clip_to_box,
+            mask_box_margin=settings.mask_box_margin,
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
     )
 
 
 async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple[grpc.aio.Server, int]:
-    """Builds, binds and starts the server; models load in the background via ``load_runner``.
+    """Builds, binds and starts the server; models load in the background via ``load_runner`` (in a thread).
 
-    Returns the started server and the bound port (``settings.port`` 0 picks a free one).
+    Sets the process-wide third-party switches first (``service.startup.configure_process``). Returns the
+    started server and the bound port (``settings.port`` 0 picks a free one).
     """
+    configure_process(settings)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -100,8 +112,14 @@ async def _load(state: _State, settings: Settings, load_runner: RunnerFactory) -
         await runner.start()
         pipeline = build_pipeline(runner, settings)
         await _warm_up(pipeline)
-    except Exception:
-        log.exception("model loading failed; health stays NOT_SERVING")
+    except Exception as e:
+        if isinstance(e, DetsegError):
+            log.error("models could not be loaded: %s", e)
+        else:
+            log.exception("model loading failed")
+        state.load_error = e
+        state.servicer.load_failed()
+        state.load_failed.set()
         return
     state.servicer.attach(pipeline, runner.profile)
     await state.set_serving(True)
@@ -128,20 +146,33 @@ async def _warm_up(pipeline: Pipeline) -> None:
 
 
 async def serve_forever(server: grpc.aio.Server, grace_seconds: float) -> None:
-    """Waits for termination; on SIGTERM/SIGINT, health goes NOT_SERVING and in-flight RPCs get ``grace``."""
+    """Waits for termination; on SIGTERM/SIGINT, health goes NOT_SERVING and in-flight RPCs get ``grace``.
+
+    Raises:
+        DetsegError: the models failed to load (the server is stopped first); the error the loader raised
+            when it is a DetsegError (e.g. WeightsNotFound naming the files), else ModelUnavailable.
+    """
     import signal
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(server.wait_for_termination())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        state: _State | None = getattr(server, "_detseg_state", None)
-        if state is not None:
+    state: _State = server._detseg_state  # type: ignore[attr-defined]
+    terminated = asyncio.ensure_future(server.wait_for_termination())
+    signalled = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(state.load_failed.wait())
+    await asyncio.wait({terminated, signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    failed.cancel()
+    try:
+        if state.load_failed.is_set():
+            await server.stop(0)
+            error = state.load_error
+            raise error if isinstance(error, DetsegError) else ModelUnavailable("models failed to load (see the log)")
+        if stop.is_set():
             await state.health.enter_graceful_shutdown()
-        log.info("shutting down (grace %.1fs)", grace_seconds)
-        await server.stop(grace_seconds)
-    waiter.cancel()
+            log.info("shutting down (grace %.1fs)", grace_seconds)
+            await server.stop(grace_seconds)
+    finally:
+        terminated.cancel()  # only once the server has stopped: cancelling it earlier cancels the shutdown

@@ -17,6 +17,7 @@ from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
+from service.pipeline.prompts import valid_request_id
 from service.runners.base import DEADLINE
 
 
@@ -26,6 +27,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._pipeline: Pipeline | None = None
+        self._failed = False
         self._profile = ""
         self._models: list[pb.ModelInfo] = []
 
@@ -34,20 +36,29 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self._profile = profile
         self._models = [convert.model_to_proto(m) for m in pipeline.runner.models]
 
+    def load_failed(self) -> None:
+        """The models could not be loaded: RPCs say so (the reason is in the server's log, not for callers)."""
+        self._failed = True
+
     @property
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
+            if self._failed:
+                raise ModelUnavailable("the server's models failed to load; see the server log")
             raise ModelUnavailable("models are still loading; retry shortly")
         return self._pipeline
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request.request_id)
         _set_deadline(context)
         return await guarded(context, request_id, self._segment(request, request_id))
 
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
+        """``request_id``: the caller's when well-formed, else a fresh one (a malformed one is rejected below)."""
         pipeline = self.pipeline
-        query = dataclasses.replace(convert.query_from_proto(request), request_id=request_id)
+        query = convert.query_from_proto(request)
+        if valid_request_id(query.request_id) or not query.request_id:
+            query = dataclasses.replace(query, request_id=request_id)
         result = await pipeline.segment(query)
         return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
 
@@ -70,8 +81,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     ) -> AsyncIterator[pb.SegmentResult]:
         """In-order results; at most max_stream_in_flight items read and not yet answered (flow control)."""
         _set_deadline(context)
-        if self._pipeline is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "models are still loading; retry shortly")
+        try:
+            self.pipeline  # noqa: B018 - UNAVAILABLE for the whole stream while models load
+        except ModelUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         slots = asyncio.Semaphore(self._settings.max_stream_in_flight)
         started: asyncio.Queue[asyncio.Task[pb.SegmentResult] | None] = asyncio.Queue()
 
@@ -98,7 +111,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def _item(self, index: int, request: pb.SegmentRequest) -> pb.SegmentResult:
         """One batch/stream item: its response, or its own error (the others go on)."""
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = _request_id(request.request_id)
         try:
             return pb.SegmentResult(index=index, response=await self._segment(request, request_id))
         except Exception as e:
@@ -137,8 +150,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_instances_limit=s.max_instances,
                 max_image_bytes=s.max_image_bytes,
                 max_image_pixels=s.max_image_pixels,
+                refinement=pb.MaskRefinement(
+                    min_region_area=s.mask_min_region_area,
+                    clip_to_box=s.mask_clip_to_box,
+                    box_margin=s.mask_box_margin,
+                ),
             ),
         )
+
+
+def _request_id(given: str) -> str:
+    """The id to log and echo: the caller's if well-formed, else a fresh one, so caller text never reaches a log
+    line raw (a malformed id is then rejected as INVALID_ARGUMENT by the pipeline's checks)."""
+    return given if valid_request_id(given) else uuid.uuid4().hex
 
 
 def _set_deadline(context: grpc.aio.ServicerContext) -> None:

@@ -65,6 +65,7 @@ def ensure_weights(
         raise WeightsNotFound(
             f"{entry.filename} is not in the cache and downloads are off: " + _where_to_put(entry, cache_dir),
             files=[entry.filename],
+            reasons=["downloads are off"],
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=cache_dir)
@@ -91,6 +92,7 @@ def ensure_weights(
             f"{entry.filename} is not in the cache and could not be downloaded ({_reason(e)}): "
             + _where_to_put(entry, cache_dir),
             files=[entry.filename],
+            reasons=[f"download failed: {_reason(e)}"],
         ) from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -50,12 +50,14 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
             return resolve_models(settings.replace(models="official"), progress=progress)
         except WeightsNotFound as e:
             files = ", ".join(e.files) or "official weights"
+            why = "; ".join(dict.fromkeys(e.reasons)) or "not found"
             log.warning(
-                "%s not in %s and not downloadable: serving the DEMO profile (shapes models); for official "
-                "weights run `detseg serve --models official` online once, or put the files `detseg models` "
-                "lists in that folder",
+                "%s not in %s and could not be fetched (%s): serving the DEMO profile (shapes models); for "
+                "official weights run `detseg serve --models official` online once, or put the files `detseg "
+                "models` lists in that folder",
                 files,
                 settings.cache_dir,
+                why,
             )
             return resolve_models(settings.replace(models="demo"), progress=progress)
     detector: WeightsRef | None
@@ -83,19 +85,23 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         detector, segmenter, profile = None, None, settings.models
         missing: list[str] = []
         missing_files: list[str] = []
+        reasons: list[str] = []
         for role, name in (("detector", det_name), ("segmenter", seg_name)):
             try:
                 ref = _from_catalog(_entry(name, role), settings, progress)
             except WeightsNotFound as e:
                 missing.append(str(e))
                 missing_files.extend(e.files)
+                reasons.extend(e.reasons)
                 continue
             if role == "detector":
                 detector = ref
             else:
                 segmenter = ref
         if missing:
-            raise WeightsNotFound("official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files)
+            raise WeightsNotFound(
+                "official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files, reasons=reasons
+            )
     else:
         known = ", ".join(["auto", *PROFILES, "demo", "test"])
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")

@@ -1,7 +1,8 @@
 """Detector pre/post-processing, written once for every runner.
 
 Uses ultralytics' own pieces (``LetterBox``, ``non_max_suppression``, ``scale_boxes``) so results equal
-``YOLO.predict(..., rect=False)`` on the same pixels.
+``YOLO.predict(..., rect=False)`` on the same pixels. torch and ultralytics are imported when the processing
+is built or run, not with this module, so the server opens its port before they load.
 """
 
 from __future__ import annotations
@@ -9,10 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
-from ultralytics.data.augment import LetterBox
-from ultralytics.utils.nms import non_max_suppression
-from ultralytics.utils.ops import scale_boxes
 
 from service.runners.base import DetectorOutput, DetectorSpec
 
@@ -37,6 +34,8 @@ class DetectorProcessing:
     """Letterbox in, NMS + rescale out. Built once per server; stateless per call."""
 
     def __init__(self, spec: DetectorSpec) -> None:
+        from ultralytics.data.augment import LetterBox
+
         self.spec = spec
         self._letterbox = LetterBox(new_shape=(spec.imgsz, spec.imgsz), auto=False, stride=spec.stride)
 
@@ -58,6 +57,10 @@ class DetectorProcessing:
         max_instances: int,
     ) -> Detections:
         """Class-aware NMS on image ``index`` of the batch; boxes scaled back to original pixels."""
+        import torch
+        from ultralytics.utils.nms import non_max_suppression
+        from ultralytics.utils.ops import scale_boxes
+
         raw = torch.from_numpy(output.raw[index : index + 1])
         (det,) = non_max_suppression(
             raw,

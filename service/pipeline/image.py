@@ -1,9 +1,14 @@
 """Image decoding and validation: bytes in, RGB uint8 (H, W, 3) out, or InvalidImage.
 
 Checks happen cheapest-first and before any pixel is decoded: byte size, format by magic bytes
-(JPEG, PNG, WebP only), then the pixel count declared in the header. EXIF orientation is applied, so every
-coordinate detseg returns is in the displayed frame. Grayscale, palette, RGBA (composited over white),
-16-bit and CMYK images are converted to 8-bit RGB.
+(JPEG, PNG, WebP only), then the pixel count declared in the header, then (PNG) that the compressed data holds
+every row the header declares. EXIF orientation is applied, so every coordinate detseg returns is in the
+displayed frame. Grayscale, palette, RGBA (composited over white), 16-bit and CMYK images are converted to
+8-bit RGB.
+
+Bytes are parsed by Pillow's own format plugins, never through ``PIL.Image.open``: ultralytics replaces that
+function process-wide with a wrapper that, for bytes Pillow cannot identify, runs its requirement checker
+(which may pip-install a package). Nothing here can install, download or start a process.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import hashlib
 import io
 import struct
 import warnings
+import zlib
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from service.errors import InvalidImage
 
@@ -33,6 +39,12 @@ _REFUSED = (
     (lambda b: b[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"), "HEIF/AVIF"),
 )
 ALLOWED_FORMATS = "JPEG, PNG, WebP"
+# Pillow's plugin class per allowed format: parsing the header is constructing one (what Image.open does inside).
+_OPENERS: dict[str, type[ImageFile.ImageFile]] = {
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +114,15 @@ def decode_image(
     declared = declared_size(data, pil_format)
     if declared is not None:  # checked from our own header read, before Pillow allocates anything
         _check_size(*declared, limits, field)
+    if pil_format == "PNG":
+        check_png_complete(data, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[pil_format])
+            img = _OPENERS[pil_format](io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InvalidImage(f"{field}: declared size exceeds the limit of {limits.max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError):
         raise InvalidImage(f"{field}: corrupt {ours.upper()} header") from None
     _check_size(img.width, img.height, limits, field)  # from the header, before decoding
     try:
@@ -148,6 +162,58 @@ def declared_size(data: bytes, pil_format: str) -> tuple[int, int] | None:
     except struct.error:
         return None
     return None
+
+
+# Samples per pixel by PNG colour type, and the Adam7 interlace passes as (x0, y0, dx, dy).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_STEP = 1 << 20  # bytes inflated at a time: the check holds at most this much decompressed data
+
+
+def check_png_complete(data: bytes, field: str = "image.encoded") -> None:
+    """Raises InvalidImage unless the PNG's image data inflates to every row its header declares.
+
+    Pillow treats the end of the zlib stream as the end of the image, so a PNG that declares 6000x6000 and
+    carries 64 rows would otherwise decode "successfully" into mostly uninitialised pixels. The check streams
+    the IDAT chunks through zlib in 1 MiB steps, counting bytes (no image buffer), and stops as soon as the
+    declared amount is reached or the data ends; a truncated file is refused after inflating only what it has.
+    """
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise InvalidImage(f"{field}: corrupt PNG header")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise InvalidImage(f"{field}: corrupt PNG header (colour type {colour}, bit depth {depth})")
+    bits = _PNG_CHANNELS[colour] * depth
+
+    def scanlines(w: int, h: int) -> int:  # bytes of h filtered rows of w pixels
+        return h * (1 + (w * bits + 7) // 8) if w > 0 and h > 0 else 0
+
+    if interlace:
+        expected = sum(
+            scanlines((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7
+        )
+    else:
+        expected = scanlines(width, height)
+    inflater, inflated, pos = zlib.decompressobj(), 0, 8
+    try:
+        while pos + 8 <= len(data) and inflated < expected and not inflater.eof:
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            body = data[pos + 8 : pos + 8 + length]
+            pos += 12 + length
+            if kind == b"IEND":
+                break
+            if kind != b"IDAT":
+                continue
+            while body and inflated < expected:
+                inflated += len(inflater.decompress(body, _INFLATE_STEP))
+                body = inflater.unconsumed_tail
+    except zlib.error:
+        raise InvalidImage(f"{field}: corrupt PNG data (the compressed stream is invalid)") from None
+    if inflated < expected:
+        raise InvalidImage(
+            f"{field}: truncated PNG data: the image data holds {inflated} of the {expected} bytes its "
+            f"{width}x{height} header declares"
+        )
 
 
 def image_from_raw(

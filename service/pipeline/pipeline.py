@@ -16,6 +16,7 @@ from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.masks import EncodedMask, encode_masks
 from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
+from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
 from service.runners.base import DetectorOutput, ImageFeatures, Runner
 
@@ -35,6 +36,23 @@ class InstanceResult:
     mask_score: float
     source: str  # DETECTOR | REGION
     region_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """An instance before its mask: the SAM prompt and what the answer will say about it."""
+
+    prompt: SamPrompt
+    label: str
+    class_id: int
+    score: float
+    source: str  # DETECTOR | REGION
+    region_index: int
+
+    @property
+    def box(self) -> np.ndarray | None:
+        """(4,) float32 XYXY original-image pixels: the detector's or the caller's box; None for clicks only."""
+        return self.prompt.box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,22 +117,22 @@ class Pipeline:
         elif raw is not None:
             self.cache.add_detector_output(handle, raw)
 
-        prompts, meta = self._prompts(detections, p)
+        candidates = self._candidates(detections, p)
         instances: list[InstanceResult] = []
-        if prompts:
+        if candidates:
             t = time.perf_counter()
-            low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
+            low_res, scores = await self._decode_masks(features, [c.prompt for c in candidates], image, p.multimask)
             timings["decode_masks"] = time.perf_counter() - t
             t = time.perf_counter()
-            wanted = [box is None for _, _, _, box, _, _ in meta]  # clicks-only regions take the mask's box
-            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p.mask_encoding, wanted)
+            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p, candidates)
             timings["encode_masks"] = time.perf_counter() - t
-            for (label, class_id, score, box, source, region), mask, mask_score, mask_box in zip(
-                meta, masks, scores, mask_boxes, strict=True
-            ):
+            for c, mask, mask_score, mask_box in zip(candidates, masks, scores, mask_boxes, strict=True):
+                box = c.box
                 if box is None:  # a clicks-only region: its box is the mask's (or the clicks' if the mask is empty)
-                    box = mask_box if mask_box is not None else _points_box(p.regions[region])
-                instances.append(InstanceResult(label, class_id, score, box, mask, float(mask_score), source, region))
+                    box = mask_box if mask_box is not None else _points_box(c.prompt)
+                instances.append(
+                    InstanceResult(c.label, c.class_id, c.score, box, mask, float(mask_score), c.source, c.region_index)
+                )
         timings["total"] = time.perf_counter() - start
         return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings, entry is not None)
 
@@ -187,22 +205,18 @@ class Pipeline:
         timings["encode"] = time.perf_counter() - t
         return features
 
-    def _prompts(
-        self, detections: Detections | None, p: Plan
-    ) -> tuple[list[SamPrompt], list[tuple[str, int, float, np.ndarray | None, str, int]]]:
-        """Detections (score order) then regions (request order): SAM prompts + per-instance metadata."""
+    def _candidates(self, detections: Detections | None, p: Plan) -> list[_Candidate]:
+        """Detections (score order) then regions (request order), each with its SAM prompt."""
         names = self.runner.detector.names
-        prompts: list[SamPrompt] = []
-        meta: list[tuple[str, int, float, np.ndarray | None, str, int]] = []
+        out: list[_Candidate] = []
         empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
         if detections is not None:
             for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
-                prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
-                meta.append((names[int(cid)], int(cid), float(score), box, DETECTOR, -1))
+                prompt = SamPrompt(box=box, points=empty_pts, point_labels=empty_labels)
+                out.append(_Candidate(prompt, names[int(cid)], int(cid), float(score), DETECTOR, -1))
         for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
-            prompts.append(prompt)
-            meta.append((label, -1, 1.0, prompt.box, REGION, i))
-        return prompts, meta
+            out.append(_Candidate(prompt, label, -1, 1.0, REGION, i))
+        return out
 
     async def _decode_masks(
         self, features: ImageFeatures, prompts: list[SamPrompt], image: DecodedImage, multimask: bool
@@ -219,17 +233,21 @@ class Pipeline:
         return low_res, scores
 
     def _masks(
-        self, low_res: np.ndarray, image: DecodedImage, encoding: str, box_wanted: list[bool]
+        self, low_res: np.ndarray, image: DecodedImage, p: Plan, candidates: list[_Candidate]
     ) -> tuple[list[EncodedMask], list[np.ndarray | None]]:
-        """Upsample, threshold and encode in chunks. Returns encoded masks and, where ``box_wanted``, the mask's
-        XYXY box (None if empty or not wanted)."""
+        """Upsample, threshold, refine and encode in chunks. Returns encoded masks and, for clicks-only regions,
+        the refined mask's XYXY box (None if empty, and for every other instance)."""
         hw = (image.height, image.width)
         out: list[EncodedMask] = []
         boxes: list[np.ndarray | None] = []
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
             masks = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
-            out.extend(encode_masks(masks, encoding))
-            boxes.extend(_mask_box(m) if box_wanted[i + k] else None for k, m in enumerate(masks))
+            chunk = candidates[i : i + _MASK_CHUNK]
+            if p.refinement.active:
+                for mask, c in zip(masks, chunk, strict=True):
+                    refine_mask(mask, c.box, p.refinement)
+            out.extend(encode_masks(masks, p.mask_encoding))
+            boxes.extend(_mask_box(m) if c.box is None else None for m, c in zip(masks, chunk, strict=True))
         return out, boxes
 
 

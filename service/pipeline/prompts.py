@@ -14,6 +14,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.pipeline.masks import ENCODINGS, RLE
+from service.pipeline.refine import Refinement
 from service.pipeline.segmentation import SamPrompt
 
 
@@ -35,6 +36,17 @@ class Options:
     max_instances: int | None = None
     mask_encoding: str = RLE
     multimask: bool = False
+    refinement: RefinementOptions = dataclasses.field(default_factory=lambda: RefinementOptions())
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinementOptions:
+    """Mask refinement asked for; None = the server default. ``disabled``: SAM's masks untouched."""
+
+    disabled: bool = False
+    min_region_area: int | None = None
+    clip_to_box: bool | None = None
+    box_margin: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,10 @@ class Limits:
     default_score_threshold: float
     default_iou_threshold: float
     default_max_instances: int
+    max_image_pixels: int
+    mask_min_region_area: int
+    mask_clip_to_box: bool
+    mask_box_margin: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +100,22 @@ class Plan:
     max_instances: int
     mask_encoding: str
     multimask: bool
+    refinement: Refinement
     regions: list[SamPrompt]
     region_labels: list[str]
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_request_id(request_id: str) -> bool:
+    """True for 1 to 128 characters of [A-Za-z0-9._:-]: safe to log and to echo."""
+    return _REQUEST_ID.fullmatch(request_id) is not None
 
 
 def check_query(query: SegmentQuery, limits: Limits) -> None:
     """Checks that need no pixels: counts, option ranges, point labels, finite numbers, request id."""
-    if query.request_id and not _REQUEST_ID.match(query.request_id):
+    if query.request_id and not valid_request_id(query.request_id):
         raise InvalidInput("request_id: at most 128 characters of [A-Za-z0-9._:-]")
     if len(query.classes) > limits.max_class_prompts:
         raise InvalidInput(f"classes: {len(query.classes)} given, the limit is {limits.max_class_prompts}")
@@ -107,6 +129,13 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         raise InvalidInput(f"options.max_instances: {o.max_instances} is outside [1, {limits.max_instances}]")
     if o.mask_encoding not in ENCODINGS:
         raise InvalidInput(f"options.mask_encoding: unknown value {o.mask_encoding!r}")
+    area, margin = o.refinement.min_region_area, o.refinement.box_margin
+    if area is not None and not 0 <= area <= limits.max_image_pixels:
+        raise InvalidInput(
+            f"options.refinement.min_region_area: {area} is outside [0, {limits.max_image_pixels}] pixels"
+        )
+    if margin is not None and not (math.isfinite(margin) and 0.0 <= margin <= 10.0):
+        raise InvalidInput(f"options.refinement.box_margin: {margin} is outside [0, 10] (fraction of the box)")
     for i, r in enumerate(query.regions):
         field = f"regions[{i}]"
         if r.box is None and not r.points:
@@ -159,9 +188,20 @@ def plan(query: SegmentQuery, limits: Limits, vocabulary: Sequence[str], width: 
         max_instances=o.max_instances if o.max_instances is not None else limits.default_max_instances,
         mask_encoding=o.mask_encoding,
         multimask=o.multimask,
+        refinement=resolve_refinement(o.refinement, limits),
         regions=prompts,
         region_labels=[r.label or "object" for r in query.regions],
     )
+
+
+def resolve_refinement(asked: RefinementOptions, limits: Limits) -> Refinement:
+    """The request's refinement, unset fields taking the server defaults in ``limits``."""
+    if asked.disabled:
+        return Refinement.NONE
+    area = limits.mask_min_region_area if asked.min_region_area is None else asked.min_region_area
+    clip = limits.mask_clip_to_box if asked.clip_to_box is None else asked.clip_to_box
+    margin = limits.mask_box_margin if asked.box_margin is None else asked.box_margin
+    return Refinement(min_region_area=area, box_margin=margin if clip else None)
 
 
 def normalise_class_name(name: str) -> str:

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 
 import cv2
 import numpy as np
-import torch
-from sam2.utils.transforms import SAM2Transforms
 
 from service.runners.base import PromptBatch, SegmenterSpec
 
@@ -41,6 +39,11 @@ class SegmenterProcessing:
     """Built once per server; stateless per call (``SAM2Transforms`` is scripted once here)."""
 
     def __init__(self, spec: SegmenterSpec) -> None:
+        # torch and sam2 load here, not with the module: the server opens its port before they do.
+        import torch
+        from sam2.utils.transforms import SAM2Transforms
+
+        self._torch = torch
         self.spec = spec
         self._transforms = SAM2Transforms(
             resolution=spec.image_size,
@@ -51,7 +54,7 @@ class SegmenterProcessing:
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised."""
-        with torch.inference_mode():
+        with self._torch.inference_mode():
             return self._transforms(rgb)[None].numpy()
 
     def prompt_batches(
@@ -75,9 +78,9 @@ class SegmenterProcessing:
                     lab = np.concatenate([_BOX_LABELS, lab])
                 coords.append(c)
                 labels.append(lab)
-            with torch.inference_mode():
+            with self._torch.inference_mode():
                 sam_coords = self._transforms.transform_coords(
-                    torch.from_numpy(np.stack(coords).astype(np.float32)), normalize=True, orig_hw=orig_hw
+                    self._torch.from_numpy(np.stack(coords).astype(np.float32)), normalize=True, orig_hw=orig_hw
                 )
             yield (
                 indices,

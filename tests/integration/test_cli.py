@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -129,3 +130,52 @@ def test_default_serve_offline_falls_back_to_demo_and_segments_the_sample(tmp_pa
         out, _ = proc.communicate(timeout=60)
     warnings = [line for line in out.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "DEMO profile" in warnings[0], out[-3000:]
+    assert "could not be fetched (downloads are off)" in warnings[0]
+
+
+@pytest.mark.slow
+def test_serve_answers_health_at_once_and_rpcs_unavailable_until_the_models_are_ready(tmp_path: Path, figures):
+    """The port opens before the models load (a fresh cache: the test models are built first), as probes expect."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+    port = _free_port()
+    env = {**os.environ, "DETSEG_CACHE_DIR": str(tmp_path / "fresh-cache"), "DETSEG_THREADS": "2"}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [*DETSEG, "serve", "--models", "test", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    seen: list[tuple[float, int]] = []  # (seconds since start, health status)
+    loading_error = None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
+            while time.monotonic() - start < 240 and not (
+                seen and seen[-1][1] == health_pb2.HealthCheckResponse.SERVING
+            ):
+                try:
+                    status = health.Check(request, timeout=1).status
+                except grpc.RpcError:  # connection refused: the port is not open yet
+                    time.sleep(0.05)
+                    continue
+                seen.append((time.monotonic() - start, status))
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING and loading_error is None:
+                    with pytest.raises(grpc.RpcError) as err:
+                        pb_grpc.SegmentationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+                    loading_error = err.value
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert seen, out[-3000:]
+    first, ready = seen[0][0], seen[-1][0]
+    figures["serve --models test, fresh cache: first health answer, SERVING after"] = f"{first:.2f} s, {ready:.2f} s"
+    assert seen[0][1] == health_pb2.HealthCheckResponse.NOT_SERVING, "health must answer while models load"
+    assert seen[-1][1] == health_pb2.HealthCheckResponse.SERVING, out[-3000:]
+    assert loading_error is not None and loading_error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "loading" in loading_error.details()
+    assert proc.returncode == 0

@@ -1,8 +1,9 @@
 """Parity with the reference implementations on the same weights and pixels.
 
 Detector: our gRPC answers vs ``ultralytics.YOLO(...).predict(rect=False)`` (boxes within 1 px, same
-classes in the same order). Masks: vs ``SAM2ImagePredictor.predict`` given the same boxes/points (IoU >= 0.99).
-The image goes over gRPC as lossless PNG of the very array the references get.
+classes in the same order). Masks: vs ``SAM2ImagePredictor.predict`` given the same boxes/points (IoU >= 0.99),
+unrefined; refined masks vs the predictor's masks clipped to box + margin and cleaned by sam2's own
+``remove_small_regions``. The image goes over gRPC as lossless PNG of the very array the references get.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models import testing
 from tests.conftest import DEVICE, ultralytics_asset
-from tests.helpers import encode, load_rgb, mask_iou, rle_mask, segment_request
+from tests.helpers import RAW_MASKS, encode, load_rgb, mask_iou, rle_mask, segment_request
 
 PHOTOS = ("bus.jpg", "zidane.jpg")
 CONF, IOU, MAX_DET = 0.05, 0.7, 100
@@ -74,7 +75,8 @@ def test_detector_boxes_match_ultralytics_predict(stub, test_weights, figures, n
 @pytest.mark.parametrize("name", PHOTOS)
 def test_masks_match_sam2_image_predictor(stub, sam_predictor, figures, name):
     rgb = load_rgb(ultralytics_asset(name))
-    response = stub.Segment(segment_request(encode(rgb), score_threshold=CONF, max_instances=20), timeout=300)
+    request = segment_request(encode(rgb), score_threshold=CONF, max_instances=20, refinement=RAW_MASKS)
+    response = stub.Segment(request, timeout=300)
     assert len(response.instances) >= 3
     boxes = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances], np.float32)
     sam_predictor.set_image(rgb)
@@ -102,6 +104,7 @@ def test_point_and_box_prompts_match_sam2_image_predictor(stub, sam_predictor, f
             ),
             pb.RegionPrompt(points=[pb.Point(x=150, y=500, label=1), pb.Point(x=400, y=400, label=0)]),
         ],
+        options=pb.SegmentOptions(refinement=RAW_MASKS),
     )
     response = stub.Segment(request, timeout=300)
     sam_predictor.set_image(rgb)
@@ -112,4 +115,46 @@ def test_point_and_box_prompts_match_sam2_image_predictor(stub, sam_predictor, f
         mask_iou(rle_mask(response.instances[1].mask), points_only[0].astype(bool)),
     ]
     figures["mask parity points(+box) prompts: min IoU"] = f"{min(ious):.6f}"
+    assert min(ious) >= 0.99
+
+
+def _outside_box(mask: np.ndarray, box: pb.BoundingBox) -> float:
+    """How far (px) the mask reaches beyond its box: the largest distance of a mask pixel's edge from it."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return 0.0
+    return max(0.0, box.x_min - cols[0], box.y_min - rows[0], cols[-1] + 1 - box.x_max, rows[-1] + 1 - box.y_max)
+
+
+def test_refined_masks_stay_in_their_box_and_match_sams_own_region_cleanup(stub, sam_predictor, settings, figures):
+    from sam2.utils.amg import remove_small_regions
+
+    from service.pipeline.refine import Refinement, refine_mask
+
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    request = segment_request(encode(rgb), score_threshold=CONF, max_instances=20)
+    refined = stub.Segment(request, timeout=300)
+    request.options.refinement.CopyFrom(RAW_MASKS)
+    raw = stub.Segment(request, timeout=300)
+    assert len(refined.instances) == len(raw.instances) >= 3
+    margin, area = settings.mask_box_margin, settings.mask_min_region_area
+    raw_spill = max(_outside_box(rle_mask(i.mask), i.box) for i in raw.instances)
+    assert raw_spill > 100, "random SAM weights spill far outside their boxes: the case refinement is for"
+    boxes = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in raw.instances], np.float32)
+    sam_predictor.set_image(rgb)
+    masks, _, _ = sam_predictor.predict(box=boxes, multimask_output=False)
+    ious, spill = [], 0.0
+    for inst, box, sam_mask in zip(refined.instances, boxes, masks.reshape(len(boxes), *rgb.shape[:2]), strict=True):
+        got = rle_mask(inst.mask)
+        w, h = box[2] - box[0], box[3] - box[1]
+        spill = max(spill, _outside_box(got, inst.box) / max(w, h))
+        assert _outside_box(got, inst.box) <= margin * max(w, h) + 1
+        expected = sam_mask.astype(bool)
+        refine_mask(expected, box, Refinement(box_margin=margin))  # clipping only
+        expected, _ = remove_small_regions(expected, area, mode="holes")
+        expected, _ = remove_small_regions(expected, area, mode="islands")
+        ious.append(mask_iou(got, expected))
+    figures["mask refinement bus.jpg (test weights): raw spill px, refined spill / box side, IoU vs sam2 cleanup"] = (
+        f"{raw_spill:.0f}, {spill:.3f}, min {min(ious):.4f}"
+    )
     assert min(ious) >= 0.99

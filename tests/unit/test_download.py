@@ -97,3 +97,24 @@ def test_auto_profile_without_official_weights_serves_demo_with_one_warning(tmp_
     message = warning.getMessage()
     assert "\n" not in message and "DEMO" in message and "yolo11n.pt, sam2.1_hiera_tiny.pt" in message
     assert "--models official" in message
+
+
+def test_auto_profile_warning_says_the_download_failed_and_why(http_root, tmp_path, caplog, monkeypatch):
+    """Online but the files cannot be fetched (here a real HTTP 404): the one WARNING says so, not just "absent"."""
+    import dataclasses
+    import logging
+
+    from service.config import Settings
+    from service.models import catalog
+    from service.models.profiles import resolve_models
+
+    base, _ = http_root
+    for name in catalog.PROFILES["official"]:
+        entry = catalog.CATALOG[name]
+        monkeypatch.setitem(catalog.CATALOG, name, dataclasses.replace(entry, url=f"{base}/{entry.filename}"))
+    caplog.set_level(logging.INFO)
+    models = resolve_models(Settings(models="auto", cache_dir=tmp_path / "cache"), progress=False)
+    assert models.profile == "demo"
+    assert any("downloading yolo11n.pt" in r.getMessage() for r in caplog.records)
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "could not be fetched (download failed: HTTP 404)" in warning.getMessage()

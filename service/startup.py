@@ -1,0 +1,104 @@
+"""Process-wide state, set deliberately once at start-up: third-party switches and logging.
+
+Third-party libraries read some of their behaviour from the environment at import time, or keep it in module
+globals. detseg sets them here, from Settings, before serving, so that no request can change them or be changed
+by them:
+
+- **ultralytics** would pip-install missing packages (``YOLO_AUTOINSTALL``, on by default), resolve DNS at
+  import to decide whether it is online (``YOLO_OFFLINE``), and write its settings file under ``$HOME``
+  (``YOLO_CONFIG_DIR``). detseg turns auto-install off and marks it offline for the whole process, always: a
+  serving process must never install, download or start a subprocess. Its settings live under
+  ``<cache_dir>/ultralytics``. If ultralytics was imported before this runs (its env vars are read at import),
+  the same switches are set on its modules.
+- **Pillow** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False (a library could set it for its own reasons), so
+  truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
+  (``service.pipeline.image``).
+
+Logging: ``text`` (one line per record, caller-supplied text escaped so a request cannot forge log lines) or
+``json`` (one JSON object per line; ``request_id`` and other ``extra`` fields as keys).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from service.config import Settings
+
+# Record attributes that every LogRecord has; anything else was passed as ``extra=`` and is a structured field.
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_process(settings: Settings) -> None:
+    """Sets the third-party switches above. Idempotent; call before serving (the server factory does)."""
+    config_dir = settings.cache_dir / "ultralytics"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["YOLO_AUTOINSTALL"] = "False"
+    os.environ["YOLO_OFFLINE"] = "True"
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    utils = sys.modules.get("ultralytics.utils")
+    if utils is not None:  # imported already: its env vars were read, so set what it derived from them
+        for module in (utils, sys.modules.get("ultralytics.utils.checks")):
+            if module is not None:
+                module.AUTOINSTALL = False  # type: ignore[attr-defined]
+                module.ONLINE = False  # type: ignore[attr-defined]
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Root logging to stderr: ``fmt`` "text" or "json"."""
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log_format must be text or json, got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else SafeTextFormatter(_TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _escape(text: str) -> str:
+    """Control characters (newlines above all) as escapes, so one record is one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class SafeTextFormatter(logging.Formatter):
+    """One line per record: the message is escaped; a traceback follows on lines of its own, indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
+        extras = _extras(record)
+        escaped = logging.makeLogRecord(record.__dict__)  # a copy: other handlers see the record unchanged
+        escaped.message = _escape(record.message)
+        line = super().formatMessage(escaped)
+        if extras:
+            line += " " + " ".join(f"{k}={_escape(str(v))}" for k, v in extras.items())
+        return line
+
+    def formatException(self, ei: Any) -> str:  # logging's name
+        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the ``extra`` fields, and exc_info if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
