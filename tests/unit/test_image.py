@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidImage
-from service.pipeline.image import ImageLimits, declared_size, decode_image, image_from_raw, sniff_format
+from service.pipeline.image import (
+    ImageLimits,
+    check_png_complete,
+    declared_size,
+    decode_image,
+    image_from_raw,
+    sniff_format,
+)
 from tests.helpers import encode, synthetic_rgb
 
 LIMITS = ImageLimits(max_bytes=10 << 20, max_pixels=4_000_000, max_side=4096)
@@ -87,3 +94,58 @@ def test_raw_rgb_round_trips_and_hashes_its_bytes():
     rgb = synthetic_rgb(10, 20)
     image = image_from_raw(rgb.tobytes(), 20, 10, LIMITS)
     assert np.array_equal(image.rgb, rgb) and image.format == "raw" and len(image.sha256) == 64
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _interlaced_png(rgb: np.ndarray, keep_bytes: int | None = None) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG of ``rgb`` (Pillow cannot write one); ``keep_bytes`` cuts its pixel data."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b""
+    for x0, y0, dx, dy in (
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ):
+        sub = rgb[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    raw = raw if keep_bytes is None else raw[:keep_bytes]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
+    body = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_interlaced_png_decodes_and_a_short_one_is_truncated():
+    rgb = synthetic_rgb(37, 53)
+    assert np.array_equal(decode_image(_interlaced_png(rgb), LIMITS).rgb, rgb)
+    with pytest.raises(InvalidImage, match=r"image.encoded: truncated PNG data"):
+        decode_image(_interlaced_png(rgb, keep_bytes=3000), LIMITS)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "I;16", "LA"])
+def test_complete_pngs_of_every_bit_depth_pass_the_completeness_check(mode):
+    base = Image.fromarray(synthetic_rgb(33, 47))
+    img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    check_png_complete(buf.getvalue())
+    assert decode_image(buf.getvalue(), LIMITS).rgb.shape == (33, 47, 3)
+
+
+def test_png_cut_inside_its_data_is_truncated_not_corrupt():
+    data = encode(synthetic_rgb(200, 300), "PNG")
+    with pytest.raises(InvalidImage, match=r"truncated PNG data: the image data holds \d+ of the 180200 bytes"):
+        decode_image(data[: len(data) // 2], LIMITS)

@@ -26,7 +26,7 @@ def test_polygon_and_png_of_a_square():
     m[0, 5:15, 10:20] = True
     (poly,) = encode_masks(m, POLYGON)
     xs, ys = poly.polygons[0][0::2], poly.polygons[0][1::2]
-    assert (min(xs), max(xs), min(ys), max(ys)) == (10, 19, 5, 14)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (10, 20, 5, 15)  # pixel edges: the square spans [10, 20)
     (png,) = encode_masks(m, PNG)
     assert png.png.startswith(b"\x89PNG")
 

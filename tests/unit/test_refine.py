@@ -1,0 +1,66 @@
+"""Mask refinement: clipping to box + margin, and hole/island cleanup equal to sam2's own remove_small_regions."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from sam2.utils.amg import remove_small_regions
+
+from service.pipeline.refine import Refinement, refine_mask
+
+
+def _blobby_mask(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
+    """A mask with a main body, specks, small and large holes, kept off the image border."""
+    rng = np.random.default_rng(seed)
+    noise = cv2.GaussianBlur(rng.normal(size=(h, w)).astype(np.float32), (0, 0), sigmaX=rng.uniform(1.5, 4))
+    mask = noise > np.quantile(noise, rng.uniform(0.4, 0.8))
+    mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = False, False, False, False
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("area", [10, 50, 200])
+def test_cleanup_equals_sam2_remove_small_regions(seed, area):
+    mask = _blobby_mask(seed)
+    expected, _ = remove_small_regions(mask, area, mode="holes")
+    expected, _ = remove_small_regions(expected, area, mode="islands")
+    got = mask.copy()
+    refine_mask(got, None, Refinement(min_region_area=area))
+    assert np.array_equal(got, expected)
+
+
+def test_cleanup_works_on_a_view_of_column_major_memory():
+    """The pipeline refines views into an (H, W, N) Fortran-ordered batch (what pycocotools encodes)."""
+    masks = np.stack([_blobby_mask(s) for s in range(3)], axis=2).copy(order="F")
+    expected = []
+    for i in range(3):
+        e, _ = remove_small_regions(masks[:, :, i], 100, mode="holes")
+        expected.append(remove_small_regions(e, 100, mode="islands")[0])
+    views = masks.transpose(2, 0, 1)
+    for view in views:
+        refine_mask(view, None, Refinement(min_region_area=100))
+    assert all(np.array_equal(views[i], expected[i]) for i in range(3))
+
+
+def test_clipping_keeps_box_plus_margin_and_drops_the_rest():
+    mask = np.ones((100, 200), bool)
+    refine_mask(mask, np.array([50, 20, 150, 60], np.float32), Refinement(box_margin=0.1))
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    assert (cols[0], cols[-1] + 1, rows[0], rows[-1] + 1) == (40, 160, 16, 64)  # 10 px and 4 px margins
+    assert mask.sum() == 120 * 48
+
+
+def test_clicks_only_masks_are_not_clipped_and_an_all_small_mask_keeps_its_largest_island():
+    mask = np.zeros((50, 50), bool)
+    mask[5:9, 5:9] = True  # 16 px
+    mask[30:35, 30:35] = True  # 25 px, the largest
+    refine_mask(mask, None, Refinement(min_region_area=100, box_margin=0.0))
+    assert mask.sum() == 25 and mask[32, 32]
+
+
+def test_none_changes_nothing():
+    mask = _blobby_mask(3)
+    before = mask.copy()
+    refine_mask(mask, np.array([0, 0, 10, 10], np.float32), Refinement.NONE)
+    assert np.array_equal(mask, before) and not Refinement.NONE.active

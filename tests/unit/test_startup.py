@@ -1,0 +1,66 @@
+"""Process start-up: ultralytics can never auto-install, whenever it is imported; logs are one line per record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from service.startup import JsonFormatter, SafeTextFormatter
+
+# Runs in a fresh interpreter: ultralytics' switches are read when it is first imported.
+_PROBE = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from service.config import Settings
+    from service.startup import configure_process
+    calls, recording = [], []
+    watched = ("subprocess.Popen", "os.system", "os.posix_spawn", "urllib.Request")
+    sys.addaudithook(lambda event, args: calls.append(event) if recording and event in watched else None)
+    if sys.argv[1] == "before":
+        import ultralytics.utils.checks  # imported first, with the environment's default (auto-install on)
+    configure_process(Settings(cache_dir=Path(sys.argv[2])))
+    from ultralytics.utils import checks  # (importing torch runs ldconfig once: start-up, not a request)
+    recording.append(True)
+    installed = checks.check_requirements("detseg-no-such-package-xyz")
+    print(checks.AUTOINSTALL, checks.ONLINE, installed, calls)
+    """
+)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_ultralytics_auto_install_is_off_whether_imported_before_or_after_start_up(tmp_path: Path, order):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}  # ultralytics' defaults
+    env["YOLO_CONFIG_DIR"] = str(tmp_path / "yolo")
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, order, str(tmp_path / "cache")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "False False False []", result.stdout + result.stderr
+    assert "AutoUpdate disabled" in result.stderr + result.stdout
+
+
+def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("service.api.errors", logging.INFO, __file__, 1, message, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_log_lines_carry_the_request_id_as_a_field():
+    line = JsonFormatter().format(_record("request %s: %s", "abc", "line one\nline two", request_id="abc"))
+    entry = json.loads(line)
+    assert "\n" not in line and entry["request_id"] == "abc" and entry["level"] == "INFO"
+    assert entry["message"] == "request abc: line one\nline two"
+
+
+def test_text_log_lines_escape_control_characters_and_append_fields():
+    line = SafeTextFormatter("%(levelname)s %(message)s").format(_record("x %s", "a\r\nb", request_id="r1"))
+    assert line == "INFO x a\\r\\nb request_id=r1"
