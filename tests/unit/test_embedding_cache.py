@@ -59,6 +59,7 @@ def test_detector_output_joins_a_cached_entry_and_counts_its_bytes():
     got = cache.get("h")
     assert got is not None and got.detector is not None and cache.nbytes == before + 3600
     cache.add_detector_output("gone", DetectorOutput(np.zeros((1,), np.float32)))  # not cached: ignored
+    assert cache.get("gone") is None and len(cache) == 1 and cache.nbytes == before + 3600
 
 
 def test_zero_bytes_disables_the_cache():

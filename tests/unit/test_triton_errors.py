@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from service.api.errors import status_for
+from service.api.errors import describe, status_for
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded
 from service.runners.triton import _domain_error
 
@@ -29,8 +29,10 @@ def test_triton_errors_map_to_domain_errors(status, message, kind, code):
     assert "127.0.0.1" not in str(error) and "ECONNREFUSED" not in str(error)  # nothing internal leaks
 
 
-def test_other_triton_failures_are_internal_errors():
+def test_other_triton_failures_are_internal_errors_that_name_nothing_internal(caplog):
     error = _domain_error(
         "sam2_mask_decoder", InferenceServerException("onnxruntime: bad shape", status="StatusCode.INTERNAL")
     )
-    assert not isinstance(error, Overloaded | DeadlineExceeded | ModelUnavailable)  # → INTERNAL, logged server-side
+    code, message = describe(error, "req-7")
+    assert code.name == "INTERNAL" and message == "internal error (request id req-7)"
+    assert "onnxruntime: bad shape" in caplog.text  # the detail stays in the server's log
