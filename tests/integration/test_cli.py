@@ -17,6 +17,8 @@ from PIL import Image
 
 from tests.conftest import ultralytics_asset, wait_serving
 
+pytestmark = pytest.mark.slow  # starts `detseg serve` processes
+
 DETSEG = [sys.executable, "-m", "service.cli"]
 
 
@@ -133,7 +135,6 @@ def test_default_serve_offline_falls_back_to_demo_and_segments_the_sample(tmp_pa
     assert "could not be fetched (downloads are off)" in warnings[0]
 
 
-@pytest.mark.slow
 def test_serve_answers_health_at_once_and_rpcs_unavailable_until_the_models_are_ready(tmp_path: Path, figures):
     """The port opens before the models load (a fresh cache: the test models are built first), as probes expect."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -15,6 +15,8 @@ from service.shapes.evaluate import Prediction, ap50, coco_eval, end_to_end
 from service.shapes.world import CLASSES
 from tests.helpers import encode
 
+pytestmark = pytest.mark.slow  # 100 held-out scenes through the demo models
+
 E2E_IMAGES, MAP_IMAGES = 60, 100
 
 

@@ -77,6 +77,7 @@ def test_unknown_and_malformed_handles(stub):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image.handle" in info.value.details()
 
 
+@pytest.mark.slow  # its own server, and waits out a TTL
 def test_handle_expires_after_its_ttl(settings, runner):
     srv = ServerThread(settings.replace(cache_ttl_seconds=0.5), lambda: runner)
     try:

@@ -10,6 +10,8 @@ from service.models import export
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import resolve_models
 
+pytestmark = pytest.mark.slow  # exports and runs the ONNX graphs
+
 
 @pytest.mark.parametrize("profile", ["test", "demo"])
 def test_export_matches_torch(settings, tmp_path, figures, profile):

@@ -11,6 +11,8 @@ from service.shapes.dataset import scenes
 from tests.helpers import assert_same_instances, encode
 from tests.triton_helpers import start_detseg
 
+pytestmark = pytest.mark.slow  # exports and loads the ONNX backend
+
 
 @pytest.fixture(scope="module")
 def onnx_stub(settings):

@@ -6,8 +6,11 @@ import asyncio
 import math
 
 import numpy as np
+import pytest
 
 from service.runners.factory import load_runner
+
+pytestmark = pytest.mark.slow  # concurrent forward passes
 
 
 def test_concurrent_encodes_and_detections_share_passes_and_match_solo_runs(settings):

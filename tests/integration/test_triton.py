@@ -26,6 +26,8 @@ from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, mask_iou, rle_mask
 from tests.triton_helpers import ROOT, copy_repository_sources, metric, start_detseg, start_triton
 
+pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
+
 SERVICE = "detseg.v1.SegmentationService"
 
 

@@ -8,10 +8,13 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 
 from service.models.demo.profile import DEMO_DIR
 from tests.conftest import wait_serving
 from tests.triton_helpers import copy_repository_sources, free_ports
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
 
 DETSEG = [sys.executable, "-m", "service.cli"]
 

@@ -28,6 +28,7 @@ def test_same_seed_same_bytes_and_annotations():
     assert _digest(11) != _digest(12)
 
 
+@pytest.mark.slow  # renders a few hundred scenes
 def test_scenes_vary_in_size_count_and_class():
     items = list(scenes("val", 40))
     sizes = {(s.width, s.height) for s in items}
