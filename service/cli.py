@@ -281,7 +281,8 @@ def _triton_down(args: argparse.Namespace) -> int:
 
 
 def _triton_status(args: argparse.Namespace) -> int:
-    from service.triton_local import ROLES, read_state
+    from service.models.roles import MODEL_ROLES
+    from service.triton_local import read_state
 
     settings = _settings(args, ("cache_dir",))
     state = read_state(_triton_state(settings))
@@ -293,7 +294,7 @@ def _triton_status(args: argparse.Namespace) -> int:
     url = f"127.0.0.1:{state['grpc_port']}"
     client = grpcclient.InferenceServerClient(url)
     try:
-        ready = {m: client.is_model_ready(m, client_timeout=2) for m in ROLES}
+        ready = {m: client.is_model_ready(m, client_timeout=2) for m in MODEL_ROLES}
         server_ready = client.is_server_ready(client_timeout=2)
     except Exception:
         print(f"pid {state['pid']}: not answering at {url}")

@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 from service.errors import ModelUnavailable
-from service.runners.base import MODEL_ROLES
-
-ROLES = MODEL_ROLES
+from service.models.roles import MODEL_ROLES
 
 
 def _pytriton_root() -> Path:
@@ -132,7 +130,7 @@ class LocalTriton:
             self.process.wait()
             self.process = None
 
-    def wait_ready(self, timeout: float = 180.0, models: tuple[str, ...] = ROLES) -> None:
+    def wait_ready(self, timeout: float = 180.0, models: tuple[str, ...] = MODEL_ROLES) -> None:
         """Blocks until the server and ``models`` are ready; raises ModelUnavailable with the log's tail if not."""
         import tritonclient.grpc as grpcclient
 

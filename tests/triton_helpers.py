@@ -10,8 +10,9 @@ from pathlib import Path
 import grpc
 
 from service.config import Settings
+from service.models.roles import MODEL_ROLES
 from service.runners.factory import load_runner
-from service.triton_local import ROLES, LocalTriton
+from service.triton_local import LocalTriton
 from tests.conftest import ServerThread, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def copy_repository_sources(dst: Path) -> None:
     )
 
 
-def start_triton(repo: Path, state_dir: Path, models: tuple[str, ...] = ROLES) -> LocalTriton:
+def start_triton(repo: Path, state_dir: Path, models: tuple[str, ...] = MODEL_ROLES) -> LocalTriton:
     """A tritonserver on free ports, serving ``repo``, once ``models`` are ready."""
     grpc_port, http_port, metrics_port = free_ports(3)
     server = LocalTriton(repo, state_dir, grpc_port, http_port, metrics_port)

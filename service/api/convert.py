@@ -7,11 +7,11 @@ from google.protobuf.duration_pb2 import Duration
 from service import __version__
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.errors import InvalidInput
+from service.models.roles import ModelDescriptor, ModelRole
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
 from service.pipeline.pipeline import DETECTOR, EncodeResult, InstanceResult, SegmentResult
 from service.pipeline.prompts import ImageInput, Options, RefinementOptions, Region, SegmentQuery
-from service.runners.base import ModelDescriptor
 
 _ENCODINGS = {
     pb.MASK_ENCODING_UNSPECIFIED: RLE,
@@ -19,7 +19,7 @@ _ENCODINGS = {
     pb.MASK_ENCODING_POLYGON: POLYGON,
     pb.MASK_ENCODING_PNG: PNG,
 }
-_ROLES = {"detector": pb.MODEL_ROLE_DETECTOR, "segmenter": pb.MODEL_ROLE_SEGMENTER}
+_ROLES = {ModelRole.DETECTOR: pb.MODEL_ROLE_DETECTOR, ModelRole.SEGMENTER: pb.MODEL_ROLE_SEGMENTER}
 
 
 def image_from_proto(message: pb.Image) -> ImageInput:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from service.models.roles import ModelRole
+
 
 @dataclasses.dataclass(frozen=True)
 class CatalogEntry:
@@ -17,7 +19,7 @@ class CatalogEntry:
     """
 
     name: str
-    role: str  # "detector" | "segmenter"
+    role: ModelRole
     url: str
     sha256: str
     size_bytes: int
@@ -37,7 +39,7 @@ CATALOG: dict[str, CatalogEntry] = {
     for e in (
         CatalogEntry(
             "yolo11n",
-            "detector",
+            ModelRole.DETECTOR,
             _YOLO + "yolo11n.pt",
             "0ebbc80d4a7680d14987a577cd21342b65ecfd94632bd9a8da63ae6417644ee1",
             5613764,
@@ -46,7 +48,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "yolo11s",
-            "detector",
+            ModelRole.DETECTOR,
             _YOLO + "yolo11s.pt",
             "85a76fe86dd8afe384648546b56a7a78580c7cb7b404fc595f97969322d502d5",
             19313732,
@@ -55,7 +57,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "sam2.1_hiera_tiny",
-            "segmenter",
+            ModelRole.SEGMENTER,
             _SAM21 + "sam2.1_hiera_tiny.pt",
             "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
             156008466,
@@ -64,7 +66,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "sam2.1_hiera_small",
-            "segmenter",
+            ModelRole.SEGMENTER,
             _SAM21 + "sam2.1_hiera_small.pt",
             "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
             184416285,
@@ -73,7 +75,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "sam2.1_hiera_base_plus",
-            "segmenter",
+            ModelRole.SEGMENTER,
             _SAM21 + "sam2.1_hiera_base_plus.pt",
             "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
             323606802,
@@ -82,7 +84,7 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "sam2.1_hiera_large",
-            "segmenter",
+            ModelRole.SEGMENTER,
             _SAM21 + "sam2.1_hiera_large.pt",
             "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
             898083611,

@@ -10,7 +10,6 @@ All use the TorchScript-based exporter (opset 17), the path measured to work off
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,15 @@ import numpy as np
 import torch
 
 from service.models import sam_ops
+from service.models.graphs import IO
+from service.models.roles import Role
 
 OPSET = 17
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportReport:
-    role: str
+    role: Role
     path: Path
     max_abs_diff: float  # ONNX Runtime vs torch on random inputs, worst output element
     inputs: tuple[str, ...]
@@ -96,24 +97,23 @@ def _max_diff(path: Path, module: torch.nn.Module, feeds: dict[str, np.ndarray])
 
 def export_detector(model: torch.nn.Module, imgsz: int, path: Path) -> ExportReport:
     head = _DetectorHead(model)
-    names, outs = ("images",), ("output0",)
-    _export(
-        head, (torch.zeros(1, 3, imgsz, imgsz),), path, names, outs, {"images": {0: "batch"}, "output0": {0: "batch"}}
-    )
+    names, outs = IO[Role.DETECTOR].inputs, IO[Role.DETECTOR].outputs
+    dynamic = {n: {0: "batch"} for n in (*names, *outs)}
+    _export(head, (torch.zeros(1, 3, imgsz, imgsz),), path, names, outs, dynamic)
     rng = np.random.default_rng(0)
-    diff = _max_diff(path, head, {"images": rng.random((2, 3, imgsz, imgsz), dtype=np.float32)})
-    return ExportReport("detector", path, diff, names, outs)
+    diff = _max_diff(path, head, {names[0]: rng.random((2, 3, imgsz, imgsz), dtype=np.float32)})
+    return ExportReport(Role.DETECTOR, path, diff, names, outs)
 
 
 def export_encoder(sam: Any, path: Path) -> ExportReport:
     s = int(sam.image_size)
     encoder = _Encoder(sam)
-    names, outs = ("images",), ("image_embed", "high_res_0", "high_res_1")
+    names, outs = IO[Role.SAM2_IMAGE_ENCODER].inputs, IO[Role.SAM2_IMAGE_ENCODER].outputs
     dynamic = {n: {0: "batch"} for n in (*names, *outs)}
     _export(encoder, (torch.zeros(1, 3, s, s),), path, names, outs, dynamic)
     rng = np.random.default_rng(0)
-    diff = _max_diff(path, encoder, {"images": rng.standard_normal((2, 3, s, s), dtype=np.float32)})
-    return ExportReport("sam2_image_encoder", path, diff, names, outs)
+    diff = _max_diff(path, encoder, {names[0]: rng.standard_normal((2, 3, s, s), dtype=np.float32)})
+    return ExportReport(Role.SAM2_IMAGE_ENCODER, path, diff, names, outs)
 
 
 def export_decoder(sam: Any, path: Path) -> ExportReport:
@@ -133,8 +133,8 @@ def export_decoder(sam: Any, path: Path) -> ExportReport:
             "has_mask_input": (rng.random(b) < 0.5).astype(np.float32),
         }
 
-    names = tuple(example(1, 1, np.random.default_rng(0)))
-    outs = ("single_masks", "single_iou", "multi_masks", "multi_iou")
+    names, outs = IO[Role.SAM2_MASK_DECODER].inputs, IO[Role.SAM2_MASK_DECODER].outputs
+    assert names == tuple(example(1, 1, np.random.default_rng(0))), "example feeds follow the graph's inputs"
     dynamic = {
         "point_coords": {0: "prompts", 1: "points"},
         "point_labels": {0: "prompts", 1: "points"},
@@ -146,11 +146,4 @@ def export_decoder(sam: Any, path: Path) -> ExportReport:
     _export(decoder, args, path, names, outs, dynamic)
     rng = np.random.default_rng(2)
     diff = max(_max_diff(path, decoder, example(b, p, rng)) for b, p in ((1, 2), (7, 3), (4, 5)))
-    return ExportReport("sam2_mask_decoder", path, diff, names, outs)
-
-
-EXPORTERS: dict[str, Callable[..., ExportReport]] = {
-    "detector": export_detector,
-    "sam2_image_encoder": export_encoder,
-    "sam2_mask_decoder": export_decoder,
-}
+    return ExportReport(Role.SAM2_MASK_DECODER, path, diff, names, outs)

@@ -11,6 +11,7 @@ from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
 from service.models import testing
 from service.models.catalog import CATALOG, PROFILES, CatalogEntry
 from service.models.download import ensure_weights, file_sha256
+from service.models.roles import ModelRole
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 class WeightsRef:
     """A verified weights file and what architecture it belongs to."""
 
-    role: str  # "detector" | "segmenter"
+    role: ModelRole
     name: str
     version: str
     architecture: str  # ultralytics yaml, or sam2 config name
@@ -68,10 +69,10 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     elif settings.models == "test":
         det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
         detector = WeightsRef(
-            "detector", "test-yolo11n", "seed-0", testing.TEST_DETECTOR_ARCH, det_path, file_sha256(det_path)
+            ModelRole.DETECTOR, "test-yolo11n", "seed-0", testing.TEST_DETECTOR_ARCH, det_path, file_sha256(det_path)
         )
         segmenter = WeightsRef(
-            "segmenter",
+            ModelRole.SEGMENTER,
             "test-sam2.1_hiera_t",
             "seed-0",
             testing.TEST_SEGMENTER_CONFIG,
@@ -86,7 +87,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         missing: list[str] = []
         missing_files: list[str] = []
         reasons: list[str] = []
-        for role, name in (("detector", det_name), ("segmenter", seg_name)):
+        for role, name in ((ModelRole.DETECTOR, det_name), (ModelRole.SEGMENTER, seg_name)):
             try:
                 ref = _from_catalog(_entry(name, role), settings, progress)
             except WeightsNotFound as e:
@@ -94,7 +95,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
                 missing_files.extend(e.files)
                 reasons.extend(e.reasons)
                 continue
-            if role == "detector":
+            if role == ModelRole.DETECTOR:
                 detector = ref
             else:
                 segmenter = ref
@@ -106,10 +107,10 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         known = ", ".join(["auto", *PROFILES, "demo", "test"])
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
     if settings.detector:
-        detector = _explicit(settings.detector, "detector", settings, progress)
+        detector = _explicit(settings.detector, ModelRole.DETECTOR, settings, progress)
         profile = "custom"
     if settings.segmenter:
-        segmenter = _explicit(settings.segmenter, "segmenter", settings, progress)
+        segmenter = _explicit(settings.segmenter, ModelRole.SEGMENTER, settings, progress)
         profile = "custom"
     assert detector is not None and segmenter is not None  # every branch above sets both or raises
     return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
@@ -123,7 +124,7 @@ def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
         if not path.is_file():
             raise ModelUnavailable(f"demo weights {path.name} are missing from this installation")
     detector = WeightsRef(
-        "detector",
+        ModelRole.DETECTOR,
         "shapes-yolo11n",
         demo.VERSION,
         demo.SHAPES_YOLO_ARCH,
@@ -131,7 +132,7 @@ def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
         file_sha256(demo.SHAPES_YOLO),
     )
     segmenter = WeightsRef(
-        "segmenter",
+        ModelRole.SEGMENTER,
         "shapes-sam2-mini",
         demo.VERSION,
         demo.SHAPES_SAM2_CONFIG,
@@ -142,7 +143,7 @@ def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
     return detector, segmenter
 
 
-def _entry(name: str, role: str) -> CatalogEntry:
+def _entry(name: str, role: ModelRole) -> CatalogEntry:
     entry = CATALOG.get(name)
     if entry is None or entry.role != role:
         known = ", ".join(n for n, e in CATALOG.items() if e.role == role)
@@ -155,7 +156,7 @@ def _from_catalog(entry: CatalogEntry, settings: Settings, progress: bool) -> We
     return WeightsRef(entry.role, entry.name, entry.version, entry.architecture, path, entry.sha256)
 
 
-def _explicit(value: str, role: str, settings: Settings, progress: bool) -> WeightsRef:
+def _explicit(value: str, role: ModelRole, settings: Settings, progress: bool) -> WeightsRef:
     """A catalog name, or a checkpoint path (segmenters: the file name must match a catalog entry's)."""
     if value in CATALOG:
         return _from_catalog(_entry(value, role), settings, progress)
@@ -163,12 +164,12 @@ def _explicit(value: str, role: str, settings: Settings, progress: bool) -> Weig
     if not path.is_file():
         raise WeightsNotFound(f"{role} weights {value!r}: no such file and not a catalog name")
     architecture = ""
-    if role == "segmenter":
-        match = [e for e in CATALOG.values() if e.role == "segmenter" and e.filename == path.name]
+    if role == ModelRole.SEGMENTER:
+        match = [e for e in CATALOG.values() if e.role == ModelRole.SEGMENTER and e.filename == path.name]
         if not match:
             raise DetsegError(
                 f"segmenter {path.name}: cannot tell its architecture; name the file like an official "
-                f"checkpoint ({', '.join(e.filename for e in CATALOG.values() if e.role == 'segmenter')})"
+                f"checkpoint ({', '.join(e.filename for e in CATALOG.values() if e.role == ModelRole.SEGMENTER)})"
             )
         architecture = match[0].architecture
     return WeightsRef(role, path.name, "file", architecture, path, file_sha256(path))

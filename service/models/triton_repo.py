@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
+from service.models.graphs import WeightsIdentity, write_parameters
 from service.models.profiles import ModelSet, WeightsRef
-from service.runners.base import MODEL_ROLES
+from service.models.roles import MODEL_ROLES, Role
 
-ROLES = MODEL_ROLES
-BATCHED = {"detector": True, "sam2_image_encoder": True, "sam2_mask_decoder": False}
+# Roles whose graphs take a batch of images (dynamic batching); the decoder takes one image's prompts.
+BATCHED = {Role.DETECTOR: True, Role.SAM2_IMAGE_ENCODER: True, Role.SAM2_MASK_DECODER: False}
 NATIVE_CONFIG_NAME = "onnxruntime"
 _DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(int32)": "TYPE_INT32", "tensor(int64)": "TYPE_INT64"}
 
@@ -36,12 +37,12 @@ _DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(int32)": "TYPE_INT32", "tensor(
 class RepositoryOptions:
     """Serving knobs written into every config (from Settings)."""
 
-    max_batch_size: int = 4
-    max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
-    max_queue_size: int = 32  # per model; beyond it Triton rejects (→ RESOURCE_EXHAUSTED in detseg)
-    instances: int = 1
-    intra_op_threads: int = 0  # ONNX Runtime threads per instance; 0 = ORT's default
-    dynamic_batching: bool = True
+    max_batch_size: int
+    max_queue_delay_us: int  # dynamic batching: how long a request may wait for others
+    max_queue_size: int  # per model; beyond it Triton rejects (→ RESOURCE_EXHAUSTED in detseg)
+    instances: int
+    intra_op_threads: int  # ONNX Runtime threads per instance; 0 = ORT's default
+    dynamic_batching: bool = True  # off only to measure what it buys (benchmarks)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RepositoryOptions:
@@ -54,28 +55,8 @@ class RepositoryOptions:
         )
 
 
-def metadata(models: ModelSet, names: tuple[str, ...], imgsz: int, stride: int, image_size: int) -> dict:
-    """The ``detseg_*`` parameters per role: what a front end needs to serve these graphs."""
-
-    def ident(ref: WeightsRef) -> dict[str, str]:
-        return {
-            "detseg_model": ref.name,
-            "detseg_architecture": ref.architecture,
-            "detseg_version": ref.version,
-            "detseg_sha256": ref.sha256,
-            "detseg_profile": models.profile,
-        }
-
-    return {
-        "detector": {
-            **ident(models.detector),
-            "detseg_names": json.dumps(list(names)),
-            "detseg_input_size": str(imgsz),
-            "detseg_stride": str(stride),
-        },
-        "sam2_image_encoder": {**ident(models.segmenter), "detseg_input_size": str(image_size)},
-        "sam2_mask_decoder": {**ident(models.segmenter), "detseg_input_size": str(image_size)},
-    }
+def _identity(ref: WeightsRef) -> WeightsIdentity:
+    return WeightsIdentity(name=ref.name, architecture=ref.architecture, version=ref.version, sha256=ref.sha256)
 
 
 def _tensors(onnx_path: Path, batched: bool) -> tuple[list[tuple[str, str, list[int]]], ...]:
@@ -94,7 +75,7 @@ def _tensors(onnx_path: Path, batched: bool) -> tuple[list[tuple[str, str, list[
     return convert(session.get_inputs()), convert(session.get_outputs())
 
 
-def build_config(role: str, onnx_path: Path, params: dict[str, str], options: RepositoryOptions, native: bool) -> Any:
+def build_config(role: Role, onnx_path: Path, params: dict[str, str], options: RepositoryOptions, native: bool) -> Any:
     """The ModelConfig message of one role: python backend (``native=False``) or onnxruntime_onnx."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -153,11 +134,19 @@ def write_repository(models: ModelSet, settings: Settings, out: Path) -> list[An
     imgsz = detector.input_size(settings.detector_imgsz)
     det: Any = detector.module
     names = tuple(str(det.names[i]) for i in range(len(det.names)))
-    params = metadata(models, names, imgsz, int(det.stride.max()), int(sam.image_size))
+    params = write_parameters(
+        _identity(models.detector),
+        _identity(models.segmenter),
+        models.profile,
+        names,
+        imgsz,
+        int(det.stride.max()),
+        int(sam.image_size),
+    )
     reports = [
-        export.export_detector(det, imgsz, out / "detector" / "1" / "model.onnx"),
-        export.export_encoder(sam, out / "sam2_image_encoder" / "1" / "model.onnx"),
-        export.export_decoder(sam, out / "sam2_mask_decoder" / "1" / "model.onnx"),
+        export.export_detector(det, imgsz, out / Role.DETECTOR / "1" / "model.onnx"),
+        export.export_encoder(sam, out / Role.SAM2_IMAGE_ENCODER / "1" / "model.onnx"),
+        export.export_decoder(sam, out / Role.SAM2_MASK_DECODER / "1" / "model.onnx"),
     ]
     options = RepositoryOptions.from_settings(settings)
     for report in reports:
@@ -180,7 +169,7 @@ def ensure_repository(models: ModelSet, settings: Settings, out: Path) -> bool:
         "options": dataclasses.asdict(RepositoryOptions.from_settings(settings)),
     }
     path = out / STAMP
-    complete = all((out / role / "1" / "model.onnx").exists() for role in ROLES)
+    complete = all((out / role / "1" / "model.onnx").exists() for role in MODEL_ROLES)
     if complete and path.exists() and json.loads(path.read_text()) == stamp:
         return False
     write_repository(models, settings, out)

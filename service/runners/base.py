@@ -1,4 +1,4 @@
-"""The tensor-level runner interface shared by every backend (torch in-process, triton over gRPC).
+"""The tensor-level runner interface shared by every backend (torch and ONNX Runtime in-process, Triton over gRPC).
 
 Runners execute models and nothing else: pre/post-processing lives once in ``service.pipeline``.
 All arrays are numpy; coordinate frames are stated per field.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from service.models.roles import ModelDescriptor
 
 # The caller's deadline as a time.monotonic() instant (None: no deadline). The API layer sets it per RPC;
 # runners honour it (the Triton runner forwards what is left to Triton). Tasks inherit it (contextvars).
@@ -25,23 +26,6 @@ def time_left() -> float | None:
     """Seconds until the current request's deadline (may be <= 0), or None without a deadline."""
     deadline = DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
-
-
-# The exported graphs / Triton models, by pipeline role (model_repository/<role>/).
-MODEL_ROLES = ("detector", "sam2_image_encoder", "sam2_mask_decoder")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDescriptor:
-    """What a loaded model is, for ListModels and provenance."""
-
-    role: str  # "detector" | "segmenter"
-    name: str
-    architecture: str
-    version: str
-    weights_sha256: str
-    input_size: int
-    vocabulary: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,45 +82,6 @@ class PromptBatch:
     point_coords: np.ndarray
     point_labels: np.ndarray
     multimask: bool = False
-
-
-def specs_from_parameters(
-    detector: dict[str, str], encoder: dict[str, str]
-) -> tuple[DetectorSpec, SegmenterSpec, tuple[ModelDescriptor, ...], str]:
-    """Specs, model descriptors and profile from the ``detseg_*`` parameters ``detseg export`` writes into the
-    detector's and encoder's configs (what the ONNX and Triton runners know their models by)."""
-    names = tuple(json.loads(detector["detseg_names"]))
-    det = DetectorSpec(names=names, imgsz=int(detector["detseg_input_size"]), stride=int(detector["detseg_stride"]))
-    seg = SegmenterSpec(image_size=int(encoder["detseg_input_size"]))
-
-    def describe(role: str, params: dict[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
-        return ModelDescriptor(
-            role=role,
-            name=params.get("detseg_model", ""),
-            architecture=params.get("detseg_architecture", ""),
-            version=params.get("detseg_version", ""),
-            weights_sha256=params.get("detseg_sha256", ""),
-            input_size=int(params["detseg_input_size"]),
-            vocabulary=vocabulary,
-        )
-
-    models = (describe("detector", detector, names), describe("segmenter", encoder, ()))
-    return det, seg, models, detector.get("detseg_profile", "custom")
-
-
-def decoder_feeds(features: ImageFeatures, prompts: PromptBatch, image_size: int) -> dict[str, np.ndarray]:
-    """The inputs of the exported ``sam2_mask_decoder`` graph (no mask input) for these prompts."""
-    b, side = len(prompts.point_coords), image_size // 4
-    hr0, hr1 = features.high_res_feats
-    return {
-        "image_embed": features.image_embed,
-        "high_res_0": hr0,
-        "high_res_1": hr1,
-        "point_coords": prompts.point_coords,
-        "point_labels": prompts.point_labels,
-        "mask_input": np.zeros((b, 1, side, side), np.float32),
-        "has_mask_input": np.zeros((b,), np.float32),
-    }
 
 
 @dataclasses.dataclass(frozen=True)

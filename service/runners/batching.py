@@ -16,9 +16,23 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from service.config import Settings
 from service.errors import Overloaded
 
 Outputs = tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPolicy:
+    """max_batch: rows per forward pass; max_wait: seconds to wait for company; max_queue: callers waiting."""
+
+    max_batch: int
+    max_wait: float
+    max_queue: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchPolicy:
+        return cls(settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.batch_max_queue)
 
 
 @dataclasses.dataclass
@@ -30,19 +44,12 @@ class _Item:
 class MicroBatcher:
     """Batches calls of ``run(stacked) -> outputs`` (every output has the stacked batch axis first)."""
 
-    def __init__(
-        self,
-        name: str,
-        run: Callable[[np.ndarray], Awaitable[Outputs]],
-        max_batch: int = 8,
-        max_wait: float = 0.0,
-        max_queue: int = 64,
-    ) -> None:
+    def __init__(self, name: str, run: Callable[[np.ndarray], Awaitable[Outputs]], policy: BatchPolicy) -> None:
         self.name = name
         self._run = run
-        self.max_batch = max(1, max_batch)
-        self.max_wait = max_wait
-        self.max_queue = max_queue
+        self.max_batch = max(1, policy.max_batch)
+        self.max_wait = policy.max_wait
+        self.max_queue = policy.max_queue
         self._queue: collections.deque[_Item] = collections.deque()
         self._drainer: asyncio.Task[None] | None = None
         self.batches = 0  # forward passes run

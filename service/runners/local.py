@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from service.config import Settings
 from service.errors import DeadlineExceeded
 from service.models.profiles import WeightsRef
 from service.runners.base import (
@@ -28,7 +27,7 @@ from service.runners.base import (
     SegmenterSpec,
     time_left,
 )
-from service.runners.batching import MicroBatcher
+from service.runners.batching import BatchPolicy, MicroBatcher
 
 T = TypeVar("T")
 Arrays = tuple[np.ndarray, ...]
@@ -44,11 +43,12 @@ class LocalRunner:
         detector: DetectorSpec,
         segmenter: SegmenterSpec,
         models: tuple[ModelDescriptor, ...],
-        profile: str = "custom",
+        profile: str,
+        batching: BatchPolicy,
         workers: int = 2,
-        batching: tuple[int, float, int] = (8, 0.0, 64),
     ) -> None:
-        """``batching``: (max batch, max wait seconds, max queue) of the detector's and encoder's micro-batchers."""
+        """``batching``: the detector's and encoder's micro-batching; ``workers``: threads running model calls
+        (2: one request's detector and encoder run concurrently)."""
         self.detector = detector
         self.segmenter = segmenter
         self.models = models
@@ -56,10 +56,10 @@ class LocalRunner:
         self.calls: collections.Counter[str] = collections.Counter()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
         self.detect_batcher = MicroBatcher(
-            "detector", lambda x: self._run("detect", lambda: self._detect_sync(x)), *batching
+            "detector", lambda x: self._run("detect", lambda: self._detect_sync(x)), batching
         )
         self.encode_batcher = MicroBatcher(
-            "encoder", lambda x: self._run("encode", lambda: self._encode_sync(x)), *batching
+            "encoder", lambda x: self._run("encode", lambda: self._encode_sync(x)), batching
         )
 
     def _detect_sync(self, images: np.ndarray) -> Arrays:
@@ -97,10 +97,6 @@ class LocalRunner:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def batching(settings: Settings) -> tuple[int, float, int]:
-    return settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.batch_max_queue
 
 
 def _check_deadline() -> None:

@@ -13,16 +13,13 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
+from service.models.graphs import IO, decoder_outputs, read_parameters
 from service.models.profiles import ModelSet
-from service.runners.base import (
-    MODEL_ROLES,
-    DecoderOutput,
-    ImageFeatures,
-    PromptBatch,
-    decoder_feeds,
-    specs_from_parameters,
-)
-from service.runners.local import Arrays, LocalRunner, batching
+from service.models.roles import MODEL_ROLES, Role
+from service.runners.base import DecoderOutput, ImageFeatures, PromptBatch
+from service.runners.batching import BatchPolicy
+from service.runners.exported import decoder_feeds, specs
+from service.runners.local import Arrays, LocalRunner
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ class OnnxRunner(LocalRunner):
 
     backend = "onnx"
 
-    def __init__(self, sessions: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, sessions: dict[Role, Any], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sessions = sessions
 
@@ -59,22 +56,26 @@ class OnnxRunner(LocalRunner):
             )
             for role in MODEL_ROLES
         }
-        det, enc = (
-            {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
-            for role in ("detector", "sam2_image_encoder")
+        graphs = read_parameters(
+            {
+                role: {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
+                for role in MODEL_ROLES
+            }
         )
-        detector, segmenter, descriptors, _ = specs_from_parameters(det, enc)
-        return cls(sessions, detector, segmenter, descriptors, models.profile, batching=batching(settings))
+        detector, segmenter = specs(graphs)
+        return cls(
+            sessions, detector, segmenter, graphs.models, models.profile, batching=BatchPolicy.from_settings(settings)
+        )
 
     def _detect_sync(self, images: np.ndarray) -> Arrays:
-        return tuple(self._sessions["detector"].run(["output0"], {"images": images}))
+        io = IO[Role.DETECTOR]
+        return tuple(self._sessions[Role.DETECTOR].run(list(io.outputs), {io.inputs[0]: images}))
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
-        names = ["image_embed", "high_res_0", "high_res_1"]
-        return tuple(self._sessions["sam2_image_encoder"].run(names, {"images": images}))
+        io = IO[Role.SAM2_IMAGE_ENCODER]
+        return tuple(self._sessions[Role.SAM2_IMAGE_ENCODER].run(list(io.outputs), {io.inputs[0]: images}))
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        names = ["multi_masks", "multi_iou"] if prompts.multimask else ["single_masks", "single_iou"]
         feeds = decoder_feeds(features, prompts, self.segmenter.image_size)
-        masks, iou = self._sessions["sam2_mask_decoder"].run(names, feeds)
+        masks, iou = self._sessions[Role.SAM2_MASK_DECODER].run(list(decoder_outputs(prompts.multimask)), feeds)
         return DecoderOutput(low_res_masks=masks, iou_predictions=iou)

@@ -20,7 +20,8 @@ from service.models import sam_ops
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
 from service.runners.base import DecoderOutput, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
-from service.runners.local import Arrays, LocalRunner, batching, descriptor
+from service.runners.batching import BatchPolicy
+from service.runners.local import Arrays, LocalRunner, descriptor
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class TorchRunner(LocalRunner):
             segmenter,
             descriptors,
             models.profile,
-            batching=batching(settings),
+            batching=BatchPolicy.from_settings(settings),
             device=settings.device,
         )
 

@@ -30,23 +30,20 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded
+from service.models.graphs import IO, decoder_outputs, read_parameters
+from service.models.roles import MODEL_ROLES, ModelDescriptor, Role
 from service.runners.base import (
-    MODEL_ROLES,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
     ImageFeatures,
-    ModelDescriptor,
     PromptBatch,
     SegmenterSpec,
-    decoder_feeds,
-    specs_from_parameters,
     time_left,
 )
+from service.runners.exported import decoder_feeds, specs
 
 log = logging.getLogger(__name__)
-DETECTOR, ENCODER, DECODER = "detector", "sam2_image_encoder", "sam2_mask_decoder"
-ROLES = MODEL_ROLES
 
 
 class TritonRunner:
@@ -98,13 +95,15 @@ class TritonRunner:
         waited = 0.0
         while not await self.ready():
             if waited % 10 == 0:
-                log.warning("waiting for Triton at %s and models %s", self._settings.triton_url, ", ".join(ROLES))
+                log.warning("waiting for Triton at %s and models %s", self._settings.triton_url, ", ".join(MODEL_ROLES))
             await asyncio.sleep(0.5)
             waited += 0.5
-        params = {role: await self._parameters(role) for role in ROLES}
-        det, enc = params[DETECTOR], params[ENCODER]
-        self._detector, self._segmenter, self.models, self.profile = specs_from_parameters(det, enc)
-        if enc.get("detseg_sha256") != params[DECODER].get("detseg_sha256"):
+        params = {role: await self._parameters(role) for role in MODEL_ROLES}
+        graphs = read_parameters(params)
+        self._detector, self._segmenter = specs(graphs)
+        self.models, self.profile = graphs.models, graphs.profile
+        encoder, decoder = params[Role.SAM2_IMAGE_ENCODER], params[Role.SAM2_MASK_DECODER]
+        if encoder.get("detseg_sha256") != decoder.get("detseg_sha256"):
             raise ModelUnavailable("Triton's SAM encoder and decoder come from different checkpoints")
 
     async def _parameters(self, role: str) -> dict[str, str]:
@@ -120,7 +119,7 @@ class TritonRunner:
         try:
             if not await self._client.is_server_ready(client_timeout=1.0):
                 return False
-            for role in ROLES:
+            for role in MODEL_ROLES:
                 if not await self._client.is_model_ready(role, client_timeout=1.0):
                     return False
             return True
@@ -149,17 +148,20 @@ class TritonRunner:
         return {name: result.as_numpy(name) for name in outputs}
 
     async def detect(self, images: np.ndarray) -> DetectorOutput:
-        out = await self._infer(DETECTOR, {"images": images}, ("output0",))
-        return DetectorOutput(raw=out["output0"])
+        io = IO[Role.DETECTOR]
+        (raw,) = (await self._infer(Role.DETECTOR, {io.inputs[0]: images}, io.outputs)).values()
+        return DetectorOutput(raw=raw)
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
-        out = await self._infer(ENCODER, {"images": images}, ("image_embed", "high_res_0", "high_res_1"))
-        return ImageFeatures(image_embed=out["image_embed"], high_res_feats=(out["high_res_0"], out["high_res_1"]))
+        io = IO[Role.SAM2_IMAGE_ENCODER]
+        embed, hr0, hr1 = (await self._infer(Role.SAM2_IMAGE_ENCODER, {io.inputs[0]: images}, io.outputs)).values()
+        return ImageFeatures(image_embed=embed, high_res_feats=(hr0, hr1))
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        names = ("multi_masks", "multi_iou") if prompts.multimask else ("single_masks", "single_iou")
-        out = await self._infer(DECODER, decoder_feeds(features, prompts, self.segmenter.image_size), names)
-        return DecoderOutput(low_res_masks=out[names[0]], iou_predictions=out[names[1]])
+        names = decoder_outputs(prompts.multimask)
+        feeds = decoder_feeds(features, prompts, self.segmenter.image_size)
+        masks, iou = (await self._infer(Role.SAM2_MASK_DECODER, feeds, names)).values()
+        return DecoderOutput(low_res_masks=masks, iou_predictions=iou)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -66,7 +67,8 @@ def encoder_repository(root: Path, image_size: int, batching: bool) -> Path:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     if not onnx_path.exists():
         onnx_path.symlink_to(shared)
-    options = triton_repo.RepositoryOptions(dynamic_batching=batching, max_queue_size=64)
+    defaults = triton_repo.RepositoryOptions.from_settings(Settings())
+    options = dataclasses.replace(defaults, dynamic_batching=batching, max_queue_size=64)
     params = {"detseg_input_size": str(image_size)}
     config = triton_repo.build_config(ENCODER, onnx_path, params, options, native=False)
     (repo / ENCODER / "config.pbtxt").write_text(triton_repo.config_text(config))

@@ -8,6 +8,7 @@ its answers are compared with the embedded (torch) server's on the same images a
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -21,6 +22,7 @@ from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.models import triton_repo
 from service.models.profiles import resolve_models
+from service.models.roles import MODEL_ROLES
 from service.shapes.dataset import scenes
 from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, mask_iou, rle_mask
@@ -72,7 +74,7 @@ def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(reposito
         f"{r.max_abs_diff:.2e}" for r in reports
     )
     assert all(r.max_abs_diff < 1e-2 for r in reports)
-    for role in triton_repo.ROLES:
+    for role in MODEL_ROLES:
         graph = onnx.load(str(repo / role / "1" / "model.onnx"), load_external_data=False).graph
         for path, platform in ((repo / role / "config.pbtxt", ""), (repo / role / "configs" / "onnxruntime.pbtxt",
                                "onnxruntime_onnx")):  # fmt: skip
@@ -237,7 +239,8 @@ def test_triton_crash_fails_fast_flips_health_and_recovers_without_restart(
 def test_full_triton_queue_answers_resource_exhausted(repository, demo_settings, tmp_path, figures):
     repo = tmp_path / "repo"
     shutil.copytree(repository[0], repo)
-    tight = triton_repo.RepositoryOptions(max_queue_size=1, max_batch_size=1)
+    defaults = triton_repo.RepositoryOptions.from_settings(demo_settings)
+    tight = dataclasses.replace(defaults, max_queue_size=1, max_batch_size=1)
     config = triton_repo.parse_config(repo / "detector" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items() if k.startswith("detseg_")}
     onnx_path = repo / "detector" / "1" / "model.onnx"

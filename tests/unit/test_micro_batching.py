@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from service.errors import Overloaded
-from service.runners.batching import MicroBatcher
+from service.runners.batching import BatchPolicy, MicroBatcher
 
 
 def make(max_batch: int = 8, max_queue: int = 64, max_wait: float = 0.0):
@@ -20,7 +20,7 @@ def make(max_batch: int = 8, max_queue: int = 64, max_wait: float = 0.0):
             raise ValueError("bad input")
         return x * 2, x.sum(axis=(1, 2))
 
-    return MicroBatcher("toy", run, max_batch, max_wait, max_queue), seen
+    return MicroBatcher("toy", run, BatchPolicy(max_batch, max_wait, max_queue)), seen
 
 
 def test_each_caller_gets_its_own_rows_from_shared_passes():

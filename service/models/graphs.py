@@ -1,0 +1,152 @@
+"""The exported graphs' contract: tensor names per role, and the ``detseg_*`` parameters of their configs.
+
+``detseg export`` writes the graphs and, into each role's config, the parameters a front end needs to serve
+them without weights (class names, input sizes, model identity); the ONNX and Triton runners read them back
+here. Writer, reader and tensor names live together so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+from service.models.roles import ModelDescriptor, ModelRole, Role
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+IO: dict[Role, GraphIO] = {
+    # images (B, 3, S, S) float32 letterboxed RGB in [0, 1] → output0 (B, 4 + nc, A), the raw head.
+    Role.DETECTOR: GraphIO(("images",), ("output0",)),
+    # images (B, 3, S, S) float32 SAM-normalised → image_embed, high_res_0, high_res_1 (ImageFeatures).
+    Role.SAM2_IMAGE_ENCODER: GraphIO(("images",), ("image_embed", "high_res_0", "high_res_1")),
+    # one image's features (batch 1) + B prompts of P points → masks and IoU predictions (see sam_ops.decode).
+    Role.SAM2_MASK_DECODER: GraphIO(
+        ("image_embed", "high_res_0", "high_res_1", "point_coords", "point_labels", "mask_input", "has_mask_input"),
+        ("single_masks", "single_iou", "multi_masks", "multi_iou"),
+    ),
+}
+
+
+def decoder_outputs(multimask: bool) -> tuple[str, str]:
+    """The decoder's (masks, iou) output names for one or three candidates per prompt."""
+    return ("multi_masks", "multi_iou") if multimask else ("single_masks", "single_iou")
+
+
+def decoder_feeds(
+    image_embed: np.ndarray,
+    high_res: tuple[np.ndarray, ...],
+    point_coords: np.ndarray,
+    point_labels: np.ndarray,
+    image_size: int,
+) -> dict[str, np.ndarray]:
+    """The decoder graph's inputs for B prompts on one image, without a mask input.
+
+    image_embed (1, 256, S/16, S/16), high_res ((1, 32, S/4, S/4), (1, 64, S/8, S/8)) float32; point_coords
+    (B, P, 2) float32 in SAM input pixels; point_labels (B, P) int32; image_size: S.
+    """
+    b, side = len(point_coords), image_size // 4
+    hr0, hr1 = high_res
+    return {
+        "image_embed": image_embed,
+        "high_res_0": hr0,
+        "high_res_1": hr1,
+        "point_coords": point_coords,
+        "point_labels": point_labels,
+        "mask_input": np.zeros((b, 1, side, side), np.float32),
+        "has_mask_input": np.zeros((b,), np.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsIdentity:
+    """Which weights a graph came from (ModelDescriptor's identity fields)."""
+
+    name: str
+    architecture: str
+    version: str
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedGraphs:
+    """What the parameters of an exported repository say about its models.
+
+    names: detector vocabulary (index = class id); imgsz: detector letterbox side (px); stride: detector
+    stride; image_size: SAM input side (px).
+    """
+
+    names: tuple[str, ...]
+    imgsz: int
+    stride: int
+    image_size: int
+    models: tuple[ModelDescriptor, ...]
+    profile: str
+
+
+def write_parameters(
+    detector: WeightsIdentity,
+    segmenter: WeightsIdentity,
+    profile: str,
+    names: tuple[str, ...],
+    imgsz: int,
+    stride: int,
+    image_size: int,
+) -> dict[Role, dict[str, str]]:
+    """The ``detseg_*`` parameters of every role's config."""
+
+    def ident(w: WeightsIdentity) -> dict[str, str]:
+        return {
+            "detseg_model": w.name,
+            "detseg_architecture": w.architecture,
+            "detseg_version": w.version,
+            "detseg_sha256": w.sha256,
+            "detseg_profile": profile,
+        }
+
+    return {
+        Role.DETECTOR: {
+            **ident(detector),
+            "detseg_names": json.dumps(list(names)),
+            "detseg_input_size": str(imgsz),
+            "detseg_stride": str(stride),
+        },
+        Role.SAM2_IMAGE_ENCODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
+        Role.SAM2_MASK_DECODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
+    }
+
+
+def read_parameters(params: Mapping[Role, Mapping[str, str]]) -> ServedGraphs:
+    """The inverse of ``write_parameters`` (the detector's and the encoder's parameters are read).
+
+    Raises KeyError for parameters that are missing (a repository not written by ``detseg export``).
+    """
+    detector, encoder = params[Role.DETECTOR], params[Role.SAM2_IMAGE_ENCODER]
+    names = tuple(json.loads(detector["detseg_names"]))
+
+    def describe(role: ModelRole, p: Mapping[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
+        return ModelDescriptor(
+            role=role,
+            name=p.get("detseg_model", ""),
+            architecture=p.get("detseg_architecture", ""),
+            version=p.get("detseg_version", ""),
+            weights_sha256=p.get("detseg_sha256", ""),
+            input_size=int(p["detseg_input_size"]),
+            vocabulary=vocabulary,
+        )
+
+    return ServedGraphs(
+        names=names,
+        imgsz=int(detector["detseg_input_size"]),
+        stride=int(detector["detseg_stride"]),
+        image_size=int(encoder["detseg_input_size"]),
+        models=(describe(ModelRole.DETECTOR, detector, names), describe(ModelRole.SEGMENTER, encoder, ())),
+        profile=detector.get("detseg_profile", "custom"),
+    )
