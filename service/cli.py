@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("segment", help="send an image to a running server; print labeled instances")
     g.add_argument("image", type=Path)
     g.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
+    g.add_argument("--text", action="append", default=[], help="free-text prompt, e.g. 'round shape' (repeatable)")
     g.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1[,label] region prompt (repeatable)")
     g.add_argument("--score-threshold", type=float)
     g.add_argument("--max-instances", type=int)
@@ -154,7 +155,9 @@ def _segment(args: argparse.Namespace) -> int:
 
     data = args.image.read_bytes()
     request = pb.SegmentRequest(
-        image=pb.Image(encoded=data), classes=[c.strip() for c in args.classes.split(",") if c.strip()]
+        image=pb.Image(encoded=data),
+        classes=[c.strip() for c in args.classes.split(",") if c.strip()],
+        texts=args.text,
     )
     for spec in args.box:
         parts = spec.split(",")
@@ -183,7 +186,8 @@ def _segment(args: argparse.Namespace) -> int:
             box = ", ".join(f"{v:.1f}" for v in i["box"])
             area = int(_area(i))
             score, iou = i["score"], i["mask_score"]
-            print(f"{n:3d}  {i['label']:<16} score {score:.3f}  box [{box}]  mask {area} px  mask score {iou:.3f}")
+            via = f"  (text {i['text']!r}, similarity {i['similarity']:.2f})" if i["text"] else ""
+            print(f"{n:3d}  {i['label']:<16} score {score:.3f}  box [{box}]  mask {area} px  mask score {iou:.3f}{via}")
     if args.out:
         from service.overlay import render_overlay
 
@@ -193,12 +197,17 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _instance_dict(i: Any) -> dict[str, Any]:
+    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+
     return {
         "label": i.label,
         "class_id": i.class_id,
         "score": round(i.score, 4),
         "box": [i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max],
         "mask_score": round(i.mask_score, 4),
+        "source": pb.InstanceSource.Name(i.source),
+        "text": i.text_match.text,
+        "similarity": round(i.text_match.similarity, 4),
         "rle": {"size": list(i.mask.coco_rle.size), "counts": i.mask.coco_rle.counts},
     }
 

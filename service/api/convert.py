@@ -10,7 +10,7 @@ from service.errors import InvalidInput
 from service.models.roles import ModelDescriptor, ModelRole
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
-from service.pipeline.pipeline import DETECTOR, EncodeResult, InstanceResult, SegmentResult
+from service.pipeline.pipeline import DETECTOR, REGION, TEXT, EncodeResult, InstanceResult, SegmentResult
 from service.pipeline.prompts import ImageInput, Options, RefinementOptions, Region, SegmentQuery
 
 _ENCODINGS = {
@@ -19,7 +19,16 @@ _ENCODINGS = {
     pb.MASK_ENCODING_POLYGON: POLYGON,
     pb.MASK_ENCODING_PNG: PNG,
 }
-_ROLES = {ModelRole.DETECTOR: pb.MODEL_ROLE_DETECTOR, ModelRole.SEGMENTER: pb.MODEL_ROLE_SEGMENTER}
+_SOURCES = {
+    DETECTOR: pb.INSTANCE_SOURCE_DETECTOR,
+    REGION: pb.INSTANCE_SOURCE_REGION_PROMPT,
+    TEXT: pb.INSTANCE_SOURCE_TEXT,
+}
+_ROLES = {
+    ModelRole.DETECTOR: pb.MODEL_ROLE_DETECTOR,
+    ModelRole.SEGMENTER: pb.MODEL_ROLE_SEGMENTER,
+    ModelRole.TEXT_ENCODER: pb.MODEL_ROLE_TEXT_ENCODER,
+}
 
 
 def image_from_proto(message: pb.Image) -> ImageInput:
@@ -61,6 +70,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         regions=regions,
         options=options,
         request_id=request.request_id,
+        texts=tuple(request.texts),
     )
 
 
@@ -89,16 +99,28 @@ def mask_to_proto(mask: EncodedMask) -> pb.Mask:
 
 def instance_to_proto(inst: InstanceResult) -> pb.Instance:
     x0, y0, x1, y1 = (float(v) for v in inst.box)
-    return pb.Instance(
+    out = pb.Instance(
         label=inst.label,
         class_id=inst.class_id,
         score=inst.score,
         box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
         mask=mask_to_proto(inst.mask),
         mask_score=inst.mask_score,
-        source=pb.INSTANCE_SOURCE_DETECTOR if inst.source == DETECTOR else pb.INSTANCE_SOURCE_REGION_PROMPT,
+        source=_SOURCES[inst.source],
         region_index=inst.region_index,
     )
+    m = inst.text_match
+    if m is not None:
+        out.text_match.CopyFrom(
+            pb.TextMatch(
+                text_index=m.text_index,
+                text=m.text,
+                kind=pb.TEXT_MATCH_KIND_EXACT if m.exact else pb.TEXT_MATCH_KIND_EMBEDDING,
+                matched_class=m.class_name,
+                similarity=m.similarity,
+            )
+        )
+    return out
 
 
 def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:

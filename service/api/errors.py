@@ -20,6 +20,7 @@ from service.errors import (
     ModelUnavailable,
     NotFound,
     Overloaded,
+    Unsupported,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ T = TypeVar("T")
 _CODES: tuple[tuple[type[DetsegError], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -26,6 +26,7 @@ from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
+from service.pipeline.vocabulary import VocabularyMatcher
 from service.runners.base import Runner
 from service.startup import configure_process
 
@@ -70,8 +71,15 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             mask_min_region_area=settings.mask_min_region_area,
             mask_clip_to_box=settings.mask_clip_to_box,
             mask_box_margin=settings.mask_box_margin,
+            max_text_prompts=settings.max_text_prompts,
+            max_text_chars=settings.max_text_chars,
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
+        matcher=(
+            VocabularyMatcher(runner.embed_text, settings.text_match_threshold, settings.text_cache_entries)
+            if runner.text_encoder is not None
+            else None
+        ),
     )
 
 
@@ -141,6 +149,8 @@ async def _warm_up(pipeline: Pipeline) -> None:
     rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
     query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up")
     await pipeline.segment(query)
+    if pipeline.matcher is not None:
+        await pipeline.matcher.prepare(pipeline.runner.detector.names)
     pipeline.runner.calls.clear()
     pipeline.cache.clear()
 

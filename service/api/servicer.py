@@ -155,8 +155,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                     clip_to_box=s.mask_clip_to_box,
                     box_margin=s.mask_box_margin,
                 ),
+                max_text_prompts=s.max_text_prompts,
+                max_text_chars=s.max_text_chars,
+                text_match_threshold=s.text_match_threshold,
             ),
+            prompt_kinds=_prompt_kinds(pipeline),
         )
+
+
+def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
+    kinds = [pb.PROMPT_KIND_CLASSES, pb.PROMPT_KIND_REGIONS]
+    if pipeline.matcher is not None:
+        kinds.append(pb.PROMPT_KIND_TEXTS)
+    return kinds
 
 
 def _request_id(given: str) -> str:

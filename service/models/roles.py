@@ -14,6 +14,7 @@ import enum
 class ModelRole(enum.StrEnum):
     DETECTOR = "detector"
     SEGMENTER = "segmenter"
+    TEXT_ENCODER = "text_encoder"
 
 
 class Role(enum.StrEnum):

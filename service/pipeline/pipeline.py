@@ -10,7 +10,7 @@ import uuid
 
 import numpy as np
 
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, Unsupported
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_for
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
@@ -18,9 +18,10 @@ from service.pipeline.masks import EncodedMask, encode_masks
 from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
 from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
+from service.pipeline.vocabulary import TextMatch, VocabularyMatcher
 from service.runners.base import DetectorOutput, ImageFeatures, Runner
 
-DETECTOR, REGION = "detector", "region"
+DETECTOR, REGION, TEXT = "detector", "region", "text"  # where an instance came from
 _MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
 
 
@@ -34,25 +35,23 @@ class InstanceResult:
     box: np.ndarray
     mask: EncodedMask
     mask_score: float
-    source: str  # DETECTOR | REGION
+    source: str  # DETECTOR | REGION | TEXT
     region_index: int
+    text_match: TextMatch | None = None  # for TEXT: which text, and how it matched
 
 
 @dataclasses.dataclass(frozen=True)
 class _Candidate:
-    """An instance before its mask: the SAM prompt and what the answer will say about it."""
+    """An instance before its mask: what the answer will say about it, and which SAM prompt gives its mask
+    (``mask_index`` into the request's unique prompts: a detection answering two prompts is segmented once)."""
 
-    prompt: SamPrompt
+    mask_index: int
     label: str
     class_id: int
     score: float
-    source: str  # DETECTOR | REGION
-    region_index: int
-
-    @property
-    def box(self) -> np.ndarray | None:
-        """(4,) float32 XYXY original-image pixels: the detector's or the caller's box; None for clicks only."""
-        return self.prompt.box
+    source: str  # DETECTOR | REGION | TEXT
+    region_index: int = -1
+    text_match: TextMatch | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +79,16 @@ class Pipeline:
     """
 
     def __init__(
-        self, runner: Runner, image_limits: ImageLimits, limits: Limits, cache: EmbeddingCache | None = None
+        self,
+        runner: Runner,
+        image_limits: ImageLimits,
+        limits: Limits,
+        cache: EmbeddingCache | None = None,
+        matcher: VocabularyMatcher | None = None,
     ) -> None:
+        """``matcher``: maps free text to the detector's classes (None: texts are FAILED_PRECONDITION)."""
         self.runner = runner
+        self.matcher = matcher
         self.image_limits = image_limits
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
@@ -93,6 +99,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
+        texts = await self._match_texts(query, timings) if query.texts else []
         handle, entry = self._lookup(query)
         if entry is None:
             t = time.perf_counter()
@@ -100,7 +107,7 @@ class Pipeline:
             timings["decode_image"] = time.perf_counter() - t
         else:
             image = entry.image
-        p = plan(query, self.limits, self.runner.detector.names, image.width, image.height)
+        p = plan(query, self.limits, self.runner.detector.names, image.width, image.height, texts)
 
         detections_task = asyncio.ensure_future(self._detect(image, p, timings, entry)) if p.run_detector else None
         features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
@@ -117,24 +124,41 @@ class Pipeline:
         elif raw is not None:
             self.cache.add_detector_output(handle, raw)
 
-        candidates = self._candidates(detections, p)
+        prompts, candidates = self._candidates(detections, p)
         instances: list[InstanceResult] = []
-        if candidates:
+        if prompts:
             t = time.perf_counter()
-            low_res, scores = await self._decode_masks(features, [c.prompt for c in candidates], image, p.multimask)
+            low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
             timings["decode_masks"] = time.perf_counter() - t
             t = time.perf_counter()
-            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p, candidates)
+            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p, prompts)
             timings["encode_masks"] = time.perf_counter() - t
-            for c, mask, mask_score, mask_box in zip(candidates, masks, scores, mask_boxes, strict=True):
-                box = c.box
+            for c in candidates:
+                prompt, k = prompts[c.mask_index], c.mask_index
+                box = prompt.box
                 if box is None:  # a clicks-only region: its box is the mask's (or the clicks' if the mask is empty)
-                    box = mask_box if mask_box is not None else _points_box(c.prompt)
+                    mask_box = mask_boxes[k]
+                    box = mask_box if mask_box is not None else _points_box(prompt)
                 instances.append(
-                    InstanceResult(c.label, c.class_id, c.score, box, mask, float(mask_score), c.source, c.region_index)
-                )
+                    InstanceResult(
+                        c.label, c.class_id, c.score, box, masks[k], float(scores[k]), c.source, c.region_index,
+                        c.text_match,
+                    )
+                )  # fmt: skip
         timings["total"] = time.perf_counter() - start
         return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings, entry is not None)
+
+    async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
+        """The texts' classes, before the image is decoded (cheap checks first). Unsupported without a matcher."""
+        if self.matcher is None:
+            raise Unsupported(
+                "texts: free-text prompts need a text encoder and this server has none; serve with "
+                "text_encoder=minilm, or send class names (ListModels lists the vocabulary)"
+            )
+        t = time.perf_counter()
+        matches = await self.matcher.match(query.texts, self.runner.detector.names)
+        timings["match_texts"] = time.perf_counter() - t
+        return matches
 
     async def encode(self, image_input: ImageInput) -> EncodeResult:
         """Decodes and encodes an image into the cache (EncodeImage); a cached one is only refreshed."""
@@ -205,18 +229,27 @@ class Pipeline:
         timings["encode"] = time.perf_counter() - t
         return features
 
-    def _candidates(self, detections: Detections | None, p: Plan) -> list[_Candidate]:
-        """Detections (score order) then regions (request order), each with its SAM prompt."""
+    def _candidates(self, detections: Detections | None, p: Plan) -> tuple[list[SamPrompt], list[_Candidate]]:
+        """The request's unique SAM prompts (detections in score order, then regions in request order) and its
+        instances: per detection, one for the class prompt if it asked for that class, then one per text
+        matched to that class (in text order); one per region."""
         names = self.runner.detector.names
+        prompts: list[SamPrompt] = []
         out: list[_Candidate] = []
         empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
         if detections is not None:
             for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
-                prompt = SamPrompt(box=box, points=empty_pts, point_labels=empty_labels)
-                out.append(_Candidate(prompt, names[int(cid)], int(cid), float(score), DETECTOR, -1))
+                k, cid, label = len(prompts), int(cid), names[int(cid)]
+                prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
+                if p.class_prompt is None or cid in p.class_prompt:
+                    out.append(_Candidate(k, label, cid, float(score), DETECTOR))
+                out.extend(
+                    _Candidate(k, label, cid, float(score), TEXT, text_match=m) for m in p.texts if m.class_id == cid
+                )
         for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
-            out.append(_Candidate(prompt, label, -1, 1.0, REGION, i))
-        return out
+            out.append(_Candidate(len(prompts), label, -1, 1.0, REGION, region_index=i))
+            prompts.append(prompt)
+        return prompts, out
 
     async def _decode_masks(
         self, features: ImageFeatures, prompts: list[SamPrompt], image: DecodedImage, multimask: bool
@@ -233,21 +266,21 @@ class Pipeline:
         return low_res, scores
 
     def _masks(
-        self, low_res: np.ndarray, image: DecodedImage, p: Plan, candidates: list[_Candidate]
+        self, low_res: np.ndarray, image: DecodedImage, p: Plan, prompts: list[SamPrompt]
     ) -> tuple[list[EncodedMask], list[np.ndarray | None]]:
-        """Upsample, threshold, refine and encode in chunks. Returns encoded masks and, for clicks-only regions,
-        the refined mask's XYXY box (None if empty, and for every other instance)."""
+        """Upsample, threshold, refine and encode in chunks, one mask per prompt. Returns the encoded masks and,
+        for clicks-only prompts, the refined mask's XYXY box (None if empty, and for every other prompt)."""
         hw = (image.height, image.width)
         out: list[EncodedMask] = []
         boxes: list[np.ndarray | None] = []
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
             masks = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
-            chunk = candidates[i : i + _MASK_CHUNK]
+            chunk = prompts[i : i + _MASK_CHUNK]
             if p.refinement.active:
-                for mask, c in zip(masks, chunk, strict=True):
-                    refine_mask(mask, c.box, p.refinement)
+                for mask, prompt in zip(masks, chunk, strict=True):
+                    refine_mask(mask, prompt.box, p.refinement)
             out.extend(encode_masks(masks, p.mask_encoding))
-            boxes.extend(_mask_box(m) if c.box is None else None for m, c in zip(masks, chunk, strict=True))
+            boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(masks, chunk, strict=True))
         return out, boxes
 
 

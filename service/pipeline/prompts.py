@@ -16,6 +16,7 @@ from service.errors import InvalidInput
 from service.pipeline.masks import ENCODINGS, RLE
 from service.pipeline.refine import Refinement
 from service.pipeline.segmentation import SamPrompt
+from service.pipeline.vocabulary import TextMatch, normalise_class_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SegmentQuery:
     regions: tuple[Region, ...] = ()
     options: Options = dataclasses.field(default_factory=Options)
     request_id: str = ""
+    texts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +89,23 @@ class Limits:
     mask_min_region_area: int
     mask_clip_to_box: bool
     mask_box_margin: float
+    max_text_prompts: int
+    max_text_chars: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What to run for one validated request."""
+    """What to run for one validated request.
+
+    class_ids: the classes the detector's output is filtered to (None = every class); class_prompt: the class
+    ids the request's ``classes`` ask for (None = every class: no classes and no texts were given); texts:
+    each text's match, whose instances are returned once per text.
+    """
 
     run_detector: bool
-    class_ids: list[int] | None  # None = every class
+    class_ids: list[int] | None
+    class_prompt: frozenset[int] | None
+    texts: list[TextMatch]
     score_threshold: float
     iou_threshold: float
     max_instances: int
@@ -121,6 +132,13 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         raise InvalidInput(f"classes: {len(query.classes)} given, the limit is {limits.max_class_prompts}")
     if len(query.regions) > limits.max_region_prompts:
         raise InvalidInput(f"regions: {len(query.regions)} given, the limit is {limits.max_region_prompts}")
+    if len(query.texts) > limits.max_text_prompts:
+        raise InvalidInput(f"texts: {len(query.texts)} given, the limit is {limits.max_text_prompts}")
+    for i, text in enumerate(query.texts):
+        if not text.strip():
+            raise InvalidInput(f"texts[{i}]: empty; give a word or phrase, e.g. 'red car'")
+        if len(text) > limits.max_text_chars:
+            raise InvalidInput(f"texts[{i}]: {len(text)} characters, the limit is {limits.max_text_chars}")
     o = query.options
     for name, value in (("score_threshold", o.score_threshold), ("iou_threshold", o.iou_threshold)):
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -158,9 +176,20 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
                 raise InvalidInput(f"{field}.points[{j}]: coordinates must be finite numbers")
 
 
-def plan(query: SegmentQuery, limits: Limits, vocabulary: Sequence[str], width: int, height: int) -> Plan:
-    """Validates against the image frame and the vocabulary; resolves defaults."""
-    class_ids = resolve_classes(query.classes, vocabulary) if query.classes else None
+def plan(
+    query: SegmentQuery,
+    limits: Limits,
+    vocabulary: Sequence[str],
+    width: int,
+    height: int,
+    texts: Sequence[TextMatch] = (),
+) -> Plan:
+    """Validates against the image frame and the vocabulary; resolves defaults. ``texts``: the matches of
+    ``query.texts`` (``VocabularyMatcher``)."""
+    class_prompt = frozenset(resolve_classes(query.classes, vocabulary)) if query.classes else None
+    if class_prompt is None and texts:
+        class_prompt = frozenset()  # texts alone: only what they match
+    class_ids = None if class_prompt is None else sorted(class_prompt | {m.class_id for m in texts})
     prompts: list[SamPrompt] = []
     for i, r in enumerate(query.regions):
         field = f"regions[{i}]"
@@ -181,8 +210,10 @@ def plan(query: SegmentQuery, limits: Limits, vocabulary: Sequence[str], width: 
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
     return Plan(
-        run_detector=bool(query.classes) or not query.regions,
+        run_detector=bool(query.classes) or bool(texts) or not query.regions,
         class_ids=class_ids,
+        class_prompt=class_prompt,
+        texts=list(texts),
         score_threshold=o.score_threshold if o.score_threshold is not None else limits.default_score_threshold,
         iou_threshold=o.iou_threshold if o.iou_threshold is not None else limits.default_iou_threshold,
         max_instances=o.max_instances if o.max_instances is not None else limits.default_max_instances,
@@ -202,10 +233,6 @@ def resolve_refinement(asked: RefinementOptions, limits: Limits) -> Refinement:
     clip = limits.mask_clip_to_box if asked.clip_to_box is None else asked.clip_to_box
     margin = limits.mask_box_margin if asked.box_margin is None else asked.box_margin
     return Refinement(min_region_area=area, box_margin=margin if clip else None)
-
-
-def normalise_class_name(name: str) -> str:
-    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
 def resolve_classes(names: Sequence[str], vocabulary: Sequence[str]) -> list[int]:

@@ -43,6 +43,11 @@ class SegmenterSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextEncoderSpec:
+    dim: int  # embedding width; embeddings are L2-normalised
+
+
+@dataclasses.dataclass(frozen=True)
 class DetectorOutput:
     """Raw detector head: (N, 4 + num_classes, num_anchors) float32, boxes XYWH in letterboxed pixels."""
 
@@ -100,6 +105,11 @@ class Runner(Protocol):
     @property
     def segmenter(self) -> SegmenterSpec: ...
     @property
+    def text_encoder(self) -> TextEncoderSpec | None:
+        """None when this runner embeds no text (free-text prompts are then FAILED_PRECONDITION)."""
+        ...
+
+    @property
     def models(self) -> Sequence[ModelDescriptor]: ...
     @property
     def backend(self) -> str: ...
@@ -123,6 +133,10 @@ class Runner(Protocol):
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         """All prompts of one image in one call; ``features`` has batch size 1."""
+        ...
+
+    async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """texts → (N, text_encoder.dim) float32 sentence embeddings, L2-normalised."""
         ...
 
     async def start(self) -> None:

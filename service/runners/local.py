@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
 
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, Unsupported
 from service.models.profiles import WeightsRef
+from service.models.text import SentenceEncoder
 from service.runners.base import (
     DecoderOutput,
     DetectorOutput,
@@ -25,6 +26,7 @@ from service.runners.base import (
     ModelDescriptor,
     PromptBatch,
     SegmenterSpec,
+    TextEncoderSpec,
     time_left,
 )
 from service.runners.batching import BatchPolicy, MicroBatcher
@@ -45,13 +47,18 @@ class LocalRunner:
         models: tuple[ModelDescriptor, ...],
         profile: str,
         batching: BatchPolicy,
+        text: SentenceEncoder | None,
         workers: int = 2,
     ) -> None:
-        """``batching``: the detector's and encoder's micro-batching; ``workers``: threads running model calls
-        (2: one request's detector and encoder run concurrently)."""
+        """``batching``: the detector's and encoder's micro-batching; ``text``: the sentence encoder free text
+        is matched with (None: texts unsupported); ``workers``: threads running model calls (2: one request's
+        detector and encoder run concurrently). ``models`` describes the detector and segmenter; the text
+        encoder's descriptor is added here."""
         self.detector = detector
         self.segmenter = segmenter
-        self.models = models
+        self.models = models + ((text.descriptor,) if text is not None else ())
+        self._text = text
+        self.text_encoder = TextEncoderSpec(dim=text.info.dim) if text is not None else None
         self.profile = profile
         self.calls: collections.Counter[str] = collections.Counter()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
@@ -94,6 +101,12 @@ class LocalRunner:
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         _check_deadline()
         return await self._run("decode", lambda: self._decode_sync(features, prompts))
+
+    async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        text = self._text
+        if text is None:
+            raise Unsupported("texts: this server has no text encoder (serve with text_encoder=minilm)")
+        return await self._run("embed_text", lambda: text.encode(texts))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ from service.config import Settings
 from service.models.graphs import IO, decoder_outputs, read_parameters
 from service.models.profiles import ModelSet
 from service.models.roles import MODEL_ROLES, Role
+from service.models.text import load_sentence_encoder
 from service.runners.base import DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
 from service.runners.exported import decoder_feeds, specs
@@ -64,7 +65,13 @@ class OnnxRunner(LocalRunner):
         )
         detector, segmenter = specs(graphs)
         return cls(
-            sessions, detector, segmenter, graphs.models, models.profile, batching=BatchPolicy.from_settings(settings)
+            sessions,
+            detector,
+            segmenter,
+            graphs.models,
+            models.profile,
+            batching=BatchPolicy.from_settings(settings),
+            text=load_sentence_encoder(settings.text_encoder),
         )
 
     def _detect_sync(self, images: np.ndarray) -> Arrays:

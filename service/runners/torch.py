@@ -19,6 +19,7 @@ from service.config import Settings
 from service.models import sam_ops
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
+from service.models.text import load_sentence_encoder
 from service.runners.base import DecoderOutput, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
 from service.runners.batching import BatchPolicy
 from service.runners.local import Arrays, LocalRunner, descriptor
@@ -69,6 +70,7 @@ class TorchRunner(LocalRunner):
             descriptors,
             models.profile,
             batching=BatchPolicy.from_settings(settings),
+            text=load_sentence_encoder(settings.text_encoder),
             device=settings.device,
         )
 

@@ -92,6 +92,13 @@ CASES = {
     "max instances 0": (_request(options=pb.SegmentOptions(max_instances=0)), ["options.max_instances", "[1, 300]"]),
     "unknown mask encoding": (_request(options=pb.SegmentOptions(mask_encoding=99)), ["options.mask_encoding"]),
     "bad request id": (_request(request_id="a b/c"), ["request_id"]),
+    "empty text": (_request(texts=["car", "  "]), ["texts[1]", "empty"]),
+    "10,000 texts": (_request(texts=["car"] * 10_000), ["texts", "10000 given", "limit is 64"]),
+    "a 100 KB text": (_request(texts=["x" * 100_000]), ["texts[0]", "100000 characters", "limit is 256"]),
+    "refinement margin negative": (
+        _request(options=pb.SegmentOptions(refinement=pb.MaskRefinement(box_margin=-1))),
+        ["options.refinement.box_margin", "[0, 10]"],
+    ),
 }
 
 

