@@ -12,6 +12,7 @@ from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
 from service.pipeline.pipeline import DETECTOR, REGION, TEXT, EncodeResult, InstanceResult, SegmentResult
 from service.pipeline.prompts import ImageInput, Options, RefinementOptions, Region, SegmentQuery
+from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 
 _ENCODINGS = {
     pb.MASK_ENCODING_UNSPECIFIED: RLE,
@@ -24,6 +25,7 @@ _SOURCES = {
     REGION: pb.INSTANCE_SOURCE_REGION_PROMPT,
     TEXT: pb.INSTANCE_SOURCE_TEXT,
 }
+_MATCH_KINDS = {EXACT: pb.TEXT_MATCH_KIND_EXACT, EMBEDDING: pb.TEXT_MATCH_KIND_EMBEDDING, OPEN: pb.TEXT_MATCH_KIND_OPEN}
 _ROLES = {
     ModelRole.DETECTOR: pb.MODEL_ROLE_DETECTOR,
     ModelRole.SEGMENTER: pb.MODEL_ROLE_SEGMENTER,
@@ -115,7 +117,7 @@ def instance_to_proto(inst: InstanceResult) -> pb.Instance:
             pb.TextMatch(
                 text_index=m.text_index,
                 text=m.text,
-                kind=pb.TEXT_MATCH_KIND_EXACT if m.exact else pb.TEXT_MATCH_KIND_EMBEDDING,
+                kind=_MATCH_KINDS[m.kind],
                 matched_class=m.class_name,
                 similarity=m.similarity,
             )
@@ -132,6 +134,7 @@ def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:
         weights_sha256=m.weights_sha256,
         vocabulary=list(m.vocabulary),
         input_size=m.input_size,
+        open_vocabulary=m.open_vocabulary,
     )
 
 

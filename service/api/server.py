@@ -26,7 +26,7 @@ from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
-from service.pipeline.vocabulary import VocabularyMatcher
+from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
 from service.runners.base import Runner
 from service.startup import configure_process
 
@@ -77,8 +77,11 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
         matcher=(
             VocabularyMatcher(runner.embed_text, settings.text_match_threshold, settings.text_cache_entries)
-            if runner.text_encoder is not None
+            if runner.text_encoder is not None and not runner.detector.open_vocabulary
             else None
+        ),
+        class_embeddings=(
+            EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if runner.detector.open_vocabulary else None
         ),
     )
 
@@ -147,7 +150,8 @@ def _names(runner: Runner) -> str:
 async def _warm_up(pipeline: Pipeline) -> None:
     """One full request on a small synthetic image, so the first caller pays no first-call costs."""
     rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up")
+    texts = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
+    query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up", texts=texts)
     await pipeline.segment(query)
     if pipeline.matcher is not None:
         await pipeline.matcher.prepare(pipeline.runner.detector.names)

@@ -165,7 +165,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
 def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
     kinds = [pb.PROMPT_KIND_CLASSES, pb.PROMPT_KIND_REGIONS]
-    if pipeline.matcher is not None:
+    if pipeline.matcher is not None or pipeline.class_embeddings is not None:
         kinds.append(pb.PROMPT_KIND_TEXTS)
     return kinds
 

@@ -73,8 +73,9 @@ def safe_load_ultralytics(path: Path) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedDetector:
-    module: torch.nn.Module  # ultralytics DetectionModel, eval, float32, Conv+BN fused
+    module: torch.nn.Module  # ultralytics DetectionModel or YOLOEModel, eval, float32, Conv+BN fused
     train_imgsz: int | None  # the square size it was trained at, if the checkpoint says
+    text_model: str | None  # open-vocabulary (YOLOE): the text encoder its class embeddings come from; else None
 
     def input_size(self, override: int = 0) -> int:
         """The square letterbox side to run at: ``override`` if set, else the training size, else 640."""
@@ -85,11 +86,15 @@ def load_detector_module(path: Path) -> LoadedDetector:
     """Loads an ultralytics detector checkpoint safely, ready to run as ultralytics predicts with it."""
     ckpt = safe_load_ultralytics(path)
     model = (ckpt.get("ema") or ckpt["model"]).float()
-    if type(model).__name__ != "DetectionModel":
-        raise ModelUnavailable(f"{path.name}: a {type(model).__name__}, expected a YOLO DetectionModel")
+    kind = type(model).__name__
+    if kind not in ("DetectionModel", "YOLOEModel"):
+        raise ModelUnavailable(f"{path.name}: a {kind}, expected a YOLO DetectionModel or a YOLOE detection model")
+    if kind == "YOLOEModel" and getattr(model.model[-1], "is_fused", False):
+        raise ModelUnavailable(f"{path.name}: its class embeddings are fused into the head (a fixed vocabulary)")
+    text_model = str(model.text_model) if kind == "YOLOEModel" else None
     model = model.fuse(verbose=False) if hasattr(model, "fuse") else model
     imgsz = (ckpt.get("train_args") or {}).get("imgsz")
-    return LoadedDetector(model.eval().requires_grad_(False), imgsz if isinstance(imgsz, int) else None)
+    return LoadedDetector(model.eval().requires_grad_(False), imgsz if isinstance(imgsz, int) else None, text_model)
 
 
 def load_segmenter_module(config: str, path: Path, overrides: tuple[str, ...] = (), device: str = "cpu") -> Any:

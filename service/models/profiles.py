@@ -66,11 +66,21 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     if settings.models == "demo":
         detector, segmenter = _demo_refs()
         profile = "demo"
-    elif settings.models == "test":
+    elif settings.models in ("test", "test-open"):
         det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
         detector = WeightsRef(
             ModelRole.DETECTOR, "test-yolo11n", "seed-0", testing.TEST_DETECTOR_ARCH, det_path, file_sha256(det_path)
         )
+        if settings.models == "test-open":  # the open-vocabulary (YOLOE) test detector instead
+            det_path = testing.make_test_open_detector(settings.cache_dir / "test-models")
+            detector = WeightsRef(
+                ModelRole.DETECTOR,
+                "test-yoloe-11n",
+                "seed-0",
+                testing.TEST_OPEN_DETECTOR_ARCH,
+                det_path,
+                file_sha256(det_path),
+            )
         segmenter = WeightsRef(
             ModelRole.SEGMENTER,
             "test-sam2.1_hiera_t",
@@ -80,7 +90,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
             file_sha256(seg_path),
             testing.TEST_SEGMENTER_OVERRIDES,
         )
-        profile = "test"
+        profile = settings.models
     elif settings.models in PROFILES:
         det_name, seg_name = PROFILES[settings.models]
         detector, segmenter, profile = None, None, settings.models
@@ -104,7 +114,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
                 "official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files, reasons=reasons
             )
     else:
-        known = ", ".join(["auto", *PROFILES, "demo", "test"])
+        known = ", ".join(["auto", *PROFILES, "demo", "test", "test-open"])
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
     if settings.detector:
         detector = _explicit(settings.detector, ModelRole.DETECTOR, settings, progress)

@@ -38,3 +38,4 @@ class ModelDescriptor:
     weights_sha256: str
     input_size: int
     vocabulary: tuple[str, ...] = ()
+    open_vocabulary: bool = False  # a detector whose classes come with each request

@@ -17,6 +17,7 @@ TEST_DETECTOR_ARCH = "yolo11n.yaml"
 TEST_SEGMENTER_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 TEST_SEGMENTER_IMAGE_SIZE = 256
 TEST_SEGMENTER_OVERRIDES = (f"++model.image_size={TEST_SEGMENTER_IMAGE_SIZE}",)
+TEST_OPEN_DETECTOR_ARCH = "yoloe-11n.yaml"  # YOLOE: classes are text embeddings given per request
 
 
 def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -37,14 +38,41 @@ def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     return detector, segmenter
 
 
+def make_test_open_detector(directory: Path, seed: int = 0) -> Path:
+    """Writes (once) the seeded open-vocabulary test detector: an ultralytics checkpoint of ``yoloe-11n.yaml``
+    whose text encoder is ``minilm-512:seed<seed>`` (all-MiniLM-L6-v2 + a fixed projection to 512)."""
+    path = directory / f"seed-{seed}" / "test-yoloe-11n.pt"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from ultralytics.nn.tasks import YOLOEModel
+
+    from service.models.text import PROJECTED_MINILM, ClassTextEncoder, SentenceEncoder
+
+    torch.manual_seed(seed)
+    model = YOLOEModel(TEST_OPEN_DETECTOR_ARCH, nc=len(TEST_VOCABULARY), verbose=False)
+    model.text_model = f"{PROJECTED_MINILM}{seed}"
+    texts = ClassTextEncoder.for_detector(model.text_model, SentenceEncoder.load()).encode(TEST_VOCABULARY)
+    _calibrate_open(model, torch.from_numpy(texts)[None])
+    model.names = dict(enumerate(TEST_VOCABULARY))
+    _save_detector(model, path, seed)
+    return path
+
+
 def _write_detector(path: Path, seed: int) -> None:
-    import ultralytics
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(seed)
     model = DetectionModel(TEST_DETECTOR_ARCH, nc=len(TEST_VOCABULARY), verbose=False)
     model.names = dict(enumerate(TEST_VOCABULARY))
     _calibrate(model)
+    _save_detector(model, path, seed)
+
+
+def _save_detector(model: torch.nn.Module, path: Path, seed: int) -> None:
+    """Writes ``model`` (fp16) as an ultralytics checkpoint, atomically."""
+    import ultralytics
+
     ckpt = {  # the layout ultralytics' Model.save writes
         "ema": None,
         "model": model.half(),
@@ -64,6 +92,52 @@ def _calibrate(model: torch.nn.Module) -> None:
     ship with ultralytics, and class logits shifted by +3 so a few boxes clear the default 0.25 threshold.
     Still random weights (no training); without this every anchor scores the same ~0.002.
     """
+    batch = _calibration_batch()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(batch)
+        head: Any = model.model[-1]  # type: ignore[index]
+        for branch in head.cv3:  # Detect head: last conv of each class branch
+            branch[-1].bias += 3.0
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+
+
+def _calibrate_open(model: Any, texts: torch.Tensor) -> None:
+    """As ``_calibrate`` for YOLOE: BatchNorm statistics from the sample photos, then the contrastive heads'
+    bias (−10 when initialised, which leaves every score near 4.5e-5 on random weights) set so that about 0.5 %
+    of anchor-class scores clear 0.25. Still random weights. ``texts``: (1, N, 512) class-text features."""
+    batch = _calibration_batch()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model.predict(batch, tpe=texts)
+    model.eval()
+    head: Any = model.model[-1]
+    with torch.no_grad():
+        for contrastive in head.cv4:
+            contrastive.bias.fill_(0.0)
+        scores = model.predict(batch, tpe=texts)[0][:, 4:]
+        logits = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
+        shift = -float(torch.quantile(logits.flatten().float(), 0.995)) - 1.1  # logit(0.25) = -1.1
+        for contrastive in head.cv4:
+            contrastive.bias.fill_(shift)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+
+
+def _calibration_batch() -> torch.Tensor:
+    """(2, 3, 640, 640) float32 in [0, 1]: bus.jpg and zidane.jpg letterboxed."""
     import numpy as np
     from PIL import Image
     from ultralytics.data.augment import LetterBox
@@ -72,20 +146,7 @@ def _calibrate(model: torch.nn.Module) -> None:
     letterbox = LetterBox((640, 640), auto=False)
     images = [np.asarray(Image.open(ASSETS / name).convert("RGB")) for name in ("bus.jpg", "zidane.jpg")]
     batch = torch.stack([torch.from_numpy(np.asarray(letterbox(image=im)).transpose(2, 0, 1).copy()) for im in images])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model(batch.float() / 255.0)
-        head: Any = model.model[-1]  # type: ignore[index]
-        for branch in head.cv3:  # Detect head: last conv of each class branch
-            branch[-1].bias += 3.0
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
+    return batch.float() / 255.0
 
 
 def write_segmenter(path: Path, seed: int, image_size: int) -> None:

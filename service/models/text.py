@@ -48,6 +48,43 @@ def model_dir() -> Path:
 
 
 TEXT_ENCODERS = ("minilm", "none")
+# Text encoders of open-vocabulary detectors, by the name a checkpoint records (YOLOEModel.text_model):
+# "minilm-512:seed<N>" = all-MiniLM-L6-v2 followed by a fixed random projection 384 → 512 drawn from numpy's
+# default_rng(N) (entries N(0, 1/384)), the width YOLOE's head expects. Official YOLOE checkpoints name
+# "mobileclip:blt" (Apple's MobileCLIP), whose weights cannot be fetched here.
+PROJECTED_MINILM = "minilm-512:seed"
+
+
+def minilm_projection(seed: int, width: int = 512) -> np.ndarray:
+    """(384, width) float32: the fixed projection of the "minilm-512:seed<seed>" class-text encoder."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((DIM, width)) / np.sqrt(DIM)).astype(np.float32)
+
+
+class ClassTextEncoder:
+    """Class names / phrases → an open-vocabulary detector's text features (N, width) float32 (before the
+    detector's own text head). Built from a SentenceEncoder and the fixed projection its name gives."""
+
+    def __init__(self, name: str, sentence: SentenceEncoder, projection: np.ndarray) -> None:
+        self.name = name
+        self._sentence = sentence
+        self._projection = projection
+        self.dim = int(projection.shape[1])
+
+    @classmethod
+    def for_detector(cls, text_model: str, sentence: SentenceEncoder | None) -> ClassTextEncoder:
+        """The encoder a checkpoint's ``text_model`` names. Raises ModelUnavailable when it cannot be had here."""
+        if text_model.startswith(PROJECTED_MINILM) and text_model[len(PROJECTED_MINILM) :].isdigit():
+            if sentence is None:
+                raise ModelUnavailable(f"the detector's text encoder {text_model!r} needs text_encoder=minilm")
+            return cls(text_model, sentence, minilm_projection(int(text_model[len(PROJECTED_MINILM) :])))
+        raise ModelUnavailable(
+            f"the detector's text encoder {text_model!r} is not available offline (only {PROJECTED_MINILM}<N>); "
+            "open-vocabulary checkpoints with MobileCLIP or CLIP text encoders are not supported yet"
+        )
+
+    def encode(self, names: Sequence[str]) -> np.ndarray:
+        return self._sentence.encode(names) @ self._projection
 
 
 def load_sentence_encoder(choice: str) -> SentenceEncoder | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
+from service.errors import Unsupported
 from service.models.graphs import WeightsIdentity, write_parameters
 from service.models.profiles import ModelSet, WeightsRef
 from service.models.roles import MODEL_ROLES, Role
@@ -129,6 +130,11 @@ def write_repository(models: ModelSet, settings: Settings, out: Path) -> list[An
     from service.models.loading import load_detector_module, load_segmenter_module
 
     detector = load_detector_module(models.detector.path)
+    if detector.text_model is not None:
+        raise Unsupported(
+            f"export: {models.detector.name} is open-vocabulary (YOLOE: class embeddings are an input); exporting "
+            "it is not supported yet: serve it with --backend torch"
+        )
     seg = models.segmenter
     sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides)
     imgsz = detector.input_size(settings.detector_imgsz)

@@ -2,8 +2,9 @@
 
 A handle is ``"sha256:" + hex sha256 of the image bytes received``, so the same bytes always give the
 same handle, and a Segment request carrying bytes that were seen before hits the cache without one.
-Entries hold the decoded image, the SAM image features and, once computed, the detector's raw output
-(classes only filter that output, so a new class prompt on a cached image skips the detector too).
+Entries hold the decoded image, the SAM image features and, once computed, the detector's raw outputs by
+vocabulary key: one for a closed detector (key None; classes only filter that output, so a new class prompt on
+a cached image skips the detector too), one per distinct vocabulary for an open-vocabulary detector.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import collections
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from service.pipeline.image import DecodedImage
 from service.runners.base import DetectorOutput, ImageFeatures
@@ -28,12 +29,12 @@ def handle_for(sha256_hex: str) -> str:
 class CacheEntry:
     image: DecodedImage
     features: ImageFeatures
-    detector: DetectorOutput | None = None
+    detector: dict[Hashable, DetectorOutput] = dataclasses.field(default_factory=dict)
     last_used: float = 0.0
 
     @property
     def nbytes(self) -> int:
-        det = self.detector.raw.nbytes if self.detector is not None else 0
+        det = sum(o.raw.nbytes for o in self.detector.values())
         return int(self.image.rgb.nbytes + self.features.nbytes + det)
 
 
@@ -83,13 +84,13 @@ class EmbeddingCache:
                 self._bytes -= evicted.nbytes
                 self.evictions += 1
 
-    def add_detector_output(self, handle: str, output: DetectorOutput) -> None:
-        """Remembers the detector's raw output for a cached image (if it is still cached)."""
+    def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
+        """Remembers the detector's raw output for vocabulary ``key`` of a cached image (if it is still cached)."""
         with self._lock:
             entry = self._entries.get(handle)
-            if entry is None or entry.detector is not None:
+            if entry is None or key in entry.detector:
                 return
-            entry.detector = output
+            entry.detector[key] = output
             self._bytes += output.raw.nbytes
 
     def _expire(self) -> None:

@@ -18,8 +18,8 @@ from service.pipeline.masks import EncodedMask, encode_masks
 from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
 from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
-from service.pipeline.vocabulary import TextMatch, VocabularyMatcher
-from service.runners.base import DetectorOutput, ImageFeatures, Runner
+from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, open_vocabulary
+from service.runners.base import ClassPrompts, DetectorOutput, ImageFeatures, Runner
 
 DETECTOR, REGION, TEXT = "detector", "region", "text"  # where an instance came from
 _MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
@@ -85,10 +85,15 @@ class Pipeline:
         limits: Limits,
         cache: EmbeddingCache | None = None,
         matcher: VocabularyMatcher | None = None,
+        class_embeddings: EmbeddingLRU | None = None,
     ) -> None:
-        """``matcher``: maps free text to the detector's classes (None: texts are FAILED_PRECONDITION)."""
+        """``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
+        ``class_embeddings``: an open-vocabulary detector's class text features by string (required for one)."""
         self.runner = runner
         self.matcher = matcher
+        self.class_embeddings = class_embeddings
+        if runner.detector.open_vocabulary and class_embeddings is None:
+            raise ValueError("an open-vocabulary detector needs class_embeddings")
         self.image_limits = image_limits
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
@@ -99,7 +104,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
-        texts = await self._match_texts(query, timings) if query.texts else []
+        vocabulary, texts, classes = await self._vocabulary(query, timings)
         handle, entry = self._lookup(query)
         if entry is None:
             t = time.perf_counter()
@@ -107,9 +112,11 @@ class Pipeline:
             timings["decode_image"] = time.perf_counter() - t
         else:
             image = entry.image
-        p = plan(query, self.limits, self.runner.detector.names, image.width, image.height, texts)
+        open_vocabulary = self.runner.detector.open_vocabulary
+        p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
-        detections_task = asyncio.ensure_future(self._detect(image, p, timings, entry)) if p.run_detector else None
+        detect = self._detect(image, p, timings, entry, classes)
+        detections_task = asyncio.ensure_future(detect) if p.run_detector else None
         features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
         try:
             detections, raw = await detections_task if detections_task else (None, None)
@@ -119,10 +126,11 @@ class Pipeline:
                 if task is not None:
                     task.cancel()
             raise
+        key = classes.key if classes is not None else None
         if entry is None:
-            self.cache.put(handle, CacheEntry(image, features, raw))
+            self.cache.put(handle, CacheEntry(image, features, {key: raw} if raw is not None else {}))
         elif raw is not None:
-            self.cache.add_detector_output(handle, raw)
+            self.cache.add_detector_output(handle, raw, key)
 
         prompts, candidates = self._candidates(detections, p)
         instances: list[InstanceResult] = []
@@ -148,8 +156,25 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
         return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings, entry is not None)
 
+    async def _vocabulary(
+        self, query: SegmentQuery, timings: dict[str, float]
+    ) -> tuple[tuple[str, ...], list[TextMatch], ClassPrompts | None]:
+        """What this request's class ids will index, how its texts are answered, and (open vocabulary) the
+        class prompts the detector runs with; before the image is decoded (cheap checks first)."""
+        if not self.runner.detector.open_vocabulary:
+            texts = await self._match_texts(query, timings) if query.texts else []
+            return self.runner.detector.names, texts, None
+        names = open_vocabulary(query.classes, query.texts)
+        if not names:
+            return names, [], None
+        assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
+        t = time.perf_counter()
+        embeddings = await self.class_embeddings.get(names)
+        timings["embed_classes"] = time.perf_counter() - t
+        return names, open_matches(query.texts, names), ClassPrompts(names, embeddings)
+
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
-        """The texts' classes, before the image is decoded (cheap checks first). Unsupported without a matcher."""
+        """The texts' classes by the matcher. Unsupported without one."""
         if self.matcher is None:
             raise Unsupported(
                 "texts: free-text prompts need a text encoder and this server has none; serve with "
@@ -201,15 +226,22 @@ class Pipeline:
         return decode_image(query.image.encoded or b"", self.image_limits, sha256=digest)
 
     async def _detect(
-        self, image: DecodedImage, p: Plan, timings: dict[str, float], entry: CacheEntry | None
+        self,
+        image: DecodedImage,
+        p: Plan,
+        timings: dict[str, float],
+        entry: CacheEntry | None,
+        classes: ClassPrompts | None,
     ) -> tuple[Detections, DetectorOutput]:
-        """Detections for the plan's classes, and the detector's raw output (from the cache when there)."""
+        """Detections for the plan's classes, and the detector's raw output (from the cache when there: per
+        vocabulary for an open-vocabulary detector)."""
         t = time.perf_counter()
-        if entry is not None and entry.detector is not None:
-            output = entry.detector
+        cached = entry.detector.get(classes.key if classes is not None else None) if entry is not None else None
+        if cached is not None:
+            output = cached
         else:
             batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
-            output = await self.runner.detect(batch)
+            output = await self.runner.detect(batch, classes)
         detections = self.detection.postprocess(
             output,
             0,
@@ -233,7 +265,7 @@ class Pipeline:
         """The request's unique SAM prompts (detections in score order, then regions in request order) and its
         instances: per detection, one for the class prompt if it asked for that class, then one per text
         matched to that class (in text order); one per region."""
-        names = self.runner.detector.names
+        names = p.names
         prompts: list[SamPrompt] = []
         out: list[_Candidate] = []
         empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)

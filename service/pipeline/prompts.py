@@ -97,11 +97,13 @@ class Limits:
 class Plan:
     """What to run for one validated request.
 
-    class_ids: the classes the detector's output is filtered to (None = every class); class_prompt: the class
-    ids the request's ``classes`` ask for (None = every class: no classes and no texts were given); texts:
-    each text's match, whose instances are returned once per text.
+    names: what the detections' class ids index (the detector's vocabulary, or an open-vocabulary request's
+    own); class_ids: the classes the detector's output is filtered to (None = every class); class_prompt: the
+    class ids the request's ``classes`` ask for (None = every class: no classes and no texts were given);
+    texts: each text's match, whose instances are returned once per text.
     """
 
+    names: tuple[str, ...]
     run_detector: bool
     class_ids: list[int] | None
     class_prompt: frozenset[int] | None
@@ -130,6 +132,11 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         raise InvalidInput("request_id: at most 128 characters of [A-Za-z0-9._:-]")
     if len(query.classes) > limits.max_class_prompts:
         raise InvalidInput(f"classes: {len(query.classes)} given, the limit is {limits.max_class_prompts}")
+    for i, name in enumerate(query.classes):
+        if not name.strip():
+            raise InvalidInput(f"classes[{i}]: empty; give a class name (ListModels lists the vocabulary)")
+        if len(name) > limits.max_text_chars:
+            raise InvalidInput(f"classes[{i}]: {len(name)} characters, the limit is {limits.max_text_chars}")
     if len(query.regions) > limits.max_region_prompts:
         raise InvalidInput(f"regions: {len(query.regions)} given, the limit is {limits.max_region_prompts}")
     if len(query.texts) > limits.max_text_prompts:
@@ -183,13 +190,20 @@ def plan(
     width: int,
     height: int,
     texts: Sequence[TextMatch] = (),
+    open_vocabulary: bool = False,
 ) -> Plan:
     """Validates against the image frame and the vocabulary; resolves defaults. ``texts``: the matches of
-    ``query.texts`` (``VocabularyMatcher``)."""
-    class_prompt = frozenset(resolve_classes(query.classes, vocabulary)) if query.classes else None
-    if class_prompt is None and texts:
-        class_prompt = frozenset()  # texts alone: only what they match
-    class_ids = None if class_prompt is None else sorted(class_prompt | {m.class_id for m in texts})
+    ``query.texts``. ``open_vocabulary``: ``vocabulary`` is the request's own (``vocabulary.open_vocabulary``)
+    and any class name is valid."""
+    class_ids: list[int] | None
+    if open_vocabulary:
+        class_prompt: frozenset[int] | None = _open_class_prompt(query, vocabulary)
+        class_ids = None
+    else:
+        class_prompt = frozenset(resolve_classes(query.classes, vocabulary)) if query.classes else None
+        if class_prompt is None and texts:
+            class_prompt = frozenset()  # texts alone: only what they match
+        class_ids = None if class_prompt is None else sorted(class_prompt | {m.class_id for m in texts})
     prompts: list[SamPrompt] = []
     for i, r in enumerate(query.regions):
         field = f"regions[{i}]"
@@ -210,6 +224,7 @@ def plan(
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
     return Plan(
+        names=tuple(vocabulary),
         run_detector=bool(query.classes) or bool(texts) or not query.regions,
         class_ids=class_ids,
         class_prompt=class_prompt,
@@ -223,6 +238,17 @@ def plan(
         regions=prompts,
         region_labels=[r.label or "object" for r in query.regions],
     )
+
+
+def _open_class_prompt(query: SegmentQuery, vocabulary: Sequence[str]) -> frozenset[int]:
+    """The ids of an open-vocabulary request's ``classes`` in its vocabulary (``check_query`` checked them)."""
+    if not query.classes and not query.texts and not query.regions:
+        raise InvalidInput(
+            "classes, texts: the detector is open-vocabulary and has no fixed classes; name what to find "
+            "(any words) in classes or texts"
+        )
+    index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
+    return frozenset(index[normalise_class_name(name)] for name in query.classes)
 
 
 def resolve_refinement(asked: RefinementOptions, limits: Limits) -> Refinement:

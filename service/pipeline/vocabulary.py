@@ -1,7 +1,11 @@
-"""Free text → the detector's classes: an exact class name first, else the nearest class by sentence embedding.
+"""Free text → what the detector answers it with.
 
-Class-name embeddings are computed once per vocabulary; text embeddings are kept per string in a bounded LRU,
-so a repeated prompt costs a dictionary lookup. Similarities are cosines of L2-normalised embeddings.
+- A closed-vocabulary detector: an exact class name first, else the nearest class by sentence embedding
+  (``VocabularyMatcher``; class-name embeddings are computed once per vocabulary).
+- An open-vocabulary detector takes the text itself as a class (``open_matches``).
+
+Embeddings of strings are kept in bounded LRUs (``EmbeddingLRU``), so a repeated prompt costs a lookup.
+Sentence-embedding similarities are cosines of L2-normalised embeddings.
 """
 
 from __future__ import annotations
@@ -14,20 +18,25 @@ import numpy as np
 
 from service.errors import InvalidInput
 
-Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]  # texts → (N, D) float32, rows L2-normalised
+Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]  # strings → (N, D) float32
+EXACT, EMBEDDING, OPEN = "exact", "embedding", "open"  # how a text was matched
 _VOCABULARIES_KEPT = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class TextMatch:
-    """How text ``text_index`` of a request is answered: by class ``class_id`` of the detector."""
+    """How text ``text_index`` of a request is answered: by class ``class_id`` of the detection's vocabulary.
+
+    kind: EXACT (the text is a class name), EMBEDDING (the nearest class name by sentence embedding) or OPEN
+    (an open-vocabulary detector took the text itself); similarity: cosine in [-1, 1], 1.0 unless EMBEDDING.
+    """
 
     text_index: int
     text: str
     class_id: int
     class_name: str
-    similarity: float  # cosine in [-1, 1]; 1.0 when exact
-    exact: bool  # the text is a class name (normalised)
+    similarity: float
+    kind: str
 
 
 def normalise_class_name(name: str) -> str:
@@ -35,16 +44,39 @@ def normalise_class_name(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
+class EmbeddingLRU:
+    """Embeddings of strings by ``embed``, the last ``entries`` distinct strings kept (least recently used out)."""
+
+    def __init__(self, embed: Embed, entries: int) -> None:
+        self._embed = embed
+        self._entries = entries
+        self._kept: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.embedded = 0  # strings embedded so far (misses), for tests and metrics
+
+    async def get(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), D): kept rows, the others embedded in one call (held locally: a concurrent request may
+        evict entries while this one awaits the encoder)."""
+        found = {t: self._kept[t] for t in texts if t in self._kept}
+        for text in found:
+            self._kept.move_to_end(text)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            for text, vector in zip(missing, await self._embed(missing), strict=True):
+                found[text] = self._kept[text] = vector
+            self.embedded += len(missing)
+            while len(self._kept) > self._entries:
+                self._kept.popitem(last=False)
+        return np.stack([found[t] for t in texts])
+
+
 class VocabularyMatcher:
-    """Maps texts to classes of a vocabulary (see module docstring). One per server; safe across requests."""
+    """Maps texts to classes of a closed vocabulary (see module docstring). One per server; safe across requests."""
 
     def __init__(self, embed: Embed, threshold: float, cache_entries: int) -> None:
         self._embed = embed
         self.threshold = threshold
-        self._cache_entries = cache_entries
-        self._texts: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.texts = EmbeddingLRU(embed, cache_entries)
         self._vocabularies: collections.OrderedDict[tuple[str, ...], np.ndarray] = collections.OrderedDict()
-        self.embedded = 0  # texts embedded so far (cache misses), for tests and metrics
 
     async def prepare(self, vocabulary: Sequence[str]) -> None:
         """Embeds the class names now (server warm-up), so the first text prompt pays only for itself."""
@@ -59,12 +91,12 @@ class VocabularyMatcher:
         similarities = np.zeros((0, len(vocabulary)), np.float32)
         if pending:
             names = await self._vocabulary_embeddings(tuple(vocabulary))
-            similarities = await self._text_embeddings([texts[i] for i in pending]) @ names.T
+            similarities = await self.texts.get([texts[i] for i in pending]) @ names.T
         matches = []
         for i, text in enumerate(texts):
             cid = exact[i]
             if cid is not None:
-                matches.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, True))
+                matches.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, EXACT))
                 continue
             row = similarities[pending.index(i)]
             best = int(row.argmax())
@@ -74,7 +106,7 @@ class VocabularyMatcher:
                     f"texts[{i}]: {text[:64]!r} matches none of the detector's classes (nearest: {nearest}; "
                     f"a match needs cosine similarity {self.threshold:.2f})"
                 )
-            matches.append(TextMatch(i, text, best, vocabulary[best], float(row[best]), False))
+            matches.append(TextMatch(i, text, best, vocabulary[best], float(row[best]), EMBEDDING))
         return matches
 
     async def _vocabulary_embeddings(self, vocabulary: tuple[str, ...]) -> np.ndarray:
@@ -87,17 +119,21 @@ class VocabularyMatcher:
         self._vocabularies.move_to_end(vocabulary)
         return cached
 
-    async def _text_embeddings(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), D): cached rows, the others embedded in one call (kept locally: a concurrent request may
-        evict entries while this one awaits the encoder)."""
-        found = {t: self._texts[t] for t in texts if t in self._texts}
-        for text in found:
-            self._texts.move_to_end(text)
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
-        if missing:
-            for text, vector in zip(missing, await self._embed(missing), strict=True):
-                found[text] = self._texts[text] = vector
-            self.embedded += len(missing)
-            while len(self._texts) > self._cache_entries:
-                self._texts.popitem(last=False)
-        return np.stack([found[t] for t in texts])
+
+def open_vocabulary(classes: Sequence[str], texts: Sequence[str]) -> tuple[str, ...]:
+    """An open-vocabulary detection's class names: the request's classes then its texts, each string once
+    (first spelling kept; strings equal after ``normalise_class_name`` are one class)."""
+    names: dict[str, str] = {}
+    for name in (*classes, *texts):
+        names.setdefault(normalise_class_name(name), name.strip())
+    return tuple(names.values())
+
+
+def open_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> list[TextMatch]:
+    """Each text answered by its own entry of an ``open_vocabulary``."""
+    index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
+    out = []
+    for i, text in enumerate(texts):
+        cid = index[normalise_class_name(text)]
+        out.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, OPEN))
+    return out

@@ -30,11 +30,37 @@ def time_left() -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class DetectorSpec:
-    """Static facts the detector pre/post-processing needs."""
+    """Static facts the detector pre/post-processing needs.
 
-    names: tuple[str, ...]  # index = class id
+    names: the fixed vocabulary (index = class id); for an open-vocabulary detector, the classes it was
+    calibrated or trained with (every request brings its own). class_dim: the width of the class embeddings an
+    open-vocabulary detector takes (``ClassPrompts``); 0 for a closed detector.
+    """
+
+    names: tuple[str, ...]
     imgsz: int  # square letterbox side, pixels
     stride: int
+    class_dim: int
+
+    @property
+    def open_vocabulary(self) -> bool:
+        return self.class_dim > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassPrompts:
+    """The vocabulary of one open-vocabulary detection: its names and their text features.
+
+    embeddings: (N, class_dim) float32, row i for names[i] (``Runner.embed_classes``). Detections whose class
+    prompts are equal share forward passes; ``key`` says which are equal.
+    """
+
+    names: tuple[str, ...]
+    embeddings: np.ndarray
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return self.names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +75,9 @@ class TextEncoderSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DetectorOutput:
-    """Raw detector head: (N, 4 + num_classes, num_anchors) float32, boxes XYWH in letterboxed pixels."""
+    """Raw detector head: (N, 4 + num_classes, num_anchors) float32, boxes XYWH in letterboxed pixels.
+
+    num_classes: the fixed vocabulary's size, or the number of ClassPrompts names of the call."""
 
     raw: np.ndarray
 
@@ -123,8 +151,9 @@ class Runner(Protocol):
         """Per-method call counts, for metrics and tests."""
         ...
 
-    async def detect(self, images: np.ndarray) -> DetectorOutput:
-        """images: (N, 3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed."""
+    async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:
+        """images: (N, 3, imgsz, imgsz) float32 RGB in [0, 1], letterboxed. ``classes``: the vocabulary of this
+        call, required by an open-vocabulary detector and refused by a closed one."""
         ...
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
@@ -137,6 +166,11 @@ class Runner(Protocol):
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts → (N, text_encoder.dim) float32 sentence embeddings, L2-normalised."""
+        ...
+
+    async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
+        """Class names / phrases → (N, detector.class_dim) float32 text features for ``ClassPrompts``
+        (open-vocabulary detectors only)."""
         ...
 
     async def start(self) -> None:

@@ -5,6 +5,9 @@ Callers ``submit`` arrays with a leading batch axis; a single drain task stacks 
 whatever arrived while the previous one ran, plus up to ``max_wait`` seconds of waiting for company
 (0 = never wait: a lone request runs at once, so batching adds no latency when the server is idle).
 The queue is bounded: beyond ``max_queue`` waiting callers, ``submit`` raises Overloaded at once.
+
+A call may carry a context (an open-vocabulary detector's class prompts): only calls whose ``key`` is equal
+share a pass, and the pass gets their context. The oldest waiting call decides which key runs next.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +43,14 @@ class BatchPolicy:
 class _Item:
     array: np.ndarray
     future: asyncio.Future[Outputs]
+    context: Any
+    key: Hashable
 
 
 class MicroBatcher:
-    """Batches calls of ``run(stacked) -> outputs`` (every output has the stacked batch axis first)."""
+    """Batches calls of ``run(stacked, context) -> outputs`` (every output has the stacked batch axis first)."""
 
-    def __init__(self, name: str, run: Callable[[np.ndarray], Awaitable[Outputs]], policy: BatchPolicy) -> None:
+    def __init__(self, name: str, run: Callable[[np.ndarray, Any], Awaitable[Outputs]], policy: BatchPolicy) -> None:
         self.name = name
         self._run = run
         self.max_batch = max(1, policy.max_batch)
@@ -55,12 +61,13 @@ class MicroBatcher:
         self.batches = 0  # forward passes run
         self.items = 0  # caller requests served
 
-    async def submit(self, array: np.ndarray) -> Outputs:
-        """``array`` (n, ...) → this caller's rows of every output."""
+    async def submit(self, array: np.ndarray, context: Any = None, key: Hashable = None) -> Outputs:
+        """``array`` (n, ...) → this caller's rows of every output. Calls share a pass only with equal ``key``;
+        ``context`` goes to ``run`` with the pass."""
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff")
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(array, future))
+        self._queue.append(_Item(array, future, context, key))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -74,7 +81,7 @@ class MicroBatcher:
                 continue
             try:
                 stacked = batch[0].array if len(batch) == 1 else np.concatenate([i.array for i in batch])
-                outputs = await self._run(stacked)
+                outputs = await self._run(stacked, batch[0].context)
             except BaseException as e:
                 for item in batch:
                     if not item.future.done():
@@ -95,16 +102,19 @@ class MicroBatcher:
         return sum(len(i.array) for i in self._queue)
 
     def _take(self) -> list[_Item]:
-        """Queued items, oldest first, up to max_batch rows (at least one item); callers gone are dropped."""
+        """Queued items with the oldest's key, oldest first, up to max_batch rows (at least one item); callers
+        gone are dropped; items of other keys keep their places."""
         batch: list[_Item] = []
+        rest: collections.deque[_Item] = collections.deque()
         rows = 0
         while self._queue:
-            item = self._queue[0]
+            item = self._queue.popleft()
             if item.future.done():
-                self._queue.popleft()
                 continue
-            if batch and rows + len(item.array) > self.max_batch:
-                break
-            batch.append(self._queue.popleft())
+            if batch and (item.key != batch[0].key or rows + len(item.array) > self.max_batch):
+                rest.append(item)
+                continue
+            batch.append(item)
             rows += len(item.array)
+        self._queue = rest
         return batch

@@ -11,7 +11,7 @@ from service.runners.base import DetectorSpec, ImageFeatures, PromptBatch, Segme
 
 def specs(served: graphs.ServedGraphs) -> tuple[DetectorSpec, SegmenterSpec]:
     return (
-        DetectorSpec(names=served.names, imgsz=served.imgsz, stride=served.stride),
+        DetectorSpec(names=served.names, imgsz=served.imgsz, stride=served.stride, class_dim=0),
         SegmenterSpec(image_size=served.image_size),
     )
 

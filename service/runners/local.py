@@ -1,8 +1,9 @@
 """What every in-process runner shares: a thread pool, micro-batched detector/encoder calls, deadlines.
 
-Subclasses implement three blocking methods on numpy arrays (run on the pool, never on the event loop):
-``_detect_sync(images) -> (raw,)``, ``_encode_sync(images) -> (embed, high_res_0, high_res_1)`` and
-``_decode_sync(features, prompts) -> DecoderOutput``.
+Subclasses implement blocking methods on numpy arrays (run on the pool, never on the event loop):
+``_detect_sync(images, classes) -> (raw,)``, ``_encode_sync(images) -> (embed, high_res_0, high_res_1)``,
+``_decode_sync(features, prompts) -> DecoderOutput``, and for open-vocabulary detectors
+``_embed_classes_sync(names) -> (N, class_dim)``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from service.errors import DeadlineExceeded, Unsupported
 from service.models.profiles import WeightsRef
 from service.models.text import SentenceEncoder
 from service.runners.base import (
+    ClassPrompts,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
@@ -63,14 +65,17 @@ class LocalRunner:
         self.calls: collections.Counter[str] = collections.Counter()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
         self.detect_batcher = MicroBatcher(
-            "detector", lambda x: self._run("detect", lambda: self._detect_sync(x)), batching
+            "detector", lambda x, classes: self._run("detect", lambda: self._detect_sync(x, classes)), batching
         )
         self.encode_batcher = MicroBatcher(
-            "encoder", lambda x: self._run("encode", lambda: self._encode_sync(x)), batching
+            "encoder", lambda x, _: self._run("encode", lambda: self._encode_sync(x)), batching
         )
 
-    def _detect_sync(self, images: np.ndarray) -> Arrays:
+    def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
         raise NotImplementedError
+
+    def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
+        raise Unsupported("this detector has a fixed vocabulary; it takes class names, not class embeddings")
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
         raise NotImplementedError
@@ -88,10 +93,15 @@ class LocalRunner:
         self.calls[name] += 1
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    async def detect(self, images: np.ndarray) -> DetectorOutput:
+    async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:
         _check_deadline()
-        (raw,) = await self.detect_batcher.submit(images)
+        if (classes is not None) != self.detector.open_vocabulary:
+            raise ValueError("class prompts are for open-vocabulary detectors, and they need them")
+        (raw,) = await self.detect_batcher.submit(images, classes, classes.key if classes is not None else None)
         return DetectorOutput(raw=raw)
+
+    async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
+        return await self._run("embed_classes", lambda: self._embed_classes_sync(names))
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
         _check_deadline()
@@ -118,7 +128,9 @@ def _check_deadline() -> None:
         raise DeadlineExceeded("the request's deadline passed before the models ran")
 
 
-def descriptor(ref: WeightsRef, input_size: int, vocabulary: tuple[str, ...]) -> ModelDescriptor:
+def descriptor(
+    ref: WeightsRef, input_size: int, vocabulary: tuple[str, ...], open_vocabulary: bool = False
+) -> ModelDescriptor:
     return ModelDescriptor(
         role=ref.role,
         name=ref.name,
@@ -127,4 +139,5 @@ def descriptor(ref: WeightsRef, input_size: int, vocabulary: tuple[str, ...]) ->
         weights_sha256=ref.sha256,
         input_size=input_size,
         vocabulary=vocabulary,
+        open_vocabulary=open_vocabulary,
     )

@@ -17,7 +17,7 @@ from service.models.graphs import IO, decoder_outputs, read_parameters
 from service.models.profiles import ModelSet
 from service.models.roles import MODEL_ROLES, Role
 from service.models.text import load_sentence_encoder
-from service.runners.base import DecoderOutput, ImageFeatures, PromptBatch
+from service.runners.base import ClassPrompts, DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
 from service.runners.exported import decoder_feeds, specs
 from service.runners.local import Arrays, LocalRunner
@@ -74,7 +74,7 @@ class OnnxRunner(LocalRunner):
             text=load_sentence_encoder(settings.text_encoder),
         )
 
-    def _detect_sync(self, images: np.ndarray) -> Arrays:
+    def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
         io = IO[Role.DETECTOR]
         return tuple(self._sessions[Role.DETECTOR].run(list(io.outputs), {io.inputs[0]: images}))
 

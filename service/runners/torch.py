@@ -10,6 +10,7 @@ used read-only (eval, no grad), and no per-request state lives on them, so concu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,15 @@ from service.config import Settings
 from service.models import sam_ops
 from service.models.loading import load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
-from service.models.text import load_sentence_encoder
-from service.runners.base import DecoderOutput, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
+from service.models.text import ClassTextEncoder, load_sentence_encoder
+from service.runners.base import (
+    ClassPrompts,
+    DecoderOutput,
+    DetectorSpec,
+    ImageFeatures,
+    PromptBatch,
+    SegmenterSpec,
+)
 from service.runners.batching import BatchPolicy
 from service.runners.local import Arrays, LocalRunner, descriptor
 
@@ -33,12 +41,20 @@ class TorchRunner(LocalRunner):
     backend = "torch"
 
     def __init__(
-        self, detector_module: torch.nn.Module, segmenter_module: Any, *args: Any, device: str = "cpu", **kwargs: Any
+        self,
+        detector_module: torch.nn.Module,
+        segmenter_module: Any,
+        *args: Any,
+        device: str,
+        class_text: ClassTextEncoder | None,
+        **kwargs: Any,
     ) -> None:
-        """``device``: where both modules live (``cpu``, ``cuda``, ``cuda:1``); arrays cross to it and back."""
+        """``device``: where both modules live (``cpu``, ``cuda``, ``cuda:1``); arrays cross to it and back.
+        ``class_text``: an open-vocabulary detector's text encoder (None for a closed detector)."""
         super().__init__(*args, **kwargs)
+        self._class_text = class_text
         self._device = torch.device(device)
-        self._det = detector_module.to(self._device)
+        self._det: Any = detector_module.to(self._device)
         self._sam = segmenter_module.to(self._device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -56,10 +72,16 @@ class TorchRunner(LocalRunner):
         )
         names = tuple(str(det.names[i]) for i in range(len(det.names)))
         imgsz = loaded.input_size(settings.detector_imgsz)
-        detector = DetectorSpec(names=names, imgsz=imgsz, stride=int(det.stride.max()))
+        text = load_sentence_encoder(settings.text_encoder)
+        class_text = None
+        if loaded.text_model is not None:  # open vocabulary: class prompts are text features, per request
+            class_text = ClassTextEncoder.for_detector(loaded.text_model, text)
+        detector = DetectorSpec(
+            names=names, imgsz=imgsz, stride=int(det.stride.max()), class_dim=class_text.dim if class_text else 0
+        )
         segmenter = SegmenterSpec(image_size=int(sam.image_size))
         descriptors = (
-            descriptor(models.detector, detector.imgsz, names),
+            descriptor(models.detector, detector.imgsz, names, detector.open_vocabulary),
             descriptor(models.segmenter, segmenter.image_size, ()),
         )
         return cls(
@@ -70,15 +92,26 @@ class TorchRunner(LocalRunner):
             descriptors,
             models.profile,
             batching=BatchPolicy.from_settings(settings),
-            text=load_sentence_encoder(settings.text_encoder),
+            text=text,
             device=settings.device,
+            class_text=class_text,
         )
 
-    def _detect_sync(self, images: np.ndarray) -> Arrays:
+    def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
+        """A closed detector's forward pass, or an open-vocabulary one's with this call's class text features:
+        given as an input (YOLOE's ``predict(tpe=...)``), never set on the shared module."""
         with torch.inference_mode():
-            out = self._det(self._tensor(images))
+            if classes is None:
+                out = self._det(self._tensor(images))
+            else:
+                out = self._det.predict(self._tensor(images), tpe=self._tensor(classes.embeddings)[None])
         raw = out[0] if isinstance(out, tuple | list) else out
-        return (raw.cpu().numpy(),)
+        return (raw.float().cpu().numpy(),)
+
+    def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
+        if self._class_text is None:
+            return super()._embed_classes_sync(names)
+        return self._class_text.encode(names)
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
         with torch.inference_mode():

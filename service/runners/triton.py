@@ -34,6 +34,7 @@ from service.models.graphs import IO, decoder_outputs, read_parameters
 from service.models.roles import MODEL_ROLES, ModelDescriptor, Role
 from service.models.text import load_sentence_encoder
 from service.runners.base import (
+    ClassPrompts,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
@@ -153,7 +154,9 @@ class TritonRunner:
             raise _domain_error(role, e) from None
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def detect(self, images: np.ndarray) -> DetectorOutput:
+    async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:
+        if classes is not None:
+            raise Unsupported("open-vocabulary detectors do not run on Triton yet")
         io = IO[Role.DETECTOR]
         (raw,) = (await self._infer(Role.DETECTOR, {io.inputs[0]: images}, io.outputs)).values()
         return DetectorOutput(raw=raw)
@@ -168,6 +171,9 @@ class TritonRunner:
         feeds = decoder_feeds(features, prompts, self.segmenter.image_size)
         masks, iou = (await self._infer(Role.SAM2_MASK_DECODER, feeds, names)).values()
         return DecoderOutput(low_res_masks=masks, iou_predictions=iou)
+
+    async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
+        raise Unsupported("open-vocabulary detectors do not run on Triton yet")
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text

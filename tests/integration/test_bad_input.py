@@ -93,6 +93,7 @@ CASES = {
     "unknown mask encoding": (_request(options=pb.SegmentOptions(mask_encoding=99)), ["options.mask_encoding"]),
     "bad request id": (_request(request_id="a b/c"), ["request_id"]),
     "empty text": (_request(texts=["car", "  "]), ["texts[1]", "empty"]),
+    "empty class": (_request(classes=["car", ""]), ["classes[1]", "empty"]),
     "10,000 texts": (_request(texts=["car"] * 10_000), ["texts", "10000 given", "limit is 64"]),
     "a 100 KB text": (_request(texts=["x" * 100_000]), ["texts[0]", "100000 characters", "limit is 256"]),
     "refinement margin negative": (

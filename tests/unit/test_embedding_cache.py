@@ -57,9 +57,11 @@ def test_detector_output_joins_a_cached_entry_and_counts_its_bytes():
     before = cache.nbytes
     cache.add_detector_output("h", DetectorOutput(np.zeros((1, 9, 100), np.float32)))
     got = cache.get("h")
-    assert got is not None and got.detector is not None and cache.nbytes == before + 3600
+    assert got is not None and None in got.detector and cache.nbytes == before + 3600
+    cache.add_detector_output("h", DetectorOutput(np.zeros((1, 5, 100), np.float32)), key=("cat", "red car"))
+    assert set(cache.get("h").detector) == {None, ("cat", "red car")} and cache.nbytes == before + 3600 + 2000
     cache.add_detector_output("gone", DetectorOutput(np.zeros((1,), np.float32)))  # not cached: ignored
-    assert cache.get("gone") is None and len(cache) == 1 and cache.nbytes == before + 3600
+    assert cache.get("gone") is None and len(cache) == 1 and cache.nbytes == before + 3600 + 2000
 
 
 def test_zero_bytes_disables_the_cache():

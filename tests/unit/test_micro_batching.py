@@ -13,7 +13,7 @@ from service.runners.batching import BatchPolicy, MicroBatcher
 def make(max_batch: int = 8, max_queue: int = 64, max_wait: float = 0.0):
     seen: list[int] = []
 
-    async def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def run(x: np.ndarray, context: object) -> tuple[np.ndarray, ...]:
         seen.append(len(x))
         await asyncio.sleep(0.01)  # the forward pass takes a while: callers queue meanwhile
         if np.isnan(x).any():
@@ -79,3 +79,25 @@ def test_the_queue_is_bounded():
     results = asyncio.run(main())
     refused = [r for r in results if isinstance(r, Overloaded)]
     assert len(refused) == 3 and "queue is full" in str(refused[0])
+
+
+def test_only_calls_with_the_same_key_share_a_pass_and_each_pass_gets_its_context():
+    contexts: list[tuple[str, int]] = []
+
+    async def run(x: np.ndarray, context: str) -> tuple[np.ndarray, ...]:
+        contexts.append((context, len(x)))
+        await asyncio.sleep(0.01)
+        return (x + (1.0 if context == "a" else 2.0),)
+
+    batcher = MicroBatcher("keyed", run, BatchPolicy(8, 0.0, 64))
+    keys = ["a", "b", "a", "b", "a", "c"]
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(np.zeros((1, 1), np.float32), "a", "a"))
+        await asyncio.sleep(0)  # the first pass starts alone; the rest queue behind it
+        rest = [batcher.submit(np.zeros((1, 1), np.float32), k, k) for k in keys[1:]]
+        return await asyncio.gather(first, *rest)
+
+    outputs = asyncio.run(main())
+    assert [float(o[0][0, 0]) for o in outputs] == [1.0 if k == "a" else 2.0 for k in keys]
+    assert contexts == [("a", 1), ("b", 2), ("a", 2), ("c", 1)]  # oldest key first; others keep their places

@@ -50,7 +50,7 @@ def test_the_packaged_weights_are_the_pinned_ones_and_embeddings_are_unit_vector
 def test_synonyms_map_to_coco_classes(encoder, coco, text, expected):
     (match,) = asyncio.run(_matcher(encoder).match([text], coco))
     assert match.class_name == expected
-    assert match.exact == (text == "Traffic_Light") and match.similarity >= THRESHOLD
+    assert (match.kind == "exact") == (text == "Traffic_Light") and match.similarity >= THRESHOLD
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_synonyms_map_to_coco_classes(encoder, coco, text, expected):
 )
 def test_descriptions_map_to_the_demo_shapes(encoder, text, expected):
     (match,) = asyncio.run(_matcher(encoder).match([text], SHAPES))
-    assert match.class_name == expected and not match.exact
+    assert match.class_name == expected and match.kind == "embedding"
 
 
 @pytest.mark.parametrize("text", ["quantum chromodynamics", "banana bread recipe", "tax return"])
@@ -76,12 +76,12 @@ def test_each_distinct_text_is_embedded_once_and_the_cache_is_bounded(encoder, c
     async def main():
         await matcher.prepare(coco)
         await matcher.match(["automobile", "puppy", "automobile"], coco)
-        first = matcher.embedded
+        first = matcher.texts.embedded
         await matcher.match(["puppy"], coco)  # cached
-        second = matcher.embedded
+        second = matcher.texts.embedded
         await matcher.match(["kitty", "lorry"], coco)  # two more: automobile and puppy are evicted
-        third = matcher.embedded
+        third = matcher.texts.embedded
         await matcher.match(["automobile"], coco)
-        return first, second, third, matcher.embedded
+        return first, second, third, matcher.texts.embedded
 
     assert asyncio.run(main()) == (2, 2, 4, 5)

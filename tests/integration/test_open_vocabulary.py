@@ -1,0 +1,169 @@
+"""An open-vocabulary detector (seeded random-init YOLOE-11n): the vocabulary comes with each request.
+
+Its class text features come from all-MiniLM-L6-v2 through a fixed projection to 512 (the "minilm-512:seed0"
+text encoder the checkpoint names). Random weights: boxes mean nothing, so these tests check that every request
+gets answers for its own vocabulary, as ultralytics' own YOLOE predictor gives them on the same weights and
+features, also when requests with different vocabularies run at the same time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.models import testing
+from service.models.text import ClassTextEncoder, SentenceEncoder
+from tests.conftest import DEVICE, ServerThread, ultralytics_asset, wait_serving
+from tests.helpers import encode, load_rgb, synthetic_rgb
+
+pytestmark = pytest.mark.slow  # its own server with a YOLOE detector
+
+CONF, IOU, MAX_DET = 0.4, 0.7, 30
+
+
+@pytest.fixture(scope="module")
+def open_settings(settings):
+    return settings.replace(models="test-open")
+
+
+@pytest.fixture(scope="module")
+def open_runner(open_settings):
+    from service.runners.factory import load_runner
+
+    return load_runner(open_settings)
+
+
+@pytest.fixture(scope="module")
+def open_stub(open_settings, open_runner):
+    srv = ServerThread(open_settings, lambda: open_runner)
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(srv.target, options=options) as channel:
+        wait_serving(channel)
+        yield pb_grpc.SegmentationServiceStub(channel)
+    srv.stop()
+
+
+def _request(data: bytes, texts=(), classes=(), **options) -> pb.SegmentRequest:
+    opts = pb.SegmentOptions(score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET, **options)
+    return pb.SegmentRequest(image=pb.Image(encoded=data), texts=list(texts), classes=list(classes), options=opts)
+
+
+def _answer(response: pb.SegmentResponse) -> list[tuple]:
+    return [(i.label, round(i.score, 4), round(i.box.x_min, 1), round(i.box.y_max, 1)) for i in response.instances]
+
+
+@pytest.mark.parametrize("vocabulary", [("red double-decker bus", "person", "shoe"), ("window",)])
+def test_boxes_match_ultralytics_yoloe_predict_on_the_same_weights_and_features(
+    open_stub, settings, figures, vocabulary
+):
+    from ultralytics import YOLOE
+
+    path = testing.make_test_open_detector(settings.cache_dir / "test-models")
+    features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+    reference_model = YOLOE(str(path))
+    head = reference_model.model.model[-1]
+    with torch.no_grad():
+        embeddings = head.get_tpe(torch.from_numpy(features)[None].to(next(head.parameters()).dtype))
+    reference_model.set_classes(list(vocabulary), embeddings.float())
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    reference = reference_model.predict(
+        np.ascontiguousarray(rgb[..., ::-1]), imgsz=640, conf=CONF, iou=IOU, max_det=MAX_DET, rect=False,
+        agnostic_nms=False,  # YOLOE.predict defaults to class-agnostic NMS; detseg's NMS is per class, as for YOLO
+        device=DEVICE, verbose=False,
+    )[0]  # fmt: skip
+    response = open_stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+    ref_boxes = reference.boxes.xyxy.cpu().numpy()
+    ours = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances])
+    assert len(ref_boxes) >= 3 and len(ours) == len(ref_boxes)
+    labels = [vocabulary[c] for c in reference.boxes.cls.int().tolist()]
+    assert [i.label for i in response.instances] == labels
+    assert all(
+        i.source == pb.INSTANCE_SOURCE_TEXT and i.text_match.kind == pb.TEXT_MATCH_KIND_OPEN for i in response.instances
+    )
+    np.testing.assert_allclose([i.score for i in response.instances], reference.boxes.conf.cpu().numpy(), atol=2e-3)
+    deviation = float(np.abs(ours - ref_boxes).max())
+    figures[f"open vocabulary parity vs YOLOE.predict ({len(vocabulary)} texts): boxes, max |Δ| px"] = (
+        f"{len(ours)}, {deviation:.2e}"
+    )
+    assert deviation <= 1.0
+
+
+def test_requests_with_different_vocabularies_at_the_same_time_get_their_own_answers(open_stub, open_runner):
+    data = encode(synthetic_rgb(480, 640, seed=11))
+    vocabularies = [("cat", "lamp"), ("bicycle",), ("cat", "lamp"), ("green star", "bicycle", "kettle")]
+    solo = [
+        _answer(open_stub.Segment(_request(data, texts=v, refinement=pb.MaskRefinement(disabled=True)), timeout=300))
+        for v in vocabularies
+    ]
+    open_stub.Segment(_request(encode(synthetic_rgb(64, 64, seed=12)), texts=["x"]), timeout=300)  # another image
+    passes = open_runner.detect_batcher.batches
+    fresh = encode(synthetic_rgb(480, 640, seed=13))  # not cached: every request runs the detector
+
+    def ask(vocabulary):
+        return open_stub.Segment(_request(fresh, texts=vocabulary), timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(len(vocabularies) * 2) as pool:
+        together = list(pool.map(ask, vocabularies * 2))
+    assert open_runner.detect_batcher.batches - passes >= 3  # three distinct vocabularies never share a pass
+    alone = [_answer(ask(v)) for v in vocabularies]
+    for vocabulary, answer, single in zip(vocabularies * 2, together, alone * 2, strict=True):
+        assert {i.label for i in answer.instances} <= set(vocabulary)
+        assert _answer(answer) == single
+    assert solo  # the cached image answered too (its detector outputs are kept per vocabulary)
+
+
+def test_the_cache_keeps_detector_outputs_per_vocabulary(open_stub, open_runner):
+    data = encode(synthetic_rgb(200, 300, seed=14))
+    before = open_runner.calls["detect"]
+    first = open_stub.Segment(_request(data, texts=["cat"]), timeout=300)
+    open_stub.Segment(_request(data, texts=["dog"]), timeout=300)
+    again = open_stub.Segment(_request(data, texts=["cat"]), timeout=300)
+    assert open_runner.calls["detect"] - before == 2
+    assert _answer(again) == _answer(first)
+
+
+def test_a_class_and_a_text_naming_the_same_thing_are_each_answered(open_stub):
+    response = open_stub.Segment(
+        _request(ultralytics_asset("bus.jpg").read_bytes(), classes=["window"], texts=["Window"]), timeout=300
+    )
+    by_class = [i for i in response.instances if i.source == pb.INSTANCE_SOURCE_DETECTOR]
+    by_text = [i for i in response.instances if i.source == pb.INSTANCE_SOURCE_TEXT]
+    assert by_class and len(by_class) == len(by_text)
+    assert {i.label for i in response.instances} == {"window"} and {i.text_match.text for i in by_text} == {"Window"}
+
+
+def test_list_models_and_bad_requests(open_stub, open_runner):
+    response = open_stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    (detector,) = [m for m in response.models if m.role == pb.MODEL_ROLE_DETECTOR]
+    assert detector.open_vocabulary and detector.name == "test-yoloe-11n"
+    assert pb.PROMPT_KIND_TEXTS in response.prompt_kinds
+    calls = dict(open_runner.calls)
+    for request, words in (
+        (
+            pb.SegmentRequest(image=pb.Image(encoded=encode(synthetic_rgb(32, 32)))),
+            ["classes, texts", "open-vocabulary"],
+        ),
+        (_request(encode(synthetic_rgb(32, 32)), classes=["cat", " "]), ["classes[1]", "empty"]),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            open_stub.Segment(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert all(w in err.value.details() for w in words), err.value.details()
+    assert {k: v for k, v in open_runner.calls.items() if k != "embed_classes"} == {
+        k: v for k, v in calls.items() if k != "embed_classes"
+    }
+
+
+def test_exporting_an_open_vocabulary_detector_is_refused_clearly(open_settings, tmp_path):
+    from service.errors import Unsupported
+    from service.models.profiles import resolve_models
+    from service.models.triton_repo import write_repository
+
+    with pytest.raises(Unsupported, match="open-vocabulary .* not supported yet: serve it with --backend torch"):
+        write_repository(resolve_models(open_settings), open_settings, tmp_path / "repo")
