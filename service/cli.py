@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
     g.add_argument("--text", action="append", default=[], help="free-text prompt, e.g. 'round shape' (repeatable)")
     g.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1[,label] region prompt (repeatable)")
+    g.add_argument(
+        "--exemplar",
+        action="append",
+        default=[],
+        help="x0,y0,x1,y1[,label][@reference.jpg]: find more of this object (open-vocabulary detectors; repeatable)",
+    )
     g.add_argument("--score-threshold", type=float)
     g.add_argument("--max-instances", type=int)
     g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
@@ -166,6 +172,15 @@ def _segment(args: argparse.Namespace) -> int:
             box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
             label=parts[4] if len(parts) > 4 else "",
         )
+    for spec in args.exemplar:
+        box_spec, _, reference = spec.partition("@")
+        parts = box_spec.split(",")
+        x0, y0, x1, y1 = (float(v) for v in parts[:4])
+        exemplar = request.exemplars.add(
+            box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1), label=parts[4] if len(parts) > 4 else ""
+        )
+        if reference:
+            exemplar.image.encoded = Path(reference).read_bytes()
     if args.score_threshold is not None:
         request.options.score_threshold = args.score_threshold
     if args.max_instances is not None:

@@ -10,8 +10,8 @@ from service.errors import InvalidInput
 from service.models.roles import ModelDescriptor, ModelRole
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
-from service.pipeline.pipeline import DETECTOR, REGION, TEXT, EncodeResult, InstanceResult, SegmentResult
-from service.pipeline.prompts import ImageInput, Options, RefinementOptions, Region, SegmentQuery
+from service.pipeline.pipeline import DETECTOR, EXEMPLAR, REGION, TEXT, EncodeResult, InstanceResult, SegmentResult
+from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 
 _ENCODINGS = {
@@ -24,6 +24,7 @@ _SOURCES = {
     DETECTOR: pb.INSTANCE_SOURCE_DETECTOR,
     REGION: pb.INSTANCE_SOURCE_REGION_PROMPT,
     TEXT: pb.INSTANCE_SOURCE_TEXT,
+    EXEMPLAR: pb.INSTANCE_SOURCE_EXEMPLAR,
 }
 _MATCH_KINDS = {EXACT: pb.TEXT_MATCH_KIND_EXACT, EMBEDDING: pb.TEXT_MATCH_KIND_EMBEDDING, OPEN: pb.TEXT_MATCH_KIND_OPEN}
 _ROLES = {
@@ -73,6 +74,14 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         options=options,
         request_id=request.request_id,
         texts=tuple(request.texts),
+        exemplars=tuple(
+            Exemplar(
+                box=(e.box.x_min, e.box.y_min, e.box.x_max, e.box.y_max),
+                label=e.label,
+                image=image_from_proto(e.image) if e.HasField("image") else None,
+            )
+            for e in request.exemplars
+        ),
     )
 
 

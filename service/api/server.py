@@ -73,6 +73,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             mask_box_margin=settings.mask_box_margin,
             max_text_prompts=settings.max_text_prompts,
             max_text_chars=settings.max_text_chars,
+            max_exemplars=settings.max_exemplars,
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
         matcher=(

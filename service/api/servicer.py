@@ -158,6 +158,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_text_prompts=s.max_text_prompts,
                 max_text_chars=s.max_text_chars,
                 text_match_threshold=s.text_match_threshold,
+                max_exemplars=s.max_exemplars,
             ),
             prompt_kinds=_prompt_kinds(pipeline),
         )
@@ -167,6 +168,8 @@ def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
     kinds = [pb.PROMPT_KIND_CLASSES, pb.PROMPT_KIND_REGIONS]
     if pipeline.matcher is not None or pipeline.class_embeddings is not None:
         kinds.append(pb.PROMPT_KIND_TEXTS)
+    if pipeline.runner.detector.open_vocabulary:
+        kinds.append(pb.PROMPT_KIND_EXEMPLARS)
     return kinds
 
 

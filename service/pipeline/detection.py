@@ -45,6 +45,24 @@ class DetectorProcessing:
         chw = np.ascontiguousarray(boxed.transpose(2, 0, 1))[None]
         return chw.astype(np.float32) / np.float32(255.0)
 
+    def exemplar_visuals(self, boxes: np.ndarray, class_ids: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
+        """Exemplar boxes → the visual-prompt masks an open-vocabulary detector embeds them from.
+
+        boxes: (M, 4) float XYXY original-image pixels; class_ids: (M,) int, 0..K-1 (boxes of one class are one
+        prompt). Returns (1, K, imgsz/8, imgsz/8) float32 in the letterboxed frame of ``preprocess``, made as
+        ultralytics' visual-prompt predictor makes them (same scaling and padding, ``LoadVisualPrompt``).
+        """
+        from ultralytics.data.augment import LoadVisualPrompt
+
+        s = self.spec.imgsz
+        h, w = orig_hw
+        gain = min(s / h, s / w)
+        scaled = boxes.astype(np.float32) * gain
+        scaled[:, 0::2] += round((s - round(w * gain)) / 2 - 0.1)
+        scaled[:, 1::2] += round((s - round(h * gain)) / 2 - 0.1)
+        visuals = LoadVisualPrompt().get_visuals(class_ids.astype(np.int32), (s, s), scaled)
+        return visuals.numpy()[None].astype(np.float32)
+
     def postprocess(
         self,
         output: DetectorOutput,

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import time
 import uuid
+from collections.abc import Hashable
 
 import numpy as np
 
@@ -15,13 +16,23 @@ from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_fo
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.masks import EncodedMask, encode_masks
-from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
+from service.pipeline.prompts import (
+    Exemplar,
+    ImageInput,
+    Limits,
+    Plan,
+    SamPrompt,
+    SegmentQuery,
+    check_box_inside,
+    check_query,
+    plan,
+)
 from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
 from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, open_vocabulary
 from service.runners.base import ClassPrompts, DetectorOutput, ImageFeatures, Runner
 
-DETECTOR, REGION, TEXT = "detector", "region", "text"  # where an instance came from
+DETECTOR, REGION, TEXT, EXEMPLAR = "detector", "region", "text", "exemplar"  # where an instance came from
 _MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
 
 
@@ -35,7 +46,7 @@ class InstanceResult:
     box: np.ndarray
     mask: EncodedMask
     mask_score: float
-    source: str  # DETECTOR | REGION | TEXT
+    source: str  # DETECTOR | REGION | TEXT | EXEMPLAR
     region_index: int
     text_match: TextMatch | None = None  # for TEXT: which text, and how it matched
 
@@ -49,7 +60,7 @@ class _Candidate:
     label: str
     class_id: int
     score: float
-    source: str  # DETECTOR | REGION | TEXT
+    source: str  # DETECTOR | REGION | TEXT | EXEMPLAR
     region_index: int = -1
     text_match: TextMatch | None = None
 
@@ -104,7 +115,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
-        vocabulary, texts, classes = await self._vocabulary(query, timings)
+        vocabulary, texts, text_features = await self._vocabulary(query, timings)
         handle, entry = self._lookup(query)
         if entry is None:
             t = time.perf_counter()
@@ -115,18 +126,18 @@ class Pipeline:
         open_vocabulary = self.runner.detector.open_vocabulary
         p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
-        detect = self._detect(image, p, timings, entry, classes)
+        references = await asyncio.to_thread(self._reference_images, query.exemplars)  # checked before models run
+        detect = self._detect(image, p, timings, entry, text_features, query.exemplars, references)
         detections_task = asyncio.ensure_future(detect) if p.run_detector else None
         features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
         try:
-            detections, raw = await detections_task if detections_task else (None, None)
+            detections, raw, key = await detections_task if detections_task else (None, None, None)
             features = await features_task if features_task else entry.features  # type: ignore[union-attr]
         except BaseException:
             for task in (detections_task, features_task):
                 if task is not None:
                     task.cancel()
             raise
-        key = classes.key if classes is not None else None
         if entry is None:
             self.cache.put(handle, CacheEntry(image, features, {key: raw} if raw is not None else {}))
         elif raw is not None:
@@ -158,20 +169,25 @@ class Pipeline:
 
     async def _vocabulary(
         self, query: SegmentQuery, timings: dict[str, float]
-    ) -> tuple[tuple[str, ...], list[TextMatch], ClassPrompts | None]:
-        """What this request's class ids will index, how its texts are answered, and (open vocabulary) the
-        class prompts the detector runs with; before the image is decoded (cheap checks first)."""
+    ) -> tuple[tuple[str, ...], list[TextMatch], np.ndarray | None]:
+        """What this request's class ids index (before its exemplars' classes), how its texts are answered, and
+        (open vocabulary) those names' text features (N, class_dim); before the image is decoded."""
         if not self.runner.detector.open_vocabulary:
+            if query.exemplars:
+                raise Unsupported(
+                    "exemplars: they need an open-vocabulary detector (YOLOE) and this server's has a fixed "
+                    "vocabulary; send class names or texts"
+                )
             texts = await self._match_texts(query, timings) if query.texts else []
             return self.runner.detector.names, texts, None
         names = open_vocabulary(query.classes, query.texts)
         if not names:
-            return names, [], None
+            return names, [], np.zeros((0, self.runner.detector.class_dim), np.float32)
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
         t = time.perf_counter()
         embeddings = await self.class_embeddings.get(names)
         timings["embed_classes"] = time.perf_counter() - t
-        return names, open_matches(query.texts, names), ClassPrompts(names, embeddings)
+        return names, open_matches(query.texts, names), embeddings
 
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
         """The texts' classes by the matcher. Unsupported without one."""
@@ -231,16 +247,31 @@ class Pipeline:
         p: Plan,
         timings: dict[str, float],
         entry: CacheEntry | None,
-        classes: ClassPrompts | None,
-    ) -> tuple[Detections, DetectorOutput]:
-        """Detections for the plan's classes, and the detector's raw output (from the cache when there: per
-        vocabulary for an open-vocabulary detector)."""
+        text_features: np.ndarray | None,
+        exemplars: tuple[Exemplar, ...],
+        references: dict[str, DecodedImage],
+    ) -> tuple[Detections, DetectorOutput, Hashable]:
+        """Detections for the plan's classes, the detector's raw output (from the cache when there: per
+        vocabulary for an open-vocabulary detector) and its cache key. ``text_features``: the open-vocabulary
+        text classes' features (None for a closed detector); exemplars are embedded here."""
         t = time.perf_counter()
-        cached = entry.detector.get(classes.key if classes is not None else None) if entry is not None else None
+        batch = None
+        classes = None
+        if text_features is not None:
+            visual = np.zeros((0, text_features.shape[1]), np.float32)
+            if exemplars:
+                batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+                exemplar_classes = p.names[p.exemplar_start :]
+                visual = await self._exemplar_embeddings(exemplars, exemplar_classes, image, batch, references)
+                timings["embed_exemplars"] = time.perf_counter() - t
+            classes = ClassPrompts(p.names, text_features, visual)
+        key = classes.key if classes is not None else None
+        cached = entry.detector.get(key) if entry is not None else None
         if cached is not None:
             output = cached
         else:
-            batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+            if batch is None:
+                batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
             output = await self.runner.detect(batch, classes)
         detections = self.detection.postprocess(
             output,
@@ -252,7 +283,64 @@ class Pipeline:
             max_instances=p.max_instances,
         )
         timings["detect"] = time.perf_counter() - t
-        return detections, output
+        return detections, output, key
+
+    async def _exemplar_embeddings(
+        self,
+        exemplars: tuple[Exemplar, ...],
+        classes: tuple[str, ...],
+        image: DecodedImage,
+        batch: np.ndarray,
+        references: dict[str, DecodedImage],
+    ) -> np.ndarray:
+        """(len(classes), class_dim) float32: each exemplar class's visual-prompt embedding, averaged over the
+        images its boxes are on (one detector pass per image) and L2-normalised. ``batch``: ``image``
+        letterboxed; ``references``: the exemplars' own images by ``_image_key``."""
+        by_image: dict[str, list[int]] = {}
+        for i, e in enumerate(exemplars):
+            by_image.setdefault(_image_key(e), []).append(i)
+        total = np.zeros((len(classes), self.runner.detector.class_dim), np.float32)
+        for source, indices in by_image.items():
+            if source:
+                ref = references[source]
+                ref_batch = await asyncio.to_thread(self.detection.preprocess, ref.rgb)
+            else:
+                ref, ref_batch = image, batch
+            names = [exemplars[i].class_name for i in indices]
+            local = list(dict.fromkeys(names))
+            boxes = np.array([exemplars[i].box for i in indices], np.float32)
+            ids = np.array([local.index(n) for n in names])
+            visuals = self.detection.exemplar_visuals(boxes, ids, (ref.height, ref.width))
+            embedded = await self.runner.embed_exemplars(ref_batch, visuals)
+            for k, name in enumerate(local):
+                total[classes.index(name)] += embedded[k]
+        return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+    def _reference_images(self, exemplars: tuple[Exemplar, ...]) -> dict[str, DecodedImage]:
+        """The exemplars' own images by ``_image_key``, each decoded once, with every box checked against its
+        image."""
+        out: dict[str, DecodedImage] = {}
+        for i, e in enumerate(exemplars):
+            key = _image_key(e)
+            if not key:
+                continue
+            if key not in out:
+                out[key] = self._reference_image(i, e.image)
+            check_box_inside(e.box, out[key].width, out[key].height, f"exemplars[{i}].box")
+        return out
+
+    def _reference_image(self, index: int, source: ImageInput | None) -> DecodedImage:
+        """An exemplar's own image: from the cache by handle, or decoded under the same limits."""
+        assert source is not None
+        field = f"exemplars[{index}].image"
+        if source.handle is not None:
+            entry = self.cache.get(source.handle)
+            if entry is None:
+                raise NotFound(f"{field}.handle: unknown or expired; send the image again")
+            return entry.image
+        if source.raw is not None:
+            return image_from_raw(source.raw, source.width, source.height, self.image_limits)
+        return decode_image(source.encoded or b"", self.image_limits, field=f"{field}.encoded")
 
     async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         t = time.perf_counter()
@@ -273,7 +361,9 @@ class Pipeline:
             for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
                 k, cid, label = len(prompts), int(cid), names[int(cid)]
                 prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
-                if p.class_prompt is None or cid in p.class_prompt:
+                if cid >= p.exemplar_start:
+                    out.append(_Candidate(k, label, cid, float(score), EXEMPLAR))
+                elif p.class_prompt is None or cid in p.class_prompt:
                     out.append(_Candidate(k, label, cid, float(score), DETECTOR))
                 out.extend(
                     _Candidate(k, label, cid, float(score), TEXT, text_match=m) for m in p.texts if m.class_id == cid
@@ -314,6 +404,13 @@ class Pipeline:
             out.extend(encode_masks(masks, p.mask_encoding))
             boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(masks, chunk, strict=True))
         return out, boxes
+
+
+def _image_key(exemplar: Exemplar) -> str:
+    """Which image an exemplar's box is on: "" for the request's, else its handle or its bytes' sha256."""
+    if exemplar.image is None:
+        return ""
+    return exemplar.image.handle or hashlib.sha256(exemplar.image.data).hexdigest()
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:

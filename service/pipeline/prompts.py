@@ -67,6 +67,20 @@ class ImageInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class Exemplar:
+    """An example object: box (x_min, y_min, x_max, y_max) in original pixels of its image; image None = the
+    request's image."""
+
+    box: tuple[float, float, float, float]
+    label: str = ""
+    image: ImageInput | None = None
+
+    @property
+    def class_name(self) -> str:
+        return self.label or "exemplar"
+
+
+@dataclasses.dataclass(frozen=True)
 class SegmentQuery:
     image: ImageInput
     classes: tuple[str, ...] = ()
@@ -74,6 +88,7 @@ class SegmentQuery:
     options: Options = dataclasses.field(default_factory=Options)
     request_id: str = ""
     texts: tuple[str, ...] = ()
+    exemplars: tuple[Exemplar, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +106,7 @@ class Limits:
     mask_box_margin: float
     max_text_prompts: int
     max_text_chars: int
+    max_exemplars: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +120,7 @@ class Plan:
     """
 
     names: tuple[str, ...]
+    exemplar_start: int  # names[exemplar_start:] are the exemplars' classes (open vocabulary)
     run_detector: bool
     class_ids: list[int] | None
     class_prompt: frozenset[int] | None
@@ -141,6 +158,12 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         raise InvalidInput(f"regions: {len(query.regions)} given, the limit is {limits.max_region_prompts}")
     if len(query.texts) > limits.max_text_prompts:
         raise InvalidInput(f"texts: {len(query.texts)} given, the limit is {limits.max_text_prompts}")
+    if len(query.exemplars) > limits.max_exemplars:
+        raise InvalidInput(f"exemplars: {len(query.exemplars)} given, the limit is {limits.max_exemplars}")
+    for i, e in enumerate(query.exemplars):
+        _check_box(e.box, f"exemplars[{i}].box")
+        if len(e.label) > limits.max_text_chars:
+            raise InvalidInput(f"exemplars[{i}].label: {len(e.label)} characters, the limit is {limits.max_text_chars}")
     for i, text in enumerate(query.texts):
         if not text.strip():
             raise InvalidInput(f"texts[{i}]: empty; give a word or phrase, e.g. 'red car'")
@@ -168,19 +191,36 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         if len(r.points) > limits.max_points_per_region:
             raise InvalidInput(f"{field}.points: {len(r.points)} given, the limit is {limits.max_points_per_region}")
         if r.box is not None:
-            x0, y0, x1, y1 = r.box
-            if not all(math.isfinite(v) for v in r.box):
-                raise InvalidInput(f"{field}.box: coordinates must be finite numbers, got {list(r.box)}")
-            if x1 <= x0 or y1 <= y0:
-                raise InvalidInput(
-                    f"{field}.box: corners reversed or empty (x_min={x0}, y_min={y0}, x_max={x1}, y_max={y1}); "
-                    "need x_max > x_min and y_max > y_min"
-                )
+            _check_box(r.box, f"{field}.box")
         for j, (x, y, label) in enumerate(r.points):
             if label not in (0, 1):
                 raise InvalidInput(f"{field}.points[{j}].label: {label} must be 1 (positive) or 0 (negative)")
             if not (math.isfinite(x) and math.isfinite(y)):
                 raise InvalidInput(f"{field}.points[{j}]: coordinates must be finite numbers")
+
+
+def _check_box(box: tuple[float, float, float, float], field: str) -> None:
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(v) for v in box):
+        raise InvalidInput(f"{field}: coordinates must be finite numbers, got {list(box)}")
+    if x1 <= x0 or y1 <= y0:
+        raise InvalidInput(
+            f"{field}: corners reversed or empty (x_min={x0}, y_min={y0}, x_max={x1}, y_max={y1}); "
+            "need x_max > x_min and y_max > y_min"
+        )
+
+
+def check_box_inside(box: tuple[float, float, float, float], width: int, height: int, field: str) -> None:
+    x0, y0, x1, y1 = box
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise InvalidInput(
+            f"{field}: [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image (original-image pixels, XYXY)"
+        )
+
+
+def exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
+    """The exemplars' classes: one per distinct label, in order of first appearance."""
+    return tuple(dict.fromkeys(e.class_name for e in exemplars))
 
 
 def plan(
@@ -209,12 +249,7 @@ def plan(
         field = f"regions[{i}]"
         box = None
         if r.box is not None:
-            x0, y0, x1, y1 = r.box
-            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-                raise InvalidInput(
-                    f"{field}.box: [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image "
-                    "(original-image pixels, XYXY)"
-                )
+            check_box_inside(r.box, width, height, f"{field}.box")
             box = np.asarray(r.box, dtype=np.float32)
         for j, (x, y, _) in enumerate(r.points):
             if not (0 <= x <= width and 0 <= y <= height):
@@ -223,9 +258,14 @@ def plan(
         labels = np.asarray([lab for _, _, lab in r.points], dtype=np.int32)
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
+    for i, e in enumerate(query.exemplars):
+        if e.image is None:
+            check_box_inside(e.box, width, height, f"exemplars[{i}].box")
+    exemplars = exemplar_classes(query.exemplars)
     return Plan(
-        names=tuple(vocabulary),
-        run_detector=bool(query.classes) or bool(texts) or not query.regions,
+        names=(*vocabulary, *exemplars),
+        exemplar_start=len(vocabulary),
+        run_detector=bool(query.classes) or bool(texts) or bool(exemplars) or not query.regions,
         class_ids=class_ids,
         class_prompt=class_prompt,
         texts=list(texts),
@@ -242,10 +282,10 @@ def plan(
 
 def _open_class_prompt(query: SegmentQuery, vocabulary: Sequence[str]) -> frozenset[int]:
     """The ids of an open-vocabulary request's ``classes`` in its vocabulary (``check_query`` checked them)."""
-    if not query.classes and not query.texts and not query.regions:
+    if not query.classes and not query.texts and not query.exemplars and not query.regions:
         raise InvalidInput(
             "classes, texts: the detector is open-vocabulary and has no fixed classes; name what to find "
-            "(any words) in classes or texts"
+            "(any words) in classes or texts, or show it with exemplars"
         )
     index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
     return frozenset(index[normalise_class_name(name)] for name in query.classes)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import functools
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -49,18 +51,20 @@ class DetectorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClassPrompts:
-    """The vocabulary of one open-vocabulary detection: its names and their text features.
+    """The vocabulary of one open-vocabulary detection: text classes first, then exemplar classes.
 
-    embeddings: (N, class_dim) float32, row i for names[i] (``Runner.embed_classes``). Detections whose class
-    prompts are equal share forward passes; ``key`` says which are equal.
+    text: (T, class_dim) float32 text features of names[:T] (``Runner.embed_classes``); visual: (V, class_dim)
+    float32 visual-prompt embeddings of names[T:] (``Runner.embed_exemplars``). Detections whose class prompts
+    are equal share forward passes and cached outputs; ``key`` says which are equal.
     """
 
     names: tuple[str, ...]
-    embeddings: np.ndarray
+    text: np.ndarray
+    visual: np.ndarray
 
-    @property
-    def key(self) -> tuple[str, ...]:
-        return self.names
+    @functools.cached_property
+    def key(self) -> tuple[tuple[str, ...], str]:
+        return self.names, hashlib.sha256(np.ascontiguousarray(self.visual).tobytes()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +175,13 @@ class Runner(Protocol):
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
         """Class names / phrases → (N, detector.class_dim) float32 text features for ``ClassPrompts``
         (open-vocabulary detectors only)."""
+        ...
+
+    async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        """Visual-prompt embeddings (K, detector.class_dim) float32 of K example regions on one image.
+
+        image: (1, 3, imgsz, imgsz) as ``detect`` takes it; visuals: (1, K, imgsz/8, imgsz/8) float32 masks of
+        the regions in that letterboxed frame (open-vocabulary detectors only)."""
         ...
 
     async def start(self) -> None:

@@ -103,6 +103,13 @@ class LocalRunner:
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
         return await self._run("embed_classes", lambda: self._embed_classes_sync(names))
 
+    async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        _check_deadline()
+        return await self._run("embed_exemplars", lambda: self._embed_exemplars_sync(image, visuals))
+
+    def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        raise Unsupported("exemplars need an open-vocabulary detector (YOLOE); this one has a fixed vocabulary")
+
     async def encode(self, images: np.ndarray) -> ImageFeatures:
         _check_deadline()
         embed, hr0, hr1 = await self.encode_batcher.submit(images)

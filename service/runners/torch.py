@@ -104,9 +104,18 @@ class TorchRunner(LocalRunner):
             if classes is None:
                 out = self._det(self._tensor(images))
             else:
-                out = self._det.predict(self._tensor(images), tpe=self._tensor(classes.embeddings)[None])
+                text = self._tensor(classes.text)[None] if len(classes.text) else None
+                visual = self._tensor(classes.visual)[None] if len(classes.visual) else None
+                out = self._det.predict(self._tensor(images), tpe=text, vpe=visual)
         raw = out[0] if isinstance(out, tuple | list) else out
         return (raw.float().cpu().numpy(),)
+
+    def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        if self._class_text is None:
+            return super()._embed_exemplars_sync(image, visuals)
+        with torch.inference_mode():
+            vpe = self._det.predict(self._tensor(image), vpe=self._tensor(visuals), return_vpe=True)
+        return vpe[0].float().cpu().numpy()
 
     def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
         if self._class_text is None:

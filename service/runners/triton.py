@@ -175,6 +175,9 @@ class TritonRunner:
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
         raise Unsupported("open-vocabulary detectors do not run on Triton yet")
 
+    async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        raise Unsupported("open-vocabulary detectors do not run on Triton yet")
+
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text
         if text is None:

@@ -94,6 +94,14 @@ CASES = {
     "bad request id": (_request(request_id="a b/c"), ["request_id"]),
     "empty text": (_request(texts=["car", "  "]), ["texts[1]", "empty"]),
     "empty class": (_request(classes=["car", ""]), ["classes[1]", "empty"]),
+    "exemplar box reversed": (
+        _request(exemplars=[pb.Exemplar(box=pb.BoundingBox(x_min=50, y_min=10, x_max=20, y_max=40))]),
+        ["exemplars[0].box", "reversed"],
+    ),
+    "too many exemplars": (
+        _request(exemplars=[pb.Exemplar(box=pb.BoundingBox(x_min=1, y_min=1, x_max=5, y_max=5))] * 33),
+        ["exemplars", "33 given", "limit is 32"],
+    ),
     "10,000 texts": (_request(texts=["car"] * 10_000), ["texts", "10000 given", "limit is 64"]),
     "a 100 KB text": (_request(texts=["x" * 100_000]), ["texts[0]", "100000 characters", "limit is 256"]),
     "refinement margin negative": (

@@ -83,6 +83,17 @@ def test_segment_with_free_text_prompts(served, settings):
     assert {(i["text"], i["label"]) for i in instances} <= {("automobile", "car"), ("pedestrian", "person")}
 
 
+def test_segment_with_an_exemplar_reaches_the_server(served, settings, tmp_path: Path):
+    """The test profile's detector is closed-vocabulary: the server's clear refusal comes back through the CLI."""
+    bus = ultralytics_asset("bus.jpg")
+    result = subprocess.run(
+        [*DETSEG, "segment", str(ultralytics_asset("zidane.jpg")), "--exemplar", f"221,405,344,857,pedestrian@{bus}",
+         "--target", served],
+        env=_env(settings), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "FAILED_PRECONDITION: exemplars: they need an open-vocabulary" in result.stderr
+
+
 def test_table_output_and_models_listing(served, settings):
     table = subprocess.run(
         [*DETSEG, "segment", str(ultralytics_asset("zidane.jpg")), "--target", served, "--score-threshold", "0.05"],

@@ -167,3 +167,94 @@ def test_exporting_an_open_vocabulary_detector_is_refused_clearly(open_settings,
 
     with pytest.raises(Unsupported, match="open-vocabulary .* not supported yet: serve it with --backend torch"):
         write_repository(resolve_models(open_settings), open_settings, tmp_path / "repo")
+
+
+BUS_PERSON = (221.0, 405.0, 344.0, 857.0)  # a person on bus.jpg, original pixels XYXY
+
+
+def _exemplar(box=BUS_PERSON, label="pedestrian", image: pb.Image | None = None) -> pb.Exemplar:
+    x0, y0, x1, y1 = box
+    return pb.Exemplar(box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1), label=label, image=image)
+
+
+def _reference_visual_predict(settings, target: np.ndarray, refer: np.ndarray | None):
+    """ultralytics' own visual-prompt prediction on the same weights (one box, class 0)."""
+    from ultralytics import YOLOE
+    from ultralytics.models.yolo.yoloe import YOLOEVPDetectPredictor
+
+    model = YOLOE(str(testing.make_test_open_detector(settings.cache_dir / "test-models")))
+    prompts = {"bboxes": np.array([BUS_PERSON], np.float32), "cls": np.array([0])}
+    extra = {} if refer is None else {"refer_image": np.ascontiguousarray(refer[..., ::-1])}
+    return model.predict(
+        np.ascontiguousarray(target[..., ::-1]), visual_prompts=prompts, predictor=YOLOEVPDetectPredictor,
+        imgsz=640, conf=CONF, iou=IOU, max_det=MAX_DET, rect=False, agnostic_nms=False, device=DEVICE,
+        verbose=False, **extra,
+    )[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["same image", "reference image"])
+def test_exemplars_match_ultralytics_visual_prompt_predict(open_stub, settings, figures, where):
+    bus = load_rgb(ultralytics_asset("bus.jpg"))
+    target = bus if where == "same image" else load_rgb(ultralytics_asset("zidane.jpg"))
+    reference = _reference_visual_predict(settings, target, None if where == "same image" else bus)
+    image = None if where == "same image" else pb.Image(encoded=encode(bus))
+    response = open_stub.Segment(
+        pb.SegmentRequest(
+            image=pb.Image(encoded=encode(target)),
+            exemplars=[_exemplar(image=image)],
+            options=pb.SegmentOptions(score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET),
+        ),
+        timeout=300,
+    )
+    ref_boxes = reference.boxes.xyxy.cpu().numpy()
+    ours = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in response.instances])
+    assert len(ref_boxes) >= 1 and len(ours) == len(ref_boxes)
+    assert all(i.label == "pedestrian" and i.source == pb.INSTANCE_SOURCE_EXEMPLAR for i in response.instances)
+    np.testing.assert_allclose([i.score for i in response.instances], reference.boxes.conf.cpu().numpy(), atol=2e-3)
+    deviation = float(np.abs(ours - ref_boxes).max())
+    figures[f"exemplar parity vs YOLOE visual-prompt predict ({where}): boxes, max |Δ| px"] = (
+        f"{len(ours)}, {deviation:.2e}"
+    )
+    assert deviation <= 1.0
+
+
+def test_a_reference_image_by_handle_answers_as_its_bytes_and_mixes_with_texts(open_stub):
+    bus = ultralytics_asset("bus.jpg").read_bytes()
+    target = ultralytics_asset("zidane.jpg").read_bytes()
+    handle = open_stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=bus)), timeout=300).handle
+    options = pb.SegmentOptions(score_threshold=0.3, max_instances=MAX_DET)
+    answers = [
+        open_stub.Segment(
+            pb.SegmentRequest(
+                image=pb.Image(encoded=target), texts=["tie"], exemplars=[_exemplar(image=image)], options=options
+            ),
+            timeout=300,
+        )
+        for image in (pb.Image(encoded=bus), pb.Image(handle=handle))
+    ]
+    assert _answer(answers[0]) == _answer(answers[1])
+    sources = {(i.source, i.label) for i in answers[0].instances}
+    assert sources <= {(pb.INSTANCE_SOURCE_TEXT, "tie"), (pb.INSTANCE_SOURCE_EXEMPLAR, "pedestrian")}
+    assert any(s == pb.INSTANCE_SOURCE_EXEMPLAR for s, _ in sources)
+
+
+def test_bad_exemplars_get_clear_errors_and_run_nothing(open_stub, open_runner, stub):
+    target = encode(synthetic_rgb(120, 160, seed=21))
+    small = pb.Image(encoded=encode(synthetic_rgb(50, 50, seed=22)))
+    calls = {k: open_runner.calls[k] for k in ("detect", "encode", "decode", "embed_exemplars")}
+    cases = (
+        (_exemplar(image=small), grpc.StatusCode.INVALID_ARGUMENT, ["exemplars[0].box", "outside the 50x50 image"]),
+        (_exemplar(box=(0, 0, 10, 10), image=pb.Image(handle="sha256:" + "1" * 64)), grpc.StatusCode.NOT_FOUND,
+         ["exemplars[0].image.handle", "send the image again"]),
+        (_exemplar(box=(10, 10, 5, 20)), grpc.StatusCode.INVALID_ARGUMENT, ["exemplars[0].box", "reversed"]),
+    )  # fmt: skip
+    for exemplar, code, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            open_stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[exemplar]), timeout=60)
+        assert err.value.code() == code and all(w in err.value.details() for w in words), err.value.details()
+    assert {k: open_runner.calls[k] for k in calls} == calls
+    with pytest.raises(grpc.RpcError) as err:  # the closed-vocabulary test server
+        stub.Segment(
+            pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[_exemplar(box=(1, 1, 9, 9))]), timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "exemplars" in err.value.details()
