@@ -88,6 +88,7 @@ class Settings:
     max_text_prompts: int = 64
     max_text_chars: int = 256  # the encoder reads at most 256 tokens anyway
     max_exemplars: int = 32
+    exemplar_cache_entries: int = 256  # exemplar embeddings kept (by image, boxes and labels), LRU
     max_instances: int = 300  # hard cap on instances per response
     max_batch_items: int = 32  # BatchSegment requests per call
     max_stream_in_flight: int = 4  # StreamSegment items read but not yet answered

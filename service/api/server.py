@@ -74,6 +74,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             max_text_prompts=settings.max_text_prompts,
             max_text_chars=settings.max_text_chars,
             max_exemplars=settings.max_exemplars,
+            exemplar_cache_entries=settings.exemplar_cache_entries,
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
         matcher=(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import time
@@ -103,6 +104,8 @@ class Pipeline:
         self.runner = runner
         self.matcher = matcher
         self.class_embeddings = class_embeddings
+        # Exemplar embeddings by (image sha256, boxes, classes): reused while the same exemplars come back.
+        self._exemplar_cache: collections.OrderedDict[tuple[object, ...], np.ndarray] = collections.OrderedDict()
         if runner.detector.open_vocabulary and class_embeddings is None:
             raise ValueError("an open-vocabulary detector needs class_embeddings")
         self.image_limits = image_limits
@@ -301,17 +304,21 @@ class Pipeline:
             by_image.setdefault(_image_key(e), []).append(i)
         total = np.zeros((len(classes), self.runner.detector.class_dim), np.float32)
         for source, indices in by_image.items():
-            if source:
-                ref = references[source]
-                ref_batch = await asyncio.to_thread(self.detection.preprocess, ref.rgb)
-            else:
-                ref, ref_batch = image, batch
+            ref = references[source] if source else image
             names = [exemplars[i].class_name for i in indices]
             local = list(dict.fromkeys(names))
             boxes = np.array([exemplars[i].box for i in indices], np.float32)
             ids = np.array([local.index(n) for n in names])
-            visuals = self.detection.exemplar_visuals(boxes, ids, (ref.height, ref.width))
-            embedded = await self.runner.embed_exemplars(ref_batch, visuals)
+            key = (ref.sha256, boxes.tobytes(), ids.tobytes(), len(local))
+            embedded = self._exemplar_cache.get(key)
+            if embedded is None:  # a catalog photo's exemplar is embedded once, then reused
+                ref_batch = batch if not source else await asyncio.to_thread(self.detection.preprocess, ref.rgb)
+                visuals = self.detection.exemplar_visuals(boxes, ids, (ref.height, ref.width))
+                embedded = await self.runner.embed_exemplars(ref_batch, visuals)
+                self._exemplar_cache[key] = embedded
+                while len(self._exemplar_cache) > self.limits.exemplar_cache_entries:
+                    self._exemplar_cache.popitem(last=False)
+            self._exemplar_cache.move_to_end(key)
             for k, name in enumerate(local):
                 total[classes.index(name)] += embedded[k]
         return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)

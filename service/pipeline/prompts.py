@@ -107,6 +107,7 @@ class Limits:
     max_text_prompts: int
     max_text_chars: int
     max_exemplars: int
+    exemplar_cache_entries: int
 
 
 @dataclasses.dataclass(frozen=True)

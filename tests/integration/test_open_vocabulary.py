@@ -218,7 +218,7 @@ def test_exemplars_match_ultralytics_visual_prompt_predict(open_stub, settings, 
     assert deviation <= 1.0
 
 
-def test_a_reference_image_by_handle_answers_as_its_bytes_and_mixes_with_texts(open_stub):
+def test_a_reference_image_by_handle_answers_as_its_bytes_and_mixes_with_texts(open_stub, open_runner):
     bus = ultralytics_asset("bus.jpg").read_bytes()
     target = ultralytics_asset("zidane.jpg").read_bytes()
     handle = open_stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=bus)), timeout=300).handle
@@ -233,6 +233,12 @@ def test_a_reference_image_by_handle_answers_as_its_bytes_and_mixes_with_texts(o
         for image in (pb.Image(encoded=bus), pb.Image(handle=handle))
     ]
     assert _answer(answers[0]) == _answer(answers[1])
+    calls = open_runner.calls["embed_exemplars"]
+    open_stub.Segment(
+        pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[_exemplar(image=pb.Image(handle=handle))]),
+        timeout=300,
+    )
+    assert open_runner.calls["embed_exemplars"] == calls  # the catalog photo's exemplar is embedded once
     sources = {(i.source, i.label) for i in answers[0].instances}
     assert sources <= {(pb.INSTANCE_SOURCE_TEXT, "tie"), (pb.INSTANCE_SOURCE_EXEMPLAR, "pedestrian")}
     assert any(s == pb.INSTANCE_SOURCE_EXEMPLAR for s, _ in sources)
