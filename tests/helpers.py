@@ -41,6 +41,14 @@ def rle_mask(mask: pb.Mask) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def mask_overflow(mask: np.ndarray, box: pb.BoundingBox) -> float:
+    """How far (px) a (H, W) bool mask reaches beyond its XYXY box: 0 when inside (or empty)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return 0.0
+    return max(0.0, box.x_min - cols[0], box.y_min - rows[0], cols[-1] + 1 - box.x_max, rows[-1] + 1 - box.y_max)
+
+
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

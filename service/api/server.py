@@ -24,6 +24,7 @@ from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable
 from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
+from service.pipeline.lru import LRU
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
@@ -74,7 +75,6 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             max_text_prompts=settings.max_text_prompts,
             max_text_chars=settings.max_text_chars,
             max_exemplars=settings.max_exemplars,
-            exemplar_cache_entries=settings.exemplar_cache_entries,
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
         matcher=(
@@ -85,6 +85,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
         class_embeddings=(
             EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if runner.detector.open_vocabulary else None
         ),
+        exemplar_embeddings=LRU(settings.exemplar_cache_entries),
     )
 
 

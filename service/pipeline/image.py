@@ -217,14 +217,14 @@ def check_png_complete(data: bytes, field: str = "image.encoded") -> None:
 
 
 def image_from_raw(
-    data: bytes, width: int, height: int, limits: ImageLimits, sha256: str | None = None
+    data: bytes, width: int, height: int, limits: ImageLimits, sha256: str | None = None, field: str = "image.raw"
 ) -> DecodedImage:
     """Validates raw interleaved RGB bytes (row-major, width * height * 3) and wraps them."""
-    _check_size(width, height, limits, "image.raw")
+    _check_size(width, height, limits, field)
     expected = width * height * 3
     if len(data) != expected:
         raise InvalidImage(
-            f"image.raw.data: {len(data)} bytes, expected width*height*3 = {width}*{height}*3 = {expected}"
+            f"{field}.data: {len(data)} bytes, expected width*height*3 = {width}*{height}*3 = {expected}"
         )
     rgb = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
     return DecodedImage(rgb=rgb, format="raw", sha256=sha256 or hashlib.sha256(data).hexdigest())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hashlib
 import time
@@ -16,6 +15,7 @@ from service.errors import InvalidInput, NotFound, Unsupported
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_for
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
+from service.pipeline.lru import LRU
 from service.pipeline.masks import EncodedMask, encode_masks
 from service.pipeline.prompts import (
     Exemplar,
@@ -30,7 +30,7 @@ from service.pipeline.prompts import (
 )
 from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
-from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, open_vocabulary
+from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, request_vocabulary
 from service.runners.base import ClassPrompts, DetectorOutput, ImageFeatures, Runner
 
 DETECTOR, REGION, TEXT, EXEMPLAR = "detector", "region", "text", "exemplar"  # where an instance came from
@@ -98,14 +98,16 @@ class Pipeline:
         cache: EmbeddingCache | None = None,
         matcher: VocabularyMatcher | None = None,
         class_embeddings: EmbeddingLRU | None = None,
+        exemplar_embeddings: LRU[tuple[object, ...], np.ndarray] | None = None,
     ) -> None:
         """``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
-        ``class_embeddings``: an open-vocabulary detector's class text features by string (required for one)."""
+        ``class_embeddings``: an open-vocabulary detector's class text features by string (required for one);
+        ``exemplar_embeddings``: exemplar embeddings by (image, boxes, classes), reused while the same exemplars
+        come back (None: none kept)."""
         self.runner = runner
         self.matcher = matcher
         self.class_embeddings = class_embeddings
-        # Exemplar embeddings by (image sha256, boxes, classes): reused while the same exemplars come back.
-        self._exemplar_cache: collections.OrderedDict[tuple[object, ...], np.ndarray] = collections.OrderedDict()
+        self.exemplar_embeddings = exemplar_embeddings if exemplar_embeddings is not None else LRU(0)
         if runner.detector.open_vocabulary and class_embeddings is None:
             raise ValueError("an open-vocabulary detector needs class_embeddings")
         self.image_limits = image_limits
@@ -119,10 +121,10 @@ class Pipeline:
         start = time.perf_counter()
         check_query(query, self.limits)
         vocabulary, texts, text_features = await self._vocabulary(query, timings)
-        handle, entry = self._lookup(query)
+        handle, entry = self._lookup(query.image)
         if entry is None:
             t = time.perf_counter()
-            image = await asyncio.to_thread(self._decode, query, handle)
+            image = await asyncio.to_thread(self._decode, query.image, handle)
             timings["decode_image"] = time.perf_counter() - t
         else:
             image = entry.image
@@ -183,7 +185,7 @@ class Pipeline:
                 )
             texts = await self._match_texts(query, timings) if query.texts else []
             return self.runner.detector.names, texts, None
-        names = open_vocabulary(query.classes, query.texts)
+        names = request_vocabulary(query.classes, query.texts)
         if not names:
             return names, [], np.zeros((0, self.runner.detector.class_dim), np.float32)
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
@@ -208,41 +210,43 @@ class Pipeline:
         """Decodes and encodes an image into the cache (EncodeImage); a cached one is only refreshed."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        handle, entry = self._lookup(SegmentQuery(image=image_input))
+        handle, entry = self._lookup(image_input)
         if entry is not None:
             timings["total"] = time.perf_counter() - start
             return EncodeResult(handle, entry.image, True, timings)
         t = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, SegmentQuery(image=image_input), handle)
+        image = await asyncio.to_thread(self._decode, image_input, handle)
         timings["decode_image"] = time.perf_counter() - t
         features = await self._encode(image, timings)
         self.cache.put(handle, CacheEntry(image, features))
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle, image, False, timings)
 
-    def _lookup(self, query: SegmentQuery) -> tuple[str, CacheEntry | None]:
-        """(handle, cached entry or None). A handle that is not cached is NOT_FOUND."""
-        handle = query.image.handle
+    def _lookup(self, image: ImageInput, field: str = "image") -> tuple[str, CacheEntry | None]:
+        """(handle, cached entry or None) of an image given by bytes or handle; the handle of bytes is their
+        content hash, so bytes and their handle are the same image. A handle that is not cached is NOT_FOUND."""
+        handle = image.handle
         if handle is not None:
             if not handle.startswith(PREFIX) or len(handle) != len(PREFIX) + 64:
-                raise InvalidInput("image.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)")
+                raise InvalidInput(
+                    f"{field}.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)"
+                )
             entry = self.cache.get(handle)
             if entry is None:
                 raise NotFound(
-                    f"image.handle: {handle[:19]}... is unknown or expired (cached images live "
+                    f"{field}.handle: {handle[:19]}... is unknown or expired (cached images live "
                     f"{self.cache.ttl:.0f} s after last use, fewer under memory pressure); send the image again"
                 )
             return handle, entry
-        handle = handle_for(hashlib.sha256(query.image.data).hexdigest())
+        handle = handle_for(hashlib.sha256(image.data).hexdigest())
         return handle, self.cache.get(handle)
 
-    def _decode(self, query: SegmentQuery, handle: str) -> DecodedImage:
-        """Decodes the request's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
+    def _decode(self, image: ImageInput, handle: str, field: str = "image") -> DecodedImage:
+        """Decodes an image's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
         digest = handle.removeprefix(PREFIX)
-        if query.image.raw is not None:
-            raw = query.image
-            return image_from_raw(raw.raw or b"", raw.width, raw.height, self.image_limits, sha256=digest)
-        return decode_image(query.image.encoded or b"", self.image_limits, sha256=digest)
+        if image.raw is not None:
+            return image_from_raw(image.raw, image.width, image.height, self.image_limits, digest, f"{field}.raw")
+        return decode_image(image.encoded or b"", self.image_limits, f"{field}.encoded", sha256=digest)
 
     async def _detect(
         self,
@@ -252,7 +256,7 @@ class Pipeline:
         entry: CacheEntry | None,
         text_features: np.ndarray | None,
         exemplars: tuple[Exemplar, ...],
-        references: dict[str, DecodedImage],
+        references: list[DecodedImage | None],
     ) -> tuple[Detections, DetectorOutput, Hashable]:
         """Detections for the plan's classes, the detector's raw output (from the cache when there: per
         vocabulary for an open-vocabulary detector) and its cache key. ``text_features``: the open-vocabulary
@@ -294,60 +298,49 @@ class Pipeline:
         classes: tuple[str, ...],
         image: DecodedImage,
         batch: np.ndarray,
-        references: dict[str, DecodedImage],
+        references: list[DecodedImage | None],
     ) -> np.ndarray:
         """(len(classes), class_dim) float32: each exemplar class's visual-prompt embedding, averaged over the
         images its boxes are on (one detector pass per image) and L2-normalised. ``batch``: ``image``
-        letterboxed; ``references``: the exemplars' own images by ``_image_key``."""
+        letterboxed; ``references``: each exemplar's own image (None: the request's)."""
         by_image: dict[str, list[int]] = {}
-        for i, e in enumerate(exemplars):
-            by_image.setdefault(_image_key(e), []).append(i)
+        for i, ref in enumerate(references):
+            by_image.setdefault(ref.sha256 if ref is not None else "", []).append(i)
         total = np.zeros((len(classes), self.runner.detector.class_dim), np.float32)
         for source, indices in by_image.items():
-            ref = references[source] if source else image
+            ref = references[indices[0]] or image
             names = [exemplars[i].class_name for i in indices]
             local = list(dict.fromkeys(names))
             boxes = np.array([exemplars[i].box for i in indices], np.float32)
             ids = np.array([local.index(n) for n in names])
             key = (ref.sha256, boxes.tobytes(), ids.tobytes(), len(local))
-            embedded = self._exemplar_cache.get(key)
+            embedded = self.exemplar_embeddings.get(key)
             if embedded is None:  # a catalog photo's exemplar is embedded once, then reused
                 ref_batch = batch if not source else await asyncio.to_thread(self.detection.preprocess, ref.rgb)
                 visuals = self.detection.exemplar_visuals(boxes, ids, (ref.height, ref.width))
                 embedded = await self.runner.embed_exemplars(ref_batch, visuals)
-                self._exemplar_cache[key] = embedded
-                while len(self._exemplar_cache) > self.limits.exemplar_cache_entries:
-                    self._exemplar_cache.popitem(last=False)
-            self._exemplar_cache.move_to_end(key)
+                self.exemplar_embeddings.put(key, embedded)
             for k, name in enumerate(local):
                 total[classes.index(name)] += embedded[k]
         return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
 
-    def _reference_images(self, exemplars: tuple[Exemplar, ...]) -> dict[str, DecodedImage]:
-        """The exemplars' own images by ``_image_key``, each decoded once, with every box checked against its
-        image."""
-        out: dict[str, DecodedImage] = {}
+    def _reference_images(self, exemplars: tuple[Exemplar, ...]) -> list[DecodedImage | None]:
+        """Each exemplar's own image (None: the request's), found or decoded as the request's image is, each
+        distinct image once, with every box checked against its image."""
+        decoded: dict[str, DecodedImage] = {}
+        out: list[DecodedImage | None] = []
         for i, e in enumerate(exemplars):
-            key = _image_key(e)
-            if not key:
+            if e.image is None:
+                out.append(None)
                 continue
-            if key not in out:
-                out[key] = self._reference_image(i, e.image)
-            check_box_inside(e.box, out[key].width, out[key].height, f"exemplars[{i}].box")
+            field = f"exemplars[{i}].image"
+            handle, entry = self._lookup(e.image, field)
+            if handle not in decoded:
+                decoded[handle] = entry.image if entry is not None else self._decode(e.image, handle, field)
+            ref = decoded[handle]
+            check_box_inside(e.box, ref.width, ref.height, f"exemplars[{i}].box")
+            out.append(ref)
         return out
-
-    def _reference_image(self, index: int, source: ImageInput | None) -> DecodedImage:
-        """An exemplar's own image: from the cache by handle, or decoded under the same limits."""
-        assert source is not None
-        field = f"exemplars[{index}].image"
-        if source.handle is not None:
-            entry = self.cache.get(source.handle)
-            if entry is None:
-                raise NotFound(f"{field}.handle: unknown or expired; send the image again")
-            return entry.image
-        if source.raw is not None:
-            return image_from_raw(source.raw, source.width, source.height, self.image_limits)
-        return decode_image(source.encoded or b"", self.image_limits, field=f"{field}.encoded")
 
     async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         t = time.perf_counter()
@@ -411,13 +404,6 @@ class Pipeline:
             out.extend(encode_masks(masks, p.mask_encoding))
             boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(masks, chunk, strict=True))
         return out, boxes
-
-
-def _image_key(exemplar: Exemplar) -> str:
-    """Which image an exemplar's box is on: "" for the request's, else its handle or its bytes' sha256."""
-    if exemplar.image is None:
-        return ""
-    return exemplar.image.handle or hashlib.sha256(exemplar.image.data).hexdigest()
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:

@@ -107,7 +107,6 @@ class Limits:
     max_text_prompts: int
     max_text_chars: int
     max_exemplars: int
-    exemplar_cache_entries: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,28 +147,16 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
     """Checks that need no pixels: counts, option ranges, point labels, finite numbers, request id."""
     if query.request_id and not valid_request_id(query.request_id):
         raise InvalidInput("request_id: at most 128 characters of [A-Za-z0-9._:-]")
-    if len(query.classes) > limits.max_class_prompts:
-        raise InvalidInput(f"classes: {len(query.classes)} given, the limit is {limits.max_class_prompts}")
-    for i, name in enumerate(query.classes):
-        if not name.strip():
-            raise InvalidInput(f"classes[{i}]: empty; give a class name (ListModels lists the vocabulary)")
-        if len(name) > limits.max_text_chars:
-            raise InvalidInput(f"classes[{i}]: {len(name)} characters, the limit is {limits.max_text_chars}")
-    if len(query.regions) > limits.max_region_prompts:
-        raise InvalidInput(f"regions: {len(query.regions)} given, the limit is {limits.max_region_prompts}")
-    if len(query.texts) > limits.max_text_prompts:
-        raise InvalidInput(f"texts: {len(query.texts)} given, the limit is {limits.max_text_prompts}")
-    if len(query.exemplars) > limits.max_exemplars:
-        raise InvalidInput(f"exemplars: {len(query.exemplars)} given, the limit is {limits.max_exemplars}")
+    _check_count(query.classes, limits.max_class_prompts, "classes")
+    _check_names(query.classes, limits.max_text_chars, "classes", "give a class name (ListModels lists the vocabulary)")
+    _check_count(query.regions, limits.max_region_prompts, "regions")
+    _check_count(query.texts, limits.max_text_prompts, "texts")
+    _check_count(query.exemplars, limits.max_exemplars, "exemplars")
     for i, e in enumerate(query.exemplars):
         _check_box(e.box, f"exemplars[{i}].box")
         if len(e.label) > limits.max_text_chars:
             raise InvalidInput(f"exemplars[{i}].label: {len(e.label)} characters, the limit is {limits.max_text_chars}")
-    for i, text in enumerate(query.texts):
-        if not text.strip():
-            raise InvalidInput(f"texts[{i}]: empty; give a word or phrase, e.g. 'red car'")
-        if len(text) > limits.max_text_chars:
-            raise InvalidInput(f"texts[{i}]: {len(text)} characters, the limit is {limits.max_text_chars}")
+    _check_names(query.texts, limits.max_text_chars, "texts", "give a word or phrase, e.g. 'red car'")
     o = query.options
     for name, value in (("score_threshold", o.score_threshold), ("iou_threshold", o.iou_threshold)):
         if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -200,6 +187,20 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
                 raise InvalidInput(f"{field}.points[{j}]: coordinates must be finite numbers")
 
 
+def _check_count(items: Sequence[object], limit: int, field: str) -> None:
+    if len(items) > limit:
+        raise InvalidInput(f"{field}: {len(items)} given, the limit is {limit}")
+
+
+def _check_names(names: Sequence[str], max_chars: int, field: str, hint: str) -> None:
+    """Class names and texts: not blank, at most ``max_chars`` characters."""
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise InvalidInput(f"{field}[{i}]: empty; {hint}")
+        if len(name) > max_chars:
+            raise InvalidInput(f"{field}[{i}]: {len(name)} characters, the limit is {max_chars}")
+
+
 def _check_box(box: tuple[float, float, float, float], field: str) -> None:
     x0, y0, x1, y1 = box
     if not all(math.isfinite(v) for v in box):
@@ -219,7 +220,7 @@ def check_box_inside(box: tuple[float, float, float, float], width: int, height:
         )
 
 
-def exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
+def _exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
     """The exemplars' classes: one per distinct label, in order of first appearance."""
     return tuple(dict.fromkeys(e.class_name for e in exemplars))
 
@@ -262,7 +263,7 @@ def plan(
     for i, e in enumerate(query.exemplars):
         if e.image is None:
             check_box_inside(e.box, width, height, f"exemplars[{i}].box")
-    exemplars = exemplar_classes(query.exemplars)
+    exemplars = _exemplar_classes(query.exemplars)
     return Plan(
         names=(*vocabulary, *exemplars),
         exemplar_start=len(vocabulary),

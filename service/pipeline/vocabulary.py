@@ -10,13 +10,13 @@ Sentence-embedding similarities are cosines of L2-normalised embeddings.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
 from service.errors import InvalidInput
+from service.pipeline.lru import LRU
 
 Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]  # strings → (N, D) float32
 EXACT, EMBEDDING, OPEN = "exact", "embedding", "open"  # how a text was matched
@@ -49,23 +49,19 @@ class EmbeddingLRU:
 
     def __init__(self, embed: Embed, entries: int) -> None:
         self._embed = embed
-        self._entries = entries
-        self._kept: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._kept: LRU[str, np.ndarray] = LRU(entries)
         self.embedded = 0  # strings embedded so far (misses), for tests and metrics
 
     async def get(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), D): kept rows, the others embedded in one call (held locally: a concurrent request may
         evict entries while this one awaits the encoder)."""
-        found = {t: self._kept[t] for t in texts if t in self._kept}
-        for text in found:
-            self._kept.move_to_end(text)
+        found = {t: v for t in texts if (v := self._kept.get(t)) is not None}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             for text, vector in zip(missing, await self._embed(missing), strict=True):
-                found[text] = self._kept[text] = vector
+                found[text] = vector
+                self._kept.put(text, vector)
             self.embedded += len(missing)
-            while len(self._kept) > self._entries:
-                self._kept.popitem(last=False)
         return np.stack([found[t] for t in texts])
 
 
@@ -76,7 +72,7 @@ class VocabularyMatcher:
         self._embed = embed
         self.threshold = threshold
         self.texts = EmbeddingLRU(embed, cache_entries)
-        self._vocabularies: collections.OrderedDict[tuple[str, ...], np.ndarray] = collections.OrderedDict()
+        self._vocabularies: LRU[tuple[str, ...], np.ndarray] = LRU(_VOCABULARIES_KEPT)
 
     async def prepare(self, vocabulary: Sequence[str]) -> None:
         """Embeds the class names now (server warm-up), so the first text prompt pays only for itself."""
@@ -113,14 +109,11 @@ class VocabularyMatcher:
         cached = self._vocabularies.get(vocabulary)
         if cached is None:
             cached = await self._embed([normalise_class_name(v) for v in vocabulary])
-            self._vocabularies[vocabulary] = cached
-            while len(self._vocabularies) > _VOCABULARIES_KEPT:
-                self._vocabularies.popitem(last=False)
-        self._vocabularies.move_to_end(vocabulary)
+            self._vocabularies.put(vocabulary, cached)
         return cached
 
 
-def open_vocabulary(classes: Sequence[str], texts: Sequence[str]) -> tuple[str, ...]:
+def request_vocabulary(classes: Sequence[str], texts: Sequence[str]) -> tuple[str, ...]:
     """An open-vocabulary detection's class names: the request's classes then its texts, each string once
     (first spelling kept; strings equal after ``normalise_class_name`` are one class)."""
     names: dict[str, str] = {}
@@ -130,7 +123,7 @@ def open_vocabulary(classes: Sequence[str], texts: Sequence[str]) -> tuple[str, 
 
 
 def open_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> list[TextMatch]:
-    """Each text answered by its own entry of an ``open_vocabulary``."""
+    """Each text answered by its own entry of a ``request_vocabulary``."""
     index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
     out = []
     for i, text in enumerate(texts):

@@ -104,17 +104,9 @@ def test_demo_vocabulary_is_the_shapes_classes(demo_stub):
     assert detector.input_size == 320
 
 
-def _overflow(mask: np.ndarray, box: pb.BoundingBox) -> float:
-    """Pixels the mask reaches beyond its box (0 inside)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
-        return 0.0
-    return max(0.0, box.x_min - cols[0], box.y_min - rows[0], cols[-1] + 1 - box.x_max, rows[-1] + 1 - box.y_max)
-
-
 def test_refined_demo_masks_stay_near_their_box_without_losing_quality(demo_stub, held_out, settings, figures):
     """Default refinement vs SAM's raw masks on the same held-out scenes: less spill, IoU with the truth kept."""
-    from tests.helpers import RAW_MASKS, mask_iou, rle_mask
+    from tests.helpers import RAW_MASKS, mask_iou, mask_overflow, rle_mask
 
     spill = {"raw": 0.0, "refined": 0.0}
     ious: dict[str, list[float]] = {"raw": [], "refined": []}
@@ -123,11 +115,11 @@ def test_refined_demo_masks_stay_near_their_box_without_losing_quality(demo_stub
         for kind, options in (("raw", {"refinement": RAW_MASKS}), ("refined", {})):
             for inst in _segment(demo_stub, scene, **options).instances:
                 mask = rle_mask(inst.mask)
-                spill[kind] = max(spill[kind], _overflow(mask, inst.box))
+                spill[kind] = max(spill[kind], mask_overflow(mask, inst.box))
                 ious[kind].append(max(mask_iou(mask, t) for t in truth))
                 if kind == "refined":
                     side = max(inst.box.x_max - inst.box.x_min, inst.box.y_max - inst.box.y_min)
-                    assert _overflow(mask, inst.box) <= settings.mask_box_margin * side + 1
+                    assert mask_overflow(mask, inst.box) <= settings.mask_box_margin * side + 1
     raw_iou, refined_iou = float(np.mean(ious["raw"])), float(np.mean(ious["refined"]))
     figures["demo masks beyond their box, 40 held-out scenes: raw vs refined max px; mean best IoU raw vs refined"] = (
         f"{spill['raw']:.0f} vs {spill['refined']:.0f} px; {raw_iou:.4f} vs {refined_iou:.4f}"

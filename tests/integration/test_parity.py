@@ -14,7 +14,7 @@ import pytest
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models import testing
 from tests.conftest import DEVICE, ultralytics_asset
-from tests.helpers import RAW_MASKS, encode, load_rgb, mask_iou, rle_mask, segment_request
+from tests.helpers import RAW_MASKS, encode, load_rgb, mask_iou, mask_overflow, rle_mask, segment_request
 
 PHOTOS = ("bus.jpg", "zidane.jpg")
 CONF, IOU, MAX_DET = 0.05, 0.7, 100
@@ -118,14 +118,6 @@ def test_point_and_box_prompts_match_sam2_image_predictor(stub, sam_predictor, f
     assert min(ious) >= 0.99
 
 
-def _outside_box(mask: np.ndarray, box: pb.BoundingBox) -> float:
-    """How far (px) the mask reaches beyond its box: the largest distance of a mask pixel's edge from it."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
-        return 0.0
-    return max(0.0, box.x_min - cols[0], box.y_min - rows[0], cols[-1] + 1 - box.x_max, rows[-1] + 1 - box.y_max)
-
-
 def test_refined_masks_stay_in_their_box_and_match_sams_own_region_cleanup(stub, sam_predictor, settings, figures):
     from sam2.utils.amg import remove_small_regions
 
@@ -138,7 +130,7 @@ def test_refined_masks_stay_in_their_box_and_match_sams_own_region_cleanup(stub,
     raw = stub.Segment(request, timeout=300)
     assert len(refined.instances) == len(raw.instances) >= 3
     margin, area = settings.mask_box_margin, settings.mask_min_region_area
-    raw_spill = max(_outside_box(rle_mask(i.mask), i.box) for i in raw.instances)
+    raw_spill = max(mask_overflow(rle_mask(i.mask), i.box) for i in raw.instances)
     assert raw_spill > 100, "random SAM weights spill far outside their boxes: the case refinement is for"
     boxes = np.array([[i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max] for i in raw.instances], np.float32)
     sam_predictor.set_image(rgb)
@@ -147,8 +139,8 @@ def test_refined_masks_stay_in_their_box_and_match_sams_own_region_cleanup(stub,
     for inst, box, sam_mask in zip(refined.instances, boxes, masks.reshape(len(boxes), *rgb.shape[:2]), strict=True):
         got = rle_mask(inst.mask)
         w, h = box[2] - box[0], box[3] - box[1]
-        spill = max(spill, _outside_box(got, inst.box) / max(w, h))
-        assert _outside_box(got, inst.box) <= margin * max(w, h) + 1
+        spill = max(spill, mask_overflow(got, inst.box) / max(w, h))
+        assert mask_overflow(got, inst.box) <= margin * max(w, h) + 1
         expected = sam_mask.astype(bool)
         refine_mask(expected, box, Refinement(box_margin=margin))  # clipping only
         expected, _ = remove_small_regions(expected, area, mode="holes")
