@@ -7,7 +7,8 @@ which ``detseg export`` writes from the same graph, so inputs and outputs line u
   the CUDA execution provider on the instance's device, KIND_CPU the CPU provider. Config parameters:
   ``intra_op_threads`` (0 = ONNX Runtime's default), ``onnx_file`` (default ``model.onnx``).
 - ``execute``: with dynamic batching (``max_batch_size`` > 0) the requests Triton hands over are stacked
-  along the batch axis, run in ONE session call, and split back, so each caller gets its own rows.
+  along the batch axis, run in ONE session call, and split back, so each caller gets its own rows. Requests
+  whose other axes differ (an open-vocabulary detector's class count) are stacked per shape.
   Requests the client already cancelled (deadline passed) are answered CANCELLED without running.
   Models with ``max_batch_size`` 0 (the mask decoder: its first axis is the prompt count) run one by one.
 
@@ -57,11 +58,19 @@ class OrtModel:
                 )
             else:
                 live.append(n)
-        if self.batched and len(live) > 1:
-            self._run_batched([requests[n] for n in live], live, responses)
-        else:
+        if not self.batched:
             for n in live:
                 responses[n] = self._run_one(requests[n])
+            return responses
+        groups: dict[tuple, list[int]] = {}
+        for n in live:
+            shapes = tuple(pb_utils.get_input_tensor_by_name(requests[n], i).as_numpy().shape[1:] for i in self.inputs)
+            groups.setdefault(shapes, []).append(n)
+        for slots in groups.values():
+            if len(slots) == 1:
+                responses[slots[0]] = self._run_one(requests[slots[0]])
+            else:
+                self._run_batched([requests[n] for n in slots], slots, responses)
         return responses
 
     def _feeds(self, request) -> dict[str, np.ndarray]:

@@ -133,6 +133,29 @@ def demo_stub(demo_server: ServerThread) -> Iterator[pb_grpc.SegmentationService
 
 
 @pytest.fixture(scope="session")
+def open_settings(settings: Settings) -> Settings:
+    """The "test-open" profile: a seeded open-vocabulary YOLOE-11n (see service.models.testing)."""
+    return settings.replace(models="test-open")
+
+
+@pytest.fixture(scope="session")
+def open_runner(open_settings: Settings) -> Runner:
+    from service.runners.factory import load_runner
+
+    return load_runner(open_settings)
+
+
+@pytest.fixture(scope="session")
+def open_stub(open_settings: Settings, open_runner: Runner) -> Iterator[pb_grpc.SegmentationServiceStub]:
+    """An embedded (torch) server with the open-vocabulary test detector."""
+    srv = ServerThread(open_settings, lambda: open_runner)
+    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        wait_serving(channel)
+        yield pb_grpc.SegmentationServiceStub(channel)
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def channel(server: ServerThread) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         yield ch

@@ -1,6 +1,10 @@
 """ONNX export of the three pipeline roles, each checked against its torch module on random inputs.
 
 - ``detector``: the ultralytics model's raw head, images (B, 3, S, S) → output0 (B, 4 + nc, A); batch dynamic.
+  An open-vocabulary detector (YOLOE) also takes ``class_embeddings`` (B, C, D): the class count C is dynamic,
+  so a new vocabulary needs no re-export; its two prompt encoders are exported beside it:
+  ``text_encoder`` (MiniLM token ids → class embeddings, the checkpoint's projection and text head included)
+  and ``visual_prompt_encoder`` (images + region masks → class embeddings, YOLOE's SAVPE).
 - ``sam2_image_encoder``: images (B, 3, S, S) → image_embed, high_res_0, high_res_1; batch dynamic.
 - ``sam2_mask_decoder``: one image's features (batch 1) + B prompts of P points (both dynamic) + optional
   mask input → single_masks, single_iou, multi_masks, multi_iou (see ``sam_ops.decode``).
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from service.models import sam_ops
-from service.models.graphs import IO
+from service.models.graphs import IO, OPEN_DETECTOR_IO
 from service.models.roles import Role
 
 OPSET = 17
@@ -40,6 +44,67 @@ class _DetectorHead(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)
         return out[0] if isinstance(out, tuple | list) else out
+
+
+def _head_features(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
+    """The feature maps an ultralytics model's last layer (its head) takes, as ``BaseModel.predict`` routes them."""
+    y: list[Any] = []
+    x: Any = images
+    for m in model.model[:-1]:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m(x)
+        y.append(x if m.i in model.save else None)
+    head = model.model[-1]
+    return [x if j == -1 else y[j] for j in head.f]
+
+
+class _OpenDetectorHead(torch.nn.Module):
+    """YOLOE with its class embeddings as an input: ``YOLOEDetect``'s one-to-many branch, computed with the class
+    count read from the input's shape (ultralytics stores it as a Python int, which tracing would freeze)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        head: Any = self.model.model[-1]
+        feats = _head_features(self.model, images)
+        bs = images.shape[0]
+        boxes = torch.cat([head.cv2[i](feats[i]).view(bs, 4 * head.reg_max, -1) for i in range(head.nl)], dim=-1)
+        scores = torch.cat(
+            [head.cv4[i](head.cv3[i](feats[i]), class_embeddings).flatten(2) for i in range(head.nl)], dim=-1
+        )
+        return head._inference({"boxes": boxes, "scores": scores, "feats": feats})
+
+
+class _VisualPromptEncoder(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, visuals: torch.Tensor) -> torch.Tensor:
+        head: Any = self.model.model[-1]
+        return head.savpe(_head_features(self.model, images), visuals)
+
+
+class _TextEncoder(torch.nn.Module):
+    """MiniLM (mean pooling, L2 norm) → the fixed projection → the detector's text head (``get_tpe``)."""
+
+    projection: torch.Tensor
+
+    def __init__(self, transformer: Any, projection: np.ndarray, head: Any) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.register_buffer("projection", torch.from_numpy(projection))
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        features = torch.nn.functional.normalize(pooled, dim=-1) @ self.projection
+        return self.head.get_tpe(features[None])[0]
 
 
 class _Encoder(torch.nn.Module):
@@ -103,6 +168,88 @@ def export_detector(model: torch.nn.Module, imgsz: int, path: Path) -> ExportRep
     rng = np.random.default_rng(0)
     diff = _max_diff(path, head, {names[0]: rng.random((2, 3, imgsz, imgsz), dtype=np.float32)})
     return ExportReport(Role.DETECTOR, path, diff, names, outs)
+
+
+def export_open_detector(model: Any, imgsz: int, path: Path) -> ExportReport:
+    """An open-vocabulary detector with a dynamic class count; checked at other batch sizes and class counts
+    than the one traced with, against ``YOLOEModel.predict`` itself (not only against the wrapper)."""
+    head = _OpenDetectorHead(model)
+    io = OPEN_DETECTOR_IO
+    dim = int(model.model[-1].embed)
+    dynamic = {
+        "images": {0: "batch"},
+        "class_embeddings": {0: "batch", 1: "classes"},
+        "output0": {0: "batch", 1: "boxes_and_classes"},
+    }
+    _export(head, (torch.zeros(1, 3, imgsz, imgsz), torch.zeros(1, 3, dim)), path, io.inputs, io.outputs, dynamic)
+    rng = np.random.default_rng(0)
+    diff = 0.0
+    for b, c in ((2, 1), (1, 7)):
+        feeds = {
+            "images": rng.random((b, 3, imgsz, imgsz), dtype=np.float32),
+            "class_embeddings": rng.standard_normal((b, c, dim), dtype=np.float32),
+        }
+        diff = max(diff, _max_diff(path, _YoloePredict(model), feeds))
+    return ExportReport(Role.DETECTOR, path, diff, io.inputs, io.outputs)
+
+
+class _YoloePredict(torch.nn.Module):
+    """The reference for the open detector graph: ultralytics' own ``YOLOEModel.predict`` with ``vpe`` as the
+    final class embeddings (3-D embeddings pass its visual branch unchanged)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        out = self.model.predict(images, vpe=class_embeddings)
+        return out[0] if isinstance(out, tuple | list) else out
+
+
+def export_visual_prompt_encoder(model: Any, imgsz: int, path: Path) -> ExportReport:
+    """YOLOE's SAVPE: images (B, 3, S, S) + region masks (B, K, S/8, S/8), K dynamic → (B, K, D)."""
+    encoder = _VisualPromptEncoder(model)
+    io = IO[Role.VISUAL_PROMPT_ENCODER]
+    side = imgsz // 8
+    dynamic = {
+        "images": {0: "batch"},
+        "visuals": {0: "batch", 1: "prompts"},
+        "visual_embeddings": {0: "batch", 1: "prompts"},
+    }
+    example = (torch.zeros(1, 3, imgsz, imgsz), torch.zeros(1, 2, side, side))
+    _export(encoder, example, path, io.inputs, io.outputs, dynamic)
+    rng = np.random.default_rng(0)
+    diff = 0.0
+    for b, k in ((1, 1), (2, 4)):
+        feeds = {
+            "images": rng.random((b, 3, imgsz, imgsz), dtype=np.float32),
+            "visuals": (rng.random((b, k, side, side)) < 0.2).astype(np.float32),
+        }
+        diff = max(diff, _max_diff(path, encoder, feeds))
+    return ExportReport(Role.VISUAL_PROMPT_ENCODER, path, diff, io.inputs, io.outputs)
+
+
+def export_text_encoder(transformer: Any, projection: np.ndarray, model: Any, path: Path) -> ExportReport:
+    """Token ids (N, L) + mask (N, L), both dynamic → (N, D) class embeddings, as ``YOLOEDetect.get_tpe`` gives
+    them for the projected sentence embeddings."""
+    encoder = _TextEncoder(transformer, projection, model.model[-1])
+    io = IO[Role.TEXT_ENCODER]
+    dynamic = {
+        "input_ids": {0: "texts", 1: "tokens"},
+        "attention_mask": {0: "texts", 1: "tokens"},
+        "text_embeddings": {0: "texts"},
+    }
+    example = (torch.ones(2, 5, dtype=torch.int64), torch.ones(2, 5, dtype=torch.int64))
+    _export(encoder, example, path, io.inputs, io.outputs, dynamic)
+    rng = np.random.default_rng(0)
+    vocab = int(transformer.config.vocab_size)
+    diff = 0.0
+    for n, length in ((1, 3), (4, 11)):
+        mask = np.ones((n, length), np.int64)
+        mask[0, length - 1 :] = 0 if length > 2 else 1  # padding in the first text
+        feeds = {"input_ids": rng.integers(0, vocab, (n, length)).astype(np.int64), "attention_mask": mask}
+        diff = max(diff, _max_diff(path, encoder, feeds))
+    return ExportReport(Role.TEXT_ENCODER, path, diff, io.inputs, io.outputs)
 
 
 def export_encoder(sam: Any, path: Path) -> ExportReport:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from service.models.roles import ModelDescriptor, ModelRole, Role
+from service.models.roles import ModelDescriptor, ModelRole, Role, graph_roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,8 @@ class GraphIO:
 
 
 IO: dict[Role, GraphIO] = {
-    # images (B, 3, S, S) float32 letterboxed RGB in [0, 1] → output0 (B, 4 + nc, A), the raw head.
+    # images (B, 3, S, S) float32 letterboxed RGB in [0, 1] → output0 (B, 4 + nc, A), the raw head. An
+    # open-vocabulary detector takes OPEN_DETECTOR_IO instead.
     Role.DETECTOR: GraphIO(("images",), ("output0",)),
     # images (B, 3, S, S) float32 SAM-normalised → image_embed, high_res_0, high_res_1 (ImageFeatures).
     Role.SAM2_IMAGE_ENCODER: GraphIO(("images",), ("image_embed", "high_res_0", "high_res_1")),
@@ -32,7 +33,17 @@ IO: dict[Role, GraphIO] = {
         ("image_embed", "high_res_0", "high_res_1", "point_coords", "point_labels", "mask_input", "has_mask_input"),
         ("single_masks", "single_iou", "multi_masks", "multi_iou"),
     ),
+    # N texts as MiniLM token ids (N, L) int64 + attention mask (N, L) int64 → (N, D) float32 class embeddings.
+    Role.TEXT_ENCODER: GraphIO(("input_ids", "attention_mask"), ("text_embeddings",)),
+    # images as the detector takes them + (B, K, S/8, S/8) float32 region masks → (B, K, D) class embeddings.
+    Role.VISUAL_PROMPT_ENCODER: GraphIO(("images", "visuals"), ("visual_embeddings",)),
 }
+# An open-vocabulary detector: images + (B, C, D) float32 class embeddings → output0 (B, 4 + C, A); C is dynamic.
+OPEN_DETECTOR_IO = GraphIO(("images", "class_embeddings"), ("output0",))
+
+
+def detector_io(open_vocabulary: bool) -> GraphIO:
+    return OPEN_DETECTOR_IO if open_vocabulary else IO[Role.DETECTOR]
 
 
 def decoder_outputs(multimask: bool) -> tuple[str, str]:
@@ -79,8 +90,10 @@ class WeightsIdentity:
 class ServedGraphs:
     """What the parameters of an exported repository say about its models.
 
-    names: detector vocabulary (index = class id); imgsz: detector letterbox side (px); stride: detector
-    stride; image_size: SAM input side (px).
+    names: detector vocabulary (index = class id; an open-vocabulary detector's calibration classes); imgsz:
+    detector letterbox side (px); stride: detector stride; image_size: SAM input side (px); class_dim: the width
+    of an open-vocabulary detector's class embeddings (0: closed); tokenizer_sha256: the sentence encoder whose
+    tokenizer the text-encoder graph expects (its weights' sha256; "" without one).
     """
 
     names: tuple[str, ...]
@@ -89,6 +102,23 @@ class ServedGraphs:
     image_size: int
     models: tuple[ModelDescriptor, ...]
     profile: str
+    class_dim: int = 0
+    tokenizer_sha256: str = ""
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return graph_roles(self.class_dim > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVocabulary:
+    """What an open-vocabulary detector's graphs record: class_dim, the class-text encoder's name (a
+    checkpoint's ``text_model``, e.g. "minilm-512:seed0") and the sentence encoder whose tokenizer feeds it."""
+
+    class_dim: int
+    text_model: str
+    tokenizer: WeightsIdentity
+    max_tokens: int
 
 
 def write_parameters(
@@ -99,8 +129,9 @@ def write_parameters(
     imgsz: int,
     stride: int,
     image_size: int,
+    open_vocabulary: OpenVocabulary | None = None,
 ) -> dict[Role, dict[str, str]]:
-    """The ``detseg_*`` parameters of every role's config."""
+    """The ``detseg_*`` parameters of every role's config (the open-vocabulary roles' too, when given)."""
 
     def ident(w: WeightsIdentity) -> dict[str, str]:
         return {
@@ -111,25 +142,40 @@ def write_parameters(
             "detseg_profile": profile,
         }
 
-    return {
+    params = {
         Role.DETECTOR: {
             **ident(detector),
             "detseg_names": json.dumps(list(names)),
             "detseg_input_size": str(imgsz),
             "detseg_stride": str(stride),
+            "detseg_class_dim": str(open_vocabulary.class_dim if open_vocabulary else 0),
         },
         Role.SAM2_IMAGE_ENCODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
         Role.SAM2_MASK_DECODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
     }
+    if open_vocabulary is not None:
+        tokenizer = open_vocabulary.tokenizer
+        params[Role.TEXT_ENCODER] = {
+            **ident(detector),
+            "detseg_input_size": str(open_vocabulary.max_tokens),
+            "detseg_text_model": open_vocabulary.text_model,
+            "detseg_tokenizer": tokenizer.name,
+            "detseg_tokenizer_sha256": tokenizer.sha256,
+        }
+        params[Role.VISUAL_PROMPT_ENCODER] = {**ident(detector), "detseg_input_size": str(imgsz)}
+    return params
 
 
 def read_parameters(params: Mapping[Role, Mapping[str, str]]) -> ServedGraphs:
-    """The inverse of ``write_parameters`` (the detector's and the encoder's parameters are read).
+    """The inverse of ``write_parameters`` (the detector's, the image encoder's and, for an open-vocabulary
+    detector, the text encoder's parameters are read).
 
     Raises KeyError for parameters that are missing (a repository not written by ``detseg export``).
     """
     detector, encoder = params[Role.DETECTOR], params[Role.SAM2_IMAGE_ENCODER]
     names = tuple(json.loads(detector["detseg_names"]))
+    class_dim = int(detector.get("detseg_class_dim", "0"))
+    tokenizer = params[Role.TEXT_ENCODER]["detseg_tokenizer_sha256"] if class_dim else ""
 
     def describe(role: ModelRole, p: Mapping[str, str], vocabulary: tuple[str, ...]) -> ModelDescriptor:
         return ModelDescriptor(
@@ -140,6 +186,7 @@ def read_parameters(params: Mapping[Role, Mapping[str, str]]) -> ServedGraphs:
             weights_sha256=p.get("detseg_sha256", ""),
             input_size=int(p["detseg_input_size"]),
             vocabulary=vocabulary,
+            open_vocabulary=role == ModelRole.DETECTOR and class_dim > 0,
         )
 
     return ServedGraphs(
@@ -149,4 +196,6 @@ def read_parameters(params: Mapping[Role, Mapping[str, str]]) -> ServedGraphs:
         image_size=int(encoder["detseg_input_size"]),
         models=(describe(ModelRole.DETECTOR, detector, names), describe(ModelRole.SEGMENTER, encoder, ())),
         profile=detector.get("detseg_profile", "custom"),
+        class_dim=class_dim,
+        tokenizer_sha256=tokenizer,
     )

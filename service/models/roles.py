@@ -21,10 +21,20 @@ class Role(enum.StrEnum):
     DETECTOR = "detector"
     SAM2_IMAGE_ENCODER = "sam2_image_encoder"
     SAM2_MASK_DECODER = "sam2_mask_decoder"
+    # An open-vocabulary detector's two prompt encoders: texts → class embeddings, example regions → class
+    # embeddings. The detector graph then takes the class embeddings as an input.
+    TEXT_ENCODER = "text_encoder"
+    VISUAL_PROMPT_ENCODER = "visual_prompt_encoder"
 
 
-# Every graph a served pipeline needs (export writes them all; the Triton runner waits for them all).
-MODEL_ROLES: tuple[Role, ...] = tuple(Role)
+# The graphs every served pipeline has; an open-vocabulary detector adds OPEN_VOCABULARY_ROLES.
+MODEL_ROLES: tuple[Role, ...] = (Role.DETECTOR, Role.SAM2_IMAGE_ENCODER, Role.SAM2_MASK_DECODER)
+OPEN_VOCABULARY_ROLES: tuple[Role, ...] = (Role.TEXT_ENCODER, Role.VISUAL_PROMPT_ENCODER)
+
+
+def graph_roles(open_vocabulary: bool) -> tuple[Role, ...]:
+    """The graphs a pipeline with a closed or an open-vocabulary detector is exported to and served from."""
+    return MODEL_ROLES + OPEN_VOCABULARY_ROLES if open_vocabulary else MODEL_ROLES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,14 +61,24 @@ def minilm_projection(seed: int, width: int = 512) -> np.ndarray:
     return (rng.standard_normal((DIM, width)) / np.sqrt(DIM)).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """N texts as the sentence encoder's tokenizer gives them, padded to the longest (≤ MAX_TOKENS).
+
+    input_ids: (N, L) int64 WordPiece ids; attention_mask: (N, L) int64, 1 for real tokens, 0 for padding."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
 class ClassTextEncoder:
     """Class names / phrases → an open-vocabulary detector's text features (N, width) float32 (before the
     detector's own text head). Built from a SentenceEncoder and the fixed projection its name gives."""
 
     def __init__(self, name: str, sentence: SentenceEncoder, projection: np.ndarray) -> None:
         self.name = name
-        self._sentence = sentence
-        self._projection = projection
+        self.sentence = sentence
+        self.projection = projection  # (384, width) float32
         self.dim = int(projection.shape[1])
 
     @classmethod
@@ -84,7 +94,7 @@ class ClassTextEncoder:
         )
 
     def encode(self, names: Sequence[str]) -> np.ndarray:
-        return self._sentence.encode(names) @ self._projection
+        return self.sentence.encode(names) @ self.projection
 
 
 def load_sentence_encoder(choice: str) -> SentenceEncoder | None:
@@ -123,6 +133,19 @@ class SentenceEncoder:
     def descriptor(self) -> ModelDescriptor:
         i = self.info
         return ModelDescriptor(ModelRole.TEXT_ENCODER, i.name, i.architecture, i.version, i.sha256, MAX_TOKENS)
+
+    @property
+    def transformer(self) -> Any:
+        """The BERT module (Hugging Face ``BertModel``), for export; mean pooling and L2 norm follow it."""
+        return self._model[0].auto_model
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """The token ids ``transformer`` takes for ``texts`` (truncated at MAX_TOKENS)."""
+        features = self._model.preprocess(list(texts))
+        return Tokens(
+            input_ids=features["input_ids"].numpy().astype(np.int64),
+            attention_mask=features["attention_mask"].numpy().astype(np.int64),
+        )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(N, 384) float32, each row L2-normalised (cosine similarity = dot product)."""

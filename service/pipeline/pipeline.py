@@ -101,7 +101,7 @@ class Pipeline:
         exemplar_embeddings: LRU[tuple[object, ...], np.ndarray] | None = None,
     ) -> None:
         """``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
-        ``class_embeddings``: an open-vocabulary detector's class text features by string (required for one);
+        ``class_embeddings``: an open-vocabulary detector's class embeddings of texts, by string (required for one);
         ``exemplar_embeddings``: exemplar embeddings by (image, boxes, classes), reused while the same exemplars
         come back (None: none kept)."""
         self.runner = runner
@@ -120,7 +120,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
-        vocabulary, texts, text_features = await self._vocabulary(query, timings)
+        vocabulary, texts, text_embeddings = await self._vocabulary(query, timings)
         handle, entry = self._lookup(query.image)
         if entry is None:
             t = time.perf_counter()
@@ -132,7 +132,7 @@ class Pipeline:
         p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
         references = await asyncio.to_thread(self._reference_images, query.exemplars)  # checked before models run
-        detect = self._detect(image, p, timings, entry, text_features, query.exemplars, references)
+        detect = self._detect(image, p, timings, entry, text_embeddings, query.exemplars, references)
         detections_task = asyncio.ensure_future(detect) if p.run_detector else None
         features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
         try:
@@ -176,7 +176,7 @@ class Pipeline:
         self, query: SegmentQuery, timings: dict[str, float]
     ) -> tuple[tuple[str, ...], list[TextMatch], np.ndarray | None]:
         """What this request's class ids index (before its exemplars' classes), how its texts are answered, and
-        (open vocabulary) those names' text features (N, class_dim); before the image is decoded."""
+        (open vocabulary) those names' class embeddings (N, class_dim); before the image is decoded."""
         if not self.runner.detector.open_vocabulary:
             if query.exemplars:
                 raise Unsupported(
@@ -254,24 +254,25 @@ class Pipeline:
         p: Plan,
         timings: dict[str, float],
         entry: CacheEntry | None,
-        text_features: np.ndarray | None,
+        text_embeddings: np.ndarray | None,
         exemplars: tuple[Exemplar, ...],
         references: list[DecodedImage | None],
     ) -> tuple[Detections, DetectorOutput, Hashable]:
         """Detections for the plan's classes, the detector's raw output (from the cache when there: per
-        vocabulary for an open-vocabulary detector) and its cache key. ``text_features``: the open-vocabulary
-        text classes' features (None for a closed detector); exemplars are embedded here."""
+        vocabulary for an open-vocabulary detector) and its cache key. ``text_embeddings``: the open-vocabulary
+        text classes' embeddings (None for a closed detector); exemplars are embedded here."""
         t = time.perf_counter()
         batch = None
         classes = None
-        if text_features is not None:
-            visual = np.zeros((0, text_features.shape[1]), np.float32)
+        if text_embeddings is not None:
+            embeddings = text_embeddings
             if exemplars:
                 batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
                 exemplar_classes = p.names[p.exemplar_start :]
                 visual = await self._exemplar_embeddings(exemplars, exemplar_classes, image, batch, references)
+                embeddings = np.concatenate([text_embeddings, visual])
                 timings["embed_exemplars"] = time.perf_counter() - t
-            classes = ClassPrompts(p.names, text_features, visual)
+            classes = ClassPrompts(p.names, embeddings)
         key = classes.key if classes is not None else None
         cached = entry.detector.get(key) if entry is not None else None
         if cached is not None:

@@ -53,18 +53,18 @@ class DetectorSpec:
 class ClassPrompts:
     """The vocabulary of one open-vocabulary detection: text classes first, then exemplar classes.
 
-    text: (T, class_dim) float32 text features of names[:T] (``Runner.embed_classes``); visual: (V, class_dim)
-    float32 visual-prompt embeddings of names[T:] (``Runner.embed_exemplars``). Detections whose class prompts
-    are equal share forward passes and cached outputs; ``key`` says which are equal.
+    embeddings: (len(names), class_dim) float32 class embeddings as the detector's head takes them: rows of
+    ``Runner.embed_classes`` for the text classes, then rows of ``Runner.embed_exemplars`` (averaged per label)
+    for the exemplar classes. Detections whose class prompts are equal share forward passes and cached outputs;
+    ``key`` says which are equal.
     """
 
     names: tuple[str, ...]
-    text: np.ndarray
-    visual: np.ndarray
+    embeddings: np.ndarray
 
     @functools.cached_property
     def key(self) -> tuple[tuple[str, ...], str]:
-        return self.names, hashlib.sha256(np.ascontiguousarray(self.visual).tobytes()).hexdigest()
+        return self.names, hashlib.sha256(np.ascontiguousarray(self.embeddings).tobytes()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Runner(Protocol):
         ...
 
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
-        """Class names / phrases → (N, detector.class_dim) float32 text features for ``ClassPrompts``
+        """Class names / phrases → (N, detector.class_dim) float32 class embeddings for ``ClassPrompts``
         (open-vocabulary detectors only)."""
         ...
 

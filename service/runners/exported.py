@@ -1,19 +1,57 @@
 """What the runners of exported graphs (ONNX Runtime in-process, Triton) share: specs from the repository's
-parameters, and the decoder graph's feeds from the interface's types."""
+parameters, and the graphs' feeds from the interface's types."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from service.errors import ModelUnavailable, Unsupported
 from service.models import graphs
-from service.runners.base import DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
+from service.models.text import SentenceEncoder
+from service.runners.base import ClassPrompts, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
 
 
 def specs(served: graphs.ServedGraphs) -> tuple[DetectorSpec, SegmenterSpec]:
     return (
-        DetectorSpec(names=served.names, imgsz=served.imgsz, stride=served.stride, class_dim=0),
+        DetectorSpec(names=served.names, imgsz=served.imgsz, stride=served.stride, class_dim=served.class_dim),
         SegmenterSpec(image_size=served.image_size),
     )
+
+
+def tokenizer_for(served: graphs.ServedGraphs, text: SentenceEncoder | None) -> SentenceEncoder | None:
+    """The sentence encoder whose tokenizer feeds the text-encoder graph (None for a closed detector).
+
+    Raises ModelUnavailable when the graph was exported with another tokenizer than this front end's."""
+    if not served.class_dim:
+        return None
+    if text is None:
+        raise ModelUnavailable("the open-vocabulary detector's text encoder needs this front end's text_encoder=minilm")
+    if text.info.sha256 != served.tokenizer_sha256:
+        raise ModelUnavailable(
+            f"the text-encoder graph was exported with tokenizer weights {served.tokenizer_sha256[:12]}…, this "
+            f"front end has {text.info.sha256[:12]}…: export again with this text encoder"
+        )
+    return text
+
+
+def detector_feeds(images: np.ndarray, classes: ClassPrompts | None) -> dict[str, np.ndarray]:
+    """images (N, 3, S, S) float32, and for an open-vocabulary detector the call's class embeddings, one copy per
+    image: (N, C, D) float32 (every image of a call shares its vocabulary)."""
+    io = graphs.detector_io(classes is not None)
+    feeds = {io.inputs[0]: images}
+    if classes is not None:
+        shape = (len(images), *classes.embeddings.shape)
+        feeds[io.inputs[1]] = np.ascontiguousarray(np.broadcast_to(classes.embeddings, shape), np.float32)
+    return feeds
+
+
+def text_feeds(tokenizer: SentenceEncoder | None, texts: list[str]) -> dict[str, np.ndarray]:
+    """The text-encoder graph's inputs for ``texts``. Unsupported for a closed detector (``tokenizer`` None)."""
+    if tokenizer is None:
+        raise Unsupported("this detector has a fixed vocabulary; it takes class names, not class embeddings")
+    tokens = tokenizer.tokenize(texts)
+    names = graphs.IO[graphs.Role.TEXT_ENCODER].inputs
+    return dict(zip(names, (tokens.input_ids, tokens.attention_mask), strict=True))
 
 
 def decoder_feeds(features: ImageFeatures, prompts: PromptBatch, image_size: int) -> dict[str, np.ndarray]:

@@ -8,18 +8,19 @@ and input sizes come from the configs' ``detseg_*`` parameters, as for the Trito
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from service.config import Settings
-from service.models.graphs import IO, decoder_outputs, read_parameters
+from service.models.graphs import IO, decoder_outputs, detector_io, read_parameters
 from service.models.profiles import ModelSet
-from service.models.roles import MODEL_ROLES, Role
-from service.models.text import load_sentence_encoder
+from service.models.roles import Role
+from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import ClassPrompts, DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
-from service.runners.exported import decoder_feeds, specs
+from service.runners.exported import decoder_feeds, detector_feeds, specs, text_feeds, tokenizer_for
 from service.runners.local import Arrays, LocalRunner
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,19 @@ class OnnxRunner(LocalRunner):
 
     backend = "onnx"
 
-    def __init__(self, sessions: dict[Role, Any], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, sessions: dict[Role, Any], tokenizer: SentenceEncoder | None, *args: Any, **kwargs: Any) -> None:
+        """``tokenizer``: the sentence encoder whose token ids the text-encoder graph takes (open vocabulary)."""
         super().__init__(*args, **kwargs)
         self._sessions = sessions
+        self._tokenizer = tokenizer
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> OnnxRunner:
         import onnxruntime as ort
 
-        from service.models.triton_repo import ensure_repository, parse_config
+        from service.models.triton_repo import ensure_repository, export_cache, parse_config
 
-        key = f"{models.detector.sha256[:16]}-{models.segmenter.sha256[:16]}-{settings.detector_imgsz}"
-        repo = settings.cache_dir / "onnx" / key
+        repo = export_cache(models, settings)
         if ensure_repository(models, settings, repo):
             log.info("exported %s + %s to ONNX (once per weights)", models.detector.name, models.segmenter.name)
         options = ort.SessionOptions()
@@ -51,32 +53,48 @@ class OnnxRunner(LocalRunner):
         # encoder at 1024² on 2 cores: a batch of 4 leaves 5.9 GB with it, 0.34 GB without (2.0 s/image either
         # way); at batch 8 the arena-less run is slower (3.6 vs 2.6 s/image), hence micro-batches of 4 by default.
         options.enable_cpu_mem_arena = False
+        graphs = read_parameters(
+            {
+                role: {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
+                for role in Role
+                if (repo / role / "config.pbtxt").exists()
+            }
+        )
         sessions = {
             role: ort.InferenceSession(
                 str(repo / role / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
-            for role in MODEL_ROLES
+            for role in graphs.roles
         }
-        graphs = read_parameters(
-            {
-                role: {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
-                for role in MODEL_ROLES
-            }
-        )
         detector, segmenter = specs(graphs)
+        text = load_sentence_encoder(settings.text_encoder)
         return cls(
             sessions,
+            tokenizer_for(graphs, text),
             detector,
             segmenter,
             graphs.models,
             models.profile,
             batching=BatchPolicy.from_settings(settings),
-            text=load_sentence_encoder(settings.text_encoder),
+            text=text,
         )
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
-        io = IO[Role.DETECTOR]
-        return tuple(self._sessions[Role.DETECTOR].run(list(io.outputs), {io.inputs[0]: images}))
+        outputs = detector_io(classes is not None).outputs
+        return tuple(self._sessions[Role.DETECTOR].run(list(outputs), detector_feeds(images, classes)))
+
+    def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
+        feeds = text_feeds(self._tokenizer, list(names))
+        (embeddings,) = self._sessions[Role.TEXT_ENCODER].run(list(IO[Role.TEXT_ENCODER].outputs), feeds)
+        return embeddings
+
+    def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
+        if not self.detector.open_vocabulary:
+            return super()._embed_exemplars_sync(image, visuals)
+        io = IO[Role.VISUAL_PROMPT_ENCODER]
+        feeds = dict(zip(io.inputs, (image, visuals), strict=True))
+        (embeddings,) = self._sessions[Role.VISUAL_PROMPT_ENCODER].run(list(io.outputs), feeds)
+        return embeddings[0]
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
         io = IO[Role.SAM2_IMAGE_ENCODER]

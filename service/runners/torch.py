@@ -98,15 +98,14 @@ class TorchRunner(LocalRunner):
         )
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
-        """A closed detector's forward pass, or an open-vocabulary one's with this call's class text features:
-        given as an input (YOLOE's ``predict(tpe=...)``), never set on the shared module."""
+        """A closed detector's forward pass, or an open-vocabulary one's with this call's class embeddings given
+        as an input, never set on the shared module: YOLOE's ``predict(vpe=...)`` with (1, C, D) embeddings,
+        which its visual-prompt branch passes on unchanged (``embed_classes`` already ran the text head)."""
         with torch.inference_mode():
             if classes is None:
                 out = self._det(self._tensor(images))
             else:
-                text = self._tensor(classes.text)[None] if len(classes.text) else None
-                visual = self._tensor(classes.visual)[None] if len(classes.visual) else None
-                out = self._det.predict(self._tensor(images), tpe=text, vpe=visual)
+                out = self._det.predict(self._tensor(images), vpe=self._tensor(classes.embeddings)[None])
         raw = out[0] if isinstance(out, tuple | list) else out
         return (raw.float().cpu().numpy(),)
 
@@ -118,9 +117,13 @@ class TorchRunner(LocalRunner):
         return vpe[0].float().cpu().numpy()
 
     def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
+        """The class-text encoder's features through the detector's text head (``YOLOEDetect.get_tpe``)."""
         if self._class_text is None:
             return super()._embed_classes_sync(names)
-        return self._class_text.encode(names)
+        features = self._tensor(self._class_text.encode(names))
+        with torch.inference_mode():
+            embeddings = self._det.model[-1].get_tpe(features[None])[0]
+        return embeddings.float().cpu().numpy()
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
         with torch.inference_mode():

@@ -1,8 +1,10 @@
 """Runs the pipeline's models on a Triton Inference Server over gRPC (tritonclient aio).
 
 The repository is the one ``detseg export`` writes (``service.models.triton_repo``): roles ``detector``,
-``sam2_image_encoder`` and ``sam2_mask_decoder``; their ``detseg_*`` config parameters give this front end
-the class names and input sizes, so it needs no weights of its own.
+``sam2_image_encoder`` and ``sam2_mask_decoder`` (+ ``text_encoder`` and ``visual_prompt_encoder`` for an
+open-vocabulary detector, whose class embeddings are then a detector input: a new vocabulary needs no re-export
+and no reload); their ``detseg_*`` config parameters give this front end the class names and input sizes, so it
+needs no weights of its own (only the tokenizer of the sentence encoder, for texts).
 
 - Deadlines: what is left of the caller's deadline becomes the gRPC deadline of each Triton call. When it
   passes, the call is cancelled: Triton counts it (``nv_inference_request_failure{reason="CANCELED"}``)
@@ -30,9 +32,9 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded, Unsupported
-from service.models.graphs import IO, decoder_outputs, read_parameters
-from service.models.roles import MODEL_ROLES, ModelDescriptor, Role
-from service.models.text import load_sentence_encoder
+from service.models.graphs import IO, decoder_outputs, detector_io, read_parameters
+from service.models.roles import MODEL_ROLES, OPEN_VOCABULARY_ROLES, ModelDescriptor, Role, graph_roles
+from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import (
     ClassPrompts,
     DecoderOutput,
@@ -44,7 +46,7 @@ from service.runners.base import (
     TextEncoderSpec,
     time_left,
 )
-from service.runners.exported import decoder_feeds, specs
+from service.runners.exported import decoder_feeds, detector_feeds, specs, text_feeds, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class TritonRunner:
         self._client: Any = None
         self._detector: DetectorSpec | None = None
         self._segmenter: SegmenterSpec | None = None
+        self._roles: tuple[Role, ...] = MODEL_ROLES  # + the prompt encoders once an open detector is seen
+        self._tokenizer: SentenceEncoder | None = None
         self.models: tuple[ModelDescriptor, ...] = ()
         self.profile = ""
 
@@ -96,22 +100,31 @@ class TritonRunner:
         )
 
     async def start(self) -> None:
-        """Waits until Triton and the three models are ready (logging while it waits), then reads their metadata."""
+        """Waits until Triton and the models are ready (logging while it waits), then reads their metadata: the
+        three pipeline graphs, and the two prompt encoders when the detector is open-vocabulary."""
         self._client = self._make_client()
-        waited = 0.0
-        while not await self.ready():
-            if waited % 10 == 0:
-                log.warning("waiting for Triton at %s and models %s", self._settings.triton_url, ", ".join(MODEL_ROLES))
-            await asyncio.sleep(0.5)
-            waited += 0.5
+        await self._wait_ready()
         params = {role: await self._parameters(role) for role in MODEL_ROLES}
+        if int(params[Role.DETECTOR].get("detseg_class_dim", "0")):
+            self._roles = graph_roles(open_vocabulary=True)
+            await self._wait_ready()
+            params.update({role: await self._parameters(role) for role in OPEN_VOCABULARY_ROLES})
         graphs = read_parameters(params)
+        self._tokenizer = tokenizer_for(graphs, self._text)
         self._detector, self._segmenter = specs(graphs)
         self.models = graphs.models + ((self._text.descriptor,) if self._text is not None else ())
         self.profile = graphs.profile
         encoder, decoder = params[Role.SAM2_IMAGE_ENCODER], params[Role.SAM2_MASK_DECODER]
         if encoder.get("detseg_sha256") != decoder.get("detseg_sha256"):
             raise ModelUnavailable("Triton's SAM encoder and decoder come from different checkpoints")
+
+    async def _wait_ready(self) -> None:
+        waited = 0.0
+        while not await self.ready():
+            if waited % 10 == 0:
+                log.warning("waiting for Triton at %s and models %s", self._settings.triton_url, ", ".join(self._roles))
+            await asyncio.sleep(0.5)
+            waited += 0.5
 
     async def _parameters(self, role: str) -> dict[str, str]:
         config = (await self._client.get_model_config(role, as_json=True, client_timeout=10))["config"]
@@ -126,7 +139,7 @@ class TritonRunner:
         try:
             if not await self._client.is_server_ready(client_timeout=1.0):
                 return False
-            for role in MODEL_ROLES:
+            for role in self._roles:
                 if not await self._client.is_model_ready(role, client_timeout=1.0):
                     return False
             return True
@@ -155,10 +168,12 @@ class TritonRunner:
         return {name: result.as_numpy(name) for name in outputs}
 
     async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:
-        if classes is not None:
-            raise Unsupported("open-vocabulary detectors do not run on Triton yet")
-        io = IO[Role.DETECTOR]
-        (raw,) = (await self._infer(Role.DETECTOR, {io.inputs[0]: images}, io.outputs)).values()
+        """Every call carries its own class embeddings (open vocabulary), so Triton's dynamic batcher may put
+        requests with different vocabularies in one batch: each row is scored against its own classes."""
+        if (classes is not None) != self.detector.open_vocabulary:
+            raise ValueError("class prompts are for open-vocabulary detectors, and they need them")
+        outputs = detector_io(classes is not None).outputs
+        (raw,) = (await self._infer(Role.DETECTOR, detector_feeds(images, classes), outputs)).values()
         return DetectorOutput(raw=raw)
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
@@ -173,10 +188,17 @@ class TritonRunner:
         return DecoderOutput(low_res_masks=masks, iou_predictions=iou)
 
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
-        raise Unsupported("open-vocabulary detectors do not run on Triton yet")
+        feeds = text_feeds(self._tokenizer, list(names))
+        (embeddings,) = (await self._infer(Role.TEXT_ENCODER, feeds, IO[Role.TEXT_ENCODER].outputs)).values()
+        return embeddings
 
     async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
-        raise Unsupported("open-vocabulary detectors do not run on Triton yet")
+        if not self.detector.open_vocabulary:
+            raise Unsupported("exemplars need an open-vocabulary detector (YOLOE); this one has a fixed vocabulary")
+        io = IO[Role.VISUAL_PROMPT_ENCODER]
+        feeds = dict(zip(io.inputs, (image, visuals), strict=True))
+        (embeddings,) = (await self._infer(Role.VISUAL_PROMPT_ENCODER, feeds, io.outputs)).values()
+        return embeddings[0]
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text

@@ -20,33 +20,11 @@ from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.models import testing
 from service.models.text import ClassTextEncoder, SentenceEncoder
 from tests.conftest import DEVICE, ServerThread, ultralytics_asset, wait_serving
-from tests.helpers import encode, load_rgb, synthetic_rgb
+from tests.helpers import assert_same_instances, encode, load_rgb, synthetic_rgb
 
 pytestmark = pytest.mark.slow  # its own server with a YOLOE detector
 
 CONF, IOU, MAX_DET = 0.4, 0.7, 30
-
-
-@pytest.fixture(scope="module")
-def open_settings(settings):
-    return settings.replace(models="test-open")
-
-
-@pytest.fixture(scope="module")
-def open_runner(open_settings):
-    from service.runners.factory import load_runner
-
-    return load_runner(open_settings)
-
-
-@pytest.fixture(scope="module")
-def open_stub(open_settings, open_runner):
-    srv = ServerThread(open_settings, lambda: open_runner)
-    options = [("grpc.max_receive_message_length", 64 << 20)]
-    with grpc.insecure_channel(srv.target, options=options) as channel:
-        wait_serving(channel)
-        yield pb_grpc.SegmentationServiceStub(channel)
-    srv.stop()
 
 
 def _request(data: bytes, texts=(), classes=(), **options) -> pb.SegmentRequest:
@@ -164,13 +142,48 @@ def test_list_models_and_bad_requests(open_stub, open_runner):
     }
 
 
-def test_exporting_an_open_vocabulary_detector_is_refused_clearly(open_settings, tmp_path):
-    from service.errors import Unsupported
-    from service.models.profiles import resolve_models
-    from service.models.triton_repo import write_repository
+@pytest.fixture(scope="module")
+def onnx_open_stub(open_settings):
+    """The same models exported to ONNX (class embeddings as a detector input) and run with ONNX Runtime."""
+    from service.runners.factory import load_runner
 
-    with pytest.raises(Unsupported, match="open-vocabulary .* not supported yet: serve it with --backend torch"):
-        write_repository(resolve_models(open_settings), open_settings, tmp_path / "repo")
+    s = open_settings.replace(backend="onnx")
+    srv = ServerThread(s, lambda: load_runner(s))
+    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        wait_serving(channel)
+        yield pb_grpc.SegmentationServiceStub(channel)
+    srv.stop()
+
+
+def mixed_prompt_requests() -> list[pb.SegmentRequest]:
+    """Texts, same-image and reference-image exemplars and mixes of them, on bus.jpg and zidane.jpg."""
+    bus, zidane = (ultralytics_asset(n).read_bytes() for n in ("bus.jpg", "zidane.jpg"))
+    options = pb.SegmentOptions(score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET)
+    texts = ["red double-decker bus", "person", "shoe"]
+    return [
+        pb.SegmentRequest(image=pb.Image(encoded=bus), texts=texts, options=options),
+        pb.SegmentRequest(image=pb.Image(encoded=zidane), texts=["window"], options=options),
+        pb.SegmentRequest(image=pb.Image(encoded=bus), exemplars=[_exemplar()], options=options),
+        pb.SegmentRequest(
+            image=pb.Image(encoded=zidane), texts=["tie"], exemplars=[_exemplar(image=pb.Image(encoded=bus))],
+            options=options,
+        ),
+    ]  # fmt: skip
+
+
+def test_the_onnx_runner_answers_texts_and_exemplars_as_torch(open_stub, onnx_open_stub, figures):
+    stats: dict = {}
+    for request in mixed_prompt_requests():
+        torch_answer = open_stub.Segment(request, timeout=300)
+        onnx_answer = onnx_open_stub.Segment(request, timeout=300)
+        assert [(i.label, i.source) for i in onnx_answer.instances] == [
+            (i.label, i.source) for i in torch_answer.instances
+        ]
+        assert_same_instances(torch_answer, onnx_answer, stats)
+    assert stats["n"] >= 10 and onnx_answer.provenance.backend == "onnx"
+    figures["open vocabulary ONNX Runtime vs torch (4 requests: texts, exemplars, mixed)"] = (
+        f"{stats['n']} instances, max box |diff| {stats['box']:.3g} px, min mask IoU {stats['iou']:.4f}"
+    )
 
 
 BUS_PERSON = (221.0, 405.0, 344.0, 857.0)  # a person on bus.jpg, original pixels XYXY

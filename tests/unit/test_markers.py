@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TRITON_MODULES = ("tests/integration/test_triton.py", "tests/integration/test_triton_cli.py")
+TRITON_MODULES = (
+    "tests/integration/test_triton.py",
+    "tests/integration/test_triton_cli.py",
+    "tests/integration/test_triton_open_vocabulary.py",
+)
 
 
 def _collect(*args: str) -> set[str]:
