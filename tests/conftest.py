@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
@@ -153,6 +154,27 @@ def open_stub(open_settings: Settings, open_runner: Runner) -> Iterator[pb_grpc.
         wait_serving(channel)
         yield pb_grpc.SegmentationServiceStub(channel)
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def world(open_settings: Settings) -> Iterator[tuple[Path, dict[str, pb_grpc.SegmentationServiceStub]]]:
+    """Servers (torch, and ONNX Runtime on its export) with a seeded YOLO-World v2 (n): texts only."""
+    from service.models import testing
+    from service.runners.factory import load_runner
+
+    path = testing.make_test_open_detector(open_settings.cache_dir / "test-models", architecture="yolov8n-worldv2.yaml")
+    stubs: dict[str, pb_grpc.SegmentationServiceStub] = {}
+    with contextlib.ExitStack() as stack:
+        for backend in ("torch", "onnx"):
+            s = open_settings.replace(detector=str(path), backend=backend)
+            srv = ServerThread(s, lambda s=s: load_runner(s))
+            stack.callback(srv.stop)
+            channel = stack.enter_context(
+                grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+            )
+            wait_serving(channel)
+            stubs[backend] = pb_grpc.SegmentationServiceStub(channel)
+        yield path, stubs
 
 
 @pytest.fixture(scope="session")

@@ -168,7 +168,7 @@ def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
     kinds = [pb.PROMPT_KIND_CLASSES, pb.PROMPT_KIND_REGIONS]
     if pipeline.matcher is not None or pipeline.class_embeddings is not None:
         kinds.append(pb.PROMPT_KIND_TEXTS)
-    if pipeline.runner.detector.open_vocabulary:
+    if pipeline.runner.detector.visual_prompts:
         kinds.append(pb.PROMPT_KIND_EXEMPLARS)
     return kinds
 

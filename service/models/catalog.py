@@ -1,7 +1,8 @@
 """Catalog of official checkpoints and the model profiles built from them.
 
 sha256 values are those recorded by several independent projects for the files at these URLs
-(Meta publishes none for SAM 2.1); a download that does not match is refused.
+(Meta publishes none for SAM 2.1; for the ultralytics v8.4.0 assets, projects that checked them against the
+GitHub release API's digests); a download that does not match is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from service.models.roles import ModelRole
 class CatalogEntry:
     """One official weights file.
 
-    ``architecture`` is the ultralytics model yaml (detectors) or the sam2 package config (segmenters).
+    ``architecture`` is the ultralytics model yaml (detectors), the sam2 package config (segmenters), or the
+    name an open-vocabulary checkpoint records for its text encoder (``YOLOEModel.text_model``, text encoders).
+    ``text_encoder``: for an open-vocabulary detector, the catalog entry of the text encoder it needs.
     """
 
     name: str
@@ -25,6 +28,7 @@ class CatalogEntry:
     size_bytes: int
     architecture: str
     version: str
+    text_encoder: str = ""
 
     @property
     def filename(self) -> str:
@@ -32,6 +36,7 @@ class CatalogEntry:
 
 
 _YOLO = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
+_ASSETS = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
 _SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -90,6 +95,87 @@ CATALOG: dict[str, CatalogEntry] = {
             898083611,
             "configs/sam2.1/sam2.1_hiera_l.yaml",
             "2.1 (092824)",
+        ),
+        # Open-vocabulary detectors (their segmentation variants: detseg uses their boxes and classes; SAM 2
+        # makes the masks) and the text encoders their class embeddings come from.
+        CatalogEntry(
+            "yoloe-11s-seg",
+            ModelRole.DETECTOR,
+            _ASSETS + "yoloe-11s-seg.pt",
+            "8e439445c87338b79d9ce21dec109f4621e26df67e94d26ea1a98c1e64dce3e3",
+            27803986,
+            "yoloe-11s-seg.yaml",
+            "v8.4.0",
+            text_encoder="mobileclip_blt",
+        ),
+        CatalogEntry(
+            "yoloe-11l-seg",
+            ModelRole.DETECTOR,
+            _ASSETS + "yoloe-11l-seg.pt",
+            "a993fb0fc7c8830939ae14e6434a925dd1179428158c2761482eb8a8d8a3699f",
+            70982416,
+            "yoloe-11l-seg.yaml",
+            "v8.4.0",
+            text_encoder="mobileclip_blt",
+        ),
+        CatalogEntry(
+            "yoloe-26n-seg",
+            ModelRole.DETECTOR,
+            _ASSETS + "yoloe-26n-seg.pt",
+            "1741c1f8da3cea47e2c01829c334a50dc0b9bbd05e685b90a3ce84fae32c8c1b",
+            11710443,
+            "yoloe-26n-seg.yaml",
+            "v8.4.0",
+            text_encoder="mobileclip2_b",
+        ),
+        CatalogEntry(
+            "yoloe-26s-seg",
+            ModelRole.DETECTOR,
+            _ASSETS + "yoloe-26s-seg.pt",
+            "48f24206bc8680d60cbbfa296b0140da849669b9515058b72f5a945142df0654",
+            31072171,
+            "yoloe-26s-seg.yaml",
+            "v8.4.0",
+            text_encoder="mobileclip2_b",
+        ),
+        CatalogEntry(
+            "yolov8s-worldv2",
+            ModelRole.DETECTOR,
+            _ASSETS + "yolov8s-worldv2.pt",
+            "9b2c17ab6124a913e9b3a5c170617920d91b0f01111a8479da69f00e2cf27792",
+            25923032,
+            "yolov8s-worldv2.yaml",
+            "v8.4.0",
+            text_encoder="clip_vit_b32",
+        ),
+        CatalogEntry(
+            "mobileclip_blt",
+            ModelRole.TEXT_ENCODER,
+            _ASSETS + "mobileclip_blt.ts",
+            "a67804d1b0f07b8b9a20c1761ec0847f34660f5fa338ec70e8f3fce68ed95e54",
+            599764649,
+            "mobileclip:blt",
+            "v8.4.0",
+        ),
+        CatalogEntry(
+            "mobileclip2_b",
+            ModelRole.TEXT_ENCODER,
+            _ASSETS + "mobileclip2_b.ts",
+            "35d7f213e4d75f38514e4656ad3cb91158bd33e3805d8ac349f23b186f66982f",
+            253794476,
+            "mobileclip2:b",
+            "v8.4.0",
+        ),
+        CatalogEntry(
+            "clip_vit_b32",
+            ModelRole.TEXT_ENCODER,
+            # OpenAI's URL carries the file's sha256.
+            "https://openaipublic.azureedge.net/clip/models/"
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+            353976522,
+            "clip:ViT-B/32",
+            "openai",
         ),
     )
 }

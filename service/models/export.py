@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.models import sam_ops
+from service.models import open_vocabulary, sam_ops
 from service.models.graphs import IO, OPEN_DETECTOR_IO
+from service.models.loading import head_output
 from service.models.roles import Role
 
 OPSET = 17
@@ -42,40 +43,18 @@ class _DetectorHead(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(images)
-        return out[0] if isinstance(out, tuple | list) else out
-
-
-def _head_features(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
-    """The feature maps an ultralytics model's last layer (its head) takes, as ``BaseModel.predict`` routes them."""
-    y: list[Any] = []
-    x: Any = images
-    for m in model.model[:-1]:
-        if m.f != -1:
-            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-        x = m(x)
-        y.append(x if m.i in model.save else None)
-    head = model.model[-1]
-    return [x if j == -1 else y[j] for j in head.f]
+        return head_output(self.model(images))
 
 
 class _OpenDetectorHead(torch.nn.Module):
-    """YOLOE with its class embeddings as an input: ``YOLOEDetect``'s one-to-many branch, computed with the class
-    count read from the input's shape (ultralytics stores it as a Python int, which tracing would freeze)."""
+    """An open-vocabulary detector with its class embeddings as an input (``open_vocabulary.detect``)."""
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        head: Any = self.model.model[-1]
-        feats = _head_features(self.model, images)
-        bs = images.shape[0]
-        boxes = torch.cat([head.cv2[i](feats[i]).view(bs, 4 * head.reg_max, -1) for i in range(head.nl)], dim=-1)
-        scores = torch.cat(
-            [head.cv4[i](head.cv3[i](feats[i]), class_embeddings).flatten(2) for i in range(head.nl)], dim=-1
-        )
-        return head._inference({"boxes": boxes, "scores": scores, "feats": feats})
+        return open_vocabulary.detect(self.model, images, class_embeddings)
 
 
 class _VisualPromptEncoder(torch.nn.Module):
@@ -84,27 +63,26 @@ class _VisualPromptEncoder(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor, visuals: torch.Tensor) -> torch.Tensor:
-        head: Any = self.model.model[-1]
-        return head.savpe(_head_features(self.model, images), visuals)
+        return open_vocabulary.visual_prompt_embeddings(self.model, images, visuals)
 
 
 class _TextEncoder(torch.nn.Module):
-    """MiniLM (mean pooling, L2 norm) → the fixed projection → the detector's text head (``get_tpe``)."""
+    """MiniLM (mean pooling, L2 norm) → the fixed projection → the detector's text head."""
 
     projection: torch.Tensor
 
-    def __init__(self, transformer: Any, projection: np.ndarray, head: Any) -> None:
+    def __init__(self, transformer: Any, projection: np.ndarray, model: Any) -> None:
         super().__init__()
         self.transformer = transformer
         self.register_buffer("projection", torch.from_numpy(projection))
-        self.head = head
+        self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         tokens = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         features = torch.nn.functional.normalize(pooled, dim=-1) @ self.projection
-        return self.head.get_tpe(features[None])[0]
+        return open_vocabulary.class_embeddings_from_text(self.model, features[None])[0]
 
 
 class _Encoder(torch.nn.Module):
@@ -170,40 +148,44 @@ def export_detector(model: torch.nn.Module, imgsz: int, path: Path) -> ExportRep
     return ExportReport(Role.DETECTOR, path, diff, names, outs)
 
 
-def export_open_detector(model: Any, imgsz: int, path: Path) -> ExportReport:
+def export_open_detector(model: Any, imgsz: int, class_dim: int, path: Path) -> ExportReport:
     """An open-vocabulary detector with a dynamic class count; checked at other batch sizes and class counts
-    than the one traced with, against ``YOLOEModel.predict`` itself (not only against the wrapper)."""
+    than the one traced with, against ultralytics' own ``predict`` (not only against the traced function)."""
     head = _OpenDetectorHead(model)
     io = OPEN_DETECTOR_IO
-    dim = int(model.model[-1].embed)
     dynamic = {
         "images": {0: "batch"},
         "class_embeddings": {0: "batch", 1: "classes"},
         "output0": {0: "batch", 1: "boxes_and_classes"},
     }
-    _export(head, (torch.zeros(1, 3, imgsz, imgsz), torch.zeros(1, 3, dim)), path, io.inputs, io.outputs, dynamic)
+    example = (torch.zeros(1, 3, imgsz, imgsz), torch.zeros(1, 3, class_dim))
+    _export(head, example, path, io.inputs, io.outputs, dynamic)
     rng = np.random.default_rng(0)
     diff = 0.0
     for b, c in ((2, 1), (1, 7)):
         feeds = {
             "images": rng.random((b, 3, imgsz, imgsz), dtype=np.float32),
-            "class_embeddings": rng.standard_normal((b, c, dim), dtype=np.float32),
+            "class_embeddings": rng.standard_normal((b, c, class_dim), dtype=np.float32),
         }
-        diff = max(diff, _max_diff(path, _YoloePredict(model), feeds))
+        diff = max(diff, _max_diff(path, _UltralyticsPredict(model), feeds))
     return ExportReport(Role.DETECTOR, path, diff, io.inputs, io.outputs)
 
 
-class _YoloePredict(torch.nn.Module):
-    """The reference for the open detector graph: ultralytics' own ``YOLOEModel.predict`` with ``vpe`` as the
-    final class embeddings (3-D embeddings pass its visual branch unchanged)."""
+class _UltralyticsPredict(torch.nn.Module):
+    """The reference for the open detector graph: ultralytics' own ``predict`` with the class embeddings given
+    (YOLOE: as ``vpe``, which its visual branch passes on unchanged when 3-D; YOLO-World: as ``txt_feats``, with
+    the head's ``nc`` set as its ``set_classes`` would). Mutates the module: for export-time checks only."""
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        out = self.model.predict(images, vpe=class_embeddings)
-        return out[0] if isinstance(out, tuple | list) else out
+        classes = class_embeddings.shape[1]
+        if type(self.model).__name__ in open_vocabulary.WORLD_KINDS:
+            self.model.model[-1].nc = classes
+            return head_output(self.model.predict(images, txt_feats=class_embeddings))
+        return head_output(self.model.predict(images, vpe=class_embeddings))[:, : 4 + classes]
 
 
 def export_visual_prompt_encoder(model: Any, imgsz: int, path: Path) -> ExportReport:
@@ -230,9 +212,9 @@ def export_visual_prompt_encoder(model: Any, imgsz: int, path: Path) -> ExportRe
 
 
 def export_text_encoder(transformer: Any, projection: np.ndarray, model: Any, path: Path) -> ExportReport:
-    """Token ids (N, L) + mask (N, L), both dynamic → (N, D) class embeddings, as ``YOLOEDetect.get_tpe`` gives
-    them for the projected sentence embeddings."""
-    encoder = _TextEncoder(transformer, projection, model.model[-1])
+    """Token ids (N, L) + mask (N, L), both dynamic → (N, D) class embeddings, as the detector's text head gives
+    them for the projected sentence embeddings (``open_vocabulary.class_embeddings_from_text``)."""
+    encoder = _TextEncoder(transformer, projection, model)
     io = IO[Role.TEXT_ENCODER]
     dynamic = {
         "input_ids": {0: "texts", 1: "tokens"},

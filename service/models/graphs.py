@@ -103,11 +103,12 @@ class ServedGraphs:
     models: tuple[ModelDescriptor, ...]
     profile: str
     class_dim: int = 0
+    visual_prompts: bool = False  # example regions become classes (the visual_prompt_encoder graph exists)
     tokenizer_sha256: str = ""
 
     @property
     def roles(self) -> tuple[Role, ...]:
-        return graph_roles(self.class_dim > 0)
+        return graph_roles(self.class_dim > 0, self.visual_prompts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,7 @@ class OpenVocabulary:
     text_model: str
     tokenizer: WeightsIdentity
     max_tokens: int
+    visual_prompts: bool  # YOLOE: a visual_prompt_encoder graph too
 
 
 def write_parameters(
@@ -149,6 +151,7 @@ def write_parameters(
             "detseg_input_size": str(imgsz),
             "detseg_stride": str(stride),
             "detseg_class_dim": str(open_vocabulary.class_dim if open_vocabulary else 0),
+            "detseg_visual_prompts": str(int(open_vocabulary is not None and open_vocabulary.visual_prompts)),
         },
         Role.SAM2_IMAGE_ENCODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
         Role.SAM2_MASK_DECODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
@@ -162,7 +165,8 @@ def write_parameters(
             "detseg_tokenizer": tokenizer.name,
             "detseg_tokenizer_sha256": tokenizer.sha256,
         }
-        params[Role.VISUAL_PROMPT_ENCODER] = {**ident(detector), "detseg_input_size": str(imgsz)}
+        if open_vocabulary.visual_prompts:
+            params[Role.VISUAL_PROMPT_ENCODER] = {**ident(detector), "detseg_input_size": str(imgsz)}
     return params
 
 
@@ -197,5 +201,6 @@ def read_parameters(params: Mapping[Role, Mapping[str, str]]) -> ServedGraphs:
         models=(describe(ModelRole.DETECTOR, detector, names), describe(ModelRole.SEGMENTER, encoder, ())),
         profile=detector.get("detseg_profile", "custom"),
         class_dim=class_dim,
+        visual_prompts=detector.get("detseg_visual_prompts", "0") == "1",
         tokenizer_sha256=tokenizer,
     )

@@ -19,6 +19,7 @@ import torch
 import torch.serialization
 
 from service.errors import ModelUnavailable, UnsafeCheckpoint
+from service.models import open_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,20 @@ def safe_load_ultralytics(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def head_output(out: Any) -> torch.Tensor:
+    """The decoded (B, 4 + classes [+ extra], A) tensor of an ultralytics detector's forward: Detect heads return
+    ``(y, raw)``, segmentation heads ``((y, proto), raw)``."""
+    while isinstance(out, tuple | list):
+        out = out[0]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedDetector:
-    module: torch.nn.Module  # ultralytics DetectionModel or YOLOEModel, eval, float32, Conv+BN fused
+    module: torch.nn.Module  # ultralytics DetectionModel, YOLOE(Seg)Model or WorldModel; eval, float32, Conv+BN fused
     train_imgsz: int | None  # the square size it was trained at, if the checkpoint says
-    text_model: str | None  # open-vocabulary (YOLOE): the text encoder its class embeddings come from; else None
+    text_model: str | None  # open-vocabulary: the text encoder its class embeddings come from; else None
+    visual_prompts: bool  # YOLOE: example regions can become classes (SAVPE)
 
     def input_size(self, override: int = 0) -> int:
         """The square letterbox side to run at: ``override`` if set, else the training size, else 640."""
@@ -87,14 +97,17 @@ def load_detector_module(path: Path) -> LoadedDetector:
     ckpt = safe_load_ultralytics(path)
     model = (ckpt.get("ema") or ckpt["model"]).float()
     kind = type(model).__name__
-    if kind not in ("DetectionModel", "YOLOEModel"):
-        raise ModelUnavailable(f"{path.name}: a {kind}, expected a YOLO DetectionModel or a YOLOE detection model")
-    if kind == "YOLOEModel" and getattr(model.model[-1], "is_fused", False):
+    if kind not in ("DetectionModel", *open_vocabulary.OPEN_VOCABULARY_KINDS):
+        raise ModelUnavailable(f"{path.name}: a {kind}, expected a YOLO DetectionModel, YOLOE or YOLO-World model")
+    is_open = open_vocabulary.is_open_vocabulary(model)
+    if is_open and getattr(model.model[-1], "is_fused", False):
         raise ModelUnavailable(f"{path.name}: its class embeddings are fused into the head (a fixed vocabulary)")
-    text_model = str(model.text_model) if kind == "YOLOEModel" else None
+    text_model = open_vocabulary.text_model_name(model) if is_open else None
+    visual_prompts = open_vocabulary.takes_visual_prompts(model)
     model = model.fuse(verbose=False) if hasattr(model, "fuse") else model
     imgsz = (ckpt.get("train_args") or {}).get("imgsz")
-    return LoadedDetector(model.eval().requires_grad_(False), imgsz if isinstance(imgsz, int) else None, text_model)
+    train_imgsz = imgsz if isinstance(imgsz, int) else None
+    return LoadedDetector(model.eval().requires_grad_(False), train_imgsz, text_model, visual_prompts)
 
 
 def load_segmenter_module(config: str, path: Path, overrides: tuple[str, ...] = (), device: str = "cpu") -> Any:

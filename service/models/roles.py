@@ -27,14 +27,16 @@ class Role(enum.StrEnum):
     VISUAL_PROMPT_ENCODER = "visual_prompt_encoder"
 
 
-# The graphs every served pipeline has; an open-vocabulary detector adds OPEN_VOCABULARY_ROLES.
+# The graphs every served pipeline has; an open-vocabulary detector adds its prompt encoders (graph_roles).
 MODEL_ROLES: tuple[Role, ...] = (Role.DETECTOR, Role.SAM2_IMAGE_ENCODER, Role.SAM2_MASK_DECODER)
-OPEN_VOCABULARY_ROLES: tuple[Role, ...] = (Role.TEXT_ENCODER, Role.VISUAL_PROMPT_ENCODER)
 
 
-def graph_roles(open_vocabulary: bool) -> tuple[Role, ...]:
-    """The graphs a pipeline with a closed or an open-vocabulary detector is exported to and served from."""
-    return MODEL_ROLES + OPEN_VOCABULARY_ROLES if open_vocabulary else MODEL_ROLES
+def graph_roles(open_vocabulary: bool, visual_prompts: bool = False) -> tuple[Role, ...]:
+    """The graphs a pipeline is exported to and served from: MODEL_ROLES, + the text encoder for an
+    open-vocabulary detector, + the visual-prompt encoder for one that takes example regions (YOLOE)."""
+    if not open_vocabulary:
+        return MODEL_ROLES
+    return MODEL_ROLES + (Role.TEXT_ENCODER,) + ((Role.VISUAL_PROMPT_ENCODER,) if visual_prompts else ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,19 +38,22 @@ def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     return detector, segmenter
 
 
-def make_test_open_detector(directory: Path, seed: int = 0) -> Path:
+def make_test_open_detector(directory: Path, seed: int = 0, architecture: str = TEST_OPEN_DETECTOR_ARCH) -> Path:
     """Writes (once) the seeded open-vocabulary test detector: an ultralytics checkpoint of ``yoloe-11n.yaml``
-    whose text encoder is ``minilm-512:seed<seed>`` (all-MiniLM-L6-v2 + a fixed projection to 512)."""
-    path = directory / f"seed-{seed}" / "test-yoloe-11n.pt"
+    (or another YOLOE ``architecture``, a ``-seg`` one builds the segmentation variant; or YOLO-World v2, e.g.
+    ``yolov8n-worldv2.yaml``) whose text encoder is ``minilm-512:seed<seed>`` (all-MiniLM-L6-v2 + a fixed
+    projection to 512)."""
+    path = directory / f"seed-{seed}" / f"test-{architecture.removesuffix('.yaml')}.pt"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ultralytics.nn.tasks import YOLOEModel
+    from ultralytics.nn.tasks import WorldModel, YOLOEModel, YOLOESegModel
 
     from service.models.text import PROJECTED_MINILM, ClassTextEncoder, SentenceEncoder
 
     torch.manual_seed(seed)
-    model = YOLOEModel(TEST_OPEN_DETECTOR_ARCH, nc=len(TEST_VOCABULARY), verbose=False)
+    kind = WorldModel if "world" in architecture else YOLOESegModel if "-seg" in architecture else YOLOEModel
+    model = kind(architecture, nc=len(TEST_VOCABULARY), verbose=False)
     model.text_model = f"{PROJECTED_MINILM}{seed}"
     texts = ClassTextEncoder.for_detector(model.text_model, SentenceEncoder.load()).encode(TEST_VOCABULARY)
     _calibrate_open(model, torch.from_numpy(texts)[None])
@@ -72,7 +75,9 @@ def _write_detector(path: Path, seed: int) -> None:
 def _save_detector(model: torch.nn.Module, path: Path, seed: int) -> None:
     """Writes ``model`` (fp16) as an ultralytics checkpoint, atomically."""
     import ultralytics
+    from ultralytics.nn.tasks import SegmentationModel
 
+    task = "segment" if isinstance(model, SegmentationModel) else "detect"
     ckpt = {  # the layout ultralytics' Model.save writes
         "ema": None,
         "model": model.half(),
@@ -80,7 +85,7 @@ def _save_detector(model: torch.nn.Module, path: Path, seed: int) -> None:
         "version": ultralytics.__version__,
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",
         "docs": "https://docs.ultralytics.com",
-        "train_args": {"task": "detect", "imgsz": 640, "seed": seed},
+        "train_args": {"task": task, "imgsz": 640, "seed": seed},
     }
     tmp = path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
@@ -113,6 +118,8 @@ def _calibrate_open(model: Any, texts: torch.Tensor) -> None:
     """As ``_calibrate`` for YOLOE: BatchNorm statistics from the sample photos, then the contrastive heads'
     bias (−10 when initialised, which leaves every score near 4.5e-5 on random weights) set so that about 0.5 %
     of anchor-class scores clear 0.25. Still random weights. ``texts``: (1, N, 512) class-text features."""
+    from service.models import open_vocabulary
+
     batch = _calibration_batch()
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -120,13 +127,14 @@ def _calibrate_open(model: Any, texts: torch.Tensor) -> None:
             module.momentum = None
     model.train()
     with torch.no_grad():
-        model.predict(batch, tpe=texts)
+        open_vocabulary.detect(model, batch, open_vocabulary.class_embeddings_from_text(model, texts))
     model.eval()
     head: Any = model.model[-1]
     with torch.no_grad():
         for contrastive in head.cv4:
             contrastive.bias.fill_(0.0)
-        scores = model.predict(batch, tpe=texts)[0][:, 4:]
+        classes = open_vocabulary.class_embeddings_from_text(model, texts)
+        scores = open_vocabulary.detect(model, batch, classes)[:, 4:]
         logits = torch.logit(scores.clamp(1e-6, 1 - 1e-6))
         shift = -float(torch.quantile(logits.flatten().float(), 0.995)) - 1.1  # logit(0.25) = -1.1
         for contrastive in head.cv4:

@@ -150,7 +150,9 @@ def write_repository(models: ModelSet, settings: Settings, out: Path) -> list[An
 
         info = class_text.sentence.info
         tokenizer = WeightsIdentity(info.name, info.architecture, info.version, info.sha256)
-        open_vocabulary = OpenVocabulary(class_text.dim, class_text.name, tokenizer, MAX_TOKENS)
+        open_vocabulary = OpenVocabulary(
+            class_text.dim, class_text.name, tokenizer, MAX_TOKENS, detector.visual_prompts
+        )
     params = write_parameters(
         _identity(models.detector),
         _identity(models.segmenter),
@@ -169,12 +171,13 @@ def write_repository(models: ModelSet, settings: Settings, out: Path) -> list[An
         reports = [export.export_detector(det, imgsz, graph(Role.DETECTOR))]
     else:
         reports = [
-            export.export_open_detector(det, imgsz, graph(Role.DETECTOR)),
+            export.export_open_detector(det, imgsz, class_text.dim, graph(Role.DETECTOR)),
             export.export_text_encoder(
                 class_text.sentence.transformer, class_text.projection, det, graph(Role.TEXT_ENCODER)
             ),
-            export.export_visual_prompt_encoder(det, imgsz, graph(Role.VISUAL_PROMPT_ENCODER)),
         ]
+        if detector.visual_prompts:
+            reports.append(export.export_visual_prompt_encoder(det, imgsz, graph(Role.VISUAL_PROMPT_ENCODER)))
     reports += [
         export.export_encoder(sam, graph(Role.SAM2_IMAGE_ENCODER)),
         export.export_decoder(sam, graph(Role.SAM2_MASK_DECODER)),

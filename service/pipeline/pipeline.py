@@ -185,6 +185,11 @@ class Pipeline:
                 )
             texts = await self._match_texts(query, timings) if query.texts else []
             return self.runner.detector.names, texts, None
+        if query.exemplars and not self.runner.detector.visual_prompts:
+            raise Unsupported(
+                "exemplars: this server's open-vocabulary detector takes texts only (YOLO-World); exemplars need "
+                "one that takes visual prompts (YOLOE)"
+            )
         names = request_vocabulary(query.classes, query.texts)
         if not names:
             return names, [], np.zeros((0, self.runner.detector.class_dim), np.float32)

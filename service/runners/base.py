@@ -43,6 +43,7 @@ class DetectorSpec:
     imgsz: int  # square letterbox side, pixels
     stride: int
     class_dim: int
+    visual_prompts: bool = False  # example regions can become classes (``Runner.embed_exemplars``; YOLOE)
 
     @property
     def open_vocabulary(self) -> bool:

@@ -13,7 +13,13 @@ from service.runners.base import ClassPrompts, DetectorSpec, ImageFeatures, Prom
 
 def specs(served: graphs.ServedGraphs) -> tuple[DetectorSpec, SegmenterSpec]:
     return (
-        DetectorSpec(names=served.names, imgsz=served.imgsz, stride=served.stride, class_dim=served.class_dim),
+        DetectorSpec(
+            names=served.names,
+            imgsz=served.imgsz,
+            stride=served.stride,
+            class_dim=served.class_dim,
+            visual_prompts=served.visual_prompts,
+        ),
         SegmenterSpec(image_size=served.image_size),
     )
 

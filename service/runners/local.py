@@ -108,7 +108,7 @@ class LocalRunner:
         return await self._run("embed_exemplars", lambda: self._embed_exemplars_sync(image, visuals))
 
     def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
-        raise Unsupported("exemplars need an open-vocabulary detector (YOLOE); this one has a fixed vocabulary")
+        raise Unsupported("exemplars need a detector that takes visual prompts (YOLOE)")
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
         _check_deadline()

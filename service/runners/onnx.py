@@ -89,7 +89,7 @@ class OnnxRunner(LocalRunner):
         return embeddings
 
     def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
-        if not self.detector.open_vocabulary:
+        if not self.detector.visual_prompts:
             return super()._embed_exemplars_sync(image, visuals)
         io = IO[Role.VISUAL_PROMPT_ENCODER]
         feeds = dict(zip(io.inputs, (image, visuals), strict=True))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from service.config import Settings
-from service.models import sam_ops
-from service.models.loading import load_detector_module, load_segmenter_module
+from service.models import open_vocabulary, sam_ops
+from service.models.loading import head_output, load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
 from service.models.text import ClassTextEncoder, load_sentence_encoder
 from service.runners.base import (
@@ -77,7 +77,11 @@ class TorchRunner(LocalRunner):
         if loaded.text_model is not None:  # open vocabulary: class prompts are text features, per request
             class_text = ClassTextEncoder.for_detector(loaded.text_model, text)
         detector = DetectorSpec(
-            names=names, imgsz=imgsz, stride=int(det.stride.max()), class_dim=class_text.dim if class_text else 0
+            names=names,
+            imgsz=imgsz,
+            stride=int(det.stride.max()),
+            class_dim=class_text.dim if class_text else 0,
+            visual_prompts=loaded.visual_prompts,
         )
         segmenter = SegmenterSpec(image_size=int(sam.image_size))
         descriptors = (
@@ -99,30 +103,28 @@ class TorchRunner(LocalRunner):
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
         """A closed detector's forward pass, or an open-vocabulary one's with this call's class embeddings given
-        as an input, never set on the shared module: YOLOE's ``predict(vpe=...)`` with (1, C, D) embeddings,
-        which its visual-prompt branch passes on unchanged (``embed_classes`` already ran the text head)."""
+        as an input, never set on the shared module (``service.models.open_vocabulary``)."""
         with torch.inference_mode():
             if classes is None:
-                out = self._det(self._tensor(images))
+                raw = head_output(self._det(self._tensor(images)))
             else:
-                out = self._det.predict(self._tensor(images), vpe=self._tensor(classes.embeddings)[None])
-        raw = out[0] if isinstance(out, tuple | list) else out
+                raw = open_vocabulary.detect(self._det, self._tensor(images), self._tensor(classes.embeddings)[None])
         return (raw.float().cpu().numpy(),)
 
     def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
-        if self._class_text is None:
+        if not self.detector.visual_prompts:
             return super()._embed_exemplars_sync(image, visuals)
         with torch.inference_mode():
-            vpe = self._det.predict(self._tensor(image), vpe=self._tensor(visuals), return_vpe=True)
+            vpe = open_vocabulary.visual_prompt_embeddings(self._det, self._tensor(image), self._tensor(visuals))
         return vpe[0].float().cpu().numpy()
 
     def _embed_classes_sync(self, names: Sequence[str]) -> np.ndarray:
-        """The class-text encoder's features through the detector's text head (``YOLOEDetect.get_tpe``)."""
+        """The class-text encoder's features through the detector's text head (YOLOE's ``get_tpe``)."""
         if self._class_text is None:
             return super()._embed_classes_sync(names)
         features = self._tensor(self._class_text.encode(names))
         with torch.inference_mode():
-            embeddings = self._det.model[-1].get_tpe(features[None])[0]
+            embeddings = open_vocabulary.class_embeddings_from_text(self._det, features[None])[0]
         return embeddings.float().cpu().numpy()
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:

@@ -33,7 +33,7 @@ import numpy as np
 from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded, Unsupported
 from service.models.graphs import IO, decoder_outputs, detector_io, read_parameters
-from service.models.roles import MODEL_ROLES, OPEN_VOCABULARY_ROLES, ModelDescriptor, Role, graph_roles
+from service.models.roles import MODEL_ROLES, ModelDescriptor, Role, graph_roles
 from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import (
     ClassPrompts,
@@ -105,10 +105,11 @@ class TritonRunner:
         self._client = self._make_client()
         await self._wait_ready()
         params = {role: await self._parameters(role) for role in MODEL_ROLES}
-        if int(params[Role.DETECTOR].get("detseg_class_dim", "0")):
-            self._roles = graph_roles(open_vocabulary=True)
+        detector = params[Role.DETECTOR]
+        if int(detector.get("detseg_class_dim", "0")):
+            self._roles = graph_roles(True, detector.get("detseg_visual_prompts") == "1")
             await self._wait_ready()
-            params.update({role: await self._parameters(role) for role in OPEN_VOCABULARY_ROLES})
+            params.update({role: await self._parameters(role) for role in self._roles if role not in params})
         graphs = read_parameters(params)
         self._tokenizer = tokenizer_for(graphs, self._text)
         self._detector, self._segmenter = specs(graphs)
@@ -193,8 +194,8 @@ class TritonRunner:
         return embeddings
 
     async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
-        if not self.detector.open_vocabulary:
-            raise Unsupported("exemplars need an open-vocabulary detector (YOLOE); this one has a fixed vocabulary")
+        if not self.detector.visual_prompts:
+            raise Unsupported("exemplars need a detector that takes visual prompts (YOLOE)")
         io = IO[Role.VISUAL_PROMPT_ENCODER]
         feeds = dict(zip(io.inputs, (image, visuals), strict=True))
         (embeddings,) = (await self._infer(Role.VISUAL_PROMPT_ENCODER, feeds, io.outputs)).values()

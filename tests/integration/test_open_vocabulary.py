@@ -36,33 +36,66 @@ def _answer(response: pb.SegmentResponse) -> list[tuple]:
     return [(i.label, round(i.score, 4), round(i.box.x_min, 1), round(i.box.y_max, 1)) for i in response.instances]
 
 
-@pytest.mark.parametrize("vocabulary", [("red double-decker bus", "person", "shoe"), ("window",)])
-def test_boxes_match_ultralytics_yoloe_predict_on_the_same_weights_and_features(
-    open_stub, settings, figures, vocabulary
-):
+def _reference_text_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray):
+    """ultralytics' own YOLOE prediction after ``set_classes`` with the same weights and text features."""
     from ultralytics import YOLOE
 
-    path = testing.make_test_open_detector(settings.cache_dir / "test-models")
     features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
     reference_model = YOLOE(str(path))
     head = reference_model.model.model[-1]
     with torch.no_grad():
         embeddings = head.get_tpe(torch.from_numpy(features)[None].to(next(head.parameters()).dtype))
     reference_model.set_classes(list(vocabulary), embeddings.float())
-    rgb = load_rgb(ultralytics_asset("bus.jpg"))
-    reference = reference_model.predict(
+    return reference_model.predict(
         np.ascontiguousarray(rgb[..., ::-1]), imgsz=640, conf=CONF, iou=IOU, max_det=MAX_DET, rect=False,
         agnostic_nms=False,  # YOLOE.predict defaults to class-agnostic NMS; detseg's NMS is per class, as for YOLO
         device=DEVICE, verbose=False,
     )[0]  # fmt: skip
-    response = open_stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+
+
+def _assert_same_as_reference(response, reference, vocabulary, figures, figure: str) -> None:
     labels = [vocabulary[c] for c in reference.boxes.cls.int().tolist()]
     assert [i.label for i in response.instances] == labels
     assert all(
         i.source == pb.INSTANCE_SOURCE_TEXT and i.text_match.kind == pb.TEXT_MATCH_KIND_OPEN for i in response.instances
     )
-    figure = f"open vocabulary parity vs YOLOE.predict ({len(vocabulary)} texts): boxes, max |Δ| px"
     _assert_same_boxes_and_scores(response, reference, 3, figures, figure)
+
+
+@pytest.mark.parametrize("vocabulary", [("red double-decker bus", "person", "shoe"), ("window",)])
+def test_boxes_match_ultralytics_yoloe_predict_on_the_same_weights_and_features(
+    open_stub, settings, figures, vocabulary
+):
+    path = testing.make_test_open_detector(settings.cache_dir / "test-models")
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    reference = _reference_text_predict(path, vocabulary, rgb)
+    response = open_stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+    figure = f"open vocabulary parity vs YOLOE.predict ({len(vocabulary)} texts): boxes, max |Δ| px"
+    _assert_same_as_reference(response, reference, vocabulary, figures, figure)
+
+
+def test_a_yoloe_segmentation_checkpoint_serves_its_boxes_and_classes(open_settings, figures):
+    """The segmentation variant (official YOLOE checkpoints are ``-seg``): its head's mask coefficients are
+    dropped (SAM 2 makes the masks); boxes and scores as ultralytics' own predict on the same weights."""
+    from service.runners.factory import load_runner
+
+    path = testing.make_test_open_detector(open_settings.cache_dir / "test-models", architecture="yoloe-11n-seg.yaml")
+    s = open_settings.replace(detector=str(path))
+    srv = ServerThread(s, lambda: load_runner(s))
+    vocabulary = ("person", "bus")
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    try:
+        with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            response = stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+            (detector,) = [m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.role == 1]
+    finally:
+        srv.stop()
+    assert detector.name == path.name and detector.open_vocabulary
+    reference = _reference_text_predict(path, vocabulary, rgb)
+    figure = "open vocabulary parity vs YOLOE.predict (YOLOE-11n-seg, 2 texts): boxes, max |Δ| px"
+    _assert_same_as_reference(response, reference, vocabulary, figures, figure)
 
 
 def _assert_same_boxes_and_scores(response, reference, at_least: int, figures, figure: str) -> None:
@@ -274,3 +307,57 @@ def test_bad_exemplars_get_clear_errors_and_run_nothing(open_stub, open_runner, 
             pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[_exemplar(box=(1, 1, 9, 9))]), timeout=60
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "exemplars" in err.value.details()
+
+
+def _reference_world_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray):
+    """ultralytics' own YOLO-World prediction with the same weights and class embeddings (set as its
+    ``set_classes`` sets them; that method itself would load CLIP)."""
+    from ultralytics import YOLOWorld
+
+    features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+    reference_model = YOLOWorld(str(path))
+    reference_model.model.txt_feats = torch.nn.functional.normalize(torch.from_numpy(features)[None], dim=-1)
+    reference_model.model.model[-1].nc = len(vocabulary)
+    reference_model.model.names = list(vocabulary)
+    return reference_model.predict(
+        np.ascontiguousarray(rgb[..., ::-1]), imgsz=640, conf=CONF, iou=IOU, max_det=MAX_DET, rect=False,
+        device=DEVICE, verbose=False,
+    )[0]  # fmt: skip
+
+
+def test_yolo_world_answers_concurrent_vocabularies_as_ultralytics_predicts_them(world, figures):
+    path, stubs = world
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    vocabularies = [("red double-decker bus", "person", "shoe"), ("bus",), ("person", "kettle")]
+
+    def ask(vocabulary):
+        return stubs["torch"].Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+
+    ask(("warm-up",))  # caches the image: the concurrent requests below differ only in their vocabularies
+    with concurrent.futures.ThreadPoolExecutor(len(vocabularies)) as pool:
+        answers = list(pool.map(ask, vocabularies))
+    for vocabulary, response in zip(vocabularies, answers, strict=True):
+        reference = _reference_world_predict(path, vocabulary, rgb)
+        figure = f"YOLO-World parity vs ultralytics predict ({len(vocabulary)} texts, concurrent): boxes, max |Δ| px"
+        _assert_same_as_reference(response, reference, vocabulary, figures, figure)
+
+
+def test_yolo_world_exported_answers_as_torch_and_refuses_exemplars(world, figures):
+    _, stubs = world
+    stats: dict = {}
+    requests = [r for r in mixed_prompt_requests() if not r.exemplars]
+    for request in requests:
+        torch_answer, onnx_answer = (stubs[b].Segment(request, timeout=300) for b in ("torch", "onnx"))
+        assert [i.label for i in onnx_answer.instances] == [i.label for i in torch_answer.instances]
+        assert_same_instances(torch_answer, onnx_answer, stats)
+    figures["YOLO-World ONNX Runtime vs torch (2 requests)"] = (
+        f"{stats['n']} instances, max box |diff| {stats['box']:.3g} px, min mask IoU {stats['iou']:.4f}"
+    )
+    for stub in stubs.values():
+        kinds = stub.ListModels(pb.ListModelsRequest(), timeout=30).prompt_kinds
+        assert pb.PROMPT_KIND_TEXTS in kinds and pb.PROMPT_KIND_EXEMPLARS not in kinds
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=encode(synthetic_rgb(64, 64))), exemplars=[
+                _exemplar(box=(1, 1, 9, 9))]), timeout=60)  # fmt: skip
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "texts only (YOLO-World)" in err.value.details()

@@ -28,13 +28,11 @@ from tests.triton_helpers import copy_repository_sources, start_detseg, start_tr
 pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
 
 
-@pytest.fixture(scope="module")
-def open_repository(settings, tmp_path_factory):
-    """The ONNX runner's export of the test-open profile (made once per weights) as a Triton repository."""
-    s = settings.replace(models="test-open")
-    models = resolve_models(s)
-    export = triton_repo.export_cache(models, s)
-    triton_repo.ensure_repository(models, s, export)
+def repository_for(settings, tmp_path_factory):
+    """The ONNX runner's export of ``settings``' models (made once per weights) as a Triton repository."""
+    models = resolve_models(settings)
+    export = triton_repo.export_cache(models, settings)
+    triton_repo.ensure_repository(models, settings, export)
     repo = tmp_path_factory.mktemp("open_repository")
     copy_repository_sources(repo)
     shutil.copytree(export, repo, dirs_exist_ok=True)
@@ -42,8 +40,13 @@ def open_repository(settings, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def open_repository(open_settings, tmp_path_factory):
+    return repository_for(open_settings, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def open_triton(open_repository, tmp_path_factory):
-    server = start_triton(open_repository, tmp_path_factory.mktemp("triton-state"), models=graph_roles(True))
+    server = start_triton(open_repository, tmp_path_factory.mktemp("triton-state"), models=graph_roles(True, True))
     yield server
     server.stop()
 
@@ -58,7 +61,8 @@ def triton_open_stub(open_triton, settings):
 
 
 def test_the_repository_takes_class_embeddings_with_a_dynamic_class_count(open_repository):
-    configs = {role: triton_repo.parse_config(open_repository / role / "config.pbtxt") for role in graph_roles(True)}
+    roles = graph_roles(True, True)
+    configs = {role: triton_repo.parse_config(open_repository / role / "config.pbtxt") for role in roles}
     (embeddings,) = [i for i in configs[Role.DETECTOR].input if i.name == "class_embeddings"]
     assert list(embeddings.dims) == [-1, 512]  # (batch,) classes, width: any vocabulary size
     assert configs[Role.DETECTOR].output[0].dims[0] == -1  # 4 + classes
@@ -86,7 +90,7 @@ def _stats(server) -> dict[str, int]:
     """Per-model (successful inferences, executions) on Triton, and the models' versions."""
     with grpcclient.InferenceServerClient(server.url) as client:
         out = {}
-        for role in graph_roles(True):
+        for role in graph_roles(True, True):
             (s,) = client.get_inference_statistics(role, as_json=True)["model_stats"]
             out[role] = (int(s["inference_stats"]["success"].get("count", 0)), s["version"])
         return out
@@ -120,3 +124,42 @@ def test_different_vocabularies_at_the_same_time_each_get_their_own_labels(
     assert {r: v for r, (_, v) in after.items()} == {r: v for r, (_, v) in before.items()}
     assert after[Role.DETECTOR][0] - before[Role.DETECTOR][0] >= len(images)
     assert after[Role.TEXT_ENCODER][0] > before[Role.TEXT_ENCODER][0]
+
+
+def test_yolo_world_on_triton_answers_concurrent_vocabularies_as_the_embedded_path(
+    world, open_settings, tmp_path_factory, figures
+):
+    """YOLO-World takes texts only: its repository has no visual-prompt encoder, and Triton serves it with four
+    models; requests with different vocabularies at once get the embedded server's answers."""
+    path, stubs = world
+    s = open_settings.replace(detector=str(path))
+    repo = repository_for(s, tmp_path_factory)
+    assert not (repo / Role.VISUAL_PROMPT_ENCODER).exists()
+    server = start_triton(repo, tmp_path_factory.mktemp("world-triton-state"), models=graph_roles(True, False))
+    try:
+        srv = start_detseg(s.replace(backend="triton", triton_url=server.url))
+        try:
+            with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+                remote = pb_grpc.SegmentationServiceStub(ch)
+                vocabularies = [("red double-decker bus", "person", "shoe"), ("bus",), ("person", "kettle")]
+                image = ultralytics_asset("bus.jpg").read_bytes()
+                options = pb.SegmentOptions(score_threshold=CONF, iou_threshold=IOU, max_instances=MAX_DET)
+
+                def request(vocabulary):
+                    return pb.SegmentRequest(image=pb.Image(encoded=image), texts=vocabulary, options=options)
+
+                with concurrent.futures.ThreadPoolExecutor(len(vocabularies)) as pool:
+                    answers = list(pool.map(lambda v: remote.Segment(request(v), timeout=300), vocabularies))
+                stats: dict = {}
+                for vocabulary, answer in zip(vocabularies, answers, strict=True):
+                    embedded = stubs["torch"].Segment(request(vocabulary), timeout=300)
+                    assert [i.label for i in answer.instances] == [i.label for i in embedded.instances]
+                    assert_same_instances(embedded, answer, stats)
+        finally:
+            srv.stop()
+    finally:
+        server.stop()
+    assert stats["n"] >= 10
+    figures["YOLO-World Triton vs embedded (3 concurrent vocabularies)"] = (
+        f"{stats['n']} instances, max box |diff| {stats['box']:.3g} px, min mask IoU {stats['iou']:.4f}"
+    )
