@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
+    s.add_argument("--concept-model", help="answer texts with SAM 3: sam3 (catalog) or a sam3.pt path (default: none)")
+    s.add_argument("--concept-imgsz", type=int, help="SAM 3 input side, a multiple of 14 (default 1008)")
     s.add_argument(
         "--backend",
         choices=("torch", "onnx", "triton"),
@@ -125,6 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
             "models",
             "detector",
             "segmenter",
+            "concept_model",
+            "concept_imgsz",
             "backend",
             "triton_url",
             "threads",

@@ -51,6 +51,11 @@ class Settings:
     # ("lorry"→truck 0.54, "automobile"→car 0.87), unrelated words at most 0.41 ("banana"→knife).
     text_match_threshold: float = 0.5
     text_cache_entries: int = 4096  # text embeddings kept (per distinct string), least recently used dropped
+    # Concept segmenter: when set, free-text prompts go to SAM 3 (boxes and masks from one model, several texts in
+    # one pass) instead of the detector. "" (none) | "sam3" (the catalog's official checkpoint) | a sam3.pt path |
+    # "test" (seeded random weights, for tests). Torch backend only; SAM 3 is 848 M parameters (3.4 GB fp32).
+    concept_model: str = ""
+    concept_imgsz: int = 1008  # SAM 3's square input side: a multiple of 14; 1008 is what it was trained at
 
     # Micro-batching of detector and encoder calls across concurrent requests (embedded backend).
     # Images per forward pass. 4 on CPU: at SAM 2's 1024² a batch of 8 is slower per image than 4 (measured with

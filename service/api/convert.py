@@ -10,7 +10,16 @@ from service.errors import InvalidInput
 from service.models.roles import ModelDescriptor, ModelRole
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
-from service.pipeline.pipeline import DETECTOR, EXEMPLAR, REGION, TEXT, EncodeResult, InstanceResult, SegmentResult
+from service.pipeline.pipeline import (
+    CONCEPT,
+    DETECTOR,
+    EXEMPLAR,
+    REGION,
+    TEXT,
+    EncodeResult,
+    InstanceResult,
+    SegmentResult,
+)
 from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 
@@ -25,12 +34,14 @@ _SOURCES = {
     REGION: pb.INSTANCE_SOURCE_REGION_PROMPT,
     TEXT: pb.INSTANCE_SOURCE_TEXT,
     EXEMPLAR: pb.INSTANCE_SOURCE_EXEMPLAR,
+    CONCEPT: pb.INSTANCE_SOURCE_CONCEPT,
 }
 _MATCH_KINDS = {EXACT: pb.TEXT_MATCH_KIND_EXACT, EMBEDDING: pb.TEXT_MATCH_KIND_EMBEDDING, OPEN: pb.TEXT_MATCH_KIND_OPEN}
 _ROLES = {
     ModelRole.DETECTOR: pb.MODEL_ROLE_DETECTOR,
     ModelRole.SEGMENTER: pb.MODEL_ROLE_SEGMENTER,
     ModelRole.TEXT_ENCODER: pb.MODEL_ROLE_TEXT_ENCODER,
+    ModelRole.CONCEPT_SEGMENTER: pb.MODEL_ROLE_CONCEPT_SEGMENTER,
 }
 
 

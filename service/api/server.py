@@ -151,11 +151,14 @@ def _names(runner: Runner) -> str:
 
 
 async def _warm_up(pipeline: Pipeline) -> None:
-    """One full request on a small synthetic image, so the first caller pays no first-call costs."""
+    """One full request on a small synthetic image, so the first caller pays no first-call costs (and one text
+    for a concept segmenter)."""
     rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    texts = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
-    query = SegmentQuery(image=ImageInput(raw=rgb.tobytes(), width=96, height=64), request_id="warm-up", texts=texts)
-    await pipeline.segment(query)
+    image = ImageInput(raw=rgb.tobytes(), width=96, height=64)
+    classes = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
+    await pipeline.segment(SegmentQuery(image=image, request_id="warm-up", classes=classes))
+    if pipeline.concept_processing is not None:
+        await pipeline.segment(SegmentQuery(image=image, request_id="warm-up", texts=("object",)))
     if pipeline.matcher is not None:
         await pipeline.matcher.prepare(pipeline.runner.detector.names)
     pipeline.runner.calls.clear()

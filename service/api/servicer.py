@@ -166,9 +166,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
 def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
     kinds = [pb.PROMPT_KIND_CLASSES, pb.PROMPT_KIND_REGIONS]
-    if pipeline.matcher is not None or pipeline.class_embeddings is not None:
+    if pipeline.matcher is not None or pipeline.class_embeddings is not None or pipeline.concept_processing:
         kinds.append(pb.PROMPT_KIND_TEXTS)
-    if pipeline.runner.detector.visual_prompts:
+    if pipeline.runner.detector.visual_prompts or pipeline.concept_processing is not None:
         kinds.append(pb.PROMPT_KIND_EXEMPLARS)
     return kinds
 

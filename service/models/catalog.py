@@ -167,6 +167,16 @@ CATALOG: dict[str, CatalogEntry] = {
             "v8.4.0",
         ),
         CatalogEntry(
+            "sam3",
+            ModelRole.CONCEPT_SEGMENTER,
+            # Gated on Hugging Face (accept Meta's licence, then download with a token): put it in the cache folder.
+            "https://huggingface.co/facebook/sam3/resolve/3c879f39826c281e95690f02c7821c4de09afae7/sam3.pt",
+            "9999e2341ceef5e136daa386eecb55cb414446a00ac2b55eb2dfd2f7c3cf8c9e",
+            3450062241,
+            "sam3",
+            "facebook/sam3 (3c879f3)",
+        ),
+        CatalogEntry(
             "clip_vit_b32",
             ModelRole.TEXT_ENCODER,
             # OpenAI's URL carries the file's sha256.

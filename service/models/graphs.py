@@ -150,13 +150,13 @@ def write_parameters(
             "detseg_names": json.dumps(list(names)),
             "detseg_input_size": str(imgsz),
             "detseg_stride": str(stride),
-            "detseg_class_dim": str(open_vocabulary.class_dim if open_vocabulary else 0),
-            "detseg_visual_prompts": str(int(open_vocabulary is not None and open_vocabulary.visual_prompts)),
         },
         Role.SAM2_IMAGE_ENCODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
         Role.SAM2_MASK_DECODER: {**ident(segmenter), "detseg_input_size": str(image_size)},
     }
-    if open_vocabulary is not None:
+    if open_vocabulary is not None:  # a closed detector's configs carry none of these (class_dim 0)
+        params[Role.DETECTOR]["detseg_class_dim"] = str(open_vocabulary.class_dim)
+        params[Role.DETECTOR]["detseg_visual_prompts"] = str(int(open_vocabulary.visual_prompts))
         tokenizer = open_vocabulary.tokenizer
         params[Role.TEXT_ENCODER] = {
             **ident(detector),

@@ -126,6 +126,11 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
 
 
+def resolve_concept_weights(settings: Settings, *, progress: bool = True) -> WeightsRef:
+    """The SAM 3 weights ``settings.concept_model`` names: the catalog's "sam3" or a checkpoint path, verified."""
+    return _explicit(settings.concept_model, ModelRole.CONCEPT_SEGMENTER, settings, progress)
+
+
 def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
     """The shapes-trained models shipped in ``service/models/demo`` (see their model cards)."""
     from service.models.demo import profile as demo

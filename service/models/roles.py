@@ -15,6 +15,7 @@ class ModelRole(enum.StrEnum):
     DETECTOR = "detector"
     SEGMENTER = "segmenter"
     TEXT_ENCODER = "text_encoder"
+    CONCEPT_SEGMENTER = "concept_segmenter"  # texts → boxes and masks in one model (SAM 3)
 
 
 class Role(enum.StrEnum):

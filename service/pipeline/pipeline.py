@@ -13,6 +13,7 @@ import numpy as np
 
 from service.errors import InvalidInput, NotFound, Unsupported
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_for
+from service.pipeline.concepts import ConceptProcessing
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.lru import LRU
@@ -27,13 +28,23 @@ from service.pipeline.prompts import (
     check_box_inside,
     check_query,
     plan,
+    resolve_thresholds,
 )
 from service.pipeline.refine import refine_mask
 from service.pipeline.segmentation import SegmenterProcessing, select_best
-from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, request_vocabulary
+from service.pipeline.vocabulary import (
+    OPEN,
+    EmbeddingLRU,
+    TextMatch,
+    VocabularyMatcher,
+    open_matches,
+    request_vocabulary,
+)
 from service.runners.base import ClassPrompts, DetectorOutput, ImageFeatures, Runner
 
-DETECTOR, REGION, TEXT, EXEMPLAR = "detector", "region", "text", "exemplar"  # where an instance came from
+# Where an instance came from: the detector (for a class, a text or exemplars), a region prompt, or the concept
+# segmenter (SAM 3, for a text).
+DETECTOR, REGION, TEXT, EXEMPLAR, CONCEPT = "detector", "region", "text", "exemplar", "concept"
 _MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
 
 
@@ -47,7 +58,7 @@ class InstanceResult:
     box: np.ndarray
     mask: EncodedMask
     mask_score: float
-    source: str  # DETECTOR | REGION | TEXT | EXEMPLAR
+    source: str  # DETECTOR | REGION | TEXT | EXEMPLAR | CONCEPT
     region_index: int
     text_match: TextMatch | None = None  # for TEXT: which text, and how it matched
 
@@ -114,20 +125,95 @@ class Pipeline:
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
         self.detection = DetectorProcessing(runner.detector)
+        concepts = runner.concepts
+        self.concept_processing = (
+            ConceptProcessing(concepts.image_size, concepts.mask_threshold) if concepts is not None else None
+        )
         self.segmentation = SegmenterProcessing(runner.segmenter)
 
     async def segment(self, query: SegmentQuery) -> SegmentResult:
+        """With a concept segmenter (SAM 3) the texts and exemplars go to it, the rest of the request to the
+        detector."""
+        if (query.texts or query.exemplars) and self.concept_processing is not None:
+            return await self._segment_with_concepts(query, self.concept_processing)
+        return await self._segment(query)
+
+    async def _segment_with_concepts(self, query: SegmentQuery, processing: ConceptProcessing) -> SegmentResult:
+        """SAM 3 answers the texts (one pass for all) and the exemplars (one pass per label; boxes on the request's
+        image only); classes and regions, if any, go through the detector path. Instances: detections and
+        concept answers by score (at most max_instances), then regions. SAM 3's masks are its own (no refinement)."""
+        start = time.perf_counter()
+        check_query(query, self.limits)
+        for i, e in enumerate(query.exemplars):
+            if e.image is not None:
+                raise Unsupported(
+                    f"exemplars[{i}].image: the concept segmenter (SAM 3) takes example boxes on the request's "
+                    "image only"
+                )
+        timings: dict[str, float] = {}
+        handle, entry = self._lookup(query.image)
+        if entry is not None:
+            image = entry.image
+        else:
+            t = time.perf_counter()
+            image = await asyncio.to_thread(self._decode, query.image, handle)
+            timings["decode_image"] = time.perf_counter() - t
+        for i, e in enumerate(query.exemplars):
+            check_box_inside(e.box, image.width, image.height, f"exemplars[{i}].box")
+        rest = dataclasses.replace(query, texts=(), exemplars=())
+        instances: list[InstanceResult] = []
+        if rest.classes or rest.regions:
+            result = await self._segment(rest, image)
+            instances, timings = result.instances, {**timings, **result.timings}
+        labels = list(dict.fromkeys(e.class_name for e in query.exemplars))
+        w, h = image.width, image.height
+        exemplar_boxes = [
+            _normalised_cxcywh(np.array([e.box for e in query.exemplars if e.class_name == label], np.float32), w, h)
+            for label in labels
+        ]
+        thresholds = resolve_thresholds(query.options, self.limits)
+        t = time.perf_counter()
+        batch = await asyncio.to_thread(processing.preprocess, image.rgb)
+        out = await self.runner.segment_concepts(batch, query.texts, exemplar_boxes)
+        timings["segment_concepts"] = time.perf_counter() - t
+        t = time.perf_counter()
+        found = await asyncio.to_thread(
+            processing.postprocess,
+            out.boxes, out.logits, out.presence, out.mask_logits, (h, w),
+            thresholds.score_threshold, thresholds.iou_threshold, thresholds.max_instances,
+            query.options.mask_encoding,
+        )  # fmt: skip
+        timings["encode_concept_masks"] = time.perf_counter() - t
+        answers = []
+        for box, score, k, mask in zip(found.boxes, found.scores, found.text_ids, found.masks, strict=True):
+            if k < len(query.texts):
+                label, match = query.texts[k], TextMatch(int(k), query.texts[k], -1, query.texts[k], 1.0, OPEN)
+            else:
+                label, match = labels[k - len(query.texts)], None
+            answers.append(InstanceResult(label, -1, float(score), box, mask, float(score), CONCEPT, -1, match))
+        detected = sorted([i for i in instances if i.source != REGION] + answers, key=lambda i: i.score, reverse=True)[
+            : thresholds.max_instances
+        ]
+        regions = [i for i in instances if i.source == REGION]
+        timings["total"] = time.perf_counter() - start
+        request_id = query.request_id or uuid.uuid4().hex
+        return SegmentResult(request_id, image, detected + regions, timings, entry is not None)
+
+    async def _segment(self, query: SegmentQuery, decoded: DecodedImage | None = None) -> SegmentResult:
+        """The detector and SAM 2 path. ``decoded``: the request's image when the caller decoded it already."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         check_query(query, self.limits)
         vocabulary, texts, text_embeddings = await self._vocabulary(query, timings)
         handle, entry = self._lookup(query.image)
-        if entry is None:
+        if entry is not None:
+            image = entry.image
+        elif decoded is not None:
+            image = decoded
+        else:
             t = time.perf_counter()
             image = await asyncio.to_thread(self._decode, query.image, handle)
             timings["decode_image"] = time.perf_counter() - t
-        else:
-            image = entry.image
         open_vocabulary = self.runner.detector.open_vocabulary
         p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
@@ -410,6 +496,19 @@ class Pipeline:
             out.extend(encode_masks(masks, p.mask_encoding))
             boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(masks, chunk, strict=True))
         return out, boxes
+
+
+def _normalised_cxcywh(xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(K, 4) float32 XYXY pixels → (K, 4) float32 cxcywh as fractions of the image, in float32 throughout (as
+    ultralytics' SAM 3 predictor computes it: equal inputs give SAM 3 bit-equal prompts)."""
+    out = np.empty_like(xyxy)
+    out[:, 0] = (xyxy[:, 0] + xyxy[:, 2]) / 2
+    out[:, 1] = (xyxy[:, 1] + xyxy[:, 3]) / 2
+    out[:, 2] = xyxy[:, 2] - xyxy[:, 0]
+    out[:, 3] = xyxy[:, 3] - xyxy[:, 1]
+    out[:, 0::2] /= np.float32(width)
+    out[:, 1::2] /= np.float32(height)
+    return out
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:

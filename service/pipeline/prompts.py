@@ -260,6 +260,7 @@ def plan(
         labels = np.asarray([lab for _, _, lab in r.points], dtype=np.int32)
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
+    thresholds = resolve_thresholds(o, limits)
     for i, e in enumerate(query.exemplars):
         if e.image is None:
             check_box_inside(e.box, width, height, f"exemplars[{i}].box")
@@ -271,14 +272,31 @@ def plan(
         class_ids=class_ids,
         class_prompt=class_prompt,
         texts=list(texts),
-        score_threshold=o.score_threshold if o.score_threshold is not None else limits.default_score_threshold,
-        iou_threshold=o.iou_threshold if o.iou_threshold is not None else limits.default_iou_threshold,
-        max_instances=o.max_instances if o.max_instances is not None else limits.default_max_instances,
+        score_threshold=thresholds.score_threshold,
+        iou_threshold=thresholds.iou_threshold,
+        max_instances=thresholds.max_instances,
         mask_encoding=o.mask_encoding,
         multimask=o.multimask,
         refinement=resolve_refinement(o.refinement, limits),
         regions=prompts,
         region_labels=[r.label or "object" for r in query.regions],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """A request's detection thresholds, the server defaults filled in."""
+
+    score_threshold: float
+    iou_threshold: float
+    max_instances: int
+
+
+def resolve_thresholds(o: Options, limits: Limits) -> Thresholds:
+    return Thresholds(
+        score_threshold=o.score_threshold if o.score_threshold is not None else limits.default_score_threshold,
+        iou_threshold=o.iou_threshold if o.iou_threshold is not None else limits.default_iou_threshold,
+        max_instances=o.max_instances if o.max_instances is not None else limits.default_max_instances,
     )
 
 

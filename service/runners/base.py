@@ -74,6 +74,28 @@ class SegmenterSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConceptSpec:
+    """A concept segmenter (SAM 3): texts → boxes and masks in one model."""
+
+    image_size: int  # square input side, pixels (a multiple of 14)
+    mask_threshold: float  # mask logit above which a pixel is in
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptOutput:
+    """A concept segmenter's raw answer for T prompts (texts, then exemplar classes) on one image, Q queries each.
+
+    boxes: (T, Q, 4) float32 normalised cxcywh (fractions of the input side); logits: (T, Q) float32; presence:
+    (T,) float32 logits of each text's concept being in the image; mask_logits: (T, Q, h, w) float32.
+    """
+
+    boxes: np.ndarray
+    logits: np.ndarray
+    presence: np.ndarray
+    mask_logits: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class TextEncoderSpec:
     dim: int  # embedding width; embeddings are L2-normalised
 
@@ -143,6 +165,11 @@ class Runner(Protocol):
         ...
 
     @property
+    def concepts(self) -> ConceptSpec | None:
+        """None when no concept segmenter (SAM 3) is loaded (texts then go to the detector)."""
+        ...
+
+    @property
     def models(self) -> Sequence[ModelDescriptor]: ...
     @property
     def backend(self) -> str: ...
@@ -183,6 +210,14 @@ class Runner(Protocol):
 
         image: (1, 3, imgsz, imgsz) as ``detect`` takes it; visuals: (1, K, imgsz/8, imgsz/8) float32 masks of
         the regions in that letterboxed frame (open-vocabulary detectors only)."""
+        ...
+
+    async def segment_concepts(
+        self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray] = ()
+    ) -> ConceptOutput:
+        """images: (1, 3, S, S) float32 RGB in [-1, 1] stretched to ``concepts.image_size``; ``exemplars``: one
+        (K, 4) float32 array per exemplar class, its boxes as normalised cxcywh. The output's rows are the texts,
+        then the exemplar classes. Unsupported without a concept segmenter."""
         ...
 
     async def start(self) -> None:

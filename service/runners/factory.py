@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.config import Settings
-from service.errors import InvalidInput
+from service.errors import InvalidInput, Unsupported
 from service.runners.base import Runner
 
 BACKENDS = ("torch", "onnx", "triton")
@@ -16,6 +16,8 @@ def load_runner(settings: Settings) -> Runner:
     then exports them once to ONNX (cached) and runs them with ONNX Runtime. triton: nothing
     is loaded locally; ``start`` connects to ``settings.triton_url`` and reads the models' metadata there.
     """
+    if settings.concept_model and settings.backend != "torch":
+        raise Unsupported(f"concept_model: SAM 3 runs with the torch backend only, not {settings.backend}")
     if settings.backend == "torch":
         from service.models.profiles import resolve_models
         from service.runners.torch import TorchRunner  # torch import only when a runner is wanted

@@ -21,6 +21,8 @@ from service.models.profiles import WeightsRef
 from service.models.text import SentenceEncoder
 from service.runners.base import (
     ClassPrompts,
+    ConceptOutput,
+    ConceptSpec,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
@@ -41,6 +43,7 @@ class LocalRunner:
     """Base of the in-process runners (see ``service.runners.base.Runner`` for the interface)."""
 
     backend = "local"
+    concepts: ConceptSpec | None = None  # a runner with a concept segmenter sets it
 
     def __init__(
         self,
@@ -83,6 +86,11 @@ class LocalRunner:
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         raise NotImplementedError
 
+    def _segment_concepts_sync(
+        self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray]
+    ) -> ConceptOutput:
+        raise Unsupported("this server has no concept segmenter (serve with --concept-model sam3, torch backend)")
+
     async def start(self) -> None:
         """Nothing to connect: the models are loaded by the constructor's caller."""
 
@@ -118,6 +126,12 @@ class LocalRunner:
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         _check_deadline()
         return await self._run("decode", lambda: self._decode_sync(features, prompts))
+
+    async def segment_concepts(
+        self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray] = ()
+    ) -> ConceptOutput:
+        _check_deadline()
+        return await self._run("segment_concepts", lambda: self._segment_concepts_sync(images, texts, exemplars))
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text

@@ -37,6 +37,8 @@ from service.models.roles import MODEL_ROLES, ModelDescriptor, Role, graph_roles
 from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import (
     ClassPrompts,
+    ConceptOutput,
+    ConceptSpec,
     DecoderOutput,
     DetectorOutput,
     DetectorSpec,
@@ -200,6 +202,13 @@ class TritonRunner:
         feeds = dict(zip(io.inputs, (image, visuals), strict=True))
         (embeddings,) = (await self._infer(Role.VISUAL_PROMPT_ENCODER, feeds, io.outputs)).values()
         return embeddings[0]
+
+    concepts: ConceptSpec | None = None  # SAM 3 runs in-process only (backend torch)
+
+    async def segment_concepts(
+        self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray] = ()
+    ) -> ConceptOutput:
+        raise Unsupported("the concept segmenter (SAM 3) runs with the torch backend only")
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text
