@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
     s.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
     s.add_argument(
-        "--models", help="model profile: auto (default: official if obtainable, else demo) | official | demo | test"
+        "--models",
+        help="model profile: auto (default: official if obtainable, else demo) | official | official-open | demo "
+        "| test",
     )
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")

@@ -193,4 +193,6 @@ CATALOG: dict[str, CatalogEntry] = {
 # Profile name -> (detector, segmenter) catalog names. "test" is built locally (service.models.testing).
 PROFILES: dict[str, tuple[str, str]] = {
     "official": ("yolo11n", "sam2.1_hiera_tiny"),
+    # Open vocabulary: YOLOE-11S (its MobileCLIP text encoder, mobileclip_blt, is fetched with it on start).
+    "official-open": ("yoloe-11s-seg", "sam2.1_hiera_tiny"),
 }

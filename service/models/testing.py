@@ -38,12 +38,16 @@ def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     return detector, segmenter
 
 
-def make_test_open_detector(directory: Path, seed: int = 0, architecture: str = TEST_OPEN_DETECTOR_ARCH) -> Path:
+def make_test_open_detector(
+    directory: Path, seed: int = 0, architecture: str = TEST_OPEN_DETECTOR_ARCH, text_model: str = ""
+) -> Path:
     """Writes (once) the seeded open-vocabulary test detector: an ultralytics checkpoint of ``yoloe-11n.yaml``
     (or another YOLOE ``architecture``, a ``-seg`` one builds the segmentation variant; or YOLO-World v2, e.g.
     ``yolov8n-worldv2.yaml``) whose text encoder is ``minilm-512:seed<seed>`` (all-MiniLM-L6-v2 + a fixed
-    projection to 512)."""
-    path = directory / f"seed-{seed}" / f"test-{architecture.removesuffix('.yaml')}.pt"
+    projection to 512), or the ``text_model`` given (e.g. "mobileclip:blt"; the contrastive bias is calibrated
+    with the MiniLM features either way)."""
+    suffix = "-" + text_model.replace(":", "-").replace("/", "-") if text_model else ""
+    path = directory / f"seed-{seed}" / f"test-{architecture.removesuffix('.yaml')}{suffix}.pt"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +61,7 @@ def make_test_open_detector(directory: Path, seed: int = 0, architecture: str = 
     model.text_model = f"{PROJECTED_MINILM}{seed}"
     texts = ClassTextEncoder.for_detector(model.text_model, SentenceEncoder.load()).encode(TEST_VOCABULARY)
     _calibrate_open(model, torch.from_numpy(texts)[None])
+    model.text_model = text_model or model.text_model
     model.names = dict(enumerate(TEST_VOCABULARY))
     _save_detector(model, path, seed)
     return path

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,9 +50,30 @@ def model_dir() -> Path:
 TEXT_ENCODERS = ("minilm", "none")
 # Text encoders of open-vocabulary detectors, by the name a checkpoint records (YOLOEModel.text_model):
 # "minilm-512:seed<N>" = all-MiniLM-L6-v2 followed by a fixed random projection 384 → 512 drawn from numpy's
-# default_rng(N) (entries N(0, 1/384)), the width YOLOE's head expects. Official YOLOE checkpoints name
-# "mobileclip:blt" (Apple's MobileCLIP), whose weights cannot be fetched here.
+# default_rng(N) (entries N(0, 1/384)), the width YOLOE's head expects. Official checkpoints name
+# "mobileclip:blt" / "mobileclip2:b" (YOLOE, Apple's MobileCLIP) or "clip:ViT-B/32" (YOLO-World, OpenAI CLIP):
+# ``service.models.clip_text``, their weights from the catalog.
 PROJECTED_MINILM = "minilm-512:seed"
+
+
+class ClassTexts(Protocol):
+    """Class names / phrases → an open-vocabulary detector's text features (N, dim) float32 (before the
+    detector's own text head)."""
+
+    name: str
+    dim: int
+
+    def encode(self, names: Sequence[str]) -> np.ndarray: ...
+
+
+def class_text_encoder(text_model: str, sentence: SentenceEncoder | None, weights: Callable[[str], Path]) -> ClassTexts:
+    """The text encoder a checkpoint's ``text_model`` names. ``weights``: text model name → its verified weights
+    file (the catalog's; may download). Raises ModelUnavailable when it cannot be had."""
+    from service.models import clip_text
+
+    if text_model in clip_text.MOBILECLIP_MODELS + clip_text.CLIP_MODELS:
+        return clip_text.CLIPTextEncoder.load(text_model, weights(text_model))
+    return ClassTextEncoder.for_detector(text_model, sentence)
 
 
 def minilm_projection(seed: int, width: int = 512) -> np.ndarray:
@@ -88,10 +109,7 @@ class ClassTextEncoder:
             if sentence is None:
                 raise ModelUnavailable(f"the detector's text encoder {text_model!r} needs text_encoder=minilm")
             return cls(text_model, sentence, minilm_projection(int(text_model[len(PROJECTED_MINILM) :])))
-        raise ModelUnavailable(
-            f"the detector's text encoder {text_model!r} is not available offline (only {PROJECTED_MINILM}<N>); "
-            "open-vocabulary checkpoints with MobileCLIP or CLIP text encoders are not supported yet"
-        )
+        raise ModelUnavailable(f"the detector's text encoder {text_model!r} is unknown")
 
     def encode(self, names: Sequence[str]) -> np.ndarray:
         return self.sentence.encode(names) @ self.projection

@@ -194,8 +194,13 @@ def write_repository(models: ModelSet, settings: Settings, out: Path) -> list[An
 
 def _class_text_encoder(text_model: str, settings: Settings) -> Any:
     """The open-vocabulary detector's class-text encoder (exported with it); ModelUnavailable if not here."""
-    from service.models.text import ClassTextEncoder, load_sentence_encoder
+    from service.models.text import PROJECTED_MINILM, ClassTextEncoder, load_sentence_encoder
 
+    if not text_model.startswith(PROJECTED_MINILM):
+        raise Unsupported(
+            f"export: the detector's text encoder {text_model!r} cannot be exported yet (only {PROJECTED_MINILM}<N>); "
+            "serve it with --backend torch"
+        )
     sentence = load_sentence_encoder(settings.text_encoder)
     if sentence is None:
         raise Unsupported(f"export: the detector's text encoder {text_model!r} needs text_encoder=minilm")

@@ -23,7 +23,7 @@ from service.models import open_vocabulary, sam_ops
 from service.models.loading import head_output, load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
 from service.models.roles import ModelDescriptor
-from service.models.text import ClassTextEncoder, load_sentence_encoder
+from service.models.text import ClassTexts, class_text_encoder, load_sentence_encoder
 from service.runners.base import (
     ClassPrompts,
     ConceptOutput,
@@ -51,7 +51,7 @@ class TorchRunner(LocalRunner):
         segmenter_module: Any,
         *args: Any,
         device: str,
-        class_text: ClassTextEncoder | None,
+        class_text: ClassTexts | None,
         concepts: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -88,7 +88,9 @@ class TorchRunner(LocalRunner):
         text = load_sentence_encoder(settings.text_encoder)
         class_text = None
         if loaded.text_model is not None:  # open vocabulary: class prompts are text features, per request
-            class_text = ClassTextEncoder.for_detector(loaded.text_model, text)
+            from service.models.profiles import text_encoder_weights
+
+            class_text = class_text_encoder(loaded.text_model, text, lambda m: text_encoder_weights(m, settings))
         detector = DetectorSpec(
             names=names,
             imgsz=imgsz,

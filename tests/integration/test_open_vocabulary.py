@@ -9,6 +9,7 @@ features, also when requests with different vocabularies run at the same time.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 
 import grpc
 import numpy as np
@@ -36,15 +37,18 @@ def _answer(response: pb.SegmentResponse) -> list[tuple]:
     return [(i.label, round(i.score, 4), round(i.box.x_min, 1), round(i.box.y_max, 1)) for i in response.instances]
 
 
-def _reference_text_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray):
-    """ultralytics' own YOLOE prediction after ``set_classes`` with the same weights and text features."""
+def _reference_text_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray, features=None):
+    """ultralytics' own YOLOE prediction after ``set_classes`` with the same weights and text features ((1, N, D);
+    default: the test profile's MiniLM ones)."""
     from ultralytics import YOLOE
 
-    features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+    if features is None:
+        features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+        features = torch.from_numpy(features)[None]
     reference_model = YOLOE(str(path))
     head = reference_model.model.model[-1]
     with torch.no_grad():
-        embeddings = head.get_tpe(torch.from_numpy(features)[None].to(next(head.parameters()).dtype))
+        embeddings = head.get_tpe(features.to(next(head.parameters()).dtype))
     reference_model.set_classes(list(vocabulary), embeddings.float())
     return reference_model.predict(
         np.ascontiguousarray(rgb[..., ::-1]), imgsz=640, conf=CONF, iou=IOU, max_det=MAX_DET, rect=False,
@@ -309,14 +313,17 @@ def test_bad_exemplars_get_clear_errors_and_run_nothing(open_stub, open_runner, 
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "exemplars" in err.value.details()
 
 
-def _reference_world_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray):
+def _reference_world_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray, features=None):
     """ultralytics' own YOLO-World prediction with the same weights and class embeddings (set as its
-    ``set_classes`` sets them; that method itself would load CLIP)."""
+    ``set_classes`` sets them; that method itself would load CLIP). ``features``: (1, N, D) text features
+    (default: the test profile's MiniLM ones)."""
     from ultralytics import YOLOWorld
 
-    features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+    if features is None:
+        features = ClassTextEncoder.for_detector("minilm-512:seed0", SentenceEncoder.load()).encode(vocabulary)
+        features = torch.from_numpy(features)[None]
     reference_model = YOLOWorld(str(path))
-    reference_model.model.txt_feats = torch.nn.functional.normalize(torch.from_numpy(features)[None], dim=-1)
+    reference_model.model.txt_feats = torch.nn.functional.normalize(features, dim=-1)
     reference_model.model.model[-1].nc = len(vocabulary)
     reference_model.model.names = list(vocabulary)
     return reference_model.predict(
@@ -361,3 +368,80 @@ def test_yolo_world_exported_answers_as_torch_and_refuses_exemplars(world, figur
                 _exemplar(box=(1, 1, 9, 9))]), timeout=60)  # fmt: skip
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "texts only (YOLO-World)" in err.value.details()
+
+
+# OpenAI CLIP ViT-B/32's dimensions (YOLO-World's text model); MobileCLIP's architecture is not available offline.
+VIT_B32 = dict(
+    embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+    context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12,
+)  # fmt: skip
+
+
+class _TextTower(torch.nn.Module):
+    """A TorchScript text tower as MobileCLIP's files are: tokens → L2-normalised features."""
+
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.clip.encode_text(tokens), dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "text_model", "catalog_name"),
+    [("yolov8n-worldv2.yaml", "clip:ViT-B/32", "clip_vit_b32"), ("yoloe-11n.yaml", "mobileclip:blt", "mobileclip_blt")],
+)
+def test_official_text_encoders_load_from_verified_torchscript_files(
+    open_settings, tmp_path, monkeypatch, figures, architecture, text_model, catalog_name
+):
+    """Checkpoints naming the official text encoders: their TorchScript file comes from the catalog (sha256-checked,
+    never downloaded here) and encodes the texts with CLIP's tokenizer. The file is a seeded OpenAI CLIP ViT-B/32
+    (the whole model for "clip:ViT-B/32", as OpenAI publishes it; its text tower for "mobileclip:blt", standing in
+    for MobileCLIP, whose architecture cannot be built offline). The boxes are ultralytics' own predict with the
+    class embeddings that file gives."""
+    from service.models import catalog
+    from service.models.clip_text import clip_architecture, clip_tokenizer
+    from service.models.download import file_sha256
+    from service.runners.factory import load_runner
+
+    torch.manual_seed(0)
+    clip = clip_architecture(**VIT_B32).eval()
+    probe = clip_tokenizer()(["a photo"], 77)
+    traced = (
+        torch.jit.trace_module(clip, {"encode_text": probe})
+        if text_model.startswith("clip")
+        else torch.jit.trace(_TextTower(clip), probe)
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    entry = catalog.CATALOG[catalog_name]
+    weights = cache / entry.filename
+    traced.save(str(weights))
+    monkeypatch.setitem(
+        catalog.CATALOG, catalog_name,
+        dataclasses.replace(entry, sha256=file_sha256(weights), size_bytes=weights.stat().st_size),
+    )  # fmt: skip
+    path = testing.make_test_open_detector(
+        open_settings.cache_dir / "test-models", architecture=architecture, text_model=text_model
+    )
+    s = open_settings.replace(detector=str(path), cache_dir=cache, offline=True)  # test models made anew there
+    vocabulary = ("person", "bus", "shoe")
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    srv = ServerThread(s, lambda: load_runner(s))
+    try:
+        with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            wait_serving(channel)
+            response = pb_grpc.SegmentationServiceStub(channel).Segment(_request(encode(rgb), texts=vocabulary), 300)
+    finally:
+        srv.stop()
+    with torch.no_grad():
+        tokens = clip_tokenizer()(list(vocabulary), 77)
+        features = traced.encode_text(tokens) if text_model.startswith("clip") else traced(tokens)
+        features = torch.nn.functional.normalize(features, dim=-1)[None]
+    if "world" in architecture:
+        reference = _reference_world_predict(path, vocabulary, rgb, features)
+    else:
+        reference = _reference_text_predict(path, vocabulary, rgb, features)
+    figure = f"official text-encoder path ({text_model}, seeded ViT-B/32 TorchScript): boxes, max |Δ| px"
+    _assert_same_as_reference(response, reference, vocabulary, figures, figure)
