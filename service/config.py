@@ -36,7 +36,8 @@ class Settings:
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
 
     # Models.
-    models: str = "auto"  # profile: auto (official if obtainable, else demo) | official | demo | test | test-open
+    # Profile: auto (official if obtainable, else demo) | official | official-open | demo | demo-open | test | test-open
+    models: str = "auto"
     detector: str = ""  # catalog name or checkpoint path; empty = the profile's
     segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)

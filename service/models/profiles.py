@@ -63,9 +63,9 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
             return resolve_models(settings.replace(models="demo"), progress=progress)
     detector: WeightsRef | None
     segmenter: WeightsRef | None
-    if settings.models == "demo":
-        detector, segmenter = _demo_refs()
-        profile = "demo"
+    if settings.models in ("demo", "demo-open"):
+        detector, segmenter = _demo_refs(open_vocabulary=settings.models == "demo-open")
+        profile = settings.models
     elif settings.models in ("test", "test-open"):
         det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
         detector = WeightsRef(
@@ -114,7 +114,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
                 "official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files, reasons=reasons
             )
     else:
-        known = ", ".join(["auto", *PROFILES, "demo", "test", "test-open"])
+        known = ", ".join(["auto", *PROFILES, "demo", "demo-open", "test", "test-open"])
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
     if settings.detector:
         detector = _explicit(settings.detector, ModelRole.DETECTOR, settings, progress)
@@ -140,21 +140,20 @@ def resolve_concept_weights(settings: Settings, *, progress: bool = True) -> Wei
     return _explicit(settings.concept_model, ModelRole.CONCEPT_SEGMENTER, settings, progress)
 
 
-def _demo_refs() -> tuple[WeightsRef, WeightsRef]:
-    """The shapes-trained models shipped in ``service/models/demo`` (see their model cards)."""
+def _demo_refs(open_vocabulary: bool = False) -> tuple[WeightsRef, WeightsRef]:
+    """The shapes-trained models shipped in ``service/models/demo`` (see their model cards); with
+    ``open_vocabulary`` the text-prompted YOLOE detector instead of the 5-class YOLO11n."""
     from service.models.demo import profile as demo
 
-    for path in (demo.SHAPES_YOLO, demo.SHAPES_SAM2):
-        if not path.is_file():
-            raise ModelUnavailable(f"demo weights {path.name} are missing from this installation")
-    detector = WeightsRef(
-        ModelRole.DETECTOR,
-        "shapes-yolo11n",
-        demo.VERSION,
-        demo.SHAPES_YOLO_ARCH,
-        demo.SHAPES_YOLO,
-        file_sha256(demo.SHAPES_YOLO),
+    name, arch, path = (
+        ("shapes-yoloe", demo.SHAPES_YOLOE_ARCH, demo.SHAPES_YOLOE)
+        if open_vocabulary
+        else ("shapes-yolo11n", demo.SHAPES_YOLO_ARCH, demo.SHAPES_YOLO)
     )
+    for weights in (path, demo.SHAPES_SAM2):
+        if not weights.is_file():
+            raise ModelUnavailable(f"demo weights {weights.name} are missing from this installation")
+    detector = WeightsRef(ModelRole.DETECTOR, name, demo.VERSION, arch, path, file_sha256(path))
     segmenter = WeightsRef(
         ModelRole.SEGMENTER,
         "shapes-sam2-mini",

@@ -9,6 +9,10 @@ VERSION = "shapes-1"
 SHAPES_YOLO = DEMO_DIR / "shapes-yolo11n.pt"
 SHAPES_SAM2 = DEMO_DIR / "shapes-sam2-mini.pt"
 SHAPES_YOLO_ARCH = "yolo11n.yaml"
+# The open-vocabulary demo detector: YOLOE-11n trained on the attribute shapes world with MiniLM phrases
+# (SHAPES_YOLOE.md); profile "demo-open".
+SHAPES_YOLOE = DEMO_DIR / "shapes-yoloe.pt"
+SHAPES_YOLOE_ARCH = "yoloe-11n.yaml"
 SHAPES_SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 # A reduced SAM 2 built from the official config by overrides alone (2.4 M parameters, 256² input).
 SHAPES_SAM2_OVERRIDES = (

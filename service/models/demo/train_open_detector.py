@@ -1,0 +1,262 @@
+"""Regenerates the demo open-vocabulary detector: ultralytics YOLOE-11n trained from scratch on text phrases of
+the attribute shapes world (``service.shapes.attributes``), with all-MiniLM-L6-v2 text features.
+
+    python -m service.models.demo.train_open_detector --work /tmp/shapes-yoloe [--hours 0.65]
+
+Never imported by the serving path. What it does:
+
+1. Renders the attribute world (train and val splits; held-out colour–shape combinations never appear) as a
+   YOLO dataset whose label ids are the 80 fine classes "size colour shape" (``FINE_NAMES``).
+2. Writes ultralytics' text-embedding cache, ``text_embeddings_minilm-512_seed0.pt`` beside the train images:
+   {phrase: (512,) float32} = all-MiniLM-L6-v2 (L2-normalised, 384-d) @ ``minilm_projection(0)``, i.e. exactly
+   what ``ClassTextEncoder("minilm-512:seed0")`` gives at serving time (the raw features before the head's
+   ``get_tpe``, as ultralytics' ``generate_text_embeddings(..., without_reprta=True)`` stores them). The stock
+   ``YOLOETrainerFromScratch`` reads it instead of loading MobileCLIP, so training runs offline.
+3. Trains ``yoloe-11n.yaml`` from random init with ``text_model = "minilm-512:seed0"`` (so detseg's loader
+   builds the same text encoder), per image with one phrase level drawn at random (``LEVELS``):
+   every phrase of that level is a class of the image (present ones positive, the rest negative), padded to
+   80 texts with phrases of other levels that name nothing in the image (hard negatives). Within a level the
+   phrases are mutually exclusive, so each box has exactly one true phrase, which is what ultralytics'
+   one-class-per-box loss can express; ultralytics' own ``RandomLoadText`` would pad with phrases that may be
+   true of a box (e.g. "circle" beside "red circle") and train them as negatives.
+4. Copies ``last.pt`` (fp16, optimizer stripped) to ``shapes-yoloe.pt`` beside this file.
+
+Ultralytics' YOLOE validator would load MobileCLIP for its class names: the validator here takes the same
+MiniLM features instead (ultralytics val on the 100 val scenes, fine classes, after the last epoch only).
+Ultralytics' ``select_device`` sets torch to cpu_count - 1 threads; a callback sets ``--threads`` back.
+Figures: ``python -m service.shapes.evaluate_open`` (see SHAPES_YOLOE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import time
+from copy import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.shapes.attributes import (
+    FINE_CLASSES,
+    FINE_NAMES,
+    attribute_scenes,
+    is_held_out,
+    yolo_fine_label_lines,
+)
+
+HERE = Path(__file__).parent
+TRAIN_IMAGES, VAL_IMAGES = 2000, 100
+SEED = 0
+PROJECTION_SEED = 0
+TEXT_MODEL = f"minilm-512:seed{PROJECTION_SEED}"  # service.models.text.PROJECTED_MINILM + seed
+ARCHITECTURE = "yoloe-11n.yaml"
+MAX_TEXTS = 80  # texts per training image (ultralytics caps YOLOE's training nc at 80)
+COMMON: dict[str, Any] = dict(
+    batch=16, workers=0, cache="ram", device="cpu", seed=SEED, deterministic=True, plots=False, amp=False,
+    exist_ok=True, verbose=False, val=False, imgsz=256, epochs=100, optimizer="SGD", lr0=0.01, nbs=16,
+    close_mosaic=3, warmup_epochs=2,
+    # colour words must stay true under augmentation: milder saturation/value jitter than the defaults
+    # (0.7 / 0.4); the size word must stay true under scale jitter (default 0.5 would overlap the two ranges).
+    hsv_h=0.01, hsv_s=0.3, hsv_v=0.25, scale=0.2,
+)  # fmt: skip  # epochs: re-planned by ultralytics' `time` mode
+
+
+def phrase(level: str, size: str, colour: str, shape: str) -> str:
+    """The phrase of a (size, colour, shape) object at a phrase level."""
+    return {
+        "colour+shape": f"{colour} {shape}",
+        "size+colour+shape": f"{size} {colour} {shape}",
+        "shape": shape,
+        "colour": f"{colour} shape",
+        "size+shape": f"{size} {shape}",
+    }[level]
+
+
+# Phrase levels and how often an image is trained at each. Colour + shape (the main figure) most often; the
+# others teach the parts (a colour alone, a shape alone, a size) that held-out combinations are made of.
+LEVELS: dict[str, float] = {
+    "colour+shape": 0.4,
+    "size+colour+shape": 0.25,
+    "shape": 0.15,
+    "colour": 0.1,
+    "size+shape": 0.1,
+}
+
+
+def level_phrases(level: str) -> list[str]:
+    """Every phrase of a level, without those that name a held-out colour–shape combination."""
+    out = {phrase(level, s, c, k) for s, c, k in FINE_CLASSES if level in ("shape", "colour", "size+shape")
+           or not is_held_out(c, k)}  # fmt: skip
+    return sorted(out)
+
+
+ALL_PHRASES = sorted({p for level in LEVELS for p in level_phrases(level)})
+
+
+class PhraseSampler:
+    """Ultralytics transform (in RandomLoadText's place): fine class ids → one phrase level's texts.
+
+    labels["cls"] (n, 1) FINE_CLASSES ids in, labels["cls"] (n, 1) indices into labels["texts"] (``max_texts``
+    phrases) out. Uses ``random`` (seeded by ultralytics), like RandomLoadText."""
+
+    def __init__(self, max_texts: int) -> None:
+        self.max_texts = max_texts
+        self.levels = list(LEVELS)
+        self.weights = [LEVELS[level] for level in self.levels]
+        self.phrases = {level: level_phrases(level) for level in self.levels}
+
+    def __call__(self, labels: dict[str, Any]) -> dict[str, Any]:
+        level = random.choices(self.levels, self.weights)[0]
+        fine = [FINE_CLASSES[int(c)] for c in np.asarray(labels.pop("cls")).reshape(-1)]
+        texts = list(self.phrases[level])
+        true_anywhere = {phrase(lv, *f) for lv in self.levels for f in fine}
+        pool = [p for p in ALL_PHRASES if p not in true_anywhere and p not in texts]
+        texts += random.sample(pool, k=min(len(pool), self.max_texts - len(texts)))
+        index = {p: i for i, p in enumerate(texts)}
+        labels["cls"] = np.array([[index[phrase(level, *f)]] for f in fine], dtype=np.float32).reshape(-1, 1)
+        labels["texts"] = texts
+        return labels
+
+
+def phrase_features(texts: list[str]) -> np.ndarray:
+    """(N, 512) float32: what detseg's ClassTextEncoder for TEXT_MODEL gives for ``texts``."""
+    from service.models.text import ClassTextEncoder, SentenceEncoder
+
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = ClassTextEncoder.for_detector(TEXT_MODEL, SentenceEncoder.load())
+    return _ENCODER.encode(texts).astype(np.float32)
+
+
+_ENCODER: Any = None
+
+
+def write_dataset(root: Path) -> Path:
+    """Images, fine labels and data.yaml (names = FINE_NAMES) for train and val; returns data.yaml."""
+    from PIL import Image
+
+    for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for scene in attribute_scenes(split, count):
+            stem = f"{scene.seed:08d}"
+            Image.fromarray(scene.image).save(root / "images" / split / f"{stem}.png")
+            (root / "labels" / split / f"{stem}.txt").write_text("\n".join(yolo_fine_label_lines(scene)) + "\n")
+    data = root / "data.yaml"
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(FINE_NAMES))
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return data
+
+
+def write_text_cache(folder: Path) -> Path:
+    """ultralytics' YOLOE text-embedding cache for ALL_PHRASES: {phrase: (512,) float32 tensor}."""
+    import torch
+
+    path = folder / f"text_embeddings_{TEXT_MODEL.replace(':', '_').replace('/', '_')}.pt"
+    features = torch.from_numpy(phrase_features(ALL_PHRASES))
+    torch.save(dict(zip(ALL_PHRASES, features, strict=True)), path)
+    return path
+
+
+def make_trainer_class() -> type:
+    """YOLOETrainerFromScratch with the phrase dataset, MiniLM text features and a MiniLM validator."""
+    import torch
+    from ultralytics.data.dataset import YOLOMultiModalDataset
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.models.yolo.yoloe import YOLOETrainerFromScratch
+    from ultralytics.models.yolo.yoloe.val import YOLOEDetectValidator
+    from ultralytics.utils import colorstr
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    class PhraseDataset(YOLOMultiModalDataset):
+        @property
+        def category_names(self) -> set[str]:  # the texts the trainer looks up in its embedding cache
+            return set(ALL_PHRASES)
+
+        def build_text_transforms(self, transforms: Any, max_samples: int) -> Any:
+            if self.augment:
+                transforms.insert(-1, PhraseSampler(MAX_TEXTS))
+            return transforms
+
+    class PhraseValidator(YOLOEDetectValidator):
+        def get_model(self, model: Any = None, trainer: Any = None, refer_data: Any = None, load_vp: bool = False):
+            model = BaseValidator.get_model(self, model, trainer)
+            names = [str(n) for n in self.dataloader.dataset.data["names"].values()]
+            with torch.no_grad():
+                feats = torch.from_numpy(phrase_features(names))[None].to(next(model.parameters()).device)
+                model.set_classes(names, model.model[-1].get_tpe(feats))
+            return model
+
+    class PhraseTrainer(YOLOETrainerFromScratch):
+        def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
+            model = super().get_model(cfg, weights, verbose)
+            model.text_model = TEXT_MODEL
+            return model
+
+        def build_dataset(self, img_path: Any, mode: str = "train", batch: int | None = None) -> Any:
+            if mode != "train":
+                return super().build_dataset(img_path, mode, batch)
+            (path,) = img_path
+            stride = max(int(unwrap_model(self.model).stride.max()), 32)  # type: ignore[arg-type, operator]
+            dataset = PhraseDataset(
+                img_path=path, imgsz=self.args.imgsz, batch_size=batch, augment=True, hyp=self.args, rect=False,
+                cache=self.args.cache or None, single_cls=False, stride=stride,
+                pad=0.0, prefix=colorstr("train: "), task="detect", classes=None, data=self.training_data[path],
+                fraction=1.0,
+            )  # fmt: skip
+            self.set_text_embeddings([dataset], batch)  # reads the cache file write_text_cache wrote
+            return dataset
+
+        def get_validator(self) -> Any:
+            return PhraseValidator(
+                self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks
+            )
+
+        def final_eval(self) -> None:  # ultralytics would re-validate best.pt via MobileCLIP; figures: evaluate_open
+            pass
+
+    return PhraseTrainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="scratch dir for the dataset and runs")
+    parser.add_argument("--hours", type=float, default=0.65, help="training wall-time budget (ultralytics `time`)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads while training")
+    parser.add_argument("--out", type=Path, default=HERE / "shapes-yoloe.pt")
+    args = parser.parse_args()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # OpenMP threads sleep instead of spinning while they wait: on a shared 2-core machine, spinning threads
+    # made steps 2-7x slower whenever another process took a core (measured); read when torch loads, below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    import torch
+    from ultralytics import YOLOE
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    start = time.time()
+    data = args.work / "data" / "data.yaml"
+    if not data.exists():  # deterministic, so a previous run's copy is the same dataset
+        data = write_dataset(args.work / "data")
+    cache = write_text_cache(args.work / "data" / "images")
+    print(f"dataset and {cache.name} ({len(ALL_PHRASES)} phrases) ready in {time.time() - start:.0f}s", flush=True)
+
+    model = YOLOE(ARCHITECTURE)
+    if args.threads:
+        model.add_callback("on_train_start", lambda trainer: torch.set_num_threads(args.threads))
+    splits = {"train": {"yolo_data": [str(data)]}, "val": {"yolo_data": [str(data)]}}
+    runs = args.work / "runs"
+    model.train(data=splits, trainer=make_trainer_class(), project=str(runs), name="yoloe", time=args.hours, **COMMON)
+    weights = runs / "yoloe" / "weights" / "last.pt"
+    strip_optimizer(str(weights))
+    shutil.copyfile(weights, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); total {time.time() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

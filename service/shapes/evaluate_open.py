@@ -1,0 +1,286 @@
+"""Figures of a text-prompted detector on held-out attribute scenes (issue 11), computed with pycocotools COCOeval.
+
+    python -m service.shapes.evaluate_open [--weights service/models/demo/shapes-yoloe.pt] [--scenes 300] [--json F]
+
+The detector runs as detseg serves it: ``load_detector_module``, class embeddings from the checkpoint's own
+text encoder (``ClassTextEncoder.for_detector(model.text_model, ...)`` → ``class_embeddings_from_text``),
+``open_vocabulary.detect`` on the letterboxed image, then detseg's ``DetectorProcessing.postprocess``
+(ultralytics NMS, boxes back to original pixels). A YOLOE head scores every class on its own (sigmoid of a
+per-class contrastive logit), so one forward pass with all phrases, then NMS per phrase, gives exactly what
+one request per phrase would: that is how each phrase is evaluated.
+
+Phrase groups (each phrase is one COCO category; its ground truth = the instances it truly describes):
+- ``trained``: colour + shape phrases of combinations seen in training ("red circle"), 37.
+- ``held_out``: colour + shape phrases of combinations never rendered in training ("green star"), 3.
+- ``paraphrases``: ``PARAPHRASES`` (words never trained: "crimson circle", "five-pointed star", "round shape").
+- ``bare_shape``: "circle" ... "hexagon": every instance of that shape, any colour (held-out ones included).
+- ``size_colour_shape``, ``colour``, ``size_shape``: the other trained phrase levels ("large blue star",
+  "red shape", "small star").
+
+AP50: COCOeval bbox AP at IoU 0.5 over the group's categories (score ≥ 0.001, 100 detections per image and
+phrase). False positives for absent phrases: for every (image, phrase) whose phrase describes nothing in the
+image, the detections a request at the serving defaults (score ≥ 0.25, NMS IoU 0.7) returns; reported per
+request (one absent phrase per request), and summed over all absent trained phrases of an image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.shapes.attributes import (
+    COLOURS,
+    FINE_CLASSES,
+    HELD_OUT,
+    SIZES,
+    AttributeInstance,
+    AttributeScene,
+    attribute_scenes,
+    is_held_out,
+)
+from service.shapes.world import CLASSES
+
+SERVING_SCORE, SERVING_IOU, MAX_DETECTIONS = 0.25, 0.7, 100
+EVAL_SCORE = 0.001
+# Paraphrases of trained phrases: text → (size, colour, shape), None = any.
+PARAPHRASES: dict[str, tuple[str | None, str | None, str | None]] = {
+    "crimson circle": (None, "red", "circle"),
+    "scarlet star": (None, "red", "star"),
+    "violet circle": (None, "purple", "circle"),
+    "emerald triangle": (None, "green", "triangle"),
+    "azure square": (None, "blue", "square"),
+    "jet-black hexagon": (None, "black", "hexagon"),
+    "snow-white triangle": (None, "white", "triangle"),
+    "a red circle": (None, "red", "circle"),
+    "round shape": (None, None, "circle"),
+    "five-pointed star": (None, None, "star"),
+    "six-sided shape": (None, None, "hexagon"),
+    "three-sided shape": (None, None, "triangle"),
+    "big blue circle": ("large", "blue", "circle"),
+    "tiny yellow triangle": ("small", "yellow", "triangle"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phrase:
+    text: str
+    size: str | None
+    colour: str | None
+    shape: str | None
+
+    def describes(self, inst: AttributeInstance) -> bool:
+        return all(want is None or want == have for want, have in
+                   ((self.size, inst.size), (self.colour, inst.colour), (self.shape, inst.shape)))  # fmt: skip
+
+
+def phrase_groups() -> dict[str, list[Phrase]]:
+    combos = [(c, k) for c in COLOURS for k in CLASSES]
+    return {
+        "trained": [Phrase(f"{c} {k}", None, c, k) for c, k in combos if not is_held_out(c, k)],
+        "held_out": [Phrase(f"{c} {k}", None, c, k) for c, k in HELD_OUT],
+        "paraphrases": [Phrase(t, *attrs) for t, attrs in PARAPHRASES.items()],
+        "bare_shape": [Phrase(k, None, None, k) for k in CLASSES],
+        "size_colour_shape": [Phrase(f"{s} {c} {k}", s, c, k) for s, c, k in FINE_CLASSES if not is_held_out(c, k)],
+        "colour": [Phrase(f"{c} shape", None, c, None) for c in COLOURS],
+        "size_shape": [Phrase(f"{s} {k}", s, None, k) for s in SIZES for k in CLASSES],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PhraseDetections:
+    """Per image (scene seed) and phrase text: (N, 4) XYXY original pixels and (N,) scores, NMS per phrase."""
+
+    boxes: dict[tuple[int, str], np.ndarray]
+    scores: dict[tuple[int, str], np.ndarray]
+
+
+class ServedOpenDetector:
+    """An open-vocabulary checkpoint run the way detseg's torch runner runs it (no gRPC)."""
+
+    def __init__(self, weights: Path) -> None:
+        import torch
+
+        from service.models.loading import load_detector_module
+        from service.models.text import ClassTextEncoder, SentenceEncoder
+        from service.pipeline.detection import DetectorProcessing
+        from service.runners.base import DetectorSpec
+
+        loaded = load_detector_module(weights)
+        if loaded.text_model is None:
+            raise ValueError(f"{weights} is not an open-vocabulary detector")
+        self.model = loaded.module
+        self.encoder = ClassTextEncoder.for_detector(loaded.text_model, SentenceEncoder.load())
+        stride = int(torch.as_tensor(self.model.stride).max())
+        spec = DetectorSpec(names=(), imgsz=loaded.input_size(), stride=stride, class_dim=self.encoder.dim)
+        self.processing = DetectorProcessing(spec)
+
+    def class_embeddings(self, texts: Sequence[str]) -> Any:
+        import torch
+
+        from service.models.open_vocabulary import class_embeddings_from_text
+
+        with torch.no_grad():
+            return class_embeddings_from_text(self.model, torch.from_numpy(self.encoder.encode(texts))[None])
+
+    def raw(self, image: np.ndarray, embeddings: Any) -> np.ndarray:
+        """(1, 4 + C, A) float32 head output for one (H, W, 3) uint8 RGB image."""
+        import torch
+
+        from service.models.open_vocabulary import detect
+
+        with torch.no_grad():
+            return detect(self.model, torch.from_numpy(self.processing.preprocess(image)), embeddings).numpy()
+
+    def detect_each(
+        self, scenes: Sequence[AttributeScene], texts: Sequence[str], score: float, iou: float = SERVING_IOU
+    ) -> PhraseDetections:
+        """Every text on every scene, as one request per text would answer it."""
+        from service.runners.base import DetectorOutput
+
+        embeddings = self.class_embeddings(texts)
+        boxes: dict[tuple[int, str], np.ndarray] = {}
+        scores: dict[tuple[int, str], np.ndarray] = {}
+        for scene in scenes:
+            raw = self.raw(scene.image, embeddings)
+            for j, text in enumerate(texts):
+                one = DetectorOutput(raw=np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + j]]))
+                det = self.processing.postprocess(
+                    one, 0, (scene.height, scene.width), class_ids=None, score_threshold=score, iou_threshold=iou,
+                    max_instances=MAX_DETECTIONS,
+                )  # fmt: skip
+                boxes[scene.seed, text], scores[scene.seed, text] = det.boxes, det.scores
+        return PhraseDetections(boxes, scores)
+
+
+def ground_truth(scenes: Sequence[AttributeScene], phrases: Sequence[Phrase]) -> dict[str, Any]:
+    """COCO dict: one category per phrase (id = index + 1), an annotation per (instance, phrase it satisfies)."""
+    images = [{"id": s.seed, "width": s.width, "height": s.height, "file_name": f"{s.seed}.png"} for s in scenes]
+    annotations: list[dict[str, Any]] = []
+    for s in scenes:
+        for inst in s.instances:
+            x0, y0, x1, y1 = inst.box
+            for c, p in enumerate(phrases):
+                if p.describes(inst):
+                    annotations.append({
+                        "id": len(annotations) + 1, "image_id": s.seed, "category_id": c + 1, "iscrowd": 0,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(inst.mask.sum()),
+                    })  # fmt: skip
+    categories = [{"id": c + 1, "name": p.text} for c, p in enumerate(phrases)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def ap50_by_phrase(
+    scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections
+) -> tuple[float, dict[str, float]]:
+    """COCOeval bbox AP50: mean over the phrases with ground truth, and per phrase (-1: no ground truth)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = ground_truth(scenes, phrases)
+    results = [
+        {"image_id": s.seed, "category_id": c + 1, "score": float(score),
+         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+        for s in scenes for c, p in enumerate(phrases)
+        for b, score in zip(dets.boxes[s.seed, p.text], dets.scores[s.seed, p.text], strict=True)
+    ]  # fmt: skip
+    if not results:
+        return 0.0, {p.text: 0.0 for p in phrases}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        e = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        e.params.iouThrs = np.array([0.5])
+        e.evaluate()
+        e.accumulate()
+    precision = e.eval["precision"][0, :, :, 0, -1]  # (recall points, categories) at area "all", maxDets 100
+    per = {}
+    for c, p in enumerate(phrases):
+        column = precision[:, c]
+        per[p.text] = float(column.mean()) if (column > -1).any() else -1.0
+    valid = [v for v in per.values() if v >= 0]
+    return (float(np.mean(valid)) if valid else 0.0), per
+
+
+def absent_false_positives(
+    scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections,
+    keep: Callable[[AttributeScene, Phrase], bool] = lambda s, p: True,
+) -> dict[str, float]:  # fmt: skip
+    """Detections (at the serving threshold) of phrases that describe nothing in the image."""
+    queries = fps = hit = 0
+    per_image = []
+    for s in scenes:
+        image_fps = 0
+        for p in phrases:
+            if any(p.describes(i) for i in s.instances) or not keep(s, p):
+                continue
+            n = len(dets.scores[s.seed, p.text])
+            queries, fps, hit, image_fps = queries + 1, fps + n, hit + (n > 0), image_fps + n
+        per_image.append(image_fps)
+    return {
+        "queries": queries,
+        "fp_per_request": fps / queries if queries else 0.0,
+        "fp_per_image_all_absent_phrases": float(np.mean(per_image)) if per_image else 0.0,
+        "false_positives": fps,
+        "requests_with_any_fp": hit,
+    }
+
+
+def distractor(scene: AttributeScene, p: Phrase) -> bool:
+    """The phrase's shape or colour is in the image (on another object): the hard absent phrases."""
+    return any(i.shape == p.shape or i.colour == p.colour for i in scene.instances)
+
+
+def evaluate(weights: Path, count: int = 300) -> dict[str, Any]:
+    t = time.time()
+    scenes = attribute_scenes("test", count)
+    detector = ServedOpenDetector(weights)
+    groups = phrase_groups()
+    texts = list(dict.fromkeys(p.text for ps in groups.values() for p in ps))
+    low = detector.detect_each(scenes, texts, EVAL_SCORE)
+    served = detector.detect_each(scenes, texts, SERVING_SCORE)
+    out: dict[str, Any] = {"scenes": count, "instances": sum(len(s.instances) for s in scenes)}
+    for name, phrases in groups.items():
+        mean, per = ap50_by_phrase(scenes, phrases, low)
+        out[f"ap50_{name}"] = mean
+        out[f"ap50_{name}_per_phrase"] = per
+    out["fp_absent_trained"] = absent_false_positives(scenes, groups["trained"], served)
+    out["fp_absent_trained_distractors"] = absent_false_positives(scenes, groups["trained"], served, distractor)
+    out["fp_absent_held_out"] = absent_false_positives(scenes, groups["held_out"], served)
+    out["fp_absent_held_out_distractors"] = absent_false_positives(scenes, groups["held_out"], served, distractor)
+    out["held_out_instances"] = {
+        f"{c} {k}": sum(i.colour == c and i.shape == k for s in scenes for i in s.instances) for c, k in HELD_OUT
+    }
+    out["seconds"] = time.time() - t
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=Path(__file__).parents[1] / "models/demo/shapes-yoloe.pt")
+    parser.add_argument("--scenes", type=int, default=300, help="test scenes (seeds 12,000,000 + i)")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    result = evaluate(args.weights, args.scenes)
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"{key:40s} {value:.3f}")
+        elif isinstance(value, dict) and not key.endswith("per_phrase"):
+            print(f"{key:40s} {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}")
+    for key in ("ap50_held_out_per_phrase", "ap50_paraphrases_per_phrase", "ap50_bare_shape_per_phrase"):
+        print(key, json.dumps({k: round(v, 3) for k, v in result[key].items()}))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
