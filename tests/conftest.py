@@ -104,6 +104,23 @@ def wait_serving(channel: grpc.Channel, timeout: float = 120.0) -> None:
     raise AssertionError("server never reported SERVING")
 
 
+@contextlib.contextmanager
+def serving(
+    settings: Settings, factory: Callable[[], Runner] | None = None, timeout: float = 120.0
+) -> Iterator[pb_grpc.SegmentationServiceStub]:
+    """A real server for ``settings`` (its runner from ``factory``, else loaded for the settings), SERVING, and
+    a stub on it (large responses allowed); the server stops on exit."""
+    from service.runners.factory import load_runner
+
+    srv = ServerThread(settings, factory or (lambda: load_runner(settings)))
+    try:
+        with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            wait_serving(channel, timeout)
+            yield pb_grpc.SegmentationServiceStub(channel)
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def server(settings: Settings, runner: Runner) -> Iterator[ServerThread]:
     srv = ServerThread(settings, lambda: runner)
@@ -149,31 +166,21 @@ def open_runner(open_settings: Settings) -> Runner:
 @pytest.fixture(scope="session")
 def open_stub(open_settings: Settings, open_runner: Runner) -> Iterator[pb_grpc.SegmentationServiceStub]:
     """An embedded (torch) server with the open-vocabulary test detector."""
-    srv = ServerThread(open_settings, lambda: open_runner)
-    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        wait_serving(channel)
-        yield pb_grpc.SegmentationServiceStub(channel)
-    srv.stop()
+    with serving(open_settings, lambda: open_runner) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="session")
 def world(open_settings: Settings) -> Iterator[tuple[Path, dict[str, pb_grpc.SegmentationServiceStub]]]:
     """Servers (torch, and ONNX Runtime on its export) with a seeded YOLO-World v2 (n): texts only."""
     from service.models import testing
-    from service.runners.factory import load_runner
 
     path = testing.make_test_open_detector(open_settings.cache_dir / "test-models", architecture="yolov8n-worldv2.yaml")
-    stubs: dict[str, pb_grpc.SegmentationServiceStub] = {}
     with contextlib.ExitStack() as stack:
-        for backend in ("torch", "onnx"):
-            s = open_settings.replace(detector=str(path), backend=backend)
-            srv = ServerThread(s, lambda s=s: load_runner(s))
-            stack.callback(srv.stop)
-            channel = stack.enter_context(
-                grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)])
-            )
-            wait_serving(channel)
-            stubs[backend] = pb_grpc.SegmentationServiceStub(channel)
+        stubs = {
+            backend: stack.enter_context(serving(open_settings.replace(detector=str(path), backend=backend)))
+            for backend in ("torch", "onnx")
+        }
         yield path, stubs
 
 

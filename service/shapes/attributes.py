@@ -248,10 +248,6 @@ def nearest_colour(rgb: np.ndarray) -> str:
 
 def yolo_fine_label_lines(scene: AttributeScene) -> list[str]:
     """One "fine_id cx cy w h" line per instance (FINE_CLASSES ids), normalised to [0, 1]."""
-    lines = []
-    for inst in scene.instances:
-        x0, y0, x1, y1 = inst.box
-        cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
-        bw, bh = (x1 - x0) / scene.width, (y1 - y0) / scene.height
-        lines.append(f"{inst.fine_id} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
-    return lines
+    from service.shapes.dataset import yolo_label_lines
+
+    return yolo_label_lines(scene, lambda inst: inst.fine_id)

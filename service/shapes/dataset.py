@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.shapes.world import CLASSES, Scene, render_scene, split_seed
+
+if TYPE_CHECKING:
+    from service.shapes.attributes import AttributeScene
 
 
 def scenes(split: str, count: int, start: int = 0) -> Iterable[Scene]:
@@ -45,14 +48,17 @@ def coco_annotations(items: Sequence[Scene], file_names: Sequence[str] | None = 
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def yolo_label_lines(scene: Scene) -> list[str]:
-    """One "class cx cy w h" line per instance, normalised to [0, 1]."""
+def yolo_label_lines(
+    scene: Scene | AttributeScene, class_id: Callable[[Any], int] = lambda inst: inst.category_id
+) -> list[str]:
+    """One "class cx cy w h" line per instance, normalised to [0, 1]; ``class_id``: an instance's label id (the
+    shape's by default; the attribute world passes its fine ids)."""
     lines = []
     for inst in scene.instances:
         x0, y0, x1, y1 = inst.box
         cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
         bw, bh = (x1 - x0) / scene.width, (y1 - y0) / scene.height
-        lines.append(f"{inst.category_id} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+        lines.append(f"{class_id(inst)} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
     return lines
 
 

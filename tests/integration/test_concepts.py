@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread, wait_serving
+from tests.conftest import serving
 from tests.helpers import encode, mask_iou, rle_mask
 
 pytestmark = pytest.mark.slow  # builds SAM 3 twice (server and reference), 3.4 GB each
@@ -36,14 +35,8 @@ def _scene() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def concept_stub(settings):
-    from service.runners.factory import load_runner
-
-    s = settings.replace(models="test", concept_model="test", concept_imgsz=IMGSZ)
-    srv = ServerThread(s, lambda: load_runner(s))
-    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        wait_serving(channel, timeout=600)
-        yield pb_grpc.SegmentationServiceStub(channel)
-    srv.stop()
+    with serving(settings.replace(models="test", concept_model="test", concept_imgsz=IMGSZ), timeout=600) as stub:
+        yield stub
 
 
 def _reference(rgb: np.ndarray, texts: tuple[str, ...], bboxes=None):

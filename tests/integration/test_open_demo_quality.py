@@ -8,12 +8,10 @@ all phrases answers as one request per phrase would, NMS being per text).
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import pytest
 
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.attributes import attribute_scenes, render_attribute_scene
 from service.shapes.evaluate_open import (
     SERVING_SCORE,
@@ -23,7 +21,7 @@ from service.shapes.evaluate_open import (
     ap50_by_phrase,
     phrase_groups,
 )
-from tests.conftest import ServerThread, wait_serving
+from tests.conftest import serving
 from tests.helpers import encode, mask_iou, rle_mask
 
 pytestmark = pytest.mark.slow  # 60 held-out scenes through the open demo models
@@ -34,14 +32,8 @@ LOW_SCORE = 0.05  # AP requests: lower than serving, above the long tail (at mos
 
 @pytest.fixture(scope="module")
 def open_demo_stub(settings):
-    from service.runners.factory import load_runner
-
-    s = settings.replace(models="demo-open")
-    srv = ServerThread(s, lambda: load_runner(s))
-    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        wait_serving(channel)
-        yield pb_grpc.SegmentationServiceStub(channel)
-    srv.stop()
+    with serving(settings.replace(models="demo-open")) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")

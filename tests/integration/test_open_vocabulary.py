@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.models import testing
 from service.models.text import ClassTextEncoder, SentenceEncoder
-from tests.conftest import DEVICE, ServerThread, ultralytics_asset, wait_serving
+from tests.conftest import DEVICE, serving, ultralytics_asset
 from tests.helpers import assert_same_instances, encode, load_rgb, synthetic_rgb
 
 pytestmark = pytest.mark.slow  # its own server with a YOLOE detector
@@ -81,21 +80,12 @@ def test_boxes_match_ultralytics_yoloe_predict_on_the_same_weights_and_features(
 def test_a_yoloe_segmentation_checkpoint_serves_its_boxes_and_classes(open_settings, figures):
     """The segmentation variant (official YOLOE checkpoints are ``-seg``): its head's mask coefficients are
     dropped (SAM 2 makes the masks); boxes and scores as ultralytics' own predict on the same weights."""
-    from service.runners.factory import load_runner
-
     path = testing.make_test_open_detector(open_settings.cache_dir / "test-models", architecture="yoloe-11n-seg.yaml")
-    s = open_settings.replace(detector=str(path))
-    srv = ServerThread(s, lambda: load_runner(s))
     vocabulary = ("person", "bus")
     rgb = load_rgb(ultralytics_asset("bus.jpg"))
-    try:
-        with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-            wait_serving(channel)
-            stub = pb_grpc.SegmentationServiceStub(channel)
-            response = stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
-            (detector,) = [m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.role == 1]
-    finally:
-        srv.stop()
+    with serving(open_settings.replace(detector=str(path))) as stub:
+        response = stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
+        (detector,) = [m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.role == 1]
     assert detector.name == path.name and detector.open_vocabulary
     reference = _reference_text_predict(path, vocabulary, rgb)
     figure = "open vocabulary parity vs YOLOE.predict (YOLOE-11n-seg, 2 texts): boxes, max |Δ| px"
@@ -182,14 +172,8 @@ def test_list_models_and_bad_requests(open_stub, open_runner):
 @pytest.fixture(scope="module")
 def onnx_open_stub(open_settings):
     """The same models exported to ONNX (class embeddings as a detector input) and run with ONNX Runtime."""
-    from service.runners.factory import load_runner
-
-    s = open_settings.replace(backend="onnx")
-    srv = ServerThread(s, lambda: load_runner(s))
-    with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        wait_serving(channel)
-        yield pb_grpc.SegmentationServiceStub(channel)
-    srv.stop()
+    with serving(open_settings.replace(backend="onnx")) as stub:
+        yield stub
 
 
 def mixed_prompt_requests() -> list[pb.SegmentRequest]:
@@ -403,7 +387,6 @@ def test_official_text_encoders_load_from_verified_torchscript_files(
     from service.models import catalog
     from service.models.clip_text import clip_architecture, clip_tokenizer
     from service.models.download import file_sha256
-    from service.runners.factory import load_runner
 
     torch.manual_seed(0)
     clip = clip_architecture(**VIT_B32).eval()
@@ -428,13 +411,8 @@ def test_official_text_encoders_load_from_verified_torchscript_files(
     s = open_settings.replace(detector=str(path), cache_dir=cache, offline=True)  # test models made anew there
     vocabulary = ("person", "bus", "shoe")
     rgb = load_rgb(ultralytics_asset("bus.jpg"))
-    srv = ServerThread(s, lambda: load_runner(s))
-    try:
-        with grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-            wait_serving(channel)
-            response = pb_grpc.SegmentationServiceStub(channel).Segment(_request(encode(rgb), texts=vocabulary), 300)
-    finally:
-        srv.stop()
+    with serving(s) as stub:
+        response = stub.Segment(_request(encode(rgb), texts=vocabulary), timeout=300)
     with torch.no_grad():
         tokens = clip_tokenizer()(list(vocabulary), 77)
         features = traced.encode_text(tokens) if text_model.startswith("clip") else traced(tokens)
