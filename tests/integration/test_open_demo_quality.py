@@ -8,6 +8,7 @@ all phrases answers as one request per phrase would, NMS being per text).
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -166,3 +167,18 @@ def _scenes_with(*combos: tuple[str, str], count: int) -> list:
             if len(out) == count:
                 return out
     raise AssertionError(f"fewer than {count} test scenes hold {combos}")
+
+
+def test_the_open_demo_model_takes_texts_and_class_names_but_refuses_exemplars(open_demo_stub):
+    """Its exemplar encoder was never trained and is not shipped: exemplars are refused, not answered with noise;
+    class names are any words, as texts are."""
+    models = open_demo_stub.ListModels(pb.ListModelsRequest(), timeout=60)
+    assert pb.PROMPT_KIND_TEXTS in models.prompt_kinds and pb.PROMPT_KIND_EXEMPLARS not in models.prompt_kinds
+    scene = _scenes_with(("red", "star"), count=1)[0]
+    image = pb.Image(encoded=encode(scene.image))
+    response = open_demo_stub.Segment(pb.SegmentRequest(image=image, classes=["red star"]), timeout=120)
+    assert response.instances and {i.label for i in response.instances} == {"red star"}
+    exemplar = pb.Exemplar(box=pb.BoundingBox(x_min=1, y_min=1, x_max=30, y_max=30), label="thing")
+    with pytest.raises(grpc.RpcError) as err:
+        open_demo_stub.Segment(pb.SegmentRequest(image=image, exemplars=[exemplar]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "exemplars" in err.value.details()

@@ -222,6 +222,19 @@ def make_trainer_class() -> type:
     return PhraseTrainer
 
 
+def drop_visual_prompt_encoder(path: Path) -> None:
+    """Removes the head's exemplar encoder (SAVPE) from a checkpoint: only text prompts were trained, so it holds
+    its random initial weights; without it detseg answers exemplars with FAILED_PRECONDITION instead of noise."""
+    import torch
+
+    from service.models.loading import safe_load_ultralytics
+
+    ckpt = safe_load_ultralytics(path)
+    head = (ckpt.get("ema") or ckpt["model"]).model[-1]
+    head.savpe = None
+    torch.save(ckpt, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch dir for the dataset and runs")
@@ -255,6 +268,7 @@ def main() -> None:
     weights = runs / "yoloe" / "weights" / "last.pt"
     strip_optimizer(str(weights))
     shutil.copyfile(weights, args.out)
+    drop_visual_prompt_encoder(args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); total {time.time() - start:.0f}s", flush=True)
 
 
