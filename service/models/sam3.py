@@ -31,9 +31,7 @@ from service.errors import ModelUnavailable
 from service.models.clip_text import clip_tokenizer
 
 ARCHITECTURE = "sam3 (ultralytics build_sam3_image_model)"
-NATIVE_IMAGE_SIZE = 1008  # what SAM 3 was trained at; any multiple of PATCH runs
-PATCH = 14
-MEAN = STD = 127.5  # pixels → [-1, 1], as SAM3Predictor normalises
+PATCH = 14  # the ViT's patch side: input sides are multiples of it (Settings.concept_imgsz, 1008 as trained)
 _BUILD_LOCK = threading.Lock()
 
 
