@@ -87,6 +87,15 @@ class SegmentResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class FoundImage:
+    """A request's image by its cache handle: the cached entry (None: not cached) and the decoded image."""
+
+    handle: str
+    entry: CacheEntry | None
+    image: DecodedImage
+
+
+@dataclasses.dataclass(frozen=True)
 class EncodeResult:
     handle: str
     image: DecodedImage
@@ -134,6 +143,7 @@ class Pipeline:
     async def segment(self, query: SegmentQuery) -> SegmentResult:
         """With a concept segmenter (SAM 3) the texts and exemplars go to it, the rest of the request to the
         detector."""
+        check_query(query, self.limits)
         if (query.texts or query.exemplars) and self.concept_processing is not None:
             return await self._segment_with_concepts(query, self.concept_processing)
         return await self._segment(query)
@@ -143,7 +153,6 @@ class Pipeline:
         image only); classes and regions, if any, go through the detector path. Instances: detections and
         concept answers by score (at most max_instances), then regions. SAM 3's masks are its own (no refinement)."""
         start = time.perf_counter()
-        check_query(query, self.limits)
         for i, e in enumerate(query.exemplars):
             if e.image is not None:
                 raise Unsupported(
@@ -151,19 +160,14 @@ class Pipeline:
                     "image only"
                 )
         timings: dict[str, float] = {}
-        handle, entry = self._lookup(query.image)
-        if entry is not None:
-            image = entry.image
-        else:
-            t = time.perf_counter()
-            image = await asyncio.to_thread(self._decode, query.image, handle)
-            timings["decode_image"] = time.perf_counter() - t
+        found = await self._find(query.image, timings)
+        image = found.image
         for i, e in enumerate(query.exemplars):
             check_box_inside(e.box, image.width, image.height, f"exemplars[{i}].box")
         rest = dataclasses.replace(query, texts=(), exemplars=())
         instances: list[InstanceResult] = []
         if rest.classes or rest.regions:
-            result = await self._segment(rest, image)
+            result = await self._segment(rest, found)
             instances, timings = result.instances, {**timings, **result.timings}
         labels = list(dict.fromkeys(e.class_name for e in query.exemplars))
         w, h = image.width, image.height
@@ -177,7 +181,7 @@ class Pipeline:
         out = await self.runner.segment_concepts(batch, query.texts, exemplar_boxes)
         timings["segment_concepts"] = time.perf_counter() - t
         t = time.perf_counter()
-        found = await asyncio.to_thread(
+        concepts = await asyncio.to_thread(
             processing.postprocess,
             out.boxes, out.logits, out.presence, out.mask_logits, (h, w),
             thresholds.score_threshold, thresholds.iou_threshold, thresholds.max_instances,
@@ -185,7 +189,7 @@ class Pipeline:
         )  # fmt: skip
         timings["encode_concept_masks"] = time.perf_counter() - t
         answers = []
-        for box, score, k, mask in zip(found.boxes, found.scores, found.text_ids, found.masks, strict=True):
+        for box, score, k, mask in zip(concepts.boxes, concepts.scores, concepts.text_ids, concepts.masks, strict=True):
             if k < len(query.texts):
                 label, match = query.texts[k], TextMatch(int(k), query.texts[k], -1, query.texts[k], 1.0, OPEN)
             else:
@@ -197,23 +201,17 @@ class Pipeline:
         regions = [i for i in instances if i.source == REGION]
         timings["total"] = time.perf_counter() - start
         request_id = query.request_id or uuid.uuid4().hex
-        return SegmentResult(request_id, image, detected + regions, timings, entry is not None)
+        return SegmentResult(request_id, image, detected + regions, timings, found.entry is not None)
 
-    async def _segment(self, query: SegmentQuery, decoded: DecodedImage | None = None) -> SegmentResult:
-        """The detector and SAM 2 path. ``decoded``: the request's image when the caller decoded it already."""
+    async def _segment(self, query: SegmentQuery, found: FoundImage | None = None) -> SegmentResult:
+        """The detector and SAM 2 path for a checked query. ``found``: the request's image when the caller has
+        looked it up (and decoded it) already."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        check_query(query, self.limits)
         vocabulary, texts, text_embeddings = await self._vocabulary(query, timings)
-        handle, entry = self._lookup(query.image)
-        if entry is not None:
-            image = entry.image
-        elif decoded is not None:
-            image = decoded
-        else:
-            t = time.perf_counter()
-            image = await asyncio.to_thread(self._decode, query.image, handle)
-            timings["decode_image"] = time.perf_counter() - t
+        if found is None:
+            found = await self._find(query.image, timings)
+        handle, entry, image = found.handle, found.entry, found.image
         open_vocabulary = self.runner.detector.open_vocabulary
         p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
@@ -301,17 +299,25 @@ class Pipeline:
         """Decodes and encodes an image into the cache (EncodeImage); a cached one is only refreshed."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        handle, entry = self._lookup(image_input)
-        if entry is not None:
+        found = await self._find(image_input, timings)
+        handle, image = found.handle, found.image
+        if found.entry is not None:
             timings["total"] = time.perf_counter() - start
-            return EncodeResult(handle, entry.image, True, timings)
-        t = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, image_input, handle)
-        timings["decode_image"] = time.perf_counter() - t
+            return EncodeResult(handle, image, True, timings)
         features = await self._encode(image, timings)
         self.cache.put(handle, CacheEntry(image, features))
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle, image, False, timings)
+
+    async def _find(self, image_input: ImageInput, timings: dict[str, float]) -> FoundImage:
+        """The request's image: from the cache (bytes or handle), else decoded (timed as "decode_image")."""
+        handle, entry = self._lookup(image_input)
+        if entry is not None:
+            return FoundImage(handle, entry, entry.image)
+        t = time.perf_counter()
+        image = await asyncio.to_thread(self._decode, image_input, handle)
+        timings["decode_image"] = time.perf_counter() - t
+        return FoundImage(handle, None, image)
 
     def _lookup(self, image: ImageInput, field: str = "image") -> tuple[str, CacheEntry | None]:
         """(handle, cached entry or None) of an image given by bytes or handle; the handle of bytes is their
