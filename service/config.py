@@ -36,7 +36,8 @@ class Settings:
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
 
     # Models.
-    # Profile: auto (official if obtainable, else demo) | official | official-open | demo | demo-open | test | test-open
+    # Profile: auto (official if obtainable, else profiles.FALLBACK_PROFILE) | official | official-open | demo |
+    # demo-open | test | test-open
     models: str = "auto"
     detector: str = ""  # catalog name or checkpoint path; empty = the profile's
     segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's

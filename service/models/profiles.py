@@ -15,6 +15,10 @@ from service.models.roles import ModelRole
 
 log = logging.getLogger(__name__)
 
+# What profile "auto" serves when the official weights are neither cached nor downloadable: the open-vocabulary
+# shapes demo, which answers class names, free text and exemplars offline (service/models/demo/SHAPES_YOLOE.md).
+FALLBACK_PROFILE = "demo-open"
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightsRef:
@@ -39,8 +43,8 @@ class ModelSet:
 def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     """Finds (downloading if allowed) and verifies every weights file the settings name.
 
-    Profile ``auto`` is ``official`` when those weights are cached or can be downloaded, else ``demo``
-    with one WARNING saying so and how to get the official ones.
+    Profile ``auto`` is ``official`` when those weights are cached or can be downloaded, else
+    ``FALLBACK_PROFILE`` with one WARNING saying so and how to get the official ones.
 
     Raises:
         WeightsNotFound: one message naming every missing file and where to put it.
@@ -53,14 +57,15 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
             files = ", ".join(e.files) or "official weights"
             why = "; ".join(dict.fromkeys(e.reasons)) or "not found"
             log.warning(
-                "%s not in %s and could not be fetched (%s): serving the DEMO profile (shapes models); for "
+                "%s not in %s and could not be fetched (%s): serving the DEMO profile %s (shapes models); for "
                 "official weights run `detseg serve --models official` online once, or put the files `detseg "
                 "models` lists in that folder",
                 files,
                 settings.cache_dir,
                 why,
+                FALLBACK_PROFILE,
             )
-            return resolve_models(settings.replace(models="demo"), progress=progress)
+            return resolve_models(settings.replace(models=FALLBACK_PROFILE), progress=progress)
     detector: WeightsRef | None
     segmenter: WeightsRef | None
     if settings.models in ("demo", "demo-open"):

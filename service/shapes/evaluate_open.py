@@ -17,6 +17,12 @@ Phrase groups (each phrase is one COCO category; its ground truth = the instance
 - ``size_colour_shape``, ``colour``, ``size_shape``: the other trained phrase levels ("large blue star",
   "red shape", "small star").
 
+Exemplars (``detect_exemplars``): for every (image, colour + shape combination present), the first instance's box
+is the prompt (same image, as a request's ``exemplars`` with no reference image); its ground truth is every
+instance of that colour and shape in the image, the exemplar's own included. Groups ``exemplar_trained`` and
+``exemplar_held_out`` (combinations never rendered in training). ``reference_exemplar_*``: the same, with the
+exemplar boxed on another test scene (the first other one holding the combination), as a catalog photo would be.
+
 AP50: COCOeval bbox AP at IoU 0.5 over the group's categories (score ≥ 0.001, 100 detections per image and
 phrase). False positives for absent phrases: for every (image, phrase) whose phrase describes nothing in the
 image, the detections a request at the serving defaults (score ≥ 0.25, NMS IoU 0.7) returns; reported per
@@ -144,21 +150,64 @@ class ServedOpenDetector:
         self, scenes: Sequence[AttributeScene], texts: Sequence[str], score: float, iou: float = SERVING_IOU
     ) -> PhraseDetections:
         """Every text on every scene, as one request per text would answer it."""
-        from service.runners.base import DetectorOutput
-
         embeddings = self.class_embeddings(texts)
         boxes: dict[tuple[int, str], np.ndarray] = {}
         scores: dict[tuple[int, str], np.ndarray] = {}
         for scene in scenes:
-            raw = self.raw(scene.image, embeddings)
-            for j, text in enumerate(texts):
-                one = DetectorOutput(raw=np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + j]]))
-                det = self.processing.postprocess(
-                    one, 0, (scene.height, scene.width), class_ids=None, score_threshold=score, iou_threshold=iou,
-                    max_instances=MAX_DETECTIONS,
-                )  # fmt: skip
-                boxes[scene.seed, text], scores[scene.seed, text] = det.boxes, det.scores
+            self._keep_each(scene, texts, self.raw(scene.image, embeddings), score, iou, boxes, scores)
         return PhraseDetections(boxes, scores)
+
+    def detect_exemplars(
+        self, scenes: Sequence[AttributeScene], score: float, iou: float = SERVING_IOU,
+        references: Sequence[AttributeScene] | None = None,
+    ) -> PhraseDetections:  # fmt: skip
+        """Per scene and colour + shape combination present ("red star"): the detections of one request whose
+        exemplar is the first such instance's box: on the scene itself, or with ``references``, on the first
+        reference scene (other than the scene) holding that combination (a request's exemplar ``image``).
+        Keys as ``detect_each`` (the combination's phrase)."""
+        import torch
+
+        from service.models.open_vocabulary import detect, visual_prompt_embeddings
+
+        def embed(scene: AttributeScene, texts: list[str]) -> Any:
+            first = {t: next(i for i in scene.instances if i.colour_shape == t) for t in texts}
+            prompt = np.array([first[t].box for t in texts], dtype=np.float32)
+            visuals = self.processing.exemplar_visuals(prompt, np.arange(len(texts)), (scene.height, scene.width))
+            image = torch.from_numpy(self.processing.preprocess(scene.image))
+            with torch.no_grad():
+                return visual_prompt_embeddings(self.model, image, torch.from_numpy(visuals))
+
+        boxes: dict[tuple[int, str], np.ndarray] = {}
+        scores: dict[tuple[int, str], np.ndarray] = {}
+        for scene in scenes:
+            texts = list(dict.fromkeys(i.colour_shape for i in scene.instances))
+            if references is None:
+                embeddings = embed(scene, texts)
+            else:
+                rows = []
+                for text in texts:
+                    ref = next(r for r in references if r.seed != scene.seed and any(
+                        i.colour_shape == text for i in r.instances))  # fmt: skip
+                    rows.append(embed(ref, [text]))
+                embeddings = torch.cat(rows, dim=1)
+            with torch.no_grad():
+                raw = detect(self.model, torch.from_numpy(self.processing.preprocess(scene.image)), embeddings)
+            self._keep_each(scene, texts, raw.numpy(), score, iou, boxes, scores)
+        return PhraseDetections(boxes, scores)
+
+    def _keep_each(
+        self, scene: AttributeScene, texts: Sequence[str], raw: np.ndarray, score: float, iou: float,
+        boxes: dict[tuple[int, str], np.ndarray], scores: dict[tuple[int, str], np.ndarray],
+    ) -> None:  # fmt: skip
+        """NMS per text of one image's (1, 4 + C, A) head output into ``boxes``/``scores``."""
+        from service.runners.base import DetectorOutput
+
+        for j, text in enumerate(texts):
+            det = self.processing.postprocess(
+                DetectorOutput(raw=np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + j]])), 0, (scene.height, scene.width),
+                class_ids=None, score_threshold=score, iou_threshold=iou, max_instances=MAX_DETECTIONS,
+            )  # fmt: skip
+            boxes[scene.seed, text], scores[scene.seed, text] = det.boxes, det.scores
 
 
 def ground_truth(scenes: Sequence[AttributeScene], phrases: Sequence[Phrase]) -> dict[str, Any]:
@@ -190,6 +239,7 @@ def ap50_by_phrase(
         {"image_id": s.seed, "category_id": c + 1, "score": float(score),
          "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
         for s in scenes for c, p in enumerate(phrases)
+        if (s.seed, p.text) in dets.boxes
         for b, score in zip(dets.boxes[s.seed, p.text], dets.scores[s.seed, p.text], strict=True)
     ]  # fmt: skip
     if not results:
@@ -257,6 +307,16 @@ def evaluate(weights: Path, count: int = 300) -> dict[str, Any]:
     out["fp_absent_trained_distractors"] = absent_false_positives(scenes, groups["trained"], served, distractor)
     out["fp_absent_held_out"] = absent_false_positives(scenes, groups["held_out"], served)
     out["fp_absent_held_out_distractors"] = absent_false_positives(scenes, groups["held_out"], served, distractor)
+    from service.models.open_vocabulary import takes_visual_prompts
+
+    if takes_visual_prompts(detector.model):
+        same = detector.detect_exemplars(scenes, EVAL_SCORE)
+        other = detector.detect_exemplars(scenes, EVAL_SCORE, references=scenes)
+        for kind, dets in (("exemplar", same), ("reference_exemplar", other)):
+            for name in ("trained", "held_out"):
+                out[f"ap50_{kind}_{name}"], out[f"ap50_{kind}_{name}_per_phrase"] = ap50_by_phrase(
+                    scenes, groups[name], dets
+                )
     out["held_out_instances"] = {
         f"{c} {k}": sum(i.colour == c and i.shape == k for s in scenes for i in s.instances) for c, k in HELD_OUT
     }

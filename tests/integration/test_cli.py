@@ -126,8 +126,9 @@ def test_serve_official_offline_without_weights_stops_with_one_clear_message(tmp
     assert f"place it at {empty}" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_default_serve_offline_falls_back_to_demo_and_segments_the_sample(tmp_path: Path):
-    """What `make serve` does on a machine with no official weights and no network."""
+def test_default_serve_offline_falls_back_to_the_open_demo_and_segments_the_sample(tmp_path: Path):
+    """What `make serve` does on a machine with no official weights and no network: the open-vocabulary demo
+    (profile demo-open) answers class names and free text on the attribute sample."""
     port = _free_port()
     env = {**os.environ, "DETSEG_CACHE_DIR": str(tmp_path / "empty"), "DETSEG_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -138,17 +139,19 @@ def test_default_serve_offline_falls_back_to_demo_and_segments_the_sample(tmp_pa
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=180)
             wait_serving(channel)
-        sample = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
+        sample = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample-attributes.jpg"
         overlay = tmp_path / "overlay.png"
         result = subprocess.run(
-            [*DETSEG, "segment", str(sample), "--classes", "circle,star", "--target", target, "--json",
-             "--out", str(overlay)],
+            [*DETSEG, "segment", str(sample), "--classes", "circle", "--text", "green star", "--text", "red star",
+             "--target", target, "--json", "--out", str(overlay)],
             env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         answer = json.loads(result.stdout)
         labels = sorted(i["label"] for i in answer["instances"])
-        assert answer["image"]["profile"] == "demo" and labels == ["circle", "star"]
+        # the sample holds three circles, one green star and one red star (and other shapes); see the README
+        assert answer["image"]["profile"] == "demo-open"
+        assert labels == ["circle", "circle", "circle", "green star", "red star"], labels
         assert Image.open(overlay).size == (answer["image"]["width"], answer["image"]["height"])
     finally:
         proc.terminate()

@@ -84,7 +84,7 @@ def test_offline_official_profile_names_every_missing_file(tmp_path):
     assert "yolo11n.pt" in message and "sam2.1_hiera_tiny.pt" in message and str(tmp_path) in message
 
 
-def test_auto_profile_without_official_weights_serves_demo_with_one_warning(tmp_path, caplog):
+def test_auto_profile_without_official_weights_serves_the_open_demo_with_one_warning(tmp_path, caplog):
     import logging
 
     from service.config import Settings
@@ -92,7 +92,7 @@ def test_auto_profile_without_official_weights_serves_demo_with_one_warning(tmp_
 
     caplog.set_level(logging.WARNING)
     models = resolve_models(Settings(models="auto", cache_dir=tmp_path, offline=True))
-    assert models.profile == "demo" and models.detector.name == "shapes-yolo11n"
+    assert models.profile == "demo-open" and models.detector.name == "shapes-yoloe"
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     message = warning.getMessage()
     assert "\n" not in message and "DEMO" in message and "yolo11n.pt, sam2.1_hiera_tiny.pt" in message
@@ -114,7 +114,7 @@ def test_auto_profile_warning_says_the_download_failed_and_why(http_root, tmp_pa
         monkeypatch.setitem(catalog.CATALOG, name, dataclasses.replace(entry, url=f"{base}/{entry.filename}"))
     caplog.set_level(logging.INFO)
     models = resolve_models(Settings(models="auto", cache_dir=tmp_path / "cache"), progress=False)
-    assert models.profile == "demo"
+    assert models.profile == "demo-open"
     assert any("downloading yolo11n.pt" in r.getMessage() for r in caplog.records)
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "could not be fetched (download failed: HTTP 404)" in warning.getMessage()

@@ -19,7 +19,14 @@ Never imported by the serving path. What it does:
    phrases are mutually exclusive, so each box has exactly one true phrase, which is what ultralytics'
    one-class-per-box loss can express; ultralytics' own ``RandomLoadText`` would pad with phrases that may be
    true of a box (e.g. "circle" beside "red circle") and train them as negatives.
-4. Copies ``last.pt`` (fp16, optimizer stripped) to ``shapes-yoloe.pt`` beside this file.
+4. Trains the exemplar encoder (the head's SAVPE) with everything else frozen, ultralytics' visual-prompt recipe
+   (``YOLOEVPTrainer``, ``freeze`` = every layer but ``savpe``; batch-norm statistics frozen with them): each
+   training image's colour + shape categories present become its classes, each category's prompt the union of
+   its boxes (``LoadVisualPrompt``), classification loss only. Text-prompted outputs stay bit-identical.
+5. Copies ``last.pt`` (fp16, optimizer stripped) to ``shapes-yoloe.pt`` beside this file.
+
+``--stage visual --start shapes-yoloe.pt`` runs step 4 alone on a text-trained checkpoint (the shipped file was
+made that way: stage 1, then stage 2 from its output with a fresh, seeded SAVPE).
 
 Ultralytics' YOLOE validator would load MobileCLIP for its class names: the validator here takes the same
 MiniLM features instead (ultralytics val on the 100 val scenes, fine classes, after the last epoch only).
@@ -63,6 +70,10 @@ COMMON: dict[str, Any] = dict(
     # (0.7 / 0.4); the size word must stay true under scale jitter (default 0.5 would overlap the two ranges).
     hsv_h=0.01, hsv_s=0.3, hsv_v=0.25, scale=0.2,
 )  # fmt: skip  # epochs: re-planned by ultralytics' `time` mode
+
+
+# The visual stage trains one fresh module: AdamW as ultralytics' own visual-prompt recipe uses it.
+VISUAL: dict[str, Any] = dict(optimizer="AdamW", lr0=0.002, weight_decay=0.025, momentum=0.9)
 
 
 def phrase(level: str, size: str, colour: str, shape: str) -> str:
@@ -122,6 +133,25 @@ class PhraseSampler:
         return labels
 
 
+class ExemplarSampler:
+    """Ultralytics transform for the visual-prompt stage: fine class ids → colour + shape categories.
+
+    labels["cls"] (n, 1) FINE_CLASSES ids in; out: indices into the sorted colour + shape phrases present
+    (continuous from 0, as ``LoadVisualPrompt`` expects: one visual prompt per index), those phrases first in
+    labels["texts"]. An exemplar of a red star should find every red star, large or small."""
+
+    def __call__(self, labels: dict[str, Any]) -> dict[str, Any]:
+        fine = [FINE_CLASSES[int(c)] for c in np.asarray(labels.pop("cls")).reshape(-1)]
+        names = [phrase("colour+shape", *f) for f in fine]
+        texts = sorted(set(names))
+        index = {p: i for i, p in enumerate(texts)}
+        labels["cls"] = np.array([[index[n]] for n in names], dtype=np.float32).reshape(-1, 1)
+        # the trainer stacks every image's text features, so all images need as many texts; visual prompts take
+        # the texts' place in this stage, so the padding is never used
+        labels["texts"] = texts + [p for p in ALL_PHRASES if p not in index][: MAX_TEXTS - len(texts)]
+        return labels
+
+
 def phrase_features(texts: list[str]) -> np.ndarray:
     """(N, 512) float32: what detseg's ClassTextEncoder for TEXT_MODEL gives for ``texts``."""
     from service.models.text import ClassTextEncoder, SentenceEncoder
@@ -162,9 +192,11 @@ def write_text_cache(folder: Path) -> Path:
     return path
 
 
-def make_trainer_class() -> type:
-    """YOLOETrainerFromScratch with the phrase dataset, MiniLM text features and a MiniLM validator."""
+def make_trainer_class(visual: bool = False) -> type:
+    """YOLOETrainerFromScratch with the phrase dataset, MiniLM text features and a MiniLM validator; with
+    ``visual``, the visual-prompt stage: colour + shape categories and their box prompts (``LoadVisualPrompt``)."""
     import torch
+    from ultralytics.data.augment import LoadVisualPrompt
     from ultralytics.data.dataset import YOLOMultiModalDataset
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.models.yolo.yoloe import YOLOETrainerFromScratch
@@ -179,7 +211,9 @@ def make_trainer_class() -> type:
 
         def build_text_transforms(self, transforms: Any, max_samples: int) -> Any:
             if self.augment:
-                transforms.insert(-1, PhraseSampler(MAX_TEXTS))
+                transforms.insert(-1, ExemplarSampler() if visual else PhraseSampler(MAX_TEXTS))
+                if visual:  # after Format: reads its normalised boxes
+                    transforms.append(LoadVisualPrompt())
             return transforms
 
     class PhraseValidator(YOLOEDetectValidator):
@@ -216,6 +250,11 @@ def make_trainer_class() -> type:
                 self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks
             )
 
+        def validate(self) -> tuple[dict[str, Any], float]:
+            if visual:  # ultralytics' validator cannot score visual prompts from the val set; figures: evaluate_open
+                return {}, 0.0
+            return super().validate()
+
         def final_eval(self) -> None:  # ultralytics would re-validate best.pt via MobileCLIP; figures: evaluate_open
             pass
 
@@ -235,10 +274,40 @@ def drop_visual_prompt_encoder(path: Path) -> None:
     torch.save(ckpt, path)
 
 
+def visual_start(text_weights: Path, out: Path) -> Path:
+    """A text-trained checkpoint with a fresh SAVPE (seeded ``SEED``) in its head, for the visual stage."""
+    import torch
+    from ultralytics.nn.tasks import YOLOEModel
+
+    from service.models.loading import safe_load_ultralytics
+
+    ckpt = safe_load_ultralytics(text_weights)
+    model = ckpt.get("ema") or ckpt["model"]
+    if model.model[-1].savpe is None:  # the shipped file: SAVPE was removed after the text stage
+        torch.manual_seed(SEED)
+        fresh: Any = YOLOEModel(ARCHITECTURE, verbose=False).model
+        model.model[-1].savpe = fresh[-1].savpe.to(next(model.parameters()).dtype)
+    ckpt["model"], ckpt["ema"] = model, None
+    torch.save(ckpt, out)
+    return out
+
+
+def frozen_except_savpe(architecture: str) -> list[str]:
+    """ultralytics ``freeze`` for the visual-prompt stage: every layer, and every head part but ``savpe``."""
+    from ultralytics.nn.tasks import YOLOEModel
+
+    layers: Any = YOLOEModel(architecture, verbose=False).model
+    head = len(layers) - 1
+    return [str(i) for i in range(head)] + [f"{head}.{n}" for n, _ in layers[-1].named_children() if n != "savpe"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="scratch dir for the dataset and runs")
-    parser.add_argument("--hours", type=float, default=0.65, help="training wall-time budget (ultralytics `time`)")
+    parser.add_argument("--stage", choices=("all", "text", "visual"), default="all")
+    parser.add_argument("--hours", type=float, default=0.65, help="text stage wall-time budget (ultralytics `time`)")
+    parser.add_argument("--visual-hours", type=float, default=0.06, help="visual-prompt stage wall-time budget")
+    parser.add_argument("--start", type=Path, help="--stage visual: the text-trained checkpoint to start from")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads while training")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-yoloe.pt")
     args = parser.parse_args()
@@ -258,17 +327,33 @@ def main() -> None:
         data = write_dataset(args.work / "data")
     cache = write_text_cache(args.work / "data" / "images")
     print(f"dataset and {cache.name} ({len(ALL_PHRASES)} phrases) ready in {time.time() - start:.0f}s", flush=True)
-
-    model = YOLOE(ARCHITECTURE)
-    if args.threads:
-        model.add_callback("on_train_start", lambda trainer: torch.set_num_threads(args.threads))
     splits = {"train": {"yolo_data": [str(data)]}, "val": {"yolo_data": [str(data)]}}
     runs = args.work / "runs"
-    model.train(data=splits, trainer=make_trainer_class(), project=str(runs), name="yoloe", time=args.hours, **COMMON)
-    weights = runs / "yoloe" / "weights" / "last.pt"
-    strip_optimizer(str(weights))
+
+    def train(model: Any, name: str, **kwargs: Any) -> Path:
+        if args.threads:
+            model.add_callback("on_train_start", lambda trainer: torch.set_num_threads(args.threads))
+        model.train(data=splits, project=str(runs), name=name, **COMMON | kwargs)
+        weights = runs / name / "weights" / "last.pt"
+        strip_optimizer(str(weights))
+        return weights
+
+    weights = args.start
+    if args.stage in ("all", "text"):
+        weights = train(YOLOE(ARCHITECTURE), "yoloe", trainer=make_trainer_class(), time=args.hours)
+        print(f"text stage done at {time.time() - start:.0f}s", flush=True)
+    if args.stage in ("all", "visual"):
+        if weights is None:
+            parser.error("--stage visual needs --start")
+        begin = visual_start(weights, args.work / "visual-start.pt")
+        weights = train(
+            YOLOE(str(begin)), "yoloe-vp", trainer=make_trainer_class(visual=True), time=args.visual_hours,
+            freeze=frozen_except_savpe(ARCHITECTURE), warmup_epochs=0, close_mosaic=0, **VISUAL,
+        )  # fmt: skip
+        print(f"visual stage done at {time.time() - start:.0f}s", flush=True)
     shutil.copyfile(weights, args.out)
-    drop_visual_prompt_encoder(args.out)
+    if args.stage == "text":  # untrained SAVPE: exemplars are refused instead of answered with noise
+        drop_visual_prompt_encoder(args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); total {time.time() - start:.0f}s", flush=True)
 
 
