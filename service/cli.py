@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.client import DEFAULT_TARGET
 from service.config import Settings
 from service.errors import DetsegError
-
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,55 +159,46 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    import grpc
-
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
-    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+    from service.client import Client, Exemplar, Region, RequestFailed
 
     data = args.image.read_bytes()
-    request = pb.SegmentRequest(
-        image=pb.Image(encoded=data),
-        classes=[c.strip() for c in args.classes.split(",") if c.strip()],
-        texts=args.text,
-    )
+    regions = []
     for spec in args.box:
         parts = spec.split(",")
-        x0, y0, x1, y1 = (float(v) for v in parts[:4])
-        request.regions.add(
-            box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
-            label=parts[4] if len(parts) > 4 else "",
-        )
+        regions.append(Region(box=_xyxy(parts), label=parts[4] if len(parts) > 4 else ""))
+    exemplars = []
     for spec in args.exemplar:
         box_spec, _, reference = spec.partition("@")
         parts = box_spec.split(",")
-        x0, y0, x1, y1 = (float(v) for v in parts[:4])
-        exemplar = request.exemplars.add(
-            box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1), label=parts[4] if len(parts) > 4 else ""
-        )
-        if reference:
-            exemplar.image.encoded = Path(reference).read_bytes()
-    if args.score_threshold is not None:
-        request.options.score_threshold = args.score_threshold
-    if args.max_instances is not None:
-        request.options.max_instances = args.max_instances
-    with grpc.insecure_channel(args.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        label = parts[4] if len(parts) > 4 else ""
+        exemplars.append(Exemplar(_xyxy(parts), label, Path(reference).read_bytes() if reference else None))
+    with Client(args.target, timeout=args.timeout) as client:
         try:
-            response = pb_grpc.SegmentationServiceStub(channel).Segment(request, timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"detseg: {e.code().name}: {e.details()}", file=sys.stderr)
+            result = client.segment(
+                data,
+                classes=[c.strip() for c in args.classes.split(",") if c.strip()],
+                texts=args.text,
+                regions=regions,
+                exemplars=exemplars,
+                score_threshold=args.score_threshold,
+                max_instances=args.max_instances,
+            )
+        except RequestFailed as e:
+            print(f"detseg: {e}", file=sys.stderr)
             return 1
-    instances = [_instance_dict(i) for i in response.instances]
+    instances = [_instance_dict(i) for i in result.instances]
     if args.json:
-        print(json.dumps({"image": _image_dict(response), "instances": instances}, indent=2, default=_json_bytes))
+        print(json.dumps({"image": _image_dict(result), "instances": instances}, indent=2))
     else:
-        info = response.image
+        info = result.response.image
         print(f"{info.width}x{info.height} {info.format}: {len(instances)} instance(s)")
-        for n, i in enumerate(instances):
-            box = ", ".join(f"{v:.1f}" for v in i["box"])
-            area = int(_area(i))
-            score, iou = i["score"], i["mask_score"]
-            via = f"  (text {i['text']!r}, similarity {i['similarity']:.2f})" if i["text"] else ""
-            print(f"{n:3d}  {i['label']:<16} score {score:.3f}  box [{box}]  mask {area} px  mask score {iou:.3f}{via}")
+        for n, i in enumerate(result.instances):
+            box = ", ".join(f"{v:.1f}" for v in i.box)
+            via = f"  (text {i.text!r}, similarity {i.similarity:.2f})" if i.text else ""
+            print(
+                f"{n:3d}  {i.label:<16} score {i.score:.3f}  box [{box}]  mask {i.area} px  "
+                f"mask score {i.mask_score:.3f}{via}"
+            )
     if args.out:
         from service.overlay import render_overlay
 
@@ -217,44 +207,36 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instance_dict(i: Any) -> dict[str, Any]:
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+def _xyxy(parts: list[str]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in parts[:4])
+    return x0, y0, x1, y1
 
+
+def _instance_dict(i: Any) -> dict[str, Any]:
+    """A client ``Instance`` as the JSON ``segment --json`` prints."""
     return {
         "label": i.label,
         "class_id": i.class_id,
         "score": round(i.score, 4),
-        "box": [i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max],
+        "box": list(i.box),
         "mask_score": round(i.mask_score, 4),
-        "source": pb.InstanceSource.Name(i.source),
-        "text": i.text_match.text,
-        "similarity": round(i.text_match.similarity, 4),
-        "rle": {"size": list(i.mask.coco_rle.size), "counts": i.mask.coco_rle.counts},
+        "source": i.source,
+        "text": i.text,
+        "similarity": round(i.similarity, 4),
+        "rle": i.rle,
     }
 
 
-def _image_dict(response: Any) -> dict[str, Any]:
-    im = response.image
+def _image_dict(result: Any) -> dict[str, Any]:
+    im = result.response.image
     return {
         "width": im.width,
         "height": im.height,
         "format": im.format,
         "sha256": im.sha256,
-        "request_id": response.provenance.request_id,
-        "profile": response.provenance.profile,
+        "request_id": result.request_id,
+        "profile": result.profile,
     }
-
-
-def _area(inst: dict[str, Any]) -> float:
-    from pycocotools import mask as mask_utils
-
-    return float(mask_utils.area({"size": inst["rle"]["size"], "counts": inst["rle"]["counts"]}))
-
-
-def _json_bytes(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii")
-    raise TypeError(type(value).__name__)
 
 
 def _export(args: argparse.Namespace) -> int:

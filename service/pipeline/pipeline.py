@@ -216,8 +216,11 @@ class Pipeline:
         p = plan(query, self.limits, vocabulary, image.width, image.height, texts, open_vocabulary)
 
         references = await asyncio.to_thread(self._reference_images, query.exemplars)  # checked before models run
-        detect = self._detect(image, p, timings, entry, text_embeddings, query.exemplars, references)
-        detections_task = asyncio.ensure_future(detect) if p.run_detector else None
+        detections_task = (
+            asyncio.ensure_future(self._detect(image, p, timings, entry, text_embeddings, query.exemplars, references))
+            if p.run_detector
+            else None
+        )
         features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
         try:
             detections, raw, key = await detections_task if detections_task else (None, None, None)

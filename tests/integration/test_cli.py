@@ -79,7 +79,7 @@ def test_segment_with_free_text_prompts(served, settings):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     instances = json.loads(result.stdout)["instances"]
-    assert instances and {i["source"] for i in instances} == {"INSTANCE_SOURCE_TEXT"}
+    assert instances and {i["source"] for i in instances} == {"text"}
     assert {(i["text"], i["label"]) for i in instances} <= {("automobile", "car"), ("pedestrian", "person")}
 
 

@@ -19,5 +19,7 @@ def test_readme_python_client_example_runs(demo_server):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith(tuple("0123456789abcdef")) and "shapes-yolo11n" in lines[-1]
+    assert lines[-1].endswith(f"{len(lines) - 1} detections, 1 region")
     labels = [line.split()[0] for line in lines[:-1]]
     assert "circle" in labels and "star" in labels and set(labels) <= {"circle", "star"}
+    assert any(line.split()[-2:] == ["round", "shape"] for line in lines[:-1])  # the text's answer says so

@@ -1,0 +1,493 @@
+"""The Python client of a detseg server: typed requests and results over the generated stubs.
+
+    from service.client import Client
+
+    with Client("127.0.0.1:50051") as detseg:
+        result = detseg.segment("photo.jpg", classes=["person", "bus"])
+    detections = result.to_supervision()  # supervision.Detections: xyxy, mask, confidence, class_name
+
+``AsyncClient`` is the same over ``grpc.aio``. Every call has a deadline (the client's ``timeout`` unless the
+call gives one) that bounds the whole call, retries included. UNAVAILABLE (models still loading, a server
+restarting, connection refused, a replica going away) is retried with capped exponential backoff and full
+jitter (``RetryPolicy``); no other status is retried, since it would fail again. gRPC's own service-config
+retries cap attempts at 5 and cannot wait out a server that loads its models for a minute, hence the loop
+here. Streams (``segment_many``) are not retried. Message limits are raised for masks of large images
+(``max_message_bytes``).
+
+Frames: boxes are original-image pixels, XYXY; masks (H, W) bool at the original image size, decoded from the
+COCO RLE the server sends only when asked for (``Instance.mask``, ``Result.masks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import supervision as sv
+    from PIL import Image as PILImage
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+XYXY = tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageHandle:
+    """An image the server has encoded and cached (``Client.encode_image``): prompts on it skip the encoder."""
+
+    handle: str
+
+
+if TYPE_CHECKING:  # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
+    ImageLike = bytes | str | os.PathLike[str] | np.ndarray | ImageHandle | PILImage.Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A click, original-image pixels; ``positive`` False = "not this" (background)."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A caller-placed prompt: a box (XYXY original pixels), clicks, or both; ``label`` names the instance."""
+
+    box: XYXY | None = None
+    points: tuple[Point, ...] = ()
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exemplar:
+    """ "Find more of this": a box (XYXY original pixels) on the request's image, or on ``image`` (a catalog
+    photo); ``label`` names what it finds."""
+
+    box: XYXY
+    label: str = ""
+    image: ImageLike | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE: at most ``max_attempts`` calls in all; before retry n the client sleeps a uniform
+    random time in [0, min(initial_backoff_s * multiplier^(n-1), max_backoff_s)] ("full jitter", as gRPC's
+    retry design and AWS's backoff guidance do), never past the call's deadline."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        return rng.uniform(0.0, min(self.initial_backoff_s * self.multiplier ** (retry - 1), self.max_backoff_s))
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """One labeled instance of a result. ``box``: XYXY original pixels; ``rle``: COCO RLE {"size": [H, W],
+    "counts": str} of the whole image; ``source``: "detector", "region", "text", "exemplar" or "concept";
+    ``text``/``similarity``: the free text it answers and how closely it matched (text answers only)."""
+
+    label: str
+    class_id: int
+    score: float
+    box: XYXY
+    mask_score: float
+    source: str
+    region_index: int
+    text: str
+    similarity: float
+    rle: dict[str, Any]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool, decoded on each access (keep it if you need it twice)."""
+        from pycocotools import mask as mask_utils
+
+        return mask_utils.decode({"size": list(self.rle["size"]), "counts": self.rle["counts"].encode()}).astype(bool)
+
+    @property
+    def area(self) -> int:
+        """Mask pixels."""
+        from pycocotools import mask as mask_utils
+
+        return int(mask_utils.area({"size": list(self.rle["size"]), "counts": self.rle["counts"].encode()}))
+
+    @classmethod
+    def from_proto(cls, inst: pb.Instance) -> Instance:
+        if inst.mask.WhichOneof("data") not in (None, "coco_rle"):
+            raise ValueError("the client asks for COCO RLE masks; got another encoding")
+        source = pb.InstanceSource.Name(inst.source).removeprefix("INSTANCE_SOURCE_").lower()
+        return cls(
+            label=inst.label,
+            class_id=inst.class_id,
+            score=inst.score,
+            box=(inst.box.x_min, inst.box.y_min, inst.box.x_max, inst.box.y_max),
+            mask_score=inst.mask_score,
+            source="region" if source == "region_prompt" else source,
+            region_index=inst.region_index,
+            text=inst.text_match.text,
+            similarity=inst.text_match.similarity,
+            rle={"size": list(inst.mask.coco_rle.size), "counts": inst.mask.coco_rle.counts.decode("ascii")},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """A model that answered: role ("detector", "segmenter", ...), catalog name, version, weights sha256."""
+
+    role: str
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The answer for one image: instances highest score first (detections, then regions in request order),
+    the image's size and sha256, and who answered (``request_id``, ``profile``, ``models``). ``response`` is the
+    message itself, for anything not lifted into fields."""
+
+    instances: tuple[Instance, ...]
+    width: int
+    height: int
+    sha256: str
+    request_id: str
+    profile: str
+    models: tuple[ModelRef, ...]
+    response: pb.SegmentResponse = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: pb.SegmentResponse) -> Result:
+        p = response.provenance
+        models = tuple(
+            ModelRef(pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(), m.name, m.version, m.weights_sha256)
+            for m in p.models
+        )
+        return cls(
+            instances=tuple(Instance.from_proto(i) for i in response.instances),
+            width=response.image.width,
+            height=response.image.height,
+            sha256=response.image.sha256,
+            request_id=p.request_id,
+            profile=p.profile,
+            models=models,
+            response=response,
+        )
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(self.instances)
+
+    @property
+    def labels(self) -> list[str]:
+        return [i.label for i in self.instances]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) float32 XYXY original pixels."""
+        return np.array([i.box for i in self.instances], dtype=np.float32).reshape(-1, 4)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N,) float32 detector scores."""
+        return np.array([i.score for i in self.instances], dtype=np.float32)
+
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, original image size (decoded now)."""
+        if not self.instances:
+            return np.zeros((0, self.height, self.width), dtype=bool)
+        return np.stack([i.mask for i in self.instances])
+
+    def to_supervision(self) -> sv.Detections:
+        """``supervision.Detections``: xyxy, mask (N, H, W) bool, confidence, class_id (detector vocabulary; -1
+        for regions and concepts) and data["class_name"] (the labels), data["mask_score"], data["source"]."""
+        import supervision as sv
+
+        return sv.Detections(
+            xyxy=self.boxes.astype(np.float64).reshape(-1, 4),
+            mask=self.masks() if self.instances else None,
+            confidence=self.scores,
+            class_id=np.array([i.class_id for i in self.instances], dtype=int),
+            data={
+                "class_name": np.array(self.labels, dtype=object),
+                "mask_score": np.array([i.mask_score for i in self.instances], dtype=np.float32),
+                "source": np.array([i.source for i in self.instances], dtype=object),
+            },
+        )
+
+
+class RequestFailed(Exception):
+    """A call the server refused or could not answer: ``code`` (grpc.StatusCode), the server's message, and
+    how many attempts were made (more than 1 only for UNAVAILABLE)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.attempts = attempts
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> RequestFailed:
+        return cls(error.code(), error.details() or "", attempts)  # type: ignore[attr-defined]
+
+
+def image_message(image: ImageLike) -> pb.Image:
+    """Any ``ImageLike`` as the request's Image: file bytes as they are (the server decodes and hashes them),
+    arrays as raw RGB pixels, PIL images as PNG."""
+    if isinstance(image, ImageHandle):
+        return pb.Image(handle=image.handle)
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    if isinstance(image, str | os.PathLike):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), width=w, height=h))
+    if hasattr(image, "save"):  # PIL.Image.Image
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        return pb.Image(encoded=buffer.getvalue())
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
+
+
+def segment_request(
+    image: ImageLike,
+    *,
+    classes: Iterable[str] = (),
+    texts: Iterable[str] = (),
+    regions: Iterable[Region | XYXY] = (),
+    exemplars: Iterable[Exemplar] = (),
+    score_threshold: float | None = None,
+    iou_threshold: float | None = None,
+    max_instances: int | None = None,
+    request_id: str = "",
+) -> pb.SegmentRequest:
+    """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
+    prompt. Unset thresholds take the server's defaults (ListModels)."""
+    request = pb.SegmentRequest(
+        image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
+    )
+    for region in regions:
+        r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
+        prompt = request.regions.add(label=r.label)
+        if r.box is not None:
+            prompt.box.CopyFrom(_box(r.box))
+        for p in r.points:
+            prompt.points.add(x=p.x, y=p.y, label=1 if p.positive else 0)
+    for e in exemplars:
+        exemplar = request.exemplars.add(box=_box(e.box), label=e.label)
+        if e.image is not None:
+            exemplar.image.CopyFrom(image_message(e.image))
+    options = request.options
+    options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
+    if score_threshold is not None:
+        options.score_threshold = score_threshold
+    if iou_threshold is not None:
+        options.iou_threshold = iou_threshold
+    if max_instances is not None:
+        options.max_instances = max_instances
+    return request
+
+
+def channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[str, Any]]:
+    """Message limits both ways, and reconnect backoff in step with ``retry`` so that a restarted server is
+    found again within the retry budget (gRPC's default first reconnect waits ~1 s)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", int(retry.initial_backoff_s * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(retry.initial_backoff_s * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(retry.max_backoff_s * 1000)),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    """One item of ``segment_many``: its index in the input, and its result or error."""
+
+    index: int
+    result: Result | None
+    error: RequestFailed | None
+
+
+def _item(r: pb.SegmentResult) -> ItemResult:
+    if r.WhichOneof("result") == "response":
+        return ItemResult(int(r.index), Result.from_proto(r.response), None)
+    return ItemResult(int(r.index), None, RequestFailed(_status(r.error.code), r.error.message))
+
+
+def _status(value: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code number."""
+    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+class _Channel:
+    """What both clients share: the channel (options from ``channel_options``), the stub, deadlines, metadata."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = 64 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._channel = self._open(target, credentials, channel_options(max_message_bytes, self.retry))
+        self._stub = pb_grpc.SegmentationServiceStub(self._channel)
+        self.timeout = timeout  # seconds, for calls that give none; bounds the call with its retries
+        self._metadata = tuple(metadata)
+        self._rng = random.Random()
+
+    def _attempt(self, deadline: float, attempt: int, error: grpc.RpcError | None) -> float:
+        """Seconds to wait before attempt ``attempt`` (2, 3, ...) after ``error``; raises RequestFailed when
+        the error is not UNAVAILABLE or the attempts or the deadline are spent."""
+        if error is None:
+            return 0.0
+        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.retry.max_attempts:  # type: ignore[attr-defined]
+            raise RequestFailed.from_rpc(error, attempt - 1)
+        wait = self.retry.backoff(attempt - 1, self._rng)
+        if time.monotonic() + wait >= deadline:
+            raise RequestFailed.from_rpc(error, attempt - 1)
+        return wait
+
+    @staticmethod
+    def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
+
+class Client(_Channel):
+    """A blocking client; thread-safe (one channel, reused). Use as a context manager or call ``close``.
+    Keywords: ``timeout`` (default deadline, s), ``retry`` (RetryPolicy), ``max_message_bytes``, ``credentials``
+    (grpc.ssl_channel_credentials(...) for TLS), ``metadata`` (e.g. an authorization header)."""
+
+    @staticmethod
+    def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        error: grpc.RpcError | None = None
+        for attempt in range(1, self.retry.max_attempts + 2):
+            time.sleep(self._attempt(deadline, attempt, error))
+            try:
+                return method(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+            except grpc.RpcError as e:
+                error = e
+        raise AssertionError("unreachable: _attempt raises once the attempts are spent")
+
+    def segment(self, image: ImageLike, *, timeout: float | None = None, **prompts: Any) -> Result:
+        """Segment one image; ``prompts``: the keywords of ``segment_request`` (classes, texts, regions,
+        exemplars, score_threshold, iou_threshold, max_instances, request_id). Raises RequestFailed."""
+        return Result.from_proto(self._call(self._stub.Segment, segment_request(image, **prompts), timeout))
+
+    def segment_many(
+        self, requests: Iterable[pb.SegmentRequest], *, timeout: float | None = None
+    ) -> Iterator[ItemResult]:
+        """Many requests over one StreamSegment call (the server bounds how many are in flight): one
+        ItemResult per request, in request order; a failed item does not stop the others. ``timeout`` bounds
+        the whole stream (default: none beyond the server's own per-item deadlines)."""
+        try:
+            for r in self._stub.StreamSegment(iter(requests), timeout=timeout, metadata=self._metadata):
+                yield _item(r)
+        except grpc.RpcError as e:
+            raise RequestFailed.from_rpc(e) from None
+
+    def encode_image(self, image: ImageLike, *, timeout: float | None = None) -> ImageHandle:
+        """Encode and cache an image on the server; prompts on the handle reuse its features."""
+        request = pb.EncodeImageRequest(image=image_message(image))
+        return ImageHandle(self._call(self._stub.EncodeImage, request, timeout).handle)
+
+    def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        return self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+
+
+class AsyncClient(_Channel):
+    """The asyncio client (``grpc.aio``); same calls and keywords as ``Client``, awaited. Create it inside a
+    running event loop."""
+
+    @staticmethod
+    def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        error: grpc.RpcError | None = None
+        for attempt in range(1, self.retry.max_attempts + 2):
+            await asyncio.sleep(self._attempt(deadline, attempt, error))
+            try:
+                return await method(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+            except grpc.RpcError as e:
+                error = e
+        raise AssertionError("unreachable: _attempt raises once the attempts are spent")
+
+    async def segment(self, image: ImageLike, *, timeout: float | None = None, **prompts: Any) -> Result:
+        return Result.from_proto(await self._call(self._stub.Segment, segment_request(image, **prompts), timeout))
+
+    async def segment_many(
+        self, requests: Iterable[pb.SegmentRequest], *, timeout: float | None = None
+    ) -> AsyncIterator[ItemResult]:
+        try:
+            async for r in self._stub.StreamSegment(iter(requests), timeout=timeout, metadata=self._metadata):
+                yield _item(r)
+        except grpc.RpcError as e:
+            raise RequestFailed.from_rpc(e) from None
+
+    async def encode_image(self, image: ImageLike, *, timeout: float | None = None) -> ImageHandle:
+        request = pb.EncodeImageRequest(image=image_message(image))
+        return ImageHandle((await self._call(self._stub.EncodeImage, request, timeout)).handle)
+
+    async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        return await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
