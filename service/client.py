@@ -104,7 +104,10 @@ class RetryPolicy:
 class Instance:
     """One labeled instance of a result. ``box``: XYXY original pixels; ``rle``: COCO RLE {"size": [H, W],
     "counts": str} of the whole image; ``source``: "detector", "region", "text", "exemplar" or "concept";
-    ``text``/``similarity``: the free text it answers and how closely it matched (text answers only)."""
+    ``text``/``similarity``: the free text it answers and how closely it matched (text answers only);
+    ``needs_review``/``review_reasons``: whether a person should check it and the rules that fired ("low_score",
+    "low_mask_score", "unstable_mask", "tiny_mask", "fragmented_mask", "weak_text_match"); ``stability``: SAM's
+    stability score of the mask."""
 
     label: str
     class_id: int
@@ -116,6 +119,9 @@ class Instance:
     text: str
     similarity: float
     rle: dict[str, Any]
+    needs_review: bool = False
+    review_reasons: tuple[str, ...] = ()
+    stability: float = 1.0
 
     @property
     def mask(self) -> np.ndarray:
@@ -147,6 +153,11 @@ class Instance:
             text=inst.text_match.text,
             similarity=inst.text_match.similarity,
             rle={"size": list(inst.mask.coco_rle.size), "counts": inst.mask.coco_rle.counts.decode("ascii")},
+            needs_review=inst.review.needed,
+            review_reasons=tuple(
+                pb.ReviewReason.Name(r).removeprefix("REVIEW_REASON_").lower() for r in inst.review.reasons
+            ),
+            stability=inst.review.stability_score,
         )
 
 

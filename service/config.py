@@ -114,6 +114,15 @@ class Settings:
     mask_clip_to_box: bool = True
     mask_box_margin: float = 0.1
 
+    # Review routing defaults (service.pipeline.review; SegmentOptions.review overrides them per request;
+    # ListModels reports them). An instance is flagged for a person when any rule fires; 0 turns a rule off.
+    review_score_below: float = 0.5  # detector score
+    review_mask_score_below: float = 0.8  # SAM's predicted mask IoU
+    review_stability_below: float = 0.9  # SAM's stability score (IoU of the mask at logit +1 vs -1)
+    review_min_mask_area: int = 64  # pixels
+    review_max_mask_components: int = 3  # connected parts
+    review_text_similarity_below: float = 0.6  # a free text's similarity to the class that answered it
+
     @classmethod
     def load(
         cls,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf.duration_pb2 import Duration
 
 from service import __version__
@@ -21,6 +23,7 @@ from service.pipeline.pipeline import (
     SegmentResult,
 )
 from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
+from service.pipeline.review import ReviewOptions, ReviewRules
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 
 _ENCODINGS = {
@@ -77,6 +80,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         mask_encoding=encoding,
         multimask=o.multimask,
         refinement=refinement_from_proto(o.refinement),
+        review=review_from_proto(o.review),
     )
     return SegmentQuery(
         image=image,
@@ -105,6 +109,19 @@ def refinement_from_proto(r: pb.MaskRefinement) -> RefinementOptions:
     )
 
 
+def review_from_proto(r: pb.ReviewRules) -> ReviewOptions:
+    return ReviewOptions(
+        **{f: getattr(r, f) if r.HasField(f) else None for f in _REVIEW_FIELDS}, drop_flagged=r.drop_flagged
+    )
+
+
+def review_rules_to_proto(rules: ReviewRules) -> pb.ReviewRules:
+    return pb.ReviewRules(**{f: getattr(rules, f) for f in _REVIEW_FIELDS})
+
+
+_REVIEW_FIELDS = tuple(f.name for f in dataclasses.fields(ReviewRules))
+
+
 def mask_to_proto(mask: EncodedMask) -> pb.Mask:
     out = pb.Mask(height=mask.height, width=mask.width)
     if mask.encoding == RLE:
@@ -130,6 +147,11 @@ def instance_to_proto(inst: InstanceResult) -> pb.Instance:
         mask_score=inst.mask_score,
         source=_SOURCES[inst.source],
         region_index=inst.region_index,
+        review=pb.Review(
+            needed=inst.review.needed,
+            reasons=[reason.value for reason in inst.review.reasons],  # Reason values are ReviewReason numbers
+            stability_score=inst.review.stability,
+        ),
     )
     m = inst.text_match
     if m is not None:

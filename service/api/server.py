@@ -27,6 +27,7 @@ from service.pipeline.image import ImageLimits
 from service.pipeline.lru import LRU
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
+from service.pipeline.review import ReviewRules
 from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
 from service.runners.base import Runner
 from service.startup import configure_process
@@ -56,6 +57,18 @@ class _State:
                 await self.health.set(name, status)
 
 
+def review_rules(settings: Settings) -> ReviewRules:
+    """The server's review rules (Settings ``review_*``)."""
+    return ReviewRules(
+        score_below=settings.review_score_below,
+        mask_score_below=settings.review_mask_score_below,
+        stability_below=settings.review_stability_below,
+        min_mask_area=settings.review_min_mask_area,
+        max_mask_components=settings.review_max_mask_components,
+        text_similarity_below=settings.review_text_similarity_below,
+    )
+
+
 def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
     return Pipeline(
         runner,
@@ -75,6 +88,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             max_text_prompts=settings.max_text_prompts,
             max_text_chars=settings.max_text_chars,
             max_exemplars=settings.max_exemplars,
+            review=review_rules(settings),
         ),
         EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds),
         matcher=(

@@ -159,6 +159,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_text_chars=s.max_text_chars,
                 text_match_threshold=s.text_match_threshold,
                 max_exemplars=s.max_exemplars,
+                review=convert.review_rules_to_proto(pipeline.limits.review),
             ),
             prompt_kinds=_prompt_kinds(pipeline),
         )

@@ -31,6 +31,7 @@ from service.pipeline.prompts import (
     resolve_thresholds,
 )
 from service.pipeline.refine import refine_mask
+from service.pipeline.review import NOT_REVIEWED, MaskStats, Review, mask_stats, resolve_review, review
 from service.pipeline.segmentation import SegmenterProcessing, select_best
 from service.pipeline.vocabulary import (
     OPEN,
@@ -61,6 +62,7 @@ class InstanceResult:
     source: str  # DETECTOR | REGION | TEXT | EXEMPLAR | CONCEPT
     region_index: int
     text_match: TextMatch | None = None  # for TEXT: which text, and how it matched
+    review: Review = NOT_REVIEWED  # whether a person should check it, and why (service.pipeline.review)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,7 @@ class Pipeline:
             for label in labels
         ]
         thresholds = resolve_thresholds(query.options, self.limits)
+        p_review = resolve_review(query.options.review, self.limits.review)
         t = time.perf_counter()
         batch = await asyncio.to_thread(processing.preprocess, image.rgb)
         out = await self.runner.segment_concepts(batch, query.texts, exemplar_boxes)
@@ -194,14 +197,16 @@ class Pipeline:
                 label, match = query.texts[k], TextMatch(int(k), query.texts[k], -1, query.texts[k], 1.0, OPEN)
             else:
                 label, match = labels[k - len(query.texts)], None
-            answers.append(InstanceResult(label, -1, float(score), box, mask, float(score), CONCEPT, -1, match))
+            flag = review(p_review, score=float(score), mask_score=None, stats=None, text_match=match)
+            answers.append(InstanceResult(label, -1, float(score), box, mask, float(score), CONCEPT, -1, match, flag))
         detected = sorted([i for i in instances if i.source != REGION] + answers, key=lambda i: i.score, reverse=True)[
             : thresholds.max_instances
         ]
         regions = [i for i in instances if i.source == REGION]
+        kept = _drop_flagged(detected + regions) if query.options.review.drop_flagged else detected + regions
         timings["total"] = time.perf_counter() - start
         request_id = query.request_id or uuid.uuid4().hex
-        return SegmentResult(request_id, image, detected + regions, timings, found.entry is not None)
+        return SegmentResult(request_id, image, kept, timings, found.entry is not None)
 
     async def _segment(self, query: SegmentQuery, found: FoundImage | None = None) -> SegmentResult:
         """The detector and SAM 2 path for a checked query. ``found``: the request's image when the caller has
@@ -242,20 +247,26 @@ class Pipeline:
             low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
             timings["decode_masks"] = time.perf_counter() - t
             t = time.perf_counter()
-            masks, mask_boxes = await asyncio.to_thread(self._masks, low_res, image, p, prompts)
+            final = await asyncio.to_thread(self._masks, low_res, image, p, prompts)
             timings["encode_masks"] = time.perf_counter() - t
             for c in candidates:
                 prompt, k = prompts[c.mask_index], c.mask_index
                 box = prompt.box
                 if box is None:  # a clicks-only region: its box is the mask's (or the clicks' if the mask is empty)
-                    mask_box = mask_boxes[k]
+                    mask_box = final.boxes[k]
                     box = mask_box if mask_box is not None else _points_box(prompt)
+                flag = review(
+                    p.review, score=None if c.source == REGION else c.score, mask_score=float(scores[k]),
+                    stats=final.stats[k], text_match=c.text_match,
+                )  # fmt: skip
                 instances.append(
                     InstanceResult(
-                        c.label, c.class_id, c.score, box, masks[k], float(scores[k]), c.source, c.region_index,
-                        c.text_match,
+                        c.label, c.class_id, c.score, box, final.encoded[k], float(scores[k]), c.source,
+                        c.region_index, c.text_match, flag,
                     )
                 )  # fmt: skip
+            if p.drop_flagged:
+                instances = _drop_flagged(instances)
         timings["total"] = time.perf_counter() - start
         return SegmentResult(query.request_id or uuid.uuid4().hex, image, instances, timings, entry is not None)
 
@@ -488,23 +499,34 @@ class Pipeline:
             low_res[indices], scores[indices] = masks, ious
         return low_res, scores
 
-    def _masks(
-        self, low_res: np.ndarray, image: DecodedImage, p: Plan, prompts: list[SamPrompt]
-    ) -> tuple[list[EncodedMask], list[np.ndarray | None]]:
-        """Upsample, threshold, refine and encode in chunks, one mask per prompt. Returns the encoded masks and,
-        for clicks-only prompts, the refined mask's XYXY box (None if empty, and for every other prompt)."""
+    def _masks(self, low_res: np.ndarray, image: DecodedImage, p: Plan, prompts: list[SamPrompt]) -> FinalMasks:
+        """Upsample, threshold, refine and encode in chunks, one mask per prompt, with what review reads."""
         hw = (image.height, image.width)
-        out: list[EncodedMask] = []
-        boxes: list[np.ndarray | None] = []
+        final = FinalMasks([], [], [])
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
-            masks = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
+            up = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
             chunk = prompts[i : i + _MASK_CHUNK]
             if p.refinement.active:
-                for mask, prompt in zip(masks, chunk, strict=True):
+                for mask, prompt in zip(up.masks, chunk, strict=True):
                     refine_mask(mask, prompt.box, p.refinement)
-            out.extend(encode_masks(masks, p.mask_encoding))
-            boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(masks, chunk, strict=True))
-        return out, boxes
+            final.encoded.extend(encode_masks(up.masks, p.mask_encoding))
+            final.boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(up.masks, chunk, strict=True))
+            final.stats.extend(mask_stats(m, float(s)) for m, s in zip(up.masks, up.stability, strict=True))
+        return final
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalMasks:
+    """Per SAM prompt: the encoded final mask; for clicks-only prompts the mask's XYXY box (None if empty, and
+    for every other prompt); the mask's stability, area and parts (review)."""
+
+    encoded: list[EncodedMask]
+    boxes: list[np.ndarray | None]
+    stats: list[MaskStats]
+
+
+def _drop_flagged(instances: list[InstanceResult]) -> list[InstanceResult]:
+    return [i for i in instances if not i.review.needed]
 
 
 def _normalised_cxcywh(xyxy: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from service.errors import InvalidInput
 from service.pipeline.masks import ENCODINGS, RLE
 from service.pipeline.refine import Refinement
+from service.pipeline.review import ReviewOptions, ReviewRules, resolve_review
 from service.pipeline.segmentation import SamPrompt
 from service.pipeline.vocabulary import TextMatch, normalise_class_name
 
@@ -38,6 +39,7 @@ class Options:
     mask_encoding: str = RLE
     multimask: bool = False
     refinement: RefinementOptions = dataclasses.field(default_factory=lambda: RefinementOptions())
+    review: ReviewOptions = dataclasses.field(default_factory=ReviewOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Limits:
     max_text_prompts: int
     max_text_chars: int
     max_exemplars: int
+    review: ReviewRules  # the server's review rules (Settings review_*)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,8 @@ class Plan:
     refinement: Refinement
     regions: list[SamPrompt]
     region_labels: list[str]
+    review: ReviewRules
+    drop_flagged: bool
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -172,6 +177,7 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         )
     if margin is not None and not (math.isfinite(margin) and 0.0 <= margin <= 10.0):
         raise InvalidInput(f"options.refinement.box_margin: {margin} is outside [0, 10] (fraction of the box)")
+    resolve_review(o.review, limits.review)  # raises naming a field out of range
     for i, r in enumerate(query.regions):
         field = f"regions[{i}]"
         if r.box is None and not r.points:
@@ -280,6 +286,8 @@ def plan(
         refinement=resolve_refinement(o.refinement, limits),
         regions=prompts,
         region_labels=[r.label or "object" for r in query.regions],
+        review=resolve_review(o.review, limits.review),
+        drop_flagged=o.review.drop_flagged,
     )
 
 

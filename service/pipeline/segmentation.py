@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
+from service.pipeline.review import stability_scores
 from service.runners.base import PromptBatch, SegmenterSpec
 
 MASK_THRESHOLD = 0.0
@@ -33,6 +34,15 @@ class SamPrompt:
     @property
     def signature(self) -> tuple[bool, int]:
         return (self.box is not None, int(self.points.shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsampledMasks:
+    """masks: (B, H, W) bool at original resolution (a view of column-major memory, as pycocotools' RLE encoder
+    reads it); stability: (B,) float32 SAM stability scores of the upsampled logits (``review.stability_scores``)."""
+
+    masks: np.ndarray
+    stability: np.ndarray
 
 
 class SegmenterProcessing:
@@ -91,20 +101,22 @@ class SegmenterProcessing:
                 ),
             )
 
-    def postprocess(self, low_res_masks: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:
-        """(B, s, s) float32 logits → (B, H, W) bool at original resolution.
+    def postprocess(self, low_res_masks: np.ndarray, orig_hw: tuple[int, int]) -> UpsampledMasks:
+        """(B, s, s) float32 logits → (B, H, W) bool masks at original resolution and their stability scores.
 
         The upsampling is sam2's (``SAM2Transforms.postprocess_masks``: bilinear, half-pixel centres, no
         hole filling here) done by OpenCV, ~10x faster than torch on CPU (logits agree to ~1e-6). The
-        result is a view of (H, W, B) column-major memory: the layout pycocotools' RLE encoder reads.
+        masks are a view of (H, W, B) column-major memory: the layout pycocotools' RLE encoder reads.
         """
         h, w = orig_hw
         out = np.empty((h, w, low_res_masks.shape[0]), dtype=bool, order="F")
+        stability = np.empty(low_res_masks.shape[0], dtype=np.float32)
         for i, logits in enumerate(low_res_masks):
             # Resizing the transposed logits gives the mask transposed, i.e. column-major: no copy to reorder.
             up = cv2.resize(np.ascontiguousarray(logits.T), (h, w), interpolation=cv2.INTER_LINEAR)
             out[:, :, i] = (up > MASK_THRESHOLD).T
-        return out.transpose(2, 0, 1)
+            stability[i] = stability_scores(up[None], MASK_THRESHOLD)[0]
+        return UpsampledMasks(out.transpose(2, 0, 1), stability)
 
 
 def select_best(low_res_masks: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

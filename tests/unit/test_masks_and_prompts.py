@@ -55,7 +55,7 @@ def test_mask_upsampling_equals_sam2s_and_feeds_rle_in_its_own_layout():
     logits = rng.standard_normal((5, 64, 64)).astype(np.float32)
     logits = np.stack([cv2.GaussianBlur(m, (0, 0), 3) * 10 for m in logits])  # smooth, like decoder logits
     hw = (301, 177)
-    ours = SegmenterProcessing(SegmenterSpec(image_size=256)).postprocess(logits, hw)
+    ours = SegmenterProcessing(SegmenterSpec(image_size=256)).postprocess(logits, hw).masks
     reference = SAM2Transforms(256, 0.0).postprocess_masks(torch.from_numpy(logits[:, None]), hw)[:, 0] > 0
     assert ours.shape == (5, *hw) and ours.dtype == bool
     assert np.mean(ours != reference.numpy()) < 1e-4  # only pixels whose logit is ~0 may differ
