@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from service.client import DEFAULT_TARGET
 from service.config import Settings
 from service.errors import DetsegError
+from service.labeling.run import FORMATS as LABEL_FORMATS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +102,43 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--cache-dir")
     st.set_defaults(func=_triton_status)
 
+    v = sub.add_parser("eval", help="a COCO dataset through the service: AP, IoU per class and slice, NoC, report")
+    v.add_argument("annotations", type=Path, help="COCO instance-segmentation JSON")
+    v.add_argument("--images", type=Path, help="folder the file_names are relative to (default: beside the JSON)")
+    v.add_argument("--slices", type=Path, help="JSON: file_name (or image id) -> {attribute: value}")
+    v.add_argument("--prompt", choices=("classes", "texts", "boxes"), default="classes", help="default classes")
+    v.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report)")
+    v.add_argument("--limit", type=int, help="the first N images only")
+    v.add_argument("--score-threshold", type=float, default=0.05, help="asked of the server (low, for AP)")
+    v.add_argument("--operating-threshold", type=float, help="score instances are kept at (default: server's)")
+    v.add_argument("--noc-instances", type=int, default=100, help="instances the simulated annotator clicks on")
+    _client_flags(v)
+    v.set_defaults(func=_eval)
+
+    lab = sub.add_parser("label", help="pre-label a folder of images through the service; COCO/YOLO/CVAT/LS exports")
+    lab.add_argument("folder", type=Path, help="images (JPEG, PNG, WebP; searched recursively)")
+    lab.add_argument("--out", type=Path, required=True, help="records, errors, exports/ (re-runs resume here)")
+    lab.add_argument("--classes", default="", help="comma-separated class names")
+    lab.add_argument("--text", action="append", default=[], help="free-text prompt (repeatable)")
+    lab.add_argument("--score-threshold", type=float)
+    lab.add_argument("--formats", default=",".join(LABEL_FORMATS), help=f"default {','.join(LABEL_FORMATS)}")
+    lab.add_argument("--image-url-prefix", default="/data/local-files/?d=", help="Label Studio image URL prefix")
+    lab.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) that signs the manifest")
+    lab.add_argument("--no-progress", dest="progress", action="store_false")
+    _client_flags(lab)
+    lab.set_defaults(func=_label)
+
+    ver = sub.add_parser("verify", help="check a provenance manifest: signature, files, and weights' sha256")
+    ver.add_argument("manifest", type=Path, help="detseg-manifest.json, or the folder holding it")
+    ver.add_argument("--weights", type=Path, action="append", default=[], help="a weights file to check (repeatable)")
+    ver.add_argument("--public-key", type=Path, action="append", default=[], help="trusted key (PEM; repeatable)")
+    ver.add_argument("--allow-unsigned", action="store_true", help="accept a manifest without a signature")
+    ver.set_defaults(func=_verify)
+
+    kg = sub.add_parser("keygen", help="write an Ed25519 signing key (PEM, 0600) and its public key (.pub)")
+    kg.add_argument("path", type=Path)
+    kg.set_defaults(func=_keygen)
+
     m = sub.add_parser("models", help="list catalog weights and whether they are cached, or a server's models")
     m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
     m.add_argument("--cache-dir")
@@ -112,6 +152,141 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter")
     p.add_argument("--cache-dir")
     p.add_argument("--offline", action="store_const", const=True)
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    """--target, or the models of a server started in this process (as serve would load them)."""
+    p.add_argument("--target", help="a running server; default: start one in this process with --models")
+    _model_flags(p)
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
+
+
+@contextlib.contextmanager
+def _service(args: argparse.Namespace) -> Iterator[str]:
+    """The target to talk to: --target, or an in-process server (free loopback port) for the model flags."""
+    if args.target:
+        yield args.target
+        return
+    from service.api.inprocess import InProcessServer
+
+    settings = _settings(args, ("models", "detector", "segmenter", "cache_dir", "offline")).replace(
+        host="127.0.0.1", port=0
+    )
+    with InProcessServer(settings) as server:
+        server.wait_serving()
+        yield server.target
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from service.client import Client
+    from service.evaluation.dataset import load_dataset
+    from service.evaluation.predict import Prompt
+    from service.evaluation.run import run_eval
+
+    dataset = load_dataset(args.annotations, args.images, args.slices)
+    if args.limit:
+        dataset = dataset.limit(args.limit)
+    with _service(args) as target, Client(target, timeout=args.timeout) as client:
+        figures = run_eval(
+            client, dataset, args.out, prompt=Prompt(args.prompt), score_threshold=args.score_threshold,
+            operating_threshold=args.operating_threshold, noc_instances=args.noc_instances,
+            title=f"detseg eval: {args.annotations.name}",
+        )  # fmt: skip
+    o, noc = figures["overall"], figures["noc"]
+    print(
+        f"{figures['images']} images: mask AP {figures['mask_ap']:.3f} AP50 {figures['mask_ap50']:.3f}, box AP "
+        f"{figures['box_ap']:.3f} AP50 {figures['box_ap50']:.3f}; recall {o['recall']}, mean mask IoU "
+        f"{o['mean_mask_iou']}, FP/image {o['false_positives_per_image']}; NoC@85 {noc.get('noc@85')}, NoC@90 "
+        f"{noc.get('noc@90')}"
+    )
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from service.client import Client
+    from service.labeling.run import Prompts, label_folder
+
+    prompts = Prompts(
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), texts=tuple(args.text),
+        score_threshold=args.score_threshold,
+    )  # fmt: skip
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    with _service(args) as target, Client(target, timeout=args.timeout) as client:
+        summary = label_folder(
+            client, args.folder, args.out, prompts, formats=formats, image_url_prefix=args.image_url_prefix,
+            signing_key=args.signing_key, progress=args.progress,
+        )  # fmt: skip
+    print(
+        f"{summary.images} images: {summary.labeled_now} labeled now, {summary.skipped} already done, "
+        f"{summary.failed} failed (see {args.out / 'errors.jsonl'}); {summary.instances} instances, "
+        f"{summary.flagged} flagged for review"
+    )
+    for name, path in summary.exports.items():
+        print(f"  {name:<13} {path}")
+    return 1 if summary.failed else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """An export folder's manifest, or a saved response (`detseg segment --json`) against its own manifest."""
+    from service import provenance
+    from service.api.signing import verify_content
+
+    keys = [provenance.load_public_key(k) for k in args.public_key]
+    try:
+        saved = _saved_response(args.manifest)
+        if saved is not None:
+            if saved.get("manifest") is None:
+                raise provenance.VerificationFailed("the saved response carries no manifest")
+            result = verify_content(
+                saved["manifest"], saved["instances"], saved["image"]["sha256"], trusted_keys=keys,
+                require_signature=not args.allow_unsigned,
+            )  # fmt: skip
+            _check_weights(result.manifest, args.weights)
+            signed = f"signed by key {result.key_id}" if result.signed else "not signed"
+            print(f"OK: {signed}; {len(saved['instances'])} instance(s) and the image match the manifest")
+            return 0
+        report = provenance.verify_path(
+            args.manifest, trusted_keys=keys, weights=args.weights, require_signature=not args.allow_unsigned
+        )
+    except provenance.VerificationFailed as e:
+        print(f"detseg verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    signed = f"signed by key {report.key_id}" if report.signed else "not signed"
+    print(f"OK: {signed}; {report.artifacts_checked} file(s) and {report.weights_checked} weights file(s) match")
+    if report.unlisted:
+        print(f"  {len(report.unlisted)} file(s) not covered (e.g. linked images: the manifest lists their sha256 as "
+              f"inputs): {', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}")  # fmt: skip
+    return 0
+
+
+def _saved_response(path: Path) -> dict[str, Any] | None:
+    """A `detseg segment --json` file's content, None for anything else (a manifest or an export folder)."""
+    if path.is_dir():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) and "instances" in data and "image" in data else None
+
+
+def _check_weights(manifest: dict[str, Any], weights: list[Path]) -> None:
+    from service import provenance
+    from service.models.download import file_sha256
+
+    known = {m["weights_sha256"]: m["name"] for m in manifest["models"]}
+    for w in weights:
+        if file_sha256(w) not in known:
+            raise provenance.VerificationFailed(
+                f"{w.name}: sha256 matches none of the manifest's models ({', '.join(known.values())})"
+            )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from service import provenance
+
+    path = provenance.generate_key(args.path)
+    key = provenance.load_private_key(path)
+    print(f"wrote {path} (private, 0600) and {path}.pub; key id {provenance.key_id(key.public_key())}")
+    return 0
 
 
 def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
@@ -159,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from service.api.signing import instance_content
     from service.client import Client, Exemplar, Region, RequestFailed
 
     data = args.image.read_bytes()
@@ -186,9 +362,10 @@ def _segment(args: argparse.Namespace) -> int:
         except RequestFailed as e:
             print(f"detseg: {e}", file=sys.stderr)
             return 1
-    instances = [_instance_dict(i) for i in result.instances]
-    if args.json:
-        print(json.dumps({"image": _image_dict(result), "instances": instances}, indent=2))
+    instances = [instance_content(i) for i in result.response.instances]
+    if args.json:  # `detseg verify` checks this file against its manifest
+        manifest = json.loads(result.response.provenance.manifest or "null")
+        print(json.dumps({"image": _image_dict(result), "instances": instances, "manifest": manifest}, indent=2))
     else:
         info = result.response.image
         print(f"{info.width}x{info.height} {info.format}: {len(instances)} instance(s)")
@@ -210,21 +387,6 @@ def _segment(args: argparse.Namespace) -> int:
 def _xyxy(parts: list[str]) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(v) for v in parts[:4])
     return x0, y0, x1, y1
-
-
-def _instance_dict(i: Any) -> dict[str, Any]:
-    """A client ``Instance`` as the JSON ``segment --json`` prints."""
-    return {
-        "label": i.label,
-        "class_id": i.class_id,
-        "score": round(i.score, 4),
-        "box": list(i.box),
-        "mask_score": round(i.mask_score, 4),
-        "source": i.source,
-        "text": i.text,
-        "similarity": round(i.similarity, 4),
-        "rle": i.rle,
-    }
 
 
 def _image_dict(result: Any) -> dict[str, Any]:

@@ -224,6 +224,14 @@ class Result:
         """(N,) float32 detector scores."""
         return np.array([i.score for i in self.instances], dtype=np.float32)
 
+    def verify(self, trusted_keys: Sequence[Any] = (), *, require_signature: bool = True) -> Any:
+        """Checks the response's provenance manifest: the signature (by one of ``trusted_keys``, Ed25519 public
+        keys, when given) and that it covers exactly these instances and this image. Returns
+        ``service.provenance.VerifyResult``; raises ``service.provenance.VerificationFailed``."""
+        from service.api.signing import verify_response
+
+        return verify_response(self.response, trusted_keys=trusted_keys, require_signature=require_signature)
+
     def masks(self) -> np.ndarray:
         """(N, H, W) bool, original image size (decoded now)."""
         if not self.instances:
@@ -299,10 +307,13 @@ def segment_request(
     score_threshold: float | None = None,
     iou_threshold: float | None = None,
     max_instances: int | None = None,
+    multimask: bool = False,
+    review: pb.ReviewRules | None = None,
     request_id: str = "",
 ) -> pb.SegmentRequest:
     """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
-    prompt. Unset thresholds take the server's defaults (ListModels)."""
+    prompt. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
+    the best of three candidate masks (helps a single click)."""
     request = pb.SegmentRequest(
         image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
     )
@@ -319,6 +330,9 @@ def segment_request(
             exemplar.image.CopyFrom(image_message(e.image))
     options = request.options
     options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
+    options.multimask = multimask
+    if review is not None:
+        options.review.CopyFrom(review)
     if score_threshold is not None:
         options.score_threshold = score_threshold
     if iou_threshold is not None:

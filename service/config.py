@@ -114,6 +114,11 @@ class Settings:
     mask_clip_to_box: bool = True
     mask_box_margin: float = 0.1
 
+    # Provenance: every Segment response carries a manifest (models, weights sha256, image sha256, prompts,
+    # options, time, and the sha256 of its instances); with this Ed25519 private key (PEM, `detseg keygen`) the
+    # manifest is signed. Empty = unsigned.
+    signing_key: str = ""
+
     # Review routing defaults (service.pipeline.review; SegmentOptions.review overrides them per request;
     # ListModels reports them). An instance is flagged for a person when any rule fires; 0 turns a rule off.
     review_score_below: float = 0.5  # detector score

@@ -59,6 +59,10 @@ class UnsafeCheckpoint(ModelUnavailable):
     """A checkpoint would need arbitrary code/objects to unpickle and is refused."""
 
 
+class ConfigurationError(DetsegError):
+    """The server's settings cannot be used, e.g. an unreadable signing key (a clear stop at start-up)."""
+
+
 class Overloaded(DetsegError):
     """The service is at capacity (→ RESOURCE_EXHAUSTED)."""
 

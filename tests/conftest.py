@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.api.inprocess import InProcessServer as ServerThread
 from service.config import Settings
 from service.runners.base import Runner
 
@@ -57,40 +56,6 @@ def _torch_threads() -> Iterator[None]:
     """ultralytics' predict drops torch to cpu_count-1 threads process-wide; restore after every test."""
     yield
     torch.set_num_threads(THREADS)
-
-
-class ServerThread:
-    """A real detseg gRPC server (create_server) on its own event loop in a background thread."""
-
-    def __init__(self, settings: Settings, factory: Callable[[], Runner]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(settings, factory), daemon=True)
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise RuntimeError("server did not start")
-
-    def _main(self, settings: Settings, factory: Callable[[], Runner]) -> None:
-        from service.api.server import create_server
-
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> None:
-            self.server, self.port = await create_server(settings, factory)
-            self._ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(30)
 
 
 def wait_serving(channel: grpc.Channel, timeout: float = 120.0) -> None:

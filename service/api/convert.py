@@ -149,7 +149,7 @@ def instance_to_proto(inst: InstanceResult) -> pb.Instance:
         region_index=inst.region_index,
         review=pb.Review(
             needed=inst.review.needed,
-            reasons=[reason.value for reason in inst.review.reasons],  # Reason values are ReviewReason numbers
+            reasons=[f"REVIEW_REASON_{r.name}" for r in inst.review.reasons],  # proto enum names
             stability_score=inst.review.stability,
         ),
     )

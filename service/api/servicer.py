@@ -7,15 +7,17 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-from service.api import convert
+from service.api import convert, signing
 from service.api.errors import describe, guarded
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.errors import InvalidInput, ModelUnavailable
+from service.errors import ConfigurationError, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import valid_request_id
 from service.runners.base import DEADLINE
@@ -26,6 +28,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._signing_key = _signing_key(settings.signing_key)
         self._pipeline: Pipeline | None = None
         self._failed = False
         self._profile = ""
@@ -60,7 +63,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         if valid_request_id(query.request_id) or not query.request_id:
             query = dataclasses.replace(query, request_id=request_id)
         result = await pipeline.segment(query)
-        return convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
+        response = convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
+        signing.attach_manifest(request, response, self._signing_key)
+        return response
 
     async def BatchSegment(
         self, request: pb.BatchSegmentRequest, context: grpc.aio.ServicerContext
@@ -163,6 +168,18 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             ),
             prompt_kinds=_prompt_kinds(pipeline),
         )
+
+
+def _signing_key(path: str) -> Any:
+    """The Ed25519 private key at ``path`` (None when empty); ConfigurationError when it cannot be read."""
+    if not path:
+        return None
+    from service import provenance
+
+    try:
+        return provenance.load_private_key(Path(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigurationError(f"signing_key: cannot read an Ed25519 private key from {path} ({e})") from None
 
 
 def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:

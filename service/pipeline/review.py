@@ -28,14 +28,15 @@ STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_sco
 
 
 class Reason(enum.Enum):
-    """Why an instance needs review; ``value`` is the proto enum's number (ReviewReason)."""
+    """Why an instance needs review; the proto's ReviewReason is ``REVIEW_REASON_<name>``, the value its
+    lower-case name as clients and exports spell it."""
 
-    LOW_SCORE = 1
-    LOW_MASK_SCORE = 2
-    UNSTABLE_MASK = 3
-    TINY_MASK = 4
-    FRAGMENTED_MASK = 5
-    WEAK_TEXT_MATCH = 6
+    LOW_SCORE = "low_score"
+    LOW_MASK_SCORE = "low_mask_score"
+    UNSTABLE_MASK = "unstable_mask"
+    TINY_MASK = "tiny_mask"
+    FRAGMENTED_MASK = "fragmented_mask"
+    WEAK_TEXT_MATCH = "weak_text_match"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,28 @@ all four mask tokens of the decoder are supervised: token 0 (single mask) and th
 predicted IoU at inference. Loss: 20 x focal + dice at 128² (the decoder's 64² logits upsampled), + MSE of
 the IoU head on all tokens. AdamW; warm-up, then a cosine schedule over the wall-time budget.
 Writes ``shapes-sam2-mini.pt`` ({"model": fp16 state dict}, the layout of official SAM 2.1 checkpoints).
+
+Interactive fine-tuning (``--interactive``, with ``--init`` to continue from the shipped checkpoint):
+
+    python -m service.models.demo.train_segmenter --interactive --init service/models/demo/shapes-sam2-mini.pt \
+        --minutes 20 --lr 2e-4 --warmup 50 --out /tmp/sam-interactive/shapes-sam2-mini.pt
+
+SAM's own interactive recipe (SAM paper, appendix A: "subsequent points are selected from the error region
+between the previous mask prediction and the ground truth"), without feeding the previous mask back (detseg
+sends points only). Every step keeps the jittered box prompt and its loss, and replaces the random click prompt
+by a simulated click sequence per instance, 1 + k clicks with k uniform in 0..max_clicks-1 (same k for the
+batch): click 1 is positive, inside the object; click j+1 goes to the largest connected error region (8-
+connectivity, 256² frame) of the prediction after click j, positive for a miss, negative for a spill. Each click
+is, at random with equal odds, the region's interior-most point (exactly what ``service.evaluation.noc``'s
+annotator clicks, so the model learns the corrections it will be evaluated with) or a uniform random pixel of
+that region (SAM's uniform sampling from the error region, for diversity and robustness to imprecise users).
+The prediction that chooses the next click is the one inference would return: the best-scoring multimask
+token after the first click (``multimask_output=True``), otherwise token 0 with SAM 2.1's stability fallback;
+it is the detached output of the same decoder pass that is supervised, so each click costs one decoder pass.
+Every click's prediction is supervised (all four tokens, as ``_losses``); the click loss is the mean over the
+sequence, weighted by ``--click-weight`` against the box loss. ``evaluate_clicks`` measures the annotator
+(NoC@85/90, mean IoU after clicks 1..20) with sam2's SAM2ImagePredictor; it is printed with the other figures.
+``--eval-only`` measures the ``--init`` checkpoint without training.
 """
 
 from __future__ import annotations
@@ -86,6 +108,48 @@ def _points(masks: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator, 
     return torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)
 
 
+def _region_click(region: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A click in ``region`` (H, W) bool: its interior-most point (noc's annotator) or a uniform random pixel."""
+    from service.evaluation.noc import interior_point
+
+    if rng.random() < 0.5:
+        x, y = interior_point(region)
+    else:
+        ys, xs = np.nonzero(region)
+        k = int(rng.integers(0, len(xs)))
+        x, y = int(xs[k]), int(ys[k])
+    return x + 0.5, y + 0.5
+
+
+def _error_click(gt: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float, int]:
+    """The next simulated click on ``mask`` against ``gt`` ((H, W) bool): in the largest connected error region,
+    positive (1) for a miss, negative (0) for a spill; a positive click on the object if the mask is perfect."""
+    import cv2
+
+    best: tuple[int, np.ndarray, int] | None = None
+    for region, label in ((gt & ~mask, 1), (mask & ~gt, 0)):
+        count, comps, stats, _ = cv2.connectedComponentsWithStats(region.view(np.uint8), connectivity=8)
+        if count <= 1:
+            continue
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if best is None or int(stats[k, cv2.CC_STAT_AREA]) > best[0]:
+            best = (int(stats[k, cv2.CC_STAT_AREA]), comps == k, label)
+    if best is None:
+        return (*_region_click(gt, rng), 1)
+    return (*_region_click(best[1], rng), best[2])
+
+
+def _chosen_mask(model: Any, logits: torch.Tensor, iou: torch.Tensor, first: bool) -> torch.Tensor:
+    """The (P, S, S) bool mask inference returns from the decoder outputs (logits (P, 4, s, s), iou (P, 4)): the
+    best-scoring multimask token after one click, else token 0 with SAM 2.1's stability fallback."""
+    if first:
+        best = iou[:, 1:].argmax(1) + 1
+        chosen = logits[torch.arange(len(logits)), best][:, None]
+    else:
+        chosen, _ = model.sam_mask_decoder._dynamic_multimask_via_stability(logits, iou)
+    return F.interpolate(chosen, (S, S), mode="bilinear", align_corners=False)[:, 0] > 0
+
+
 def _per_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """logits (P, M, S, S), target (P, S, S) → (P, M): 20 x focal + dice per mask, as SAM trains."""
     t = target[:, None].expand_as(logits)
@@ -129,13 +193,43 @@ def _decode_all(model: Any, embed, high_res, owner, coords, labels):
     return F.interpolate(low, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False), iou
 
 
+def _interactive_loss(
+    model: Any, embed, high_res, owner, target: torch.Tensor, small: torch.Tensor, rng: np.random.Generator, n: int
+) -> torch.Tensor:
+    """Mean loss over a simulated click sequence of ``n`` clicks per instance (target (P, S, S), small its
+    LOSS_SIDE version): click 1 inside the object, each next one in the error region of the prediction so far."""
+    gts = target.numpy() > 0.5
+    clicks = [[(*_region_click(g, rng), 1)] for g in gts]
+    total = torch.zeros(())
+    for j in range(n):
+        coords = torch.tensor([[c[:2] for c in seq] for seq in clicks], dtype=torch.float32)
+        labels = torch.tensor([[c[2] for c in seq] for seq in clicks], dtype=torch.int32)
+        logits, iou = _decode_all(model, embed, high_res, owner, coords, labels)
+        total = total + _losses(logits, small, iou)
+        if j + 1 < n:
+            with torch.no_grad():
+                masks = _chosen_mask(model, logits.detach(), iou.detach(), first=j == 0).numpy()
+            for seq, g, m in zip(clicks, gts, masks, strict=True):
+                seq.append(_error_click(g, m, rng))
+    return total / n
+
+
 def train(
-    model: Any, pool: Pool, minutes: float, seed: int, batch: int = 4, lr: float = 5e-4, click_weight: float = 0.5
+    model: Any,
+    pool: Pool,
+    minutes: float,
+    seed: int,
+    batch: int = 4,
+    lr: float = 5e-4,
+    click_weight: float = 0.5,
+    warmup: int = 200,
+    interactive: bool = False,
+    max_clicks: int = 8,
 ) -> dict:
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    budget, start, step, warmup = minutes * 60, time.time(), 0, 200
+    budget, start, step = minutes * 60, time.time(), 0
     history = []
     model.train()
     while time.time() - start < budget:
@@ -163,9 +257,14 @@ def train(
         logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, box_coords, box_labels)
         small = F.interpolate(target[:, None], (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
         loss = _losses(logits, small, iou)
-        coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
-        logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, coords, labels)
-        loss = loss + click_weight * _losses(logits, small, iou)
+        if interactive:
+            loss = loss + click_weight * _interactive_loss(
+                model, embed, (high_res_0, high_res_1), owner, target, small, rng, 1 + int(rng.integers(0, max_clicks))
+            )
+        else:
+            coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
+            logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, coords, labels)
+            loss = loss + click_weight * _losses(logits, small, iou)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,30 +301,96 @@ def evaluate(model: Any, count: int) -> float:
     return float(np.mean(ious))
 
 
+def evaluate_clicks(model: Any, count: int = 30) -> dict:
+    """The simulated annotator of ``service.evaluation.noc`` on every instance of ``count`` test scenes, through
+    sam2's SAM2ImagePredictor: clicks from ``noc.next_click`` at original resolution, all clicks so far as one
+    point prompt, multimask (best score) for the first click only; up to 20 clicks, stopping at IoU 0.90.
+    Returns ``noc.summarize``: NoC@85, NoC@90, the share never reaching them, mean IoU after clicks 1..20."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from service.evaluation import noc
+    from service.shapes.dataset import scenes
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]
+    efforts = []
+    with torch.inference_mode():
+        for scene in scenes("test", count):
+            predictor.set_image(scene.image)
+            for n, inst in enumerate(scene.instances):
+                gt = inst.mask.astype(bool)
+                mask = np.zeros_like(gt)
+                clicks: list[noc.Click] = []
+                ious: list[float] = []
+                while len(clicks) < noc.MAX_CLICKS and (not ious or ious[-1] < max(noc.THRESHOLDS)):
+                    clicks.append(noc.next_click(gt, mask))
+                    masks, scores, _ = predictor.predict(
+                        point_coords=np.array([[c.x, c.y] for c in clicks], np.float32),
+                        point_labels=np.array([int(c.positive) for c in clicks], np.int32),
+                        multimask_output=len(clicks) == 1,
+                    )
+                    mask = masks[int(np.argmax(scores))] > 0
+                    ious.append(noc.mask_iou(mask, gt))
+                efforts.append(noc.InstanceEffort(scene.seed * 100 + n, tuple(clicks), tuple(ious)))
+    out = noc.summarize(efforts)
+    out["mean_iou_per_click"] = [
+        round(float(np.mean([e.ious[min(n, len(e.ious) - 1)] for e in efforts])), 4) for n in range(noc.MAX_CLICKS)
+    ]
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=40.5, help="training wall-time budget")
     parser.add_argument("--scenes", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     parser.add_argument("--init", type=Path, help="continue from this checkpoint instead of random init")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-sam2-mini.pt")
+    parser.add_argument("--interactive", action="store_true", help="simulated click sequences (module docstring)")
+    parser.add_argument("--max-clicks", type=int, default=8, help="longest simulated click sequence")
+    parser.add_argument("--click-weight", type=float, default=None, help="click loss weight (0.5; 1.0 interactive)")
+    parser.add_argument("--click-scenes", type=int, default=30, help="test scenes for the annotator figures")
+    parser.add_argument("--eval-only", action="store_true", help="measure --init (or a fresh model); no training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    pool = Pool(args.scenes)
-    print(f"{len(pool)} scenes ready in {time.time() - start:.0f}s", flush=True)
     model = build(args.seed)
     if args.init:
         state = torch.load(args.init, map_location="cpu", weights_only=True)["model"]
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    stats = train(model, pool, args.minutes, args.seed, lr=args.lr)
+    if args.eval_only:
+        model.eval()
+        result = {"checkpoint": str(args.init), "test_mean_iou_gt_boxes": round(evaluate(model, 100), 4)}
+        result["clicks"] = evaluate_clicks(model, args.click_scenes)
+        print(json.dumps(dict(result, wall_s=round(time.time() - start))))
+        return
+    pool = Pool(args.scenes)
+    print(f"{len(pool)} scenes ready in {time.time() - start:.0f}s", flush=True)
+    click_weight = args.click_weight if args.click_weight is not None else (1.0 if args.interactive else 0.5)
+    stats = train(
+        model,
+        pool,
+        args.minutes,
+        args.seed,
+        lr=args.lr,
+        click_weight=click_weight,
+        warmup=args.warmup,
+        interactive=args.interactive,
+        max_clicks=args.max_clicks,
+    )
     miou = evaluate(model, 100)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": half}, args.out)
-    stats.update(test_mean_iou_gt_boxes=round(miou, 4), wall_s=round(time.time() - start), scenes=args.scenes)
-    stats.update(seed=args.seed, size_mb=round(args.out.stat().st_size / 1e6, 2))
+    stats.update(test_mean_iou_gt_boxes=round(miou, 4), scenes=args.scenes)
+    stats.update(interactive=args.interactive, lr=args.lr, warmup=args.warmup, click_weight=click_weight)
+    if args.interactive:
+        stats.update(max_clicks=args.max_clicks)
+        stats["clicks"] = evaluate_clicks(model, args.click_scenes)
+    stats.update(seed=args.seed, size_mb=round(args.out.stat().st_size / 1e6, 2), wall_s=round(time.time() - start))
     print(json.dumps(stats))
 
 

@@ -1,0 +1,191 @@
+"""The ``detseg eval`` report: figures.json (every figure), report.md, a self-contained report.html (plots
+inlined as PNG data URIs) and the plots as PNG files beside them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PLOTS = ("class_iou", "slice_iou", "iou_histogram", "pr_curves", "noc_curve", "review_tradeoff")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_plots(figures: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The plots as PNGs in ``out``; returns name → path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+
+    classes = figures["per_class"]
+    names = list(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.6))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [classes[n]["mean_mask_iou"] or 0 for n in names], 0.4, label="mean mask IoU (matched)")
+    ax.bar(x + 0.2, [classes[n]["recall"] or 0 for n in names], 0.4, label="recall @ IoU 0.5")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Per class, at the operating threshold")
+    ax.legend(loc="lower right", fontsize=8)
+    save(fig, "class_iou")
+
+    slices = figures["per_slice"]
+    labels, ious, recalls = [], [], []
+    for attribute, values in slices.items():
+        for value, f in values.items():
+            labels.append(f"{attribute}={value}\n({f['images']} img)")
+            ious.append(f["mean_mask_iou"] or 0)
+            recalls.append(f["recall"] or 0)
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 3.8))
+    if labels:
+        x = np.arange(len(labels))
+        ax.bar(x - 0.2, ious, 0.4, label="mean mask IoU (matched)")
+        ax.bar(x + 0.2, recalls, 0.4, label="recall @ IoU 0.5")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "the dataset has no slice attributes", ha="center", va="center")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Per slice")
+    save(fig, "slice_iou")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(figures["matched_mask_ious"], bins=[i / 40 for i in range(41)], color="#4477aa")
+    ax.set_xlabel("mask IoU of matched instances")
+    ax.set_ylabel("instances")
+    ax.set_title("Mask IoU histogram")
+    save(fig, "iou_histogram")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curves = figures.get("pr_curves") or {}
+    recall = curves.get("recall", [])
+    for name, precision in curves.items():
+        if name == "recall":
+            continue
+        p = np.array(precision)
+        if (p > -1).any():
+            ax.plot(recall, np.where(p < 0, np.nan, p), label=f"{name} (AP50 {figures['ap50_per_class'][name]:.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Mask precision–recall, IoU 0.5")
+    ax.legend(fontsize=7, loc="lower left")
+    save(fig, "pr_curves")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    noc = figures.get("noc") or {}
+    curve = noc.get("mean_iou_per_click") or []
+    if curve:
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3)
+        for t in (0.85, 0.90):
+            ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(1, len(curve) + 1, 2))
+    ax.set_xlabel("clicks")
+    ax.set_ylabel("mean IoU")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Simulated annotator ({noc.get('instances', 0)} instances)")
+    save(fig, "noc_curve")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for rule, row in figures["review"].items():
+        if row["load"] is None or row["error_recall"] is None:
+            continue
+        ax.scatter(row["load"], row["error_recall"], s=30)
+        ax.annotate(rule, (row["load"], row["error_recall"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("share of instances sent to review (load)")
+    ax.set_ylabel("share of errors caught")
+    ax.set_title("Review rules: load vs errors caught")
+    save(fig, "review_tradeoff")
+    return paths
+
+
+def _tables(figures: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table the report shows."""
+    o = figures["overall"]
+    summary = [
+        ["mask AP / AP50", f"{_fmt(figures['mask_ap'])} / {_fmt(figures['mask_ap50'])}"],
+        ["box AP / AP50", f"{_fmt(figures['box_ap'])} / {_fmt(figures['box_ap50'])}"],
+        ["recall @ IoU 0.5 (score >= operating threshold)", _fmt(o["recall"])],
+        ["mean mask IoU of matched instances", _fmt(o["mean_mask_iou"])],
+        ["false positives per image", _fmt(o["false_positives_per_image"])],
+        ["share of instances flagged for review", _fmt(o["flagged_share"])],
+    ]
+    noc = figures.get("noc") or {}
+    if noc.get("instances"):
+        summary += [[f"NoC@{t} (mean clicks; share never reaching it)",
+                     f"{_fmt(noc[f'noc@{t}'], 2)} ({_fmt(noc[f'failed@{t}'])})"] for t in (85, 90)]  # fmt: skip
+    head = ["", "ground truth", "predictions", "recall", "mean mask IoU", "FP / image", "flagged"]
+
+    def row(name: str, f: dict[str, Any]) -> list[str]:
+        return [name, str(f["ground_truth"]), str(f["predictions"]), _fmt(f["recall"]), _fmt(f["mean_mask_iou"]),
+                _fmt(f["false_positives_per_image"]), _fmt(f["flagged_share"])]  # fmt: skip
+
+    per_class = [[*row(n, f), _fmt(figures["ap50_per_class"].get(n))] for n, f in figures["per_class"].items()]
+    per_slice = [
+        row(f"{a}={v} ({f['images']} img)", f) for a, vs in figures["per_slice"].items() for v, f in vs.items()
+    ]
+    review = [
+        [rule, str(r["flagged"]), _fmt(r["load"]), f"{r['errors_caught']} / {r['errors']}",
+         _fmt(r["error_recall"]), _fmt(r["flag_precision"]), _fmt(r["recall_if_dropped"])]
+        for rule, r in figures["review"].items()
+    ]  # fmt: skip
+    return [
+        ("Summary", ["figure", "value"], summary),
+        ("Per class", [*head, "mask AP50"], per_class),
+        ("Per slice", head, per_slice),
+        (f"Review rules (error: unmatched, or matched with mask IoU < {figures['good_iou']})",
+         ["rule", "flagged", "load", "errors caught", "error recall", "flag precision", "recall if dropped"], review),
+    ]  # fmt: skip
+
+
+def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Path]:
+    """figures.json, report.md, report.html and the PNGs in ``out``; returns name → path."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_plots(figures, out)
+    (out / "figures.json").write_text(json.dumps(figures, indent=1))
+    tables = _tables(figures)
+    md = [f"# {title}", "", f"{figures['images']} images, {figures['ground_truth']} ground-truth instances, prompt "
+          f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}.", ""]  # fmt: skip
+    for name, head, rows in tables:
+        md += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    md += [f"![{name}]({p.name})" for name, p in paths.items()]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,"
+             "th:first-child{text-align:left}img{max-width:100%}</style>",
+             f"<h1>{html.escape(title)}</h1><p>{html.escape(md[2])}</p>"]  # fmt: skip
+    for name, head, rows in tables:
+        parts.append(f"<h2>{html.escape(name)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head))
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    for name, p in paths.items():
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts.append(f"<h3>{html.escape(name)}</h3><img alt='{name}' src='data:image/png;base64,{data}'>")
+    (out / "report.html").write_text("\n".join(parts))
+    return {"json": out / "figures.json", "markdown": out / "report.md", "html": out / "report.html", **paths}

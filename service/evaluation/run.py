@@ -1,0 +1,63 @@
+"""``detseg eval``: predictions through the service, figures, annotator effort, report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from service.client import Client
+from service.evaluation.dataset import EvalDataset
+from service.evaluation.metrics import coco_results, dataset_rle, evaluate
+from service.evaluation.noc import InstanceEffort, annotate, summarize
+from service.evaluation.predict import Prompt, predict
+from service.evaluation.report import write_report
+
+
+def effort(client: Client, dataset: EvalDataset, count: int) -> list[InstanceEffort]:
+    """The simulated annotator on the first ``count`` non-crowd ground-truth instances (dataset order), one
+    EncodeImage per image."""
+    from pycocotools import mask as mask_utils
+
+    out: list[InstanceEffort] = []
+    for image in dataset.images:
+        anns = [a for a in dataset.annotations(image.id) if not a.get("iscrowd")][: count - len(out)]
+        if not anns:
+            continue
+        handle = client.encode_image(image.path)
+        for a in anns:
+            gt = mask_utils.decode(dataset_rle(a, dataset)).astype(bool)
+            out.append(annotate(client, handle, gt, int(a["id"])))
+        if len(out) >= count:
+            break
+    return out
+
+
+def run_eval(
+    client: Client,
+    dataset: EvalDataset,
+    out: Path,
+    *,
+    prompt: Prompt = Prompt.CLASSES,
+    score_threshold: float = 0.05,
+    operating_threshold: float | None = None,
+    noc_instances: int = 100,
+    title: str = "detseg evaluation",
+) -> dict[str, Any]:
+    """Runs everything and writes the report into ``out``; returns the figures. ``score_threshold``: what the
+    requests ask for (low, for AP); ``operating_threshold``: where instances are kept (default: the server's
+    default score threshold, from ListModels)."""
+    t = time.perf_counter()
+    if operating_threshold is None:
+        operating_threshold = float(client.list_models().defaults.score_threshold)
+    predictions = predict(client, dataset, prompt, score_threshold)
+    figures = evaluate(dataset, predictions, operating_threshold)
+    figures["prompt"] = prompt.value
+    efforts = effort(client, dataset, noc_instances) if noc_instances else []
+    figures["noc"] = summarize(efforts)
+    figures["seconds"] = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").write_text(json.dumps(coco_results(dataset, predictions)))
+    write_report(figures, out, title)
+    return figures

@@ -1,0 +1,242 @@
+"""``detseg label DIR``: bulk pre-labeling of a folder through the service, resumable, then exports.
+
+- Images: every JPEG/PNG/WebP under the folder (recursive, sorted by relative path).
+- Requests go over StreamSegment (``Client.segment_many``): the server keeps at most its
+  ``max_stream_in_flight`` in flight, so concurrency is bounded without threads here.
+- Resumable: each answer is appended to ``records.jsonl`` (one JSON object per line, flushed and fsynced)
+  as soon as it arrives; a re-run skips images whose relative path and sha256 are there. A killed run loses
+  nothing written (a torn last line is ignored). Failed images go to ``errors.jsonl`` with the server's
+  message and are retried by the next run; they never stop this one.
+- At the end, the exports (``service.labeling.exports``) are written from all records under ``exports/``,
+  with a provenance manifest (models, weights sha256, inputs sha256, prompts, parameters, time) beside them,
+  signed when a key is given (``service.provenance``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.client import Client, Result, segment_request
+from service.labeling.records import LabeledImage, LabeledInstance
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+RECORDS = "records.jsonl"
+ERRORS = "errors.jsonl"
+FORMATS = ("coco", "yolo", "cvat", "label-studio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """What every image is asked: class names and/or free texts (the service's own rules apply)."""
+
+    classes: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    score_threshold: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSummary:
+    images: int
+    labeled_now: int
+    skipped: int  # finished by an earlier run
+    failed: int
+    instances: int
+    flagged: int
+    exports: dict[str, Path]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image under ``folder``, sorted by relative path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_records(out: Path) -> dict[str, LabeledImage]:
+    """The finished images of earlier runs, by relative path (a torn last line is skipped)."""
+    records: dict[str, LabeledImage] = {}
+    path = out / RECORDS
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            image = LabeledImage.from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a killed run
+        records[image.file_name] = image
+    return records
+
+
+def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
+    instances = tuple(
+        LabeledInstance(
+            label=i.label, score=float(i.score), box=tuple(float(v) for v in i.box), rle=i.rle,  # type: ignore[arg-type]
+            mask_score=float(i.mask_score), source=i.source, needs_review=i.needs_review,
+            review_reasons=i.review_reasons,
+        )
+        for i in result.instances
+    )  # fmt: skip
+    return LabeledImage(file_name, result.width, result.height, sha256, instances)
+
+
+def _end_torn_line(path: Path) -> None:
+    """Terminates a last line a killed run left unfinished, so the next record starts on a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def label_folder(
+    client: Client,
+    folder: Path,
+    out: Path,
+    prompts: Prompts,
+    *,
+    formats: Sequence[str] = FORMATS,
+    image_url_prefix: str = "/data/local-files/?d=",
+    signing_key: Path | None = None,
+    progress: bool = True,
+) -> LabelSummary:
+    """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = image_files(folder)
+    done = read_records(out)
+    for log in (out / RECORDS, out / ERRORS):
+        _end_torn_line(log)
+    todo: list[tuple[str, Path, str]] = []
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        digest = file_sha256(path)
+        if name not in done or done[name].sha256 != digest:
+            todo.append((name, path, digest))
+
+    def requests() -> Iterator[Any]:
+        for _, path, digest in todo:
+            yield segment_request(
+                path.read_bytes(), classes=prompts.classes, texts=prompts.texts,
+                score_threshold=prompts.score_threshold, request_id=f"label-{digest[:16]}",
+            )  # fmt: skip
+
+    failed = 0
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", disable=not progress)
+    for item in client.segment_many(requests()):
+        name, _, digest = todo[item.index]
+        if item.result is None:
+            failed += 1
+            _append(out / ERRORS, {"file_name": name, "sha256": digest, "code": item.error.code.name if item.error
+                                   else "UNKNOWN", "message": item.error.message if item.error else ""})  # fmt: skip
+        else:
+            record = labeled_image(name, digest, item.result)
+            _append(out / RECORDS, record.to_json())
+            done[name] = record
+        bar.update(1)
+    bar.close()
+    present = {path.relative_to(folder).as_posix() for path in files}
+    images = [done[n] for n in sorted(done) if n in present]
+    exports = write_exports(client, images, folder, out / "exports", prompts, formats, image_url_prefix, signing_key)
+    return LabelSummary(
+        images=len(files), labeled_now=len(todo) - failed, skipped=len(files) - len(todo), failed=failed,
+        instances=sum(len(i.instances) for i in images),
+        flagged=sum(inst.needs_review for i in images for inst in i.instances), exports=exports,
+    )  # fmt: skip
+
+
+def categories_of(images: Sequence[LabeledImage], prompts: Prompts) -> list[str]:
+    """The asked names first (in request order), then any other label answered (sorted)."""
+    asked = list(dict.fromkeys([*prompts.classes, *prompts.texts]))
+    seen = {inst.label for image in images for inst in image.instances}
+    return [n for n in asked if n in seen or not seen] + sorted(seen - set(asked))
+
+
+def write_exports(
+    client: Client,
+    images: Sequence[LabeledImage],
+    folder: Path,
+    out: Path,
+    prompts: Prompts,
+    formats: Sequence[str],
+    image_url_prefix: str,
+    signing_key: Path | None,
+) -> dict[str, Path]:
+    """The asked formats under ``out/<format>/`` and the provenance manifest over every file written."""
+    from service.labeling import exports
+
+    categories = categories_of(images, prompts)
+    written: dict[str, Path] = {}
+    for fmt in formats:
+        target = out / fmt
+        if fmt == "coco":
+            written[fmt] = exports.write_coco(images, categories, target)
+        elif fmt == "yolo":
+            written[fmt] = exports.write_yolo_seg(images, categories, target, folder)
+        elif fmt == "cvat":
+            written[fmt] = exports.write_cvat(images, categories, target, folder)
+        elif fmt == "label-studio":
+            written[fmt] = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
+        else:
+            raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    written["manifest"] = write_manifest(client, images, out, prompts, categories, signing_key)
+    return written
+
+
+def write_manifest(
+    client: Client,
+    images: Sequence[LabeledImage],
+    out: Path,
+    prompts: Prompts,
+    categories: Sequence[str],
+    signing_key: Path | None,
+) -> Path:
+    """``out/detseg-manifest.json`` over every export file (not the linked images)."""
+    from service import __version__, provenance
+    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+
+    models = client.list_models()
+    files = [
+        p for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != provenance.MANIFEST_NAME
+        and "images" not in p.relative_to(out).parts
+    ]  # fmt: skip
+    base = provenance.manifest(
+        kind=provenance.KIND_EXPORT,
+        models=[
+            {
+                "role": pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(),
+                "name": m.name,
+                "version": m.version or "file",
+                "weights_sha256": m.weights_sha256,
+            }
+            for m in models.models
+        ],  # fmt: skip
+        inputs=[{"name": i.file_name, "sha256": i.sha256} for i in images],
+        prompts={"classes": list(prompts.classes), "texts": list(prompts.texts)},
+        parameters={
+            "score_threshold": prompts.score_threshold,
+            "categories": list(categories),
+            "profile": models.profile,
+            "backend": models.backend,
+        },  # fmt: skip
+        artifacts=[],
+        detseg_version=__version__,
+    )
+    key = provenance.load_private_key(signing_key) if signing_key is not None else None
+    return provenance.write_signed_export(out, files, base, key=key)

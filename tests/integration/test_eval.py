@@ -1,0 +1,153 @@
+"""detseg eval against the demo server: figures equal pycocotools' own, mislabels move only their class, slices
+partition the images, the simulated annotator is deterministic, and the report is written."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client
+from service.evaluation.dataset import load_dataset
+from service.evaluation.metrics import coco_results, evaluate
+from service.evaluation.noc import annotate, interior_point
+from service.evaluation.predict import Predicted, Prompt, predict
+from service.evaluation.run import run_eval
+from service.shapes.dataset import write_coco_dataset
+
+IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_dataset(write_coco_dataset(tmp_path_factory.mktemp("eval-data"), "test", IMAGES))
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    with Client(demo_server.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def predictions(client, dataset):
+    return predict(client, dataset, Prompt.CLASSES, score_threshold=0.05)
+
+
+def _cocoeval(dataset, results, iou_type):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = dataset.coco
+        gt.createIndex()
+        e = COCOeval(gt, gt.loadRes(results), iou_type)
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats
+
+
+def test_the_report_and_its_figures_equal_cocoeval_on_the_same_predictions(client, dataset, tmp_path, figures):
+    out = tmp_path / "report"
+    result = run_eval(client, dataset, out, noc_instances=6)
+    saved = json.loads((out / "predictions.json").read_text())
+    segm = _cocoeval(dataset, [{k: v for k, v in r.items() if k != "bbox"} for r in saved], "segm")
+    bbox = _cocoeval(dataset, [{k: v for k, v in r.items() if k != "segmentation"} for r in saved], "bbox")
+    assert (result["mask_ap"], result["mask_ap50"]) == (segm[0], segm[1])
+    assert (result["box_ap"], result["box_ap50"]) == (bbox[0], bbox[1])
+    assert result["mask_ap50"] > 0.8 and result["overall"]["recall"] > 0.8
+    for name in ("report.html", "report.md", "figures.json", "class_iou.png", "slice_iou.png", "iou_histogram.png",
+                 "pr_curves.png", "noc_curve.png", "review_tradeoff.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 500, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6 and "NoC@85" in page
+    figures[f"detseg eval, demo, {IMAGES} test scenes: mask AP / AP50, box AP50"] = (
+        f"{result['mask_ap']:.3f} / {result['mask_ap50']:.3f}, {result['box_ap50']:.3f}"
+    )
+
+
+def test_a_mislabeled_prediction_lowers_exactly_its_class(dataset, predictions):
+    base = evaluate(dataset, predictions, 0.25)
+    # relabel the best circle detection of the first image that has one as "star"
+    circle, star = dataset.category_id("circle"), dataset.category_id("star")
+    changed, done = [], False
+    for image in predictions:
+        instances = list(image.instances)
+        if not done:
+            k = next((n for n, p in enumerate(instances) if p.category_id == circle and p.instance.score > 0.5), None)
+            if k is not None:
+                instances[k] = dataclasses.replace(instances[k], category_id=star)
+                done = True
+        changed.append(dataclasses.replace(image, instances=tuple(instances)))
+    assert done
+    after = evaluate(dataset, changed, 0.25)
+    assert after["per_class"]["circle"]["recall"] < base["per_class"]["circle"]["recall"]
+    assert after["ap50_per_class"]["circle"] < base["ap50_per_class"]["circle"]
+    assert (
+        after["per_class"]["star"]["false_positives_per_image"] > base["per_class"]["star"]["false_positives_per_image"]
+    )
+    for name in ("square", "triangle", "hexagon"):
+        assert after["per_class"][name] == base["per_class"][name]
+        assert after["ap50_per_class"][name] == base["ap50_per_class"][name]
+
+
+def test_slices_partition_the_images_and_the_ground_truth(dataset, predictions):
+    result = evaluate(dataset, predictions, 0.25)
+    assert set(result["per_slice"]) == {"objects", "image_size"}
+    for attribute, values in result["per_slice"].items():
+        assert sum(v["images"] for v in values.values()) == IMAGES, attribute
+        assert sum(v["ground_truth"] for v in values.values()) == result["overall"]["ground_truth"]
+        assert sum(v["predictions"] for v in values.values()) == result["overall"]["predictions"]
+    unknown = [dataclasses.replace(p, instances=(*p.instances, Predicted(p.instances[0].instance, None)))
+               for p in predictions if p.instances]  # fmt: skip
+    assert len(coco_results(dataset, unknown)) == len(coco_results(dataset, predictions))  # unknown labels ignored
+
+
+def test_the_simulated_annotator_is_deterministic_and_a_perfect_mask_takes_one_click(client, dataset):
+    from pycocotools import mask as mask_utils
+
+    from service.client import Point, Region
+    from service.evaluation.metrics import dataset_rle
+
+    image = dataset.images[0]
+    handle = client.encode_image(image.path)
+    annotation = dataset.annotations(image.id)[0]
+    gt = mask_utils.decode(dataset_rle(annotation, dataset)).astype(bool)
+    first, second = annotate(client, handle, gt, 1), annotate(client, handle, gt, 1)
+    assert first == second and len(first.clicks) >= 1 and first.clicks[0].positive
+    perfect = 0
+    for a in dataset.annotations(image.id):
+        # a ground truth equal to SAM's own answer to the annotator's first click on it: iterate mask -> click at
+        # its interior point -> mask until it stops changing (a few steps on these shapes)
+        target = mask_utils.decode(dataset_rle(a, dataset)).astype(bool)
+        for _ in range(6):
+            x, y = interior_point(target)
+            answer = client.segment(handle, regions=[Region(points=(Point(x + 0.5, y + 0.5),))], multimask=True)
+            found = answer.instances[0].mask
+            if np.array_equal(found, target):
+                effort = annotate(client, handle, target, a["id"])
+                assert effort.ious[0] == 1.0 and effort.noc(0.85) == 1 and effort.noc(0.90) == 1
+                perfect += 1
+                break
+            target = found
+    assert perfect >= 1
+
+
+def test_the_cli_evaluates_with_an_in_process_server(dataset, tmp_path):
+    annotations = next(Path(p.path).parents[1] for p in dataset.images[:1]) / "instances.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "eval", str(annotations), "--models", "demo", "--offline", "--limit", "3",
+         "--noc-instances", "2", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 images: mask AP" in result.stdout and (tmp_path / "r" / "report.html").exists()

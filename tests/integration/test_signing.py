@@ -1,0 +1,110 @@
+"""Provenance manifests of responses and exports, signed with Ed25519: real server, real keys, tampering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import provenance
+from service.api.signing import verify_response
+from service.client import Client
+from tests.conftest import ServerThread, wait_serving
+
+SAMPLE = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
+DETSEG = [sys.executable, "-m", "service.cli"]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    private = provenance.generate_key(folder / "server.pem")
+    other = provenance.generate_key(folder / "other.pem")
+    return private, Path(f"{private}.pub"), Path(f"{other}.pub")
+
+
+@pytest.fixture(scope="module")
+def signing_server(settings, keys):
+    import grpc
+
+    srv = ServerThread(settings.replace(models="demo", signing_key=str(keys[0])))
+    with grpc.insecure_channel(srv.target) as channel:
+        wait_serving(channel)
+    yield srv
+    srv.stop()
+
+
+def test_a_signed_response_verifies_and_names_models_image_and_prompts(signing_server, keys):
+    trusted = provenance.load_public_key(keys[1])
+    with Client(signing_server.target) as detseg:
+        result = detseg.segment(SAMPLE, classes=["circle", "star"], score_threshold=0.3)
+    checked = result.verify([trusted])
+    m = checked.manifest
+    assert checked.signed and checked.key_id == provenance.key_id(trusted)
+    assert m["kind"] == "response" and m["inputs"] == [{"name": "image", "sha256": result.sha256}]
+    assert m["prompts"]["classes"] == ["circle", "star"] and m["parameters"]["options"]["scoreThreshold"] == 0.3
+    weights = {x["name"]: x["weights_sha256"] for x in m["models"]}
+    assert weights == {x.name: x.weights_sha256 for x in result.models}
+    assert m["created"].endswith("Z") and len(result) > 0
+
+
+def test_a_tampered_label_mask_or_key_fails(signing_server, keys):
+    trusted, other = provenance.load_public_key(keys[1]), provenance.load_public_key(keys[2])
+    with Client(signing_server.target) as detseg:
+        response = detseg.segment(SAMPLE, classes=["circle", "star"]).response
+    for tamper in (
+        lambda r: setattr(r.instances[0], "label", "hexagon"),
+        lambda r: setattr(r.instances[0].mask.coco_rle, "counts", r.instances[0].mask.coco_rle.counts[:-2] + b"00"),
+        lambda r: setattr(r.instances[0], "score", 0.123),
+        lambda r: setattr(r.image, "sha256", "0" * 64),
+        lambda r: setattr(r.provenance, "manifest", r.provenance.manifest.replace('"circle"', '"square"')),
+    ):
+        bad = type(response)()
+        bad.CopyFrom(response)
+        tamper(bad)
+        with pytest.raises(provenance.VerificationFailed):
+            verify_response(bad, trusted_keys=[trusted])
+    verify_response(response, trusted_keys=[trusted])  # the untouched one still verifies
+    with pytest.raises(provenance.VerificationFailed, match="untrusted key"):
+        verify_response(response, trusted_keys=[other])
+
+
+def test_without_a_key_the_manifest_is_there_but_unsigned(demo_server):
+    with Client(demo_server.target) as detseg:
+        result = detseg.segment(SAMPLE, classes=["circle"])
+    assert not result.verify(require_signature=False).signed
+    with pytest.raises(provenance.VerificationFailed, match="not signed"):
+        result.verify()
+
+
+def test_an_unreadable_signing_key_stops_the_server_at_start(settings, tmp_path):
+    from service.errors import ConfigurationError
+
+    bad = tmp_path / "not-a-key.pem"
+    bad.write_text("hello")
+    with pytest.raises(ConfigurationError, match="signing_key"):
+        ServerThread(settings.replace(signing_key=str(bad)))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DETSEG, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_detseg_verify_checks_a_saved_response_and_the_weights(signing_server, keys, tmp_path):
+    saved = _cli("segment", str(SAMPLE), "--classes", "circle,star", "--target", signing_server.target, "--json")
+    assert saved.returncode == 0, saved.stderr
+    path = tmp_path / "response.json"
+    path.write_text(saved.stdout)
+    demo = Path(__file__).resolve().parents[2] / "service" / "models" / "demo"
+    ok = _cli("verify", str(path), "--public-key", str(keys[1]), "--weights", str(demo / "shapes-yolo11n.pt"))
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: signed by key"), ok.stderr
+    wrong = _cli("verify", str(path), "--public-key", str(keys[1]), "--weights", str(demo / "shapes-yoloe.pt"))
+    assert wrong.returncode == 1 and "shapes-yoloe.pt: sha256 matches none" in wrong.stderr
+    data = json.loads(saved.stdout)
+    data["instances"][0]["rle"]["counts"] = data["instances"][0]["rle"]["counts"][:-1] + "0"
+    path.write_text(json.dumps(data))
+    tampered = _cli("verify", str(path), "--public-key", str(keys[1]))
+    assert tampered.returncode == 1 and "tampered" in tampered.stderr
