@@ -15,6 +15,7 @@ from typing import Any
 from service.client import DEFAULT_TARGET
 from service.config import Settings
 from service.errors import DetsegError
+from service.evaluation.predict import Prompt
 from service.labeling.run import FORMATS as LABEL_FORMATS
 
 
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("annotations", type=Path, help="COCO instance-segmentation JSON")
     v.add_argument("--images", type=Path, help="folder the file_names are relative to (default: beside the JSON)")
     v.add_argument("--slices", type=Path, help="JSON: file_name (or image id) -> {attribute: value}")
-    v.add_argument("--prompt", choices=("classes", "texts", "boxes"), default="classes", help="default classes")
+    v.add_argument("--prompt", choices=[k.value for k in Prompt], default=Prompt.CLASSES.value, help="default classes")
     v.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report)")
     v.add_argument("--limit", type=int, help="the first N images only")
     v.add_argument("--score-threshold", type=float, default=0.05, help="asked of the server (low, for AP)")
@@ -180,7 +181,6 @@ def _service(args: argparse.Namespace) -> Iterator[str]:
 def _eval(args: argparse.Namespace) -> int:
     from service.client import Client
     from service.evaluation.dataset import load_dataset
-    from service.evaluation.predict import Prompt
     from service.evaluation.run import run_eval
 
     dataset = load_dataset(args.annotations, args.images, args.slices)

@@ -43,6 +43,15 @@ def instance_content(inst: pb.Instance) -> dict[str, Any]:
     }
 
 
+def manifest_models(models: Sequence[pb.ModelInfo]) -> list[dict[str, str]]:
+    """The manifest's model entries (role, name, version, weights sha256) of the models a server reports."""
+    return [
+        {"role": pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(), "name": m.name,
+         "version": m.version or "file", "weights_sha256": m.weights_sha256}
+        for m in models
+    ]  # fmt: skip
+
+
 def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) -> dict[str, Any]:
     """The kind "response" manifest of ``response`` to ``request`` (its image bytes excluded: their sha256 is the
     input; exemplar reference images likewise)."""
@@ -56,15 +65,7 @@ def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) 
     }
     return provenance.manifest(
         kind=provenance.KIND_RESPONSE,
-        models=[
-            {
-                "role": pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(),
-                "name": m.name,
-                "version": m.version or "file",
-                "weights_sha256": m.weights_sha256,
-            }
-            for m in response.provenance.models
-        ],  # fmt: skip
+        models=manifest_models(response.provenance.models),
         inputs=[{"name": "image", "sha256": response.image.sha256}],
         prompts=prompts,
         parameters={

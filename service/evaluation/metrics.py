@@ -40,6 +40,8 @@ class Outcome:
     gt_id: int
     mask_iou: float
     review_reasons: tuple[str, ...]
+    mask_score: float
+    stability: float
 
 
 def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], min_score: float = 0.0) -> list[dict]:
@@ -56,6 +58,7 @@ def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], m
                 "image_id": image.image_id, "category_id": p.category_id, "score": float(i.score),
                 "segmentation": {"size": list(i.rle["size"]), "counts": i.rle["counts"]},
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "review_reasons": list(i.review_reasons),
+                "mask_score": float(i.mask_score), "stability": float(i.stability),
             })  # fmt: skip
     return out
 
@@ -103,7 +106,8 @@ def outcomes(dataset: EvalDataset, e: Any, results: list[dict]) -> tuple[list[Ou
         if g:
             gt_rle = dataset_rle(gts[g], dataset)
             iou = float(mask_utils.iou([_rle(r["segmentation"])], [gt_rle], [0])[0][0])
-        out.append(Outcome(r["image_id"], r["category_id"], r["score"], g, iou, tuple(r["review_reasons"])))
+        out.append(Outcome(r["image_id"], r["category_id"], r["score"], g, iou, tuple(r["review_reasons"]),
+                           r["mask_score"], r["stability"]))  # fmt: skip
     return out, {o.gt_id for o in out if o.gt_id}
 
 
@@ -176,7 +180,31 @@ def evaluate(
     }  # fmt: skip
     figures["per_slice"] = _per_slice(dataset, outs, matched)
     figures["review"] = _review_tradeoff(outs, all_gt, matched, good_iou)
+    figures["review_curves"] = _review_curves(outs, good_iou)
     return figures
+
+
+# The continuous review rules, swept: rule name → the Outcome field it thresholds ("flag when below").
+SWEPT = {"low_score": "score", "low_mask_score": "mask_score", "unstable_mask": "stability"}
+
+
+def _review_curves(outs: Sequence[Outcome], good_iou: float) -> dict[str, dict[str, list[float]]]:
+    """For each continuous rule, flagging below thresholds 0, 0.02, ..., 1: the load and the share of errors
+    caught (what choosing that threshold would do on this data)."""
+    errors = [not o.gt_id or o.mask_iou < good_iou for o in outs]
+    total = sum(errors)
+    thresholds = [round(t, 2) for t in np.linspace(0, 1, 51)]
+    curves = {}
+    for rule, field in SWEPT.items():
+        values = np.array([getattr(o, field) for o in outs], dtype=np.float64)
+        wrong = np.array(errors, dtype=bool)
+        load, caught = [], []
+        for t in thresholds:
+            flagged = values < t
+            load.append(float(flagged.mean()) if len(values) else 0.0)
+            caught.append(float((flagged & wrong).sum() / total) if total else 0.0)
+        curves[rule] = {"thresholds": thresholds, "load": load, "error_recall": caught}
+    return curves
 
 
 def _per_slice(dataset: EvalDataset, outs: Sequence[Outcome], matched: set[int]) -> dict[str, dict[str, Any]]:

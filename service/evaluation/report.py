@@ -107,18 +107,26 @@ def write_plots(figures: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set_title(f"Simulated annotator ({noc.get('instances', 0)} instances)")
     save(fig, "noc_curve")
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    for rule, curve in (figures.get("review_curves") or {}).items():
+        ax.plot(curve["load"], curve["error_recall"], linewidth=1, alpha=0.7, label=f"{rule}: threshold swept 0..1")
+    silent = []
     for rule, row in figures["review"].items():
-        if row["load"] is None or row["error_recall"] is None:
+        if not row["flagged"] or row["error_recall"] is None:
+            silent.append(rule)
             continue
         ax.scatter(row["load"], row["error_recall"], s=30)
         ax.annotate(rule, (row["load"], row["error_recall"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if silent:
+        ax.text(0.98, 0.03, "flagged nothing: " + ", ".join(silent), ha="right", fontsize=7, transform=ax.transAxes)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("share of instances sent to review (load)")
     ax.set_ylabel("share of errors caught")
-    ax.set_title("Review rules: load vs errors caught")
+    ax.set_title("Review rules: load vs errors caught (dots: the rules as set)")
+    if figures.get("review_curves"):
+        ax.legend(fontsize=7, loc="center right")
     save(fig, "review_tradeoff")
     return paths
 

@@ -208,7 +208,7 @@ def write_manifest(
 ) -> Path:
     """``out/detseg-manifest.json`` over every export file (not the linked images)."""
     from service import __version__, provenance
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+    from service.api.signing import manifest_models
 
     models = client.list_models()
     files = [
@@ -218,15 +218,7 @@ def write_manifest(
     ]  # fmt: skip
     base = provenance.manifest(
         kind=provenance.KIND_EXPORT,
-        models=[
-            {
-                "role": pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(),
-                "name": m.name,
-                "version": m.version or "file",
-                "weights_sha256": m.weights_sha256,
-            }
-            for m in models.models
-        ],  # fmt: skip
+        models=manifest_models(models.models),
         inputs=[{"name": i.file_name, "sha256": i.sha256} for i in images],
         prompts={"classes": list(prompts.classes), "texts": list(prompts.texts)},
         parameters={
