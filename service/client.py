@@ -386,12 +386,13 @@ class _Channel:
         max_message_bytes: int = 64 << 20,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
         self._channel = self._open(target, credentials, channel_options(max_message_bytes, self.retry))
         self._stub = pb_grpc.SegmentationServiceStub(self._channel)
         self.timeout = timeout  # seconds, for calls that give none; bounds the call with its retries
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
         self._rng = random.Random()
 
     def _attempt(self, deadline: float, attempt: int, error: grpc.RpcError | None) -> float:
@@ -414,7 +415,8 @@ class _Channel:
 class Client(_Channel):
     """A blocking client; thread-safe (one channel, reused). Use as a context manager or call ``close``.
     Keywords: ``timeout`` (default deadline, s), ``retry`` (RetryPolicy), ``max_message_bytes``, ``credentials``
-    (grpc.ssl_channel_credentials(...) for TLS), ``metadata`` (e.g. an authorization header)."""
+    (grpc.ssl_channel_credentials(...) for TLS and mutual TLS), ``metadata`` (extra call metadata), ``token`` (sent
+    as "authorization: Bearer <token>" when the server requires one)."""
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:

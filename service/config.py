@@ -34,6 +34,13 @@ class Settings:
     max_concurrent_rpcs: int = 64  # beyond this, new RPCs get RESOURCE_EXHAUSTED
     log_level: str = "INFO"
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
+    # Security (service.api.security): TLS with tls_cert + tls_key (PEM paths); mutual TLS adds tls_client_ca
+    # (clients need a certificate it signed). auth_tokens_file: one bearer token per line; every RPC but health
+    # then needs "authorization: Bearer <token>". Empty = off.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens_file: str = ""
 
     # Models.
     # Profile: auto (official if obtainable, else profiles.FALLBACK_PROFILE) | official | official-open | demo |

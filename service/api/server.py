@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.api.security import TokenAuth, load_tokens, server_credentials
 from service.api.servicer import SegmentationServicer
 from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable
@@ -110,7 +111,10 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
     started server and the bound port (``settings.port`` 0 picks a free one).
     """
     configure_process(settings)
+    credentials = server_credentials(settings)  # configuration errors surface before anything binds
+    tokens = load_tokens(settings)
     server = grpc.aio.server(
+        interceptors=[TokenAuth(tokens)] if tokens else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -123,7 +127,8 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
