@@ -31,7 +31,13 @@ class Settings:
     reflection: bool = True  # gRPC server reflection; on in dev, turn off where the API should not be browsable.
     grace_seconds: float = 5.0  # graceful-shutdown budget on SIGTERM
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC max receive/send message size
-    max_concurrent_rpcs: int = 64  # beyond this, new RPCs get RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 64  # gRPC's own cap on open RPCs (streams included): beyond it RESOURCE_EXHAUSTED
+    # Admission control (service.api.admission): pipeline calls running at once, and waiting beyond those;
+    # more are refused at once with RESOURCE_EXHAUSTED. Each Segment, EncodeImage and batch/stream item is one.
+    max_in_flight: int = 8
+    max_queue: int = 32
+    # Deadline for calls that set none, seconds (work past it is not started); a caller's own deadline wins.
+    default_deadline_seconds: float = 120.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
     # Security (service.api.security): TLS with tls_cert + tls_key (PEM paths); mutual TLS adds tls_client_ca

@@ -6,21 +6,24 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from service.api import convert, signing
+from service.api.admission import Admission
 from service.api.errors import describe, guarded
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.errors import ConfigurationError, InvalidInput, ModelUnavailable
+from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import valid_request_id
 from service.runners.base import DEADLINE
+
+T = TypeVar("T")
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
@@ -29,6 +32,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._signing_key = _signing_key(settings.signing_key)
+        self.admission = Admission(settings.max_in_flight, settings.max_queue)
         self._pipeline: Pipeline | None = None
         self._failed = False
         self._profile = ""
@@ -53,7 +57,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
         request_id = _request_id(request.request_id)
-        _set_deadline(context)
+        _set_deadline(context, self._settings.default_deadline_seconds)
         return await guarded(context, request_id, self._segment(request, request_id))
 
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
@@ -62,7 +66,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         query = convert.query_from_proto(request)
         if valid_request_id(query.request_id) or not query.request_id:
             query = dataclasses.replace(query, request_id=request_id)
-        result = await pipeline.segment(query)
+        async with self.admission.slot(DEADLINE.get()):
+            result = await _within_deadline(pipeline.segment(query))
         response = convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
         signing.attach_manifest(request, response, self._signing_key)
         return response
@@ -70,7 +75,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def BatchSegment(
         self, request: pb.BatchSegmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchSegmentResponse:
-        _set_deadline(context)
+        _set_deadline(context, self._settings.default_deadline_seconds)
         return await guarded(context, "batch-" + uuid.uuid4().hex, self._batch(request))
 
     async def _batch(self, request: pb.BatchSegmentRequest) -> pb.BatchSegmentResponse:
@@ -85,7 +90,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SegmentResult]:
         """In-order results; at most max_stream_in_flight items read and not yet answered (flow control)."""
-        _set_deadline(context)
+        _set_deadline(context, None)  # a stream may run for hours: each item gets the default (_item)
         try:
             self.pipeline  # noqa: B018 - UNAVAILABLE for the whole stream while models load
         except ModelUnavailable as e:
@@ -117,6 +122,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def _item(self, index: int, request: pb.SegmentRequest) -> pb.SegmentResult:
         """One batch/stream item: its response, or its own error (the others go on)."""
         request_id = _request_id(request.request_id)
+        if DEADLINE.get() is None:  # a stream item without the caller's deadline (this task's own context)
+            DEADLINE.set(time.monotonic() + self._settings.default_deadline_seconds)
         try:
             return pb.SegmentResult(index=index, response=await self._segment(request, request_id))
         except Exception as e:
@@ -127,12 +134,13 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self, request: pb.EncodeImageRequest, context: grpc.aio.ServicerContext
     ) -> pb.EncodeImageResponse:
         request_id = uuid.uuid4().hex
-        _set_deadline(context)
+        _set_deadline(context, self._settings.default_deadline_seconds)
         return await guarded(context, request_id, self._encode_image(request, request_id))
 
     async def _encode_image(self, request: pb.EncodeImageRequest, request_id: str) -> pb.EncodeImageResponse:
         pipeline = self.pipeline
-        result = await pipeline.encode(convert.image_from_proto(request.image))
+        async with self.admission.slot(DEADLINE.get()):
+            result = await _within_deadline(pipeline.encode(convert.image_from_proto(request.image)))
         return convert.encode_response_to_proto(
             result, request_id, pipeline.cache.ttl, self._models, self._profile, pipeline.runner.backend
         )
@@ -197,8 +205,23 @@ def _request_id(given: str) -> str:
     return given if valid_request_id(given) else uuid.uuid4().hex
 
 
-def _set_deadline(context: grpc.aio.ServicerContext) -> None:
-    """Runners see the caller's deadline (the Triton runner forwards what is left of it)."""
+async def _within_deadline(work: Awaitable[T]) -> T:
+    """``work``, cancelled when the call's deadline passes (DeadlineExceeded). Model passes already running in
+    worker threads finish in the background; their results are dropped."""
+    deadline = DEADLINE.get()
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise DeadlineExceeded("the deadline passed while the request was being answered") from None
+
+
+def _set_deadline(context: grpc.aio.ServicerContext, default_seconds: float | None) -> None:
+    """The call's deadline for admission and the runners (the Triton runner forwards what is left of it): the
+    caller's, else ``default_seconds`` from now (None: left unset, for streams, whose items each get one)."""
     remaining = context.time_remaining()
     if remaining is not None:
         DEADLINE.set(time.monotonic() + remaining)
+    elif default_seconds is not None:
+        DEADLINE.set(time.monotonic() + default_seconds)

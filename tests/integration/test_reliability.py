@@ -1,0 +1,156 @@
+"""Admission control, deadlines and cancellation on a real server whose detector is slowed down on purpose
+(the one injected fault: slowness cannot be produced on demand for real)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import grpc
+import pytest
+
+from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from tests.conftest import ServerThread, wait_serving
+from tests.helpers import encode
+
+
+class Slow:
+    """Wraps a runner's detect with an adjustable delay (0 while the server warms up) and counts the calls."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.calls = 0
+
+    def factory(self, settings):
+        from service.runners.factory import load_runner
+
+        def load():
+            runner = load_runner(settings)
+            detect = runner.detect
+
+            async def slow_detect(*args, **kwargs):
+                self.calls += 1
+                await asyncio.sleep(self.delay)
+                return await detect(*args, **kwargs)
+
+            runner.detect = slow_detect
+            return runner
+
+        return load
+
+
+@pytest.fixture
+def slow_server(settings):
+    started = []
+
+    def start(**limits):
+        slow = Slow()
+        s = settings.replace(**limits)
+        srv = ServerThread(s, slow.factory(s))
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+        started.append(srv)
+        return srv, slow
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def _request() -> pb.SegmentRequest:
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    return pb.SegmentRequest(image=pb.Image(encoded=encode(image)))
+
+
+def _admission(srv):
+    return srv.server._detseg_state.servicer.admission
+
+
+def test_beyond_in_flight_and_queue_requests_are_refused_at_once(slow_server):
+    srv, slow = slow_server(max_in_flight=2, max_queue=2)
+    slow.delay = 1.0
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        start = time.monotonic()
+        done: dict[int, float] = {}
+        futures = [stub.Segment.future(_request(), timeout=30) for _ in range(8)]
+        for n, f in enumerate(futures):
+            f.add_done_callback(lambda _, n=n: done.setdefault(n, time.monotonic() - start))
+        codes = [f.code() for f in futures]  # waits for each
+    refused = [done[n] for n, c in enumerate(codes) if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert codes.count(grpc.StatusCode.OK) == 4 and len(refused) == 4, codes
+    assert max(refused) < 0.5, refused  # refused without waiting for the slow ones
+
+
+def test_a_deadline_is_honoured_and_the_slot_freed(slow_server):
+    srv, slow = slow_server(max_in_flight=1, max_queue=4)
+    slow.delay = 2.0
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Segment(_request(), timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 0.3
+    _wait_idle(srv)
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_started(slow_server):
+    srv, slow = slow_server(max_in_flight=1, max_queue=4)
+    slow.delay = 1.0
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        first = stub.Segment.future(_request(), timeout=30)
+        time.sleep(0.2)
+        calls = slow.calls
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Segment(_request(), timeout=0.3)  # waits behind the first, expires in the queue
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first.result()
+    assert slow.calls == calls  # the expired request never reached the detector
+    _wait_idle(srv)
+
+
+def test_the_server_default_deadline_caps_calls_without_one(slow_server):
+    srv, slow = slow_server(default_deadline_seconds=0.3)
+    slow.delay = 2.0
+    with grpc.insecure_channel(srv.target) as channel:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.SegmentationServiceStub(channel).Segment(_request())  # no deadline from the caller
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 1.0
+        assert "deadline" in err.value.details()
+
+
+def test_cancelling_fifty_requests_returns_the_counters_to_zero(slow_server, figures):
+    srv, slow = slow_server(max_in_flight=2, max_queue=48)
+    slow.delay = 0.5
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        futures = [stub.Segment.future(_request(), timeout=60) for _ in range(50)]
+        deadline = time.monotonic() + 10
+        while _admission(srv).in_flight + _admission(srv).queued < 50 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        peak = (_admission(srv).in_flight, _admission(srv).queued)
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            with pytest.raises((grpc.FutureCancelledError, concurrent.futures.CancelledError, grpc.RpcError)):
+                f.result()
+    seconds = _wait_idle(srv)
+    figures["cancel 50 requests (2 running + 48 queued): counters back to zero after"] = f"{seconds:.2f} s"
+    assert peak == (2, 48)
+
+
+def _wait_idle(srv, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        a = _admission(srv)
+        if a.in_flight == 0 and a.queued == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    a = _admission(srv)
+    raise AssertionError(f"still {a.in_flight} in flight and {a.queued} queued after {timeout} s")
