@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
     s.add_argument(
         "--models",
-        help="model profile: auto (default: official if obtainable, else demo) | official | official-open | demo "
-        "| test",
+        help="model profile: auto (default: official if obtainable, else demo-open) | official | official-open | "
+        "demo-open | demo | test | test-open",
     )
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")

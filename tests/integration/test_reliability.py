@@ -154,3 +154,53 @@ def _wait_idle(srv, timeout: float = 5.0) -> float:
         time.sleep(0.02)
     a = _admission(srv)
     raise AssertionError(f"still {a.in_flight} in flight and {a.queued} queued after {timeout} s")
+
+
+def test_sigterm_drains_twenty_requests_in_flight_refuses_new_ones_and_exits_zero(settings, figures):
+    """A real `detseg serve` process: 20 requests sent, SIGTERM while they run, every one answered OK, a request
+    after the signal refused, exit status 0 within the grace period."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ultralytics_asset
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DETSEG_CACHE_DIR": str(settings.cache_dir), "DETSEG_THREADS": "2",
+           "DETSEG_GRACE_SECONDS": "60", "DETSEG_MAX_QUEUE": "32"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--models", "test", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    image = ultralytics_asset("bus.jpg").read_bytes()  # 810x1080: each request takes a while on CPU
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            futures = [stub.Segment.future(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=120)
+                       for _ in range(20)]  # fmt: skip
+            time.sleep(0.5)
+            assert not any(f.done() for f in futures)  # all still in flight when the signal comes
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with grpc.insecure_channel(target) as fresh, pytest.raises(grpc.RpcError) as err:
+                pb_grpc.SegmentationServiceStub(fresh).Segment(
+                    pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=5
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            codes = [f.code() for f in futures]
+        out, _ = proc.communicate(timeout=90)
+        drained = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert codes == [grpc.StatusCode.OK] * 20, codes
+    assert proc.returncode == 0, out[-2000:]
+    figures["SIGTERM with 20 requests in flight: all OK, drained and exited after"] = f"{drained:.1f} s"
