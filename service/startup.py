@@ -88,9 +88,12 @@ class SafeTextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the ``extra`` fields, and exc_info if any."""
+    """One JSON object per line: time, level, logger, message, the trace id of the current span (when traced),
+    the ``extra`` fields (e.g. request_id), and exc_info if any."""
 
     def format(self, record: logging.LogRecord) -> str:
+        from service.telemetry import current_trace_id
+
         entry: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -98,6 +101,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             **_extras(record),
         }
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

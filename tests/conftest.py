@@ -15,11 +15,26 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cf
 import grpc
 import pytest
 import torch
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.inprocess import InProcessServer as ServerThread
 from service.config import Settings
 from service.runners.base import Runner
+
+# Telemetry of every in-process server goes to in-memory exporters (the SDK's own), set before any server
+# starts; service.telemetry.configure keeps a provider that is already there.
+SPANS = InMemorySpanExporter()
+METRICS = InMemoryMetricReader()
+_tracer_provider = TracerProvider()
+_tracer_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_tracer_provider)
+metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
 
 ASSETS = Path(__file__).parent / "assets"
 THREADS = 2

@@ -81,6 +81,9 @@ class InProcessServer:
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        state = getattr(self.server, "_detseg_state", None)
+        if state is not None:
+            asyncio.run_coroutine_threadsafe(state.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
 

@@ -17,6 +17,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import telemetry
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.security import TokenAuth, load_tokens, server_credentials
@@ -49,6 +50,12 @@ class _State:
     serving: bool = False
     load_error: BaseException | None = None
     load_failed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only port (Settings.health_port)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stops the health-only port, if any (the main server is stopped by its owner)."""
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
 
     async def set_serving(self, serving: bool) -> None:
         if serving != self.serving:
@@ -113,8 +120,9 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
     configure_process(settings)
     credentials = server_credentials(settings)  # configuration errors surface before anything binds
     tokens = load_tokens(settings)
+    telemetry.configure(settings)
     server = grpc.aio.server(
-        interceptors=[TokenAuth(tokens)] if tokens else None,
+        interceptors=[telemetry.RpcTelemetry(), *([TokenAuth(tokens)] if tokens else [])],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -122,6 +130,7 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     servicer = SegmentationServicer(settings)
+    telemetry.register(servicer)
     health_servicer = health.aio.HealthServicer()
     pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -133,6 +142,11 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     state = _State(servicer, health_servicer)
+    if settings.health_port:  # Kubernetes' grpc probes cannot speak TLS: health alone, in plaintext, here
+        state.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, state.health_server)
+        state.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        await state.health_server.start()
     state.loading = asyncio.create_task(_load(state, settings, load_runner))
     server._detseg_state = state  # type: ignore[attr-defined]  # keeps the loading task referenced
     return server, port
@@ -207,11 +221,13 @@ async def serve_forever(server: grpc.aio.Server, grace_seconds: float) -> None:
     try:
         if state.load_failed.is_set():
             await server.stop(0)
+            await state.stop(0)
             error = state.load_error
             raise error if isinstance(error, DetsegError) else ModelUnavailable("models failed to load (see the log)")
         if stop.is_set():
             await state.health.enter_graceful_shutdown()
             log.info("shutting down (grace %.1fs)", grace_seconds)
             await server.stop(grace_seconds)
+            await state.stop(0)
     finally:
         terminated.cancel()  # only once the server has stopped: cancelling it earlier cancels the shutdown

@@ -26,6 +26,13 @@ from service.runners.base import DEADLINE
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheCounts:
+    hits: int
+    misses: int
+    evictions: int
+
+
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     """Serves one Pipeline. Until ``attach`` is called (models loading), RPCs answer UNAVAILABLE."""
 
@@ -42,6 +49,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self._pipeline = pipeline
         self._profile = profile
         self._models = [convert.model_to_proto(m) for m in pipeline.runner.models]
+
+    def cache_stats(self) -> CacheCounts:
+        """The embedding cache's hit, miss and eviction counts (zeros while models load)."""
+        cache = self._pipeline.cache if self._pipeline is not None else None
+        return CacheCounts(cache.hits, cache.misses, cache.evictions) if cache is not None else CacheCounts(0, 0, 0)
 
     def load_failed(self) -> None:
         """The models could not be loaded: RPCs say so (the reason is in the server's log, not for callers)."""

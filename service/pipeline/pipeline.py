@@ -33,6 +33,7 @@ from service.pipeline.prompts import (
 from service.pipeline.refine import refine_mask
 from service.pipeline.review import NOT_REVIEWED, MaskStats, Review, mask_stats, resolve_review, review
 from service.pipeline.segmentation import SegmenterProcessing, select_best
+from service.pipeline.stages import stage
 from service.pipeline.vocabulary import (
     OPEN,
     EmbeddingLRU,
@@ -179,18 +180,16 @@ class Pipeline:
         ]
         thresholds = resolve_thresholds(query.options, self.limits)
         p_review = resolve_review(query.options.review, self.limits.review)
-        t = time.perf_counter()
-        batch = await asyncio.to_thread(processing.preprocess, image.rgb)
-        out = await self.runner.segment_concepts(batch, query.texts, exemplar_boxes)
-        timings["segment_concepts"] = time.perf_counter() - t
-        t = time.perf_counter()
-        concepts = await asyncio.to_thread(
-            processing.postprocess,
-            out.boxes, out.logits, out.presence, out.mask_logits, (h, w),
-            thresholds.score_threshold, thresholds.iou_threshold, thresholds.max_instances,
-            query.options.mask_encoding,
-        )  # fmt: skip
-        timings["encode_concept_masks"] = time.perf_counter() - t
+        with stage(timings, "segment_concepts", texts=len(query.texts), exemplar_labels=len(labels)):
+            batch = await asyncio.to_thread(processing.preprocess, image.rgb)
+            out = await self.runner.segment_concepts(batch, query.texts, exemplar_boxes)
+        with stage(timings, "encode_concept_masks"):
+            concepts = await asyncio.to_thread(
+                processing.postprocess,
+                out.boxes, out.logits, out.presence, out.mask_logits, (h, w),
+                thresholds.score_threshold, thresholds.iou_threshold, thresholds.max_instances,
+                query.options.mask_encoding,
+            )  # fmt: skip
         answers = []
         for box, score, k, mask in zip(concepts.boxes, concepts.scores, concepts.text_ids, concepts.masks, strict=True):
             if k < len(query.texts):
@@ -243,12 +242,10 @@ class Pipeline:
         prompts, candidates = self._candidates(detections, p)
         instances: list[InstanceResult] = []
         if prompts:
-            t = time.perf_counter()
-            low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
-            timings["decode_masks"] = time.perf_counter() - t
-            t = time.perf_counter()
-            final = await asyncio.to_thread(self._masks, low_res, image, p, prompts)
-            timings["encode_masks"] = time.perf_counter() - t
+            with stage(timings, "decode_masks", prompts=len(prompts)):
+                low_res, scores = await self._decode_masks(features, prompts, image, p.multimask)
+            with stage(timings, "encode_masks", masks=len(prompts)):
+                final = await asyncio.to_thread(self._masks, low_res, image, p, prompts)
             for c in candidates:
                 prompt, k = prompts[c.mask_index], c.mask_index
                 box = prompt.box
@@ -292,9 +289,8 @@ class Pipeline:
         if not names:
             return names, [], np.zeros((0, self.runner.detector.class_dim), np.float32)
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
-        t = time.perf_counter()
-        embeddings = await self.class_embeddings.get(names)
-        timings["embed_classes"] = time.perf_counter() - t
+        with stage(timings, "embed_classes", classes=len(names)):
+            embeddings = await self.class_embeddings.get(names)
         return names, open_matches(query.texts, names), embeddings
 
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
@@ -304,9 +300,8 @@ class Pipeline:
                 "texts: free-text prompts need a text encoder and this server has none; serve with "
                 "text_encoder=minilm, or send class names (ListModels lists the vocabulary)"
             )
-        t = time.perf_counter()
-        matches = await self.matcher.match(query.texts, self.runner.detector.names)
-        timings["match_texts"] = time.perf_counter() - t
+        with stage(timings, "match_texts", texts=len(query.texts)):
+            matches = await self.matcher.match(query.texts, self.runner.detector.names)
         return matches
 
     async def encode(self, image_input: ImageInput) -> EncodeResult:
@@ -328,9 +323,9 @@ class Pipeline:
         handle, entry = self._lookup(image_input)
         if entry is not None:
             return FoundImage(handle, entry, entry.image)
-        t = time.perf_counter()
-        image = await asyncio.to_thread(self._decode, image_input, handle)
-        timings["decode_image"] = time.perf_counter() - t
+        with stage(timings, "decode_image", bytes=len(image_input.data)) as span:
+            image = await asyncio.to_thread(self._decode, image_input, handle)
+            span.set_attributes({"image.width": image.width, "image.height": image.height})
         return FoundImage(handle, None, image)
 
     def _lookup(self, image: ImageInput, field: str = "image") -> tuple[str, CacheEntry | None]:
@@ -372,36 +367,36 @@ class Pipeline:
         """Detections for the plan's classes, the detector's raw output (from the cache when there: per
         vocabulary for an open-vocabulary detector) and its cache key. ``text_embeddings``: the open-vocabulary
         text classes' embeddings (None for a closed detector); exemplars are embedded here."""
-        t = time.perf_counter()
-        batch = None
-        classes = None
-        if text_embeddings is not None:
-            embeddings = text_embeddings
-            if exemplars:
-                batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
-                exemplar_classes = p.names[p.exemplar_start :]
-                visual = await self._exemplar_embeddings(exemplars, exemplar_classes, image, batch, references)
-                embeddings = np.concatenate([text_embeddings, visual])
-                timings["embed_exemplars"] = time.perf_counter() - t
-            classes = ClassPrompts(p.names, embeddings)
-        key = classes.key if classes is not None else None
-        cached = entry.detector.get(key) if entry is not None else None
-        if cached is not None:
-            output = cached
-        else:
-            if batch is None:
-                batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
-            output = await self.runner.detect(batch, classes)
-        detections = self.detection.postprocess(
-            output,
-            0,
-            (image.height, image.width),
-            class_ids=p.class_ids,
-            score_threshold=p.score_threshold,
-            iou_threshold=p.iou_threshold,
-            max_instances=p.max_instances,
-        )
-        timings["detect"] = time.perf_counter() - t
+        with stage(timings, "detect") as span:
+            batch = None
+            classes = None
+            if text_embeddings is not None:
+                embeddings = text_embeddings
+                if exemplars:
+                    with stage(timings, "embed_exemplars", exemplars=len(exemplars)):
+                        batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+                        exemplar_classes = p.names[p.exemplar_start :]
+                        visual = await self._exemplar_embeddings(exemplars, exemplar_classes, image, batch, references)
+                    embeddings = np.concatenate([text_embeddings, visual])
+                classes = ClassPrompts(p.names, embeddings)
+            key = classes.key if classes is not None else None
+            cached = entry.detector.get(key) if entry is not None else None
+            if cached is not None:
+                output = cached
+            else:
+                if batch is None:
+                    batch = await asyncio.to_thread(self.detection.preprocess, image.rgb)
+                output = await self.runner.detect(batch, classes)
+            detections = self.detection.postprocess(
+                output,
+                0,
+                (image.height, image.width),
+                class_ids=p.class_ids,
+                score_threshold=p.score_threshold,
+                iou_threshold=p.iou_threshold,
+                max_instances=p.max_instances,
+            )
+            span.set_attributes({"cache_hit": cached is not None, "detections": len(detections.boxes)})
         return detections, output, key
 
     async def _exemplar_embeddings(
@@ -455,10 +450,9 @@ class Pipeline:
         return out
 
     async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
-        t = time.perf_counter()
-        batch = await asyncio.to_thread(self.segmentation.preprocess, image.rgb)
-        features = await self.runner.encode(batch)
-        timings["encode"] = time.perf_counter() - t
+        with stage(timings, "encode"):
+            batch = await asyncio.to_thread(self.segmentation.preprocess, image.rgb)
+            features = await self.runner.encode(batch)
         return features
 
     def _candidates(self, detections: Detections | None, p: Plan) -> tuple[list[SamPrompt], list[_Candidate]]:

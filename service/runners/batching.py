@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import numpy as np
+from opentelemetry import context, trace
 
 from service.config import Settings
 from service.errors import Overloaded
 
 Outputs = tuple[np.ndarray, ...]
+_tracer = trace.get_tracer("detseg.runners")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,7 @@ class _Item:
     future: asyncio.Future[Outputs]
     context: Any
     key: Hashable
+    caller: trace.SpanContext  # the request's span: the pass links to every caller it serves
 
 
 class MicroBatcher:
@@ -67,7 +70,7 @@ class MicroBatcher:
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff")
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(array, future, context, key))
+        self._queue.append(_Item(array, future, context, key, trace.get_current_span().get_span_context()))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -81,7 +84,12 @@ class MicroBatcher:
                 continue
             try:
                 stacked = batch[0].array if len(batch) == 1 else np.concatenate([i.array for i in batch])
-                outputs = await self._run(stacked, batch[0].context)
+                links = [trace.Link(i.caller) for i in batch if i.caller.is_valid]
+                with _tracer.start_as_current_span(
+                    f"detseg.batch.{self.name}", context=context.Context(), links=links,
+                    attributes={"batch.requests": len(batch), "batch.rows": len(stacked)},
+                ):  # fmt: skip  # a pass of several requests: its own trace, linked to each of them
+                    outputs = await self._run(stacked, batch[0].context)
             except BaseException as e:
                 for item in batch:
                     if not item.future.done():

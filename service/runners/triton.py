@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from opentelemetry import trace
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded, Unsupported
@@ -49,6 +50,9 @@ from service.runners.base import (
     time_left,
 )
 from service.runners.exported import decoder_feeds, detector_feeds, specs, text_feeds, tokenizer_for
+
+_tracer = trace.get_tracer("detseg.runners")
+
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +166,17 @@ class TritonRunner:
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
-        try:
-            result = await self._client.infer(
-                role, infer_inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs], client_timeout=left
-            )
-        except InferenceServerException as e:
-            raise _domain_error(role, e) from None
+        rows = int(next(iter(inputs.values())).shape[0]) if inputs else 0
+        with _tracer.start_as_current_span(
+            f"detseg.triton.{role}", attributes={"triton.model": str(role), "rows": rows}
+        ):
+            try:
+                result = await self._client.infer(
+                    role, infer_inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                    client_timeout=left,
+                )  # fmt: skip
+            except InferenceServerException as e:
+                raise _domain_error(role, e) from None
         return {name: result.as_numpy(name) for name in outputs}
 
     async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:

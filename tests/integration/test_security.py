@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 from pathlib import Path
 
 import grpc
@@ -163,3 +164,24 @@ def test_tokens_are_required_except_for_health(settings, tmp_path):
 def test_unusable_security_settings_stop_the_server_at_start(settings, security, says):
     with pytest.raises(ConfigurationError, match=says):
         _start(settings, **security)
+
+
+def test_with_tls_a_plaintext_health_port_answers_probes_and_nothing_else(settings, pki):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        health_port = s.getsockname()[1]
+    srv = _start(settings, tls_cert=str(pki / "server.crt"), tls_key=str(pki / "server.key"), health_port=health_port)
+    try:
+        _wait(srv, _channel_credentials(pki))
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService"), timeout=10
+            )
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.SegmentationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the API is on the TLS port only
+    finally:
+        srv.stop()

@@ -1,0 +1,205 @@
+"""Telemetry with the OpenTelemetry SDK: a span per RPC (``detseg.v1.SegmentationService/<Method>``) whose
+children are the pipeline's stages (``service.pipeline.stages``) and the runners' model calls; metrics; and
+the trace id in every log record.
+
+Settings choose the exporters: ``traces_exporter`` none | console | otlp, ``metrics_exporter`` none | console |
+otlp | prometheus (a scrape endpoint on ``metrics_port``), ``otlp_endpoint`` (gRPC, e.g.
+http://otel-collector:4317). Providers are process-wide (OpenTelemetry's global API); ``configure`` sets them
+once, before the first server starts; a process that already has an SDK provider (a test harness with
+in-memory exporters) keeps its own.
+
+Metrics (Prometheus names in brackets):
+- ``detseg.rpc.duration`` histogram, seconds, by ``rpc.method`` and ``rpc.grpc.status_code``
+  [detseg_rpc_duration_seconds_*]; ``detseg.rpc.errors`` counter by method and code [detseg_rpc_errors_total];
+- ``detseg.requests.in_flight`` and ``detseg.requests.queued`` gauges (admission control)
+  [detseg_requests_in_flight, detseg_requests_queued];
+- ``detseg.cache.hits`` / ``misses`` / ``evictions`` counters of the embedding cache
+  [detseg_cache_hits_total, ...].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from opentelemetry import metrics, trace
+
+from service.config import Settings
+
+TRACES = ("none", "console", "otlp")
+METRICS = ("none", "console", "otlp", "prometheus")
+
+_tracer = trace.get_tracer("detseg.api")
+_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and API browsing: no spans, no metrics
+_sources: weakref.WeakSet[Any] = weakref.WeakSet()  # live servicers, read by the observable gauges
+_instruments: Instruments | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Sets the global tracer and meter providers from the settings (once per process; see module doc)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if settings.traces_exporter not in TRACES:
+        raise ValueError(f"traces_exporter: {settings.traces_exporter!r}; known: {', '.join(TRACES)}")
+    if settings.metrics_exporter not in METRICS:
+        raise ValueError(f"metrics_exporter: {settings.metrics_exporter!r}; known: {', '.join(METRICS)}")
+    from service import __version__
+
+    resource = Resource.create({"service.name": "detseg", "service.version": __version__})
+    if settings.traces_exporter != "none" and not isinstance(trace.get_tracer_provider(), TracerProvider):
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        provider = TracerProvider(resource=resource)
+        exporter: SpanExporter
+        if settings.traces_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint or None)
+        else:
+            exporter = ConsoleSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+    if settings.metrics_exporter != "none" and not isinstance(metrics.get_meter_provider(), MeterProvider):
+        from opentelemetry.sdk.metrics.export import (
+            ConsoleMetricExporter,
+            MetricReader,
+            PeriodicExportingMetricReader,
+        )
+
+        reader: MetricReader
+        if settings.metrics_exporter == "prometheus":
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr=settings.host)
+            reader = PrometheusMetricReader()
+        elif settings.metrics_exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=settings.otlp_endpoint or None))
+        else:
+            reader = PeriodicExportingMetricReader(ConsoleMetricExporter())
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+
+
+class Instruments:
+    """The metric instruments, made once per process from the global meter provider."""
+
+    def __init__(self) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        meter = metrics.get_meter("detseg")
+        self.duration = meter.create_histogram("detseg.rpc.duration", unit="s", description="RPC latency")
+        self.errors = meter.create_counter("detseg.rpc.errors", description="RPCs that ended with an error code")
+
+        def gauge(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda options: [Observation(sum(read(s) for s in list(_sources)))]
+
+        meter.create_observable_gauge(
+            "detseg.requests.in_flight", [gauge(lambda s: s.admission.in_flight)], description="requests running"
+        )
+        meter.create_observable_gauge(
+            "detseg.requests.queued", [gauge(lambda s: s.admission.queued)], description="requests waiting (queue)"
+        )
+        for event in ("hits", "misses", "evictions"):
+            meter.create_observable_counter(
+                f"detseg.cache.{event}", [gauge(_cache_count(event))], description=f"embedding cache {event}"
+            )
+
+
+def _cache_count(event: str) -> Callable[[Any], int]:
+    return lambda servicer: int(getattr(servicer.cache_stats(), event))
+
+
+def instruments() -> Instruments:
+    global _instruments
+    if _instruments is None:
+        _instruments = Instruments()
+    return _instruments
+
+
+def register(servicer: Any) -> None:
+    """Makes a servicer's admission counts and cache statistics visible to the gauges."""
+    _sources.add(servicer)
+
+
+class RpcTelemetry(grpc.aio.ServerInterceptor):
+    """A span and a latency/error record per RPC (streams: over the whole stream)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_UNTRACED):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        name = details.method.lstrip("/")
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+                    start, code = time.perf_counter(), grpc.StatusCode.OK
+                    try:
+                        return await inner(request, context)
+                    except BaseException as e:
+                        code = _code(context, e)
+                        raise
+                    finally:
+                        _record(span, method, code, time.perf_counter() - start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )  # fmt: skip
+        if handler.stream_stream:
+            inner_stream = handler.stream_stream
+
+            async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+                    start, code = time.perf_counter(), grpc.StatusCode.OK
+                    try:
+                        async for response in inner_stream(requests, context):
+                            yield response
+                    except BaseException as e:
+                        code = _code(context, e)
+                        raise
+                    finally:
+                        _record(span, method, code, time.perf_counter() - start)
+
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )  # fmt: skip
+        return handler
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
+    """The status an RPC ended with: the one the handler aborted with, CANCELLED for a cancelled call."""
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _record(span: trace.Span, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    attributes = {"rpc.method": method, "rpc.grpc.status_code": code.name}
+    span.set_attributes({"rpc.system": "grpc", "rpc.service": "detseg.v1.SegmentationService", **attributes})
+    if code != grpc.StatusCode.OK:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+        instruments().errors.add(1, attributes)
+    instruments().duration.record(seconds, attributes)
+
+
+def current_trace_id() -> str | None:
+    """Hex trace id of the current span, None outside one (log records carry it)."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
