@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.generated
 MODELS ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv proto serve serve-test test lint typecheck unit integration clean helm-tools
+.PHONY: venv proto serve serve-test test lint typecheck unit integration clean helm-tools redis-tools
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -44,7 +44,7 @@ lint: venv
 typecheck: proto
 	$(BIN)/mypy service
 
-test: proto lint typecheck helm-tools
+test: proto lint typecheck helm-tools redis-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: proto
@@ -86,3 +86,15 @@ helm-tools:
 
 clean:
 	rm -rf $(GEN) .pytest_cache .mypy_cache .ruff_cache
+
+# redis-server for tests/integration/test_shared_cache.py (they start their own on a free loopback port):
+# Debian's package, installed when missing (CI runs as root on Debian).
+redis-tools:
+	@if command -v redis-server >/dev/null; then echo "redis-tools: $$(redis-server --version | cut -d' ' -f1-3)"; \
+	else \
+		echo "redis-tools: installing Debian's redis-server"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+		command -v redis-server >/dev/null || { echo "redis-tools: redis-server could not be installed" >&2; exit 1; }; \
+		$$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; \
+	fi

@@ -14,7 +14,8 @@ Metrics (Prometheus names in brackets):
 - ``detseg.requests.in_flight`` and ``detseg.requests.queued`` gauges (admission control)
   [detseg_requests_in_flight, detseg_requests_queued];
 - ``detseg.cache.hits`` / ``misses`` / ``evictions`` counters of the embedding cache
-  [detseg_cache_hits_total, ...].
+  [detseg_cache_hits_total, ...]; ``detseg.cache.shared.hits`` / ``misses`` / ``errors`` of the shared (Redis)
+  tier and ``detseg.cache.shared.up`` (1 answering, 0 down or none).
 """
 
 from __future__ import annotations
@@ -111,10 +112,22 @@ class Instruments:
             meter.create_observable_counter(
                 f"detseg.cache.{event}", [gauge(_cache_count(event))], description=f"embedding cache {event}"
             )
+        for event in ("hits", "misses", "errors"):
+            meter.create_observable_counter(
+                f"detseg.cache.shared.{event}", [gauge(_shared_count(event))], description=f"shared cache {event}"
+            )
+        meter.create_observable_gauge(
+            "detseg.cache.shared.up", [gauge(lambda s: int(bool(s.shared_tier and s.shared_tier.up)))],
+            description="1 when the shared cache (Redis) answers, 0 when it does not or there is none",
+        )  # fmt: skip
 
 
 def _cache_count(event: str) -> Callable[[Any], int]:
     return lambda servicer: int(getattr(servicer.cache_stats(), event))
+
+
+def _shared_count(event: str) -> Callable[[Any], int]:
+    return lambda servicer: int(getattr(servicer.shared_tier, event, 0))
 
 
 def instruments() -> Instruments:

@@ -32,6 +32,7 @@ from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.pipeline.review import ReviewRules
 from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
 from service.runners.base import Runner
+from service.shared_cache import RedisTier
 from service.startup import configure_process
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,20 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if runner.detector.open_vocabulary else None
         ),
         exemplar_embeddings=LRU(settings.exemplar_cache_entries),
+        shared=shared_tier(settings),
     )
+
+
+def shared_tier(settings: Settings) -> RedisTier | None:
+    """The Redis tier when ``redis_url`` is set (checked once now; a Redis that is down is only logged)."""
+    if not settings.redis_url:
+        return None
+    tier = RedisTier(
+        settings.redis_url, settings.cache_ttl_seconds, settings.redis_max_entry_bytes,
+        settings.redis_timeout_seconds, settings.redis_retry_seconds,
+    )  # fmt: skip
+    tier.ping()
+    return tier
 
 
 async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple[grpc.aio.Server, int]:

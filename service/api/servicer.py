@@ -55,6 +55,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         cache = self._pipeline.cache if self._pipeline is not None else None
         return CacheCounts(cache.hits, cache.misses, cache.evictions) if cache is not None else CacheCounts(0, 0, 0)
 
+    @property
+    def shared_tier(self) -> Any:
+        """The pipeline's shared cache tier (``service.shared_cache.RedisTier``), None when there is none."""
+        return self._pipeline.shared if self._pipeline is not None else None
+
     def load_failed(self) -> None:
         """The models could not be loaded: RPCs say so (the reason is in the server's log, not for callers)."""
         self._failed = True

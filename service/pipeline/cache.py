@@ -14,6 +14,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
 from service.pipeline.image import DecodedImage
 from service.runners.base import DetectorOutput, ImageFeatures
@@ -36,6 +37,18 @@ class CacheEntry:
     def nbytes(self) -> int:
         det = sum(o.raw.nbytes for o in self.detector.values())
         return int(self.image.rgb.nbytes + self.features.nbytes + det)
+
+
+class SharedTier(Protocol):
+    """A second cache tier behind the in-process one, shared by replicas (``service.shared_cache.RedisTier``).
+    Blocking calls (the pipeline runs them in worker threads); failures are the tier's own business: a get that
+    cannot reach it is a miss, a put that cannot is skipped."""
+
+    def get(self, handle: str) -> CacheEntry | None: ...
+
+    def put(self, handle: str, entry: CacheEntry) -> None: ...
+
+    def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None: ...
 
 
 class EmbeddingCache:

@@ -12,7 +12,7 @@ from collections.abc import Hashable
 import numpy as np
 
 from service.errors import InvalidInput, NotFound, Unsupported
-from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, handle_for
+from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
 from service.pipeline.concepts import ConceptProcessing
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
@@ -122,6 +122,7 @@ class Pipeline:
         matcher: VocabularyMatcher | None = None,
         class_embeddings: EmbeddingLRU | None = None,
         exemplar_embeddings: LRU[tuple[object, ...], np.ndarray] | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         """``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
         ``class_embeddings``: an open-vocabulary detector's class embeddings of texts, by string (required for one);
@@ -136,6 +137,7 @@ class Pipeline:
         self.image_limits = image_limits
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
+        self.shared = shared
         self.detection = DetectorProcessing(runner.detector)
         concepts = runner.concepts
         self.concept_processing = (
@@ -235,9 +237,14 @@ class Pipeline:
                     task.cancel()
             raise
         if entry is None:
-            self.cache.put(handle, CacheEntry(image, features, {key: raw} if raw is not None else {}))
+            fresh = CacheEntry(image, features, {key: raw} if raw is not None else {})
+            self.cache.put(handle, fresh)
+            if self.shared is not None:
+                await asyncio.to_thread(self.shared.put, handle, fresh)
         elif raw is not None:
             self.cache.add_detector_output(handle, raw, key)
+            if self.shared is not None:
+                await asyncio.to_thread(self.shared.add_detector_output, handle, raw, key)
 
         prompts, candidates = self._candidates(detections, p)
         instances: list[InstanceResult] = []
@@ -314,13 +321,19 @@ class Pipeline:
             timings["total"] = time.perf_counter() - start
             return EncodeResult(handle, image, True, timings)
         features = await self._encode(image, timings)
-        self.cache.put(handle, CacheEntry(image, features))
+        entry = CacheEntry(image, features)
+        self.cache.put(handle, entry)
+        if self.shared is not None:  # before answering: the handle must work on every replica at once
+            await asyncio.to_thread(self.shared.put, handle, entry)
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle, image, False, timings)
 
     async def _find(self, image_input: ImageInput, timings: dict[str, float]) -> FoundImage:
         """The request's image: from the cache (bytes or handle), else decoded (timed as "decode_image")."""
-        handle, entry = self._lookup(image_input)
+        if self.shared is None:
+            handle, entry = self._lookup(image_input)
+        else:  # the shared tier is a network call
+            handle, entry = await asyncio.to_thread(self._lookup, image_input)
         if entry is not None:
             return FoundImage(handle, entry, entry.image)
         with stage(timings, "decode_image", bytes=len(image_input.data)) as span:
@@ -330,14 +343,15 @@ class Pipeline:
 
     def _lookup(self, image: ImageInput, field: str = "image") -> tuple[str, CacheEntry | None]:
         """(handle, cached entry or None) of an image given by bytes or handle; the handle of bytes is their
-        content hash, so bytes and their handle are the same image. A handle that is not cached is NOT_FOUND."""
+        content hash, so bytes and their handle are the same image. A handle that is not cached is NOT_FOUND.
+        Looks in the shared tier (blocking) after a miss in this replica's cache."""
         handle = image.handle
         if handle is not None:
             if not handle.startswith(PREFIX) or len(handle) != len(PREFIX) + 64:
                 raise InvalidInput(
                     f"{field}.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)"
                 )
-            entry = self.cache.get(handle)
+            entry = self._cached(handle)
             if entry is None:
                 raise NotFound(
                     f"{field}.handle: {handle[:19]}... is unknown or expired (cached images live "
@@ -345,7 +359,16 @@ class Pipeline:
                 )
             return handle, entry
         handle = handle_for(hashlib.sha256(image.data).hexdigest())
-        return handle, self.cache.get(handle)
+        return handle, self._cached(handle)
+
+    def _cached(self, handle: str) -> CacheEntry | None:
+        """This replica's entry, else the shared tier's (then kept here too), else None."""
+        entry = self.cache.get(handle)
+        if entry is None and self.shared is not None:
+            entry = self.shared.get(handle)
+            if entry is not None:
+                self.cache.put(handle, entry)
+        return entry
 
     def _decode(self, image: ImageInput, handle: str, field: str = "image") -> DecodedImage:
         """Decodes an image's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
