@@ -140,6 +140,12 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # clients may ping this often (the client library's defaults stay well above it)
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
