@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -140,6 +141,20 @@ def test_the_simulated_annotator_is_deterministic_and_a_perfect_mask_takes_one_c
                 break
             target = found
     assert perfect >= 1
+
+
+def test_clicks_reduce_the_error_on_average(client, dataset, figures):
+    """The simulated annotator through the service on the demo: clicks help, monotonically over the first
+    three, and no later click falls more than 0.01 below the first. Measured with the shipped segmenter (tuned on
+    error-driven click sequences, SHAPES_SAM2.md): it rises to ~0.88 by click 3-4 and then holds ~0.86;
+    the 2.4 M-parameter SAM 2 decodes 64x64 logits and the API sends clicks without the previous mask."""
+    from service.evaluation.run import effort
+
+    efforts = effort(client, dataset, 30)
+    curve = np.mean([[e.ious[min(n, len(e.ious) - 1)] for n in range(8)] for e in efforts], axis=0)
+    figures["demo annotator, 30 instances: mean IoU after clicks 1..8"] = " ".join(f"{v:.3f}" for v in curve)
+    assert all(b >= a - 0.002 for a, b in itertools.pairwise(curve[:3])), curve
+    assert curve[2] > curve[0] + 0.02 and min(curve[1:]) >= curve[0] - 0.01, curve
 
 
 def test_the_cli_evaluates_with_an_in_process_server(dataset, tmp_path):

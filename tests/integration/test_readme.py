@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_python_client_example_runs(demo_server):
-    (snippet,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    snippet = next(s for s in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "TARGET" in s)
     code = snippet.replace('TARGET = "127.0.0.1:50051"', f'TARGET = "{demo_server.target}"')
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=README.parent
