@@ -161,10 +161,11 @@ def label_folder(
 
 
 def categories_of(images: Sequence[LabeledImage], prompts: Prompts) -> list[str]:
-    """The asked names first (in request order), then any other label answered (sorted)."""
+    """Every asked name (request order: category ids stay the same run after run, found or not), then any other
+    label answered (sorted; e.g. a closed detector's class for a free text)."""
     asked = list(dict.fromkeys([*prompts.classes, *prompts.texts]))
     seen = {inst.label for image in images for inst in image.instances}
-    return [n for n in asked if n in seen or not seen] + sorted(seen - set(asked))
+    return asked + sorted(seen - set(asked))
 
 
 def write_exports(
