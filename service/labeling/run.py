@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 from service.client import Client, Result, segment_request
 from service.labeling.records import LabeledImage, LabeledInstance
+from service.models.download import file_sha256
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
@@ -54,10 +54,6 @@ class LabelSummary:
 def image_files(folder: Path) -> list[Path]:
     """Every image under ``folder``, sorted by relative path."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_records(out: Path) -> dict[str, LabeledImage]:
