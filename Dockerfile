@@ -56,7 +56,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/detseg \
     DETSEG_HOST=0.0.0.0 \
-    DETSEG_CACHE_DIR=/var/cache/detseg
+    DETSEG_CACHE_DIR=/var/cache/detseg \
+    MALLOC_MMAP_MAX_=0 \
+    MALLOC_TRIM_THRESHOLD_=1099511627776 \
+    MALLOC_TOP_PAD_=268435456
 USER 10001:10001
 WORKDIR /home/detseg
 EXPOSE 50051

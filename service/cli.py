@@ -17,11 +17,16 @@ from service.config import Settings
 from service.errors import DetsegError
 from service.evaluation.predict import Prompt
 from service.labeling.run import FORMATS as LABEL_FORMATS
+from service.runners.factory import BACKENDS
+from service.startup import ALLOCATORS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # The command line as typed, for `serve`'s re-execution under its allocator: only when running as the program
+    # (argv None), never for in-process callers such as tests.
+    args.reexec_argv = sys.argv[1:] if argv is None else None
     try:
         return int(args.func(args) or 0)
     except DetsegError as e:
@@ -49,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--concept-imgsz", type=int, help="SAM 3 input side, a multiple of 14 (default 1008)")
     s.add_argument(
         "--backend",
-        choices=("torch", "onnx", "triton"),
-        help="where models run: in-process torch (default) or " "ONNX Runtime, or a Triton server",
+        choices=BACKENDS,
+        help="where models run: in-process torch (default), OpenVINO or ONNX Runtime, or a Triton server",
     )
     s.add_argument("--triton-url", help="Triton gRPC endpoint for --backend triton (default 127.0.0.1:8001)")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -60,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="YAML settings file (flags > DETSEG_* env > file > defaults)")
     s.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
     s.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
+    s.add_argument(
+        "--allocator", choices=tuple(ALLOCATORS), help="tuned (default: glibc malloc keeps freed memory) or system"
+    )
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("segment", help="send an image to a running server; print labeled instances")
@@ -313,10 +321,13 @@ def _serve(args: argparse.Namespace) -> int:
             "reflection",
             "log_level",
             "log_format",
+            "allocator",
         ),
     )
-    from service.startup import configure_logging, configure_process
+    from service.startup import configure_logging, configure_process, reexec_for_allocator
 
+    if args.reexec_argv is not None:
+        reexec_for_allocator(settings.allocator, args.reexec_argv)
     configure_logging(settings.log_level, settings.log_format)
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
     from service.api.server import create_server, serve_forever
@@ -433,7 +444,14 @@ def _triton_up(args: argparse.Namespace) -> int:
     repository = args.repository or settings.triton_repository
     ensure_repository(resolve_models(settings), settings, repository)
     http_port = args.http_port or settings.triton_http_port
-    server = LocalTriton(repository, state_dir, args.port, http_port, args.metrics_port or settings.triton_metrics_port)
+    server = LocalTriton(
+        repository,
+        state_dir,
+        args.port,
+        http_port,
+        args.metrics_port or settings.triton_metrics_port,
+        allocator=settings.allocator,
+    )
     server.start()
     try:
         server.wait_ready(args.timeout)

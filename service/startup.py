@@ -15,6 +15,13 @@ by them:
   truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
   (``service.pipeline.image``).
 
+Memory allocator: glibc malloc returns large freed blocks to the OS at once (mmap'd blocks are unmapped, the heap
+top is trimmed), so every forward pass page-faults its activations back in (575 k minor faults per request
+measured on CPU). ``allocator = "tuned"`` runs the server with glibc tunables that keep freed memory for the next
+pass (``ALLOCATORS``); glibc reads them at process start only, so ``detseg serve`` re-executes itself with them
+(``reexec_for_allocator``) and the Triton it starts gets them in its environment. jemalloc and tcmalloc were
+measured too: jemalloc was slower, and OpenVINO's ``compile_model`` aborts under either when LD_PRELOADed.
+
 Logging: ``text`` (one line per record, caller-supplied text escaped so a request cannot forge log lines) or
 ``json`` (one JSON object per line; ``request_id`` and other ``extra`` fields as keys).
 """
@@ -29,6 +36,40 @@ import sys
 from typing import Any
 
 from service.config import Settings
+
+# Environment variables per ``Settings.allocator``. "tuned": no mmap'd blocks (large buffers come from the heap and
+# are reused), no trimming below 1 TiB, 256 MiB extra when the heap grows. glibc's MALLOC_*_ names, not
+# GLIBC_TUNABLES: glibc 2.36 cuts GLIBC_TUNABLES at its first ':' in the environment children inherit (seen in
+# /proc/PID/environ). The Dockerfile sets the same (tests/unit/test_startup.py keeps them equal).
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "tuned": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(256 << 20)},
+    "system": {},
+}
+
+
+def allocator_environment(allocator: str, environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment to run under for ``allocator`` (see ALLOCATORS), or None when ``environ`` needs no change:
+    the allocator is "system", or any MALLOC_*_ variable or glibc.malloc tunable is set already (an operator's own
+    choice wins, and a re-executed process does not re-execute again). Raises ValueError for an unknown allocator."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    wanted = ALLOCATORS[allocator]
+    own = any(k.startswith("MALLOC_") for k in environ) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+    if not wanted or own:
+        return None
+    return {**environ, **wanted}
+
+
+def reexec_for_allocator(allocator: str, argv: list[str]) -> None:
+    """Replaces this process by ``python -m service.cli *argv`` under ``allocator``'s environment, when it differs
+    from the current one; returns when nothing is to change. Call before loading anything big (start-up only)."""
+    env = allocator_environment(allocator, dict(os.environ))
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "service.cli", *argv], env)
+
 
 # Record attributes that every LogRecord has; anything else was passed as ``extra=`` and is a structured field.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}

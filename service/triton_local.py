@@ -27,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from service.config import Settings
 from service.errors import ModelUnavailable
 from service.models.roles import MODEL_ROLES
+from service.startup import allocator_environment
 
 
 def _pytriton_root() -> Path:
@@ -70,6 +72,7 @@ class LocalTriton:
     http_port: int = 8000
     metrics_port: int = 8002
     config_name: str = ""  # --model-config-name (e.g. "onnxruntime" for the native configs; not runnable here)
+    allocator: str = Settings.allocator  # malloc of the server and its python-backend stubs (startup.ALLOCATORS)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,6 +105,7 @@ class LocalTriton:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        env = allocator_environment(self.allocator, env) or env  # inherited by the python-backend stubs
         libs = _pytriton_root().parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))

@@ -33,7 +33,8 @@ def _env(settings) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(settings):
+def served_process(settings):
+    """A `detseg serve` process (test models, default settings): (target, process)."""
     port = _free_port()
     proc = subprocess.Popen(
         [*DETSEG, "serve", "--models", "test", "--port", str(port)],
@@ -47,11 +48,45 @@ def served(settings):
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=180)
             wait_serving(channel)
-        yield target
+        yield target, proc
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out[-2000:]  # SIGTERM = graceful shutdown, exit 0
+
+
+@pytest.fixture(scope="module")
+def served(served_process):
+    return served_process[0]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_serve_runs_under_the_tuned_allocator(served_process, settings):
+    """`detseg serve` re-executes itself (same pid) with glibc tunables that keep freed activation memory, and the
+    operator's own MALLOC_* variables or --allocator system win."""
+    from service.startup import ALLOCATORS
+
+    _, proc = served_process
+    assert not any(k.startswith("MALLOC_") for k in _env(settings))
+    assert ALLOCATORS["tuned"].items() <= _environ(proc.pid).items()
+    port = _free_port()
+    system = subprocess.Popen(
+        [*DETSEG, "serve", "--models", "test", "--port", str(port), "--allocator", "system"],
+        env=_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+        assert not any(k.startswith("MALLOC_") for k in _environ(system.pid))
+    finally:
+        system.terminate()
+        system.wait(timeout=60)
 
 
 def test_segment_prints_labeled_instances_and_writes_an_overlay(served, settings, tmp_path: Path):

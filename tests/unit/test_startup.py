@@ -64,3 +64,32 @@ def test_json_log_lines_carry_the_request_id_as_a_field():
 def test_text_log_lines_escape_control_characters_and_append_fields():
     line = SafeTextFormatter("%(levelname)s %(message)s").format(_record("x %s", "a\r\nb", request_id="r1"))
     assert line == "INFO x a\\r\\nb request_id=r1"
+
+
+def test_allocator_environment_tuned_system_and_the_operators_own():
+    from service.startup import ALLOCATORS, allocator_environment
+
+    tuned = allocator_environment("tuned", {"PATH": "/bin"})
+    assert tuned == {"PATH": "/bin", **ALLOCATORS["tuned"]}
+    assert tuned["MALLOC_MMAP_MAX_"] == "0"
+    assert allocator_environment("tuned", tuned) is None  # already running under it: no re-exec loop
+    assert allocator_environment("tuned", {"MALLOC_ARENA_MAX": "2"}) is None
+    assert allocator_environment("tuned", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None
+    assert allocator_environment("system", {"PATH": "/bin"}) is None
+    with pytest.raises(ValueError, match="allocator must be one of tuned, system"):
+        allocator_environment("jemalloc", {})
+
+
+def test_the_container_and_triton_run_under_the_tuned_allocator(tmp_path, monkeypatch):
+    """The Dockerfile sets the same variables (no re-exec in the image); a local Triton and its stubs inherit them."""
+    from service.startup import ALLOCATORS
+    from service.triton_local import LocalTriton
+
+    dockerfile = (Path(__file__).parents[2] / "Dockerfile").read_text()
+    for name, value in ALLOCATORS["tuned"].items():
+        assert f"    {name}={value}" in dockerfile
+    for name in list(os.environ):
+        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES":
+            monkeypatch.delenv(name)
+    assert ALLOCATORS["tuned"].items() <= LocalTriton(tmp_path, tmp_path).environment().items()
+    assert not any(k.startswith("MALLOC_") for k in LocalTriton(tmp_path, tmp_path, allocator="system").environment())
