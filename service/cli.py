@@ -327,7 +327,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.startup import configure_logging, configure_process, reexec_for_allocator
 
     if args.reexec_argv is not None:
-        reexec_for_allocator(settings.allocator, args.reexec_argv)
+        reexec_for_allocator(settings.allocator, ["-m", "service.cli", *args.reexec_argv])
     configure_logging(settings.log_level, settings.log_format)
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
     from service.api.server import create_server, serve_forever

@@ -195,7 +195,7 @@ def _arrays(blob: bytes) -> Any:
 
 def _entry_to_bytes(entry: CacheEntry) -> bytes:
     meta = json.dumps({"format": entry.image.format, "sha256": entry.image.sha256}).encode()
-    feats = entry.features
+    feats = entry.features.on_host()  # device-resident features spill to the host only here
     return _to_bytes(
         rgb=entry.image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed,
         **{f"high_res_{i}": f for i, f in enumerate(feats.high_res_feats)},

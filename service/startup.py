@@ -61,14 +61,15 @@ def allocator_environment(allocator: str, environ: dict[str, str]) -> dict[str, 
 
 
 def reexec_for_allocator(allocator: str, argv: list[str]) -> None:
-    """Replaces this process by ``python -m service.cli *argv`` under ``allocator``'s environment, when it differs
-    from the current one; returns when nothing is to change. Call before loading anything big (start-up only)."""
+    """Replaces this process by ``python *argv`` (e.g. ["-m", "service.cli", "serve"]) under ``allocator``'s
+    environment, when it differs from the current one; returns when nothing is to change. Call before loading
+    anything big (start-up only)."""
     env = allocator_environment(allocator, dict(os.environ))
     if env is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "service.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, *argv], env)
 
 
 # Record attributes that every LogRecord has; anything else was passed as ``extra=`` and is a structured field.

@@ -41,6 +41,13 @@ THREADS = 2
 # Where the torch runner and the reference predictors run: cpu in CI; a GPU machine runs the same parity
 # tests with DETSEG_TEST_DEVICE=cuda.
 DEVICE = os.environ.get("DETSEG_TEST_DEVICE", "cpu")
+# On a lent GPU machine: DETSEG_TEST_PRECISION=fp32 compares exact paths with the references, and the sentence
+# encoder's package (90 MB) does not travel there, so DETSEG_TEST_TEXT_ENCODER=none.
+GPU_RUN_OVERRIDES = {
+    field: os.environ[var]
+    for field, var in (("precision", "DETSEG_TEST_PRECISION"), ("text_encoder", "DETSEG_TEST_TEXT_ENCODER"))
+    if var in os.environ
+}
 
 
 def ultralytics_asset(name: str) -> Path:
@@ -56,7 +63,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(cache_dir: Path) -> Settings:
-    return Settings(models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True, device=DEVICE)
+    return Settings(
+        models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True, device=DEVICE, **GPU_RUN_OVERRIDES
+    )
 
 
 @pytest.fixture(scope="session")

@@ -177,6 +177,7 @@ def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:
         vocabulary=list(m.vocabulary),
         input_size=m.input_size,
         open_vocabulary=m.open_vocabulary,
+        precision=m.precision,
     )
 
 

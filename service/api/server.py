@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 
 import grpc
@@ -110,6 +111,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
         ),
         exemplar_embeddings=LRU(settings.exemplar_cache_entries),
         shared=shared_tier(settings),
+        mask_threads=settings.mask_threads or min(8, os.cpu_count() or 1),
     )
 
 

@@ -52,3 +52,6 @@ class ModelDescriptor:
     input_size: int
     vocabulary: tuple[str, ...] = ()
     open_vocabulary: bool = False  # a detector whose classes come with each request
+    # The numerical variant and runtime it runs in, e.g. "fp32", "bf16-autocast" (torch on a GPU), "int8" (statically
+    # quantised); the runner that loads the model sets it.
+    precision: str = "fp32"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import time
 import uuid
 from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +19,7 @@ from service.pipeline.concepts import ConceptProcessing
 from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.lru import LRU
-from service.pipeline.masks import EncodedMask, encode_masks
+from service.pipeline.masks import Bounds, EncodedMask, encode_masks, mask_bounds
 from service.pipeline.prompts import (
     Exemplar,
     ImageInput,
@@ -32,7 +34,7 @@ from service.pipeline.prompts import (
 )
 from service.pipeline.refine import refine_mask
 from service.pipeline.review import NOT_REVIEWED, MaskStats, Review, mask_stats, resolve_review, review
-from service.pipeline.segmentation import SegmenterProcessing, select_best
+from service.pipeline.segmentation import BestMasks, SegmenterProcessing
 from service.pipeline.stages import stage
 from service.pipeline.vocabulary import (
     OPEN,
@@ -123,11 +125,12 @@ class Pipeline:
         class_embeddings: EmbeddingLRU | None = None,
         exemplar_embeddings: LRU[tuple[object, ...], np.ndarray] | None = None,
         shared: SharedTier | None = None,
+        mask_threads: int = 1,
     ) -> None:
         """``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
         ``class_embeddings``: an open-vocabulary detector's class embeddings of texts, by string (required for one);
         ``exemplar_embeddings``: exemplar embeddings by (image, boxes, classes), reused while the same exemplars
-        come back (None: none kept)."""
+        come back (None: none kept); ``mask_threads``: threads refining and encoding a request's masks."""
         self.runner = runner
         self.matcher = matcher
         self.class_embeddings = class_embeddings
@@ -144,6 +147,7 @@ class Pipeline:
             ConceptProcessing(concepts.image_size, concepts.mask_threshold) if concepts is not None else None
         )
         self.segmentation = SegmenterProcessing(runner.segmenter)
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(mask_threads, thread_name_prefix="masks")
 
     async def segment(self, query: SegmentQuery) -> SegmentResult:
         """With a concept segmenter (SAM 3) the texts and exemplars go to it, the rest of the request to the
@@ -504,32 +508,45 @@ class Pipeline:
 
     async def _decode_masks(
         self, features: ImageFeatures, prompts: list[SamPrompt], image: DecodedImage, multimask: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """All prompts of the image, one decoder call per prompt shape. Returns (N, s, s) logits, (N,) scores."""
-        s = self.runner.segmenter.image_size // 4
-        low_res = np.zeros((len(prompts), s, s), np.float32)
-        scores = np.zeros((len(prompts),), np.float32)
+    ) -> tuple[Any, np.ndarray]:
+        """All prompts of the image, one decoder call per prompt shape. Returns (N, s, s) logits (numpy, or a tensor
+        on the device of a device-resident runner), (N,) scores."""
+        best = BestMasks(len(prompts), self.runner.segmenter.image_size // 4)
         hw = (image.height, image.width)
         for indices, batch in self.segmentation.prompt_batches(prompts, hw, multimask):
-            out = await self.runner.decode(features.select(0), batch)
-            masks, ious = select_best(out.low_res_masks, out.iou_predictions)
-            low_res[indices], scores[indices] = masks, ious
-        return low_res, scores
+            best.add(indices, await self.runner.decode(features.select(0), batch))
+        return best.low_res, best.scores
 
-    def _masks(self, low_res: np.ndarray, image: DecodedImage, p: Plan, prompts: list[SamPrompt]) -> FinalMasks:
+    def _masks(self, low_res: Any, image: DecodedImage, p: Plan, prompts: list[SamPrompt]) -> FinalMasks:
         """Upsample, threshold, refine and encode in chunks, one mask per prompt, with what review reads."""
         hw = (image.height, image.width)
         final = FinalMasks([], [], [])
         for i in range(0, low_res.shape[0], _MASK_CHUNK):
             up = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
             chunk = prompts[i : i + _MASK_CHUNK]
-            if p.refinement.active:
-                for mask, prompt in zip(up.masks, chunk, strict=True):
-                    refine_mask(mask, prompt.box, p.refinement)
-            final.encoded.extend(encode_masks(up.masks, p.mask_encoding))
-            final.boxes.extend(_mask_box(m) if q.box is None else None for m, q in zip(up.masks, chunk, strict=True))
-            final.stats.extend(mask_stats(m, float(s)) for m, s in zip(up.masks, up.stability, strict=True))
+            # Masks are finished on the mask pool (OpenCV and most of numpy release the GIL while they work).
+            finished = self._mask_pool.map(
+                lambda m, q, s: _finish_mask(m, q, float(s), p), up.masks, chunk, up.stability
+            )
+            for encoded, box, stats in finished:
+                final.encoded.append(encoded)
+                final.boxes.append(box)
+                final.stats.append(stats)
         return final
+
+
+def _finish_mask(
+    mask: np.ndarray, prompt: SamPrompt, stability: float, p: Plan
+) -> tuple[EncodedMask, np.ndarray | None, MaskStats]:
+    """One upsampled (H, W) bool mask → refined in place, encoded, its box (clicks-only prompts) and review stats.
+
+    Everything after the refinement reads only the mask's window of set pixels (``mask_bounds``): the same results
+    as reading the frame, and a small object on a large image costs its own size."""
+    window = refine_mask(mask, prompt.box, p.refinement) if p.refinement.active else None
+    bounds = mask_bounds(mask, window)
+    (encoded,) = encode_masks(mask[None], p.mask_encoding, [bounds])
+    box = _bounds_box(bounds) if prompt.box is None else None
+    return encoded, box, mask_stats(mask, stability, bounds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,12 +576,11 @@ def _normalised_cxcywh(xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """(H, W) bool → XYXY pixel-edge box around the mask, or None when empty."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    if not len(cols):
+def _bounds_box(bounds: Bounds | None) -> np.ndarray | None:
+    """A mask's tight window (``mask_bounds``) → its XYXY pixel-edge box, or None when the mask is empty."""
+    if bounds is None:
         return None
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
+    return np.array([bounds.x0, bounds.y0, bounds.x1, bounds.y1], dtype=np.float32)
 
 
 def _points_box(prompt: SamPrompt) -> np.ndarray:

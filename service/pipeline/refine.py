@@ -24,6 +24,8 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
+from service.pipeline.masks import Bounds, mask_bounds
+
 
 @dataclasses.dataclass(frozen=True)
 class Refinement:
@@ -43,8 +45,9 @@ class Refinement:
 Refinement.NONE = Refinement()
 
 
-def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement) -> None:
-    """Refines one mask in place.
+def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement) -> Bounds:
+    """Refines one mask in place; returns a window that holds every set pixel of it afterwards (the box + margin
+    it was clipped to, else the whole frame).
 
     mask: (H, W) bool at original resolution, any memory layout (a view into a batch is fine);
     box: (4,) float XYXY in original-image pixels, the instance's prompt box, or None (clicks only: no clipping).
@@ -60,15 +63,15 @@ def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement
         mask[y1:] = False
         mask[y0:y1, :x0] = False
         mask[y0:y1, x1:] = False
+    window = Bounds(y0, y1, x0, x1)
     if refinement.min_region_area <= 0:
-        return
-    window = mask[y0:y1, x0:x1]
-    rows, cols = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
-    if not len(rows):
-        return
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = window[r0:r1, c0:c1]
+        return window
+    tight = mask_bounds(mask, window)
+    if tight is None:
+        return window
+    crop = tight.crop(mask)
     crop[...] = remove_small_regions_windowed(crop, refinement.min_region_area)
+    return tight  # hole filling stays inside the mask's window, island removal only shrinks it
 
 
 def remove_small_regions_windowed(crop: np.ndarray, area: int) -> np.ndarray:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from types import EllipsisType
 
 import cv2
 import numpy as np
 
 from service.errors import InvalidInput
+from service.pipeline.masks import Bounds, mask_bounds
 from service.pipeline.vocabulary import TextMatch
 
 STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_score_offset
@@ -108,14 +110,26 @@ def stability_scores(logits: np.ndarray, threshold: float, offset: float = STABI
     flat = logits.reshape(logits.shape[0], -1)
     inter = (flat > threshold + offset).sum(axis=1, dtype=np.int64)
     union = (flat > threshold - offset).sum(axis=1, dtype=np.int64)
+    return stability_from_counts(inter, union)
+
+
+def stability_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """(B,) int64 pixel counts of (logits > threshold + offset) and (logits > threshold - offset) → (B,) float32
+    stability scores (``stability_scores``; device-resident masks count on their device)."""
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float32)
 
 
-def mask_stats(mask: np.ndarray, stability: float) -> MaskStats:
-    """(H, W) bool final mask → its area and 8-connected part count, with the stability score given."""
-    area = int(np.count_nonzero(mask))
-    components = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1 if area else 0
-    return MaskStats(stability=stability, area=area, components=int(components))
+def mask_stats(mask: np.ndarray, stability: float, bounds: Bounds | None | EllipsisType = ...) -> MaskStats:
+    """(H, W) bool final mask → its area and 8-connected part count, with the stability score given.
+
+    ``bounds``: the window of its set pixels (``masks.mask_bounds``; None = empty), when known: only it is read."""
+    if bounds is ...:
+        bounds = mask_bounds(mask)
+    if bounds is None:
+        return MaskStats(stability=stability, area=0, components=0)
+    crop = np.ascontiguousarray(bounds.crop(mask)).view(np.uint8)
+    components = cv2.connectedComponents(crop, connectivity=8)[0] - 1
+    return MaskStats(stability=stability, area=int(np.count_nonzero(crop)), components=int(components))
 
 
 def review(

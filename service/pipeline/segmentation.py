@@ -8,15 +8,21 @@ done with OpenCV, so masks equal the predictor's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import numpy as np
 
-from service.pipeline.review import stability_scores
-from service.runners.base import PromptBatch, SegmenterSpec
+from service.pipeline.review import STABILITY_OFFSET, stability_from_counts, stability_scores
+from service.runners.base import DecoderOutput, PromptBatch, SegmenterSpec
 
 MASK_THRESHOLD = 0.0
+# Prompts per decoder call. A call holds its prompts' (HW, C) image tokens at once: ~28 MB per prompt at SAM's 1024²
+# on CPU (200 boxes in one call peaked at +5.7 GB), so larger prompt sets go in calls of this many; the image side
+# the prompts share is computed once per call (sam_ops), which at 64 is a small part of the call.
+MAX_PROMPTS_PER_CALL = 64
 _BOX_LABELS = np.array([2, 3], dtype=np.int32)
 
 
@@ -72,12 +78,18 @@ class SegmenterProcessing:
     ) -> Iterator[tuple[list[int], PromptBatch]]:
         """Groups prompts of equal shape (box or not, number of points) into batches, one decoder call each.
 
-        Boxes-only prompts (every detection) form one batch. Yields (indices into ``prompts``, batch).
+        Boxes-only prompts (every detection) form one batch, or several of MAX_PROMPTS_PER_CALL. Yields (indices into
+        ``prompts``, batch).
         """
         groups: dict[tuple[bool, int], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.signature, []).append(i)
-        for (has_box, _), indices in groups.items():
+        chunks = [
+            (has_box, indices[k : k + MAX_PROMPTS_PER_CALL])
+            for (has_box, _), indices in groups.items()
+            for k in range(0, len(indices), MAX_PROMPTS_PER_CALL)
+        ]
+        for has_box, indices in chunks:
             coords, labels = [], []
             for i in indices:
                 p = prompts[i]
@@ -101,13 +113,17 @@ class SegmenterProcessing:
                 ),
             )
 
-    def postprocess(self, low_res_masks: np.ndarray, orig_hw: tuple[int, int]) -> UpsampledMasks:
+    def postprocess(self, low_res_masks: Any, orig_hw: tuple[int, int]) -> UpsampledMasks:
         """(B, s, s) float32 logits → (B, H, W) bool masks at original resolution and their stability scores.
 
         The upsampling is sam2's (``SAM2Transforms.postprocess_masks``: bilinear, half-pixel centres, no
         hole filling here) done by OpenCV, ~10x faster than torch on CPU (logits agree to ~1e-6). The
         masks are a view of (H, W, B) column-major memory: the layout pycocotools' RLE encoder reads.
+        Logits as a torch tensor (a device-resident runner's) are upsampled, thresholded and counted on their
+        device, as sam2 does it (``F.interpolate``), and only the bool masks cross to the host.
         """
+        if not isinstance(low_res_masks, np.ndarray):
+            return self._postprocess_on_device(low_res_masks, orig_hw)
         h, w = orig_hw
         out = np.empty((h, w, low_res_masks.shape[0]), dtype=bool, order="F")
         stability = np.empty(low_res_masks.shape[0], dtype=np.float32)
@@ -118,9 +134,48 @@ class SegmenterProcessing:
             stability[i] = stability_scores(up[None], MASK_THRESHOLD)[0]
         return UpsampledMasks(out.transpose(2, 0, 1), stability)
 
+    def _postprocess_on_device(self, low_res_masks: Any, orig_hw: tuple[int, int]) -> UpsampledMasks:
+        """``postprocess`` for a (B, s, s) float32 torch tensor, on its device."""
+        torch = self._torch
+        with torch.inference_mode():
+            up = torch.nn.functional.interpolate(
+                low_res_masks[:, None].float(), size=orig_hw, mode="bilinear", align_corners=False
+            )[:, 0]
+            flat = up.flatten(1)
+            inter = (flat > MASK_THRESHOLD + STABILITY_OFFSET).sum(1)
+            union = (flat > MASK_THRESHOLD - STABILITY_OFFSET).sum(1)
+            # (B, W, H) row-major = each mask column-major: the layout pycocotools reads, made on the device.
+            masks = (up > MASK_THRESHOLD).transpose(1, 2).contiguous().cpu().numpy()
+        stability = stability_from_counts(inter.cpu().numpy(), union.cpu().numpy())
+        return UpsampledMasks(masks.transpose(0, 2, 1), stability)
 
-def select_best(low_res_masks: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, M, s, s), (B, M) → the highest-scoring of the M candidates: (B, s, s), (B,)."""
-    best = iou.argmax(axis=1)
-    rows = np.arange(iou.shape[0])
-    return low_res_masks[rows, best], iou[rows, best]
+
+class BestMasks:
+    """The best candidate mask of each of N prompts, gathered over the decoder calls of one image.
+
+    low_res: (N, s, s) float32 logits, numpy or (device-resident runner) a torch tensor on its device, like the
+    decoder's output; scores: (N,) float32 predicted IoU of each chosen mask.
+    """
+
+    def __init__(self, n: int, side: int) -> None:
+        self._n, self._side = n, side
+        self.low_res: Any = None
+        self.scores = np.zeros((n,), np.float32)
+
+    def add(self, indices: list[int], out: DecoderOutput) -> None:
+        """The decoder's answer for the prompts at ``indices``: keeps each prompt's highest-scoring candidate."""
+        iou = out.iou_predictions
+        best, rows = iou.argmax(axis=1), np.arange(len(iou))
+        self.scores[indices] = iou[rows, best]
+        masks, shape = out.low_res_masks, (self._n, self._side, self._side)
+        if isinstance(masks, np.ndarray):
+            if self.low_res is None:
+                self.low_res = np.zeros(shape, np.float32)
+            self.low_res[indices] = masks[rows, best]
+            return
+        import torch
+
+        if self.low_res is None:
+            self.low_res = torch.zeros(shape, dtype=torch.float32, device=masks.device)
+        at = functools.partial(torch.as_tensor, device=masks.device)
+        self.low_res[at(indices)] = masks[at(rows), at(best)]

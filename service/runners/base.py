@@ -13,7 +13,7 @@ import functools
 import hashlib
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -113,11 +113,22 @@ class DetectorOutput:
 class ImageFeatures:
     """SAM 2 image embeddings for N images.
 
-    image_embed: (N, 256, S/16, S/16) float32; high_res_feats: [(N, 32, S/4, S/4), (N, 64, S/8, S/8)] float32.
+    image_embed: (N, 256, S/16, S/16); high_res_feats: [(N, 32, S/4, S/4), (N, 64, S/8, S/8)]. float32 numpy arrays,
+    except from the torch runner on a GPU: torch tensors on that device (device-resident: they stay there, in the
+    embedding cache too, and only that runner's decoder reads them; float32, or bfloat16 under its autocast).
+    ``on_host`` gives numpy copies (the shared Redis tier stores those).
     """
 
-    image_embed: np.ndarray
-    high_res_feats: tuple[np.ndarray, ...]
+    image_embed: Any
+    high_res_feats: tuple[Any, ...]
+
+    def on_host(self) -> ImageFeatures:
+        """The same features as float32 numpy arrays (self when they are already)."""
+        if isinstance(self.image_embed, np.ndarray):
+            return self
+        return ImageFeatures(
+            image_embed=to_numpy(self.image_embed), high_res_feats=tuple(to_numpy(f) for f in self.high_res_feats)
+        )
 
     def select(self, index: int) -> ImageFeatures:
         """Features of image ``index`` with a batch dimension of 1 (views, no copy)."""
@@ -146,10 +157,19 @@ class PromptBatch:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderOutput:
-    """low_res_masks: (B, M, S/4, S/4) float32 logits; iou_predictions: (B, M) float32; M = 3 if multimask else 1."""
+    """low_res_masks: (B, M, S/4, S/4) float32 logits; iou_predictions: (B, M) float32 numpy; M = 3 if multimask
+    else 1. The masks are a numpy array, or a float32 torch tensor on the device when the runner is device-resident
+    (``ImageFeatures``): the pipeline then upsamples and thresholds them there and moves only the final bits."""
 
-    low_res_masks: np.ndarray
+    low_res_masks: Any
     iou_predictions: np.ndarray
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A numpy array, or a torch tensor on any device and of any float dtype → float32 numpy (a copy for tensors)."""
+    if isinstance(array, np.ndarray):
+        return array
+    return array.detach().float().cpu().numpy()
 
 
 class Runner(Protocol):

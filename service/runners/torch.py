@@ -9,6 +9,7 @@ used read-only (eval, no grad), and no per-request state lives on them, so concu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -53,11 +54,15 @@ class TorchRunner(LocalRunner):
         device: str,
         class_text: ClassTexts | None,
         concepts: Any = None,
+        device_resident: bool | None = None,
+        sam_autocast: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         """``device``: where the modules live (``cpu``, ``cuda``, ``cuda:1``); arrays cross to it and back.
         ``class_text``: an open-vocabulary detector's text encoder (None for a closed detector). ``concepts``: a
-        ``service.models.sam3.Sam3Concepts`` answering texts (None: texts go to the detector)."""
+        ``service.models.sam3.Sam3Concepts`` answering texts (None: texts go to the detector). ``device_resident``:
+        keep SAM features and low-res masks on the device (None: on every device but the CPU). ``sam_autocast``: the
+        dtype SAM's encoder and decoder autocast to (None: none, fp32)."""
         super().__init__(*args, **kwargs)
         self._class_text = class_text
         self._concepts = concepts
@@ -69,13 +74,27 @@ class TorchRunner(LocalRunner):
         self._device = torch.device(device)
         self._det: Any = detector_module.to(self._device)
         self._sam = segmenter_module.to(self._device)
+        # Device-resident SAM (every device but the CPU unless told): features and low-res masks stay on the device
+        # between encoder, cache, decoder and mask upsampling; only final masks come back (ImageFeatures).
+        self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident
+        self.sam_autocast = sam_autocast
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _tensor(self, array: Any) -> torch.Tensor:
+        """A numpy array → a tensor on the device; a tensor (device-resident features) passes as it is."""
+        if isinstance(array, torch.Tensor):
+            return array.to(self._device, non_blocking=True)
         return torch.from_numpy(array).to(self._device, non_blocking=True)
 
+    def _sam_precision(self) -> Any:
+        """SAM's encoder and decoder run under sam2's own recipe on GPUs (bfloat16 autocast), else as they are."""
+        if self.sam_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device.type, dtype=self.sam_autocast)
+
     @classmethod
-    def load(cls, models: ModelSet, settings: Settings) -> TorchRunner:
-        """Loads both models from verified files and sets torch's thread count from Settings."""
+    def load(cls, models: ModelSet, settings: Settings, device_resident: bool | None = None) -> TorchRunner:
+        """Loads both models from verified files and sets torch's thread count from Settings. ``device_resident``:
+        as the constructor's (tests run the device-resident path on the CPU with True)."""
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
         loaded = load_detector_module(models.detector.path)
@@ -99,9 +118,12 @@ class TorchRunner(LocalRunner):
             visual_prompts=loaded.visual_prompts,
         )
         segmenter = SegmenterSpec(image_size=int(sam.image_size))
+        autocast = sam_autocast(settings)
         descriptors: tuple[ModelDescriptor, ...] = (
             descriptor(models.detector, detector.imgsz, names, detector.open_vocabulary),
-            descriptor(models.segmenter, segmenter.image_size, ()),
+            dataclasses.replace(
+                descriptor(models.segmenter, segmenter.image_size, ()), precision=_precision_name(autocast)
+            ),
         )
         concepts = None
         if settings.concept_model:
@@ -119,6 +141,8 @@ class TorchRunner(LocalRunner):
             device=settings.device,
             class_text=class_text,
             concepts=concepts,
+            device_resident=device_resident,
+            sam_autocast=autocast,
         )
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
@@ -161,14 +185,17 @@ class TorchRunner(LocalRunner):
             mask_logits=out["pred_masks"].float().cpu().numpy(),
         )
 
-    def _encode_sync(self, images: np.ndarray) -> Arrays:
-        with torch.inference_mode():
-            embed, hr0, hr1 = sam_ops.image_features(self._sam, self._tensor(images))
-        return tuple(f.contiguous().cpu().numpy() for f in (embed, hr0, hr1))
+    def _encode_sync(self, images: np.ndarray) -> Any:
+        """→ (embed, high_res_0, high_res_1): tensors on the device when device-resident, else float32 numpy."""
+        with torch.inference_mode(), self._sam_precision():
+            features = sam_ops.image_features(self._sam, self._tensor(images))
+        if self.device_resident:
+            return tuple(f.contiguous() for f in features)
+        return tuple(f.contiguous().float().cpu().numpy() for f in features)
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         hr0, hr1 = (self._tensor(f) for f in features.high_res_feats)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._sam_precision():
             single, single_iou, multi, multi_iou = sam_ops.decode(
                 self._sam,
                 self._tensor(features.image_embed),
@@ -178,7 +205,21 @@ class TorchRunner(LocalRunner):
                 self._tensor(prompts.point_labels),
             )
         masks, iou = (multi, multi_iou) if prompts.multimask else (single, single_iou)
-        return DecoderOutput(low_res_masks=masks.float().cpu().numpy(), iou_predictions=iou.float().cpu().numpy())
+        low_res = masks.float() if self.device_resident else masks.float().cpu().numpy()
+        return DecoderOutput(low_res_masks=low_res, iou_predictions=iou.float().cpu().numpy())
+
+
+def sam_autocast(settings: Settings) -> torch.dtype | None:
+    """The dtype SAM autocasts to: bfloat16 on a CUDA device (sam2's own inference recipe; Ampere or newer), unless
+    ``precision`` is fp32; None (fp32) on the CPU, where bfloat16 was measured slower without AMX."""
+    if settings.precision == "fp32" or not settings.device.startswith("cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _precision_name(autocast: torch.dtype | None) -> str:
+    """ModelDescriptor.precision of SAM under ``autocast``."""
+    return "fp32" if autocast is None else {torch.bfloat16: "bf16-autocast"}.get(autocast, f"{autocast}-autocast")
 
 
 def _load_concepts(settings: Settings) -> tuple[Any, ModelDescriptor]:
