@@ -17,7 +17,7 @@ from service.config import Settings
 from service.errors import DetsegError
 from service.evaluation.predict import Prompt
 from service.labeling.run import FORMATS as LABEL_FORMATS
-from service.runners.factory import BACKENDS
+from service.runners.factory import BACKENDS, PRECISIONS
 from service.startup import ALLOCATORS
 
 
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
     s.add_argument(
         "--allocator", choices=tuple(ALLOCATORS), help="tuned (default: glibc malloc keeps freed memory) or system"
+    )
+    s.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto (default: the fastest gated variant: bf16 on CUDA, int8 encoder with --backend openvino) | fp32",
     )
     s.set_defaults(func=_serve)
 
@@ -322,6 +327,7 @@ def _serve(args: argparse.Namespace) -> int:
             "log_level",
             "log_format",
             "allocator",
+            "precision",
         ),
     )
     from service.startup import configure_logging, configure_process, reexec_for_allocator
@@ -409,6 +415,7 @@ def _image_dict(result: Any) -> dict[str, Any]:
         "sha256": im.sha256,
         "request_id": result.request_id,
         "profile": result.profile,
+        "backend": result.response.provenance.backend,
     }
 
 

@@ -75,9 +75,11 @@ class Settings:
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     offline: bool = False  # never try to download weights
     device: str = "cpu"  # torch backend: cpu | cuda | cuda:N (both models; arrays cross to it and back)
-    # Numerical precision: "auto" runs the fastest variant that passed the quality gate (masks IoU >= 0.99 vs fp32;
-    # benchmarks/RESULTS.md) where the machine supports it: SAM under bfloat16 autocast on CUDA (torch backend);
-    # "fp32" runs everything in float32. Provenance names the variant each model ran in.
+    # Numerical precision: "auto" runs the fastest variant that passed the quality gate (final masks IoU >= 0.99 vs
+    # fp32 of the same weights; benchmarks/RESULTS.md, GPU-H100.md) where the machine supports it: SAM under bfloat16
+    # autocast on CUDA (torch backend); SAM's image encoder statically quantised to int8 (backend openvino, where
+    # OpenVINO's CPU plugin has int8 kernels; built once per weights, cached beside the export). "fp32" runs
+    # everything in float32; "int8" asks for the int8 encoder (backend openvino only). ModelInfo.precision names it.
     precision: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
@@ -102,13 +104,10 @@ class Settings:
     batch_max_queue: int = 64  # callers waiting per model; beyond it RESOURCE_EXHAUSTED
 
     # Backend: where the models run.
-    # torch | onnx (in-process ONNX Runtime) | openvino (in-process, the fastest CPU runtime per role: OpenVINO for the
-    # detector and SAM's image encoder, ONNX Runtime for its decoder) | triton (a Triton Inference Server over gRPC)
-    backend: str = "torch"
-    # Backend openvino: SAM 2's image encoder in fp32, or int8 (NNCF static post-training quantisation, built once per
-    # weights and cached beside the export; final masks IoU >= 0.99 vs fp32 on held-out photos, seeded SAM 2.1-T).
-    # auto: int8 where OpenVINO's CPU plugin has int8 kernels, else fp32. int8 needs backend openvino.
-    encoder_precision: str = "auto"
+    # auto | torch | onnx (in-process ONNX Runtime) | openvino (in-process, the fastest CPU runtime per role: OpenVINO
+    # for the detector and SAM's image encoder, torch and ONNX Runtime for its decoder) | triton (a Triton server).
+    # auto: openvino on the CPU (when the openvino package is installed, and no concept model), else torch.
+    backend: str = "auto"
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (backend triton; `detseg triton up`)
     triton_max_message_bytes: int = 256 * 1024 * 1024  # SAM 2 features are ~17 MB fp32 at 1024²
     health_interval_seconds: float = 1.0  # how often backend readiness is re-checked for gRPC health

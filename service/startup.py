@@ -11,6 +11,7 @@ by them:
   ``<cache_dir>/ultralytics``. If ultralytics was imported before this runs (its env vars are read at import),
   the same switches are set on its modules.
 - **Hugging Face** libraries (the text encoder's sentence-transformers) are kept offline (``HF_HUB_OFFLINE``).
+- **NNCF** (the openvino backend's int8 quantisation) would send usage telemetry; ``NNCF_CI`` turns it off.
 - **Pillow** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False (a library could set it for its own reasons), so
   truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
   (``service.pipeline.image``).
@@ -85,6 +86,9 @@ def configure_process(settings: Settings) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
     os.environ["YOLO_OFFLINE"] = "True"
+    # NNCF (int8 quantisation, backend openvino) reports usage through openvino_telemetry unless it believes it
+    # runs in CI: a server sends nothing anywhere.
+    os.environ["NNCF_CI"] = "1"
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
     utils = sys.modules.get("ultralytics.utils")
     if utils is not None:  # imported already: its env vars were read, so set what it derived from them

@@ -63,9 +63,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(cache_dir: Path) -> Settings:
+    # torch: the references these tests compare with (ultralytics, sam2) are torch; the CPU default backend
+    # (openvino, int8 encoder) has its own tests (test_openvino, test_cli's default serve).
     return Settings(
-        models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True, device=DEVICE, **GPU_RUN_OVERRIDES
-    )
+        models="test", cache_dir=cache_dir, port=0, threads=THREADS, offline=True, device=DEVICE, backend="torch",
+        **GPU_RUN_OVERRIDES,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

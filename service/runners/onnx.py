@@ -7,23 +7,28 @@ and input sizes come from the configs' ``detseg_*`` parameters, as for the Trito
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from service.config import Settings
-from service.models.graphs import IO, decoder_outputs, detector_io, read_parameters
+from service.models.graphs import IO, decoder_outputs, detector_io
 from service.models.profiles import ModelSet
 from service.models.roles import Role
 from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import ClassPrompts, DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
-from service.runners.exported import decoder_feeds, detector_feeds, specs, text_feeds, tokenizer_for
+from service.runners.exported import (
+    decoder_feeds,
+    detector_feeds,
+    load_export,
+    ort_session,
+    specs,
+    text_feeds,
+    tokenizer_for,
+)
 from service.runners.local import Arrays, LocalRunner
-
-log = logging.getLogger(__name__)
 
 
 class OnnxRunner(LocalRunner):
@@ -39,41 +44,18 @@ class OnnxRunner(LocalRunner):
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> OnnxRunner:
-        import onnxruntime as ort
-
-        from service.models.triton_repo import ensure_repository, export_cache, parse_config
-
-        repo = export_cache(models, settings)
-        if ensure_repository(models, settings, repo):
-            log.info("exported %s + %s to ONNX (once per weights)", models.detector.name, models.segmenter.name)
-        options = ort.SessionOptions()
-        if settings.threads > 0:
-            options.intra_op_num_threads = settings.threads
-        # ONNX Runtime's CPU arena keeps the peak activation memory of the largest batch for good. Measured, SAM 2
-        # encoder at 1024² on 2 cores: a batch of 4 leaves 5.9 GB with it, 0.34 GB without (2.0 s/image either
-        # way); at batch 8 the arena-less run is slower (3.6 vs 2.6 s/image), hence micro-batches of 4 by default.
-        options.enable_cpu_mem_arena = False
-        graphs = read_parameters(
-            {
-                role: {k: v.string_value for k, v in parse_config(repo / role / "config.pbtxt").parameters.items()}
-                for role in Role
-                if (repo / role / "config.pbtxt").exists()
-            }
-        )
-        sessions = {
-            role: ort.InferenceSession(
-                str(repo / role / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
-            )
-            for role in graphs.roles
-        }
-        detector, segmenter = specs(graphs)
+        export = load_export(models, settings)
+        # No memory arena: at SAM 2's 1024² a micro-batch of 4 encoder images would hold 5.9 GB for good (0.34 GB
+        # without, 2.0 s/image either way); at batch 8 the arena-less run is slower, hence batches of 4 by default.
+        sessions = {role: ort_session(export.graph(role), settings, arena=False) for role in export.graphs.roles}
+        detector, segmenter = specs(export.graphs)
         text = load_sentence_encoder(settings.text_encoder)
         return cls(
             sessions,
-            tokenizer_for(graphs, text),
+            tokenizer_for(export.graphs, text),
             detector,
             segmenter,
-            graphs.models,
+            export.graphs.models,
             models.profile,
             batching=BatchPolicy.from_settings(settings),
             text=text,

@@ -55,7 +55,9 @@ from tests.triton_helpers import copy_repository_sources, free_ports, start_dets
 
 THREADS = os.cpu_count() or 2
 SCORE = 0.25
-BACKENDS = ("embedded", "onnx", "triton")  # detseg torch in-process, ONNX Runtime in-process, -> Triton
+# detseg's default in-process backend (Settings.backend, resolved for the device), torch and ONNX Runtime in-process,
+# and -> Triton.
+BACKENDS = ("embedded", "torch", "onnx", "triton")
 CACHE_BYTES_RSS = 32 << 20
 
 
@@ -345,6 +347,9 @@ def main() -> None:
     from service.startup import reexec_for_allocator
 
     reexec_for_allocator(args.allocator, ["-m", "tests.benchmarks.pipeline_bench", *sys.argv[1:]])
+    from service.runners.factory import resolve_backend
+
+    args.embedded_backend = resolve_backend(Settings(backend=args.embedded_backend, device=args.device))
     LABELS["embedded"] = f"embedded ({args.embedded_backend})"
     # embedded always runs: the re-prompt and per-stage sections are measured on it.
     backends = [b for b in BACKENDS if b == "embedded" or b in args.backends.split(",")]
@@ -490,7 +495,7 @@ def main() -> None:
     print(f"wrote {args.out / 'RESULTS.md'}")
 
 
-LABELS = {"embedded": "embedded", "onnx": "ONNX Runtime in-process", "triton": "Triton"}
+LABELS = {"embedded": "embedded", "torch": "torch in-process", "onnx": "ONNX Runtime in-process", "triton": "Triton"}
 
 
 def report(r: dict[str, Any]) -> str:

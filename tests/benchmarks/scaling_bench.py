@@ -24,6 +24,7 @@ import concurrent.futures
 import json
 import math
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--models", default="bench", help="bench (seeded official architectures) | official")
     parser.add_argument("--device", default="cpu", help="torch device of the server (Settings.device)")
-    parser.add_argument("--backend", default="torch", help="Settings.backend: torch | onnx | openvino | ...")
+    parser.add_argument("--backend", default=Settings.backend, help="Settings.backend (default: the default, resolved)")
     parser.add_argument("--repeats", type=int, default=3, help="measured requests per point (1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests per point (0 with --quick)")
     parser.add_argument("--per-client", type=int, default=3, help="requests each client sends (1 with --quick)")
@@ -215,6 +216,12 @@ def main() -> None:
         help="the 12 MP x 200 boxes request (never with --quick; over a minute on CPU)",
     )  # fmt: skip
     args = parser.parse_args()
+    from service.runners.factory import resolve_backend
+    from service.startup import reexec_for_allocator
+
+    # Under detseg's allocator, as `detseg serve` runs (the server is in this process).
+    reexec_for_allocator(Settings.allocator, ["-m", "tests.benchmarks.scaling_bench", *sys.argv[1:]])
+    args.backend = resolve_backend(Settings(backend=args.backend, device=args.device))
     repeats, warmup, per_client = (1, 0, 1) if args.quick else (args.repeats, args.warmup, args.per_client)
     megapixels, boxes, clients = (
         (QUICK_MEGAPIXELS, QUICK_BOXES, QUICK_CLIENTS) if args.quick else (MEGAPIXELS, BOXES, CLIENTS)

@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 
 def _env(settings) -> dict[str, str]:
-    return {**os.environ, "DETSEG_CACHE_DIR": str(settings.cache_dir), "DETSEG_THREADS": "2"}
+    # The test models on torch, as the session's other servers; the default backend is served by the default test.
+    return {**os.environ, "DETSEG_CACHE_DIR": str(settings.cache_dir), "DETSEG_THREADS": "2", "DETSEG_BACKEND": "torch"}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,8 @@ def test_default_serve_offline_falls_back_to_the_open_demo_and_segments_the_samp
         # the sample holds three circles, one green star and one red star (and other shapes); see the README
         assert answer["image"]["profile"] == "demo-open"
         assert labels == ["circle", "circle", "circle", "green star", "red star"], labels
+        # The CPU default: OpenVINO with the int8 image encoder (quantised at this first start), named in provenance.
+        assert answer["image"]["backend"] == "openvino"
         assert Image.open(overlay).size == (answer["image"]["width"], answer["image"]["height"])
     finally:
         proc.terminate()
