@@ -97,19 +97,10 @@ class OpenVinoRunner(OnnxRunner):
             return super()._decode_sync(features, prompts)
         import torch
 
-        from service.models import sam_ops
+        from service.runners.torch import decode_batch
 
-        hr0, hr1 = (torch.from_numpy(f) for f in features.high_res_feats)
         with torch.inference_mode():
-            single, single_iou, multi, multi_iou = sam_ops.decode(
-                self._sam,
-                torch.from_numpy(features.image_embed),
-                hr0,
-                hr1,
-                torch.from_numpy(prompts.point_coords),
-                torch.from_numpy(prompts.point_labels),
-            )
-        masks, iou = (multi, multi_iou) if prompts.multimask else (single, single_iou)
+            masks, iou = decode_batch(self._sam, features, prompts, torch.from_numpy)
         return DecoderOutput(low_res_masks=masks.numpy(), iou_predictions=iou.numpy())
 
     @classmethod

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -194,19 +194,22 @@ class TorchRunner(LocalRunner):
         return tuple(f.contiguous().float().cpu().numpy() for f in features)
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        hr0, hr1 = (self._tensor(f) for f in features.high_res_feats)
         with torch.inference_mode(), self._sam_precision():
-            single, single_iou, multi, multi_iou = sam_ops.decode(
-                self._sam,
-                self._tensor(features.image_embed),
-                hr0,
-                hr1,
-                self._tensor(prompts.point_coords),
-                self._tensor(prompts.point_labels),
-            )
-        masks, iou = (multi, multi_iou) if prompts.multimask else (single, single_iou)
+            masks, iou = decode_batch(self._sam, features, prompts, self._tensor)
         low_res = masks.float() if self.device_resident else masks.float().cpu().numpy()
         return DecoderOutput(low_res_masks=low_res, iou_predictions=iou.float().cpu().numpy())
+
+
+def decode_batch(
+    sam: Any, features: ImageFeatures, prompts: PromptBatch, tensor: Callable[[Any], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sam_ops.decode`` of one image's prompt batch → (masks (B, M, S/4, S/4), iou (B, M)) tensors of the batch's
+    choice (M = 3 if multimask else 1). ``tensor``: how arrays reach the module's device. Call under inference mode."""
+    hr0, hr1 = (tensor(f) for f in features.high_res_feats)
+    single, single_iou, multi, multi_iou = sam_ops.decode(
+        sam, tensor(features.image_embed), hr0, hr1, tensor(prompts.point_coords), tensor(prompts.point_labels)
+    )
+    return (multi, multi_iou) if prompts.multimask else (single, single_iou)
 
 
 def sam_autocast(settings: Settings) -> torch.dtype | None:
