@@ -44,10 +44,12 @@ def start_triton(repo: Path, state_dir: Path, models: tuple[str, ...] = MODEL_RO
     return server
 
 
-def start_detseg(settings: Settings) -> ServerThread:
+def start_detseg(settings: Settings, timeout: float = 900.0) -> ServerThread:
+    """An in-process server for ``settings``, SERVING. ``timeout``: for loading, which on the openvino backend's
+    first start includes quantising SAM's encoder (~2 min for SAM 2.1-T at 1024² on 2 cores)."""
     srv = ServerThread(settings, lambda: load_runner(settings))
     with grpc.insecure_channel(srv.target) as channel:
-        wait_serving(channel)
+        wait_serving(channel, timeout)
     return srv
 
 
