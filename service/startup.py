@@ -11,7 +11,8 @@ by them:
   ``<cache_dir>/ultralytics``. If ultralytics was imported before this runs (its env vars are read at import),
   the same switches are set on its modules.
 - **Hugging Face** libraries (the text encoder's sentence-transformers) are kept offline (``HF_HUB_OFFLINE``).
-- **NNCF** (the openvino backend's int8 quantisation) would send usage telemetry; ``NNCF_CI`` turns it off.
+- **NNCF** (the openvino backend's int8 quantisation) and OpenVINO's converter would send usage telemetry (and
+  fork to do it): ``block_telemetry`` makes their telemetry package unimportable, so both use their stubs.
 - **Pillow** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False (a library could set it for its own reasons), so
   truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
   (``service.pipeline.image``).
@@ -78,6 +79,16 @@ _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "a
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def block_telemetry() -> None:
+    """NNCF and OpenVINO's converter report usage through ``openvino_telemetry`` (Google Analytics, on unless a
+    consent file in $HOME says no), from a thread that forks a process: in a server with gRPC's threads that fork
+    crashed the process (seen in CI). Both fall back to a stub when the package cannot be imported, so it is made
+    unimportable here (``sys.modules[name] = None``), before either is imported. A server sends nothing anywhere."""
+    if "openvino_telemetry" not in sys.modules or sys.modules["openvino_telemetry"] is None:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    os.environ["NNCF_CI"] = "1"  # NNCF's own switch, for any process that imported it first
+
+
 def configure_process(settings: Settings) -> None:
     """Sets the third-party switches above. Idempotent; call before serving (the server factory does)."""
     config_dir = settings.cache_dir / "ultralytics"
@@ -86,9 +97,7 @@ def configure_process(settings: Settings) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
     os.environ["YOLO_OFFLINE"] = "True"
-    # NNCF (int8 quantisation, backend openvino) reports usage through openvino_telemetry unless it believes it
-    # runs in CI: a server sends nothing anywhere.
-    os.environ["NNCF_CI"] = "1"
+    block_telemetry()
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
     utils = sys.modules.get("ultralytics.utils")
     if utils is not None:  # imported already: its env vars were read, so set what it derived from them

@@ -32,8 +32,10 @@ import numpy as np
 from service.models.download import file_sha256
 from service.models.graphs import IO
 from service.models.roles import Role
+from service.startup import block_telemetry
 
 log = logging.getLogger(__name__)
+block_telemetry()  # before nncf or openvino's tools are imported (see service.startup)
 
 # Bump when folding or quantisation changes: cached IRs of older recipes are then rebuilt, not reused.
 RECIPE_VERSION = 1
