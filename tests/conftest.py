@@ -98,10 +98,11 @@ def wait_serving(channel: grpc.Channel, timeout: float = 120.0) -> None:
 
 @contextlib.contextmanager
 def serving(
-    settings: Settings, factory: Callable[[], Runner] | None = None, timeout: float = 120.0
+    settings: Settings, factory: Callable[[], Runner] | None = None, timeout: float = 600.0
 ) -> Iterator[pb_grpc.SegmentationServiceStub]:
     """A real server for ``settings`` (its runner from ``factory``, else loaded for the settings), SERVING, and
-    a stub on it (large responses allowed); the server stops on exit."""
+    a stub on it (large responses allowed); the server stops on exit. ``timeout``: for loading, which builds seeded
+    models anew in a fresh cache for some tests (one took over 120 s on a loaded 2-core CI machine)."""
     from service.runners.factory import load_runner
 
     srv = ServerThread(settings, factory or (lambda: load_runner(settings)))
