@@ -12,16 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.client import DEFAULT_TARGET
+from service.client import DEFAULT_TARGET, RequestFailed
 from service.config import Settings
 from service.errors import DetsegError
 from service.evaluation.predict import Prompt
 from service.labeling.run import FORMATS as LABEL_FORMATS
-from service.runners.factory import BACKENDS, PRECISIONS
-from service.startup import ALLOCATORS
+from service.runners.factory import BACKENDS, PRECISIONS, resolve_backend
+from service.startup import ALLOCATORS, block_telemetry
 
 
 def main(argv: list[str] | None = None) -> int:
+    block_telemetry()  # before any command imports onnxruntime: it reads its switch at import (service.startup)
     parser = _parser()
     args = parser.parse_args(argv)
     # The command line as typed, for `serve`'s re-execution under its allocator: only when running as the program
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except DetsegError as e:
         print(f"detseg: {e}", file=sys.stderr)
         return 2
+    except RequestFailed as e:  # the server's own message (never a traceback)
+        print(f"detseg: the server answered {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -41,37 +45,43 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve the gRPC API")
-    s.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
-    s.add_argument("--port", type=int, help="port (default 50051; 0 = any free port)")
-    s.add_argument(
-        "--models",
-        help="model profile: auto (default: official if obtainable, else demo-open) | official | official-open | "
-        "demo-open | demo | test | test-open",
-    )
+    d = Settings()  # the defaults the help states: they live in Settings only
+    s.add_argument("--host", help=f"bind address (default {d.host}; 0.0.0.0 in containers)")
+    s.add_argument("--port", type=int, help=f"port (default {d.port}; 0 = any free port)")
+    s.add_argument("--models", help=f"model profile (default {d.models}); `detseg models` lists every profile")
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
-    s.add_argument("--concept-model", help="answer texts with SAM 3: sam3 (catalog) or a sam3.pt path (default: none)")
-    s.add_argument("--concept-imgsz", type=int, help="SAM 3 input side, a multiple of 14 (default 1008)")
+    s.add_argument(
+        "--concept-model",
+        help=f"answer texts with SAM 3: sam3 (catalog) or a sam3.pt path (default {d.concept_model or 'none'})",
+    )
+    s.add_argument("--concept-imgsz", type=int, help=f"SAM 3 input side, a multiple of 14 (default {d.concept_imgsz})")
     s.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="where models run: in-process torch (default), OpenVINO or ONNX Runtime, or a Triton server",
+        help="where models run: in-process torch, OpenVINO or ONNX Runtime, or a Triton server; auto: the fastest "
+        f"in-process runtime for the device (default {d.backend}: {resolve_backend(d)} on this machine)",
     )
-    s.add_argument("--triton-url", help="Triton gRPC endpoint for --backend triton (default 127.0.0.1:8001)")
-    s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    s.add_argument("--cache-dir", help="weights cache (default ~/.cache/detseg)")
+    s.add_argument("--triton-url", help=f"Triton gRPC endpoint for --backend triton (default {d.triton_url})")
+    s.add_argument("--threads", type=int, help=f"torch threads (default {d.threads} = all cores)")
+    s.add_argument("--cache-dir", help=f"weights cache (default {d.cache_dir})")
     s.add_argument("--offline", action="store_const", const=True, help="never download weights")
     s.add_argument("--no-reflection", dest="reflection", action="store_const", const=False, help="disable reflection")
     s.add_argument("--config", type=Path, help="YAML settings file (flags > DETSEG_* env > file > defaults)")
-    s.add_argument("--log-level", help="DEBUG, INFO (default), WARNING")
-    s.add_argument("--log-format", choices=("text", "json"), help="text (default) or json: one object per line")
+    s.add_argument("--log-level", help=f"DEBUG, INFO or WARNING (default {d.log_level})")
     s.add_argument(
-        "--allocator", choices=tuple(ALLOCATORS), help="tuned (default: glibc malloc keeps freed memory) or system"
+        "--log-format", choices=("text", "json"), help=f"text, or json: one object per line (default {d.log_format})"
+    )
+    s.add_argument(
+        "--allocator",
+        choices=tuple(ALLOCATORS),
+        help=f"tuned (glibc malloc keeps freed memory) or system (default {d.allocator})",
     )
     s.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="auto (default: the fastest gated variant: bf16 on CUDA, int8 encoder with --backend openvino) | fp32",
+        help="auto: the fastest variant that passed the quality gate (bf16 on CUDA, int8 encoder with --backend "
+        f"openvino) | fp32 | int8 (default {d.precision})",
     )
     s.set_defaults(func=_serve)
 
@@ -153,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     kg.add_argument("path", type=Path)
     kg.set_defaults(func=_keygen)
 
-    m = sub.add_parser("models", help="list catalog weights and whether they are cached, or a server's models")
+    m = sub.add_parser(
+        "models", help="list the model profiles and the catalog's weights (cached or not), or a server's models"
+    )
     m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
     m.add_argument("--cache-dir")
     m.set_defaults(func=_models)
@@ -217,19 +229,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from service.client import Client
-    from service.labeling.run import Prompts, label_folder
+    from service.client import Client, RequestFailed
+    from service.labeling.run import Prompts, check_formats, check_prompts, label_folder
 
     prompts = Prompts(
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), texts=tuple(args.text),
         score_threshold=args.score_threshold,
     )  # fmt: skip
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    with _service(args) as target, Client(target, timeout=args.timeout) as client:
-        summary = label_folder(
-            client, args.folder, args.out, prompts, formats=formats, image_url_prefix=args.image_url_prefix,
-            signing_key=args.signing_key, progress=args.progress,
-        )  # fmt: skip
+    try:
+        check_prompts(prompts)  # InvalidInput (a DetsegError: reported by main) before any server starts
+        check_formats(formats)
+        with _service(args) as target, Client(target, timeout=args.timeout) as client:
+            summary = label_folder(
+                client, args.folder, args.out, prompts, formats=formats, image_url_prefix=args.image_url_prefix,
+                signing_key=args.signing_key, progress=args.progress,
+            )  # fmt: skip
+    except (RequestFailed, ValueError) as e:
+        print(f"detseg label: {e}", file=sys.stderr)
+        return 2
     print(
         f"{summary.images} images: {summary.labeled_now} labeled now, {summary.skipped} already done, "
         f"{summary.failed} failed (see {args.out / 'errors.jsonl'}); {summary.instances} instances, "
@@ -521,14 +539,18 @@ def _models(args: argparse.Namespace) -> int:
             vocab = f", {len(m.vocabulary)} classes" if m.vocabulary else ""
             print(f"  {pb.ModelRole.Name(m.role)}: {m.name} ({m.architecture}) sha256 {m.weights_sha256}{vocab}")
         return 0
-    from service.models.catalog import CATALOG, PROFILES
+    from service.models.catalog import CATALOG
+    from service.models.profiles import PROFILE_SUMMARIES
 
     settings = _settings(args, ("cache_dir",))
-    print(f"cache: {settings.cache_dir}")
+    print(f"profiles (serve --models; default {Settings().models}):")
+    width = max(map(len, PROFILE_SUMMARIES))
+    for name, summary in PROFILE_SUMMARIES.items():
+        print(f"  {name:<{width}}  {summary}")
+    print(f"catalog weights, cache {settings.cache_dir}:")
     for entry in CATALOG.values():
         cached = "cached" if (settings.cache_dir / entry.filename).exists() else "-"
         print(f"  {entry.name:<24} {entry.role:<10} {entry.size_bytes / 1e6:7.1f} MB  {cached:<7} {entry.url}")
-    print("profiles: " + ", ".join(f"{k} = {' + '.join(v)}" for k, v in PROFILES.items()) + ", test = seeded random")
     return 0
 
 

@@ -7,12 +7,13 @@
     detections = result.to_supervision()  # supervision.Detections: xyxy, mask, confidence, class_name
 
 ``AsyncClient`` is the same over ``grpc.aio``. Every call has a deadline (the client's ``timeout`` unless the
-call gives one) that bounds the whole call, retries included. UNAVAILABLE (models still loading, a server
-restarting, connection refused, a replica going away) is retried with capped exponential backoff and full
-jitter (``RetryPolicy``); no other status is retried, since it would fail again. gRPC's own service-config
-retries cap attempts at 5 and cannot wait out a server that loads its models for a minute, hence the loop
-here. Streams (``segment_many``) are not retried. Message limits are raised for masks of large images
-(``max_message_bytes``).
+call gives one) that bounds the whole call, retries included. UNAVAILABLE (models still loading, a server not yet
+listening or restarting, connection refused, a replica going away) is retried with capped exponential backoff and
+full jitter (``RetryPolicy``) until that deadline: the deadline is the bound, not a count of attempts, so a call
+made while a server starts and loads its models for a minute gets its answer once it is ready. Each attempt may
+take only the time left. No other status is retried, since it would fail again. gRPC's own service-config
+retries cap attempts at 5 and cannot wait out a loading server, hence the loop here. Streams (``segment_many``)
+are not retried. Message limits are raised for masks of large images (``max_message_bytes``).
 
 Frames: boxes are original-image pixels, XYXY; masks (H, W) bool at the original image size, decoded from the
 COCO RLE the server sends only when asked for (``Instance.mask``, ``Result.masks``).
@@ -86,11 +87,12 @@ class Exemplar:
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE: at most ``max_attempts`` calls in all; before retry n the client sleeps a uniform
-    random time in [0, min(initial_backoff_s * multiplier^(n-1), max_backoff_s)] ("full jitter", as gRPC's
-    retry design and AWS's backoff guidance do), never past the call's deadline."""
+    """Retries of UNAVAILABLE, until the call's deadline: before retry n the client sleeps a uniform random time in
+    [0, min(initial_backoff_s * multiplier^(n-1), max_backoff_s)] ("full jitter", as gRPC's retry design and AWS's
+    backoff guidance do), cut to the time the deadline leaves. ``max_attempts`` (calls in all) is no bound by
+    default (None); a caller that wants fewer sets it (1: never retry)."""
 
-    max_attempts: int = 5
+    max_attempts: int | None = None
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
@@ -258,7 +260,8 @@ class Result:
 
 class RequestFailed(Exception):
     """A call the server refused or could not answer: ``code`` (grpc.StatusCode), the server's message, and
-    how many attempts were made (more than 1 only for UNAVAILABLE)."""
+    how many attempts were made (more than 1 only for UNAVAILABLE). A deadline that passes while UNAVAILABLE is
+    retried is DEADLINE_EXCEEDED, its message naming the last UNAVAILABLE."""
 
     def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1) -> None:
         super().__init__(f"{code.name}: {message}")
@@ -374,6 +377,40 @@ def _status(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
+class _Budget:
+    """One call's retry state: its deadline (time.monotonic() seconds), the attempts made, the last error."""
+
+    def __init__(self, retry: RetryPolicy, deadline: float, rng: random.Random) -> None:
+        self.retry = retry
+        self.deadline = deadline
+        self.rng = rng
+        self.attempts = 0
+        self.error: grpc.RpcError | None = None
+
+    def time_left(self) -> float:
+        """Seconds the next attempt may take (counted as made); raises RequestFailed DEADLINE_EXCEEDED when the
+        deadline passed while retrying."""
+        left = self.deadline - time.monotonic()
+        if left <= 0 and self.error is not None:
+            raise RequestFailed(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed while retrying UNAVAILABLE ({self.attempts} attempts; the last: "
+                f"{self.error.details() or 'no details'})",  # type: ignore[attr-defined]
+                self.attempts,
+            )
+        self.attempts += 1
+        return max(left, 0.0)
+
+    def wait_after(self, error: grpc.RpcError) -> float:
+        """Seconds to sleep before retrying after ``error``: a full-jitter backoff cut to the time left. Raises
+        RequestFailed when ``error`` is not UNAVAILABLE or ``retry.max_attempts`` are spent."""
+        self.error = error
+        spent = self.retry.max_attempts is not None and self.attempts >= self.retry.max_attempts
+        if error.code() != grpc.StatusCode.UNAVAILABLE or spent:  # type: ignore[attr-defined]
+            raise RequestFailed.from_rpc(error, self.attempts)
+        return min(self.retry.backoff(self.attempts, self.rng), max(self.deadline - time.monotonic(), 0.0))
+
+
 class _Channel:
     """What both clients share: the channel (options from ``channel_options``), the stub, deadlines, metadata."""
 
@@ -395,17 +432,8 @@ class _Channel:
         self._metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
         self._rng = random.Random()
 
-    def _attempt(self, deadline: float, attempt: int, error: grpc.RpcError | None) -> float:
-        """Seconds to wait before attempt ``attempt`` (2, 3, ...) after ``error``; raises RequestFailed when
-        the error is not UNAVAILABLE or the attempts or the deadline are spent."""
-        if error is None:
-            return 0.0
-        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt > self.retry.max_attempts:  # type: ignore[attr-defined]
-            raise RequestFailed.from_rpc(error, attempt - 1)
-        wait = self.retry.backoff(attempt - 1, self._rng)
-        if time.monotonic() + wait >= deadline:
-            raise RequestFailed.from_rpc(error, attempt - 1)
-        return wait
+    def _budget(self, timeout: float | None) -> _Budget:
+        return _Budget(self.retry, time.monotonic() + (timeout or self.timeout), self._rng)
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
@@ -434,15 +462,12 @@ class Client(_Channel):
         self._channel.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        error: grpc.RpcError | None = None
-        for attempt in range(1, self.retry.max_attempts + 2):
-            time.sleep(self._attempt(deadline, attempt, error))
+        budget = self._budget(timeout)
+        while True:
             try:
-                return method(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+                return method(request, timeout=budget.time_left(), metadata=self._metadata)
             except grpc.RpcError as e:
-                error = e
-        raise AssertionError("unreachable: _attempt raises once the attempts are spent")
+                time.sleep(budget.wait_after(e))
 
     def segment(self, image: ImageLike, *, timeout: float | None = None, **prompts: Any) -> Result:
         """Segment one image; ``prompts``: the keywords of ``segment_request`` (classes, texts, regions,
@@ -490,15 +515,12 @@ class AsyncClient(_Channel):
         await self._channel.close()
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (timeout or self.timeout)
-        error: grpc.RpcError | None = None
-        for attempt in range(1, self.retry.max_attempts + 2):
-            await asyncio.sleep(self._attempt(deadline, attempt, error))
+        budget = self._budget(timeout)
+        while True:
             try:
-                return await method(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+                return await method(request, timeout=budget.time_left(), metadata=self._metadata)
             except grpc.RpcError as e:
-                error = e
-        raise AssertionError("unreachable: _attempt raises once the attempts are spent")
+                await asyncio.sleep(budget.wait_after(e))
 
     async def segment(self, image: ImageLike, *, timeout: float | None = None, **prompts: Any) -> Result:
         return Result.from_proto(await self._call(self._stub.Segment, segment_request(image, **prompts), timeout))

@@ -45,6 +45,9 @@ class Settings:
     default_deadline_seconds: float = 120.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
+    # One INFO record per RPC on the "detseg.access" logger (service.api.access_log): method, status, duration_ms,
+    # request_id (the caller's, from the request or x-request-id metadata), peer. Health checks are not logged.
+    access_log: bool = True
     # Memory allocator of `detseg serve` and of the Triton it starts (service.startup.ALLOCATORS): "tuned" keeps
     # glibc malloc from handing activation buffers back to the OS after every pass (measured 20-30 % faster on CPU,
     # at the cost of holding the peak's memory); "system" leaves glibc's defaults. Applied by re-executing at start.
@@ -81,6 +84,12 @@ class Settings:
     # OpenVINO's CPU plugin has int8 kernels; built once per weights, cached beside the export). "fp32" runs
     # everything in float32; "int8" asks for the int8 encoder (backend openvino only). ModelInfo.precision names it.
     precision: str = "auto"
+    # The int8 gate, per served model: measured once when its int8 encoder is built (final masks of box prompts on
+    # held-out images vs fp32, the same decoder; cached beside the int8 IR) and passed when the SMALLEST mask IoU
+    # reaches this. The minimum, not a percentile: one visibly wrong mask is the defect a user meets (demo-open's
+    # int8 had a 0.998 median with single masks at 0.60). precision auto serves int8 only when it passes, else fp32
+    # with one WARNING naming the figures; ListModels reports them (ModelInfo.precision_gate).
+    int8_gate_min_iou: float = 0.99
     threads: int = 0  # torch intra-op threads; 0 = all cores
     detector_imgsz: int = 0  # square letterbox side (pixels); 0 = the size the checkpoint was trained at
     # Sentence encoder that maps free-text prompts to the detector's classes: "minilm" (all-MiniLM-L6-v2 from the

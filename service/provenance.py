@@ -675,12 +675,15 @@ def _file_problem(root: Path, name: str, sha256: str, size: int) -> str | None:
     return None
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder`` at any depth, sorted: what an export wrote there (links to files included; links
+    to folders are listed by ``os.walk`` as folders and not followed). Export manifests cover these, less the placed
+    source images; ``verify_path`` reports those it does not cover."""
+    return sorted(Path(dirpath) / name for dirpath, _dirs, names in os.walk(folder) for name in names)
+
+
 def _files_under(root: Path) -> list[str]:
-    out = []
-    for dirpath, _dirs, filenames in os.walk(root):
-        for filename in filenames:
-            out.append((Path(dirpath) / filename).relative_to(root).as_posix())
-    return out
+    return [p.relative_to(root).as_posix() for p in files_under(root)]
 
 
 def _verify_weights(weights: Sequence[Path], models: list[dict[str, Any]]) -> int:

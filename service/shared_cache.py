@@ -1,14 +1,24 @@
 """The second cache tier, shared by every replica: decoded images, SAM features and detector outputs in Redis,
-by content hash, so a handle made on one replica is answered by another without re-encoding.
+by content hash and by what computed them, so a handle made on one replica is answered by another replica of the
+same models without re-encoding, and never by a replica of other models.
 
 The in-process LRU (``service.pipeline.cache.EmbeddingCache``) stays the first tier; the pipeline asks this
-tier on a first-tier miss and writes what it computes to both. Layout, per image ``<sha>`` (the handle's hex):
-- ``detseg:img:<sha>``: the image and its SAM features, one ``.npz`` (numpy's format, loaded with
-  ``allow_pickle=False``: nothing from Redis is ever unpickled);
-- ``detseg:det:<sha>``: a hash, field = the detector-output key as JSON (``null`` for a closed detector, the
-  vocabulary and its embeddings' sha256 for an open one), value = the raw output as ``.npz``.
-Both expire ``ttl`` seconds after their last use (refreshed on every hit). Entries over ``max_entry_bytes`` are
-not shared; Redis's own ``maxmemory`` + ``allkeys-lru`` bounds the whole (the chart configures it).
+tier on a first-tier miss and writes what it computes to both. Layout, per image ``<sha>`` (the handle's hex; the
+handle clients see is the same on every replica, only these keys carry the models):
+- ``detseg:img:<segmenter identity>:<sha>``: the image and its SAM features, one ``.npz`` (numpy's format, loaded
+  with ``allow_pickle=False``: nothing from Redis is ever unpickled);
+- ``detseg:det:<detector identity>:<sha>``: a hash, field = the detector-output key as JSON (``null`` for a closed
+  detector, the vocabulary and its embeddings' sha256 for an open one), value = the raw output as ``.npz``.
+The identities (``ModelIdentity``) are digests of the weights sha256, name, version, input size, precision and
+backend of the model that computed the value, and ``PREPROCESSING_VERSION``: replicas of other weights (a rolling
+upgrade) or another numerical variant miss each other's entries; replicas that differ only in their detector
+share images and features, not detections.
+Both expire ``ttl`` seconds after their last good read or write. Entries over ``max_entry_bytes`` are not shared;
+Redis's own ``maxmemory`` + ``allkeys-lru`` bounds the whole (the chart configures it).
+
+A value that does not parse (garbage, a truncated ``.npz``, arrays of the wrong dtype or shape for these models) is
+a miss: it is deleted (its TTL is not refreshed), counted in ``corrupt`` (metric ``detseg.cache.shared.corrupt``)
+and logged once per process at WARNING; the request recomputes and shares a good value.
 
 Redis down or slow (``timeout`` per call) never fails a request: the tier reports a miss, skips writes, and
 does not try again for ``retry_after`` seconds; ``up`` and the counters say so (metrics, one WARNING per
@@ -17,6 +27,8 @@ outage).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -27,11 +39,58 @@ from typing import Any
 
 import numpy as np
 
+from service.models.roles import ModelDescriptor, ModelRole
 from service.pipeline.cache import PREFIX, CacheEntry
 from service.pipeline.image import DecodedImage
-from service.runners.base import DetectorOutput, ImageFeatures
+from service.runners.base import DetectorOutput, ImageFeatures, Runner
 
 log = logging.getLogger(__name__)
+
+# Bump when image decoding or the models' pre-processing change what an image's cached values are, or when this
+# module's value layout changes: every key then names a new namespace and older entries are never read.
+PREPROCESSING_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What computed the shared values; part of every key.
+
+    ``segmenter``: hex digest naming the decoded images and SAM features (segmenter weights sha256, name, version,
+    input size, precision, backend, PREPROCESSING_VERSION); ``detector``: the same for the detector's raw outputs
+    (its vocabulary too). ``image_size``: the segmenter's square input side S, pixels (features are checked
+    against it); ``num_classes``: a closed detector's vocabulary size (0 for an open vocabulary, whose outputs are
+    checked against their key's names).
+    """
+
+    segmenter: str
+    detector: str
+    image_size: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, runner: Runner) -> ModelIdentity:
+        """The identity of a loaded runner's detector and segmenter (computed once, where the tier is built)."""
+        by_role = {m.role: m for m in runner.models}
+        detector, segmenter = by_role[ModelRole.DETECTOR], by_role[ModelRole.SEGMENTER]
+        return cls(
+            segmenter=_digest(segmenter, runner.backend),
+            detector=_digest(detector, runner.backend),
+            image_size=runner.segmenter.image_size,
+            num_classes=0 if runner.detector.open_vocabulary else len(runner.detector.names),
+        )
+
+
+def _digest(model: ModelDescriptor, backend: str) -> str:
+    """128-bit hex digest of what makes a model's outputs what they are (not its gate measurements or notes)."""
+    parts = (
+        str(model.role), model.name, model.architecture, model.version, model.weights_sha256, model.input_size,
+        list(model.vocabulary), model.open_vocabulary, model.precision, backend, PREPROCESSING_VERSION,
+    )  # fmt: skip
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+class _Corrupt(ValueError):
+    """A shared value that does not parse as this identity's entry (internal to this module: a miss)."""
 
 
 class RedisTier:
@@ -40,6 +99,7 @@ class RedisTier:
     def __init__(
         self,
         url: str,
+        identity: ModelIdentity,
         ttl: float,
         max_entry_bytes: int,
         timeout: float,
@@ -50,17 +110,23 @@ class RedisTier:
 
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors_type: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.identity = identity
         self.ttl = ttl
         self.max_entry_bytes = max_entry_bytes
         self.retry_after = retry_after
         self._clock = clock
         self._down_until = 0.0
         self._lock = threading.Lock()
+        # Shapes of the features and the detector's anchor count, from the first entry this replica computed and
+        # shared: what a value read back must have (before that, only what the identity fixes is checked).
+        self._feature_shapes: tuple[tuple[int, ...], ...] | None = None
+        self._anchors: int | None = None
         self.up = True
         self.hits = 0
         self.misses = 0
         self.errors = 0
         self.writes = 0
+        self.corrupt = 0
 
     # -- availability ---------------------------------------------------------------------------------------
 
@@ -93,31 +159,71 @@ class RedisTier:
             self._succeeded()
         return self.up
 
+    def _corrupted(self, what: str, error: Exception) -> None:
+        with self._lock:
+            self.corrupt += 1
+            first = self.corrupt == 1
+        if first:
+            log.warning(
+                "shared cache (Redis): a stored %s could not be read; deleted and recomputed (further ones are "
+                "only counted: detseg.cache.shared.corrupt)",
+                what,
+            )
+        log.debug("unreadable shared %s: %r", what, error)
+
     # -- entries ---------------------------------------------------------------------------------------------
 
     def get(self, handle: str) -> CacheEntry | None:
-        """The shared entry of ``handle`` with every detector output stored for it, or None."""
+        """The shared entry of ``handle`` with every detector output stored for it, or None.
+
+        A value that does not parse is a miss (or, for one detector output, left out): deleted, counted, logged
+        once; only good values have their TTL refreshed."""
         if not self._available():
             return None
         sha = handle.removeprefix(PREFIX)
+        image_key, detector_key = self._image_key(sha), self._detector_key(sha)
         try:
             with self._client.pipeline() as p:
-                p.get(_image_key(sha))
-                p.hgetall(_detector_key(sha))
-                p.expire(_image_key(sha), _seconds(self.ttl))
-                p.expire(_detector_key(sha), _seconds(self.ttl))
-                blob, outputs, _, _ = p.execute()
+                p.get(image_key)
+                p.hgetall(detector_key)
+                blob, outputs = p.execute()
         except self._errors_type as e:
             self._failed(e)
             return None
         self._succeeded()
-        if blob is None:
+        entry: CacheEntry | None = None
+        bad_fields: list[bytes] = []
+        if blob is not None:
+            try:
+                entry = self._entry_from_bytes(blob, sha)
+            except Exception as e:  # anything a foreign value raises while parsing: _Corrupt, zip, npz, json errors
+                self._corrupted("image entry", e)
+            else:
+                for field, raw in outputs.items():
+                    try:
+                        key, output = self._output_from_bytes(field, raw)
+                    except Exception as e:  # as above
+                        self._corrupted("detector output", e)
+                        bad_fields.append(field)
+                    else:
+                        entry.detector[key] = output
+        if entry is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        entry = _entry_from_bytes(blob)
-        for field, raw in outputs.items():
-            entry.detector[_key_from_text(field.decode())] = DetectorOutput(raw=_arrays(raw)["raw"])
+        else:
+            self.hits += 1
+        if blob is not None:
+            try:
+                with self._client.pipeline() as p:
+                    if entry is None:
+                        p.delete(image_key)
+                    else:
+                        p.expire(image_key, _seconds(self.ttl))
+                        p.expire(detector_key, _seconds(self.ttl))
+                    if bad_fields:
+                        p.hdel(detector_key, *bad_fields)
+                    p.execute()
+            except self._errors_type as e:
+                self._failed(e)
         return entry
 
     def put(self, handle: str, entry: CacheEntry) -> None:
@@ -125,13 +231,16 @@ class RedisTier:
         if not self._available() or entry.nbytes > self.max_entry_bytes:
             return
         sha = handle.removeprefix(PREFIX)
+        feats = entry.features.on_host()  # device-resident features spill to the host only here
+        if self._feature_shapes is None:
+            self._feature_shapes = _shapes(feats)
         try:
             with self._client.pipeline() as p:
-                p.set(_image_key(sha), _entry_to_bytes(entry), ex=_seconds(self.ttl))
+                p.set(self._image_key(sha), _entry_to_bytes(entry.image, feats), ex=_seconds(self.ttl))
                 for key, output in entry.detector.items():
-                    p.hset(_detector_key(sha), _key_text(key), _to_bytes(raw=output.raw))
+                    p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
                 if entry.detector:
-                    p.expire(_detector_key(sha), _seconds(self.ttl))
+                    p.expire(self._detector_key(sha), _seconds(self.ttl))
                 p.execute()
         except self._errors_type as e:
             self._failed(e)
@@ -146,8 +255,8 @@ class RedisTier:
         sha = handle.removeprefix(PREFIX)
         try:
             with self._client.pipeline() as p:
-                p.hset(_detector_key(sha), _key_text(key), _to_bytes(raw=output.raw))
-                p.expire(_detector_key(sha), _seconds(self.ttl))
+                p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
+                p.expire(self._detector_key(sha), _seconds(self.ttl))
                 p.execute()
         except self._errors_type as e:
             self._failed(e)
@@ -157,17 +266,66 @@ class RedisTier:
     def close(self) -> None:
         self._client.close()
 
+    # -- keys and values ---------------------------------------------------------------------------------------
+
+    def _image_key(self, sha: str) -> str:
+        return f"detseg:img:{self.identity.segmenter}:{sha}"
+
+    def _detector_key(self, sha: str) -> str:
+        return f"detseg:det:{self.identity.detector}:{sha}"
+
+    def _output_to_bytes(self, output: DetectorOutput) -> bytes:
+        if self._anchors is None and output.raw.ndim == 3:
+            self._anchors = int(output.raw.shape[2])
+        return _to_bytes(raw=output.raw)
+
+    def _entry_from_bytes(self, blob: bytes, sha: str) -> CacheEntry:
+        """An image entry as shared by a replica of this identity. Raises: _Corrupt (or a parser's error)."""
+        with _arrays(blob) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            count = sum(k.startswith("high_res_") for k in data.files)
+            high_res = tuple(data[f"high_res_{i}"] for i in range(count))
+            rgb, image_embed = np.ascontiguousarray(data["rgb"]), data["image_embed"]
+        if not isinstance(meta, dict) or meta.get("sha256") != sha or not isinstance(meta.get("format"), str):
+            raise _Corrupt("meta: not this image's")
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+            raise _Corrupt(f"rgb: {rgb.dtype} {rgb.shape}, expected uint8 (H, W, 3)")
+        features = ImageFeatures(image_embed=image_embed, high_res_feats=high_res)
+        s = self.identity.image_size
+        sides = ((s // 16, s // 16), (s // 4, s // 4), (s // 8, s // 8))  # image_embed, then high_res_feats
+        shapes = _shapes(features)
+        arrays = (image_embed, *high_res)
+        if (
+            len(arrays) != len(sides)
+            or any(a.dtype != np.float32 or a.ndim != 4 or a.shape[0] != 1 for a in arrays)
+            or any(a.shape[2:] != side for a, side in zip(arrays, sides, strict=True))
+            or (self._feature_shapes is not None and shapes != self._feature_shapes)
+        ):
+            raise _Corrupt(f"features: {shapes}, expected {self._feature_shapes or sides}")
+        return CacheEntry(DecodedImage(rgb=rgb, format=meta["format"], sha256=sha), features)
+
+    def _output_from_bytes(self, field: bytes, blob: bytes) -> tuple[Hashable, DetectorOutput]:
+        """A detector output as shared by a replica of this identity. Raises: _Corrupt (or a parser's error)."""
+        key = _key_from_text(field.decode())
+        with _arrays(blob) as data:
+            raw = data["raw"]
+        classes = self.identity.num_classes if key is None else len(key[0])
+        if (
+            raw.dtype != np.float32
+            or raw.ndim != 3
+            or raw.shape[:2] != (1, 4 + classes)
+            or (self._anchors is not None and raw.shape[2] != self._anchors)
+        ):
+            raise _Corrupt(f"raw: {raw.dtype} {raw.shape}, expected float32 (1, {4 + classes}, anchors)")
+        return key, DetectorOutput(raw=raw)
+
 
 def _seconds(ttl: float) -> int:
     return max(1, int(round(ttl)))
 
 
-def _image_key(sha: str) -> str:
-    return f"detseg:img:{sha}"
-
-
-def _detector_key(sha: str) -> str:
-    return f"detseg:det:{sha}"
+def _shapes(features: ImageFeatures) -> tuple[tuple[int, ...], ...]:
+    return (tuple(features.image_embed.shape), *(tuple(f.shape) for f in features.high_res_feats))
 
 
 def _key_text(key: Hashable) -> str:
@@ -175,11 +333,13 @@ def _key_text(key: Hashable) -> str:
     return json.dumps(key)
 
 
-def _key_from_text(text: str) -> Hashable:
+def _key_from_text(text: str) -> tuple[tuple[str, ...], str] | None:
     value = json.loads(text)
     if value is None:
         return None
     names, digest = value
+    if not isinstance(digest, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _Corrupt("detector-output key: expected null or [names, sha256]")
     return tuple(names), digest
 
 
@@ -190,22 +350,16 @@ def _to_bytes(**arrays: np.ndarray) -> bytes:
 
 
 def _arrays(blob: bytes) -> Any:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
+    data = np.load(io.BytesIO(blob), allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy parses too: not an entry
+        raise _Corrupt("not an .npz")
+    return data
 
 
-def _entry_to_bytes(entry: CacheEntry) -> bytes:
-    meta = json.dumps({"format": entry.image.format, "sha256": entry.image.sha256}).encode()
-    feats = entry.features.on_host()  # device-resident features spill to the host only here
+def _entry_to_bytes(image: DecodedImage, feats: ImageFeatures) -> bytes:
+    """``feats``: on the host (numpy)."""
+    meta = json.dumps({"format": image.format, "sha256": image.sha256}).encode()
     return _to_bytes(
-        rgb=entry.image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed,
+        rgb=image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed,
         **{f"high_res_{i}": f for i, f in enumerate(feats.high_res_feats)},
     )  # fmt: skip
-
-
-def _entry_from_bytes(blob: bytes) -> CacheEntry:
-    with _arrays(blob) as data:
-        meta = json.loads(bytes(data["meta"]).decode())
-        high_res = tuple(data[f"high_res_{i}"] for i in range(sum(k.startswith("high_res_") for k in data.files)))
-        image = DecodedImage(rgb=np.ascontiguousarray(data["rgb"]), format=meta["format"], sha256=meta["sha256"])
-        features = ImageFeatures(image_embed=data["image_embed"], high_res_feats=high_res)
-    return CacheEntry(image, features)

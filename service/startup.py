@@ -13,6 +13,12 @@ by them:
 - **Hugging Face** libraries (the text encoder's sentence-transformers) are kept offline (``HF_HUB_OFFLINE``).
 - **NNCF** (the openvino backend's int8 quantisation) and OpenVINO's converter would send usage telemetry (and
   fork to do it): ``block_telemetry`` makes their telemetry package unimportable, so both use their stubs.
+- **ONNX Runtime** (1.32) starts its OneDS telemetry sender when it is imported: it resolves
+  ``mobile.events.data.microsoft.com`` ~9 s later and again every few seconds, requests or not (measured under
+  strace). ``ORT_DISABLE_TELEMETRY=1`` stops it, but only when set before the import: ``block_telemetry`` sets
+  it. Set afterwards it does nothing, and neither does ``onnxruntime.disable_telemetry_events()`` for the sender
+  (it still stops the events), so entry points call ``block_telemetry`` first: ``detseg``'s ``main`` (serve,
+  export, triton, eval, label), the server factory (in-process servers), the tests' conftest.
 - **Pillow** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is kept False (a library could set it for its own reasons), so
   truncated JPEG/PNG data fails to decode instead of being padded; detseg checks PNG completeness itself too
   (``service.pipeline.image``).
@@ -80,13 +86,26 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def block_telemetry() -> None:
-    """NNCF and OpenVINO's converter report usage through ``openvino_telemetry`` (Google Analytics, on unless a
-    consent file in $HOME says no), from a thread that forks a process: in a server with gRPC's threads that fork
-    crashed the process (seen in CI). Both fall back to a stub when the package cannot be imported, so it is made
-    unimportable here (``sys.modules[name] = None``), before either is imported. A server sends nothing anywhere."""
+    """Third-party usage telemetry off, for this process and its children (a server sends nothing anywhere):
+
+    - NNCF and OpenVINO's converter report usage through ``openvino_telemetry`` (Google Analytics, on unless a
+      consent file in $HOME says no), from a thread that forks a process: in a server with gRPC's threads that
+      fork crashed the process (seen in CI). Both fall back to a stub when the package cannot be imported, so it
+      is made unimportable here (``sys.modules[name] = None``), before either is imported.
+    - ONNX Runtime reads ``ORT_DISABLE_TELEMETRY`` when it is imported. When it was imported already, its events
+      are turned off (``disable_telemetry_events``) and a WARNING says that its sender runs: call this first."""
     if "openvino_telemetry" not in sys.modules or sys.modules["openvino_telemetry"] is None:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
     os.environ["NNCF_CI"] = "1"  # NNCF's own switch, for any process that imported it first
+    ort_was_told = os.environ.get("ORT_DISABLE_TELEMETRY") == "1"  # by an earlier call, or by the operator
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    ort = sys.modules.get("onnxruntime")
+    if ort is not None and not ort_was_told:  # imported with telemetry on (reported once: the variable is set now)
+        ort.disable_telemetry_events()
+        logging.getLogger(__name__).warning(
+            "onnxruntime was imported before detseg's start-up: its telemetry sender runs in this process (it "
+            "resolves mobile.events.data.microsoft.com); call service.startup.block_telemetry() before importing it"
+        )
 
 
 def configure_process(settings: Settings) -> None:
@@ -97,6 +116,16 @@ def configure_process(settings: Settings) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
     os.environ["YOLO_OFFLINE"] = "True"
+    # Progress bars are terminal text on stderr, not log records (they broke JSON logs): transformers' "Loading
+    # weights" when the text encoder loads. Modules imported already read the variable then: switch them too.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for name, switch in (
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+    ):
+        module = sys.modules.get(name)
+        if module is not None:
+            getattr(module, switch)()
     block_telemetry()
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
     utils = sys.modules.get("ultralytics.utils")
@@ -117,6 +146,7 @@ def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else SafeTextFormatter(_TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings as records (logger py.warnings), not raw lines on stderr
 
 
 def _escape(text: str) -> str:

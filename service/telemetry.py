@@ -14,8 +14,9 @@ Metrics (Prometheus names in brackets):
 - ``detseg.requests.in_flight`` and ``detseg.requests.queued`` gauges (admission control)
   [detseg_requests_in_flight, detseg_requests_queued];
 - ``detseg.cache.hits`` / ``misses`` / ``evictions`` counters of the embedding cache
-  [detseg_cache_hits_total, ...]; ``detseg.cache.shared.hits`` / ``misses`` / ``errors`` of the shared (Redis)
-  tier and ``detseg.cache.shared.up`` (1 answering, 0 down or none).
+  [detseg_cache_hits_total, ...]; ``detseg.cache.shared.hits`` / ``misses`` / ``errors`` / ``corrupt`` (values
+  that did not parse, deleted) of the shared (Redis) tier and ``detseg.cache.shared.up`` (1 answering, 0 down or
+  none).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Instruments:
             meter.create_observable_counter(
                 f"detseg.cache.{event}", [gauge(_cache_count(event))], description=f"embedding cache {event}"
             )
-        for event in ("hits", "misses", "errors"):
+        for event in ("hits", "misses", "errors", "corrupt"):  # corrupt: unreadable values read (then deleted)
             meter.create_observable_counter(
                 f"detseg.cache.shared.{event}", [gauge(_shared_count(event))], description=f"shared cache {event}"
             )
@@ -164,7 +165,7 @@ class RpcTelemetry(grpc.aio.ServerInterceptor):
                     try:
                         return await inner(request, context)
                     except BaseException as e:
-                        code = _code(context, e)
+                        code = rpc_status(context, e)
                         raise
                     finally:
                         _record(span, method, code, time.perf_counter() - start)
@@ -183,7 +184,7 @@ class RpcTelemetry(grpc.aio.ServerInterceptor):
                         async for response in inner_stream(requests, context):
                             yield response
                     except BaseException as e:
-                        code = _code(context, e)
+                        code = rpc_status(context, e)
                         raise
                     finally:
                         _record(span, method, code, time.perf_counter() - start)
@@ -195,7 +196,7 @@ class RpcTelemetry(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _code(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
+def rpc_status(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
     """The status an RPC ended with: the one the handler aborted with, CANCELLED for a cancelled call."""
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED

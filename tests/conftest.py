@@ -26,6 +26,10 @@ from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.inprocess import InProcessServer as ServerThread
 from service.config import Settings
 from service.runners.base import Runner
+from service.startup import block_telemetry
+
+# ONNX Runtime reads its telemetry switch when it is imported (test modules import it): off before any of them.
+block_telemetry()
 
 # Telemetry of every in-process server goes to in-memory exporters (the SDK's own), set before any server
 # starts; service.telemetry.configure keeps a provider that is already there.

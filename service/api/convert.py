@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from service import __version__
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.errors import InvalidInput
-from service.models.roles import ModelDescriptor, ModelRole
+from service.models.roles import ModelDescriptor, ModelRole, PrecisionGate
 from service.pipeline.image import DecodedImage
 from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
 from service.pipeline.pipeline import (
@@ -178,6 +178,20 @@ def model_to_proto(m: ModelDescriptor) -> pb.ModelInfo:
         input_size=m.input_size,
         open_vocabulary=m.open_vocabulary,
         precision=m.precision,
+        precision_gate=None if m.precision_gate is None else precision_gate_to_proto(m.precision_gate),
+    )
+
+
+def precision_gate_to_proto(g: PrecisionGate) -> pb.PrecisionGate:
+    return pb.PrecisionGate(
+        precision=g.precision,
+        held_out_set=g.held_out_set,
+        images=g.images,
+        prompts=g.prompts,
+        min_mask_iou=g.min_mask_iou,
+        median_mask_iou=g.median_mask_iou,
+        required_min_mask_iou=g.required_min_mask_iou,
+        passed=g.passed,
     )
 
 

@@ -86,6 +86,8 @@ class InProcessServer:
             asyncio.run_coroutine_threadsafe(state.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
+        if not self._thread.is_alive():
+            self.loop.close()
 
     def __enter__(self) -> InProcessServer:
         return self

@@ -8,6 +8,7 @@ NOT_SERVING, RPCs say the models failed to load, and ``serve_forever`` stops the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import telemetry
+from service.api.access_log import AccessLog
 from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.security import TokenAuth, load_tokens, server_credentials
@@ -33,7 +35,7 @@ from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.pipeline.review import ReviewRules
 from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
 from service.runners.base import Runner
-from service.shared_cache import RedisTier
+from service.shared_cache import ModelIdentity, RedisTier
 from service.startup import configure_process
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,14 @@ class _State:
     health_server: grpc.aio.Server | None = None  # the plaintext health-only port (Settings.health_port)
 
     async def stop(self, grace: float | None) -> None:
-        """Stops the health-only port, if any (the main server is stopped by its owner)."""
+        """Stops the health-only port, if any, and the loading task that keeps health in step with the runner
+        (it holds the models; the main server is stopped by its owner)."""
         if self.health_server is not None:
             await self.health_server.stop(grace)
+        if self.loading is not None:
+            self.loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.loading
 
     async def set_serving(self, serving: bool) -> None:
         if serving != self.serving:
@@ -110,17 +117,18 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if runner.detector.open_vocabulary else None
         ),
         exemplar_embeddings=LRU(settings.exemplar_cache_entries),
-        shared=shared_tier(settings),
+        shared=shared_tier(settings, runner),
         mask_threads=settings.mask_threads or min(8, os.cpu_count() or 1),
     )
 
 
-def shared_tier(settings: Settings) -> RedisTier | None:
-    """The Redis tier when ``redis_url`` is set (checked once now; a Redis that is down is only logged)."""
+def shared_tier(settings: Settings, runner: Runner) -> RedisTier | None:
+    """The Redis tier when ``redis_url`` is set, its keys naming ``runner``'s models (checked once now; a Redis
+    that is down is only logged)."""
     if not settings.redis_url:
         return None
     tier = RedisTier(
-        settings.redis_url, settings.cache_ttl_seconds, settings.redis_max_entry_bytes,
+        settings.redis_url, ModelIdentity.of(runner), settings.cache_ttl_seconds, settings.redis_max_entry_bytes,
         settings.redis_timeout_seconds, settings.redis_retry_seconds,
     )  # fmt: skip
     tier.ping()
@@ -138,7 +146,12 @@ async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple
     tokens = load_tokens(settings)
     telemetry.configure(settings)
     server = grpc.aio.server(
-        interceptors=[telemetry.RpcTelemetry(), *([TokenAuth(tokens)] if tokens else [])],
+        # Outermost first: the access log sees every status, an authentication refusal's included.
+        interceptors=[
+            *([AccessLog()] if settings.access_log else []),
+            telemetry.RpcTelemetry(),
+            *([TokenAuth(tokens)] if tokens else []),
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -207,7 +220,9 @@ def _names(runner: Runner) -> str:
 
 async def _warm_up(pipeline: Pipeline) -> None:
     """One full request on a small synthetic image, so the first caller pays no first-call costs (and one text
-    for a concept segmenter)."""
+    for a concept segmenter). Without the shared tier: every replica warms up on the same image, and its own
+    models must run (nothing is read from, or left in, Redis)."""
+    shared, pipeline.shared = pipeline.shared, None
     rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
     image = ImageInput(raw=rgb.tobytes(), width=96, height=64)
     classes = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
@@ -218,6 +233,7 @@ async def _warm_up(pipeline: Pipeline) -> None:
         await pipeline.matcher.prepare(pipeline.runner.detector.names)
     pipeline.runner.calls.clear()
     pipeline.cache.clear()
+    pipeline.shared = shared
 
 
 async def serve_forever(server: grpc.aio.Server, grace_seconds: float) -> None:

@@ -5,7 +5,14 @@ Every writer takes the same inputs: ``images`` (``LabeledImage`` records: boxes 
 COCO RLE of the whole image), ``categories`` (the label set, its order gives the ids: COCO 1..N, YOLO 0..N-1; CVAT and
 Label Studio name labels) and ``out`` (a folder, created if missing; files already there with the same names are
 replaced). Before anything is written every instance is checked: a label not in ``categories`` raises ValueError
-naming it, as does a mask whose size is not its image's or a duplicate category.
+naming it, as does a mask whose size is not its image's, a duplicate category, or a category or file name that is not
+printable text (``service.printable``: no control or format characters; any script, quotes, ``&`` and ``<>`` are
+fine).
+
+Every writer builds its files' contents in memory first (XML through ElementTree's serializer, which escapes, and
+parsed back before anything is written; JSON and YAML through their serializers), so a failure leaves nothing behind;
+each file is then written to a temporary sibling and renamed into place, so a reader never sees half a file.
+``service.labeling.run.write_exports`` builds a whole export folder aside and renames it into place the same way.
 
 Instances with an empty mask are left out of every format: there is nothing to draw, COCO evaluation cannot match
 them and CVAT has no empty mask element.
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,6 +42,7 @@ import yaml
 from pycocotools import mask as mask_utils
 
 from service.labeling.records import LabeledImage, LabeledInstance
+from service.printable import unprintable
 
 ImageMode = Literal["symlink", "copy"]
 
@@ -41,6 +51,7 @@ YOLO_DATA_FILE = "data.yaml"
 CVAT_FILE = "annotations.xml"
 LABEL_STUDIO_TASKS_FILE = "tasks.json"
 LABEL_STUDIO_CONFIG_FILE = "labeling_config.xml"
+IMAGES_DIR = "images"  # where the formats that carry images (YOLO, CVAT) place them: <out>/images/<file_name>
 # Label Studio tag names: the <Image> object and the <BrushLabels> control of ``label_studio_config``.
 LABEL_STUDIO_IMAGE, LABEL_STUDIO_BRUSH = "image", "tag"
 
@@ -114,9 +125,8 @@ def write_coco(images: Sequence[LabeledImage], categories: Sequence[str], out: P
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(categories)],
     }
-    out.mkdir(parents=True, exist_ok=True)
     path = out / COCO_FILE
-    path.write_text(json.dumps(coco))
+    _write_files({path: json.dumps(coco).encode("utf-8")})
     return path
 
 
@@ -130,6 +140,7 @@ def write_yolo_seg(
     image_dir: Path,
     *,
     image_mode: ImageMode = "symlink",
+    dataset_root: Path | None = None,
 ) -> Path:
     """Writes an ultralytics YOLO segmentation dataset; returns the path of its ``data.yaml``.
 
@@ -137,7 +148,8 @@ def write_yolo_seg(
     label file per image where ultralytics looks for it (``img2label_paths``: the last ``images`` folder replaced by
     ``labels``, the suffix by ``.txt``; empty for an image without instances, a background image), one line
     ``cls x1 y1 x2 y2 ...`` per instance, class index 0..N-1 and polygon vertices normalised by the image's width and
-    height. ``data.yaml``: ``path`` (``out``, absolute), ``train`` and ``val`` (both ``images``: one unsplit set),
+    height. ``data.yaml``: ``path`` (``dataset_root``, default ``out``, absolute: where the dataset is read from, when
+    ``out`` is a folder renamed into place afterwards), ``train`` and ``val`` (both ``images``: one unsplit set),
     ``names`` ({index: label}).
 
     Polygons are made the way ultralytics' ``convert_coco(..., use_segments=True)`` makes them from RLE: the mask's
@@ -154,8 +166,7 @@ def write_yolo_seg(
 
     ids = _category_ids(images, categories)
     _check_label_paths_unique(images)
-    out.mkdir(parents=True, exist_ok=True)
-    _place_images(images, image_dir, out / "images", image_mode)
+    files: dict[Path, bytes] = {}
     for image in images:
         lines = []
         for inst in image.instances:
@@ -164,12 +175,14 @@ def write_yolo_seg(
                 continue
             xy = ((polygon + 0.5) / (image.width, image.height)).ravel()
             lines.append(" ".join([str(ids[inst.label]), *(f"{v:.6f}" for v in xy)]))
-        label = Path(img2label_paths([out / "images" / image.file_name])[0])
-        label.parent.mkdir(parents=True, exist_ok=True)
-        label.write_text("".join(f"{line}\n" for line in lines))
-    data = {"path": str(out.resolve()), "train": "images", "val": "images", "names": dict(enumerate(categories))}
+        label = Path(img2label_paths([str(out / IMAGES_DIR / image.file_name)])[0])
+        files[label] = "".join(f"{line}\n" for line in lines).encode("utf-8")
+    root = (dataset_root if dataset_root is not None else out).resolve()
+    data = {"path": str(root), "train": IMAGES_DIR, "val": IMAGES_DIR, "names": dict(enumerate(categories))}
     path = out / YOLO_DATA_FILE
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    files[path] = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+    _place_images(images, image_dir, out / IMAGES_DIR, image_mode)
+    _write_files(files)
     return path
 
 
@@ -244,8 +257,6 @@ def write_cvat(
     existing task, the attributes are kept only where that task's labels declare them as ``<meta>`` does.
     """
     _category_ids(images, categories)
-    out.mkdir(parents=True, exist_ok=True)
-    _place_images(images, image_dir, out / "images", image_mode)
     root = ET.Element("annotations")
     ET.SubElement(root, "version").text = "1.1"
     task = ET.SubElement(ET.SubElement(root, "meta"), "task")
@@ -292,7 +303,9 @@ def write_cvat(
                 ET.SubElement(mask, "attribute", name=spec.name).text = spec.text(inst)
     ET.indent(root)
     path = out / CVAT_FILE
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    xml = _xml_bytes(root, CVAT_FILE)
+    _place_images(images, image_dir, out / IMAGES_DIR, image_mode)
+    _write_files({path: xml})
     return path
 
 
@@ -318,11 +331,13 @@ def label_studio_config(categories: Sequence[str]) -> str:
     from label_studio_sdk.label_interface.create import labels
 
     _check_categories(categories)
-    return str(
+    config = str(
         LabelInterface.create(
             {LABEL_STUDIO_IMAGE: "Image", LABEL_STUDIO_BRUSH: labels(list(categories), tag_type="BrushLabels")}
         )
     )
+    _check_well_formed(config, LABEL_STUDIO_CONFIG_FILE)  # label-studio-sdk's serializer escapes; parse back to be sure
+    return config
 
 
 def write_label_studio(
@@ -383,10 +398,8 @@ def write_label_studio(
             "review_reasons": reasons,
         }
         tasks.append({"data": data, "predictions": [prediction]})
-    out.mkdir(parents=True, exist_ok=True)
     export = LabelStudioExport(out / LABEL_STUDIO_TASKS_FILE, out / LABEL_STUDIO_CONFIG_FILE)
-    export.tasks.write_text(json.dumps(tasks))
-    export.config.write_text(config)
+    _write_files({export.tasks: json.dumps(tasks).encode("utf-8"), export.config: config.encode("utf-8")})
     return export
 
 
@@ -394,9 +407,13 @@ def write_label_studio(
 
 
 def _check_categories(categories: Sequence[str]) -> None:
-    """ValueError for an empty label set or a label listed twice."""
+    """ValueError for an empty label set, a label listed twice, or one that is blank or not printable."""
     if not categories:
         raise ValueError("categories is empty")
+    for i, name in enumerate(categories):
+        problem = "is blank" if not name.strip() else _contains(unprintable(name))
+        if problem:
+            raise ValueError(f"categories[{i}]: {problem}; labels must be printable text")
     duplicates = sorted(name for name, count in Counter(categories).items() if count > 1)
     if duplicates:
         raise ValueError(f"categories lists {duplicates} more than once")
@@ -408,6 +425,9 @@ def _category_ids(images: Sequence[LabeledImage], categories: Sequence[str]) -> 
     _check_categories(categories)
     ids = {name: i for i, name in enumerate(categories)}
     for image in images:
+        problem = _contains(unprintable(image.file_name))
+        if problem:
+            raise ValueError(f"file_name {image.file_name!r}: {problem}; file names must be printable text")
         for inst in image.instances:
             if inst.label not in ids:
                 raise ValueError(
@@ -426,6 +446,46 @@ def _pycocotools_rle(inst: LabeledInstance) -> dict[str, Any]:
     """The instance's RLE as pycocotools takes it: {"size": [H, W], "counts": bytes}."""
     counts = inst.rle["counts"]
     return {"size": list(inst.rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def _contains(problem: str | None) -> str | None:
+    return None if problem is None else f"contains {problem}"
+
+
+def placed_images(images: Sequence[LabeledImage], out: Path) -> list[Path]:
+    """Where ``write_yolo_seg`` and ``write_cvat`` into ``out`` place the source images (links or copies): the
+    exact paths a manifest of the export leaves out."""
+    return [out / IMAGES_DIR / image.file_name for image in images]
+
+
+def _xml_bytes(root: ET.Element, name: str) -> bytes:
+    """``root`` serialized as UTF-8 XML with a declaration, checked by ``_check_well_formed``."""
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    _check_well_formed(data, name)
+    return data
+
+
+def _check_well_formed(xml: str | bytes, name: str) -> None:
+    """ValueError naming ``name`` when ``xml`` does not parse back (serializers escape markup, but write characters
+    XML 1.0 forbids as they are)."""
+    try:
+        ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise ValueError(f"{name} would not be well-formed XML ({e})") from None
+
+
+def _write_files(files: dict[Path, bytes]) -> None:
+    """Writes each file atomically: into a new temporary sibling (the umask's permissions, as a plain write gets),
+    then renamed over ``path`` (parents created)."""
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+        try:
+            with tmp.open("xb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _place_images(images: Sequence[LabeledImage], image_dir: Path, dest: Path, mode: ImageMode) -> None:

@@ -7,9 +7,13 @@
   as soon as it arrives; a re-run skips images whose relative path and sha256 are there. A killed run loses
   nothing written (a torn last line is ignored). Failed images go to ``errors.jsonl`` with the server's
   message and are retried by the next run; they never stop this one.
+- Prompts are checked before anything is sent (``check_prompts``: not blank, printable text), so a label the server
+  would refuse for every image stops the run at once.
 - At the end, the exports (``service.labeling.exports``) are written from all records under ``exports/``,
-  with a provenance manifest (models, weights sha256, inputs sha256, prompts, parameters, time) beside them,
-  signed when a key is given (``service.provenance``).
+  with a provenance manifest (models, weights sha256, inputs sha256, prompts, parameters, time, and the sha256 of
+  every file the export wrote but the placed source images) beside them, signed when a key is given
+  (``service.provenance``). The folder is built aside and renamed into place when complete: a failed export leaves
+  the previous one (or none), never half of one.
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from service.client import Client, Result, segment_request
+from service.errors import InvalidInput
 from service.labeling.records import LabeledImage, LabeledInstance
 from service.models.download import file_sha256
+from service.printable import check_printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
@@ -38,6 +46,24 @@ class Prompts:
     classes: tuple[str, ...] = ()
     texts: tuple[str, ...] = ()
     score_threshold: float | None = None
+
+
+def check_prompts(prompts: Prompts) -> None:
+    """InvalidInput naming the first class or text (``classes[i]``, ``texts[i]``, as in the request) that is blank or
+    not printable text (``service.printable``): the server would refuse it for every image, and the exports name
+    their categories after it."""
+    for field, names in (("classes", prompts.classes), ("texts", prompts.texts)):
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise InvalidInput(f"{field}[{i}]: empty; give a class name or a word or phrase")
+            check_printable(name, f"{field}[{i}]")
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """ValueError naming an unknown export format."""
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format {unknown[0]!r}; known: {', '.join(FORMATS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +136,12 @@ def label_folder(
     signing_key: Path | None = None,
     progress: bool = True,
 ) -> LabelSummary:
-    """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports."""
+    """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports. Bad prompts
+    (InvalidInput) or formats (ValueError) are refused before anything is sent or written."""
     from tqdm import tqdm
 
+    check_prompts(prompts)
+    check_formats(formats)
     out.mkdir(parents=True, exist_ok=True)
     files = image_files(folder)
     done = read_records(out)
@@ -174,25 +203,65 @@ def write_exports(
     image_url_prefix: str,
     signing_key: Path | None,
 ) -> dict[str, Path]:
-    """The asked formats under ``out/<format>/`` and the provenance manifest over every file written."""
+    """The asked formats under ``out/<format>/`` and the provenance manifest over every file written; returns each
+    format's main file and the manifest (paths under ``out``).
+
+    Everything is written into a temporary sibling of ``out`` first and renamed into place only when complete (an
+    earlier export there is replaced as a whole); on any failure the sibling is removed and ``out`` is left as it
+    was. The manifest lists every file written except the placed source images (``exports.placed_images``, by exact
+    path; links to, or copies of, the inputs whose sha256 the manifest records)."""
     from service.labeling import exports
 
+    check_formats(formats)
     categories = categories_of(images, prompts)
-    written: dict[str, Path] = {}
-    for fmt in formats:
-        target = out / fmt
-        if fmt == "coco":
-            written[fmt] = exports.write_coco(images, categories, target)
-        elif fmt == "yolo":
-            written[fmt] = exports.write_yolo_seg(images, categories, target, folder)
-        elif fmt == "cvat":
-            written[fmt] = exports.write_cvat(images, categories, target, folder)
-        elif fmt == "label-studio":
-            written[fmt] = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
-        else:
-            raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
-    written["manifest"] = write_manifest(client, images, out, prompts, categories, signing_key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = _new_sibling(out, "partial")
+    try:
+        written: dict[str, Path] = {}
+        placed: list[Path] = []
+        for fmt in formats:
+            target, final = stage / fmt, out / fmt
+            if fmt == "coco":
+                path = exports.write_coco(images, categories, target)
+            elif fmt == "yolo":
+                path = exports.write_yolo_seg(images, categories, target, folder, dataset_root=final)
+                placed += exports.placed_images(images, target)
+            elif fmt == "cvat":
+                path = exports.write_cvat(images, categories, target, folder)
+                placed += exports.placed_images(images, target)
+            else:
+                path = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
+            written[fmt] = out / path.relative_to(stage)
+        manifest = write_manifest(client, images, stage, prompts, categories, signing_key, placed)
+        written["manifest"] = out / manifest.relative_to(stage)
+        _swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed into place
     return written
+
+
+def _new_sibling(path: Path, kind: str) -> Path:
+    """A new empty hidden folder beside ``path`` (the umask's permissions, as ``mkdir`` gives)."""
+    sibling = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}")
+    sibling.mkdir()
+    return sibling
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Renames folder ``stage`` to ``out``, replacing a folder already there (removed once the new one is in place;
+    links in it are removed, never followed)."""
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    old = _new_sibling(out, "old")
+    os.rename(out, old / out.name)
+    try:
+        os.rename(stage, out)
+    except OSError:
+        os.rename(old / out.name, out)  # the earlier export back where it was
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(
@@ -202,17 +271,17 @@ def write_manifest(
     prompts: Prompts,
     categories: Sequence[str],
     signing_key: Path | None,
+    placed: Sequence[Path] = (),
 ) -> Path:
-    """``out/detseg-manifest.json`` over every export file (not the linked images)."""
+    """``out/detseg-manifest.json`` over every file under ``out`` (walked: whatever the export wrote, at any depth,
+    links included) except the placed source images ``placed`` (exact paths under ``out``) and the manifest itself.
+    A link among them that leads outside ``out`` is refused (ValueError), never skipped."""
     from service import __version__, provenance
     from service.api.signing import manifest_models
 
     models = client.list_models()
-    files = [
-        p for p in sorted(out.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.name != provenance.MANIFEST_NAME
-        and "images" not in p.relative_to(out).parts
-    ]  # fmt: skip
+    skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}
+    files = [p for p in provenance.files_under(out) if os.path.abspath(p) not in skip]
     base = provenance.manifest(
         kind=provenance.KIND_EXPORT,
         models=manifest_models(models.models),

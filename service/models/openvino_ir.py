@@ -10,20 +10,23 @@ constant (the same numbers: the graph computed them). The input is then fixed to
 ``int8``: NNCF's static post-training quantisation with the caller's calibration images; which layers stay in f32
 is the recipe below (``RECIPE_VERSION``). Each variant is built once per encoder graph (its sha256) and recipe into
 ``<export>/sam2_image_encoder/openvino/<variant>/`` (written to a temporary folder, then renamed: a crash leaves no
-half-written model); later loads read it.
+half-written model); later loads read it. The int8 build's quality-gate figures (``int8_gate``: measured by the
+runner against fp32 on held-out images) are stored beside it, keyed by what computed them, and read back likewise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +54,11 @@ FLOAT_PATTERNS = (r".*/trunk/blocks\.0/.*",)
 # OpenVINO's CPU plugin picks bf16 by default where the CPU has it: wrong boxes on YOLO11n, 0.990 mask IoU on SAM.
 # Float graphs always run in f32 here.
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# What the log announces before an int8 build: measured 44-76 s on 2 cores (SAM 2.1-T at 1024², the test profile).
+INT8_BUILD_SECONDS = 60
 _XML = "model.xml"
 _META = "detseg-ir.json"
+_GATE = "detseg-gate.json"  # the int8 build's quality-gate figures (``int8_gate``), beside its model.xml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +132,14 @@ def encoder_ir(
     precision: str,
     calibration: Callable[[], Sequence[np.ndarray]],
     calibration_name: str,
+    weights_name: str = "",
 ) -> EncoderIR:
     """The cached IR of the image encoder graph at ``onnx_path`` in ``precision`` (fp32 | int8), built if missing.
 
     calibration: called only when an int8 IR is built; returns (1, 3, S, S) float32 SAM-normalised images.
-    calibration_name: names that set in the cache key and metadata (another set → another IR)."""
+    calibration_name: names that set in the cache key and metadata (another set → another IR).
+    weights_name: the segmenter's weights, as the log names them ("" = the graph's path).
+    A build logs one INFO line before and one after; third-party chatter stays out of the log (``_quiet_build``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"encoder precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     source = file_sha256(onnx_path)
@@ -148,16 +157,70 @@ def encoder_ir(
     if cached is not None:
         return EncoderIR(folder / _XML, precision, cached, built=False)
     started = time.perf_counter()
-    model = read_encoder(core, onnx_path, image_size)
+    expected = f", ~{INT8_BUILD_SECONDS} s (NNCF int8 quantisation)" if precision == "int8" else ""
+    log.info("building the %s OpenVINO image encoder for %s once%s", precision, weights_name or onnx_path, expected)
     meta = dict(key)
-    if precision == "int8":
-        images = list(calibration())
-        model = quantize(model, images)
-        meta["calibration_images"] = len(images)
+    with _quiet_build():
+        model = read_encoder(core, onnx_path, image_size)
+        if precision == "int8":
+            images = list(calibration())
+            model = quantize(model, images)
+            meta["calibration_images"] = len(images)
     meta["build_seconds"] = round(time.perf_counter() - started, 1)
     _save_atomically(model, meta, folder, key)
     log.info("built the %s OpenVINO image encoder in %.0f s: %s", precision, meta["build_seconds"], folder)
     return EncoderIR(folder / _XML, precision, meta, built=True)
+
+
+def int8_gate(ir: EncoderIR, key: dict[str, Any], measure: Callable[[], tuple[int, Sequence[float]]]) -> dict[str, Any]:
+    """The quality-gate figures of the int8 build ``ir``: read from its folder when they were stored for ``key``
+    (what computed them: the held-out set, the reference, the decoder, the method), else ``measure``d and stored.
+
+    measure: returns (held-out images, one mask IoU int8 vs fp32 per box prompt, each in [0, 1]).
+    Returns {"key", "images", "prompts", "min_mask_iou", "median_mask_iou", "seconds"}. Whether they pass is the
+    threshold's (Settings, applied at each start), so it is not stored: a new threshold reuses the figures."""
+    path = ir.xml.parent / _GATE
+    key = {"int8": {k: ir.meta.get(k) for k in ("source_sha256", "recipe", "calibration", "image_size")}, **key}
+    stored = _stored_gate(path, key)
+    if stored is not None:
+        return stored
+    started = time.perf_counter()
+    images, measured = measure()
+    ious = np.asarray(measured, dtype=np.float64)
+    figures = {
+        "key": key,
+        "images": images,
+        "prompts": int(ious.size),
+        "min_mask_iou": float(ious.min()),
+        "median_mask_iou": float(np.median(ious)),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{_GATE}-", dir=ir.xml.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(figures, f, indent=1)
+        os.replace(tmp, path)  # atomic: a reader sees no file, the old one or the whole new one
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return figures
+
+
+def _stored_gate(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures in ``path`` if they parse and were measured for ``key``, else None (a miss, measured anew)."""
+    try:
+        stored = json.loads(path.read_text())
+        figures = {
+            "key": stored["key"],
+            "images": int(stored["images"]),
+            "prompts": int(stored["prompts"]),
+            "min_mask_iou": float(stored["min_mask_iou"]),
+            "median_mask_iou": float(stored["median_mask_iou"]),
+            "seconds": float(stored["seconds"]),
+        }
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return figures if figures["key"] == key and figures["prompts"] > 0 else None
 
 
 def quantize(model: Any, images: Sequence[np.ndarray]) -> Any:
@@ -165,13 +228,37 @@ def quantize(model: Any, images: Sequence[np.ndarray]) -> Any:
     images: calibration inputs, (1, 3, S, S) float32 each; all are used."""
     import nncf
 
-    return nncf.quantize(
-        model,
-        nncf.Dataset(list(images)),
-        subset_size=len(images),
-        model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=nncf.IgnoredScope(types=list(FLOAT_TYPES), patterns=list(FLOAT_PATTERNS)),
-    )
+    nncf_logger = logging.getLogger("nncf")  # only once imported: nncf gives that logger its own class
+    nncf_level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # its own stdout handler logs INFO per layer (~100 lines per build)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its rich progress bars (its handler kept the real stdout)
+            return nncf.quantize(
+                model,
+                nncf.Dataset(list(images)),
+                subset_size=len(images),
+                model_type=nncf.ModelType.TRANSFORMER,
+                ignored_scope=nncf.IgnoredScope(types=list(FLOAT_TYPES), patterns=list(FLOAT_PATTERNS)),
+            )
+    finally:
+        nncf_logger.setLevel(nncf_level)
+
+
+@contextlib.contextmanager
+def _quiet_build() -> Iterator[None]:
+    """Keeps third-party chatter out of the service's log while an IR is built (the log says when it starts and
+    ends): Python warnings (torch's deprecations, the calibration's tensor conversions) are ignored, and torch's
+    loggers, which write to stderr through torch's own handler, go to ERROR (importing nncf imports
+    torch.utils.cpp_extension, which warns on machines without CUDA). ``quantize`` quiets NNCF itself."""
+    torch_logger = logging.getLogger("torch")
+    torch_level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_logger.setLevel(torch_level)
 
 
 def _cached(folder: Path, key: dict[str, Any]) -> dict[str, Any] | None:

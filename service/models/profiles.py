@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 # shapes demo, which answers class names, free text and exemplars offline (service/models/demo/SHAPES_YOLOE.md).
 FALLBACK_PROFILE = "demo-open"
 
+# Every profile (Settings.models) with what it serves, one line each: `detseg models` lists them, and
+# resolve_models knows exactly these.
+PROFILE_SUMMARIES: dict[str, str] = {
+    "auto": f"official when its weights are cached or can be downloaded, else {FALLBACK_PROFILE}",
+    **{name: f"{det} + {seg}: official weights, downloaded once" for name, (det, seg) in PROFILES.items()},
+    "demo": "shapes-yolo11n (5 shape classes) + shapes-sam2-mini, shipped in service/models/demo; offline",
+    "demo-open": "shapes-yoloe (open vocabulary: class names, free text, exemplars) + shapes-sam2-mini; offline",
+    "test": "test-yolo11n + test-sam2.1_hiera_t: seeded random weights built locally, for tests",
+    "test-open": "test-yoloe-11n (open vocabulary) + test-sam2.1_hiera_t: seeded random weights, for tests",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightsRef:
@@ -119,7 +130,7 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
                 "official weights unavailable:\n  - " + "\n  - ".join(missing), files=missing_files, reasons=reasons
             )
     else:
-        known = ", ".join(["auto", *PROFILES, "demo", "demo-open", "test", "test-open"])
+        known = ", ".join(PROFILE_SUMMARIES)
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
     if settings.detector:
         detector = _explicit(settings.detector, ModelRole.DETECTOR, settings, progress)

@@ -41,6 +41,25 @@ def graph_roles(open_vocabulary: bool, visual_prompts: bool = False) -> tuple[Ro
 
 
 @dataclasses.dataclass(frozen=True)
+class PrecisionGate:
+    """The quality gate of a reduced-precision variant of one model (ListModels' ``PrecisionGate``): final masks of
+    ``prompts`` box prompts on ``images`` held-out images (``held_out_set``, never calibration images) from the
+    variant vs fp32 of the same weights, the same decoder. IoUs in [0, 1]; passed: min_mask_iou >= required."""
+
+    precision: str  # the variant measured, e.g. "int8"
+    held_out_set: str
+    images: int
+    prompts: int
+    min_mask_iou: float
+    median_mask_iou: float
+    required_min_mask_iou: float
+
+    @property
+    def passed(self) -> bool:
+        return self.min_mask_iou >= self.required_min_mask_iou
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelDescriptor:
     """What a loaded model is, for ListModels and provenance."""
 
@@ -55,3 +74,5 @@ class ModelDescriptor:
     # The numerical variant and runtime it runs in, e.g. "fp32", "bf16-autocast" (torch on a GPU), "int8" (statically
     # quantised); the runner that loads the model sets it.
     precision: str = "fp32"
+    # The gate a reduced-precision variant of this model was measured against (served or not); None: none measured.
+    precision_gate: PrecisionGate | None = None

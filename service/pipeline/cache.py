@@ -5,6 +5,10 @@ same handle, and a Segment request carrying bytes that were seen before hits the
 Entries hold the decoded image, the SAM image features and, once computed, the detector's raw outputs by
 vocabulary key: one for a closed detector (key None; classes only filter that output, so a new class prompt on
 a cached image skips the detector too), one per distinct vocabulary for an open-vocabulary detector.
+
+Keys here are handles alone, without the models' identity: one EmbeddingCache belongs to one Pipeline, which serves
+one loaded model set for the life of the process, so every entry was computed by the models that read it. The
+shared tier crosses processes and models, so its keys name them (``service.shared_cache.ModelIdentity``).
 """
 
 from __future__ import annotations

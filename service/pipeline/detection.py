@@ -8,6 +8,7 @@ is built or run, not with this module, so the server opens its port before they 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -73,23 +74,69 @@ class DetectorProcessing:
         score_threshold: float,
         iou_threshold: float,
         max_instances: int,
+        max_total: int | None = None,
     ) -> Detections:
-        """Class-aware NMS on image ``index`` of the batch; boxes scaled back to original pixels."""
+        """NMS per prompt on image ``index`` of the batch; boxes scaled back to original pixels.
+
+        Each prompt's detections are those it gets when sent alone, whatever else the request asks (at most
+        ``max_instances`` per prompt):
+
+        - open vocabulary (the classes are the request's prompts, each class's score its own dot product): NMS on
+          each class's scores separately (those in ``class_ids``; None: all), exactly as a request with that class
+          alone runs it, so one box (one anchor) can answer several classes (ultralytics' ``multi_label``, without
+          its caps across classes);
+        - closed, ``class_ids`` None (every class: one prompt): ultralytics' ``YOLO.predict`` semantics as they are,
+          at most ``max_instances`` in all;
+        - closed, ``class_ids`` given: each box's best class over the whole vocabulary, kept if in ``class_ids``,
+          NMS per class (ultralytics' semantics: a class's answer does not depend on the other classes asked),
+          then at most ``max_instances`` per class.
+
+        Then at most ``max_total`` rows in all (None: no bound), highest score first, the bound on a request's work.
+        """
         import torch
         from ultralytics.utils.nms import non_max_suppression
         from ultralytics.utils.ops import scale_boxes
 
         raw = torch.from_numpy(output.raw[index : index + 1])
-        (det,) = non_max_suppression(
-            raw,
-            conf_thres=score_threshold,
-            iou_thres=iou_threshold,
-            classes=class_ids,
-            max_det=max_instances,
-        )
+        if self.spec.open_vocabulary:
+            parts = [torch.zeros((0, 6))]
+            scored = torch.nonzero((raw[0, 4:] > score_threshold).any(dim=1)).flatten().tolist()
+            for k in scored if class_ids is None else sorted(set(scored) & set(class_ids)):
+                (det,) = non_max_suppression(
+                    raw[:, [0, 1, 2, 3, 4 + k]], conf_thres=score_threshold, iou_thres=iou_threshold,
+                    max_det=max_instances,
+                )  # fmt: skip
+                det[:, 5] = k
+                parts.append(det)
+            det = torch.cat(parts)
+        elif class_ids is None:
+            (det,) = non_max_suppression(
+                raw, conf_thres=score_threshold, iou_thres=iou_threshold, max_det=max_instances
+            )
+        else:  # at most one candidate per anchor: no cap before the per-class one
+            anchors = raw.shape[2]
+            (det,) = non_max_suppression(
+                raw, conf_thres=score_threshold, iou_thres=iou_threshold, classes=class_ids, max_det=anchors,
+                max_nms=anchors,
+            )  # fmt: skip
+            det = det[_first_per_class(det[:, 5], max_instances)]
+        det = det[torch.argsort(det[:, 4], descending=True, stable=True)[:max_total]]
         boxes = scale_boxes((self.spec.imgsz, self.spec.imgsz), det[:, :4].clone(), orig_hw)
         return Detections(
             boxes=np.asarray(boxes, dtype=np.float32),
             scores=det[:, 4].numpy().astype(np.float32),
             class_ids=det[:, 5].numpy().astype(np.int64),
         )
+
+
+def _first_per_class(class_ids: Any, count: int) -> Any:
+    """Indices of the first ``count`` rows of each class, in row order. class_ids: (N,) float tensor."""
+    import torch
+
+    seen: dict[int, int] = {}
+    keep = []
+    for row, c in enumerate(class_ids.tolist()):
+        seen[c] = seen.get(c, 0) + 1
+        if seen[c] <= count:
+            keep.append(row)
+    return torch.tensor(keep, dtype=torch.long)

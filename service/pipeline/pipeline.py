@@ -421,7 +421,8 @@ class Pipeline:
                 class_ids=p.class_ids,
                 score_threshold=p.score_threshold,
                 iou_threshold=p.iou_threshold,
-                max_instances=p.max_instances,
+                max_instances=p.max_instances,  # per prompt
+                max_total=self.limits.max_instances,  # per request, highest scores first
             )
             span.set_attributes({"cache_hit": cached is not None, "detections": len(detections.boxes)})
         return detections, output, key
@@ -483,17 +484,20 @@ class Pipeline:
         return features
 
     def _candidates(self, detections: Detections | None, p: Plan) -> tuple[list[SamPrompt], list[_Candidate]]:
-        """The request's unique SAM prompts (detections in score order, then regions in request order) and its
-        instances: per detection, one for the class prompt if it asked for that class, then one per text
-        matched to that class (in text order); one per region."""
+        """The request's unique SAM prompts (detections' distinct boxes in score order, then regions in request
+        order) and its instances: per detection, one for the class prompt if it asked for that class, then one per
+        text matched to that class (in text order); one per region. Detections with the same box (one box answering
+        several open-vocabulary classes) share one SAM prompt, so one mask."""
         names = p.names
         prompts: list[SamPrompt] = []
         out: list[_Candidate] = []
         empty_pts, empty_labels = np.zeros((0, 2), np.float32), np.zeros((0,), np.int32)
         if detections is not None:
+            by_box: dict[bytes, int] = {}  # a box's bytes -> its SAM prompt's index
             for box, score, cid in zip(detections.boxes, detections.scores, detections.class_ids, strict=True):
-                k, cid, label = len(prompts), int(cid), names[int(cid)]
-                prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
+                k, cid, label = by_box.setdefault(box.tobytes(), len(prompts)), int(cid), names[int(cid)]
+                if k == len(prompts):
+                    prompts.append(SamPrompt(box=box, points=empty_pts, point_labels=empty_labels))
                 if cid >= p.exemplar_start:
                     out.append(_Candidate(k, label, cid, float(score), EXEMPLAR))
                 elif p.class_prompt is None or cid in p.class_prompt:

@@ -18,6 +18,7 @@ from service.pipeline.refine import Refinement
 from service.pipeline.review import ReviewOptions, ReviewRules, resolve_review
 from service.pipeline.segmentation import SamPrompt
 from service.pipeline.vocabulary import TextMatch, normalise_class_name
+from service.printable import check_printable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +150,8 @@ def valid_request_id(request_id: str) -> bool:
 
 
 def check_query(query: SegmentQuery, limits: Limits) -> None:
-    """Checks that need no pixels: counts, option ranges, point labels, finite numbers, request id."""
+    """Checks that need no pixels: counts, option ranges, point labels, finite numbers, request id, and every text
+    that may come back as a label (classes, texts, region and exemplar labels: length, printable characters)."""
     if query.request_id and not valid_request_id(query.request_id):
         raise InvalidInput("request_id: at most 128 characters of [A-Za-z0-9._:-]")
     _check_count(query.classes, limits.max_class_prompts, "classes")
@@ -159,8 +161,7 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
     _check_count(query.exemplars, limits.max_exemplars, "exemplars")
     for i, e in enumerate(query.exemplars):
         _check_box(e.box, f"exemplars[{i}].box")
-        if len(e.label) > limits.max_text_chars:
-            raise InvalidInput(f"exemplars[{i}].label: {len(e.label)} characters, the limit is {limits.max_text_chars}")
+        _check_label(e.label, limits.max_text_chars, f"exemplars[{i}].label")
     _check_names(query.texts, limits.max_text_chars, "texts", "give a word or phrase, e.g. 'red car'")
     o = query.options
     for name, value in (("score_threshold", o.score_threshold), ("iou_threshold", o.iou_threshold)):
@@ -182,6 +183,7 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         field = f"regions[{i}]"
         if r.box is None and not r.points:
             raise InvalidInput(f"{field}: give a box, points, or both")
+        _check_label(r.label, limits.max_text_chars, f"{field}.label")
         if len(r.points) > limits.max_points_per_region:
             raise InvalidInput(f"{field}.points: {len(r.points)} given, the limit is {limits.max_points_per_region}")
         if r.box is not None:
@@ -199,12 +201,18 @@ def _check_count(items: Sequence[object], limit: int, field: str) -> None:
 
 
 def _check_names(names: Sequence[str], max_chars: int, field: str, hint: str) -> None:
-    """Class names and texts: not blank, at most ``max_chars`` characters."""
+    """Class names and texts: not blank, at most ``max_chars`` characters, printable (``service.printable``)."""
     for i, name in enumerate(names):
         if not name.strip():
             raise InvalidInput(f"{field}[{i}]: empty; {hint}")
-        if len(name) > max_chars:
-            raise InvalidInput(f"{field}[{i}]: {len(name)} characters, the limit is {max_chars}")
+        _check_label(name, max_chars, f"{field}[{i}]")
+
+
+def _check_label(label: str, max_chars: int, field: str) -> None:
+    """Any text that may come back as an instance's label: at most ``max_chars`` characters, printable."""
+    if len(label) > max_chars:
+        raise InvalidInput(f"{field}: {len(label)} characters, the limit is {max_chars}")
+    check_printable(label, field)
 
 
 def _check_box(box: tuple[float, float, float, float], field: str) -> None:

@@ -6,7 +6,8 @@ interleaved runs, one process; torch fp32 in brackets):
 
 - detector: OpenVINO f32, 35 ms (ONNX Runtime 40 ms with its arena, 56 ms without; torch 57 ms);
 - sam2_image_encoder: OpenVINO, f32 1.37 s or int8 0.80 s (``Settings.precision``; ONNX Runtime 2.18 s;
-  torch 1.65 s). Its IR is built once per graph and cached (``service.models.openvino_ir``);
+  torch 1.65 s). Its IR is built once per graph and cached (``service.models.openvino_ir``); the int8 one serves
+  only where its quality gate passes (``measure_int8_gate``, ``Settings.int8_gate_min_iou``);
 - sam2_mask_decoder: torch for calls of 4 prompts or more (its decoder shares the image side between prompts:
   30 ms/box at 13 boxes under the tuned allocator), the exported graph on ONNX Runtime for fewer (49 ms for one
   prompt vs torch's 72);
@@ -22,15 +23,17 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.config import Settings
+from service.errors import ModelUnavailable
 from service.models.graphs import IO
-from service.models.openvino_ir import F32, cpu_supports_int8, encoder_ir
+from service.models.openvino_ir import F32, EncoderIR, cpu_supports_int8, encoder_ir, int8_gate
 from service.models.profiles import ModelSet
-from service.models.roles import ModelRole, Role
+from service.models.roles import ModelRole, PrecisionGate, Role
 from service.models.text import load_sentence_encoder
 from service.runners.base import DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
@@ -44,6 +47,21 @@ log = logging.getLogger(__name__)
 # scikit-learn's two sample photos (china.jpg, flower.jpg; scikit-learn comes with nncf), each whole, mirrored and as
 # two crops, and four shapes-world scenes. Renaming it rebuilds cached int8 encoders.
 CALIBRATION = "sklearn-photos-x8+shapes-train-4"
+# The int8 encoder's quality gate (Settings.int8_gate_min_iou): held-out images (never CALIBRATION's) of the
+# segmenter's domain, by name. "photos": ultralytics' bus.jpg and zidane.jpg with GRID box prompts each (27), for
+# every SAM trained on photos (the official weights, the seeded test models). "shapes": for the demo's SAM, trained on
+# the shapes worlds (on photos its masks are noise either way: measured int8 vs fp32 on the photos, min IoU 0.00,
+# median 0.97), validation scenes of both worlds (the plain one and the attribute one) with a box prompt per
+# ground-truth shape. Changing a set's name or content measures the gates anew.
+GATE_SETS = {
+    "photos": "ultralytics-bus-zidane-grid-27",
+    "shapes": "shapes-val-16-gt+attributes-val-16-gt",
+}
+GATE_PHOTOS = ("bus.jpg", "zidane.jpg")
+GATE_SCENES = 16  # of each shapes world's val split
+# GRID: 27 boxes per photo, 3 sizes (20, 35, 60 % of each side) on a 3 × 3 grid of positions.
+GRID_FRACTIONS = (0.2, 0.35, 0.6)
+GRID_POSITIONS = (0.0, 0.5, 1.0)
 # Decoder calls of this many prompts or more run on torch (see OpenVinoRunner._decode_sync).
 SHARED_DECODER_MIN_PROMPTS = 4
 
@@ -105,26 +123,88 @@ class OpenVinoRunner(OnnxRunner):
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> OpenVinoRunner:
+        """The int8 encoder is built (once per weights) where ``resolve_encoder_precision`` asks for it, and its
+        quality gate measured with it (``measure_int8_gate``; figures cached beside it). precision auto serves it
+        only when the gate passes, else fp32 with one WARNING; precision int8 serves it, with that WARNING when it
+        fails. The segmenter's ModelDescriptor carries the figures either way."""
         import openvino as ov
+        import torch
+
+        from service.models.loading import load_segmenter_module
 
         core = ov.Core()
-        precision = resolve_encoder_precision(settings, core)
+        requested = resolve_encoder_precision(settings, core)
         export = load_export(models, settings)
         config: dict[str, Any] = {**F32, "PERFORMANCE_HINT": "LATENCY"}
         if settings.threads > 0:
             config["INFERENCE_NUM_THREADS"] = settings.threads
+            torch.set_num_threads(settings.threads)
+        seg = models.segmenter
+        sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides, "cpu")
         image_size = export.graphs.image_size
-        ir = encoder_ir(
-            core,
-            export.graph(Role.SAM2_IMAGE_ENCODER),
-            image_size,
-            precision,
-            lambda: calibration_images(image_size),
-            CALIBRATION,
-        )
+        compiled: dict[str, OpenVinoModel] = {}
+
+        def encoder(precision: str) -> tuple[EncoderIR, OpenVinoModel]:
+            """The encoder IR in ``precision`` (built if missing), compiled once per load."""
+            ir = encoder_ir(
+                core,
+                export.graph(Role.SAM2_IMAGE_ENCODER),
+                image_size,
+                precision,
+                lambda: calibration_images(image_size),
+                CALIBRATION,
+                weights_name=models.segmenter.name,
+            )
+            if precision not in compiled:
+                compiled[precision] = OpenVinoModel(core.compile_model(str(ir.xml), "CPU", config))
+            return ir, compiled[precision]
+
+        precision, gate = "fp32", None
+        if requested == "int8":
+            int8_ir, _ = encoder(requested)
+            segmenter_sha256 = next(m.weights_sha256 for m in export.graphs.models if m.role == ModelRole.SEGMENTER)
+            held_out = GATE_SETS[gate_domain(seg.path)]
+            figures = int8_gate(
+                int8_ir,
+                {"held_out_set": held_out, "reference": "openvino-fp32", "decoder_weights_sha256": segmenter_sha256},
+                lambda: measure_int8_gate(encoder("fp32")[1], encoder("int8")[1], sam, image_size, held_out),
+            )
+            gate = PrecisionGate(
+                precision="int8",
+                held_out_set=held_out,
+                images=figures["images"],
+                prompts=figures["prompts"],
+                min_mask_iou=figures["min_mask_iou"],
+                median_mask_iou=figures["median_mask_iou"],
+                required_min_mask_iou=settings.int8_gate_min_iou,
+            )
+            precision = "int8" if gate.passed or settings.precision == "int8" else "fp32"
+            if not gate.passed:
+                log.warning(
+                    "the int8 image encoder of %s failed its quality gate (min mask IoU %.4f vs fp32 < %.4f required "
+                    "[int8_gate_min_iou]; median %.4f; %d box prompts on %d held-out images): %s",
+                    seg.name,
+                    gate.min_mask_iou,
+                    gate.required_min_mask_iou,
+                    gate.median_mask_iou,
+                    gate.prompts,
+                    gate.images,
+                    "serving it as asked (precision int8)" if precision == "int8" else "serving fp32",
+                )
+            else:
+                log.info(
+                    "the int8 image encoder of %s passed its quality gate: min mask IoU %.4f >= %.4f, median %.4f, "
+                    "%d box prompts on %d held-out images",
+                    seg.name,
+                    gate.min_mask_iou,
+                    gate.required_min_mask_iou,
+                    gate.median_mask_iou,
+                    gate.prompts,
+                    gate.images,
+                )
         sessions: dict[Role, Any] = {
             Role.DETECTOR: OpenVinoModel(core.compile_model(str(export.graph(Role.DETECTOR)), "CPU", config)),
-            Role.SAM2_IMAGE_ENCODER: OpenVinoModel(core.compile_model(str(ir.xml), "CPU", config)),
+            Role.SAM2_IMAGE_ENCODER: encoder(precision)[1],
             # Calls of fewer than SHARED_DECODER_MIN_PROMPTS prompts (re-prompts, clicks). The arena keeps the
             # largest call's activations (at 1024²: +3.0 GB after a call of 50 boxes), so only small calls come here.
             Role.SAM2_MASK_DECODER: ort_session(export.graph(Role.SAM2_MASK_DECODER), settings, arena=True),
@@ -134,14 +214,6 @@ class OpenVinoRunner(OnnxRunner):
             Role.SAM2_IMAGE_ENCODER: Execution("openvino", precision),
             Role.SAM2_MASK_DECODER: Execution("torch|onnxruntime", "fp32"),
         }
-        import torch
-
-        from service.models.loading import load_segmenter_module
-
-        if settings.threads > 0:
-            torch.set_num_threads(settings.threads)
-        seg = models.segmenter
-        sam = load_segmenter_module(seg.architecture, seg.path, seg.overrides, "cpu")
         for role in export.graphs.roles:
             if role not in sessions:  # the open-vocabulary detector's prompt encoders
                 sessions[role] = ort_session(export.graph(role), settings, arena=False)
@@ -150,8 +222,10 @@ class OpenVinoRunner(OnnxRunner):
         detector, segmenter = specs(export.graphs)
         text = load_sentence_encoder(settings.text_encoder)
         described = tuple(
-            dataclasses.replace(m, precision="int8-encoder")
-            if m.role == ModelRole.SEGMENTER and precision == "int8"
+            dataclasses.replace(
+                m, precision="int8-encoder" if precision == "int8" else m.precision, precision_gate=gate
+            )
+            if m.role == ModelRole.SEGMENTER
             else m
             for m in export.graphs.models
         )
@@ -181,6 +255,101 @@ def resolve_encoder_precision(settings: Settings, core: Any) -> str:
     if settings.precision == "auto":
         return "int8" if cpu_supports_int8(core) else "fp32"
     return settings.precision
+
+
+@dataclasses.dataclass(frozen=True)
+class GateImage:
+    """One held-out image of the int8 gate. rgb: (H, W, 3) uint8; boxes: (B, 4) float32 box prompts, original-image
+    pixels XYXY."""
+
+    rgb: np.ndarray
+    boxes: np.ndarray
+
+
+def gate_domain(segmenter: Path) -> str:
+    """The GATE_SETS key for the segmenter weights at ``segmenter``: "shapes" for the demo's SAM, else "photos"."""
+    from service.models.demo.profile import SHAPES_SAM2
+
+    return "shapes" if segmenter.resolve() == SHAPES_SAM2.resolve() else "photos"
+
+
+def gate_images(held_out_set: str) -> list[GateImage]:
+    """The images and box prompts of ``held_out_set`` (a GATE_SETS value): GATE_PHOTOS with grid boxes, or
+    GATE_SCENES val scenes of each shapes world with their ground-truth boxes."""
+    if held_out_set == GATE_SETS["photos"]:
+        import importlib.util
+
+        from PIL import Image
+
+        spec = importlib.util.find_spec("ultralytics")  # its bundled assets; importing it would change process state
+        if spec is None or spec.origin is None:
+            raise ModelUnavailable("the int8 gate's photos come with the ultralytics package, which is missing")
+        items = []
+        for name in GATE_PHOTOS:
+            with Image.open(Path(spec.origin).parent / "assets" / name) as photo:
+                rgb = np.asarray(photo.convert("RGB"))
+            items.append(GateImage(rgb, grid_boxes(rgb.shape[1], rgb.shape[0])))
+        return items
+    if held_out_set != GATE_SETS["shapes"]:
+        raise ValueError(f"no int8 gate set {held_out_set!r}")
+    from service.shapes.attributes import attribute_scenes
+    from service.shapes.dataset import scenes
+
+    worlds: tuple[list[Any], ...] = (list(scenes("val", GATE_SCENES)), attribute_scenes("val", GATE_SCENES))
+    return [
+        GateImage(scene.image, np.array([i.box for i in scene.instances], dtype=np.float32).reshape(-1, 4))
+        for world in worlds
+        for scene in world
+    ]
+
+
+def grid_boxes(width: int, height: int) -> np.ndarray:
+    """(27, 4) float32 boxes, pixels XYXY: GRID_FRACTIONS of each side at GRID_POSITIONS (left/top to right/bottom)."""
+    boxes = []
+    for fraction in GRID_FRACTIONS:
+        w, h = fraction * width, fraction * height
+        for fx in GRID_POSITIONS:
+            for fy in GRID_POSITIONS:
+                x0, y0 = fx * (width - w), fy * (height - h)
+                boxes.append((x0, y0, x0 + w, y0 + h))
+    return np.array(boxes, dtype=np.float32)
+
+
+def measure_int8_gate(
+    fp32: OpenVinoModel, int8: OpenVinoModel, sam: Any, image_size: int, held_out_set: str
+) -> tuple[int, list[float]]:
+    """The gate's measurement: for every box prompt of ``gate_images(held_out_set)``, the IoU of SAM's final mask
+    (upsampled to the image, thresholded, unrefined) from the ``int8`` encoder vs from the ``fp32`` one; both through
+    ``sam``'s decoder (single mask per box, as detections are decoded). Returns (images, IoUs in prompt order)."""
+    import torch
+
+    from service.pipeline.segmentation import SamPrompt, SegmenterProcessing
+    from service.runners.base import SegmenterSpec
+    from service.runners.torch import decode_batch
+
+    io = IO[Role.SAM2_IMAGE_ENCODER]
+    processing = SegmenterProcessing(SegmenterSpec(image_size=image_size))
+    no_points, no_labels = np.zeros((0, 2), np.float32), np.zeros(0, np.int32)
+    items = gate_images(held_out_set)
+    ious: list[float] = []
+    for item in items:
+        hw = (item.rgb.shape[0], item.rgb.shape[1])
+        image = processing.preprocess(np.ascontiguousarray(item.rgb))
+        prompts = [SamPrompt(box=box, points=no_points, point_labels=no_labels) for box in item.boxes]
+        masks = []
+        for encoder in (fp32, int8):
+            embed, hr0, hr1 = encoder.run(list(io.outputs), {io.inputs[0]: image})
+            features = ImageFeatures(image_embed=embed, high_res_feats=(hr0, hr1))
+            parts = []
+            for _, batch in processing.prompt_batches(prompts, hw, multimask=False):
+                with torch.inference_mode():
+                    low_res, _ = decode_batch(sam, features, batch, torch.from_numpy)
+                parts.append(processing.postprocess(low_res.numpy()[:, 0], hw).masks)
+            masks.append(np.concatenate(parts))
+        for a, b in zip(*masks, strict=True):
+            union = int(np.logical_or(a, b).sum())
+            ious.append(int(np.logical_and(a, b).sum()) / union if union else 1.0)
+    return len(items), ious
 
 
 def calibration_images(image_size: int) -> list[np.ndarray]:

@@ -12,7 +12,9 @@ one request per phrase would: that is how each phrase is evaluated.
 Phrase groups (each phrase is one COCO category; its ground truth = the instances it truly describes):
 - ``trained``: colour + shape phrases of combinations seen in training ("red circle"), 37.
 - ``held_out``: colour + shape phrases of combinations never rendered in training ("green star"), 3.
-- ``paraphrases``: ``PARAPHRASES`` (words never trained: "crimson circle", "five-pointed star", "round shape").
+- ``paraphrases``: ``service.shapes.paraphrases.EVALUATION_PARAPHRASES`` (40 phrases never trained, neither by
+  the detector nor by any text-side training: "scarlet star", "a round object", "giant red star", "a star that is red").
+- ``held_out_paraphrases``: paraphrases of the held-out combinations ("emerald star").
 - ``bare_shape``: "circle" ... "hexagon": every instance of that shape, any colour (held-out ones included).
 - ``size_colour_shape``, ``colour``, ``size_shape``: the other trained phrase levels ("large blue star",
   "red shape", "small star").
@@ -53,27 +55,11 @@ from service.shapes.attributes import (
     attribute_scenes,
     is_held_out,
 )
+from service.shapes.paraphrases import EVALUATION_PARAPHRASES, HELD_OUT_PARAPHRASES
 from service.shapes.world import CLASSES
 
 SERVING_SCORE, SERVING_IOU, MAX_DETECTIONS = 0.25, 0.7, 100
 EVAL_SCORE = 0.001
-# Paraphrases of trained phrases: text → (size, colour, shape), None = any.
-PARAPHRASES: dict[str, tuple[str | None, str | None, str | None]] = {
-    "crimson circle": (None, "red", "circle"),
-    "scarlet star": (None, "red", "star"),
-    "violet circle": (None, "purple", "circle"),
-    "emerald triangle": (None, "green", "triangle"),
-    "azure square": (None, "blue", "square"),
-    "jet-black hexagon": (None, "black", "hexagon"),
-    "snow-white triangle": (None, "white", "triangle"),
-    "a red circle": (None, "red", "circle"),
-    "round shape": (None, None, "circle"),
-    "five-pointed star": (None, None, "star"),
-    "six-sided shape": (None, None, "hexagon"),
-    "three-sided shape": (None, None, "triangle"),
-    "big blue circle": ("large", "blue", "circle"),
-    "tiny yellow triangle": ("small", "yellow", "triangle"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +79,8 @@ def phrase_groups() -> dict[str, list[Phrase]]:
     return {
         "trained": [Phrase(f"{c} {k}", None, c, k) for c, k in combos if not is_held_out(c, k)],
         "held_out": [Phrase(f"{c} {k}", None, c, k) for c, k in HELD_OUT],
-        "paraphrases": [Phrase(t, *attrs) for t, attrs in PARAPHRASES.items()],
+        "paraphrases": [Phrase(t, *attrs) for t, attrs in EVALUATION_PARAPHRASES.items()],
+        "held_out_paraphrases": [Phrase(t, *attrs) for t, attrs in HELD_OUT_PARAPHRASES.items()],
         "bare_shape": [Phrase(k, None, None, k) for k in CLASSES],
         "size_colour_shape": [Phrase(f"{s} {c} {k}", s, c, k) for s, c, k in FINE_CLASSES if not is_held_out(c, k)],
         "colour": [Phrase(f"{c} shape", None, c, None) for c in COLOURS],
@@ -110,9 +97,11 @@ class PhraseDetections:
 
 
 class ServedOpenDetector:
-    """An open-vocabulary checkpoint run the way detseg's torch runner runs it (no gRPC)."""
+    """An open-vocabulary checkpoint run the way detseg's torch runner runs it (no gRPC). ``text_model``: another
+    class-text encoder than the one the checkpoint names (e.g. "minilm-512:seed0", the fixed projection, to
+    measure a learned one against it)."""
 
-    def __init__(self, weights: Path) -> None:
+    def __init__(self, weights: Path, text_model: str | None = None) -> None:
         import torch
 
         from service.models.loading import load_detector_module
@@ -124,7 +113,8 @@ class ServedOpenDetector:
         if loaded.text_model is None:
             raise ValueError(f"{weights} is not an open-vocabulary detector")
         self.model = loaded.module
-        self.encoder = ClassTextEncoder.for_detector(loaded.text_model, SentenceEncoder.load())
+        self.text_model = text_model or loaded.text_model
+        self.encoder = ClassTextEncoder.for_detector(self.text_model, SentenceEncoder.load())
         stride = int(torch.as_tensor(self.model.stride).max())
         spec = DetectorSpec(names=(), imgsz=loaded.input_size(), stride=stride, class_dim=self.encoder.dim)
         self.processing = DetectorProcessing(spec)
@@ -285,20 +275,36 @@ def absent_false_positives(
     }
 
 
+def absent_false_positives_by_phrase(
+    scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections
+) -> dict[str, float]:
+    """Per phrase: detections (at the serving threshold) per request over the images it describes nothing in."""
+    out = {}
+    for p in phrases:
+        absent = [s for s in scenes if not any(p.describes(i) for i in s.instances)]
+        out[p.text] = sum(len(dets.scores[s.seed, p.text]) for s in absent) / len(absent) if absent else 0.0
+    return out
+
+
 def distractor(scene: AttributeScene, p: Phrase) -> bool:
     """The phrase's shape or colour is in the image (on another object): the hard absent phrases."""
     return any(i.shape == p.shape or i.colour == p.colour for i in scene.instances)
 
 
-def evaluate(weights: Path, count: int = 300) -> dict[str, Any]:
+def evaluate(weights: Path, count: int = 300, text_model: str | None = None, exemplars: bool = True) -> dict[str, Any]:
+    """Every figure above on the first ``count`` test scenes (exemplar groups only with ``exemplars``)."""
     t = time.time()
     scenes = attribute_scenes("test", count)
-    detector = ServedOpenDetector(weights)
+    detector = ServedOpenDetector(weights, text_model)
     groups = phrase_groups()
     texts = list(dict.fromkeys(p.text for ps in groups.values() for p in ps))
     low = detector.detect_each(scenes, texts, EVAL_SCORE)
     served = detector.detect_each(scenes, texts, SERVING_SCORE)
-    out: dict[str, Any] = {"scenes": count, "instances": sum(len(s.instances) for s in scenes)}
+    out: dict[str, Any] = {
+        "text_model": detector.text_model,
+        "scenes": count,
+        "instances": sum(len(s.instances) for s in scenes),
+    }
     for name, phrases in groups.items():
         mean, per = ap50_by_phrase(scenes, phrases, low)
         out[f"ap50_{name}"] = mean
@@ -307,9 +313,15 @@ def evaluate(weights: Path, count: int = 300) -> dict[str, Any]:
     out["fp_absent_trained_distractors"] = absent_false_positives(scenes, groups["trained"], served, distractor)
     out["fp_absent_held_out"] = absent_false_positives(scenes, groups["held_out"], served)
     out["fp_absent_held_out_distractors"] = absent_false_positives(scenes, groups["held_out"], served, distractor)
+    for name in ("trained", "paraphrases", "held_out_paraphrases"):
+        per = absent_false_positives_by_phrase(scenes, groups[name], served)
+        worst = max(per, key=per.__getitem__)
+        out[f"fp_absent_{name}_by_phrase"] = per
+        out[f"fp_absent_{name}_max"] = {"phrase": worst, "fp_per_request": per[worst]}
+    out["fp_absent_paraphrases"] = absent_false_positives(scenes, groups["paraphrases"], served)
     from service.models.open_vocabulary import takes_visual_prompts
 
-    if takes_visual_prompts(detector.model):
+    if exemplars and takes_visual_prompts(detector.model):
         same = detector.detect_exemplars(scenes, EVAL_SCORE)
         other = detector.detect_exemplars(scenes, EVAL_SCORE, references=scenes)
         for kind, dets in (("exemplar", same), ("reference_exemplar", other)):
@@ -329,14 +341,23 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=Path(__file__).parents[1] / "models/demo/shapes-yoloe.pt")
     parser.add_argument("--scenes", type=int, default=300, help="test scenes (seeds 12,000,000 + i)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--text-model", help='class-text encoder instead of the checkpoint\'s (e.g. "minilm-512:seed0": the fixed one)'
+    )
+    parser.add_argument("--no-exemplars", action="store_true", help="text prompts only (exemplars take no text)")
     args = parser.parse_args()
-    result = evaluate(args.weights, args.scenes)
+    result = evaluate(args.weights, args.scenes, args.text_model, not args.no_exemplars)
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:40s} {value:.3f}")
-        elif isinstance(value, dict) and not key.endswith("per_phrase"):
+        elif isinstance(value, str):
+            print(f"{key:40s} {value}")
+        elif isinstance(value, dict) and not key.endswith(("per_phrase", "by_phrase")):
             print(f"{key:40s} {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}")
-    for key in ("ap50_held_out_per_phrase", "ap50_paraphrases_per_phrase", "ap50_bare_shape_per_phrase"):
+    for key in (
+        "ap50_held_out_per_phrase", "ap50_paraphrases_per_phrase", "ap50_held_out_paraphrases_per_phrase",
+        "ap50_bare_shape_per_phrase", "fp_absent_paraphrases_by_phrase",
+    ):  # fmt: skip
         print(key, json.dumps({k: round(v, 3) for k, v in result[key].items()}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

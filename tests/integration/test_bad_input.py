@@ -111,6 +111,38 @@ CASES = {
 }
 
 
+# --- labels must be printable text ------------------------------------------------------------------------------------
+# Every text that can come back as an instance's label, with each kind of character that must not (Unicode Cc, Cf,
+# Zl, Zp and noncharacters; a lone surrogate cannot travel in a protobuf string): INVALID_ARGUMENT naming the field,
+# the kind and the code point, through the same test as every other bad input (no model runs; the server goes on).
+UNPRINTABLE = {
+    "\x00": "a control character (U+0000)",
+    "\x1b": "a control character (U+001B)",  # ESC: "\x1b[2J" clears a terminal that echoes the label
+    "\n": "a control character (U+000A)",
+    "\t": "a control character (U+0009)",
+    "\x7f": "a control character (U+007F)",
+    "\x85": "a control character (U+0085)",  # C1 NEL
+    "\u200b": "a format character (U+200B)",  # zero-width space
+    "\u202e": "a format character (U+202E)",  # right-to-left override
+    "\ufeff": "a format character (U+FEFF)",  # byte order mark
+    "\u2028": "a line separator (U+2028)",
+    "\u2029": "a paragraph separator (U+2029)",
+    "\uffff": "a noncharacter (U+FFFF)",  # not allowed in XML 1.0
+}
+_EXEMPLAR_BOX = pb.BoundingBox(x_min=10, y_min=10, x_max=40, y_max=40)
+LABEL_FIELDS = {
+    "classes[1]": lambda text: _request(classes=["person", text]),
+    "texts[1]": lambda text: _request(texts=["red car", text]),
+    "regions[1].label": lambda text: _request(
+        regions=[_box(1, 1, 50, 50), pb.RegionPrompt(box=_EXEMPLAR_BOX, label=text)]
+    ),
+    "exemplars[0].label": lambda text: _request(exemplars=[pb.Exemplar(box=_EXEMPLAR_BOX, label=text)]),
+}
+for _field, _make in LABEL_FIELDS.items():
+    for _char, _kind in UNPRINTABLE.items():
+        CASES[f"{_field} with {_kind}"] = (_make(f"bad{_char}label"), [_field, f"contains {_kind}", "printable text"])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_rejected_before_any_model_runs(stub, runner, case):
     request, words = CASES[case]
@@ -125,3 +157,36 @@ def test_bad_input_is_rejected_before_any_model_runs(stub, runner, case):
     assert dict(runner.calls) == calls_before, "no model may run for bad input"
     # ...and the server still answers the next good request.
     assert stub.Segment(_request(options=pb.SegmentOptions(max_instances=1)), timeout=120).image.width == 160
+
+
+def test_labels_in_any_script_with_markup_characters_come_back_verbatim_and_unprintable_ones_are_refused(stub):
+    """Printable is not ASCII: accents, CJK, quotes, ampersands and angle brackets are labels like any other (the
+    exports escape them); the issue's own examples are refused, naming the field."""
+    labels = ["café", "红色 car", 'say "hi" & <b>', "it's"]
+    request = _request(regions=[_box(10 + 20 * k, 10, 25 + 20 * k, 40) for k in range(len(labels))])
+    for region, label in zip(request.regions, labels, strict=True):
+        region.label = label
+    response = stub.Segment(request, timeout=120)
+    assert sorted(i.label for i in response.instances if i.source == pb.INSTANCE_SOURCE_REGION_PROMPT) == sorted(labels)
+    for request, field in (
+        (_request(classes=["star\x00", "circle\n\x1b[2J"]), "classes[0]"),
+        (_request(texts=["red \x01star"]), "texts[0]"),
+        (_request(exemplars=[pb.Exemplar(box=_EXEMPLAR_BOX, label="bad\nlabel\x00")]), "exemplars[0].label"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Segment(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(f"{field}: contains a control character (U+00")
+
+
+def test_batch_and_stream_items_with_unprintable_labels_fail_alone(stub):
+    """BatchSegment and StreamSegment items go through the same checks: the bad item gets its own
+    INVALID_ARGUMENT naming the field, the good one its answer."""
+    good, bad = _request(options=pb.SegmentOptions(max_instances=1)), _request(texts=["red\u202ecar"])
+    batch = stub.BatchSegment(pb.BatchSegmentRequest(requests=[good, bad]), timeout=120)
+    streamed = list(stub.StreamSegment(iter([bad, good]), timeout=120))
+    for results, bad_index in ((batch.results, 1), (streamed, 0)):
+        by_index = {r.index: r for r in results}
+        assert by_index[bad_index].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert by_index[bad_index].error.message.startswith("texts[0]: contains a format character (U+202E)")
+        assert by_index[1 - bad_index].WhichOneof("result") == "response"

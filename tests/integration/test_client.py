@@ -173,3 +173,95 @@ def test_exemplar_objects_carry_reference_images(open_stub):
     assert request.exemplars[0].image.encoded == SAMPLE.read_bytes() and request.exemplars[0].label == "sku"
     response = open_stub.Segment(request, timeout=120)
     assert all(i.label == "sku" and i.source == pb.INSTANCE_SOURCE_EXEMPLAR for i in response.instances)
+
+
+# Retries are bounded by the call's deadline, not by a count: the client used to give up after 5 attempts, i.e. at
+# most 0.2 + 0.4 + 0.8 + 1.6 = 3.0 s of backoff, long before a deadline of minutes (issue 20, finding 6).
+OLD_RETRY_BUDGET_S = 3.0
+CLIENT_KINDS = ("sync", "asyncio")
+
+
+def _list_models(kind: str, target: str, timeout: float) -> tuple[pb.ListModelsResponse | RequestFailed, float]:
+    """ListModels through ``Client`` or ``AsyncClient`` with the default RetryPolicy: (answer or error, seconds)."""
+    start = time.monotonic()
+    try:
+        if kind == "sync":
+            with Client(target, timeout=timeout) as detseg:
+                return detseg.list_models(), time.monotonic() - start
+
+        async def main() -> pb.ListModelsResponse:
+            async with AsyncClient(target, timeout=timeout) as detseg:
+                return await detseg.list_models()
+
+        return asyncio.run(main()), time.monotonic() - start
+    except RequestFailed as e:
+        return e, time.monotonic() - start
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_call_made_before_the_server_starts_is_answered_once_it_has_loaded(settings, kind):
+    """The call starts while nothing listens on the port (connection refused); a real server starts there later
+    than the old attempt budget and loads its models (UNAVAILABLE meanwhile); the call gets their answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.runners.factory import load_runner
+
+    port = _free_port()
+    srv = None
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(_list_models, kind, f"127.0.0.1:{port}", 300)
+        try:
+            time.sleep(OLD_RETRY_BUDGET_S + 1.0)
+            assert not call.done(), f"the call gave up before any server started: {call.result()}"
+            serving_settings = settings.replace(port=port)
+            srv = ServerThread(serving_settings, lambda: load_runner(serving_settings))
+            answer, seconds = call.result(timeout=300)
+        finally:
+            if srv is not None:
+                srv.stop()
+    assert isinstance(answer, pb.ListModelsResponse), answer
+    assert answer.profile == "test" and seconds > OLD_RETRY_BUDGET_S + 1.0
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_call_made_while_the_models_load_is_answered_once_they_are_ready(settings, kind):
+    """The server's port answers UNAVAILABLE ("loading") for longer than the old attempt budget; the call, made
+    during that time, is answered once loading ends."""
+    from service.runners.factory import load_runner
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(120)
+        return load_runner(settings)
+
+    srv = ServerThread(settings, slow_load)
+    try:
+        with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.SegmentationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+        threading.Timer(OLD_RETRY_BUDGET_S + 1.0, release.set).start()
+        answer, seconds = _list_models(kind, srv.target, 300)
+    finally:
+        release.set()
+        srv.stop()
+    assert isinstance(answer, pb.ListModelsResponse), answer
+    assert answer.profile == "test" and seconds > OLD_RETRY_BUDGET_S + 1.0
+
+
+@pytest.mark.parametrize("kind", CLIENT_KINDS)
+def test_a_call_to_no_server_fails_at_its_deadline_not_before(kind):
+    """Nothing ever listens: the call retries until its deadline, then fails DEADLINE_EXCEEDED."""
+    timeout = 6.0
+    answer, seconds = _list_models(kind, f"127.0.0.1:{_free_port()}", timeout)
+    assert isinstance(answer, RequestFailed), answer
+    assert answer.code == grpc.StatusCode.DEADLINE_EXCEEDED and answer.attempts > 1
+    assert timeout - 0.05 <= seconds <= timeout + 2.0, seconds

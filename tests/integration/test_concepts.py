@@ -33,31 +33,47 @@ def _scene() -> np.ndarray:
     return rgb
 
 
+EXEMPLAR_BOXES = {
+    "disc": [(15.0, 30.0, 75.0, 90.0)],
+    "tile": [(95.0, 30.0, 145.0, 90.0), (100.0, 35.0, 140.0, 85.0)],
+}
+
+
 @pytest.fixture(scope="module")
-def concept_stub(settings):
-    with serving(settings.replace(models="test", concept_model="test", concept_imgsz=IMGSZ), timeout=600) as stub:
-        yield stub
-
-
-def _reference(rgb: np.ndarray, texts: tuple[str, ...], bboxes=None):
-    """ultralytics' SAM3SemanticPredictor on its own copy of the same seeded weights (it writes onto its model):
-    texts, or exemplar boxes (XYXY pixels) of one class."""
+def references() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ultralytics' SAM3SemanticPredictor's answers on its own copy of the same seeded weights (it writes onto its
+    model), computed before the server loads its copy (two SAM 3 models at once would take 7 GB): "texts" for
+    ``TEXTS``, and each label of ``EXEMPLAR_BOXES`` for its boxes (XYXY pixels). Each: (N, 6) [x0, y0, x1, y1,
+    score, cls] and (N, H, W) masks."""
     from ultralytics.models.sam import SAM3SemanticPredictor
 
     from service.models import sam3
 
+    bgr = np.ascontiguousarray(_scene()[..., ::-1])
+    queries: dict[str, dict] = {"texts": {"text": list(TEXTS)}}
+    queries.update({label: {"bboxes": boxes} for label, boxes in EXEMPLAR_BOXES.items()})
+    answers = {}
     threads = torch.get_num_threads()
     try:
-        model = sam3.build(IMGSZ, seed=0)
-        predictor = SAM3SemanticPredictor(overrides=dict(imgsz=IMGSZ, conf=0.0, save=False, verbose=False))
-        predictor.setup_model(model=model, verbose=False)
-        predictor.set_image(np.ascontiguousarray(rgb[..., ::-1]))
-        return predictor(text=list(texts))[0] if bboxes is None else predictor(bboxes=bboxes)[0]
+        for key, prompt in queries.items():  # a fresh copy per query, one at a time
+            predictor = SAM3SemanticPredictor(overrides=dict(imgsz=IMGSZ, conf=0.0, save=False, verbose=False))
+            predictor.setup_model(model=sam3.build(IMGSZ, seed=0), verbose=False)
+            predictor.set_image(bgr)
+            result = predictor(**prompt)[0]
+            answers[key] = (result.boxes.data.cpu().numpy(), result.masks.data.cpu().numpy())
+            del predictor, result
     finally:
         torch.set_num_threads(threads)  # ultralytics' setup_model sets it process-wide
+    return answers
 
 
-def test_texts_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concept_stub, figures):
+@pytest.fixture(scope="module")
+def concept_stub(settings, references):
+    with serving(settings.replace(models="test", concept_model="test", concept_imgsz=IMGSZ), timeout=600) as stub:
+        yield stub
+
+
+def test_texts_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concept_stub, references, figures):
     rgb = _scene()
     models = concept_stub.ListModels(pb.ListModelsRequest(), timeout=60)
     (concept,) = [m for m in models.models if m.role == pb.MODEL_ROLE_CONCEPT_SEGMENTER]
@@ -72,12 +88,11 @@ def test_texts_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concep
     scores = [i.score for i in response.instances]
     assert scores == sorted(scores, reverse=True)
 
-    reference = _reference(rgb, TEXTS)
-    ref = reference.boxes.data.cpu().numpy()
+    ref, ref_masks = references["texts"]
     assert len(ours) == min(len(ref), 300 - (len(response.instances) - len(ours))) > 100
     assert all(i.text_match.kind == pb.TEXT_MATCH_KIND_OPEN and i.class_id == -1 for i in ours)
     assert [i.label for i in ours] == [TEXTS[i.text_match.text_index] for i in ours]
-    box, iou = _assert_matched(ours, ref, reference.masks.data.cpu().numpy(), labels=TEXTS)
+    box, iou = _assert_matched(ours, ref, ref_masks, labels=TEXTS)
     figures[f"SAM 3 concepts vs SAM3SemanticPredictor (seeded, {IMGSZ}², 2 texts)"] = (
         f"{len(ours)} instances, max box |Δ| {box:.2e} px, min mask IoU {iou:.6f}"
     )
@@ -126,12 +141,11 @@ def test_sam3_needs_the_torch_backend(settings):
         load_runner(settings.replace(concept_model="test", backend="triton"))
 
 
-def test_exemplar_boxes_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concept_stub, figures):
+def test_exemplar_boxes_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concept_stub, references, figures):
     rgb = _scene()
-    boxes = {"disc": [(15.0, 30.0, 75.0, 90.0)], "tile": [(95.0, 30.0, 145.0, 90.0), (100.0, 35.0, 140.0, 85.0)]}
     exemplars = [
         pb.Exemplar(box=pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1), label=label)
-        for label, group in boxes.items()
+        for label, group in EXEMPLAR_BOXES.items()
         for x0, y0, x1, y1 in group
     ]
     options = pb.SegmentOptions(score_threshold=0.0, max_instances=300)
@@ -140,11 +154,11 @@ def test_exemplar_boxes_are_answered_by_sam3_as_ultralytics_predictor_answers_th
     assert {i.source for i in response.instances} == {pb.INSTANCE_SOURCE_CONCEPT}
     assert not any(i.HasField("text_match") for i in response.instances)
     worst_box, worst_iou, n = 0.0, 1.0, 0
-    for label, group in boxes.items():
+    for label in EXEMPLAR_BOXES:
         ours = [i for i in response.instances if i.label == label]
-        want = _reference(rgb, (), bboxes=group)
-        assert 50 < len(ours) <= len(want.boxes)
-        box, iou = _assert_matched(ours, want.boxes.data.cpu().numpy(), want.masks.data.cpu().numpy())
+        want, want_masks = references[label]
+        assert 50 < len(ours) <= len(want)
+        box, iou = _assert_matched(ours, want, want_masks)
         worst_box, worst_iou = max(worst_box, box), min(worst_iou, iou)
         n += len(ours)
     figures[f"SAM 3 exemplars vs SAM3SemanticPredictor(bboxes=...) (seeded, {IMGSZ}², 2 labels)"] = (

@@ -8,6 +8,7 @@ dry run is not used: it needs an API server for discovery even with --validate=f
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
@@ -49,6 +50,7 @@ CHART_OWNED = {
     "triton_repository",
     "triton_http_port",
     "triton_metrics_port",
+    "redis_url",  # redis.url / redis.existingSecret: may hold a password, so it comes from a Secret
 }
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIBfake\n-----END PRIVATE KEY-----\n"
@@ -65,7 +67,17 @@ EVERYTHING: dict[str, Any] = {
     "commonLabels": {"team": "vision"},
     "commonAnnotations": {"owner": "vision@example.com"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "networkPolicy": {"ingressFrom": [{"podSelector": {"matchLabels": {"role": "client"}}}]},
+    "redis": {"url": "rediss://:hunter2-redis@redis.cache:6380/0"},
+    "config": {"traces_exporter": "otlp", "otlp_endpoint": "http://otel.monitoring:4317"},
+    "networkPolicy": {
+        "ingressFrom": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+        "egress": {
+            "dnsTo": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "redisTo": [{"podSelector": {"matchLabels": {"app": "redis"}}}],
+            "otlpTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "extraRules": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 5432, "protocol": "TCP"}]}],
+        },
+    },
     "triton": {"modelRepository": {"existingClaim": "detseg-models", "subPath": "repo"}, "extraArgs": ["--log-info=1"]},
 }
 IN_PROCESS: dict[str, Any] = {"backend": "torch", "triton": {"enabled": False}, "config": {"models": "demo-open"}}
@@ -356,12 +368,14 @@ def test_the_service_parses_every_rendered_setting(render, case):
 
 
 def test_secrets_are_mounted_files_never_env_values(render):
+    """TLS material, tokens and the signing key are files; the Redis URL alone is an env var, from the Secret."""
     docs = render(values=EVERYTHING)
     secret = _one(docs, "Secret", "r-detseg")
-    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "auth-tokens", "signing-key.pem"}
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt", "auth-tokens", "signing-key.pem", "redis-url"}
     deployment = _one(docs, "Deployment", "r-detseg")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert not [e for e in container.get("env", []) if "valueFrom" in e]
+    from_secrets = {e["name"]: e["valueFrom"] for e in container.get("env", []) if "valueFrom" in e}
+    assert from_secrets == {"DETSEG_REDIS_URL": {"secretKeyRef": {"name": "r-detseg", "key": "redis-url"}}}
     volumes = _volumes(deployment)
     data = _one(docs, "ConfigMap", "r-detseg")["data"]
     for setting, volume in (
@@ -373,6 +387,57 @@ def test_secrets_are_mounted_files_never_env_values(render):
         assert _mounts(container)[folder]["name"] == volume and _mounts(container)[folder]["readOnly"] is True
         assert name in [item["path"] for item in volumes[volume]["secret"]["items"]]
         assert volumes[volume]["secret"]["secretName"] == "r-detseg"
+
+
+def test_the_redis_url_comes_from_a_secret_never_the_configmap(render):
+    """It may hold a password: the chart's Secret (redis.url) or the user's (redis.existingSecret) feeds
+    DETSEG_REDIS_URL, and the service parses it with the ConfigMap's settings."""
+    url = "redis://:hunter2-redis@redis.cache:6379/0"
+    docs = render(values={"redis": {"url": url}})
+    config = _one(docs, "ConfigMap", "r-detseg")["data"]
+    assert "DETSEG_REDIS_URL" not in config and not [v for v in config.values() if "hunter2" in v]
+    secret = _one(docs, "Secret", "r-detseg")
+    stored = base64.b64decode(secret["data"]["redis-url"]).decode()
+    assert stored == url
+    pod = _one(docs, "Deployment", "r-detseg")["spec"]["template"]
+    (env,) = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "DETSEG_REDIS_URL"]
+    assert env == {"name": "DETSEG_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "r-detseg", "key": "redis-url"}}}
+    assert Settings.load(env={**config, "DETSEG_REDIS_URL": stored}).redis_url == url
+    other = _one(render(values={"redis": {"url": url.replace("hunter2", "other")}}), "Deployment", "r-detseg")
+    assert (
+        other["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        != (pod["metadata"]["annotations"]["checksum/secret"])
+    ), "a new Redis password must roll the pods"
+
+    docs = render(values={"redis": {"existingSecret": "cache-credentials", "existingSecretKey": "url"}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    container = _one(docs, "Deployment", "r-detseg")["spec"]["template"]["spec"]["containers"][0]
+    (env,) = [e for e in container["env"] if e["name"] == "DETSEG_REDIS_URL"]
+    assert env["valueFrom"] == {"secretKeyRef": {"name": "cache-credentials", "key": "url"}}
+
+    container = _one(render(), "Deployment", "r-detseg")["spec"]["template"]["spec"]["containers"][0]
+    assert "DETSEG_REDIS_URL" not in _env(container), "no Redis configured: no variable"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, 30),  # 5 s preStop + 20 s grace + 5 s margin
+        ({"config": {"grace_seconds": 100.5}}, 111),
+        ({"preStopSleepSeconds": 0, "config": {"grace_seconds": 7.2}, "shutdownMarginSeconds": 2}, 10),
+    ],
+    ids=["defaults", "long-drain", "no-prestop"],
+)
+def test_termination_grace_period_is_derived_from_the_drain_budget(render, values, expected):
+    """The kubelet kills a pod terminationGracePeriodSeconds after it is marked for deletion: it must cover the
+    preStop sleep and the whole drain (config.grace_seconds) with a margin, whatever grace_seconds is."""
+    docs = render(values=values or None)
+    pod = _one(docs, "Deployment", "r-detseg")["spec"]["template"]["spec"]
+    settings = Settings.load(env=_one(docs, "ConfigMap", "r-detseg")["data"])
+    lifecycle = pod["containers"][0].get("lifecycle")
+    pre_stop = int(lifecycle["preStop"]["exec"]["command"][1]) if lifecycle else 0
+    assert pod["terminationGracePeriodSeconds"] == expected
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.grace_seconds + 2
 
 
 def test_config_checksum_rolls_the_pods_when_a_setting_changes(render):
@@ -463,6 +528,56 @@ def test_only_the_front_end_may_call_triton(render):
     assert [p["port"] for p in metrics["ports"]] == ["metrics"]
 
 
+def _egress(docs: list[dict]) -> list[dict]:
+    policy = _one(docs, "NetworkPolicy", "r-detseg")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    return policy["egress"]
+
+
+def _ports(rule: dict) -> set[tuple[Any, str]]:
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+def test_the_front_end_may_only_connect_to_dns_triton_redis_and_otlp(render):
+    """Egress is closed but for what the front end uses; each rule names only its port(s)."""
+    triton_pods = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "detseg",
+                "app.kubernetes.io/instance": "r",
+                "app.kubernetes.io/component": "triton",
+            }
+        }
+    }
+    dns, triton = _egress(render())  # defaults: nothing else (no Redis, no OTLP, Triton needs no download)
+    assert _ports(dns) == {(53, "UDP"), (53, "TCP")} and "to" not in dns
+    assert triton == {"to": [triton_pods], "ports": [{"port": 8001, "protocol": "TCP"}]}
+
+    dns, triton, redis, otlp, extra = _egress(render(values=EVERYTHING))
+    egress = EVERYTHING["networkPolicy"]["egress"]
+    assert dns["to"] == egress["dnsTo"]
+    assert triton["to"] == [triton_pods]
+    assert _ports(redis) == {(6380, "TCP")} and redis["to"] == egress["redisTo"]  # redis.url's port
+    assert _ports(otlp) == {(4317, "TCP")} and otlp["to"] == egress["otlpTo"]
+    assert extra == egress["extraRules"][0]
+
+    external = {"triton": {"enabled": False}, "externalTriton": {"url": "triton.gpu:9001"}}
+    _, triton = _egress(render(values=external))
+    assert triton == {"ports": [{"port": 9001, "protocol": "TCP"}]}
+    secret_redis = {"redis": {"existingSecret": "cache"}, "networkPolicy": {"egress": {"redisPort": 7000}}}
+    assert _ports(_egress(render(values=secret_redis))[-1]) == {(7000, "TCP")}
+    otlp_default = {"config": {"metrics_exporter": "otlp", "otlp_endpoint": "http://collector"}}
+    assert _ports(_egress(render(values=otlp_default))[-1]) == {(4317, "TCP")}
+
+    # An in-process backend downloads its weights unless offline: HTTPS, and only then.
+    _, downloads = _egress(render(values=IN_PROCESS))
+    assert _ports(downloads) == {(443, "TCP")}
+    assert len(_egress(render(values={**IN_PROCESS, "config": {"models": "demo-open", "offline": True}}))) == 1
+
+    policy = _one(render(values={"networkPolicy": {"egress": {"enabled": False}}}), "NetworkPolicy", "r-detseg")
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+
+
 # --- the values schema and its documentation ----------------------------------------------------------------------
 
 
@@ -531,6 +646,12 @@ BAD_VALUES = [
     ({"auth": {"tokens": ["short"]}}, "/auth/tokens/0", "minLength"),
     ({"tls": {"cert": "not a certificate"}}, "/tls/cert", "does not match pattern"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory", "does not match pattern"),
+    # Derived from the drain budget (preStopSleepSeconds + config.grace_seconds + shutdownMarginSeconds).
+    ({"terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds", "additional properties"),
+    # The Redis URL may hold a password: redis.url / redis.existingSecret (a Secret), never the ConfigMap.
+    ({"config": {"redis_url": "redis://r:6379/0"}}, "'redis_url'", "additional properties"),
+    ({"redis": {"url": "http://redis:6379"}}, "/redis/url", "does not match pattern"),
+    ({"networkPolicy": {"egress": {"redisPort": 0}}}, "/networkPolicy/egress/redisPort", "minimum"),
 ]
 
 
@@ -559,6 +680,8 @@ BAD_COMBINATIONS = [
     ({"signing": {"enabled": True}}, "signing.key: signing.enabled needs an Ed25519 private key"),
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas: must not"),
     ({"pdb": {"minAvailable": 1}}, "pdb.minAvailable and pdb.maxUnavailable: set only one"),
+    ({"pdb": {"maxUnavailable": ""}}, "pdb.minAvailable or pdb.maxUnavailable: pdb.enabled needs one of them"),
+    ({"redis": {"url": "redis://r:6379/0", "existingSecret": "r"}}, "redis.url: give the URL inline or in redis."),
     ({"triton": {"modelRepository": {"export": {"enabled": False}}}}, "triton.modelRepository.existingClaim:"),
     ({"triton": {"replicaCount": 2, "modelRepository": {"existingClaim": "m"}}}, "triton.replicaCount: with triton."),
 ]

@@ -87,3 +87,105 @@ def test_the_cli_labels_with_an_in_process_server(folder, tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]  # one image failed: a non-zero exit says so
     assert "7 images: 6 labeled now, 0 already done, 1 failed" in result.stdout
     assert (tmp_path / "o" / "exports" / "yolo" / "data.yaml").exists()
+
+
+@pytest.fixture
+def nested_folder(tmp_path):
+    """Images under an ``images/`` folder of their own (so the YOLO labels land in ``yolo/images/labels/``) and
+    beside it."""
+    root = tmp_path / "dataset"
+    for n, scene in enumerate(scenes("test", 4)):
+        path = root / ("images" if n % 2 else "other") / f"{scene.seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(path)
+    return root
+
+
+def test_a_byte_flip_in_any_exported_file_fails_verify_and_only_the_linked_images_are_left_out(
+    demo_server, nested_folder, tmp_path
+):
+    from service.cli import main
+    from service.labeling.exports import placed_images
+    from service.labeling.run import read_records
+
+    key = provenance.generate_key(tmp_path / "key.pem")
+    with Client(demo_server.target) as client:
+        summary = label_folder(client, nested_folder, tmp_path / "out", Prompts(classes=CLASSES), signing_key=key,
+                               progress=False)  # fmt: skip
+    exports = summary.exports["manifest"].parent
+    images = list(read_records(tmp_path / "out").values())
+    linked = {
+        p.relative_to(exports).as_posix() for fmt in ("yolo", "cvat") for p in placed_images(images, exports / fmt)
+    }
+    everything = {p.relative_to(exports).as_posix() for p in exports.rglob("*") if p.is_file()}
+    assert all((exports / name).is_symlink() for name in linked) and linked < everything
+    public = f"{key}.pub"
+    verify = ["verify", str(exports), "--public-key", public]
+    report = provenance.verify_path(exports, trusted_keys=[provenance.load_public_key(Path(public))])
+    covered = {a["name"] for a in report.manifest["artifacts"]}
+    assert covered == everything - linked - {provenance.MANIFEST_NAME}
+    assert set(report.unlisted) == linked
+    yolo_labels = {name for name in covered if name.startswith("yolo/images/labels/")}
+    assert len(yolo_labels) == 2, covered  # the files the old "images" path filter left out
+    main_files = ("yolo/data.yaml", "cvat/annotations.xml", "coco/instances.json", "label-studio/tasks.json")
+    assert {*main_files, "label-studio/labeling_config.xml"} < covered
+    assert main(verify) == 0
+    for name in sorted(covered):
+        path = exports / name
+        original = path.read_bytes()
+        flipped = bytearray(original or b"\0")  # an empty label file (a background image) gains a byte
+        flipped[len(flipped) // 2] ^= 1
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(provenance.VerificationFailed, match=name):
+            provenance.verify_path(exports, trusted_keys=[provenance.load_public_key(Path(public))])
+        assert main(verify) == 1, name
+        path.write_bytes(original)
+    assert main(verify) == 0
+
+
+def test_a_failed_export_leaves_the_previous_one_whole_and_a_first_one_absent(demo_server, folder, tmp_path):
+    from service.labeling.run import FORMATS, read_records, write_exports
+
+    with Client(demo_server.target) as client:
+        summary = label_folder(client, folder, tmp_path / "out", Prompts(classes=CLASSES), progress=False)
+        exports = summary.exports["manifest"].parent
+        before = _snapshot(exports)
+        images = sorted(read_records(tmp_path / "out").values(), key=lambda i: i.file_name)
+        (folder / images[-1].file_name).unlink()  # COCO needs no image, YOLO does: it fails after COCO is written
+        other = Prompts(classes=CLASSES[::-1])  # another category order: a COCO file that differs
+        for out in (exports, tmp_path / "first"):
+            with pytest.raises(FileNotFoundError, match=images[-1].file_name):
+                write_exports(client, images, folder, out, other, FORMATS, "/x/", None)
+    assert _snapshot(exports) == before
+    provenance.verify_path(exports, require_signature=False)
+    assert not (tmp_path / "first").exists()
+    assert sorted(p.name for p in exports.parent.iterdir()) == sorted(["exports", RECORDS, ERRORS])  # no leftovers
+
+
+def _snapshot(folder):
+    """Every file under ``folder``: its bytes, or for a link its target (a removed source leaves it dangling)."""
+    return {p: str(p.readlink()) if p.is_symlink() else p.read_bytes() for p in folder.rglob("*") if not p.is_dir()}
+
+
+def test_unprintable_prompts_stop_the_label_command_before_anything_runs(demo_server, folder, tmp_path):
+    """The issue's `detseg label --text $'red \\x01star'`: a one-line error naming the field, exit 2, nothing
+    written; the library and the client get the same refusal."""
+    from service.client import RequestFailed
+    from service.errors import InvalidInput
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "label", str(folder), "--out", str(tmp_path / "o"), "--models", "demo",
+         "--offline", "--text", "red \x01star", "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "texts[0]: contains a control character (U+0001); labels must be printable text" in result.stderr
+    assert not (tmp_path / "o").exists()
+    with Client(demo_server.target) as client:
+        with pytest.raises(InvalidInput, match=r"classes\[1\]: contains a control character \(U\+001B\)"):
+            label_folder(client, folder, tmp_path / "o", Prompts(classes=("circle", "star\x1b[2J")), progress=False)
+        assert not (tmp_path / "o").exists()
+        image = sorted(folder.rglob("*.png"))[0].read_bytes()
+        with pytest.raises(RequestFailed, match=r"INVALID_ARGUMENT: texts\[0\]: contains a format character"):
+            client.segment(image, texts=["red\u200bstar"])

@@ -15,7 +15,7 @@ from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import Unsupported
 from service.models import testing
-from service.models.roles import Role
+from service.models.roles import ModelRole, Role
 from tests.conftest import serving, ultralytics_asset
 from tests.helpers import RAW_MASKS, assert_same_instances, encode, load_rgb, mask_iou, rle_mask, segment_request
 
@@ -91,17 +91,76 @@ def test_fp32_openvino_backend_answers_as_the_torch_backend(openvino_stub, stub,
 
 
 def test_int8_encoder_is_quantised_once_per_weights_and_then_read_from_the_cache(settings):
+    """Its quality gate too: measured with the build, its figures stored beside it and read back."""
     from service.runners.factory import load_runner
 
     int8 = settings.replace(backend="openvino", precision="int8")
     first = load_runner(int8)
     built = {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)}
-    assert {p.name for p in built} >= {"model.xml", "model.bin", "detseg-ir.json"}
+    assert {p.name for p in built} >= {"model.xml", "model.bin", "detseg-ir.json", "detseg-gate.json"}
     second = load_runner(int8)
     assert {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)} == built, "quantised again"
     for runner in (first, second):
         assert str(runner.execution[Role.SAM2_IMAGE_ENCODER]) == "openvino-int8"
         assert str(runner.execution[Role.DETECTOR]) == "openvino-fp32"
+
+
+def served_segmenter(stub: pb_grpc.SegmentationServiceStub) -> tuple[pb.ModelInfo, pb.ModelInfo]:
+    """The segmenter's ModelInfo as ListModels and as a Segment response's provenance give it."""
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    assert listed.backend == "openvino"
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    answered = stub.Segment(segment_request(encode(rgb), score_threshold=0.05), timeout=300)
+    (a,) = [m for m in listed.models if m.role == pb.MODEL_ROLE_SEGMENTER]
+    (b,) = [m for m in answered.provenance.models if m.role == pb.MODEL_ROLE_SEGMENTER]
+    return a, b
+
+
+def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(settings, caplog, figures):
+    """precision auto (the CPU default): the test profile's SAM 2.1-T (seeded, 256²) passes the default gate, so its
+    int8 encoder serves, and ListModels and provenance say so with the figures measured on the held-out photos."""
+    from service.runners.openvino import GATE_SETS
+
+    auto = settings.replace(backend="openvino", precision="auto")
+    with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
+        listed, provenance = served_segmenter(stub)
+    assert listed == provenance
+    gate = listed.precision_gate
+    assert (listed.precision, gate.precision, gate.passed) == ("int8-encoder", "int8", True)
+    assert gate.held_out_set == GATE_SETS["photos"] and (gate.images, gate.prompts) == (2, 54)
+    assert gate.required_min_mask_iou == pytest.approx(Settings().int8_gate_min_iou)
+    assert gate.required_min_mask_iou <= gate.min_mask_iou <= gate.median_mask_iou <= 1.0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("passed its quality gate" in r.getMessage() for r in caplog.records)
+    figures["int8 gate, test profile (SAM 2.1-T seeded, 256²)"] = (
+        f"{gate.prompts} box prompts on {gate.images} photos: min mask IoU {gate.min_mask_iou:.4f}, "
+        f"median {gate.median_mask_iou:.4f}: passed, serves int8"
+    )
+
+
+def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_the_figures(settings, caplog):
+    """The same models, where the gate asks for more than the int8 encoder reaches (a threshold of 1.0: identical
+    masks; measured min 0.99): precision auto serves fp32, says why in one WARNING, and lists the (cached) figures."""
+    from service.runners.factory import load_runner
+
+    strict = settings.replace(backend="openvino", precision="auto", int8_gate_min_iou=1.0)
+    with caplog.at_level("INFO"), serving(strict, timeout=900) as stub:
+        listed, provenance = served_segmenter(stub)
+    assert listed == provenance
+    gate = listed.precision_gate
+    assert (listed.precision, gate.precision, gate.passed) == ("fp32", "int8", False)
+    assert gate.required_min_mask_iou == 1.0 and gate.prompts == 54 and gate.min_mask_iou < 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "failed its quality gate" in warnings[0] and "serving fp32" in warnings[0]
+    assert (
+        f"min mask IoU {gate.min_mask_iou:.4f}" in warnings[0] and "54 box prompts on 2 held-out images" in warnings[0]
+    )
+    # Asked for by name, int8 is served anyway, failing gate and all.
+    runner = load_runner(strict.replace(precision="int8"))
+    assert str(runner.execution[Role.SAM2_IMAGE_ENCODER]) == "openvino-int8"
+    (segmenter,) = [m for m in runner.models if m.role == ModelRole.SEGMENTER]
+    assert segmenter.precision_gate is not None and not segmenter.precision_gate.passed
 
 
 def test_int8_encoder_needs_the_openvino_backend(settings):

@@ -4,6 +4,8 @@ expire; entries over the size bound are not shared."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
 import socket
 import subprocess
@@ -80,6 +82,31 @@ def _image(seed: int) -> bytes:
     return encode(np.random.default_rng(seed).integers(0, 255, (120, 160, 3), dtype=np.uint8))
 
 
+def _keys(client, kind: str, handle: str) -> list[bytes]:
+    """The Redis keys of an image's entry ("img") or detector outputs ("det"), in whatever models' namespace."""
+    return sorted(client.scan_iter(f"detseg:{kind}:*{handle.removeprefix('sha256:')}"))
+
+
+def _answer(response) -> list[tuple]:
+    """Labels, scores, boxes and masks of a Segment response (to compare answers)."""
+    box = lambda b: tuple(round(v, 1) for v in (b.x_min, b.y_min, b.x_max, b.y_max))  # noqa: E731
+    return [(i.label, round(i.score, 4), box(i.box), i.mask.SerializeToString()) for i in response.instances]
+
+
+def _metric(name: str) -> int:
+    from tests.conftest import METRICS
+
+    data = METRICS.get_metrics_data()
+    return sum(
+        int(point.value)
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == name
+        for point in m.data.data_points
+    )
+
+
 def test_a_handle_made_on_one_replica_is_answered_by_another_without_re_encoding(settings, redis_server, figures):
     a, b = _replica(settings, redis_server.url), _replica(settings, redis_server.url)
     try:
@@ -138,15 +165,161 @@ def test_shared_entries_expire_and_large_ones_are_not_shared(settings, redis_ser
         with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(small.target) as cs:
             stub_a, stub_small = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cs)
             handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(8)))).handle
-            key = "detseg:img:" + handle.removeprefix("sha256:")
-            assert redis_server.client.exists(key) and 0 < redis_server.client.ttl(key) <= 1
+            (key,) = _keys(redis_server.client, "img", handle)
+            assert 0 < redis_server.client.ttl(key) <= 1
             time.sleep(2.1)
             assert not redis_server.client.exists(key)  # expired in Redis
             big = stub_small.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(9)))).handle
-            assert not redis_server.client.exists("detseg:img:" + big.removeprefix("sha256:"))
+            assert not _keys(redis_server.client, "img", big)
             with pytest.raises(grpc.RpcError) as err:
                 stub_a.Segment(pb.SegmentRequest(image=pb.Image(handle=big)), timeout=60)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         a.stop()
         small.stop()
+
+
+def _started(settings, redis_url):
+    """A replica of ``settings``' models on ``redis_url``, SERVING (RuntimeError if its models fail to load)."""
+    srv = ServerThread(settings.replace(redis_url=redis_url, redis_retry_seconds=0.5))
+    try:
+        srv.wait_serving()
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+def test_a_replica_of_other_models_starts_and_never_answers_from_their_entries(settings, redis_server):
+    """A rolling upgrade: the demo models join test models on one Redis. Every replica warms up on the same image,
+    and a handle of the other models' is a miss, never their features (which would not even fit)."""
+    a = _replica(settings, redis_server.url)
+    b = _started(settings.replace(models="demo"), redis_server.url)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            stub_a, stub_b = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cb)
+            image = _image(20)
+            handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=image))).handle
+            stub_a.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60)  # A's detections shared too
+            with pytest.raises(grpc.RpcError) as err:
+                stub_b.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            encodes, detects = _runner(b).calls["encode"], _runner(b).calls["detect"]
+            own = stub_b.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
+            assert (_runner(b).calls["encode"], _runner(b).calls["detect"]) == (encodes + 1, detects + 1)
+            served = {(m.name, m.weights_sha256) for m in _runner(b).models}
+            assert {(m.name, m.weights_sha256) for m in own.provenance.models} == served
+            assert {m.name for m in own.provenance.models} >= {"shapes-yolo11n", "shapes-sam2-mini"}
+            # B's answer is its models' own: the same as from the image alone, with nothing cached anywhere
+            redis_server.client.flushdb()
+            b.server._detseg_state.servicer.pipeline.cache.clear()
+            alone = stub_b.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
+            assert _answer(own) == _answer(alone)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_replica_with_another_detector_shares_features_but_runs_its_own_detector(settings, redis_server):
+    """Same segmenter, another detector of the same classes (seed 1): SAM features are shared, detections never
+    (they would be returned under the other detector's provenance)."""
+    from service.models.testing import make_test_models
+
+    other_detector, _ = make_test_models(settings.cache_dir / "test-models", seed=1)
+    a = _replica(settings, redis_server.url)
+    b = _started(settings.replace(detector=str(other_detector)), redis_server.url)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            stub_a, stub_b = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cb)
+            image = _image(21)
+            request = pb.SegmentRequest(image=pb.Image(encoded=image), options=pb.SegmentOptions(score_threshold=0.01))
+            stub_a.Segment(request, timeout=60)
+            encodes, detects = _runner(b).calls["encode"], _runner(b).calls["detect"]
+            via_b = stub_b.Segment(request, timeout=60)
+            assert _runner(b).calls["encode"] == encodes  # A's SAM features: the same segmenter computed them
+            assert _runner(b).calls["detect"] == detects + 1  # never A's detections
+            redis_server.client.flushdb()
+            b.server._detseg_state.servicer.pipeline.cache.clear()
+            assert _answer(via_b) == _answer(stub_b.Segment(request, timeout=60))  # B's own answer
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _bad_values(good: bytes, wrong: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """Unreadable stand-ins for a good ``.npz`` value: garbage, the value truncated, and the value with
+    ``wrong`` arrays (another model's shapes) in place of its own."""
+    with np.load(io.BytesIO(good)) as data:
+        arrays = {name: data[name] for name in data.files}
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**arrays, **wrong})
+    return {"garbage": b"\x00garbage, not an npz", "truncated npz": good[: len(good) // 2],
+            "wrong arrays": buffer.getvalue()}  # fmt: skip
+
+
+def test_a_corrupt_shared_image_entry_is_a_miss_deleted_and_counted(settings, redis_server, caplog):
+    """By handle: NOT_FOUND (a miss, the key deleted), never INTERNAL; by bytes: answered (recomputed and shared
+    anew). Each unreadable value is counted; one WARNING for them all."""
+    srv = _replica(settings, redis_server.url)
+    client = redis_server.client
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            tier = srv.server._detseg_state.servicer.shared_tier
+            local = srv.server._detseg_state.servicer.pipeline.cache
+            other_model = {"image_embed": np.zeros((1, 64, 16, 16), np.float32),
+                           "high_res_0": np.zeros((1, 8, 64, 64), np.float32),
+                           "high_res_1": np.zeros((1, 16, 32, 32), np.float32)}  # fmt: skip
+            caplog.set_level("WARNING", logger="service.shared_cache")
+            for n, seed in enumerate((30, 31, 32)):
+                image = _image(seed)
+                handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=image))).handle
+                (key,) = _keys(client, "img", handle)
+                bad = list(_bad_values(client.get(key), other_model).values())[n]
+                client.set(key, bad, ex=3600)
+                local.clear()
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                assert not client.exists(key)  # deleted, not kept alive by the read
+                client.set(key, bad, ex=3600)
+                local.clear()
+                response = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
+                assert response.image.width == 160
+                assert client.get(key) not in (None, bad)  # recomputed and shared anew
+            assert tier.corrupt == 6
+            assert _metric("detseg.cache.shared.corrupt") >= 6
+            warnings = [
+                r for r in caplog.records if r.name == "service.shared_cache" and "could not be read" in r.message
+            ]
+            assert len(warnings) == 1
+    finally:
+        srv.stop()
+
+
+def test_a_corrupt_shared_detector_output_is_left_out_deleted_and_recomputed(settings, redis_server):
+    srv = _replica(settings, redis_server.url)
+    client = redis_server.client
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            tier = srv.server._detseg_state.servicer.shared_tier
+            local = srv.server._detseg_state.servicer.pipeline.cache
+            for n, seed in enumerate((40, 41, 42)):
+                image = _image(seed)
+                request = pb.SegmentRequest(image=pb.Image(encoded=image))
+                expected = _answer(stub.Segment(request, timeout=60))
+                (key,) = _keys(client, "det", "sha256:" + hashlib.sha256(image).hexdigest())
+                (field,) = client.hkeys(key)
+                good = client.hget(key, field)
+                raw = np.load(io.BytesIO(good))["raw"]
+                bad = list(_bad_values(good, {"raw": raw[:, :7]}).values())[n]  # 3 classes, not 6
+                client.hset(key, field, bad)
+                local.clear()
+                detects = _runner(srv).calls["detect"]
+                assert _answer(stub.Segment(request, timeout=60)) == expected
+                assert _runner(srv).calls["detect"] == detects + 1  # the bad output was not used
+                assert client.hget(key, field) not in (None, bad)  # replaced by the recomputed one
+            assert tier.corrupt == 3
+    finally:
+        srv.stop()

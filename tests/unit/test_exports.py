@@ -406,3 +406,90 @@ def test_exporting_over_the_image_folder_keeps_the_images(
     write_yolo_seg(sample.images, CATEGORIES, tmp_path, images, image_mode=image_mode)
     write_yolo_seg(sample.images, CATEGORIES, tmp_path, images, image_mode=image_mode)  # and again
     assert {p: p.read_bytes() for p in images.rglob("*") if p.is_file() and not p.is_symlink()} == before
+
+
+# --- what the writers write: escaped, printable, all or nothing ---------------------------------------------------
+
+# Labels every format must carry through its own escaping: XML markup, JSON and YAML quoting, other scripts.
+MARKUP = {"disc": 'say "hi"', "box": "a & b <c> 'd'", "blob": "café 红色: #1"}
+
+
+def _relabeled(images: tuple[LabeledImage, ...]) -> list[LabeledImage]:
+    return [
+        dataclasses.replace(
+            image, instances=tuple(dataclasses.replace(inst, label=MARKUP[inst.label]) for inst in image.instances)
+        )
+        for image in images
+    ]
+
+
+def _read_back(fmt: str, out: Path) -> tuple[list[str], list[str]]:
+    """(category names, instance labels in file order) of the export in ``out``, read by the format's own tools."""
+    import xml.etree.ElementTree as ET
+
+    if fmt == "coco":
+        coco = COCO(str(out / "instances.json"))
+        names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+        return list(names.values()), [names[a["category_id"]] for a in coco.loadAnns(coco.getAnnIds())]
+    if fmt == "yolo":
+        data, labels = load_yolo(out / "data.yaml")
+        return list(data["names"].values()), [data["names"][int(c)] for label in labels for c in label["cls"].ravel()]
+    if fmt == "cvat":
+        import datumaro as dm
+
+        tree = ET.parse(out / "annotations.xml")  # ElementTree itself, then datumaro's importer
+        assert [e.text for e in tree.iter("name") if e.text in MARKUP.values()] == list(MARKUP.values())
+        dataset = dm.Dataset.import_from(str(out), "cvat")
+        names = [item.name for item in dataset.categories()[dm.AnnotationType.label]]
+        items = sorted(dataset, key=lambda item: item.id)
+        return names, [names[ann.label] for item in items for ann in item.annotations]
+    from label_studio_sdk.label_interface import LabelInterface
+
+    interface = LabelInterface((out / "labeling_config.xml").read_text())
+    interface.validate()
+    tasks = json.loads((out / "tasks.json").read_text())
+    labels = [r["value"]["brushlabels"][0] for t in tasks for r in t["predictions"][0]["result"]]
+    return list(interface.get_control("tag").labels), labels
+
+
+UNPRINTABLE = ("red \x01star", "circle\n\x1b[2J", "zero\u200bwidth", "line\u2028break", "\uffff")
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_labels_are_escaped_and_unprintable_ones_refused_before_anything_is_written(
+    sample: Sample, tmp_path: Path, writer: str
+) -> None:
+    images = _relabeled(sample.images)
+    categories = tuple(MARKUP.values())
+    WRITERS[writer](images, categories, tmp_path / "out", sample.image_dir)
+    names, labels = _read_back(writer, tmp_path / "out")
+    assert names == list(categories)
+    assert sorted(labels) == sorted(MARKUP[inst.label] for image in sample.images for inst, _ in sample.expected(image))
+    # An unprintable label: ValueError naming the category, the kind of character and its code point; nothing written.
+    for n, bad in enumerate(UNPRINTABLE):
+        fresh = tmp_path / f"fresh{n}"
+        with pytest.raises(ValueError, match=r"categories\[3\]: contains an? [a-z ]+ \(U\+[0-9A-F]{4}\); labels must"):
+            WRITERS[writer](images, (*categories, bad), fresh, sample.image_dir)
+        assert not fresh.exists()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_failing_export_leaves_no_partial_output(sample: Sample, tmp_path: Path, writer: str) -> None:
+    """A failure found while building the export (here a file name no XML can hold) writes nothing: not into a new
+    folder, not over an earlier complete export; no temporary files are left either."""
+    out = tmp_path / "out"
+    WRITERS[writer](list(sample.images), CATEGORIES, out, sample.image_dir)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    hostile = tmp_path / "hostile"
+    shutil.copytree(sample.image_dir, hostile)
+    (hostile / "a.png").rename(hostile / "a\x1b[2J.png")
+    renamed = [dataclasses.replace(sample.images[0], file_name="a\x1b[2J.png"), *sample.images[1:]]
+    for target in (out, tmp_path / "new"):
+        with pytest.raises(ValueError, match=r"a\\x1b\[2J.png'?: contains a control character \(U\+001B\)"):
+            WRITERS[writer](renamed, CATEGORIES, target, hostile)
+    assert not (tmp_path / "new").exists()
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    if writer in ("yolo", "cvat"):  # a missing source image: refused before the folder is made
+        with pytest.raises(FileNotFoundError, match="a.png"):
+            WRITERS[writer](list(sample.images), CATEGORIES, tmp_path / "missing", tmp_path / "nowhere")
+        assert not (tmp_path / "missing").exists()

@@ -93,3 +93,30 @@ def test_the_container_and_triton_run_under_the_tuned_allocator(tmp_path, monkey
             monkeypatch.delenv(name)
     assert ALLOCATORS["tuned"].items() <= LocalTriton(tmp_path, tmp_path).environment().items()
     assert not any(k.startswith("MALLOC_") for k in LocalTriton(tmp_path, tmp_path, allocator="system").environment())
+
+
+# Imports onnxruntime after start-up, as a server does, and lives past the ~9 s after which ONNX Runtime 1.32's
+# telemetry sender first resolves its collector's name (then again every few seconds; measured under strace).
+_ORT_PROBE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from service.config import Settings
+    from service.startup import configure_process
+    configure_process(Settings(cache_dir=Path(sys.argv[1])))
+    import onnxruntime
+    time.sleep(float(sys.argv[2]))
+    """
+)
+ORT_TELEMETRY_FIRST_LOOKUP_S = 9.0
+
+
+def test_onnxruntime_resolves_and_connects_to_nothing_after_start_up(tmp_path: Path):
+    from tests.network_trace import outbound_connects, traced
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # the variable comes from start-up
+    trace = tmp_path / "connect.strace"
+    command = [sys.executable, "-c", _ORT_PROBE, str(tmp_path / "cache"), str(ORT_TELEMETRY_FIRST_LOOKUP_S + 3)]
+    result = subprocess.run(traced(command, trace), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert outbound_connects(trace) == []

@@ -108,9 +108,46 @@ signing: /etc/detseg/signing
 {{/* True when the chart must create its own Secret (some secret material is given inline). */}}
 {{- define "detseg.ownSecret" -}}
 {{- $v := .Values -}}
-{{- if or (and $v.tls.enabled (not $v.tls.existingSecret)) (and $v.auth.enabled (not $v.auth.existingSecret)) (and $v.signing.enabled (not $v.signing.existingSecret)) -}}
+{{- if or (and $v.tls.enabled (not $v.tls.existingSecret)) (and $v.auth.enabled (not $v.auth.existingSecret)) (and $v.signing.enabled (not $v.signing.existingSecret)) (and $v.redis.url (not $v.redis.existingSecret)) -}}
 true
 {{- end -}}
+{{- end -}}
+
+{{/* True when the front end uses the shared Redis tier (its URL inline or in an existing Secret). */}}
+{{- define "detseg.redis.enabled" -}}
+{{- if or .Values.redis.url .Values.redis.existingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "detseg.redis.secretName" -}}
+{{- default (include "detseg.fullname" .) .Values.redis.existingSecret -}}
+{{- end -}}
+
+{{- define "detseg.redis.secretKey" -}}
+{{- ternary .Values.redis.existingSecretKey "redis-url" (ne .Values.redis.existingSecret "") -}}
+{{- end -}}
+
+{{/*
+The port of a URL (scheme://[user[:password]@]host:port/...) or of host:port; .default when it names none.
+Call with (dict "url" "redis://:pw@redis:6380/0" "default" 6379).
+*/}}
+{{- define "detseg.urlPort" -}}
+{{- $hostPort := regexReplaceAll "^[A-Za-z][A-Za-z0-9+.-]*://([^/]*@)?([^/?#]*).*$" .url "${2}" -}}
+{{- if regexMatch ":[0-9]+$" $hostPort -}}
+{{- regexFind "[0-9]+$" $hostPort -}}
+{{- else -}}
+{{- .default -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The front end's terminationGracePeriodSeconds: the preStop sleep, the drain (config.grace_seconds) and a margin for
+the process to exit, rounded up; derived so that the kubelet never kills a pod mid-drain.
+*/}}
+{{- define "detseg.terminationGracePeriodSeconds" -}}
+{{- $v := .Values -}}
+{{- addf (int $v.preStopSleepSeconds) (float64 $v.config.grace_seconds) (int $v.shutdownMarginSeconds) | ceil | int -}}
 {{- end -}}
 
 {{- define "detseg.tls.secretName" -}}
@@ -207,6 +244,12 @@ Checks the schema cannot express, each failing with a message that names the val
 {{- end -}}
 {{- if and $v.pdb.enabled (ne (toString $v.pdb.minAvailable) "") (ne (toString $v.pdb.maxUnavailable) "") -}}
 {{- fail "pdb.minAvailable and pdb.maxUnavailable: set only one (the other to \"\")" -}}
+{{- end -}}
+{{- if and $v.pdb.enabled (eq (toString $v.pdb.minAvailable) "") (eq (toString $v.pdb.maxUnavailable) "") -}}
+{{- fail "pdb.minAvailable or pdb.maxUnavailable: pdb.enabled needs one of them (a number or a percentage), or set pdb.enabled=false" -}}
+{{- end -}}
+{{- if and $v.redis.url $v.redis.existingSecret -}}
+{{- fail "redis.url: give the URL inline or in redis.existingSecret, not both" -}}
 {{- end -}}
 {{- if and $v.triton.enabled $v.triton.modelRepository.export.enabled $v.triton.modelRepository.existingClaim (gt (int $v.triton.replicaCount) 1) -}}
 {{- fail "triton.replicaCount: with triton.modelRepository.existingClaim and export.enabled every Triton pod would export into the same claim at once; export once (replicaCount 1, or export.enabled=false on a filled claim), or drop existingClaim (an emptyDir per pod)" -}}

@@ -1,0 +1,114 @@
+"""The access log: one INFO record per RPC on the ``detseg.access`` logger (``Settings.access_log``).
+
+Each record carries, as structured fields (``service.startup`` formats them: keys of the JSON object, or
+``key=value`` after the text line): ``method`` (``detseg.v1.SegmentationService/Segment``), ``status`` (the gRPC
+status code's name), ``duration_ms`` (from the call reaching the server to the handler's end; streams: the whole
+stream), ``request_id`` and ``peer`` (gRPC's ``ipv4:10.0.0.7:51234`` form). ``request_id`` is the caller's: the
+request's ``request_id`` field, else the ``x-request-id`` metadata, when well-formed (``valid_request_id``: caller
+text never reaches a log line raw); absent otherwise. Health checks (probes every few seconds) are not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+from service.pipeline.prompts import valid_request_id
+from service.telemetry import rpc_status
+
+LOGGER = "detseg.access"
+REQUEST_ID_HEADER = "x-request-id"
+EXEMPT_PREFIXES = (f"/{health.SERVICE_NAME}/",)  # kubelet and load-balancer probes: noise, not traffic
+
+log = logging.getLogger(LOGGER)
+
+
+class AccessLog(grpc.aio.ServerInterceptor):
+    """Writes one access record per RPC (every handler kind), whatever status it ends with."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        method = details.method.lstrip("/")
+        header_id = _header_request_id(details.invocation_metadata)  # type: ignore[arg-type]
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+
+        def write(context: grpc.aio.ServicerContext, start: float, error: BaseException | None, request: Any) -> None:
+            code = _status(context, error)
+            fields = {
+                "method": method,
+                "status": code.name,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 1),
+                "peer": context.peer(),
+            }
+            request_id = _request_id(request, header_id)
+            if request_id:
+                fields["request_id"] = request_id
+            log.info("%s %s %.1f ms", method, code.name, fields["duration_ms"], extra=fields)
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, error = time.perf_counter(), None
+                try:
+                    return await inner(request, context)
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    write(context, start, error, request)
+
+            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return make(unary, **kwargs)
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start, error = time.perf_counter(), None
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                write(context, start, error, request)
+
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return make(streaming, **kwargs)
+
+
+def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The code the RPC ended with: the abort's (CANCELLED, UNKNOWN) on an error, else one the handler set, or OK."""
+    if error is not None:
+        return rpc_status(context, error)
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+def _header_request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The well-formed ``x-request-id`` metadata value, else ""."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and valid_request_id(value):
+            return value
+    return ""
+
+
+def _request_id(request: Any, header_id: str) -> str:
+    """The request message's well-formed ``request_id`` (unary requests that have one), else ``header_id``."""
+    given = getattr(request, "request_id", "")
+    return given if isinstance(given, str) and valid_request_id(given) else header_id

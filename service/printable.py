@@ -1,0 +1,52 @@
+"""The one rule for text that becomes a label (class names, free texts, region and exemplar labels, export
+categories): printable characters only.
+
+Refused: Unicode control characters (category Cc: C0 and C1 controls, DEL, NUL, ESC, newline, tab), format characters
+(Cf: zero-width space and joiners, bidirectional overrides, the byte order mark), surrogates (Cs: only a lone one can
+reach a Python str), line and paragraph separators (Zl, Zp) and noncharacters (U+FDD0..U+FDEF and the last two code
+points of every plane, e.g. U+FFFF). Everything else stays: ordinary spaces, punctuation, letters of any script
+("café", "红色"), emoji. Text that passes is echoed safely in a terminal and a log line, and every character of it is
+allowed in XML 1.0 (CVAT, Label Studio configs), JSON and YAML.
+
+Pure and dependency-free: the server validates requests with it (``service.pipeline.prompts.check_query``) and the
+client side (``detseg label``, the export writers) checks with the same rule before anything is sent or written.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from service.errors import InvalidInput
+
+_KINDS = {
+    "Cc": "a control character",
+    "Cf": "a format character",
+    "Cs": "a surrogate",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+
+
+def _is_noncharacter(code: int) -> bool:
+    return 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+
+
+def unprintable(text: str) -> str | None:
+    """What makes ``text`` unfit for a label, naming its first offending character (e.g. "a control character
+    (U+0000)"); None when every character is printable."""
+    for char in text:
+        code = ord(char)
+        kind = _KINDS.get(unicodedata.category(char))
+        if kind is None and _is_noncharacter(code):
+            kind = "a noncharacter"
+        if kind is not None:
+            return f"{kind} (U+{code:04X})"
+    return None
+
+
+def check_printable(text: str, field: str) -> None:
+    """InvalidInput naming ``field`` and the first unprintable character of ``text``, e.g. "texts[1]: contains a
+    control character (U+0000); labels must be printable text". The text itself is not echoed."""
+    problem = unprintable(text)
+    if problem is not None:
+        raise InvalidInput(f"{field}: contains {problem}; labels must be printable text")

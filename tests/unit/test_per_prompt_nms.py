@@ -1,0 +1,100 @@
+"""The detector's NMS is per prompt (issue 20): each class's detections equal those of a head output holding that
+class alone, whatever other classes are asked and however many answers they have.
+
+Pure post-processing on head outputs of the documented layout ((1, 4 + C, A): XYWH letterboxed pixels, then
+per-class scores), drawn at random with many overlapping boxes and shared anchors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.pipeline.detection import Detections, DetectorProcessing
+from service.runners.base import DetectorOutput, DetectorSpec
+
+IMGSZ, ANCHORS, HW = 640, 600, (480, 640)
+
+
+def _processing(classes: int, open_vocabulary: bool) -> DetectorProcessing:
+    names = tuple(f"c{k}" for k in range(classes))
+    return DetectorProcessing(DetectorSpec(names, IMGSZ, 32, 512 if open_vocabulary else 0))
+
+
+def _head(classes: int, seed: int) -> np.ndarray:
+    """(1, 4 + classes, ANCHORS) float32: boxes clustered on a few objects (so NMS has work), random scores that
+    rank anchors alike for every class (as prompts meaning one object do)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(100, 540, (8, 2))[rng.integers(0, 8, ANCHORS)] + rng.normal(0, 6, (ANCHORS, 2))
+    sizes = rng.uniform(40, 160, (8, 2))[rng.integers(0, 8, ANCHORS)] * rng.uniform(0.85, 1.15, (ANCHORS, 2))
+    scores = rng.uniform(0, 1, (ANCHORS, 1)) ** 3 * rng.uniform(0.7, 1.0, (ANCHORS, classes))  # anchors good for all
+    return np.concatenate([centres, sizes, scores], axis=1).T[None].astype(np.float32)
+
+
+def _post(p: DetectorProcessing, raw: np.ndarray, class_ids=None, max_instances=100, max_total=None) -> Detections:
+    return p.postprocess(
+        DetectorOutput(raw=raw), 0, HW, class_ids=class_ids, score_threshold=0.2, iou_threshold=0.5,
+        max_instances=max_instances, max_total=max_total,
+    )  # fmt: skip
+
+
+def _rows(d: Detections, class_id: int) -> list[tuple]:
+    keep = d.class_ids == class_id
+    return sorted(zip(map(tuple, d.boxes[keep].tolist()), d.scores[keep].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_instances", [3, 100])
+def test_open_vocabulary_class_answers_as_that_class_alone(seed, max_instances):
+    classes = 6
+    raw = _head(classes, seed)
+    together = _post(_processing(classes, True), raw, max_instances=max_instances)
+    alone = _processing(1, True)
+    counts = []
+    for k in range(classes):
+        solo = _post(alone, np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + k]]), max_instances=max_instances)
+        assert _rows(together, k) == _rows(solo, 0)
+        counts.append(len(solo))
+    assert max(counts) == max_instances if max_instances == 3 else max(counts) < max_instances
+    assert len({b.tobytes() for b in together.boxes}) < len(together)  # some boxes answer several classes
+    assert list(together.scores) == sorted(together.scores, reverse=True)
+
+
+def test_one_box_answers_every_open_vocabulary_class_that_scores_it():
+    raw = np.zeros((1, 4 + 2, 3), np.float32)
+    raw[0, :4] = np.array([[320, 320, 100, 100]] * 3, np.float32).T  # three anchors, one object
+    raw[0, 4:, 0] = (0.9, 0.8)  # anchor 0 is the best for both classes
+    raw[0, 4:, 1] = (0.5, 0.3)
+    d = _post(_processing(2, True), raw)
+    assert sorted(d.class_ids.tolist()) == [0, 1] and d.boxes[0].tobytes() == d.boxes[1].tobytes()
+    assert d.scores.tolist() == pytest.approx([0.9, 0.8])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_closed_class_answers_as_that_class_alone_with_its_own_cap(seed):
+    classes = 5
+    raw = _head(classes, seed)
+    p = _processing(classes, False)
+    together = _post(p, raw, class_ids=[0, 2, 3], max_instances=2)
+    for k in (0, 2, 3):
+        assert _rows(together, k) == _rows(_post(p, raw, class_ids=[k], max_instances=2), k)
+        assert len(_rows(together, k)) == 2
+
+
+def test_closed_without_classes_is_ultralytics_nms():
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    raw = _head(4, 0)
+    d = _post(_processing(4, False), raw, max_instances=7)
+    (det,) = non_max_suppression(torch.from_numpy(raw), conf_thres=0.2, iou_thres=0.5, max_det=7)
+    assert d.class_ids.tolist() == det[:, 5].int().tolist() and d.scores.tolist() == det[:, 4].tolist()
+
+
+def test_max_total_keeps_the_highest_scores():
+    raw = _head(6, 1)
+    p = _processing(6, True)
+    every = _post(p, raw)
+    capped = _post(p, raw, max_total=5)
+    assert len(every) > 5 and capped.scores.tolist() == every.scores[:5].tolist()
+    assert capped.class_ids.tolist() == every.class_ids[:5].tolist()
