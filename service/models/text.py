@@ -169,5 +169,7 @@ class SentenceEncoder:
         """(N, 384) float32, each row L2-normalised (cosine similarity = dot product)."""
         if not texts:
             return np.zeros((0, self.info.dim), np.float32)
-        out = self._model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        out = self._model.encode(
+            list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )  # no tqdm bars on stderr (they break JSON logs)
         return np.asarray(out, dtype=np.float32)
