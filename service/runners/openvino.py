@@ -179,29 +179,20 @@ class OpenVinoRunner(OnnxRunner):
                 required_min_mask_iou=settings.int8_gate_min_iou,
             )
             precision = "int8" if gate.passed or settings.precision == "int8" else "fp32"
+            shown = (gate.min_mask_iou, gate.required_min_mask_iou, gate.median_mask_iou, gate.prompts, gate.images)
             if not gate.passed:
                 log.warning(
                     "the int8 image encoder of %s failed its quality gate (min mask IoU %.4f vs fp32 < %.4f required "
                     "[int8_gate_min_iou]; median %.4f; %d box prompts on %d held-out images): %s",
-                    seg.name,
-                    gate.min_mask_iou,
-                    gate.required_min_mask_iou,
-                    gate.median_mask_iou,
-                    gate.prompts,
-                    gate.images,
+                    seg.name, *shown,
                     "serving it as asked (precision int8)" if precision == "int8" else "serving fp32",
-                )
+                )  # fmt: skip
             else:
                 log.info(
                     "the int8 image encoder of %s passed its quality gate: min mask IoU %.4f >= %.4f, median %.4f, "
                     "%d box prompts on %d held-out images",
-                    seg.name,
-                    gate.min_mask_iou,
-                    gate.required_min_mask_iou,
-                    gate.median_mask_iou,
-                    gate.prompts,
-                    gate.images,
-                )
+                    seg.name, *shown,
+                )  # fmt: skip
         sessions: dict[Role, Any] = {
             Role.DETECTOR: OpenVinoModel(core.compile_model(str(export.graph(Role.DETECTOR)), "CPU", config)),
             Role.SAM2_IMAGE_ENCODER: encoder(precision)[1],
