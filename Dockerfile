@@ -30,15 +30,15 @@ COPY service ./service
 # `make proto` does (it is not committed); 3. detseg itself again, now with that code.
 # hadolint ignore=DL3013
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[triton]" \
-    && rm -rf service/api/gen && mkdir -p service/api/gen/detseg/v1 \
-    && python -m grpc_tools.protoc -Iservice/api/gen=protos --python_out=. --grpc_python_out=. --pyi_out=. \
-        service/api/gen/detseg/v1/detseg.proto \
-    && touch service/api/gen/__init__.py service/api/gen/detseg/__init__.py service/api/gen/detseg/v1/__init__.py \
+    && rm -rf service/proto && mkdir -p service/proto/detseg/v1 \
+    && python -m grpc_tools.protoc -Iservice/proto=protos --python_out=. --grpc_python_out=. --pyi_out=. \
+        service/proto/detseg/v1/detseg.proto \
+    && touch service/proto/__init__.py service/proto/detseg/__init__.py service/proto/detseg/v1/__init__.py \
     && pip install --no-deps --force-reinstall . \
     && pip check
 # The installed package (not the source folder) imports, generated code included.
 WORKDIR /
-RUN python -c "import service.api.gen.detseg.v1.detseg_pb2_grpc, service.cli"
+RUN python -c "import service.proto.detseg.v1.detseg_pb2_grpc, service.cli"
 
 FROM ${PYTHON_IMAGE} AS runtime
 # OpenCV (ultralytics) needs libGL and glib at import.

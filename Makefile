@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/detseg/v1/detseg.proto
-GEN := service/api/gen
+GEN := service/proto
 GEN_STAMP := $(GEN)/.generated
 MODELS ?= auto
 PYTEST_ARGS ?=
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 proto: $(GEN_STAMP)
-# protoc's virtual-path mapping places the code in the service.api.gen package with matching imports.
+# protoc's virtual-path mapping places the code in the service.proto package with matching imports.
 $(GEN_STAMP): $(PROTO) $(STAMP)
 	rm -rf $(GEN) && mkdir -p $(GEN)/detseg/v1
 	$(BIN)/python -m grpc_tools.protoc -I$(GEN)=protos \

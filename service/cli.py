@@ -261,7 +261,7 @@ def _label(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """An export folder's manifest, or a saved response (`detseg segment --json`) against its own manifest."""
     from service import provenance
-    from service.api.signing import verify_content
+    from service.provenance.response import verify_content
 
     keys = [provenance.load_public_key(k) for k in args.public_key]
     try:
@@ -301,7 +301,7 @@ def _saved_response(path: Path) -> dict[str, Any] | None:
 
 def _check_weights(manifest: dict[str, Any], weights: list[Path]) -> None:
     from service import provenance
-    from service.models.download import file_sha256
+    from service.provenance import file_sha256
 
     known = {m["weights_sha256"]: m["name"] for m in manifest["models"]}
     for w in weights:
@@ -369,8 +369,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from service.api.signing import instance_content
     from service.client import Client, Exemplar, Region, RequestFailed
+    from service.provenance.response import instance_content
 
     data = args.image.read_bytes()
     regions = []
@@ -459,7 +459,7 @@ def _triton_state(settings: Settings) -> Path:
 def _triton_up(args: argparse.Namespace) -> int:
     from service.models.profiles import resolve_models
     from service.models.triton_repo import ensure_repository
-    from service.triton_local import LocalTriton, read_state
+    from service.runners.triton_local import LocalTriton, read_state
 
     settings = _settings(args, ("models", "detector", "segmenter", "cache_dir", "offline"))
     state_dir = _triton_state(settings)
@@ -490,7 +490,7 @@ def _triton_up(args: argparse.Namespace) -> int:
 
 
 def _triton_down(args: argparse.Namespace) -> int:
-    from service.triton_local import stop_detached
+    from service.runners.triton_local import stop_detached
 
     settings = _settings(args, ("cache_dir",))
     print("stopped" if stop_detached(_triton_state(settings)) else "no local Triton was running")
@@ -499,7 +499,7 @@ def _triton_down(args: argparse.Namespace) -> int:
 
 def _triton_status(args: argparse.Namespace) -> int:
     from service.models.roles import MODEL_ROLES
-    from service.triton_local import read_state
+    from service.runners.triton_local import read_state
 
     settings = _settings(args, ("cache_dir",))
     state = read_state(_triton_state(settings))
@@ -529,8 +529,8 @@ def _models(args: argparse.Namespace) -> int:
     if args.target:
         import grpc
 
-        from service.api.gen.detseg.v1 import detseg_pb2 as pb
-        from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+        from service.proto.detseg.v1 import detseg_pb2 as pb
+        from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
         with grpc.insecure_channel(args.target) as channel:
             response = pb_grpc.SegmentationServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)

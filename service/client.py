@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     import supervision as sv
@@ -230,7 +230,7 @@ class Result:
         """Checks the response's provenance manifest: the signature (by one of ``trusted_keys``, Ed25519 public
         keys, when given) and that it covers exactly these instances and this image. Returns
         ``service.provenance.VerifyResult``; raises ``service.provenance.VerificationFailed``."""
-        from service.api.signing import verify_response
+        from service.provenance.response import verify_response
 
         return verify_response(self.response, trusted_keys=trusted_keys, require_signature=require_signature)
 

@@ -133,7 +133,8 @@ class Settings:
     # Embedding reuse: decoded images + SAM features by content hash (EncodeImage handles, repeated images).
     cache_max_bytes: int = 512 * 1024 * 1024  # 0 disables the cache; ~17 MB per image at SAM's 1024² input
     cache_ttl_seconds: float = 600.0  # since last use
-    # The shared second tier (service.shared_cache): Redis at redis_url (e.g. redis://redis:6379/0; empty = none),
+    # The shared second tier (service.pipeline.shared_cache): Redis at redis_url (e.g. redis://redis:6379/0;
+    # empty = none),
     # entries expire cache_ttl_seconds after last use; larger entries are not shared; each Redis call may take
     # redis_timeout_seconds; after a failure Redis is left alone for redis_retry_seconds (requests never fail).
     redis_url: str = ""

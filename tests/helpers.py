@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 
 
 def encode(rgb: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:

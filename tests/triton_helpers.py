@@ -12,7 +12,7 @@ import grpc
 from service.config import Settings
 from service.models.roles import MODEL_ROLES
 from service.runners.factory import load_runner
-from service.triton_local import LocalTriton
+from service.runners.triton_local import LocalTriton
 from tests.conftest import ServerThread, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,9 @@ import dataclasses
 from google.protobuf.duration_pb2 import Duration
 
 from service import __version__
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.errors import InvalidInput
 from service.models.roles import ModelDescriptor, ModelRole, PrecisionGate
 from service.pipeline.image import DecodedImage
-from service.pipeline.masks import PNG, POLYGON, RLE, EncodedMask
 from service.pipeline.pipeline import (
     CONCEPT,
     DETECTOR,
@@ -25,6 +23,8 @@ from service.pipeline.pipeline import (
 from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
 from service.pipeline.review import ReviewOptions, ReviewRules
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
+from service.processing.masks import PNG, POLYGON, RLE, EncodedMask
+from service.proto.detseg.v1 import detseg_pb2 as pb
 
 _ENCODINGS = {
     pb.MASK_ENCODING_UNSPECIFIED: RLE,

@@ -21,8 +21,6 @@ from grpc_reflection.v1alpha import reflection
 
 from service import telemetry
 from service.api.access_log import AccessLog
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.api.security import TokenAuth, load_tokens, server_credentials
 from service.api.servicer import SegmentationServicer
 from service.config import Settings
@@ -33,9 +31,11 @@ from service.pipeline.lru import LRU
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.pipeline.review import ReviewRules
+from service.pipeline.shared_cache import ModelIdentity, RedisTier
 from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.runners.base import Runner
-from service.shared_cache import ModelIdentity, RedisTier
 from service.startup import configure_process
 
 log = logging.getLogger(__name__)

@@ -12,15 +12,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.api import convert, signing
+from service.api import convert
 from service.api.admission import Admission
 from service.api.errors import describe, guarded
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import valid_request_id
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.provenance import response as signing
 from service.runners.base import DEADLINE
 
 T = TypeVar("T")
@@ -57,7 +58,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     @property
     def shared_tier(self) -> Any:
-        """The pipeline's shared cache tier (``service.shared_cache.RedisTier``), None when there is none."""
+        """The pipeline's shared cache tier (``service.pipeline.shared_cache.RedisTier``), None when there is none."""
         return self._pipeline.shared if self._pipeline is not None else None
 
     def load_failed(self) -> None:

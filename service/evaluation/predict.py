@@ -15,9 +15,9 @@ import dataclasses
 import enum
 from collections.abc import Iterator
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.client import Client, Instance, Region, segment_request
 from service.evaluation.dataset import EvalDataset
+from service.proto.detseg.v1 import detseg_pb2 as pb
 
 
 class Prompt(enum.Enum):

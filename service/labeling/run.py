@@ -30,8 +30,8 @@ from typing import Any
 from service.client import Client, Result, segment_request
 from service.errors import InvalidInput
 from service.labeling.records import LabeledImage, LabeledInstance
-from service.models.download import file_sha256
 from service.printable import check_printable
+from service.provenance import file_sha256
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
@@ -277,7 +277,7 @@ def write_manifest(
     links included) except the placed source images ``placed`` (exact paths under ``out``) and the manifest itself.
     A link among them that leads outside ``out`` is refused (ValueError), never skipped."""
     from service import __version__, provenance
-    from service.api.signing import manifest_models
+    from service.provenance.response import manifest_models
 
     models = client.list_models()
     skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}

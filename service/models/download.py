@@ -18,17 +18,10 @@ from tqdm import tqdm
 
 from service.errors import ChecksumMismatch, WeightsNotFound
 from service.models.catalog import CatalogEntry
+from service.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _where_to_put(entry: CatalogEntry, cache_dir: Path) -> str:

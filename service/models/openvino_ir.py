@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from service.models.download import file_sha256
 from service.models.graphs import IO
 from service.models.roles import Role
+from service.provenance import file_sha256
 from service.startup import block_telemetry
 
 log = logging.getLogger(__name__)

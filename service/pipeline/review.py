@@ -5,8 +5,9 @@ Rules (each off at 0), server defaults from Settings, overridable per request (S
   a caller's region has no detector score).
 - ``LOW_MASK_SCORE``: SAM's predicted mask IoU is under ``mask_score_below`` (SAM 2 masks).
 - ``UNSTABLE_MASK``: SAM's stability score is under ``stability_below``: the IoU between the mask thresholded
-  at logit +1 and at logit -1 (``STABILITY_OFFSET``), as SAM's automatic mask generator computes it
-  (``calculate_stability_score``) on the upsampled logits; a mask that changes with the threshold is uncertain.
+  at logit +1 and at logit -1 (``processing.segmentation.STABILITY_OFFSET``), as SAM's automatic mask generator
+  computes it (``calculate_stability_score``) on the upsampled logits; a mask that changes with the threshold is
+  uncertain.
 - ``TINY_MASK``: fewer than ``min_mask_area`` pixels.
 - ``FRAGMENTED_MASK``: more than ``max_mask_components`` connected parts (8-connectivity).
 - ``WEAK_TEXT_MATCH``: a free text answered by a class whose name is less similar than
@@ -23,10 +24,8 @@ import cv2
 import numpy as np
 
 from service.errors import InvalidInput
-from service.pipeline.masks import Bounds, mask_bounds
 from service.pipeline.vocabulary import TextMatch
-
-STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_score_offset
+from service.processing.masks import Bounds, mask_bounds
 
 
 class Reason(enum.Enum):
@@ -102,21 +101,6 @@ def resolve_review(asked: ReviewOptions, defaults: ReviewRules) -> ReviewRules:
             raise InvalidInput(f"options.review.{field.name}: {value} is outside [0, 1] (0 = rule off)")
         values[field.name] = value
     return ReviewRules(**values)
-
-
-def stability_scores(logits: np.ndarray, threshold: float, offset: float = STABILITY_OFFSET) -> np.ndarray:
-    """(B, H, W) float32 mask logits → (B,) float32 IoU of (logits > threshold + offset) and
-    (logits > threshold - offset); 1.0 where both are empty (SAM's ``calculate_stability_score``)."""
-    flat = logits.reshape(logits.shape[0], -1)
-    inter = (flat > threshold + offset).sum(axis=1, dtype=np.int64)
-    union = (flat > threshold - offset).sum(axis=1, dtype=np.int64)
-    return stability_from_counts(inter, union)
-
-
-def stability_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
-    """(B,) int64 pixel counts of (logits > threshold + offset) and (logits > threshold - offset) → (B,) float32
-    stability scores (``stability_scores``; device-resident masks count on their device)."""
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float32)
 
 
 def mask_stats(mask: np.ndarray, stability: float, bounds: Bounds | None | EllipsisType = ...) -> MaskStats:

@@ -14,8 +14,8 @@ from service.config import Settings
 from service.errors import ModelUnavailable, Unsupported
 from service.models import graphs
 from service.models.roles import Role
+from service.models.tensors import ClassPrompts, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
 from service.models.text import SentenceEncoder
-from service.runners.base import ClassPrompts, DetectorSpec, ImageFeatures, PromptBatch, SegmenterSpec
 
 if TYPE_CHECKING:  # profiles imports torch (seeded test models); the Triton front end runs without it
     from service.models.profiles import ModelSet

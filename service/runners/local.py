@@ -18,8 +18,8 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, Unsupported
 from service.models.profiles import WeightsRef
-from service.models.text import SentenceEncoder
-from service.runners.base import (
+from service.models.roles import ModelDescriptor
+from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
     ConceptSpec,
@@ -27,12 +27,12 @@ from service.runners.base import (
     DetectorOutput,
     DetectorSpec,
     ImageFeatures,
-    ModelDescriptor,
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
-    time_left,
 )
+from service.models.text import SentenceEncoder
+from service.runners.base import time_left
 from service.runners.batching import BatchPolicy, MicroBatcher
 
 T = TypeVar("T")

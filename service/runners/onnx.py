@@ -16,8 +16,8 @@ from service.config import Settings
 from service.models.graphs import IO, decoder_outputs, detector_io
 from service.models.profiles import ModelSet
 from service.models.roles import Role
+from service.models.tensors import ClassPrompts, DecoderOutput, ImageFeatures, PromptBatch
 from service.models.text import SentenceEncoder, load_sentence_encoder
-from service.runners.base import ClassPrompts, DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
 from service.runners.exported import (
     decoder_feeds,

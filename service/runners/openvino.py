@@ -34,8 +34,8 @@ from service.models.graphs import IO
 from service.models.openvino_ir import F32, EncoderIR, cpu_supports_int8, encoder_ir, int8_gate
 from service.models.profiles import ModelSet
 from service.models.roles import ModelRole, PrecisionGate, Role
+from service.models.tensors import DecoderOutput, ImageFeatures, PromptBatch
 from service.models.text import load_sentence_encoder
-from service.runners.base import DecoderOutput, ImageFeatures, PromptBatch
 from service.runners.batching import BatchPolicy
 from service.runners.exported import load_export, ort_session, specs, tokenizer_for
 from service.runners.local import Arrays
@@ -314,8 +314,8 @@ def measure_int8_gate(
     ``sam``'s decoder (single mask per box, as detections are decoded). Returns (images, IoUs in prompt order)."""
     import torch
 
-    from service.pipeline.segmentation import SamPrompt, SegmenterProcessing
-    from service.runners.base import SegmenterSpec
+    from service.models.tensors import SegmenterSpec
+    from service.processing.segmentation import SamPrompt, SegmenterProcessing
     from service.runners.torch import decode_batch
 
     io = IO[Role.SAM2_IMAGE_ENCODER]
@@ -347,8 +347,8 @@ def calibration_images(image_size: int) -> list[np.ndarray]:
     """The CALIBRATION set as the encoder takes it: 12 × (1, 3, S, S) float32, SAM-normalised."""
     from sklearn.datasets import load_sample_image
 
-    from service.pipeline.segmentation import SegmenterProcessing
-    from service.runners.base import SegmenterSpec
+    from service.models.tensors import SegmenterSpec
+    from service.processing.segmentation import SegmenterProcessing
     from service.shapes.dataset import scenes
 
     rgbs = []

@@ -24,8 +24,7 @@ from service.models import open_vocabulary, sam_ops
 from service.models.loading import head_output, load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
 from service.models.roles import ModelDescriptor
-from service.models.text import ClassTexts, class_text_encoder, load_sentence_encoder
-from service.runners.base import (
+from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
     ConceptSpec,
@@ -35,6 +34,7 @@ from service.runners.base import (
     PromptBatch,
     SegmenterSpec,
 )
+from service.models.text import ClassTexts, class_text_encoder, load_sentence_encoder
 from service.runners.batching import BatchPolicy
 from service.runners.local import Arrays, LocalRunner, descriptor
 

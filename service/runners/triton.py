@@ -35,8 +35,7 @@ from service.config import Settings
 from service.errors import DeadlineExceeded, ModelUnavailable, Overloaded, Unsupported
 from service.models.graphs import IO, decoder_outputs, detector_io, read_parameters
 from service.models.roles import MODEL_ROLES, ModelDescriptor, Role, graph_roles
-from service.models.text import SentenceEncoder, load_sentence_encoder
-from service.runners.base import (
+from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
     ConceptSpec,
@@ -47,8 +46,9 @@ from service.runners.base import (
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
-    time_left,
 )
+from service.models.text import SentenceEncoder, load_sentence_encoder
+from service.runners.base import time_left
 from service.runners.exported import decoder_feeds, detector_feeds, specs, text_feeds, tokenizer_for
 
 _tracer = trace.get_tracer("detseg.runners")

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.shapes.world import CLASSES, MIN_VISIBLE, _outline
+from service.shapes.world import CLASSES, MIN_VISIBLE, _outline, yolo_label_lines
 
 # Named colours, RGB. Pairwise at least 95 apart (Euclidean), so jitter and shading never cross a boundary.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -248,6 +248,4 @@ def nearest_colour(rgb: np.ndarray) -> str:
 
 def yolo_fine_label_lines(scene: AttributeScene) -> list[str]:
     """One "fine_id cx cy w h" line per instance (FINE_CLASSES ids), normalised to [0, 1]."""
-    from service.shapes.dataset import yolo_label_lines
-
     return yolo_label_lines(scene, lambda inst: inst.fine_id)

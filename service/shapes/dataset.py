@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service.shapes.world import CLASSES, Scene, render_scene, split_seed
-
-if TYPE_CHECKING:
-    from service.shapes.attributes import AttributeScene
+from service.shapes.world import CLASSES, Scene, render_scene, split_seed, yolo_label_lines
 
 
 def scenes(split: str, count: int, start: int = 0) -> Iterable[Scene]:
@@ -48,20 +45,6 @@ def coco_annotations(items: Sequence[Scene], file_names: Sequence[str] | None = 
             )
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     return {"images": images, "annotations": annotations, "categories": categories}
-
-
-def yolo_label_lines(
-    scene: Scene | AttributeScene, class_id: Callable[[Any], int] = lambda inst: inst.category_id
-) -> list[str]:
-    """One "class cx cy w h" line per instance, normalised to [0, 1]; ``class_id``: an instance's label id (the
-    shape's by default; the attribute world passes its fine ids)."""
-    lines = []
-    for inst in scene.instances:
-        x0, y0, x1, y1 = inst.box
-        cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
-        bw, bh = (x1 - x0) / scene.width, (y1 - y0) / scene.height
-        lines.append(f"{class_id(inst)} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
-    return lines
 
 
 def write_yolo_dataset(root: Path, counts: dict[str, int], workers: int = 1) -> Path:

@@ -2,7 +2,7 @@
 
 Each phrase names what it truly describes in the attribute world (``service.shapes.attributes``) as
 (size, colour, shape), None = any; its ground truth is every instance matching all three, as for the trained
-phrase levels of ``service.shapes.evaluate_open``.
+phrase levels of ``service.training.evaluate_open``.
 
 ``EVALUATION_PARAPHRASES`` was written before any text-side training and must never be trained on: a training
 script for the text side has to refuse to start if any of its phrases, or any word of ``EVALUATION_WORDS``,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -150,3 +152,27 @@ def _visible_ok(visible: np.ndarray, full: np.ndarray, all_masks: list[np.ndarra
     for later in all_masks[index + 1 :]:
         visible = visible & ~later
     return visible.sum() >= MIN_VISIBLE * full.sum()
+
+
+class LabeledScene(Protocol):
+    """What a YOLO label file needs of a scene of either world: its size and its instances (each with a ``box``,
+    original pixels XYXY)."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def instances(self) -> Sequence[Any]: ...
+
+
+def yolo_label_lines(scene: LabeledScene, class_id: Callable[[Any], int] = lambda inst: inst.category_id) -> list[str]:
+    """One "class cx cy w h" line per instance, normalised to [0, 1]; ``class_id``: an instance's label id (the
+    shape's by default; the attribute world passes its fine ids)."""
+    lines = []
+    for inst in scene.instances:
+        x0, y0, x1, y1 = inst.box
+        cx, cy = (x0 + x1) / 2 / scene.width, (y0 + y1) / 2 / scene.height
+        bw, bh = (x1 - x0) / scene.width, (y1 - y0) / scene.height
+        lines.append(f"{class_id(inst)} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+    return lines

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.models import testing, triton_repo
 from service.models.loading import load_detector_module
 from service.models.profiles import resolve_models
-from service.runners.base import PromptBatch
+from service.models.tensors import PromptBatch
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
 from tests.triton_helpers import copy_repository_sources, free_ports, start_detseg, start_triton
 

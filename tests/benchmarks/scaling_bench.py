@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.models import testing
 from service.models.profiles import resolve_models
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.benchmarks.pipeline_bench import (
     THREADS,
     jpeg,

@@ -30,8 +30,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.world import render_scene
 from tests.helpers import encode
 

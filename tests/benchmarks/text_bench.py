@@ -33,11 +33,11 @@ import grpc
 import numpy as np
 import torch
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.models import testing
 from service.models.text import ClassTextEncoder, SentenceEncoder
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, ultralytics_asset, wait_serving
 from tests.helpers import load_rgb
 

@@ -132,9 +132,9 @@ def bench_encoder(root: Path, image_size: int, per_client: int) -> list[dict[str
 
 def bench_end_to_end(root: Path, profile: str, repeats: int) -> dict[str, Any]:
     """Same image, same models: embedded detseg vs detseg → Triton, interleaved requests."""
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
-    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
     from service.models.demo.profile import DEMO_DIR
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
     # No embedding cache: every request of the same image runs the whole pipeline.
     settings = Settings(models=profile, cache_dir=root / "cache", port=0, offline=True, cache_max_bytes=0)

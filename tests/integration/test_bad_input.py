@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import ultralytics_asset
 from tests.helpers import encode, synthetic_rgb
 

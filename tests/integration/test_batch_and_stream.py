@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.helpers import encode, synthetic_rgb
 
 INVALID_ARGUMENT, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.NOT_FOUND.value[0]

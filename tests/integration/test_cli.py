@@ -218,8 +218,8 @@ def test_serve_answers_health_at_once_and_rpcs_unavailable_until_the_models_are_
     """The port opens before the models load (a fresh cache: the test models are built first), as probes expect."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
-    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
     port = _free_port()
     env = {**os.environ, "DETSEG_CACHE_DIR": str(tmp_path / "fresh-cache"), "DETSEG_THREADS": "2"}
@@ -329,8 +329,8 @@ def test_serve_with_onnx_runtime_resolves_and_connects_to_nothing(settings, tmp_
     """`detseg serve --backend onnx` under strace: no connect() leaves loopback and no name is looked up, through
     start-up, loading and past the seconds after which ONNX Runtime 1.32's telemetry resolves its collector's name
     (it did, ~9 s after its import and every few seconds after; measured)."""
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
-    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
     from tests.network_trace import outbound_connects, traced
 
     port = _free_port()

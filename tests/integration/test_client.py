@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.client import AsyncClient, Client, Exemplar, ImageHandle, Point, Region, RequestFailed, RetryPolicy
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
 from tests.helpers import rle_mask
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import serving
 from tests.helpers import encode, mask_iou, rle_mask
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.shapes.dataset import coco_annotations, scenes
 from service.shapes.evaluate import Prediction, ap50, coco_eval, end_to_end
 from service.shapes.world import CLASSES

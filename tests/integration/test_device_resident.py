@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models.profiles import resolve_models
-from service.pipeline.segmentation import SegmenterProcessing
-from service.runners.base import SegmenterSpec
+from service.models.tensors import SegmenterSpec
+from service.processing.segmentation import SegmenterProcessing
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import serving, ultralytics_asset
 from tests.helpers import RAW_MASKS, mask_iou, rle_mask
 

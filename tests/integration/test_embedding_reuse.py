@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, wait_serving
 from tests.helpers import encode, rle_mask, synthetic_rgb
 

@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import ultralytics_asset
 from tests.helpers import load_rgb, rle_mask
 

@@ -8,9 +8,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.models.download import file_sha256
 from service.models.testing import TEST_VOCABULARY
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.provenance import file_sha256
 from tests.conftest import ServerThread, ultralytics_asset, wait_serving
 from tests.helpers import encode, load_rgb, mask_iou, rle_mask, segment_request, synthetic_rgb
 
@@ -201,7 +201,7 @@ def test_health_is_serving_only_after_models_load(settings, runner):
             health = health_pb2_grpc.HealthStub(ch)
             request = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
             assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+            from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
             seg = pb_grpc.SegmentationServiceStub(ch)
             with pytest.raises(grpc.RpcError) as err:

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.startup import SafeTextFormatter
 from tests.helpers import encode, synthetic_rgb
 

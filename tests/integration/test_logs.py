@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.models.openvino_ir import encoder_ir  # blocks openvino_telemetry before nncf is imported
 from service.models.roles import Role
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.runners.base import Runner
 from tests.conftest import serving, wait_serving
 

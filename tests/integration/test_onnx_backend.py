@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
 from tests.helpers import assert_same_instances, encode
 from tests.triton_helpers import start_detseg

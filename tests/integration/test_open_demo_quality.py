@@ -1,7 +1,7 @@
 """The open-vocabulary demo profile ("demo-open": YOLOE-11n trained on the attribute shapes world with MiniLM
 phrases + mini SAM 2) through the real gRPC server on held-out test scenes: free text with real semantics.
 
-AP50 comes from pycocotools COCOeval over one category per phrase (``service.shapes.evaluate_open``); every
+AP50 comes from pycocotools COCOeval over one category per phrase (``service.training.evaluate_open``); every
 request carries a whole phrase group as its ``texts`` (YOLOE scores each class on its own, so one request with
 all phrases answers as one request per phrase would, NMS being per text).
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.shapes.attributes import attribute_scenes, render_attribute_scene
-from service.shapes.evaluate_open import (
+from service.training.evaluate_open import (
     SERVING_SCORE,
     Phrase,
     PhraseDetections,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models import testing
 from service.models.text import ClassTextEncoder, SentenceEncoder
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import DEVICE, serving, ultralytics_asset
 from tests.helpers import assert_same_instances, encode, load_rgb, synthetic_rgb
 
@@ -419,7 +419,7 @@ def test_official_text_encoders_load_from_verified_torchscript_files(
     class embeddings that file gives."""
     from service.models import catalog
     from service.models.clip_text import clip_architecture, clip_tokenizer
-    from service.models.download import file_sha256
+    from service.provenance import file_sha256
 
     torch.manual_seed(0)
     clip = clip_architecture(**VIT_B32).eval()

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import Unsupported
 from service.models import testing
 from service.models.roles import ModelRole, Role
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import serving, ultralytics_asset
 from tests.helpers import RAW_MASKS, assert_same_instances, encode, load_rgb, mask_iou, rle_mask, segment_request
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
 from service.models import testing
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from tests.conftest import DEVICE, ultralytics_asset
 from tests.helpers import RAW_MASKS, encode, load_rgb, mask_iou, mask_overflow, rle_mask, segment_request
 

@@ -11,9 +11,9 @@ import dataclasses
 
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.shapes.attributes import AttributeScene, render_attribute_scene
-from service.shapes.evaluate_open import SERVING_IOU, SERVING_SCORE, phrase_groups
+from service.training.evaluate_open import SERVING_IOU, SERVING_SCORE, phrase_groups
 from tests.conftest import SPANS, serving, ultralytics_asset
 from tests.helpers import encode
 

@@ -81,8 +81,8 @@ def make_serve(settings) -> Iterator[str]:
 def test_readme_quick_start_outputs_are_what_make_serve_answers(make_serve, figures):
     """Every `$ .venv/bin/detseg segment ...` of the quick start, run against the default server, prints exactly the
     README's lines below it (mask pixels and scores included: the served precision shows in them)."""
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
-    from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
     sessions = readme_sessions()
     assert len(sessions) >= 4

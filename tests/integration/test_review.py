@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.shapes.world import render_scene
 from tests.helpers import encode, rle_mask
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.client import Client, RequestFailed, RetryPolicy
 from service.errors import ConfigurationError
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, wait_serving
 
 ONE_TRY = RetryPolicy(max_attempts=1)

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, wait_serving
 from tests.helpers import encode
 
@@ -270,7 +270,7 @@ def test_a_corrupt_shared_image_entry_is_a_miss_deleted_and_counted(settings, re
             other_model = {"image_embed": np.zeros((1, 64, 16, 16), np.float32),
                            "high_res_0": np.zeros((1, 8, 64, 64), np.float32),
                            "high_res_1": np.zeros((1, 16, 32, 32), np.float32)}  # fmt: skip
-            caplog.set_level("WARNING", logger="service.shared_cache")
+            caplog.set_level("WARNING", logger="service.pipeline.shared_cache")
             for n, seed in enumerate((30, 31, 32)):
                 image = _image(seed)
                 handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=image))).handle
@@ -290,7 +290,9 @@ def test_a_corrupt_shared_image_entry_is_a_miss_deleted_and_counted(settings, re
             assert tier.corrupt == 6
             assert _metric("detseg.cache.shared.corrupt") >= 6
             warnings = [
-                r for r in caplog.records if r.name == "service.shared_cache" and "could not be read" in r.message
+                r
+                for r in caplog.records
+                if r.name == "service.pipeline.shared_cache" and "could not be read" in r.message
             ]
             assert len(warnings) == 1
     finally:

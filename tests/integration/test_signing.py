@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from service import provenance
-from service.api.signing import verify_response
 from service.client import Client
+from service.provenance.response import verify_response
 from tests.conftest import ServerThread, wait_serving
 
 SAMPLE = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"

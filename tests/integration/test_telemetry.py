@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import METRICS, SPANS, wait_serving
 
 SAMPLE = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.world import render_scene
 from tests.conftest import ServerThread, ultralytics_asset, wait_serving
 from tests.helpers import encode, mask_iou, rle_mask

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.models import triton_repo
 from service.models.profiles import resolve_models
 from service.models.roles import MODEL_ROLES
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
 from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, mask_iou, rle_mask

@@ -15,11 +15,11 @@ import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 
-from service.api.gen.detseg.v1 import detseg_pb2 as pb
-from service.api.gen.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.models import triton_repo
 from service.models.profiles import resolve_models
 from service.models.roles import Role, graph_roles
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, synthetic_rgb
 from tests.integration.test_open_vocabulary import CONF, IOU, MAX_DET, mixed_prompt_requests

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.models.tensors import DetectorOutput, ImageFeatures
 from service.pipeline.cache import CacheEntry, EmbeddingCache, handle_for
 from service.pipeline.image import DecodedImage
-from service.runners.base import DetectorOutput, ImageFeatures
 
 
 class Clock:

@@ -129,7 +129,7 @@ def test_arbitrary_protobuf_bytes_never_crash_the_conversion(data):
     from google.protobuf.message import DecodeError
 
     from service.api import convert
-    from service.api.gen.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2 as pb
 
     try:
         request = pb.SegmentRequest.FromString(data)

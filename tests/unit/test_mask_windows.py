@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from service.pipeline.masks import Bounds, encode_masks, mask_bounds, rle_from_window
 from service.pipeline.refine import Refinement, refine_mask
 from service.pipeline.review import mask_stats
+from service.processing.masks import Bounds, encode_masks, mask_bounds, rle_from_window
 
 
 def _reference_rle(mask: np.ndarray) -> bytes:
@@ -87,8 +87,8 @@ def test_refine_returns_a_window_holding_the_refined_mask(margin: float | None) 
 
 def test_many_prompts_go_to_the_decoder_in_bounded_calls() -> None:
     """150 boxes → calls of at most MAX_PROMPTS_PER_CALL (bounded activation memory), every prompt once, in order."""
-    from service.pipeline.segmentation import MAX_PROMPTS_PER_CALL, SamPrompt, SegmenterProcessing
-    from service.runners.base import SegmenterSpec
+    from service.models.tensors import SegmenterSpec
+    from service.processing.segmentation import MAX_PROMPTS_PER_CALL, SamPrompt, SegmenterProcessing
 
     none = np.zeros((0, 2), np.float32)
     prompts = [SamPrompt(np.array([i, i, i + 10, i + 10], np.float32), none, np.zeros(0, np.int32)) for i in range(150)]

@@ -7,8 +7,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from service.errors import InvalidInput
-from service.pipeline.masks import PNG, POLYGON, RLE, encode_masks
 from service.pipeline.prompts import resolve_classes
+from service.processing.masks import PNG, POLYGON, RLE, encode_masks
 
 
 def test_rle_is_exactly_what_pycocotools_produces():
@@ -48,8 +48,8 @@ def test_mask_upsampling_equals_sam2s_and_feeds_rle_in_its_own_layout():
     import torch
     from sam2.utils.transforms import SAM2Transforms
 
-    from service.pipeline.segmentation import SegmenterProcessing
-    from service.runners.base import SegmenterSpec
+    from service.models.tensors import SegmenterSpec
+    from service.processing.segmentation import SegmenterProcessing
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((5, 64, 64)).astype(np.float32)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.pipeline.detection import Detections, DetectorProcessing
-from service.runners.base import DetectorOutput, DetectorSpec
+from service.models.tensors import DetectorOutput, DetectorSpec
+from service.processing.detection import Detections, DetectorProcessing
 
 IMGSZ, ANCHORS, HW = 640, 600, (480, 640)
 

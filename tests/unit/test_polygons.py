@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from service.pipeline.masks import POLYGON, encode_masks
+from service.processing.masks import POLYGON, encode_masks
 
 Polygons = tuple[tuple[float, ...], ...]
 SEEDS = range(60)

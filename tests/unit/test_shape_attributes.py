@@ -10,7 +10,6 @@ import random
 import numpy as np
 import pytest
 
-from service.models.demo.train_open_detector import ALL_PHRASES, LEVELS, MAX_TEXTS, PhraseSampler, phrase
 from service.shapes.attributes import (
     COLOUR_JITTER,
     COLOURS,
@@ -27,6 +26,7 @@ from service.shapes.attributes import (
     yolo_fine_label_lines,
 )
 from service.shapes.world import CLASSES, MIN_VISIBLE, render_scene
+from service.training.train_open_detector import ALL_PHRASES, LEVELS, MAX_TEXTS, PhraseSampler, phrase
 
 
 def _digest(scene) -> str:

@@ -82,8 +82,8 @@ def test_allocator_environment_tuned_system_and_the_operators_own():
 
 def test_the_container_and_triton_run_under_the_tuned_allocator(tmp_path, monkeypatch):
     """The Dockerfile sets the same variables (no re-exec in the image); a local Triton and its stubs inherit them."""
+    from service.runners.triton_local import LocalTriton
     from service.startup import ALLOCATORS
-    from service.triton_local import LocalTriton
 
     dockerfile = (Path(__file__).parents[2] / "Dockerfile").read_text()
     for name, value in ALLOCATORS["tuned"].items():

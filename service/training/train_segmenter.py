@@ -1,6 +1,6 @@
 """Regenerates the demo segmenter: a reduced SAM 2 (sam2's own modules) trained from scratch on shapes.
 
-    python -m service.models.demo.train_segmenter [--minutes 40.5] [--seed 0]
+    python -m service.training.train_segmenter [--minutes 40.5] [--seed 0]
 
 The architecture is SAM 2.1 hiera-tiny's config with hydra overrides (SHAPES_SAM2_OVERRIDES): a 4-stage
 Hiera of width 32, a 64-d neck and decoder, 256² input: 2.4 M parameters. Every step, each instance of
@@ -13,7 +13,7 @@ Writes ``shapes-sam2-mini.pt`` ({"model": fp16 state dict}, the layout of offici
 
 Interactive fine-tuning (``--interactive``, with ``--init`` to continue from the shipped checkpoint):
 
-    python -m service.models.demo.train_segmenter --interactive --init service/models/demo/shapes-sam2-mini.pt \
+    python -m service.training.train_segmenter --interactive --init service/models/demo/shapes-sam2-mini.pt \
         --minutes 20 --lr 2e-4 --warmup 50 --out /tmp/sam-interactive/shapes-sam2-mini.pt
 
 SAM's own interactive recipe (SAM paper, appendix A: "subsequent points are selected from the error region
@@ -66,8 +66,8 @@ class Pool:
     """Pre-rendered training scenes in SAM's input frame: images (N,3,S,S) float32, masks and boxes per scene."""
 
     def __init__(self, count: int) -> None:
-        from service.pipeline.segmentation import SegmenterProcessing
-        from service.runners.base import SegmenterSpec
+        from service.models.tensors import SegmenterSpec
+        from service.processing.segmentation import SegmenterProcessing
         from service.shapes.dataset import scenes
 
         processing = SegmenterProcessing(SegmenterSpec(image_size=S))  # the service's own SAM pre-processing

@@ -1,6 +1,6 @@
 """Regenerates the demo detector: ultralytics YOLO11n trained from scratch on the shapes world.
 
-    python -m service.models.demo.train_detector --work /tmp/shapes-yolo [--recipe timed|staged]
+    python -m service.training.train_detector --work /tmp/shapes-yolo [--recipe timed|staged]
 
 ``timed`` (default; how the shipped ``shapes-yolo11n.pt`` is made, in under 30 minutes on 2 CPU cores):
   one run from the yolo11n.yaml architecture (random init) at 320² for ``--hours`` of training wall time

@@ -13,7 +13,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from service.pipeline.masks import EncodedMask, encode_masks
+from service.processing.masks import EncodedMask, encode_masks
 
 _CLASS_OFFSET = 7680  # per-text NMS by offsetting boxes (ultralytics' max_wh), on boxes in fractions of the input
 _MASK_CHUNK = 16  # masks upsampled at a time: bounds memory to 16 x H x W floats

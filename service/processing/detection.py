@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from service.runners.base import DetectorOutput, DetectorSpec
+from service.models.tensors import DetectorOutput, DetectorSpec
 
 
 @dataclasses.dataclass(frozen=True)

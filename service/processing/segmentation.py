@@ -15,10 +15,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from service.pipeline.review import STABILITY_OFFSET, stability_from_counts, stability_scores
-from service.runners.base import DecoderOutput, PromptBatch, SegmenterSpec
+from service.models.tensors import DecoderOutput, PromptBatch, SegmenterSpec
 
 MASK_THRESHOLD = 0.0
+STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_score_offset
 # Prompts per decoder call. A call holds its prompts' (HW, C) image tokens at once: ~28 MB per prompt at SAM's 1024²
 # on CPU (200 boxes in one call peaked at +5.7 GB), so larger prompt sets go in calls of this many; the image side
 # the prompts share is computed once per call (sam_ops), which at 64 is a small part of the call.
@@ -45,7 +45,7 @@ class SamPrompt:
 @dataclasses.dataclass(frozen=True)
 class UpsampledMasks:
     """masks: (B, H, W) bool at original resolution (a view of column-major memory, as pycocotools' RLE encoder
-    reads it); stability: (B,) float32 SAM stability scores of the upsampled logits (``review.stability_scores``)."""
+    reads it); stability: (B,) float32 SAM stability scores of the upsampled logits (``stability_scores``)."""
 
     masks: np.ndarray
     stability: np.ndarray
@@ -179,3 +179,18 @@ class BestMasks:
             self.low_res = torch.zeros(shape, dtype=torch.float32, device=masks.device)
         at = functools.partial(torch.as_tensor, device=masks.device)
         self.low_res[at(indices)] = masks[at(rows), at(best)]
+
+
+def stability_scores(logits: np.ndarray, threshold: float, offset: float = STABILITY_OFFSET) -> np.ndarray:
+    """(B, H, W) float32 mask logits → (B,) float32 IoU of (logits > threshold + offset) and
+    (logits > threshold - offset); 1.0 where both are empty (SAM's ``calculate_stability_score``)."""
+    flat = logits.reshape(logits.shape[0], -1)
+    inter = (flat > threshold + offset).sum(axis=1, dtype=np.int64)
+    union = (flat > threshold - offset).sum(axis=1, dtype=np.int64)
+    return stability_from_counts(inter, union)
+
+
+def stability_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """(B,) int64 pixel counts of (logits > threshold + offset) and (logits > threshold - offset) → (B,) float32
+    stability scores (``stability_scores``; device-resident masks count on their device)."""
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float32)

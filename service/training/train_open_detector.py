@@ -1,7 +1,7 @@
 """Regenerates the demo open-vocabulary detector: ultralytics YOLOE-11n trained from scratch on text phrases of
 the attribute shapes world (``service.shapes.attributes``), with all-MiniLM-L6-v2 text features.
 
-    python -m service.models.demo.train_open_detector --work /tmp/shapes-yoloe [--hours 0.65]
+    python -m service.training.train_open_detector --work /tmp/shapes-yoloe [--hours 0.65]
 
 Never imported by the serving path. What it does:
 
@@ -31,7 +31,7 @@ made that way: stage 1, then stage 2 from its output with a fresh, seeded SAVPE)
 Ultralytics' YOLOE validator would load MobileCLIP for its class names: the validator here takes the same
 MiniLM features instead (ultralytics val on the 100 val scenes, fine classes, after the last epoch only).
 Ultralytics' ``select_device`` sets torch to cpu_count - 1 threads; a callback sets ``--threads`` back.
-Figures: ``python -m service.shapes.evaluate_open`` (see SHAPES_YOLOE.md).
+Figures: ``python -m service.training.evaluate_open`` (see SHAPES_YOLOE.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Figures of a text-prompted detector on held-out attribute scenes (issue 11), computed with pycocotools COCOeval.
 
-    python -m service.shapes.evaluate_open [--weights service/models/demo/shapes-yoloe.pt] [--scenes 300] [--json F]
+    python -m service.training.evaluate_open [--weights service/models/demo/shapes-yoloe.pt] [--scenes 300] [--json F]
 
 The detector runs as detseg serves it: ``load_detector_module``, class embeddings from the checkpoint's own
 text encoder (``ClassTextEncoder.for_detector(model.text_model, ...)`` → ``class_embeddings_from_text``),
@@ -105,9 +105,9 @@ class ServedOpenDetector:
         import torch
 
         from service.models.loading import load_detector_module
+        from service.models.tensors import DetectorSpec
         from service.models.text import ClassTextEncoder, SentenceEncoder
-        from service.pipeline.detection import DetectorProcessing
-        from service.runners.base import DetectorSpec
+        from service.processing.detection import DetectorProcessing
 
         loaded = load_detector_module(weights)
         if loaded.text_model is None:
@@ -190,7 +190,7 @@ class ServedOpenDetector:
         boxes: dict[tuple[int, str], np.ndarray], scores: dict[tuple[int, str], np.ndarray],
     ) -> None:  # fmt: skip
         """NMS per text of one image's (1, 4 + C, A) head output into ``boxes``/``scores``."""
-        from service.runners.base import DetectorOutput
+        from service.models.tensors import DetectorOutput
 
         for j, text in enumerate(texts):
             det = self.processing.postprocess(

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from service.models.roles import ModelDescriptor, ModelRole
+from service.models.tensors import DetectorOutput, ImageFeatures
 from service.pipeline.cache import PREFIX, CacheEntry
 from service.pipeline.image import DecodedImage
-from service.runners.base import DetectorOutput, ImageFeatures, Runner
+from service.runners.base import Runner
 
 log = logging.getLogger(__name__)
 

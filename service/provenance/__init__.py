@@ -52,8 +52,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service.models.download import file_sha256
-
 SCHEMA = "detseg.manifest/v1"
 MANIFEST_NAME = "detseg-manifest.json"
 ALGORITHM = "Ed25519"
@@ -154,6 +152,15 @@ def _check_json_value(obj: Any, where: str) -> None:
     elif isinstance(obj, list | tuple):
         for i, value in enumerate(obj):
             _check_json_value(value, f"{where}[{i}]")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -603,7 +610,7 @@ def verify_path(
     checked: tuple[int, tuple[str, ...]] = (0, ())
     if content["kind"] == KIND_EXPORT:
         checked = _verify_artifacts(manifest_path.parent, content["artifacts"])
-    weights_checked = _verify_weights(weights, content["models"])
+    weights_checked = verify_weights(weights, content["models"])
     return VerifyReport(
         signed=result.signed,
         key_id=result.key_id,
@@ -686,7 +693,9 @@ def _files_under(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in files_under(root)]
 
 
-def _verify_weights(weights: Sequence[Path], models: list[dict[str, Any]]) -> int:
+def verify_weights(weights: Sequence[Path], models: list[dict[str, Any]]) -> int:
+    """Checks each file of ``weights`` against the sha256 of the manifest's ``models``; returns how many were
+    checked. Raises VerificationFailed naming a file that cannot be read or matches none."""
     expected = {m["weights_sha256"] for m in models}
     for file in weights:
         try:
