@@ -1,6 +1,6 @@
 # detseg — every target sets up what it needs, idempotently.
 #   make serve   set up the venv, generate the gRPC code, serve (official weights; see README)
-#   make test    set up, lint (ruff), type-check (mypy), run every test
+#   make test    set up, lint (ruff), check the floors (import-linter), type-check (mypy), run every test
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.generated
 MODELS ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv proto serve serve-test test lint typecheck unit integration clean helm-tools redis-tools
+.PHONY: venv proto serve serve-test test lint imports typecheck unit integration clean helm-tools redis-tools
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -44,7 +44,11 @@ lint: venv
 typecheck: proto
 	$(BIN)/mypy service
 
-test: proto lint typecheck helm-tools redis-tools
+# The floors (docs/architecture.md): import-linter's contracts in pyproject.toml, imports inside functions included.
+imports: proto
+	$(BIN)/lint-imports --no-cache
+
+test: proto lint imports typecheck helm-tools redis-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: proto

@@ -13,10 +13,8 @@ full jitter (``RetryPolicy``) until that deadline: the deadline is the bound, no
 made while a server starts and loads its models for a minute gets its answer once it is ready. Each attempt may
 take only the time left. No other status is retried, since it would fail again. gRPC's own service-config
 retries cap attempts at 5 and cannot wait out a loading server, hence the loop here. Streams (``segment_many``)
-are not retried. Message limits are raised for masks of large images (``max_message_bytes``).
-
-Frames: boxes are original-image pixels, XYXY; masks (H, W) bool at the original image size, decoded from the
-COCO RLE the server sends only when asked for (``Instance.mask``, ``Result.masks``).
+are not retried. Message limits are raised for masks of large images (``max_message_bytes``). Results are
+``service.results``' types (re-exported here): boxes XYXY original pixels, masks (H, W) bool at the image's size.
 """
 
 from __future__ import annotations
@@ -34,27 +32,21 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from service import results
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.provenance import VerifyResult
+from service.provenance.response import verify_response
+from service.results import XYXY, ImageHandle, Instance, ModelRef  # noqa: F401 (Instance, ModelRef: re-exported)
 
 if TYPE_CHECKING:
     import supervision as sv
     from PIL import Image as PILImage
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-
-XYXY = tuple[float, float, float, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageHandle:
-    """An image the server has encoded and cached (``Client.encode_image``): prompts on it skip the encoder."""
-
-    handle: str
-
-
-if TYPE_CHECKING:  # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
+    # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
     ImageLike = bytes | str | os.PathLike[str] | np.ndarray | ImageHandle | PILImage.Image
+
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,142 +95,13 @@ class RetryPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
-class Instance:
-    """One labeled instance of a result. ``box``: XYXY original pixels; ``rle``: COCO RLE {"size": [H, W],
-    "counts": str} of the whole image; ``source``: "detector", "region", "text", "exemplar" or "concept";
-    ``text``/``similarity``: the free text it answers and how closely it matched (text answers only);
-    ``needs_review``/``review_reasons``: whether a person should check it and the rules that fired ("low_score",
-    "low_mask_score", "unstable_mask", "tiny_mask", "fragmented_mask", "weak_text_match"); ``stability``: SAM's
-    stability score of the mask."""
+class Result(results.Result):
+    """The answer for one image (``service.results.Result``) with its manifest check and ``supervision`` view."""
 
-    label: str
-    class_id: int
-    score: float
-    box: XYXY
-    mask_score: float
-    source: str
-    region_index: int
-    text: str
-    similarity: float
-    rle: dict[str, Any]
-    needs_review: bool = False
-    review_reasons: tuple[str, ...] = ()
-    stability: float = 1.0
-
-    @property
-    def mask(self) -> np.ndarray:
-        """(H, W) bool, decoded on each access (keep it if you need it twice)."""
-        from pycocotools import mask as mask_utils
-
-        return mask_utils.decode({"size": list(self.rle["size"]), "counts": self.rle["counts"].encode()}).astype(bool)
-
-    @property
-    def area(self) -> int:
-        """Mask pixels."""
-        from pycocotools import mask as mask_utils
-
-        return int(mask_utils.area({"size": list(self.rle["size"]), "counts": self.rle["counts"].encode()}))
-
-    @classmethod
-    def from_proto(cls, inst: pb.Instance) -> Instance:
-        if inst.mask.WhichOneof("data") not in (None, "coco_rle"):
-            raise ValueError("the client asks for COCO RLE masks; got another encoding")
-        source = pb.InstanceSource.Name(inst.source).removeprefix("INSTANCE_SOURCE_").lower()
-        return cls(
-            label=inst.label,
-            class_id=inst.class_id,
-            score=inst.score,
-            box=(inst.box.x_min, inst.box.y_min, inst.box.x_max, inst.box.y_max),
-            mask_score=inst.mask_score,
-            source="region" if source == "region_prompt" else source,
-            region_index=inst.region_index,
-            text=inst.text_match.text,
-            similarity=inst.text_match.similarity,
-            rle={"size": list(inst.mask.coco_rle.size), "counts": inst.mask.coco_rle.counts.decode("ascii")},
-            needs_review=inst.review.needed,
-            review_reasons=tuple(
-                pb.ReviewReason.Name(r).removeprefix("REVIEW_REASON_").lower() for r in inst.review.reasons
-            ),
-            stability=inst.review.stability_score,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-    """A model that answered: role ("detector", "segmenter", ...), catalog name, version, weights sha256."""
-
-    role: str
-    name: str
-    version: str
-    weights_sha256: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """The answer for one image: instances highest score first (detections, then regions in request order),
-    the image's size and sha256, and who answered (``request_id``, ``profile``, ``models``). ``response`` is the
-    message itself, for anything not lifted into fields."""
-
-    instances: tuple[Instance, ...]
-    width: int
-    height: int
-    sha256: str
-    request_id: str
-    profile: str
-    models: tuple[ModelRef, ...]
-    response: pb.SegmentResponse = dataclasses.field(repr=False, compare=False)
-
-    @classmethod
-    def from_proto(cls, response: pb.SegmentResponse) -> Result:
-        p = response.provenance
-        models = tuple(
-            ModelRef(pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(), m.name, m.version, m.weights_sha256)
-            for m in p.models
-        )
-        return cls(
-            instances=tuple(Instance.from_proto(i) for i in response.instances),
-            width=response.image.width,
-            height=response.image.height,
-            sha256=response.image.sha256,
-            request_id=p.request_id,
-            profile=p.profile,
-            models=models,
-            response=response,
-        )
-
-    def __len__(self) -> int:
-        return len(self.instances)
-
-    def __iter__(self) -> Iterator[Instance]:
-        return iter(self.instances)
-
-    @property
-    def labels(self) -> list[str]:
-        return [i.label for i in self.instances]
-
-    @property
-    def boxes(self) -> np.ndarray:
-        """(N, 4) float32 XYXY original pixels."""
-        return np.array([i.box for i in self.instances], dtype=np.float32).reshape(-1, 4)
-
-    @property
-    def scores(self) -> np.ndarray:
-        """(N,) float32 detector scores."""
-        return np.array([i.score for i in self.instances], dtype=np.float32)
-
-    def verify(self, trusted_keys: Sequence[Any] = (), *, require_signature: bool = True) -> Any:
+    def verify(self, trusted_keys: Sequence[Any] = (), *, require_signature: bool = True) -> VerifyResult:
         """Checks the response's provenance manifest: the signature (by one of ``trusted_keys``, Ed25519 public
-        keys, when given) and that it covers exactly these instances and this image. Returns
-        ``service.provenance.VerifyResult``; raises ``service.provenance.VerificationFailed``."""
-        from service.provenance.response import verify_response
-
+        keys, when given) and that it covers exactly these instances and this image. Raises VerificationFailed."""
         return verify_response(self.response, trusted_keys=trusted_keys, require_signature=require_signature)
-
-    def masks(self) -> np.ndarray:
-        """(N, H, W) bool, original image size (decoded now)."""
-        if not self.instances:
-            return np.zeros((0, self.height, self.width), dtype=bool)
-        return np.stack([i.mask for i in self.instances])
 
     def to_supervision(self) -> sv.Detections:
         """``supervision.Detections``: xyxy, mask (N, H, W) bool, confidence, class_id (detector vocabulary; -1
@@ -265,9 +128,7 @@ class RequestFailed(Exception):
 
     def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1) -> None:
         super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.attempts = attempts
+        self.code, self.message, self.attempts = code, message, attempts
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> RequestFailed:
@@ -336,12 +197,10 @@ def segment_request(
     options.multimask = multimask
     if review is not None:
         options.review.CopyFrom(review)
-    if score_threshold is not None:
-        options.score_threshold = score_threshold
-    if iou_threshold is not None:
-        options.iou_threshold = iou_threshold
-    if max_instances is not None:
-        options.max_instances = max_instances
+    limits = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_instances": max_instances}
+    for field, value in limits.items():
+        if value is not None:
+            setattr(options, field, value)
     return request
 
 
@@ -381,9 +240,7 @@ class _Budget:
     """One call's retry state: its deadline (time.monotonic() seconds), the attempts made, the last error."""
 
     def __init__(self, retry: RetryPolicy, deadline: float, rng: random.Random) -> None:
-        self.retry = retry
-        self.deadline = deadline
-        self.rng = rng
+        self.retry, self.deadline, self.rng = retry, deadline, rng
         self.attempts = 0
         self.error: grpc.RpcError | None = None
 

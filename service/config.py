@@ -23,7 +23,9 @@ def _default_cache_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every tunable of the service. Field names double as flag and env names."""
+    """Every tunable of the service. Field names double as flag, env (``DETSEG_<NAME>``), config-file and Helm
+    ``config`` names, so the fields stay flat; they are grouped by section: serving, security, telemetry, models,
+    batching, backend and Triton, caches, request limits, request defaults, masks, provenance, review."""
 
     # Serving.
     host: str = "127.0.0.1"
@@ -52,9 +54,17 @@ class Settings:
     # glibc malloc from handing activation buffers back to the OS after every pass (measured 20-30 % faster on CPU,
     # at the cost of holding the peak's memory); "system" leaves glibc's defaults. Applied by re-executing at start.
     allocator: str = "tuned"
+
     # Security (service.api.security): TLS with tls_cert + tls_key (PEM paths); mutual TLS adds tls_client_ca
     # (clients need a certificate it signed). auth_tokens_file: one bearer token per line; every RPC but health
     # then needs "authorization: Bearer <token>". Empty = off.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens_file: str = ""
+    # A second, plaintext port serving only grpc.health.v1 (0 = none): Kubernetes' grpc probes cannot speak TLS.
+    health_port: int = 0
+
     # Telemetry (service.telemetry): traces none | console | otlp; metrics none | console | otlp | prometheus
     # (a scrape endpoint on metrics_port, bound to host); OTLP goes to otlp_endpoint (gRPC; empty = the
     # exporter's default, localhost:4317).
@@ -62,12 +72,6 @@ class Settings:
     metrics_exporter: str = "none"
     metrics_port: int = 9464
     otlp_endpoint: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    # A second, plaintext port serving only grpc.health.v1 (0 = none): Kubernetes' grpc probes cannot speak TLS.
-    health_port: int = 0
-    tls_client_ca: str = ""
-    auth_tokens_file: str = ""
 
     # Models.
     # Profile: auto (official if obtainable, else profiles.FALLBACK_PROFILE) | official | official-open | demo |
@@ -134,9 +138,9 @@ class Settings:
     cache_max_bytes: int = 512 * 1024 * 1024  # 0 disables the cache; ~17 MB per image at SAM's 1024² input
     cache_ttl_seconds: float = 600.0  # since last use
     # The shared second tier (service.pipeline.shared_cache): Redis at redis_url (e.g. redis://redis:6379/0;
-    # empty = none),
-    # entries expire cache_ttl_seconds after last use; larger entries are not shared; each Redis call may take
-    # redis_timeout_seconds; after a failure Redis is left alone for redis_retry_seconds (requests never fail).
+    # empty = none); entries expire cache_ttl_seconds after last use; larger entries are not shared; each Redis
+    # call may take redis_timeout_seconds; after a failure Redis is left alone for redis_retry_seconds (requests
+    # never fail).
     redis_url: str = ""
     redis_max_entry_bytes: int = 64 * 1024 * 1024
     redis_timeout_seconds: float = 0.5

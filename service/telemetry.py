@@ -1,4 +1,5 @@
-"""Telemetry with the OpenTelemetry SDK: a span per RPC (``detseg.v1.SegmentationService/<Method>``) whose
+"""Telemetry with the OpenTelemetry SDK: a span per RPC (``detseg.v1.SegmentationService/<Method>``, opened by
+``service.api.interceptors.RpcTelemetry``) whose
 children are the pipeline's stages (``service.pipeline.stages``) and the runners' model calls; metrics; and
 the trace id in every log record.
 
@@ -22,9 +23,8 @@ Metrics (Prometheus names in brackets):
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -35,8 +35,6 @@ from service.config import Settings
 TRACES = ("none", "console", "otlp")
 METRICS = ("none", "console", "otlp", "prometheus")
 
-_tracer = trace.get_tracer("detseg.api")
-_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and API browsing: no spans, no metrics
 _sources: weakref.WeakSet[Any] = weakref.WeakSet()  # live servicers, read by the observable gauges
 _instruments: Instruments | None = None
 
@@ -143,59 +141,6 @@ def register(servicer: Any) -> None:
     _sources.add(servicer)
 
 
-class RpcTelemetry(grpc.aio.ServerInterceptor):
-    """A span and a latency/error record per RPC (streams: over the whole stream)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_UNTRACED):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        name = details.method.lstrip("/")
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
-                    start, code = time.perf_counter(), grpc.StatusCode.OK
-                    try:
-                        return await inner(request, context)
-                    except BaseException as e:
-                        code = rpc_status(context, e)
-                        raise
-                    finally:
-                        _record(span, method, code, time.perf_counter() - start)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )  # fmt: skip
-        if handler.stream_stream:
-            inner_stream = handler.stream_stream
-
-            async def streaming(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
-                    start, code = time.perf_counter(), grpc.StatusCode.OK
-                    try:
-                        async for response in inner_stream(requests, context):
-                            yield response
-                    except BaseException as e:
-                        code = rpc_status(context, e)
-                        raise
-                    finally:
-                        _record(span, method, code, time.perf_counter() - start)
-
-            return grpc.stream_stream_rpc_method_handler(
-                streaming, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )  # fmt: skip
-        return handler
-
-
 def rpc_status(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.StatusCode:
     """The status an RPC ended with: the one the handler aborted with, CANCELLED for a cancelled call."""
     if isinstance(error, asyncio.CancelledError):
@@ -204,7 +149,8 @@ def rpc_status(context: grpc.aio.ServicerContext, error: BaseException) -> grpc.
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
-def _record(span: trace.Span, method: str, code: grpc.StatusCode, seconds: float) -> None:
+def record_rpc(span: trace.Span, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    """Marks an RPC's span with its method and status and records its duration (and error) in the instruments."""
     attributes = {"rpc.method": method, "rpc.grpc.status_code": code.name}
     span.set_attributes({"rpc.system": "grpc", "rpc.service": "detseg.v1.SegmentationService", **attributes})
     if code != grpc.StatusCode.OK:

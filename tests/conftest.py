@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.api.inprocess import InProcessServer as ServerThread
+from service.app import InProcessServer as ServerThread
 from service.config import Settings
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.runners.base import Runner

@@ -10,7 +10,8 @@ from service import __version__
 from service.errors import InvalidInput
 from service.models.roles import ModelDescriptor, ModelRole, PrecisionGate
 from service.pipeline.image import DecodedImage
-from service.pipeline.pipeline import (
+from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
+from service.pipeline.results import (
     CONCEPT,
     DETECTOR,
     EXEMPLAR,
@@ -20,7 +21,6 @@ from service.pipeline.pipeline import (
     InstanceResult,
     SegmentResult,
 )
-from service.pipeline.prompts import Exemplar, ImageInput, Options, RefinementOptions, Region, SegmentQuery
 from service.pipeline.review import ReviewOptions, ReviewRules
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 from service.processing.masks import PNG, POLYGON, RLE, EncodedMask

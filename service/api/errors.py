@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import grpc
 
@@ -43,14 +43,21 @@ def status_for(error: DetsegError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def describe(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
-    """(status code, caller-safe message) for any failure; unexpected ones are logged with their traceback."""
+class Failure(NamedTuple):
+    """How a failed call is answered: its status code and a caller-safe message."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+def describe(error: Exception, request_id: str) -> Failure:
+    """The status code and caller-safe message for any failure; unexpected ones are logged with their traceback."""
     if isinstance(error, DetsegError):
         code = status_for(error)
         log.info("request %s: %s: %s", request_id, code.name, error, extra={"request_id": request_id})
-        return code, str(error)
+        return Failure(code, str(error))
     log.error("request %s failed", request_id, exc_info=error, extra={"request_id": request_id})
-    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+    return Failure(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
 async def guarded(context: grpc.aio.ServicerContext, request_id: str, work: Awaitable[T]) -> T:

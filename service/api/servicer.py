@@ -53,13 +53,13 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     def cache_stats(self) -> CacheCounts:
         """The embedding cache's hit, miss and eviction counts (zeros while models load)."""
-        cache = self._pipeline.cache if self._pipeline is not None else None
+        cache = self._pipeline.images.cache if self._pipeline is not None else None
         return CacheCounts(cache.hits, cache.misses, cache.evictions) if cache is not None else CacheCounts(0, 0, 0)
 
     @property
     def shared_tier(self) -> Any:
         """The pipeline's shared cache tier (``service.pipeline.shared_cache.RedisTier``), None when there is none."""
-        return self._pipeline.shared if self._pipeline is not None else None
+        return self._pipeline.images.shared if self._pipeline is not None else None
 
     def load_failed(self) -> None:
         """The models could not be loaded: RPCs say so (the reason is in the server's log, not for callers)."""
@@ -160,7 +160,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         async with self.admission.slot(DEADLINE.get()):
             result = await _within_deadline(pipeline.encode(convert.image_from_proto(request.image)))
         return convert.encode_response_to_proto(
-            result, request_id, pipeline.cache.ttl, self._models, self._profile, pipeline.runner.backend
+            result, request_id, pipeline.images.cache.ttl, self._models, self._profile, pipeline.runner.backend
         )
 
     async def ListModels(

@@ -25,9 +25,13 @@ import numpy as np
 
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.predict import ImagePrediction
-from service.pipeline.review import Reason
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.results import enum_name
 
-REVIEW_RULES = tuple(reason.value for reason in Reason)
+# The review rules, named as results name them (the proto's ReviewReason values but UNSPECIFIED, in order).
+REVIEW_RULES = tuple(
+    enum_name(pb.ReviewReason, v) for v in pb.ReviewReason.values() if v != pb.REVIEW_REASON_UNSPECIFIED
+)
 
 
 @dataclasses.dataclass(frozen=True)

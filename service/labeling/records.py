@@ -15,7 +15,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class LabeledInstance:
     """One labeled instance. ``rle``: {"size": [H, W], "counts": str} (COCO compressed RLE, as pycocotools
-    encodes it); ``source``: how it was found ("detector", "region", "text", "exemplar", "concept")."""
+    encodes it); ``source``: how it was found ("detector", "region_prompt", "text", "exemplar", "concept")."""
 
     label: str
     score: float

@@ -27,11 +27,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.client import Client, Result, segment_request
+from service import __version__, provenance
+from service.client import Client, segment_request
 from service.errors import InvalidInput
 from service.labeling.records import LabeledImage, LabeledInstance
 from service.printable import check_printable
 from service.provenance import file_sha256
+from service.provenance.response import manifest_models
+from service.results import Result
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
@@ -98,6 +101,8 @@ def read_records(out: Path) -> dict[str, LabeledImage]:
 
 
 def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
+    """The record of one answer, read through ``service.results`` (the client's ``Result``): sources, review reasons
+    and RLE spelled as every reader spells them."""
     instances = tuple(
         LabeledInstance(
             label=i.label, score=float(i.score), box=tuple(float(v) for v in i.box), rle=i.rle,  # type: ignore[arg-type]
@@ -276,9 +281,6 @@ def write_manifest(
     """``out/detseg-manifest.json`` over every file under ``out`` (walked: whatever the export wrote, at any depth,
     links included) except the placed source images ``placed`` (exact paths under ``out``) and the manifest itself.
     A link among them that leads outside ``out`` is refused (ValueError), never skipped."""
-    from service import __version__, provenance
-    from service.provenance.response import manifest_models
-
     models = client.list_models()
     skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}
     files = [p for p in provenance.files_under(out) if os.path.abspath(p) not in skip]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
@@ -157,7 +158,12 @@ def resolve_concept_weights(settings: Settings, *, progress: bool = True) -> Wei
     return _explicit(settings.concept_model, ModelRole.CONCEPT_SEGMENTER, settings, progress)
 
 
-def _demo_refs(open_vocabulary: bool = False) -> tuple[WeightsRef, WeightsRef]:
+class DetectorAndSegmenter(NamedTuple):
+    detector: WeightsRef
+    segmenter: WeightsRef
+
+
+def _demo_refs(open_vocabulary: bool = False) -> DetectorAndSegmenter:
     """The shapes-trained models shipped in ``service/models/demo`` (see their model cards); with
     ``open_vocabulary`` the text-prompted YOLOE detector instead of the 5-class YOLO11n."""
     from service.models.demo import profile as demo
@@ -180,7 +186,7 @@ def _demo_refs(open_vocabulary: bool = False) -> tuple[WeightsRef, WeightsRef]:
         file_sha256(demo.SHAPES_SAM2),
         demo.SHAPES_SAM2_OVERRIDES,
     )
-    return detector, segmenter
+    return DetectorAndSegmenter(detector, segmenter)
 
 
 def _entry(name: str, role: ModelRole) -> CatalogEntry:

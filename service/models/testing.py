@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,7 +20,14 @@ TEST_SEGMENTER_OVERRIDES = (f"++model.image_size={TEST_SEGMENTER_IMAGE_SIZE}",)
 TEST_OPEN_DETECTOR_ARCH = "yoloe-11n.yaml"  # YOLOE: classes are text embeddings given per request
 
 
-def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
+class SeededModels(NamedTuple):
+    """The checkpoint paths of the seeded test models."""
+
+    detector: Path
+    segmenter: Path
+
+
+def make_test_models(directory: Path, seed: int = 0) -> SeededModels:
     """Writes (once) the seeded test detector and segmenter checkpoints; returns their paths.
 
     Detector: ultralytics checkpoint of ``yolo11n.yaml`` with the 6-class TEST_VOCABULARY.
@@ -30,12 +37,12 @@ def make_test_models(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     detector, segmenter = directory / "test-yolo11n.pt", directory / "test-sam2.1_hiera_t_256.pt"
     stamp = directory / "manifest.json"
     if stamp.exists() and detector.exists() and segmenter.exists():
-        return detector, segmenter
+        return SeededModels(detector, segmenter)
     directory.mkdir(parents=True, exist_ok=True)
     _write_detector(detector, seed)
     write_segmenter(segmenter, seed, TEST_SEGMENTER_IMAGE_SIZE)
     stamp.write_text(json.dumps({"seed": seed, "detector": detector.name, "segmenter": segmenter.name}))
-    return detector, segmenter
+    return SeededModels(detector, segmenter)
 
 
 def make_test_open_detector(

@@ -84,10 +84,27 @@ class ModelIdentity:
 def _digest(model: ModelDescriptor, backend: str) -> str:
     """128-bit hex digest of what makes a model's outputs what they are (not its gate measurements or notes)."""
     parts = (
-        str(model.role), model.name, model.architecture, model.version, model.weights_sha256, model.input_size,
-        list(model.vocabulary), model.open_vocabulary, model.precision, backend, PREPROCESSING_VERSION,
-    )  # fmt: skip
+        str(model.role),
+        model.name,
+        model.architecture,
+        model.version,
+        model.weights_sha256,
+        model.input_size,
+        list(model.vocabulary),
+        model.open_vocabulary,
+        model.precision,
+        backend,
+        PREPROCESSING_VERSION,
+    )
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedOutput:
+    """A detector output read back from the tier, with its key (``ClassPrompts.key``; None: closed detector)."""
+
+    key: Hashable
+    output: DetectorOutput
 
 
 class _Corrupt(ValueError):
@@ -202,12 +219,12 @@ class RedisTier:
             else:
                 for field, raw in outputs.items():
                     try:
-                        key, output = self._output_from_bytes(field, raw)
+                        shared = self._output_from_bytes(field, raw)
                     except Exception as e:  # as above
                         self._corrupted("detector output", e)
                         bad_fields.append(field)
                     else:
-                        entry.detector[key] = output
+                        entry.detector[shared.key] = shared.output
         if entry is None:
             self.misses += 1
         else:
@@ -305,7 +322,7 @@ class RedisTier:
             raise _Corrupt(f"features: {shapes}, expected {self._feature_shapes or sides}")
         return CacheEntry(DecodedImage(rgb=rgb, format=meta["format"], sha256=sha), features)
 
-    def _output_from_bytes(self, field: bytes, blob: bytes) -> tuple[Hashable, DetectorOutput]:
+    def _output_from_bytes(self, field: bytes, blob: bytes) -> _SharedOutput:
         """A detector output as shared by a replica of this identity. Raises: _Corrupt (or a parser's error)."""
         key = _key_from_text(field.decode())
         with _arrays(blob) as data:
@@ -318,7 +335,7 @@ class RedisTier:
             or (self._anchors is not None and raw.shape[2] != self._anchors)
         ):
             raise _Corrupt(f"raw: {raw.dtype} {raw.shape}, expected float32 (1, {4 + classes}, anchors)")
-        return key, DetectorOutput(raw=raw)
+        return _SharedOutput(key, DetectorOutput(raw=raw))
 
 
 def _seconds(ttl: float) -> int:
@@ -360,7 +377,5 @@ def _arrays(blob: bytes) -> Any:
 def _entry_to_bytes(image: DecodedImage, feats: ImageFeatures) -> bytes:
     """``feats``: on the host (numpy)."""
     meta = json.dumps({"format": image.format, "sha256": image.sha256}).encode()
-    return _to_bytes(
-        rgb=image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed,
-        **{f"high_res_{i}": f for i, f in enumerate(feats.high_res_feats)},
-    )  # fmt: skip
+    high_res = {f"high_res_{i}": f for i, f in enumerate(feats.high_res_feats)}
+    return _to_bytes(rgb=image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed, **high_res)

@@ -5,7 +5,8 @@ input (the image's sha256 as ImageInfo reports it), the prompts, the options as 
 one artifact: "instances", the sha256 of the canonical JSON of ``instance_content`` of every instance in
 order. It travels as ``Provenance.manifest`` (the JSON envelope). ``verify_response`` recomputes the digest
 from the instances received, so a changed mask, label, score, box or review fails as a changed manifest does.
-Both sides build the content from the protobuf values as sent (float32 scores widened to Python floats).
+Both sides build the content with ``service.results`` from the protobuf values as sent (float32 scores widened
+to Python floats).
 """
 
 from __future__ import annotations
@@ -16,40 +17,34 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from service import __version__, provenance
+from service import __version__
 from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.provenance.canonical import content_artifact
+from service.provenance.manifests import KIND_RESPONSE, manifest
+from service.provenance.signatures import VerificationFailed, VerifyResult, verify_envelope
+from service.provenance.signatures import envelope as make_envelope
+from service.results import ModelRef, instance_content
+
+__all__ = [
+    "INSTANCES",
+    "attach_manifest",
+    "instance_content",
+    "manifest_models",
+    "response_manifest",
+    "verify_content",
+    "verify_response",
+]
 
 INSTANCES = "instances"
 
 
-def instance_content(inst: pb.Instance) -> dict[str, Any]:
-    """What a response says about one instance, as plain JSON (also ``detseg segment --json``'s instances)."""
-    return {
-        "label": inst.label,
-        "class_id": inst.class_id,
-        "score": inst.score,
-        "box": [inst.box.x_min, inst.box.y_min, inst.box.x_max, inst.box.y_max],
-        "mask_score": inst.mask_score,
-        "source": pb.InstanceSource.Name(inst.source).removeprefix("INSTANCE_SOURCE_").lower(),
-        "region_index": inst.region_index,
-        "text": inst.text_match.text,
-        "similarity": inst.text_match.similarity,
-        "rle": {"size": list(inst.mask.coco_rle.size), "counts": inst.mask.coco_rle.counts.decode("ascii")},
-        "review": {
-            "needed": inst.review.needed,
-            "reasons": [pb.ReviewReason.Name(r).removeprefix("REVIEW_REASON_").lower() for r in inst.review.reasons],
-            "stability": inst.review.stability_score,
-        },
-    }
-
-
 def manifest_models(models: Sequence[pb.ModelInfo]) -> list[dict[str, str]]:
     """The manifest's model entries (role, name, version, weights sha256) of the models a server reports."""
+    refs = [ModelRef.from_proto(m) for m in models]
     return [
-        {"role": pb.ModelRole.Name(m.role).removeprefix("MODEL_ROLE_").lower(), "name": m.name,
-         "version": m.version or "file", "weights_sha256": m.weights_sha256}
-        for m in models
-    ]  # fmt: skip
+        {"role": r.role, "name": r.name, "version": r.version or "file", "weights_sha256": r.weights_sha256}
+        for r in refs
+    ]
 
 
 def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) -> dict[str, Any]:
@@ -63,8 +58,8 @@ def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) 
             {"box": MessageToDict(e.box), "label": e.label, "image": e.HasField("image")} for e in request.exemplars
         ],  # fmt: skip
     }
-    return provenance.manifest(
-        kind=provenance.KIND_RESPONSE,
+    return manifest(
+        kind=KIND_RESPONSE,
         models=manifest_models(response.provenance.models),
         inputs=[{"name": "image", "sha256": response.image.sha256}],
         prompts=prompts,
@@ -74,42 +69,42 @@ def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) 
             "profile": response.provenance.profile,
             "backend": response.provenance.backend,
         },  # fmt: skip
-        artifacts=[provenance.content_artifact(INSTANCES, [instance_content(i) for i in response.instances])],
+        artifacts=[content_artifact(INSTANCES, [instance_content(i) for i in response.instances])],
         detseg_version=__version__,
     )
 
 
 def attach_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse, key: Any | None) -> None:
     """Sets ``response.provenance.manifest``: the envelope, signed when ``key`` (Ed25519PrivateKey) is given."""
-    envelope = provenance.envelope(response_manifest(request, response), key)
+    envelope = make_envelope(response_manifest(request, response), key)
     response.provenance.manifest = json.dumps(envelope, sort_keys=True)
 
 
 def verify_content(
     envelope: dict[str, Any], instances: Sequence[dict[str, Any]], image_sha256: str, *,
     trusted_keys: Sequence[Any] = (), require_signature: bool = True,
-) -> provenance.VerifyResult:  # fmt: skip
+) -> VerifyResult:  # fmt: skip
     """The envelope's signature, and that ``instances`` (``instance_content`` dicts) and the image hash are
     what it covers. Raises provenance.VerificationFailed."""
-    result = provenance.verify_envelope(envelope, trusted_keys=trusted_keys, require_signature=require_signature)
+    result = verify_envelope(envelope, trusted_keys=trusted_keys, require_signature=require_signature)
     m = result.manifest
-    if m["kind"] != provenance.KIND_RESPONSE:
-        raise provenance.VerificationFailed(f"manifest kind {m['kind']!r}, expected {provenance.KIND_RESPONSE!r}")
+    if m["kind"] != KIND_RESPONSE:
+        raise VerificationFailed(f"manifest kind {m['kind']!r}, expected {KIND_RESPONSE!r}")
     expected = next((a for a in m["artifacts"] if a["name"] == INSTANCES), None)
-    actual = provenance.content_artifact(INSTANCES, list(instances))
+    actual = content_artifact(INSTANCES, list(instances))
     if expected is None or expected["sha256"] != actual["sha256"]:
-        raise provenance.VerificationFailed("instances: content differs from the signed manifest (tampered)")
+        raise VerificationFailed("instances: content differs from the signed manifest (tampered)")
     if [i["sha256"] for i in m["inputs"]] != [image_sha256]:
-        raise provenance.VerificationFailed("image: sha256 differs from the signed manifest")
+        raise VerificationFailed("image: sha256 differs from the signed manifest")
     return result
 
 
 def verify_response(
     response: pb.SegmentResponse, *, trusted_keys: Sequence[Any] = (), require_signature: bool = True
-) -> provenance.VerifyResult:
+) -> VerifyResult:
     """``verify_content`` for a received response (its ``provenance.manifest``)."""
     if not response.provenance.manifest:
-        raise provenance.VerificationFailed("the response carries no manifest")
+        raise VerificationFailed("the response carries no manifest")
     return verify_content(
         json.loads(response.provenance.manifest), [instance_content(i) for i in response.instances],
         response.image.sha256, trusted_keys=trusted_keys, require_signature=require_signature,

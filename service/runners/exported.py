@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -66,8 +66,15 @@ def ort_session(path: Path, settings: Settings, arena: bool) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def specs(served: graphs.ServedGraphs) -> tuple[DetectorSpec, SegmenterSpec]:
-    return (
+class Specs(NamedTuple):
+    """What the exported detector and segmenter are, as the runners report them."""
+
+    detector: DetectorSpec
+    segmenter: SegmenterSpec
+
+
+def specs(served: graphs.ServedGraphs) -> Specs:
+    return Specs(
         DetectorSpec(
             names=served.names,
             imgsz=served.imgsz,

@@ -20,6 +20,7 @@ Every OpenVINO model runs with ``INFERENCE_PRECISION_HINT=f32`` (its bf16 defaul
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -27,26 +28,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from service.config import Settings
 from service.errors import ModelUnavailable
+from service.models.demo.profile import SHAPES_SAM2
 from service.models.graphs import IO
+from service.models.loading import load_segmenter_module
 from service.models.openvino_ir import F32, EncoderIR, cpu_supports_int8, encoder_ir, int8_gate
 from service.models.profiles import ModelSet
 from service.models.roles import ModelRole, PrecisionGate, Role
-from service.models.tensors import DecoderOutput, ImageFeatures, PromptBatch
+from service.models.tensors import DecoderOutput, ImageFeatures, PromptBatch, SegmenterSpec
 from service.models.text import load_sentence_encoder
+from service.processing.segmentation import SamPrompt, SegmenterProcessing
 from service.runners.batching import BatchPolicy
 from service.runners.exported import load_export, ort_session, specs, tokenizer_for
 from service.runners.local import Arrays
 from service.runners.onnx import OnnxRunner
+from service.runners.torch import decode_batch
 
 log = logging.getLogger(__name__)
 
 # The int8 encoder's calibration images (never the quality gate's photos, ultralytics' bus.jpg and zidane.jpg):
 # scikit-learn's two sample photos (china.jpg, flower.jpg; scikit-learn comes with nncf), each whole, mirrored and as
-# two crops, and four shapes-world scenes. Renaming it rebuilds cached int8 encoders.
+# two crops, and four shapes-world scenes (read from INT8_IMAGES). Renaming it rebuilds cached int8 encoders.
 CALIBRATION = "sklearn-photos-x8+shapes-train-4"
+CALIBRATION_SCENES = 4  # CALIBRATION's "shapes-train-4": the first scenes of the plain world's train split
 # The int8 encoder's quality gate (Settings.int8_gate_min_iou): held-out images (never CALIBRATION's) of the
 # segmenter's domain, by name. "photos": ultralytics' bus.jpg and zidane.jpg with GRID box prompts each (27), for
 # every SAM trained on photos (the official weights, the seeded test models). "shapes": for the demo's SAM, trained on
@@ -59,6 +66,11 @@ GATE_SETS = {
 }
 GATE_PHOTOS = ("bus.jpg", "zidane.jpg")
 GATE_SCENES = 16  # of each shapes world's val split
+# The shapes-world images of CALIBRATION and of GATE_SETS["shapes"], shipped as lossless PNGs with a manifest.json
+# (file names, the gate's boxes, the set names they were rendered for): the serving path never renders the
+# synthetic worlds. `python -m service.training.int8_images` writes them; tests/unit/test_int8_images.py checks
+# they are what the worlds render.
+INT8_IMAGES = Path(__file__).resolve().parents[1] / "models" / "int8_images"
 # GRID: 27 boxes per photo, 3 sizes (20, 35, 60 % of each side) on a 3 × 3 grid of positions.
 GRID_FRACTIONS = (0.2, 0.35, 0.6)
 GRID_POSITIONS = (0.0, 0.5, 1.0)
@@ -115,8 +127,6 @@ class OpenVinoRunner(OnnxRunner):
             return super()._decode_sync(features, prompts)
         import torch
 
-        from service.runners.torch import decode_batch
-
         with torch.inference_mode():
             masks, iou = decode_batch(self._sam, features, prompts, torch.from_numpy)
         return DecoderOutput(low_res_masks=masks.numpy(), iou_predictions=iou.numpy())
@@ -129,8 +139,6 @@ class OpenVinoRunner(OnnxRunner):
         fails. The segmenter's ModelDescriptor carries the figures either way."""
         import openvino as ov
         import torch
-
-        from service.models.loading import load_segmenter_module
 
         core = ov.Core()
         requested = resolve_encoder_precision(settings, core)
@@ -259,8 +267,6 @@ class GateImage:
 
 def gate_domain(segmenter: Path) -> str:
     """The GATE_SETS key for the segmenter weights at ``segmenter``: "shapes" for the demo's SAM, else "photos"."""
-    from service.models.demo.profile import SHAPES_SAM2
-
     return "shapes" if segmenter.resolve() == SHAPES_SAM2.resolve() else "photos"
 
 
@@ -269,8 +275,6 @@ def gate_images(held_out_set: str) -> list[GateImage]:
     GATE_SCENES val scenes of each shapes world with their ground-truth boxes."""
     if held_out_set == GATE_SETS["photos"]:
         import importlib.util
-
-        from PIL import Image
 
         spec = importlib.util.find_spec("ultralytics")  # its bundled assets; importing it would change process state
         if spec is None or spec.origin is None:
@@ -283,15 +287,7 @@ def gate_images(held_out_set: str) -> list[GateImage]:
         return items
     if held_out_set != GATE_SETS["shapes"]:
         raise ValueError(f"no int8 gate set {held_out_set!r}")
-    from service.shapes.attributes import attribute_scenes
-    from service.shapes.dataset import scenes
-
-    worlds: tuple[list[Any], ...] = (list(scenes("val", GATE_SCENES)), attribute_scenes("val", GATE_SCENES))
-    return [
-        GateImage(scene.image, np.array([i.box for i in scene.instances], dtype=np.float32).reshape(-1, 4))
-        for world in worlds
-        for scene in world
-    ]
+    return load_int8_images().gate_scenes
 
 
 def grid_boxes(width: int, height: int) -> np.ndarray:
@@ -313,10 +309,6 @@ def measure_int8_gate(
     (upsampled to the image, thresholded, unrefined) from the ``int8`` encoder vs from the ``fp32`` one; both through
     ``sam``'s decoder (single mask per box, as detections are decoded). Returns (images, IoUs in prompt order)."""
     import torch
-
-    from service.models.tensors import SegmenterSpec
-    from service.processing.segmentation import SamPrompt, SegmenterProcessing
-    from service.runners.torch import decode_batch
 
     io = IO[Role.SAM2_IMAGE_ENCODER]
     processing = SegmenterProcessing(SegmenterSpec(image_size=image_size))
@@ -347,15 +339,45 @@ def calibration_images(image_size: int) -> list[np.ndarray]:
     """The CALIBRATION set as the encoder takes it: 12 × (1, 3, S, S) float32, SAM-normalised."""
     from sklearn.datasets import load_sample_image
 
-    from service.models.tensors import SegmenterSpec
-    from service.processing.segmentation import SegmenterProcessing
-    from service.shapes.dataset import scenes
-
     rgbs = []
     for name in ("china.jpg", "flower.jpg"):
         photo = load_sample_image(name)  # (427, 640, 3) uint8
         h, w = photo.shape[:2]
         rgbs += [photo, photo[:, ::-1], photo[h // 6 : h - h // 6, w // 6 : w - w // 6], photo[: 2 * h // 3, w // 3 :]]
-    rgbs += [scene.image for scene in scenes("train", 4)]
+    rgbs += load_int8_images().calibration
     processing = SegmenterProcessing(SegmenterSpec(image_size=image_size))
     return [processing.preprocess(np.ascontiguousarray(rgb)) for rgb in rgbs]
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Images:
+    """The shapes-world images of the int8 encoder (INT8_IMAGES). calibration: CALIBRATION_SCENES (H, W, 3) uint8
+    train scenes of the plain world; gate_scenes: GATE_SCENES val scenes of the plain world, then as many of the
+    attribute world, each with its ground-truth boxes."""
+
+    calibration: list[np.ndarray]
+    gate_scenes: list[GateImage]
+
+
+def load_int8_images(folder: Path = INT8_IMAGES) -> Int8Images:
+    """Reads ``folder`` (INT8_IMAGES): manifest.json and the PNGs it names. Its set names must be CALIBRATION's and
+    GATE_SETS["shapes"]: images rendered for other sets would be cached under these sets' names."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sets = (manifest["calibration_set"], manifest["gate_set"])
+    if sets != (CALIBRATION, GATE_SETS["shapes"]):
+        raise ModelUnavailable(
+            f"{folder} holds the images of {sets}, not of {(CALIBRATION, GATE_SETS['shapes'])}: "
+            "regenerate it with python -m service.training.int8_images"
+        )
+
+    def rgb(name: str) -> np.ndarray:
+        with Image.open(folder / name) as png:
+            return np.array(png.convert("RGB"))
+
+    return Int8Images(
+        calibration=[rgb(name) for name in manifest["calibration"]],
+        gate_scenes=[
+            GateImage(rgb(item["image"]), np.array(item["boxes"], dtype=np.float32).reshape(-1, 4))
+            for item in manifest["gate_scenes"]
+        ],
+    )

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -225,7 +225,12 @@ def _precision_name(autocast: torch.dtype | None) -> str:
     return "fp32" if autocast is None else {torch.bfloat16: "bf16-autocast"}.get(autocast, f"{autocast}-autocast")
 
 
-def _load_concepts(settings: Settings) -> tuple[Any, ModelDescriptor]:
+class LoadedConcepts(NamedTuple):
+    model: Any  # sam3.Sam3Concepts
+    descriptor: ModelDescriptor
+
+
+def _load_concepts(settings: Settings) -> LoadedConcepts:
     """SAM 3 for ``settings.concept_model``: "test" = seeded random weights built here; else verified weights."""
     from service.models import sam3
     from service.models.profiles import resolve_concept_weights
@@ -239,4 +244,4 @@ def _load_concepts(settings: Settings) -> tuple[Any, ModelDescriptor]:
         ref = resolve_concept_weights(settings)
         model = sam3.build(size, sam3.load_checkpoint(ref.path))
         about = descriptor(dataclasses.replace(ref, architecture=sam3.ARCHITECTURE), size, ())
-    return sam3.Sam3Concepts(model, size), about
+    return LoadedConcepts(sam3.Sam3Concepts(model, size), about)

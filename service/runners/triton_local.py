@@ -185,6 +185,38 @@ class LocalTriton:
         self.state_file().write_text(json.dumps(state))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelState:
+    """One model of a Triton server: its name, and whether the server answered that it is ready."""
+
+    name: str
+    ready: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStatus:
+    """What a Triton server answered: is it ready, and is each model asked about."""
+
+    server_ready: bool
+    models: tuple[ModelState, ...]
+
+
+def server_status(url: str, models: tuple[str, ...] = MODEL_ROLES, timeout: float = 2.0) -> ServerStatus | None:
+    """Asks the Triton server at ``url`` (gRPC) whether each of ``models`` and the server itself are ready, each
+    question within ``timeout`` seconds; None when it does not answer (not running, or not yet listening)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        states = tuple(ModelState(m, client.is_model_ready(m, client_timeout=timeout)) for m in models)
+        server_ready = client.is_server_ready(client_timeout=timeout)
+    except Exception:
+        return None
+    finally:
+        client.close()
+    return ServerStatus(server_ready, states)
+
+
 def read_state(state_dir: Path) -> dict | None:
     path = state_dir / "local.json"
     return json.loads(path.read_text()) if path.exists() else None

@@ -71,9 +71,9 @@ def test_region_boxes_and_clicks_reach_the_server(demo_server):
             SAMPLE, regions=[Region(box=(10, 10, 120, 120), label="thing"), (30, 30, 90, 90)], classes=["star"]
         )
         clicked = detseg.segment(SAMPLE, regions=[Region(points=(Point(60, 60), Point(5, 5, positive=False)))])
-    regions = [i for i in result if i.source == "region"]
+    regions = [i for i in result if i.source == "region_prompt"]
     assert [i.label for i in regions] == ["thing", "object"] and [i.region_index for i in regions] == [0, 1]
-    assert len(clicked) == 1 and clicked.instances[0].source == "region"
+    assert len(clicked) == 1 and clicked.instances[0].source == "region_prompt"
 
 
 def test_a_cached_handle_answers_like_the_image(demo_server):

@@ -67,7 +67,7 @@ def _request() -> pb.SegmentRequest:
 
 
 def _admission(srv):
-    return srv.server._detseg_state.servicer.admission
+    return srv.served.servicer.admission
 
 
 def test_beyond_in_flight_and_queue_requests_are_refused_at_once(slow_server):

@@ -75,7 +75,7 @@ def _replica(settings, redis_url, **more):
 
 
 def _runner(srv):
-    return srv.server._detseg_state.servicer.pipeline.runner
+    return srv.served.servicer.pipeline.runner
 
 
 def _image(seed: int) -> bytes:
@@ -119,11 +119,11 @@ def test_a_handle_made_on_one_replica_is_answered_by_another_without_re_encoding
             assert _runner(b).calls["encode"] == encodes  # B never ran the SAM encoder for it
             # the detector output B computed is shared too: A answers the same image without the detector
             detect_a = _runner(a).calls["detect"]
-            a.server._detseg_state.servicer.pipeline.cache.clear()  # force A to the shared tier
+            a.served.servicer.pipeline.images.cache.clear()  # force A to the shared tier
             via_a = stub_a.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
             assert _runner(a).calls["detect"] == detect_a and _runner(b).calls["detect"] == detects + 1
             assert [i.label for i in via_a.instances] == [i.label for i in via_b.instances]
-            tier = b.server._detseg_state.servicer.shared_tier
+            tier = b.served.servicer.shared_tier
             assert tier.hits >= 1 and tier.up
         figures["shared cache: handle from replica A answered by B, encoder runs on B"] = "0"
     finally:
@@ -143,7 +143,7 @@ def test_redis_killed_mid_run_never_fails_a_request(settings, tmp_path):
             for seed in (3, 4, 5):  # new images: every request goes to the (dead) shared tier
                 response = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=_image(seed))), timeout=60)
                 assert response.image.width == 160
-            tier = srv.server._detseg_state.servicer.shared_tier
+            tier = srv.served.servicer.shared_tier
             assert not tier.up and tier.errors >= 1 and time.monotonic() - start < 10
             handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(6)))).handle
             assert stub.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60).image.width == 160
@@ -212,7 +212,7 @@ def test_a_replica_of_other_models_starts_and_never_answers_from_their_entries(s
             assert {m.name for m in own.provenance.models} >= {"shapes-yolo11n", "shapes-sam2-mini"}
             # B's answer is its models' own: the same as from the image alone, with nothing cached anywhere
             redis_server.client.flushdb()
-            b.server._detseg_state.servicer.pipeline.cache.clear()
+            b.served.servicer.pipeline.images.cache.clear()
             alone = stub_b.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
             assert _answer(own) == _answer(alone)
     finally:
@@ -239,7 +239,7 @@ def test_a_replica_with_another_detector_shares_features_but_runs_its_own_detect
             assert _runner(b).calls["encode"] == encodes  # A's SAM features: the same segmenter computed them
             assert _runner(b).calls["detect"] == detects + 1  # never A's detections
             redis_server.client.flushdb()
-            b.server._detseg_state.servicer.pipeline.cache.clear()
+            b.served.servicer.pipeline.images.cache.clear()
             assert _answer(via_b) == _answer(stub_b.Segment(request, timeout=60))  # B's own answer
     finally:
         a.stop()
@@ -265,8 +265,8 @@ def test_a_corrupt_shared_image_entry_is_a_miss_deleted_and_counted(settings, re
     try:
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.SegmentationServiceStub(channel)
-            tier = srv.server._detseg_state.servicer.shared_tier
-            local = srv.server._detseg_state.servicer.pipeline.cache
+            tier = srv.served.servicer.shared_tier
+            local = srv.served.servicer.pipeline.images.cache
             other_model = {"image_embed": np.zeros((1, 64, 16, 16), np.float32),
                            "high_res_0": np.zeros((1, 8, 64, 64), np.float32),
                            "high_res_1": np.zeros((1, 16, 32, 32), np.float32)}  # fmt: skip
@@ -305,8 +305,8 @@ def test_a_corrupt_shared_detector_output_is_left_out_deleted_and_recomputed(set
     try:
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.SegmentationServiceStub(channel)
-            tier = srv.server._detseg_state.servicer.shared_tier
-            local = srv.server._detseg_state.servicer.pipeline.cache
+            tier = srv.served.servicer.shared_tier
+            local = srv.served.servicer.pipeline.images.cache
             for n, seed in enumerate((40, 41, 42)):
                 image = _image(seed)
                 request = pb.SegmentRequest(image=pb.Image(encoded=image))

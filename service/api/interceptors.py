@@ -1,0 +1,147 @@
+"""The server's interceptors: a span and metrics per RPC (``RpcTelemetry``) and the access log (``AccessLog``).
+
+Both observe each call the same way, through ``observe_calls``: the handler is rebuilt so that every call, of any of
+gRPC's four kinds, runs inside a context manager the interceptor gives (streams: the whole stream).
+
+The access log: one INFO record per RPC on the ``detseg.access`` logger (``Settings.access_log``). Each record
+carries, as structured fields (``service.startup`` formats them: keys of the JSON object, or ``key=value`` after
+the text line): ``method`` (``detseg.v1.SegmentationService/Segment``), ``status`` (the gRPC status code's name),
+``duration_ms`` (from the call reaching the server to the handler's end; streams: the whole stream),
+``request_id`` and ``peer`` (gRPC's ``ipv4:10.0.0.7:51234`` form). ``request_id`` is the caller's: the request's
+``request_id`` field, else the ``x-request-id`` metadata, when well-formed (``valid_request_id``: caller text never
+reaches a log line raw); absent otherwise. Health checks (probes every few seconds) are not logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+from opentelemetry import trace
+
+from service.pipeline.prompts import valid_request_id
+from service.telemetry import record_rpc, rpc_status
+
+LOGGER = "detseg.access"
+REQUEST_ID_HEADER = "x-request-id"
+EXEMPT_PREFIXES = (f"/{health.SERVICE_NAME}/",)  # kubelet and load-balancer probes: noise, not traffic
+UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and API browsing: no spans, no metrics
+
+log = logging.getLogger(LOGGER)
+_tracer = trace.get_tracer("detseg.api")
+
+# Given a call's request (a stream-request call: its request iterator) and context, a context manager the call
+# runs inside; it sees the exception the call ends with, if any.
+CallObserver = Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractContextManager[None]]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+
+def observe_calls(handler: grpc.RpcMethodHandler, observer: CallObserver) -> grpc.RpcMethodHandler:
+    """``handler`` rebuilt so that each of its calls runs inside ``observer(request, context)``."""
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with observer(request, context):
+                return await inner(request, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(unary, **kwargs)
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with observer(request, context):
+            async for response in inner_stream(request, context):
+                yield response
+
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return make(streaming, **kwargs)
+
+
+class RpcTelemetry(grpc.aio.ServerInterceptor):
+    """A span and a latency/error record per RPC (streams: over the whole stream); ``service.telemetry``'s
+    instruments."""
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(UNTRACED):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        name = details.method.lstrip("/")
+
+        @contextlib.contextmanager
+        def traced(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
+            with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+                start, code = time.perf_counter(), grpc.StatusCode.OK
+                try:
+                    yield
+                except BaseException as e:
+                    code = rpc_status(context, e)
+                    raise
+                finally:
+                    record_rpc(span, method, code, time.perf_counter() - start)
+
+        return observe_calls(handler, traced)
+
+
+class AccessLog(grpc.aio.ServerInterceptor):
+    """Writes one access record per RPC (every handler kind), whatever status it ends with."""
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        method = details.method.lstrip("/")
+        header_id = _header_request_id(details.invocation_metadata)  # type: ignore[arg-type]
+
+        @contextlib.contextmanager
+        def logged(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
+            start, error = time.perf_counter(), None
+            try:
+                yield
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                code = _status(context, error)
+                fields = {
+                    "method": method,
+                    "status": code.name,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 1),
+                    "peer": context.peer(),
+                }
+                request_id = _request_id(request, header_id)
+                if request_id:
+                    fields["request_id"] = request_id
+                log.info("%s %s %.1f ms", method, code.name, fields["duration_ms"], extra=fields)
+
+        return observe_calls(handler, logged)
+
+
+def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The code the RPC ended with: the abort's (CANCELLED, UNKNOWN) on an error, else one the handler set, or OK."""
+    if error is not None:
+        return rpc_status(context, error)
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+def _header_request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The well-formed ``x-request-id`` metadata value, else ""."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and valid_request_id(value):
+            return value
+    return ""
+
+
+def _request_id(request: Any, header_id: str) -> str:
+    """The request message's well-formed ``request_id`` (unary requests that have one), else ``header_id``."""
+    given = getattr(request, "request_id", "")
+    return given if isinstance(given, str) and valid_request_id(given) else header_id

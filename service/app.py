@@ -1,0 +1,248 @@
+"""The composition root: Settings → the runner (through the loader it is given), the caches and the shared tier,
+the ImageStore and the pipeline, served by the gRPC face (``service.api.server``).
+
+``create_server(settings, load_runner) -> (served, port)`` (grpc examples' shape; tests bind port 0): the port
+opens at once, before any model loads: health answers NOT_SERVING and the detseg RPCs UNAVAILABLE while the models
+load and warm up (what Kubernetes probes expect), then SERVING. If loading fails, health stays NOT_SERVING, RPCs say
+the models failed to load, and ``serve_forever`` (``service.api.server``) stops the server and raises the error.
+``InProcessServer``: the same server on its own event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+
+from service.api.server import SERVICE_NAME, Served, start_server
+from service.config import Settings
+from service.errors import DetsegError
+from service.pipeline.cache import EmbeddingCache
+from service.pipeline.image import ImageLimits
+from service.pipeline.images import ImageStore
+from service.pipeline.lru import LRU
+from service.pipeline.pipeline import Pipeline
+from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
+from service.pipeline.review import ReviewRules
+from service.pipeline.shared_cache import ModelIdentity, RedisTier
+from service.pipeline.vocabulary import EmbeddingLRU, VocabularyMatcher
+from service.runners.base import Runner
+from service.startup import configure_process
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+log = logging.getLogger(__name__)
+
+RunnerFactory = Callable[[], Runner]  # may block (runs in a thread); the server awaits runner.start()
+C = TypeVar("C", bound="DataclassInstance")
+
+
+def _from_settings(config: type[C], settings: Settings, prefix: str = "", **given: Any) -> C:
+    """A config dataclass whose fields are the Settings fields ``prefix + name``, but for those ``given``."""
+    named = {f.name: getattr(settings, prefix + f.name) for f in dataclasses.fields(config) if f.name not in given}
+    return config(**named, **given)
+
+
+def review_rules(settings: Settings) -> ReviewRules:
+    """The server's review rules (Settings ``review_*``)."""
+    return _from_settings(ReviewRules, settings, prefix="review_")
+
+
+def request_limits(settings: Settings) -> Limits:
+    """What a request may ask and its defaults (the Settings fields of the same names), with the review rules."""
+    return _from_settings(Limits, settings, review=review_rules(settings))
+
+
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side
+    )
+
+
+def shared_tier(settings: Settings, runner: Runner) -> RedisTier | None:
+    """The Redis tier when ``redis_url`` is set, its keys naming ``runner``'s models (checked once now; a Redis
+    that is down is only logged)."""
+    if not settings.redis_url:
+        return None
+    tier = RedisTier(
+        url=settings.redis_url,
+        identity=ModelIdentity.of(runner),
+        ttl=settings.cache_ttl_seconds,
+        max_entry_bytes=settings.redis_max_entry_bytes,
+        timeout=settings.redis_timeout_seconds,
+        retry_after=settings.redis_retry_seconds,
+    )
+    tier.ping()
+    return tier
+
+
+def image_store(settings: Settings, runner: Runner) -> ImageStore:
+    """This process's embedding cache and, with ``redis_url``, the shared tier behind it."""
+    cache = EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds)
+    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner))
+
+
+def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
+    open_vocabulary = runner.detector.open_vocabulary
+    return Pipeline(
+        runner,
+        image_store(settings, runner),
+        request_limits(settings),
+        matcher=(
+            VocabularyMatcher(runner.embed_text, settings.text_match_threshold, settings.text_cache_entries)
+            if runner.text_encoder is not None and not open_vocabulary
+            else None
+        ),
+        class_embeddings=EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if open_vocabulary else None,
+        exemplar_embeddings=LRU(settings.exemplar_cache_entries),
+        mask_threads=settings.mask_threads or min(8, os.cpu_count() or 1),
+    )
+
+
+async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple[Served, int]:
+    """Builds, binds and starts the server; models load in the background via ``load_runner`` (in a thread).
+
+    Sets the process-wide third-party switches first (``service.startup.configure_process``). Returns the
+    started server (``Served``: the gRPC server, its servicer and health; ``serve_forever`` runs it) and the bound
+    port (``settings.port`` 0 picks a free one).
+    """
+    configure_process(settings)
+    served = await start_server(settings)
+    served.keep(asyncio.create_task(_load(served, settings, load_runner)))
+    return served, served.port
+
+
+async def _load(served: Served, settings: Settings, load_runner: RunnerFactory) -> None:
+    """Loads and warms the models, then keeps gRPC health in step with the runner's readiness."""
+    try:
+        runner = await asyncio.to_thread(load_runner)
+        await runner.start()
+        pipeline = build_pipeline(runner, settings)
+        await _warm_up(pipeline)
+    except Exception as e:
+        if isinstance(e, DetsegError):
+            log.error("models could not be loaded: %s", e)
+        else:
+            log.exception("model loading failed")
+        served.fail(e)
+        return
+    served.servicer.attach(pipeline, runner.profile)
+    await served.set_serving(True)
+    log.info("serving: profile %s, backend %s, models %s", runner.profile, runner.backend, _names(runner))
+    while True:  # a remote backend may go away and come back (Triton restarted): health follows it
+        await asyncio.sleep(settings.health_interval_seconds)
+        ready = await runner.ready()
+        if ready != served.serving:
+            log.warning("backend %s %s", runner.backend, "ready again: SERVING" if ready else "not ready: NOT_SERVING")
+        await served.set_serving(ready)
+
+
+def _names(runner: Runner) -> str:
+    return ", ".join(m.name for m in runner.models)
+
+
+async def _warm_up(pipeline: Pipeline) -> None:
+    """One full request on a small synthetic image, so the first caller pays no first-call costs (and one text
+    for a concept segmenter). Without the shared tier: every replica warms up on the same image, and its own
+    models must run (nothing is read from, or left in, Redis)."""
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    image = ImageInput(raw=rgb.tobytes(), width=96, height=64)
+    classes = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
+    with pipeline.images.local_only():
+        await pipeline.segment(SegmentQuery(image=image, request_id="warm-up", classes=classes))
+        if pipeline.concept_processing is not None:
+            await pipeline.segment(SegmentQuery(image=image, request_id="warm-up", texts=("object",)))
+        if pipeline.matcher is not None:
+            await pipeline.matcher.prepare(pipeline.runner.detector.names)
+        pipeline.runner.calls.clear()
+        pipeline.images.cache.clear()
+
+
+class InProcessServer:
+    """A real detseg server inside this process, on its own event loop in a daemon thread: what ``detseg eval``
+    and ``detseg label`` start when they are given no ``--target`` (``create_server`` bound to a free loopback
+    port), and what the tests start on port 0.
+
+    The port is open on return (models may still be loading: ``wait_serving``); ``served`` is the running server;
+    ``stop`` ends it. ``load_runner`` defaults to the settings' models."""
+
+    def __init__(self, settings: Settings, load_runner: RunnerFactory | None = None) -> None:
+        from service.runners.factory import load_runner as load_for_settings
+
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._served: Served | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        factory = load_runner or (lambda: load_for_settings(settings))
+        self._thread = threading.Thread(target=self._main, args=(settings, factory), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the in-process server did not start within 60 s")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self, settings: Settings, factory: RunnerFactory) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def start() -> None:
+            try:
+                self._served, self.port = await create_server(settings, factory)
+            except BaseException as e:  # surfaced in __init__
+                self._error = e
+            finally:
+                self._ready.set()
+
+        self.loop.run_until_complete(start())
+        if self._error is None:
+            self.loop.run_forever()
+
+    @property
+    def served(self) -> Served:
+        """The running server: its gRPC server, servicer (and through it the pipeline) and health."""
+        if self._served is None:
+            raise RuntimeError("the in-process server did not start")
+        return self._served
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 300.0) -> None:
+        """Blocks until health says SERVING; RuntimeError if the models failed to load or ``timeout`` passed."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                for response in stub.Watch(request, timeout=timeout):
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                    if self._served is not None and self._served.failed.is_set():
+                        break
+            except grpc.RpcError as e:
+                raise RuntimeError(f"the in-process server never reported SERVING ({e.code().name})") from None
+        raise RuntimeError("the in-process server's models failed to load (see the log)")
+
+    def stop(self) -> None:
+        if self._served is not None:
+            asyncio.run_coroutine_threadsafe(self._served.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

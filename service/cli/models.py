@@ -1,0 +1,49 @@
+"""``detseg models``: the model profiles and the catalog's weights (cached or not), or a running server's models."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli.common import settings_from
+from service.client import Client, RetryPolicy
+from service.config import Settings
+from service.models.catalog import CATALOG
+from service.proto.detseg.v1 import detseg_pb2 as pb
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    m = sub.add_parser(
+        "models", help="list the model profiles and the catalog's weights (cached or not), or a server's models"
+    )
+    m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
+    m.add_argument("--cache-dir")
+    m.set_defaults(func=models)
+
+
+def models(args: argparse.Namespace) -> int:
+    if args.target:
+        return _server_models(args.target)
+    # Imported here: it loads torch (see the package's docstring).
+    from service.models.profiles import PROFILE_SUMMARIES
+
+    settings = settings_from(args, ("cache_dir",))
+    print(f"profiles (serve --models; default {Settings().models}):")
+    width = max(map(len, PROFILE_SUMMARIES))
+    for name, summary in PROFILE_SUMMARIES.items():
+        print(f"  {name:<{width}}  {summary}")
+    print(f"catalog weights, cache {settings.cache_dir}:")
+    for entry in CATALOG.values():
+        cached = "cached" if (settings.cache_dir / entry.filename).exists() else "-"
+        print(f"  {entry.name:<24} {entry.role:<10} {entry.size_bytes / 1e6:7.1f} MB  {cached:<7} {entry.url}")
+    return 0
+
+
+def _server_models(target: str) -> int:
+    # One call with a 30 s deadline (no retries of UNAVAILABLE): a wrong --target fails at once.
+    with Client(target, timeout=30, retry=RetryPolicy(max_attempts=1)) as client:
+        response = client.list_models()
+    print(f"profile {response.profile}, backend {response.backend}")
+    for m in response.models:
+        vocab = f", {len(m.vocabulary)} classes" if m.vocabulary else ""
+        print(f"  {pb.ModelRole.Name(m.role)}: {m.name} ({m.architecture}) sha256 {m.weights_sha256}{vocab}")
+    return 0

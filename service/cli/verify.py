@@ -1,0 +1,88 @@
+"""``detseg verify`` (a provenance manifest, or a saved response against its own) and ``detseg keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service import provenance
+from service.provenance.response import verify_content
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ver = sub.add_parser("verify", help="check a provenance manifest: signature, files, and weights' sha256")
+    ver.add_argument("manifest", type=Path, help="detseg-manifest.json, or the folder holding it")
+    ver.add_argument("--weights", type=Path, action="append", default=[], help="a weights file to check (repeatable)")
+    ver.add_argument("--public-key", type=Path, action="append", default=[], help="trusted key (PEM; repeatable)")
+    ver.add_argument("--allow-unsigned", action="store_true", help="accept a manifest without a signature")
+    ver.set_defaults(func=verify)
+
+    kg = sub.add_parser("keygen", help="write an Ed25519 signing key (PEM, 0600) and its public key (.pub)")
+    kg.add_argument("path", type=Path)
+    kg.set_defaults(func=keygen)
+
+
+def verify(args: argparse.Namespace) -> int:
+    """An export folder's manifest, or a saved response (`detseg segment --json`) against its own manifest."""
+    keys = [provenance.load_public_key(k) for k in args.public_key]
+    try:
+        saved = _saved_response(args.manifest)
+        if saved is not None:
+            if saved.get("manifest") is None:
+                raise provenance.VerificationFailed("the saved response carries no manifest")
+            result = verify_content(
+                saved["manifest"], saved["instances"], saved["image"]["sha256"], trusted_keys=keys,
+                require_signature=not args.allow_unsigned,
+            )  # fmt: skip
+            _check_weights(result.manifest, args.weights)
+            signed = f"signed by key {result.key_id}" if result.signed else "not signed"
+            print(f"OK: {signed}; {len(saved['instances'])} instance(s) and the image match the manifest")
+            return 0
+        report = provenance.verify_path(
+            args.manifest, trusted_keys=keys, weights=args.weights, require_signature=not args.allow_unsigned
+        )
+    except provenance.VerificationFailed as e:
+        print(f"detseg verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    signed = f"signed by key {report.key_id}" if report.signed else "not signed"
+    print(f"OK: {signed}; {report.artifacts_checked} file(s) and {report.weights_checked} weights file(s) match")
+    if report.unlisted:
+        print(f"  {len(report.unlisted)} file(s) not covered (e.g. linked images: the manifest lists their sha256 as "
+              f"inputs): {', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}")  # fmt: skip
+    return 0
+
+
+def _saved_response(path: Path) -> dict[str, Any] | None:
+    """A `detseg segment --json` file's content, None for anything else (a manifest or an export folder)."""
+    if path.is_dir():
+        return None
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) and "instances" in data and "image" in data else None
+
+
+def _check_weights(manifest: dict[str, Any], weights: list[Path]) -> None:
+    """``provenance.verify_weights``, one file at a time: a readable file that matches none of the manifest's models
+    is reported in the words `detseg verify` has always used for a saved response; an unreadable one in
+    provenance's."""
+    models = manifest["models"]
+    for w in weights:
+        try:
+            provenance.verify_weights([w], models)
+        except provenance.VerificationFailed:
+            if not (w.is_file() and os.access(w, os.R_OK)):
+                raise
+            names = ", ".join({m["weights_sha256"]: m["name"] for m in models}.values())
+            raise provenance.VerificationFailed(
+                f"{w.name}: sha256 matches none of the manifest's models ({names})"
+            ) from None
+
+
+def keygen(args: argparse.Namespace) -> int:
+    path = provenance.generate_key(args.path)
+    key = provenance.load_private_key(path)
+    print(f"wrote {path} (private, 0600) and {path}.pub; key id {provenance.key_id(key.public_key())}")
+    return 0

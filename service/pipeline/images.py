@@ -1,0 +1,139 @@
+"""A request's images: the two cache tiers (this process's LRU, then the optional shared tier), decoding and
+validation, handles, and the exemplars' reference images.
+
+A handle is the content hash of the image's bytes (``service.pipeline.cache``), so bytes and their handle are
+the same image; a handle that is in neither tier is NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Hashable, Iterator
+
+from service.errors import InvalidInput, NotFound
+from service.models.tensors import DetectorOutput
+from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
+from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
+from service.pipeline.prompts import Exemplar, ImageInput, check_box_inside
+from service.pipeline.stages import stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+    """An image by its cache handle: the cached entry, or None when neither tier has it."""
+
+    handle: str
+    entry: CacheEntry | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundImage:
+    """A request's image by its cache handle: the cached entry (None: not cached) and the decoded image."""
+
+    handle: str
+    entry: CacheEntry | None
+    image: DecodedImage
+
+
+class ImageStore:
+    """Finds, decodes and keeps a request's images. ``cache``: this replica's tier (None: nothing kept);
+    ``shared``: the tier shared by replicas (None: none), asked after a miss here (blocking: in a worker thread)."""
+
+    def __init__(
+        self, limits: ImageLimits, cache: EmbeddingCache | None = None, shared: SharedTier | None = None
+    ) -> None:
+        self.limits = limits
+        self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
+        self.shared = shared
+
+    async def find(self, image_input: ImageInput, timings: dict[str, float]) -> FoundImage:
+        """The request's image: from the cache (bytes or handle), else decoded (timed as "decode_image")."""
+        if self.shared is None:
+            found = self.lookup(image_input)
+        else:  # the shared tier is a network call
+            found = await asyncio.to_thread(self.lookup, image_input)
+        if found.entry is not None:
+            return FoundImage(found.handle, found.entry, found.entry.image)
+        with stage(timings, "decode_image", bytes=len(image_input.data)) as span:
+            image = await asyncio.to_thread(self.decode, image_input, found.handle)
+            span.set_attributes({"image.width": image.width, "image.height": image.height})
+        return FoundImage(found.handle, None, image)
+
+    def lookup(self, image: ImageInput, field: str = "image") -> Lookup:
+        """The handle and cached entry (or None) of an image given by bytes or handle. A handle that is not cached
+        is NOT_FOUND. Looks in the shared tier (blocking) after a miss in this replica's cache."""
+        handle = image.handle
+        if handle is not None:
+            if not handle.startswith(PREFIX) or len(handle) != len(PREFIX) + 64:
+                raise InvalidInput(
+                    f"{field}.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)"
+                )
+            entry = self.cached(handle)
+            if entry is None:
+                raise NotFound(
+                    f"{field}.handle: {handle[:19]}... is unknown or expired (cached images live "
+                    f"{self.cache.ttl:.0f} s after last use, fewer under memory pressure); send the image again"
+                )
+            return Lookup(handle, entry)
+        handle = handle_for(hashlib.sha256(image.data).hexdigest())
+        return Lookup(handle, self.cached(handle))
+
+    def cached(self, handle: str) -> CacheEntry | None:
+        """This replica's entry, else the shared tier's (then kept here too), else None."""
+        entry = self.cache.get(handle)
+        if entry is None and self.shared is not None:
+            entry = self.shared.get(handle)
+            if entry is not None:
+                self.cache.put(handle, entry)
+        return entry
+
+    def decode(self, image: ImageInput, handle: str, field: str = "image") -> DecodedImage:
+        """Decodes an image's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
+        digest = handle.removeprefix(PREFIX)
+        if image.raw is not None:
+            return image_from_raw(image.raw, image.width, image.height, self.limits, digest, f"{field}.raw")
+        return decode_image(image.encoded or b"", self.limits, f"{field}.encoded", sha256=digest)
+
+    def reference_images(self, exemplars: tuple[Exemplar, ...]) -> list[DecodedImage | None]:
+        """Each exemplar's own image (None: the request's), found or decoded as the request's image is, each
+        distinct image once, with every box checked against its image."""
+        decoded: dict[str, DecodedImage] = {}
+        out: list[DecodedImage | None] = []
+        for i, e in enumerate(exemplars):
+            if e.image is None:
+                out.append(None)
+                continue
+            field = f"exemplars[{i}].image"
+            found = self.lookup(e.image, field)
+            if found.handle not in decoded:
+                entry = found.entry
+                decoded[found.handle] = entry.image if entry is not None else self.decode(e.image, found.handle, field)
+            ref = decoded[found.handle]
+            check_box_inside(e.box, ref.width, ref.height, f"exemplars[{i}].box")
+            out.append(ref)
+        return out
+
+    async def put(self, handle: str, entry: CacheEntry) -> None:
+        """Keeps a new entry in both tiers (the shared one before returning: a handle must work on every replica
+        at once)."""
+        self.cache.put(handle, entry)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.put, handle, entry)
+
+    async def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable) -> None:
+        """Adds a detector output to a cached image's entry, in both tiers."""
+        self.cache.add_detector_output(handle, output, key)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.add_detector_output, handle, output, key)
+
+    @contextlib.contextmanager
+    def local_only(self) -> Iterator[None]:
+        """Without the shared tier for the body (nothing read from it or left in it), e.g. a replica's warm-up."""
+        shared, self.shared = self.shared, None
+        try:
+            yield
+        finally:
+            self.shared = shared
