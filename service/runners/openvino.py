@@ -282,7 +282,7 @@ def gate_images(held_out_set: str) -> list[GateImage]:
         items = []
         for name in GATE_PHOTOS:
             with Image.open(Path(spec.origin).parent / "assets" / name) as photo:
-                rgb = np.asarray(photo.convert("RGB"))
+                rgb = np.array(photo.convert("RGB"))  # writable: torchvision warns on read-only arrays
             items.append(GateImage(rgb, grid_boxes(rgb.shape[1], rgb.shape[0])))
         return items
     if held_out_set != GATE_SETS["shapes"]:
@@ -346,7 +346,8 @@ def calibration_images(image_size: int) -> list[np.ndarray]:
         rgbs += [photo, photo[:, ::-1], photo[h // 6 : h - h // 6, w // 6 : w - w // 6], photo[: 2 * h // 3, w // 3 :]]
     rgbs += load_int8_images().calibration
     processing = SegmenterProcessing(SegmenterSpec(image_size=image_size))
-    return [processing.preprocess(np.ascontiguousarray(rgb)) for rgb in rgbs]
+    # np.array: a contiguous, writable copy (the sample photos are read-only; torchvision warns on those).
+    return [processing.preprocess(np.array(rgb)) for rgb in rgbs]
 
 
 @dataclasses.dataclass(frozen=True)
