@@ -116,9 +116,10 @@ class Instruments:
                 f"detseg.cache.shared.{event}", [gauge(_shared_count(event))], description=f"shared cache {event}"
             )
         meter.create_observable_gauge(
-            "detseg.cache.shared.up", [gauge(lambda s: int(bool(s.shared_tier and s.shared_tier.up)))],
+            "detseg.cache.shared.up",
+            [gauge(lambda s: int(bool(s.shared_tier and s.shared_tier.up)))],
             description="1 when the shared cache (Redis) answers, 0 when it does not or there is none",
-        )  # fmt: skip
+        )
 
 
 def _cache_count(event: str) -> Callable[[Any], int]:

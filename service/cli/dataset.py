@@ -72,10 +72,15 @@ def evaluate(args: argparse.Namespace) -> int:
         dataset = dataset.limit(args.limit)
     with _service(args) as target, Client(target, timeout=args.timeout) as client:
         figures = run_eval(
-            client, dataset, args.out, prompt=Prompt(args.prompt), score_threshold=args.score_threshold,
-            operating_threshold=args.operating_threshold, noc_instances=args.noc_instances,
+            client,
+            dataset,
+            args.out,
+            prompt=Prompt(args.prompt),
+            score_threshold=args.score_threshold,
+            operating_threshold=args.operating_threshold,
+            noc_instances=args.noc_instances,
             title=f"detseg eval: {args.annotations.name}",
-        )  # fmt: skip
+        )
     o, noc = figures["overall"], figures["noc"]
     print(
         f"{figures['images']} images: mask AP {figures['mask_ap']:.3f} AP50 {figures['mask_ap50']:.3f}, box AP "
@@ -89,18 +94,25 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def label(args: argparse.Namespace) -> int:
     prompts = Prompts(
-        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), texts=tuple(args.text),
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        texts=tuple(args.text),
         score_threshold=args.score_threshold,
-    )  # fmt: skip
+    )
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         check_prompts(prompts)  # InvalidInput (a DetsegError: reported by main) before any server starts
         check_formats(formats)
         with _service(args) as target, Client(target, timeout=args.timeout) as client:
             summary = label_folder(
-                client, args.folder, args.out, prompts, formats=formats, image_url_prefix=args.image_url_prefix,
-                signing_key=args.signing_key, progress=args.progress,
-            )  # fmt: skip
+                client,
+                args.folder,
+                args.out,
+                prompts,
+                formats=formats,
+                image_url_prefix=args.image_url_prefix,
+                signing_key=args.signing_key,
+                progress=args.progress,
+            )
     except (RequestFailed, ValueError) as e:
         print(f"detseg label: {e}", file=sys.stderr)
         return 2

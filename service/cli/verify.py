@@ -35,9 +35,12 @@ def verify(args: argparse.Namespace) -> int:
             if saved.get("manifest") is None:
                 raise provenance.VerificationFailed("the saved response carries no manifest")
             result = verify_content(
-                saved["manifest"], saved["instances"], saved["image"]["sha256"], trusted_keys=keys,
+                saved["manifest"],
+                saved["instances"],
+                saved["image"]["sha256"],
+                trusted_keys=keys,
                 require_signature=not args.allow_unsigned,
-            )  # fmt: skip
+            )
             _check_weights(result.manifest, args.weights)
             signed = f"signed by key {result.key_id}" if result.signed else "not signed"
             print(f"OK: {signed}; {len(saved['instances'])} instance(s) and the image match the manifest")
@@ -51,8 +54,10 @@ def verify(args: argparse.Namespace) -> int:
     signed = f"signed by key {report.key_id}" if report.signed else "not signed"
     print(f"OK: {signed}; {report.artifacts_checked} file(s) and {report.weights_checked} weights file(s) match")
     if report.unlisted:
-        print(f"  {len(report.unlisted)} file(s) not covered (e.g. linked images: the manifest lists their sha256 as "
-              f"inputs): {', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}")  # fmt: skip
+        print(
+            f"  {len(report.unlisted)} file(s) not covered (e.g. linked images: the manifest lists their sha256 as "
+            f"inputs): {', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}"
+        )
     return 0
 
 

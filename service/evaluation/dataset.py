@@ -47,8 +47,11 @@ class EvalDataset:
         """The first ``count`` images (their annotations only)."""
         keep = self.images[:count]
         ids = {i.id for i in keep}
-        coco = {**self.coco, "images": [i for i in self.coco["images"] if i["id"] in ids],
-                "annotations": [a for a in self.coco["annotations"] if a["image_id"] in ids]}  # fmt: skip
+        coco = {
+            **self.coco,
+            "images": [i for i in self.coco["images"] if i["id"] in ids],
+            "annotations": [a for a in self.coco["annotations"] if a["image_id"] in ids],
+        }
         return EvalDataset(coco, keep, self.categories)
 
 
@@ -67,8 +70,16 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
         if not path.is_file():
             raise ValueError(f"image {entry['file_name']!r} (id {entry['id']}) is not in {folder}")
         attrs = {**entry.get("attributes", {}), **extra.get(entry["file_name"], extra.get(str(entry["id"]), {}))}
-        out.append(EvalImage(int(entry["id"]), entry["file_name"], path, int(entry["width"]), int(entry["height"]),
-                             {str(k): str(v) for k, v in attrs.items()}))  # fmt: skip
+        out.append(
+            EvalImage(
+                int(entry["id"]),
+                entry["file_name"],
+                path,
+                int(entry["width"]),
+                int(entry["height"]),
+                {str(k): str(v) for k, v in attrs.items()},
+            )
+        )
     categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
     return EvalDataset(coco, tuple(out), categories)
 

@@ -58,12 +58,18 @@ def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], m
             if p.category_id is None or i.score < min_score:
                 continue
             x0, y0, x1, y1 = i.box
-            out.append({
-                "image_id": image.image_id, "category_id": p.category_id, "score": float(i.score),
-                "segmentation": {"size": list(i.rle["size"]), "counts": i.rle["counts"]},
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "review_reasons": list(i.review_reasons),
-                "mask_score": float(i.mask_score), "stability": float(i.stability),
-            })  # fmt: skip
+            out.append(
+                {
+                    "image_id": image.image_id,
+                    "category_id": p.category_id,
+                    "score": float(i.score),
+                    "segmentation": {"size": list(i.rle["size"]), "counts": i.rle["counts"]},
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "review_reasons": list(i.review_reasons),
+                    "mask_score": float(i.mask_score),
+                    "stability": float(i.stability),
+                }
+            )
     return out
 
 
@@ -110,8 +116,18 @@ def outcomes(dataset: EvalDataset, e: Any, results: list[dict]) -> tuple[list[Ou
         if g:
             gt_rle = dataset_rle(gts[g], dataset)
             iou = float(mask_utils.iou([_rle(r["segmentation"])], [gt_rle], [0])[0][0])
-        out.append(Outcome(r["image_id"], r["category_id"], r["score"], g, iou, tuple(r["review_reasons"]),
-                           r["mask_score"], r["stability"]))  # fmt: skip
+        out.append(
+            Outcome(
+                r["image_id"],
+                r["category_id"],
+                r["score"],
+                g,
+                iou,
+                tuple(r["review_reasons"]),
+                r["mask_score"],
+                r["stability"],
+            )
+        )
     return out, {o.gt_id for o in out if o.gt_id}
 
 
@@ -158,9 +174,13 @@ def evaluate(
     """Every figure of the module docstring, as a JSON-ready dict (None where a figure has no data)."""
     everything = coco_results(dataset, predictions)
     kept = coco_results(dataset, predictions, operating_threshold)
-    figures: dict[str, Any] = {"images": len(dataset.images), "ground_truth": len(dataset.coco["annotations"]),
-                               "operating_threshold": operating_threshold, "good_iou": good_iou,
-                               "failed_images": [p.image_id for p in predictions if p.error]}  # fmt: skip
+    figures: dict[str, Any] = {
+        "images": len(dataset.images),
+        "ground_truth": len(dataset.coco["annotations"]),
+        "operating_threshold": operating_threshold,
+        "good_iou": good_iou,
+        "failed_images": [p.image_id for p in predictions if p.error],
+    }
     for iou_type, name in (("segm", "mask"), ("bbox", "box")):
         e = cocoeval(dataset, everything, iou_type)
         figures[f"{name}_ap"] = float(e.stats[0]) if e is not None else 0.0
@@ -177,11 +197,14 @@ def evaluate(
     figures["overall"] = _group(outs, all_gt, matched, len(dataset.images))
     figures["matched_mask_ious"] = [o.mask_iou for o in outs if o.gt_id]
     figures["per_class"] = {
-        name: _group([o for o in outs if o.category_id == cid],
-                     [a["id"] for a in dataset.coco["annotations"] if a["category_id"] == cid and not a.get("iscrowd")],
-                     matched, len(dataset.images))
+        name: _group(
+            [o for o in outs if o.category_id == cid],
+            [a["id"] for a in dataset.coco["annotations"] if a["category_id"] == cid and not a.get("iscrowd")],
+            matched,
+            len(dataset.images),
+        )
         for cid, name in dataset.categories.items()
-    }  # fmt: skip
+    }
     figures["per_slice"] = _per_slice(dataset, outs, matched)
     figures["review"] = _review_tradeoff(outs, all_gt, matched, good_iou)
     figures["review_curves"] = _review_curves(outs, good_iou)
@@ -220,11 +243,15 @@ def _per_slice(dataset: EvalDataset, outs: Sequence[Outcome], matched: set[int])
         for image in dataset.images:
             groups[image.slices.get(attribute, "(none)")].add(image.id)
         out[attribute] = {
-            value: _group([o for o in outs if o.image_id in ids],
-                          [a["id"] for a in annotations if a["image_id"] in ids], matched, len(ids))
+            value: _group(
+                [o for o in outs if o.image_id in ids],
+                [a["id"] for a in annotations if a["image_id"] in ids],
+                matched,
+                len(ids),
+            )
             | {"images": len(ids)}
             for value, ids in sorted(groups.items())
-        }  # fmt: skip
+        }
     return out
 
 

@@ -144,30 +144,52 @@ def _tables(figures: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
     ]
     noc = figures.get("noc") or {}
     if noc.get("instances"):
-        summary += [[f"NoC@{t} (mean clicks; share never reaching it)",
-                     f"{_fmt(noc[f'noc@{t}'], 2)} ({_fmt(noc[f'failed@{t}'])})"] for t in (85, 90)]  # fmt: skip
+        summary += [
+            [
+                f"NoC@{t} (mean clicks; share never reaching it)",
+                f"{_fmt(noc[f'noc@{t}'], 2)} ({_fmt(noc[f'failed@{t}'])})",
+            ]
+            for t in (85, 90)
+        ]
     head = ["", "ground truth", "predictions", "recall", "mean mask IoU", "FP / image", "flagged"]
 
     def row(name: str, f: dict[str, Any]) -> list[str]:
-        return [name, str(f["ground_truth"]), str(f["predictions"]), _fmt(f["recall"]), _fmt(f["mean_mask_iou"]),
-                _fmt(f["false_positives_per_image"]), _fmt(f["flagged_share"])]  # fmt: skip
+        return [
+            name,
+            str(f["ground_truth"]),
+            str(f["predictions"]),
+            _fmt(f["recall"]),
+            _fmt(f["mean_mask_iou"]),
+            _fmt(f["false_positives_per_image"]),
+            _fmt(f["flagged_share"]),
+        ]
 
     per_class = [[*row(n, f), _fmt(figures["ap50_per_class"].get(n))] for n, f in figures["per_class"].items()]
     per_slice = [
         row(f"{a}={v} ({f['images']} img)", f) for a, vs in figures["per_slice"].items() for v, f in vs.items()
     ]
     review = [
-        [rule, str(r["flagged"]), _fmt(r["load"]), f"{r['errors_caught']} / {r['errors']}",
-         _fmt(r["error_recall"]), _fmt(r["flag_precision"]), _fmt(r["recall_if_dropped"])]
+        [
+            rule,
+            str(r["flagged"]),
+            _fmt(r["load"]),
+            f"{r['errors_caught']} / {r['errors']}",
+            _fmt(r["error_recall"]),
+            _fmt(r["flag_precision"]),
+            _fmt(r["recall_if_dropped"]),
+        ]
         for rule, r in figures["review"].items()
-    ]  # fmt: skip
+    ]
     return [
         ("Summary", ["figure", "value"], summary),
         ("Per class", [*head, "mask AP50"], per_class),
         ("Per slice", head, per_slice),
-        (f"Review rules (error: unmatched, or matched with mask IoU < {figures['good_iou']})",
-         ["rule", "flagged", "load", "errors caught", "error recall", "flag precision", "recall if dropped"], review),
-    ]  # fmt: skip
+        (
+            f"Review rules (error: unmatched, or matched with mask IoU < {figures['good_iou']})",
+            ["rule", "flagged", "load", "errors caught", "error recall", "flag precision", "recall if dropped"],
+            review,
+        ),
+    ]
 
 
 def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Path]:
@@ -176,18 +198,25 @@ def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Pa
     paths = write_plots(figures, out)
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     tables = _tables(figures)
-    md = [f"# {title}", "", f"{figures['images']} images, {figures['ground_truth']} ground-truth instances, prompt "
-          f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}.", ""]  # fmt: skip
+    md = [
+        f"# {title}",
+        "",
+        f"{figures['images']} images, {figures['ground_truth']} ground-truth instances, prompt "
+        f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}.",
+        "",
+    ]
     for name, head, rows in tables:
         md += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     md += [f"![{name}]({p.name})" for name, p in paths.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,"
-             "th:first-child{text-align:left}img{max-width:100%}</style>",
-             f"<h1>{html.escape(title)}</h1><p>{html.escape(md[2])}</p>"]  # fmt: skip
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,"
+        "th:first-child{text-align:left}img{max-width:100%}</style>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(md[2])}</p>",
+    ]
     for name, head, rows in tables:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head))
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]

@@ -56,8 +56,13 @@ class LabeledImage:
     instances: tuple[LabeledInstance, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"file_name": self.file_name, "width": self.width, "height": self.height, "sha256": self.sha256,
-                "instances": [i.to_json() for i in self.instances]}  # fmt: skip
+        return {
+            "file_name": self.file_name,
+            "width": self.width,
+            "height": self.height,
+            "sha256": self.sha256,
+            "instances": [i.to_json() for i in self.instances],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LabeledImage:

@@ -105,12 +105,17 @@ def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
     and RLE spelled as every reader spells them."""
     instances = tuple(
         LabeledInstance(
-            label=i.label, score=float(i.score), box=tuple(float(v) for v in i.box), rle=i.rle,  # type: ignore[arg-type]
-            mask_score=float(i.mask_score), source=i.source, needs_review=i.needs_review,
+            label=i.label,
+            score=float(i.score),
+            box=i.box,  # XYXY of Python floats (results.Instance)
+            rle=i.rle,  # type: ignore[arg-type]
+            mask_score=float(i.mask_score),
+            source=i.source,
+            needs_review=i.needs_review,
             review_reasons=i.review_reasons,
         )
         for i in result.instances
-    )  # fmt: skip
+    )
     return LabeledImage(file_name, result.width, result.height, sha256, instances)
 
 
@@ -162,9 +167,12 @@ def label_folder(
     def requests() -> Iterator[Any]:
         for _, path, digest in todo:
             yield segment_request(
-                path.read_bytes(), classes=prompts.classes, texts=prompts.texts,
-                score_threshold=prompts.score_threshold, request_id=f"label-{digest[:16]}",
-            )  # fmt: skip
+                path.read_bytes(),
+                classes=prompts.classes,
+                texts=prompts.texts,
+                score_threshold=prompts.score_threshold,
+                request_id=f"label-{digest[:16]}",
+            )
 
     failed = 0
     bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", disable=not progress)
@@ -172,8 +180,15 @@ def label_folder(
         name, _, digest = todo[item.index]
         if item.result is None:
             failed += 1
-            _append(out / ERRORS, {"file_name": name, "sha256": digest, "code": item.error.code.name if item.error
-                                   else "UNKNOWN", "message": item.error.message if item.error else ""})  # fmt: skip
+            _append(
+                out / ERRORS,
+                {
+                    "file_name": name,
+                    "sha256": digest,
+                    "code": item.error.code.name if item.error else "UNKNOWN",
+                    "message": item.error.message if item.error else "",
+                },
+            )
         else:
             record = labeled_image(name, digest, item.result)
             _append(out / RECORDS, record.to_json())
@@ -184,10 +199,14 @@ def label_folder(
     images = [done[n] for n in sorted(done) if n in present]
     exports = write_exports(client, images, folder, out / "exports", prompts, formats, image_url_prefix, signing_key)
     return LabelSummary(
-        images=len(files), labeled_now=len(todo) - failed, skipped=len(files) - len(todo), failed=failed,
+        images=len(files),
+        labeled_now=len(todo) - failed,
+        skipped=len(files) - len(todo),
+        failed=failed,
         instances=sum(len(i.instances) for i in images),
-        flagged=sum(inst.needs_review for i in images for inst in i.instances), exports=exports,
-    )  # fmt: skip
+        flagged=sum(inst.needs_review for i in images for inst in i.instances),
+        exports=exports,
+    )
 
 
 def categories_of(images: Sequence[LabeledImage], prompts: Prompts) -> list[str]:
@@ -294,7 +313,7 @@ def write_manifest(
             "categories": list(categories),
             "profile": models.profile,
             "backend": models.backend,
-        },  # fmt: skip
+        },
         artifacts=[],
         detseg_version=__version__,
     )

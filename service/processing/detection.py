@@ -103,9 +103,11 @@ class DetectorProcessing:
             scored = torch.nonzero((raw[0, 4:] > score_threshold).any(dim=1)).flatten().tolist()
             for k in scored if class_ids is None else sorted(set(scored) & set(class_ids)):
                 (det,) = non_max_suppression(
-                    raw[:, [0, 1, 2, 3, 4 + k]], conf_thres=score_threshold, iou_thres=iou_threshold,
+                    raw[:, [0, 1, 2, 3, 4 + k]],
+                    conf_thres=score_threshold,
+                    iou_thres=iou_threshold,
                     max_det=max_instances,
-                )  # fmt: skip
+                )
                 det[:, 5] = k
                 parts.append(det)
             det = torch.cat(parts)
@@ -116,9 +118,13 @@ class DetectorProcessing:
         else:  # at most one candidate per anchor: no cap before the per-class one
             anchors = raw.shape[2]
             (det,) = non_max_suppression(
-                raw, conf_thres=score_threshold, iou_thres=iou_threshold, classes=class_ids, max_det=anchors,
+                raw,
+                conf_thres=score_threshold,
+                iou_thres=iou_threshold,
+                classes=class_ids,
+                max_det=anchors,
                 max_nms=anchors,
-            )  # fmt: skip
+            )
             det = det[_first_per_class(det[:, 5], max_instances)]
         det = det[torch.argsort(det[:, 4], descending=True, stable=True)[:max_total]]
         boxes = scale_boxes((self.spec.imgsz, self.spec.imgsz), det[:, :4].clone(), orig_hw)

@@ -56,7 +56,7 @@ def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) 
         "regions": [MessageToDict(r) for r in request.regions],
         "exemplars": [
             {"box": MessageToDict(e.box), "label": e.label, "image": e.HasField("image")} for e in request.exemplars
-        ],  # fmt: skip
+        ],
     }
     return manifest(
         kind=KIND_RESPONSE,
@@ -68,7 +68,7 @@ def response_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse) 
             "request_id": response.provenance.request_id,
             "profile": response.provenance.profile,
             "backend": response.provenance.backend,
-        },  # fmt: skip
+        },
         artifacts=[content_artifact(INSTANCES, [instance_content(i) for i in response.instances])],
         detseg_version=__version__,
     )
@@ -81,9 +81,13 @@ def attach_manifest(request: pb.SegmentRequest, response: pb.SegmentResponse, ke
 
 
 def verify_content(
-    envelope: dict[str, Any], instances: Sequence[dict[str, Any]], image_sha256: str, *,
-    trusted_keys: Sequence[Any] = (), require_signature: bool = True,
-) -> VerifyResult:  # fmt: skip
+    envelope: dict[str, Any],
+    instances: Sequence[dict[str, Any]],
+    image_sha256: str,
+    *,
+    trusted_keys: Sequence[Any] = (),
+    require_signature: bool = True,
+) -> VerifyResult:
     """The envelope's signature, and that ``instances`` (``instance_content`` dicts) and the image hash are
     what it covers. Raises provenance.VerificationFailed."""
     result = verify_envelope(envelope, trusted_keys=trusted_keys, require_signature=require_signature)
@@ -106,6 +110,9 @@ def verify_response(
     if not response.provenance.manifest:
         raise VerificationFailed("the response carries no manifest")
     return verify_content(
-        json.loads(response.provenance.manifest), [instance_content(i) for i in response.instances],
-        response.image.sha256, trusted_keys=trusted_keys, require_signature=require_signature,
-    )  # fmt: skip
+        json.loads(response.provenance.manifest),
+        [instance_content(i) for i in response.instances],
+        response.image.sha256,
+        trusted_keys=trusted_keys,
+        require_signature=require_signature,
+    )

@@ -86,9 +86,11 @@ class MicroBatcher:
                 stacked = batch[0].array if len(batch) == 1 else np.concatenate([i.array for i in batch])
                 links = [trace.Link(i.caller) for i in batch if i.caller.is_valid]
                 with _tracer.start_as_current_span(
-                    f"detseg.batch.{self.name}", context=context.Context(), links=links,
+                    f"detseg.batch.{self.name}",
+                    context=context.Context(),
+                    links=links,
                     attributes={"batch.requests": len(batch), "batch.rows": len(stacked)},
-                ):  # fmt: skip  # a pass of several requests: its own trace, linked to each of them
+                ):  # a pass of several requests: its own trace, linked to each of them
                     outputs = await self._run(stacked, batch[0].context)
             except BaseException as e:
                 for item in batch:

@@ -192,15 +192,17 @@ class OpenVinoRunner(OnnxRunner):
                 log.warning(
                     "the int8 image encoder of %s failed its quality gate (min mask IoU %.4f vs fp32 < %.4f required "
                     "[int8_gate_min_iou]; median %.4f; %d box prompts on %d held-out images): %s",
-                    seg.name, *shown,
+                    seg.name,
+                    *shown,
                     "serving it as asked (precision int8)" if precision == "int8" else "serving fp32",
-                )  # fmt: skip
+                )
             else:
                 log.info(
                     "the int8 image encoder of %s passed its quality gate: min mask IoU %.4f >= %.4f, median %.4f, "
                     "%d box prompts on %d held-out images",
-                    seg.name, *shown,
-                )  # fmt: skip
+                    seg.name,
+                    *shown,
+                )
         sessions: dict[Role, Any] = {
             Role.DETECTOR: OpenVinoModel(core.compile_model(str(export.graph(Role.DETECTOR)), "CPU", config)),
             Role.SAM2_IMAGE_ENCODER: encoder(precision)[1],

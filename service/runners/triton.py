@@ -172,9 +172,11 @@ class TritonRunner:
         ):
             try:
                 result = await self._client.infer(
-                    role, infer_inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                    role,
+                    infer_inputs,
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
                     client_timeout=left,
-                )  # fmt: skip
+                )
             except InferenceServerException as e:
                 raise _domain_error(role, e) from None
         return {name: result.as_numpy(name) for name in outputs}

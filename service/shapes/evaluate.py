@@ -82,8 +82,10 @@ def ap50(predictions: Sequence[Prediction], gt: dict[str, Any], max_dets: int = 
         recall = tps / n_gt
         precision = tps / np.maximum(tps + fps, np.finfo(np.float64).eps)
         precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
-        sampled = [precision[np.searchsorted(recall, r, side="left")] if r <= (recall[-1] if len(recall) else -1)
-                   else 0.0 for r in recall_points]  # fmt: skip
+        sampled = [
+            precision[np.searchsorted(recall, r, side="left")] if r <= (recall[-1] if len(recall) else -1) else 0.0
+            for r in recall_points
+        ]
         aps.append(float(np.mean(sampled)))
     return float(np.mean(aps)) if aps else 0.0
 

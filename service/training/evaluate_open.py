@@ -70,8 +70,10 @@ class Phrase:
     shape: str | None
 
     def describes(self, inst: AttributeInstance) -> bool:
-        return all(want is None or want == have for want, have in
-                   ((self.size, inst.size), (self.colour, inst.colour), (self.shape, inst.shape)))  # fmt: skip
+        return all(
+            want is None or want == have
+            for want, have in ((self.size, inst.size), (self.colour, inst.colour), (self.shape, inst.shape))
+        )
 
 
 def phrase_groups() -> dict[str, list[Phrase]]:
@@ -148,9 +150,12 @@ class ServedOpenDetector:
         return PhraseDetections(boxes, scores)
 
     def detect_exemplars(
-        self, scenes: Sequence[AttributeScene], score: float, iou: float = SERVING_IOU,
+        self,
+        scenes: Sequence[AttributeScene],
+        score: float,
+        iou: float = SERVING_IOU,
         references: Sequence[AttributeScene] | None = None,
-    ) -> PhraseDetections:  # fmt: skip
+    ) -> PhraseDetections:
         """Per scene and colour + shape combination present ("red star"): the detections of one request whose
         exemplar is the first such instance's box: on the scene itself, or with ``references``, on the first
         reference scene (other than the scene) holding that combination (a request's exemplar ``image``).
@@ -176,8 +181,11 @@ class ServedOpenDetector:
             else:
                 rows = []
                 for text in texts:
-                    ref = next(r for r in references if r.seed != scene.seed and any(
-                        i.colour_shape == text for i in r.instances))  # fmt: skip
+                    ref = next(
+                        r
+                        for r in references
+                        if r.seed != scene.seed and any(i.colour_shape == text for i in r.instances)
+                    )
                     rows.append(embed(ref, [text]))
                 embeddings = torch.cat(rows, dim=1)
             with torch.no_grad():
@@ -186,17 +194,28 @@ class ServedOpenDetector:
         return PhraseDetections(boxes, scores)
 
     def _keep_each(
-        self, scene: AttributeScene, texts: Sequence[str], raw: np.ndarray, score: float, iou: float,
-        boxes: dict[tuple[int, str], np.ndarray], scores: dict[tuple[int, str], np.ndarray],
-    ) -> None:  # fmt: skip
+        self,
+        scene: AttributeScene,
+        texts: Sequence[str],
+        raw: np.ndarray,
+        score: float,
+        iou: float,
+        boxes: dict[tuple[int, str], np.ndarray],
+        scores: dict[tuple[int, str], np.ndarray],
+    ) -> None:
         """NMS per text of one image's (1, 4 + C, A) head output into ``boxes``/``scores``."""
         from service.models.tensors import DetectorOutput
 
         for j, text in enumerate(texts):
             det = self.processing.postprocess(
-                DetectorOutput(raw=np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + j]])), 0, (scene.height, scene.width),
-                class_ids=None, score_threshold=score, iou_threshold=iou, max_instances=MAX_DETECTIONS,
-            )  # fmt: skip
+                DetectorOutput(raw=np.ascontiguousarray(raw[:, [0, 1, 2, 3, 4 + j]])),
+                0,
+                (scene.height, scene.width),
+                class_ids=None,
+                score_threshold=score,
+                iou_threshold=iou,
+                max_instances=MAX_DETECTIONS,
+            )
             boxes[scene.seed, text], scores[scene.seed, text] = det.boxes, det.scores
 
 
@@ -209,10 +228,16 @@ def ground_truth(scenes: Sequence[AttributeScene], phrases: Sequence[Phrase]) ->
             x0, y0, x1, y1 = inst.box
             for c, p in enumerate(phrases):
                 if p.describes(inst):
-                    annotations.append({
-                        "id": len(annotations) + 1, "image_id": s.seed, "category_id": c + 1, "iscrowd": 0,
-                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(inst.mask.sum()),
-                    })  # fmt: skip
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": s.seed,
+                            "category_id": c + 1,
+                            "iscrowd": 0,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": float(inst.mask.sum()),
+                        }
+                    )
     categories = [{"id": c + 1, "name": p.text} for c, p in enumerate(phrases)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -226,12 +251,17 @@ def ap50_by_phrase(
 
     gt = ground_truth(scenes, phrases)
     results = [
-        {"image_id": s.seed, "category_id": c + 1, "score": float(score),
-         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
-        for s in scenes for c, p in enumerate(phrases)
+        {
+            "image_id": s.seed,
+            "category_id": c + 1,
+            "score": float(score),
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+        }
+        for s in scenes
+        for c, p in enumerate(phrases)
         if (s.seed, p.text) in dets.boxes
         for b, score in zip(dets.boxes[s.seed, p.text], dets.scores[s.seed, p.text], strict=True)
-    ]  # fmt: skip
+    ]
     if not results:
         return 0.0, {p.text: 0.0 for p in phrases}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -252,9 +282,11 @@ def ap50_by_phrase(
 
 
 def absent_false_positives(
-    scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections,
+    scenes: Sequence[AttributeScene],
+    phrases: Sequence[Phrase],
+    dets: PhraseDetections,
     keep: Callable[[AttributeScene, Phrase], bool] = lambda s, p: True,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Detections (at the serving threshold) of phrases that describe nothing in the image."""
     queries = fps = hit = 0
     per_image = []
@@ -355,9 +387,12 @@ def main() -> None:
         elif isinstance(value, dict) and not key.endswith(("per_phrase", "by_phrase")):
             print(f"{key:40s} {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in value.items()})}")
     for key in (
-        "ap50_held_out_per_phrase", "ap50_paraphrases_per_phrase", "ap50_held_out_paraphrases_per_phrase",
-        "ap50_bare_shape_per_phrase", "fp_absent_paraphrases_by_phrase",
-    ):  # fmt: skip
+        "ap50_held_out_per_phrase",
+        "ap50_paraphrases_per_phrase",
+        "ap50_held_out_paraphrases_per_phrase",
+        "ap50_bare_shape_per_phrase",
+        "fp_absent_paraphrases_by_phrase",
+    ):
         print(key, json.dumps({k: round(v, 3) for k, v in result[key].items()}))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -27,9 +27,17 @@ HERE = Path(__file__).parent
 TRAIN_IMAGES, VAL_IMAGES = 1200, 100
 SEED = 0
 COMMON: dict[str, Any] = dict(
-    batch=16, workers=0, cache="ram", device="cpu", seed=SEED, deterministic=True, plots=False, amp=False,
-    exist_ok=True, verbose=False,
-)  # fmt: skip
+    batch=16,
+    workers=0,
+    cache="ram",
+    device="cpu",
+    seed=SEED,
+    deterministic=True,
+    plots=False,
+    amp=False,
+    exist_ok=True,
+    verbose=False,
+)
 STAGES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("stage1", "yolo11n.yaml", dict(imgsz=256, epochs=15, val=False, close_mosaic=3)),
     ("stage2", "stage1/weights/last.pt", dict(imgsz=256, epochs=8, val=True, close_mosaic=3, warmup_epochs=0)),

@@ -63,13 +63,31 @@ TEXT_MODEL = f"minilm-512:seed{PROJECTION_SEED}"  # service.models.text.PROJECTE
 ARCHITECTURE = "yoloe-11n.yaml"
 MAX_TEXTS = 80  # texts per training image (ultralytics caps YOLOE's training nc at 80)
 COMMON: dict[str, Any] = dict(
-    batch=16, workers=0, cache="ram", device="cpu", seed=SEED, deterministic=True, plots=False, amp=False,
-    exist_ok=True, verbose=False, val=False, imgsz=256, epochs=100, optimizer="SGD", lr0=0.01, nbs=16,
-    close_mosaic=3, warmup_epochs=2,
+    batch=16,
+    workers=0,
+    cache="ram",
+    device="cpu",
+    seed=SEED,
+    deterministic=True,
+    plots=False,
+    amp=False,
+    exist_ok=True,
+    verbose=False,
+    val=False,
+    imgsz=256,
+    epochs=100,
+    optimizer="SGD",
+    lr0=0.01,
+    nbs=16,
+    close_mosaic=3,
+    warmup_epochs=2,
     # colour words must stay true under augmentation: milder saturation/value jitter than the defaults
     # (0.7 / 0.4); the size word must stay true under scale jitter (default 0.5 would overlap the two ranges).
-    hsv_h=0.01, hsv_s=0.3, hsv_v=0.25, scale=0.2,
-)  # fmt: skip  # epochs: re-planned by ultralytics' `time` mode
+    hsv_h=0.01,
+    hsv_s=0.3,
+    hsv_v=0.25,
+    scale=0.2,
+)  # epochs: re-planned by ultralytics' `time` mode
 
 
 # The visual stage trains one fresh module: AdamW as ultralytics' own visual-prompt recipe uses it.
@@ -100,8 +118,11 @@ LEVELS: dict[str, float] = {
 
 def level_phrases(level: str) -> list[str]:
     """Every phrase of a level, without those that name a held-out colour–shape combination."""
-    out = {phrase(level, s, c, k) for s, c, k in FINE_CLASSES if level in ("shape", "colour", "size+shape")
-           or not is_held_out(c, k)}  # fmt: skip
+    out = {
+        phrase(level, s, c, k)
+        for s, c, k in FINE_CLASSES
+        if level in ("shape", "colour", "size+shape") or not is_held_out(c, k)
+    }
     return sorted(out)
 
 
@@ -237,11 +258,22 @@ def make_trainer_class(visual: bool = False) -> type:
             (path,) = img_path
             stride = max(int(unwrap_model(self.model).stride.max()), 32)  # type: ignore[arg-type, operator]
             dataset = PhraseDataset(
-                img_path=path, imgsz=self.args.imgsz, batch_size=batch, augment=True, hyp=self.args, rect=False,
-                cache=self.args.cache or None, single_cls=False, stride=stride,
-                pad=0.0, prefix=colorstr("train: "), task="detect", classes=None, data=self.training_data[path],
+                img_path=path,
+                imgsz=self.args.imgsz,
+                batch_size=batch,
+                augment=True,
+                hyp=self.args,
+                rect=False,
+                cache=self.args.cache or None,
+                single_cls=False,
+                stride=stride,
+                pad=0.0,
+                prefix=colorstr("train: "),
+                task="detect",
+                classes=None,
+                data=self.training_data[path],
                 fraction=1.0,
-            )  # fmt: skip
+            )
             self.set_text_embeddings([dataset], batch)  # reads the cache file write_text_cache wrote
             return dataset
 
@@ -347,9 +379,15 @@ def main() -> None:
             parser.error("--stage visual needs --start")
         begin = visual_start(weights, args.work / "visual-start.pt")
         weights = train(
-            YOLOE(str(begin)), "yoloe-vp", trainer=make_trainer_class(visual=True), time=args.visual_hours,
-            freeze=frozen_except_savpe(ARCHITECTURE), warmup_epochs=0, close_mosaic=0, **VISUAL,
-        )  # fmt: skip
+            YOLOE(str(begin)),
+            "yoloe-vp",
+            trainer=make_trainer_class(visual=True),
+            time=args.visual_hours,
+            freeze=frozen_except_savpe(ARCHITECTURE),
+            warmup_epochs=0,
+            close_mosaic=0,
+            **VISUAL,
+        )
         print(f"visual stage done at {time.time() - start:.0f}s", flush=True)
     shutil.copyfile(weights, args.out)
     if args.stage == "text":  # untrained SAVPE: exemplars are refused instead of answered with noise
