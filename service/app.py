@@ -16,12 +16,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
 
 from service.api.server import SERVICE_NAME, Served, start_server
+from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import DetsegError
 from service.pipeline.cache import EmbeddingCache
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_SIBLINGS_POLL_SECONDS = 0.1  # how often a loaded worker looks whether its siblings have loaded too
 RunnerFactory = Callable[[], Runner]  # may block (runs in a thread); the server awaits runner.start()
 C = TypeVar("C", bound="DataclassInstance")
 
@@ -107,26 +109,46 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
     )
 
 
-async def create_server(settings: Settings, load_runner: RunnerFactory) -> tuple[Served, int]:
+async def create_server(
+    settings: Settings, load_runner: RunnerFactory, link: WorkerLink | None = None
+) -> tuple[Served, int]:
     """Builds, binds and starts the server; models load in the background via ``load_runner`` (in a thread).
 
     Sets the process-wide third-party switches first (``service.startup.configure_process``). Returns the
     started server (``Served``: the gRPC server, its servicer and health; ``serve_forever`` runs it) and the bound
-    port (``settings.port`` 0 picks a free one).
+    port (``settings.port`` 0 picks a free one). ``link``: this worker's link to its siblings (one of
+    ``detseg serve --workers N``, ``service.supervisor``); a worker that replaces one that died loads its models
+    first and binds the port after (a load failure then raises here).
     """
     configure_process(settings)
-    served = await start_server(settings)
-    served.keep(asyncio.create_task(_load(served, settings, load_runner)))
+    if link is not None and link.replacement:
+        loaded = await _prepare(settings, load_runner)
+        served = await start_server(settings, link)
+        served.keep(asyncio.create_task(_serve(served, settings, loaded, link)))
+    else:
+        served = await start_server(settings, link)
+        served.keep(asyncio.create_task(_load(served, settings, load_runner, link)))
     return served, served.port
 
 
-async def _load(served: Served, settings: Settings, load_runner: RunnerFactory) -> None:
-    """Loads and warms the models, then keeps gRPC health in step with the runner's readiness."""
+class _Loaded(NamedTuple):
+    runner: Runner
+    pipeline: Pipeline
+
+
+async def _prepare(settings: Settings, load_runner: RunnerFactory) -> _Loaded:
+    """Loads the models (in a thread), starts the runner and warms the pipeline up."""
+    runner = await asyncio.to_thread(load_runner)
+    await runner.start()
+    pipeline = build_pipeline(runner, settings)
+    await _warm_up(pipeline)
+    return _Loaded(runner, pipeline)
+
+
+async def _load(served: Served, settings: Settings, load_runner: RunnerFactory, link: WorkerLink | None) -> None:
+    """Loads and warms the models, then serves them (``_serve``); a failure makes the server unable to serve."""
     try:
-        runner = await asyncio.to_thread(load_runner)
-        await runner.start()
-        pipeline = build_pipeline(runner, settings)
-        await _warm_up(pipeline)
+        loaded = await _prepare(settings, load_runner)
     except Exception as e:
         if isinstance(e, DetsegError):
             log.error("models could not be loaded: %s", e)
@@ -134,15 +156,26 @@ async def _load(served: Served, settings: Settings, load_runner: RunnerFactory) 
             log.exception("model loading failed")
         served.fail(e)
         return
-    served.servicer.attach(pipeline, runner.profile)
-    await served.set_serving(True)
+    await _serve(served, settings, loaded, link)
+
+
+async def _serve(served: Served, settings: Settings, loaded: _Loaded, link: WorkerLink | None) -> None:
+    """Attaches the pipeline and keeps gRPC health in step with the runner's readiness (and, for a worker, with
+    every worker having loaded: one health status for the whole server)."""
+    runner = loaded.runner
+    served.servicer.attach(loaded.pipeline, runner.profile)
     log.info("serving: profile %s, backend %s, models %s", runner.profile, runner.backend, _names(runner))
+    if link is not None:
+        link.set_ready(True)
+    ready = True
     while True:  # a remote backend may go away and come back (Triton restarted): health follows it
-        await asyncio.sleep(settings.health_interval_seconds)
-        ready = await runner.ready()
-        if ready != served.serving:
-            log.warning("backend %s %s", runner.backend, "ready again: SERVING" if ready else "not ready: NOT_SERVING")
-        await served.set_serving(ready)
+        siblings = link is None or link.all_started()
+        await served.set_serving(ready and siblings)
+        await asyncio.sleep(settings.health_interval_seconds if siblings else _SIBLINGS_POLL_SECONDS)
+        now = await runner.ready()
+        if now != ready:
+            log.warning("backend %s %s", runner.backend, "ready again: SERVING" if now else "not ready: NOT_SERVING")
+        ready = now
 
 
 def _names(runner: Runner) -> str:

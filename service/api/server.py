@@ -22,6 +22,7 @@ from service import telemetry
 from service.api.interceptors import AccessLog, RpcTelemetry
 from service.api.security import TokenAuth, load_tokens, server_credentials
 from service.api.servicer import SegmentationServicer
+from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable
 from service.proto.detseg.v1 import detseg_pb2 as pb
@@ -80,10 +81,14 @@ class Served:
         await self.server.wait_for_termination()
 
 
-async def start_server(settings: Settings) -> Served:
+async def start_server(settings: Settings, link: WorkerLink | None = None) -> Served:
     """Builds, binds and starts the server with health NOT_SERVING and a servicer that answers UNAVAILABLE until
     its pipeline is attached. Configuration errors (TLS files, tokens, signing key) surface before anything binds;
-    ``settings.port`` 0 picks a free port (``Served.port``)."""
+    ``settings.port`` 0 picks a free port (``Served.port``).
+
+    ``link``: this worker's link to its siblings (``service.supervisor``): the port is bound with SO_REUSEPORT, as
+    every worker binds it, and admission holds server-wide. A single-process server binds without SO_REUSEPORT, so
+    a second server on a port already taken fails to start instead of silently sharing its connections."""
     credentials = server_credentials(settings)
     tokens = load_tokens(settings)
     telemetry.configure(settings)
@@ -103,10 +108,11 @@ async def start_server(settings: Settings) -> Served:
             ("grpc.keepalive_permit_without_calls", 1),
             # clients may ping this often (the client library's defaults stay well above it)
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", int(link is not None)),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    servicer = SegmentationServicer(settings)
+    servicer = SegmentationServicer(settings, link)
     telemetry.register(servicer)
     health_servicer = health.aio.HealthServicer()
     pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
@@ -120,7 +126,7 @@ async def start_server(settings: Settings) -> Served:
     await server.start()
     served = Served(server, port, servicer, health_servicer)
     if settings.health_port:  # Kubernetes' grpc probes cannot speak TLS: health alone, in plaintext, here
-        served.health_server = grpc.aio.server()
+        served.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(link is not None))])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, served.health_server)
         served.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         await served.health_server.start()

@@ -15,6 +15,7 @@ import grpc
 from service.api import convert
 from service.api.admission import Admission
 from service.api.errors import describe, guarded
+from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
@@ -35,12 +36,13 @@ class CacheCounts:
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
-    """Serves one Pipeline. Until ``attach`` is called (models loading), RPCs answer UNAVAILABLE."""
+    """Serves one Pipeline. Until ``attach`` is called (models loading), RPCs answer UNAVAILABLE. ``link``: this
+    worker's link to its siblings (None: a single-process server)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: WorkerLink | None = None) -> None:
         self._settings = settings
         self._signing_key = _signing_key(settings.signing_key)
-        self.admission = Admission(settings.max_in_flight, settings.max_queue)
+        self.admission = Admission(settings.max_in_flight, settings.max_queue, link)
         self._pipeline: Pipeline | None = None
         self._failed = False
         self._profile = ""

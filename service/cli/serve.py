@@ -11,13 +11,16 @@ from service.api.server import serve_forever
 from service.app import create_server
 from service.cli.common import settings_from
 from service.config import Settings
+from service.errors import ConfigurationError
 from service.runners.factory import BACKENDS, PRECISIONS, load_runner, resolve_backend
 from service.startup import ALLOCATORS, configure_logging, configure_process, reexec_for_allocator
+from service.supervisor import run_workers
 
 # serve's flags, as Settings field names.
 SERVE_FLAGS = (
     "host",
     "port",
+    "workers",
     "models",
     "detector",
     "segmenter",
@@ -41,6 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = Settings()  # the defaults the help states: they live in Settings only
     s.add_argument("--host", help=f"bind address (default {d.host}; 0.0.0.0 in containers)")
     s.add_argument("--port", type=int, help=f"port (default {d.port}; 0 = any free port)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help=f"server processes on the one port, each with its own models (default {d.workers}); handles cross "
+        "workers through the shared tier (a redis-server started for them unless --config sets redis_url)",
+    )
     s.add_argument("--models", help=f"model profile (default {d.models}); `detseg models` lists every profile")
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
@@ -84,6 +93,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.reexec_argv is not None:
         reexec_for_allocator(settings.allocator, ["-m", "service.cli", *args.reexec_argv])
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers < 1:
+        raise ConfigurationError(f"workers must be at least 1, got {settings.workers}")
+    if settings.workers > 1:
+        return run_workers(settings)
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
 
     async def run() -> None:

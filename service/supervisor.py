@@ -1,0 +1,233 @@
+"""``detseg serve --workers N``: N server processes on one port, gRPC's own multiprocessing pattern.
+
+The supervisor (the ``detseg serve`` process) reserves the port (a socket bound with SO_REUSEPORT, never
+listening, so ``--port 0`` resolves once for all), starts the shared tier if none is configured, then starts N
+workers with the spawn start method. Each worker is a whole server (``service.app.create_server``: its own models,
+caches and event loop) bound to the port with SO_REUSEPORT, so the kernel spreads incoming connections over them.
+What the workers share (``service.api.workers.WorkerLink``): admission counts, readiness (one health status) and,
+through the shared tier, every image handle: a handle made by one worker is answered by any other without a second
+encoder run.
+
+- **Shared tier**: ``redis_url`` when set; otherwise a ``redis-server`` (found on PATH, as Debian's
+  ``redis-server`` package installs it) the supervisor starts on a unix socket in a private folder, no TCP port, no
+  persistence, ``maxmemory`` = ``cache_max_bytes`` with LRU eviction; it stops with the workers.
+- **SIGTERM / SIGINT**: forwarded to every worker; each drains its in-flight calls (``grace_seconds``), then the
+  supervisor stops the tier and exits 0 when every worker did.
+- **Start-up**: worker 0 loads first, fetching and converting into the cache whatever its models need; the
+  others start once it serves. Health says NOT_SERVING until every worker has loaded.
+- **A worker that dies** after the server came up (killed, out of memory) is replaced: the new worker loads its
+  models before it binds the port, so connections only ever reach workers that can answer, and the others serve
+  meanwhile. A worker that dies while the server comes up (e.g. missing weights), or a replacement that dies
+  before it serves, stops the whole server, which exits with that worker's status: never half-serving.
+- **Metrics** (``metrics_exporter = prometheus``): worker i serves its scrape endpoint on ``metrics_port + i``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from service.api.server import serve_forever
+from service.api.workers import WorkerLink
+from service.app import create_server
+from service.config import Settings
+from service.errors import ConfigurationError, DetsegError
+from service.runners.factory import load_runner
+from service.startup import configure_logging, configure_process
+
+log = logging.getLogger("detseg.supervisor")
+
+_POLL_SECONDS = 0.2  # how often the supervisor looks at its workers between events
+_TIER_START_SECONDS = 10.0  # the longest the local redis-server may take to answer
+
+
+@dataclasses.dataclass
+class _Shared:
+    """The shared-memory objects every WorkerLink holds."""
+
+    admitted: Any
+    ready: Any
+    started: Any
+
+    def link(self, index: int, workers: int, replacement: bool) -> WorkerLink:
+        return WorkerLink(index, workers, self.admitted, self.ready, self.started, replacement)
+
+
+def run_workers(settings: Settings) -> int:
+    """Runs ``settings.workers`` worker processes until a signal or a failure; the exit status (0: all drained)."""
+    n = settings.workers
+    ctx = multiprocessing.get_context("spawn")  # gRPC's core does not survive fork
+    with reserve_port(settings.host, settings.port) as port, _shared_tier(settings) as redis_url:
+        worker_settings = settings.replace(port=port, redis_url=redis_url)
+        shared = _Shared(ctx.Array("q", n), ctx.Array("b", n), ctx.Event())
+        stopping = _Signals()
+        # Worker 0 first: it fetches, converts and caches whatever its models need (downloads, exports, the int8
+        # encoder), and the others, started once it serves, find it all in the cache.
+        procs = [_start(ctx, worker_settings, shared.link(0, n, replacement=False))]
+        log.info("listening on %s:%d with %d workers; loading models", settings.host, port, n)
+        status = _supervise(ctx, worker_settings, shared, procs, stopping)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each drains its in-flight calls
+        deadline = time.monotonic() + settings.grace_seconds + 30.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("worker pid %d did not stop in time; killing it", p.pid)
+                p.kill()
+                p.join()
+            if status == 0 and p.exitcode != 0:
+                status = p.exitcode if p.exitcode and p.exitcode > 0 else 1
+        log.info("all workers stopped")
+        return status
+
+
+def _supervise(ctx: Any, settings: Settings, shared: _Shared, procs: list[BaseProcess], stopping: _Signals) -> int:
+    """Starts the other workers once worker 0 serves, then watches them until a signal (0) or a failure (the
+    failed worker's exit status). ``procs``: the started workers, updated in place."""
+    n = settings.workers
+    while not stopping.received:
+        multiprocessing.connection.wait([p.sentinel for p in procs], timeout=_POLL_SECONDS)
+        if len(procs) == 1 < n and shared.ready[0]:
+            procs += [_start(ctx, settings, shared.link(i, n, replacement=False)) for i in range(1, n)]
+        if not shared.started.is_set() and all(shared.ready[i] for i in range(n)):
+            shared.started.set()
+            log.info("all %d workers serving", n)
+        for i, p in enumerate(procs):
+            if p.is_alive() or stopping.received:
+                continue
+            code = p.exitcode if p.exitcode is not None else 1
+            served = bool(shared.ready[i])
+            with shared.admitted.get_lock():
+                shared.admitted[i] = 0  # what it had admitted died with it
+            shared.ready[i] = 0
+            if not shared.started.is_set() or not served:
+                log.error("worker %d (pid %d) exited with status %d before serving: stopping", i, p.pid, code)
+                return code if code > 0 else 1
+            log.warning("worker %d (pid %d) exited with status %d; starting a replacement", i, p.pid, code)
+            procs[i] = _start(ctx, settings, shared.link(i, n, replacement=True))
+    log.info("shutting down %d workers (grace %.1fs)", n, settings.grace_seconds)
+    return 0
+
+
+class _Signals:
+    """SIGTERM and SIGINT set ``received`` (the supervisor then stops its workers)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = True
+
+
+def _start(ctx: Any, settings: Settings, link: WorkerLink) -> BaseProcess:
+    p: BaseProcess = ctx.Process(target=_worker_main, args=(settings, link), name=f"detseg-worker-{link.index}")
+    p.start()
+    return p
+
+
+def _worker_main(settings: Settings, link: WorkerLink) -> None:
+    """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load."""
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.metrics_exporter == "prometheus":
+        settings = settings.replace(metrics_port=settings.metrics_port + link.index)
+    configure_process(settings)
+
+    async def run() -> None:
+        served, _ = await create_server(settings, lambda: load_runner(settings), link)
+        await serve_forever(served, settings.grace_seconds)
+
+    try:
+        asyncio.run(run())
+    except DetsegError as e:
+        log.error("worker %d: %s", link.index, e)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def reserve_port(host: str, port: int) -> Iterator[int]:
+    """Binds (never listens on) ``host:port`` with SO_REUSEPORT for the body, so the workers can bind it too and
+    ``port`` 0 names one free port for all of them. Yields the port."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def _shared_tier(settings: Settings) -> Iterator[str]:
+    """``settings.redis_url`` when set; otherwise a private redis-server on a unix socket, for the body."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    with local_redis(settings.cache_max_bytes) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def local_redis(max_bytes: int) -> Iterator[str]:
+    """A redis-server on a unix socket in a private temporary folder (mode 0700), for the body: no TCP port, no
+    persistence, ``max_bytes`` of memory with LRU eviction. Yields its ``unix://`` URL.
+
+    Raises:
+        ConfigurationError: no redis-server on PATH, or it did not answer in time.
+    """
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ConfigurationError(
+            "--workers above 1 needs a shared tier for image handles: install redis-server (Debian: "
+            "apt-get install redis-server) or set redis_url"
+        )
+    with tempfile.TemporaryDirectory(prefix="detseg-tier-") as folder:
+        sock = Path(folder) / "redis.sock"
+        memory = str(max(max_bytes, 1 << 20))
+        options = {"port": "0", "unixsocket": str(sock), "unixsocketperm": "700", "save": "", "appendonly": "no"}
+        options |= {"maxmemory": memory, "maxmemory-policy": "allkeys-lru", "loglevel": "warning", "dir": folder}
+        command = [exe, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            url = f"unix://{sock}"
+            _wait_for_redis(redis.Redis.from_url(url), proc)
+            log.info("shared tier: redis-server (pid %d) on a unix socket, maxmemory %d bytes", proc.pid, max_bytes)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_for_redis(client: Any, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _TIER_START_SECONDS
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(Exception):
+            if client.ping():
+                return
+        time.sleep(0.05)
+    proc.kill()
+    raise ConfigurationError("the shared tier's redis-server did not start")

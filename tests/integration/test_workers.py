@@ -1,0 +1,243 @@
+"""`detseg serve --workers N`: N server processes on one port (service.supervisor), as an operator runs them.
+
+Which worker a connection reached is read from the kernel (psutil: each worker's established connections to the
+port), so the tests pick channels on different workers on purpose instead of hoping for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from tests.conftest import wait_serving
+from tests.helpers import encode
+
+pytestmark = pytest.mark.slow  # starts `detseg serve` processes
+
+DETSEG = [sys.executable, "-m", "service.cli"]
+HEALTH = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image(seed: int, side: int = 160) -> bytes:
+    return encode(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+@dataclass
+class Workers:
+    """A running `detseg serve --workers N`: its supervisor process, port and output file."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    log: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        """The worker processes' pids (the supervisor's children but redis-server and multiprocessing's tracker)."""
+        children = psutil.Process(self.proc.pid).children()
+        return sorted(c.pid for c in children if "spawn_main" in " ".join(c.cmdline()))
+
+    def peers(self, pid: int) -> set[int]:
+        """Client ports of the connections worker ``pid`` holds on the port."""
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        return {c.raddr.port for c in conns if c.laddr.port == self.port and c.status == "ESTABLISHED" and c.raddr}
+
+    def channels_on_each_worker(self, stack: ExitStack, tries: int = 40) -> dict[int, grpc.Channel]:
+        """One open channel per worker, keyed by the worker's pid (new connections until every worker has one)."""
+        found: dict[int, grpc.Channel] = {}
+        pids = self.pids()
+        for _ in range(tries):
+            before = {pid: self.peers(pid) for pid in pids}
+            # A local subchannel pool: a new TCP connection per channel, not one shared by the process.
+            channel = stack.enter_context(
+                grpc.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            )
+            health_pb2_grpc.HealthStub(channel).Check(HEALTH, timeout=30)
+            (pid,) = [p for p in pids if self.peers(p) - before[p]]
+            found.setdefault(pid, channel)
+            if len(found) == len(pids):
+                return found
+        raise AssertionError(f"{tries} connections never reached every worker: {sorted(found)} of {pids}")
+
+    def listening(self, pid: int) -> bool:
+        """Whether worker ``pid`` has bound the port (a replacement binds it only once its models are loaded)."""
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        return any(c.laddr.port == self.port and c.status == "LISTEN" for c in conns)
+
+    def output(self) -> str:
+        with open(self.log) as f:
+            return f.read()
+
+
+@pytest.fixture
+def start_workers(settings, tmp_path) -> Iterator:
+    started: list[Workers] = []
+
+    def start(n: int = 2, **env: str) -> Workers:
+        port = _free_port()
+        log = str(tmp_path / f"serve-{len(started)}.log")
+        environ = {
+            **os.environ,
+            "DETSEG_CACHE_DIR": str(settings.cache_dir),
+            "DETSEG_THREADS": "1",
+            "DETSEG_BACKEND": "torch",
+            **env,
+        }
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [*DETSEG, "serve", "--models", "test", "--workers", str(n), "--port", str(port)],
+                env=environ,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        workers = Workers(proc, port, log)
+        started.append(workers)
+        with grpc.insecure_channel(workers.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+            wait_serving(channel, timeout=300)
+        return workers
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(30)
+
+
+def _encode_image(channel: grpc.Channel, image: bytes) -> pb.EncodeImageResponse:
+    return pb_grpc.SegmentationServiceStub(channel).EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=image)))
+
+
+def _segment(channel: grpc.Channel, image: pb.Image, **request) -> pb.SegmentResponse:
+    return pb_grpc.SegmentationServiceStub(channel).Segment(pb.SegmentRequest(image=image, **request), timeout=120)
+
+
+def _stages(response: pb.SegmentResponse) -> set[str]:
+    return {t.stage for t in response.provenance.timings}
+
+
+def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(start_workers):
+    w = start_workers(2)
+    assert len(w.pids()) == 2 and w.proc.pid not in w.pids()
+    with ExitStack() as stack:
+        (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
+        assert pid_a != pid_b  # two connections answered by two processes on one port
+        encoded = pb_grpc.SegmentationServiceStub(a).EncodeImage(
+            pb.EncodeImageRequest(image=pb.Image(encoded=_image(1)))
+        )
+        assert not encoded.cached
+        # Worker B answers A's handle without running its SAM encoder: no "encode" stage in its timings.
+        via_b = _segment(b, pb.Image(handle=encoded.handle))
+        assert via_b.provenance.timings and "encode" not in _stages(via_b)
+        again = _encode_image(b, _image(1))
+        assert again.cached and again.handle == encoded.handle
+        # The same answer as from the bytes on A (where the encoder ran for another image's bytes).
+        fresh = _segment(a, pb.Image(encoded=_image(1)))
+        assert [i.label for i in fresh.instances] == [i.label for i in via_b.instances]
+        # A new image through B runs B's own encoder.
+        assert "encode" in _stages(_segment(b, pb.Image(encoded=_image(2))))
+
+
+def _slow_request(channel: grpc.Channel, seed: int) -> pb.SegmentResponse:
+    """A Segment call of a second or more on the test models: a new 1024² image and 20 box prompts."""
+    boxes = [
+        pb.RegionPrompt(box=pb.BoundingBox(x_min=10 * k, y_min=10, x_max=10 * k + 200, y_max=300)) for k in range(20)
+    ]
+    return _segment(channel, pb.Image(encoded=_image(seed, 1024)), regions=boxes)
+
+
+def test_admission_limits_hold_across_workers_and_sigterm_drains_every_worker(start_workers):
+    # Two calls admitted server-wide (one running per worker): a third is refused whichever worker it reaches.
+    w = start_workers(2, DETSEG_MAX_IN_FLIGHT="2", DETSEG_MAX_QUEUE="0", DETSEG_GRACE_SECONDS="60")
+    with ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
+        _slow_request(a, 0)  # warm: the first 1024² call of each worker
+        _slow_request(b, 0)
+        start = time.monotonic()
+        running = [pool.submit(_slow_request, a, 1), pool.submit(_slow_request, b, 2)]
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as refused:
+            _segment(a, pb.Image(encoded=_image(3)))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 workers" in refused.value.details() and "2 + 0" in refused.value.details()
+        assert not any(f.done() for f in running), f"the held calls ended too soon ({time.monotonic() - start:.1f} s)"
+        # SIGTERM with a call in flight in each worker: both answer, every process exits 0.
+        w.proc.send_signal(signal.SIGTERM)
+        for f in running:
+            assert len(f.result(timeout=120).instances) == 20
+    assert w.proc.wait(120) == 0, w.output()[-3000:]
+    assert not psutil.pid_exists(pid_a) and not psutil.pid_exists(pid_b)
+    assert "all workers stopped" in w.output()
+
+
+def test_a_killed_worker_is_replaced_while_the_others_serve(start_workers):
+    w = start_workers(2)
+    with ExitStack() as stack:
+        (victim, a), (survivor, b) = w.channels_on_each_worker(stack).items()
+        handle = pb_grpc.SegmentationServiceStub(a).EncodeImage(
+            pb.EncodeImageRequest(image=pb.Image(encoded=_image(4)))
+        )
+        os.kill(victim, signal.SIGKILL)
+        # The survivor keeps serving, and health stays SERVING on the port.
+        for _ in range(3):
+            health = health_pb2_grpc.HealthStub(b).Check(HEALTH, timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert _segment(b, pb.Image(handle=handle.handle)).provenance.timings
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not [p for p in w.pids() if p != survivor and w.listening(p)]:
+        time.sleep(0.5)
+    (replacement,) = set(w.pids()) - {survivor}
+    assert replacement != victim
+    # The replacement binds the port only once its models are loaded; then it answers, handles included.
+    with ExitStack() as stack:
+        channels = w.channels_on_each_worker(stack)
+        via_new = _segment(channels[replacement], pb.Image(handle=handle.handle))
+        assert "encode" not in _stages(via_new)
+    assert "starting a replacement" in w.output()
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(120) == 0, w.output()[-3000:]
+
+
+def _helpers() -> set[int]:
+    """Worker and redis-server processes alive now."""
+    marks = ("spawn_main", "redis-server")
+    return {
+        p.pid for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)
+    }
+
+
+def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
+    empty = tmp_path / "empty-cache"
+    env = {**os.environ, "DETSEG_THREADS": "1"}
+    command = [*DETSEG, "serve", "--models", "official", "--offline", "--cache-dir", str(empty), "--workers", "2"]
+    before = _helpers()
+    done = subprocess.run([*command, "--port", "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "before serving: stopping" in done.stderr and "downloads are off" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _helpers() <= before  # no worker or redis-server left behind
