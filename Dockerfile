@@ -41,10 +41,11 @@ WORKDIR /
 RUN python -c "import service.proto.detseg.v1.detseg_pb2_grpc, service.cli"
 
 FROM ${PYTHON_IMAGE} AS runtime
-# OpenCV (ultralytics) needs libGL and glib at import.
+# OpenCV (ultralytics) needs libGL and glib at import; redis-server is the shared tier `detseg serve --workers N`
+# starts for its workers on a unix socket (DETSEG_WORKERS; never a TCP port, nothing persisted).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 redis-server \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 detseg \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/detseg --create-home --shell /usr/sbin/nologin detseg \

@@ -33,8 +33,8 @@ class Settings:
     reflection: bool = True  # gRPC server reflection; on in dev, turn off where the API should not be browsable.
     # Server processes on the one port (service.supervisor): each loads its own models; SO_REUSEPORT spreads the
     # connections; handles cross workers through the shared tier (redis_url, or a redis-server on a unix socket
-    # started for them); admission limits hold server-wide; health is one status; metrics: worker i on
-    # metrics_port + i. 1 = one process, no supervisor.
+    # started for them); admission limits hold server-wide; health is one status; metrics one endpoint with a
+    # worker label. 1 = one process, no supervisor.
     workers: int = 1
     grace_seconds: float = 5.0  # graceful-shutdown budget on SIGTERM
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC max receive/send message size

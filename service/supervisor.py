@@ -13,13 +13,15 @@ encoder run.
   persistence, ``maxmemory`` = ``cache_max_bytes`` with LRU eviction; it stops with the workers.
 - **SIGTERM / SIGINT**: forwarded to every worker; each drains its in-flight calls (``grace_seconds``), then the
   supervisor stops the tier and exits 0 when every worker did.
+- **Threads**: ``threads`` 0 (all cores) becomes the cores shared out among the workers (``worker_threads``).
 - **Start-up**: worker 0 loads first, fetching and converting into the cache whatever its models need; the
   others start once it serves. Health says NOT_SERVING until every worker has loaded.
 - **A worker that dies** after the server came up (killed, out of memory) is replaced: the new worker loads its
   models before it binds the port, so connections only ever reach workers that can answer, and the others serve
   meanwhile. A worker that dies while the server comes up (e.g. missing weights), or a replacement that dies
   before it serves, stops the whole server, which exits with that worker's status: never half-serving.
-- **Metrics** (``metrics_exporter = prometheus``): worker i serves its scrape endpoint on ``metrics_port + i``.
+- **Metrics** (``metrics_exporter = prometheus``): one endpoint on ``metrics_port``, served by the supervisor: each
+  worker's samples, read from its loopback endpoint at scrape time and labelled ``worker="<index>"``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import shutil
 import signal
 import socket
@@ -54,6 +57,7 @@ log = logging.getLogger("detseg.supervisor")
 
 _POLL_SECONDS = 0.2  # how often the supervisor looks at its workers between events
 _TIER_START_SECONDS = 10.0  # the longest the local redis-server may take to answer
+_SCRAPE_SECONDS = 2.0  # the longest the metrics endpoint waits for one worker's samples
 
 
 @dataclasses.dataclass
@@ -63,9 +67,14 @@ class _Shared:
     admitted: Any
     ready: Any
     started: Any
+    scrape_ports: Any
+
+    @classmethod
+    def create(cls, ctx: Any, n: int) -> _Shared:
+        return cls(ctx.Array("q", n), ctx.Array("b", n), ctx.Event(), ctx.Array("i", n))
 
     def link(self, index: int, workers: int, replacement: bool) -> WorkerLink:
-        return WorkerLink(index, workers, self.admitted, self.ready, self.started, replacement)
+        return WorkerLink(index, workers, self.admitted, self.ready, self.started, self.scrape_ports, replacement)
 
 
 def run_workers(settings: Settings) -> int:
@@ -73,8 +82,10 @@ def run_workers(settings: Settings) -> int:
     n = settings.workers
     ctx = multiprocessing.get_context("spawn")  # gRPC's core does not survive fork
     with reserve_port(settings.host, settings.port) as port, _shared_tier(settings) as redis_url:
-        worker_settings = settings.replace(port=port, redis_url=redis_url)
-        shared = _Shared(ctx.Array("q", n), ctx.Array("b", n), ctx.Event())
+        worker_settings = settings.replace(port=port, redis_url=redis_url, threads=worker_threads(settings))
+        shared = _Shared.create(ctx, n)
+        if settings.metrics_exporter == "prometheus":
+            _serve_metrics(settings, shared.scrape_ports)
         stopping = _Signals()
         # Worker 0 first: it fetches, converts and caches whatever its models need (downloads, exports, the int8
         # encoder), and the others, started once it serves, find it all in the cache.
@@ -95,6 +106,12 @@ def run_workers(settings: Settings) -> int:
                 status = p.exitcode if p.exitcode and p.exitcode > 0 else 1
         log.info("all workers stopped")
         return status
+
+
+def worker_threads(settings: Settings) -> int:
+    """Each worker's intra-op threads: ``settings.threads`` when set, else the cores shared out (at least 1), so N
+    workers do not run N × cores threads on the cores."""
+    return settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
 
 
 def _supervise(ctx: Any, settings: Settings, shared: _Shared, procs: list[BaseProcess], stopping: _Signals) -> int:
@@ -146,8 +163,6 @@ def _start(ctx: Any, settings: Settings, link: WorkerLink) -> BaseProcess:
 def _worker_main(settings: Settings, link: WorkerLink) -> None:
     """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load."""
     configure_logging(settings.log_level, settings.log_format)
-    if settings.metrics_exporter == "prometheus":
-        settings = settings.replace(metrics_port=settings.metrics_port + link.index)
     configure_process(settings)
 
     async def run() -> None:
@@ -159,6 +174,43 @@ def _worker_main(settings: Settings, link: WorkerLink) -> None:
     except DetsegError as e:
         log.error("worker %d: %s", link.index, e)
         sys.exit(2)
+
+
+def _serve_metrics(settings: Settings, scrape_ports: Any) -> None:
+    """The one Prometheus endpoint on ``metrics_port``: every worker's samples, each labelled with its worker."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerMetrics(scrape_ports))
+    start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+
+
+class _WorkerMetrics:
+    """A prometheus_client collector reading each worker's loopback endpoint at scrape time (``worker`` label)."""
+
+    def __init__(self, scrape_ports: Any) -> None:
+        self._ports = scrape_ports
+
+    def collect(self) -> Iterator[Any]:
+        import urllib.request
+
+        from prometheus_client.metrics_core import Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        merged: dict[str, Metric] = {}
+        for index, port in enumerate(list(self._ports)):
+            if not port:
+                continue
+            try:  # loopback only, to this server's own workers
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=_SCRAPE_SECONDS) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                continue  # a worker restarting: its samples are missing from this scrape
+            for family in text_string_to_metric_families(text):
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.samples.append(sample._replace(labels={**sample.labels, "worker": str(index)}))
+        yield from merged.values()
 
 
 @contextlib.contextmanager

@@ -39,8 +39,20 @@ _sources: weakref.WeakSet[Any] = weakref.WeakSet()  # live servicers, read by th
 _instruments: Instruments | None = None
 
 
-def configure(settings: Settings) -> None:
-    """Sets the global tracer and meter providers from the settings (once per process; see module doc)."""
+_scrape_port: int | None = None  # the port this process's Prometheus endpoint is bound to
+
+
+def scrape_port() -> int | None:
+    """The port of this process's Prometheus scrape endpoint; None when it serves none."""
+    return _scrape_port
+
+
+def configure(settings: Settings, private_scrape: bool = False) -> None:
+    """Sets the global tracer and meter providers from the settings (once per process; see module doc).
+
+    ``private_scrape``: a worker of ``detseg serve --workers N`` serves its Prometheus endpoint on a free loopback
+    port (``scrape_port``), which the supervisor's one endpoint on ``metrics_port`` reads with a ``worker`` label."""
+    global _scrape_port
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -77,7 +89,9 @@ def configure(settings: Settings) -> None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import start_http_server
 
-            start_http_server(settings.metrics_port, addr=settings.host)
+            address = ("127.0.0.1", 0) if private_scrape else (settings.host, settings.metrics_port)
+            httpd, _ = start_http_server(address[1], addr=address[0])
+            _scrape_port = int(httpd.server_port)
             reader = PrometheusMetricReader()
         elif settings.metrics_exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

@@ -61,3 +61,39 @@ def metric(server: LocalTriton, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class DetsegWorkers:
+    """`detseg serve --workers N` as a process of its own, for ``settings`` (written to a YAML config file), on a
+    free port, SERVING; ``stop`` sends SIGTERM and waits for a clean exit."""
+
+    def __init__(self, settings: Settings, workers: int, folder: Path, timeout: float = 900.0) -> None:
+        import dataclasses
+        import os
+        import subprocess
+        import sys
+
+        import yaml
+
+        self.workers = workers
+        (self.port,) = free_ports(1)
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        config = folder / f"workers-{self.port}.yaml"
+        config.write_text(yaml.safe_dump({**values, "port": self.port, "workers": workers}))
+        self.log = folder / f"workers-{self.port}.log"
+        command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(command, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        with grpc.insecure_channel(self.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            wait_serving(channel, timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        if self.proc.wait(120) != 0:
+            raise RuntimeError(f"detseg serve --workers exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")

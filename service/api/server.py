@@ -91,7 +91,9 @@ async def start_server(settings: Settings, link: WorkerLink | None = None) -> Se
     a second server on a port already taken fails to start instead of silently sharing its connections."""
     credentials = server_credentials(settings)
     tokens = load_tokens(settings)
-    telemetry.configure(settings)
+    telemetry.configure(settings, private_scrape=link is not None)
+    if link is not None:
+        link.set_scrape_port(telemetry.scrape_port() or 0)
     server = grpc.aio.server(
         # Outermost first: the access log sees every status, an authentication refusal's included.
         interceptors=[

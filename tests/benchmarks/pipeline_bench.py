@@ -11,7 +11,8 @@ at 1024². With ``--models official`` the cached official checkpoints are used i
   lowers: the baseline gets its best case);
 - detseg embedded (torch, the default; and ONNX Runtime in-process) and detseg → Triton (python backend +
   ONNX Runtime), through gRPC, single-client latency;
-- throughput at 1 / 4 / 8 concurrent clients (distinct images, so no cache hits);
+- throughput at 1 / 4 / 8 concurrent clients (distinct images, so no cache hits), also against
+  `detseg serve --workers N` for each N of ``--workers`` (the embedded backend);
 - re-prompt on a cached handle vs a full request; decoder time for 1 / 10 / 50 boxes in one call vs 50
   single-box calls; per-stage timings and gRPC + serialisation overhead (client latency − server total);
 - steady-state RSS of a ``detseg serve`` process over 500 requests (demo profile, 256² SAM, for speed).
@@ -51,7 +52,7 @@ from service.models.tensors import PromptBatch
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
-from tests.triton_helpers import copy_repository_sources, free_ports, start_detseg, start_triton
+from tests.triton_helpers import DetsegWorkers, copy_repository_sources, free_ports, start_detseg, start_triton
 
 THREADS = os.cpu_count() or 2
 SCORE = 0.25
@@ -341,6 +342,12 @@ def main() -> None:
     )
     parser.add_argument("--embedded-backend", default=Settings.backend, help="backend of detseg embedded")
     parser.add_argument(
+        "--workers",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[2],
+        help="worker counts (`detseg serve --workers N`) whose throughput is measured too, e.g. 2,4 ('' = none)",
+    )
+    parser.add_argument(
         "--allocator", default=Settings.allocator, help="this process's malloc, as `detseg serve` sets its own"
     )
     args = parser.parse_args()
@@ -446,8 +453,23 @@ def main() -> None:
                     rows.append(throughput(stub, images, clients))
                     print(name, json.dumps(rows[-1]), flush=True)
                 result["throughput"][name] = rows
+            # The same with N worker processes (`detseg serve --workers N`), the embedded backend.
+            for n in args.workers:
+                served = DetsegWorkers(settings.replace(backend=args.embedded_backend), n, root)
+                try:
+                    with grpc.insecure_channel(served.target, options=opts) as channel:
+                        stub = pb_grpc.SegmentationServiceStub(channel)
+                        rows = []
+                        for clients, count in ((1, 3), (4, 8), (8, 8)):
+                            images = [bus + b"\0" * (10_000 + sent + k) for k in range(count)]
+                            sent += count
+                            rows.append(throughput(stub, images, clients))
+                            print(f"embedded, {n} workers", json.dumps(rows[-1]), flush=True)
+                finally:
+                    served.stop()
+                result["throughput"][f"embedded_workers_{n}"] = rows
             naive_tp = result["throughput"]["naive"]["img_per_s"]
-            for name in stubs:
+            for name in [*stubs, *(f"embedded_workers_{n}" for n in args.workers)]:
                 result["ratios"][f"{name}_throughput_8_clients_vs_naive"] = (
                     result["throughput"][name][-1]["img_per_s"] / naive_tp
                 )
@@ -498,6 +520,13 @@ def main() -> None:
 LABELS = {"embedded": "embedded", "torch": "torch in-process", "onnx": "ONNX Runtime in-process", "triton": "Triton"}
 
 
+def label(name: str) -> str:
+    """A path's name in the report; ``embedded_workers_<N>``: `detseg serve --workers N`."""
+    if name.startswith("embedded_workers_"):
+        return f"embedded, {name.removeprefix('embedded_workers_')} workers"
+    return LABELS[name]
+
+
 def report(r: dict[str, Any]) -> str:
     m, s, ratios, backends = r["machine"], r["single_image"], r["ratios"], r["backends"]
     rows = [
@@ -525,10 +554,11 @@ def report(r: dict[str, Any]) -> str:
         rows.append(
             f"| single-image latency, {LABELS[name]} / naive | {ratios[name + '_latency_vs_naive']:.2f} | {target} |"
         )
-    for name in backends:
-        target = "≥ 2" if name == "embedded" else "–"
+    workers = [name for name in r["throughput"] if name.startswith("embedded_workers_")]
+    for name in (*backends, *workers):
+        target = "≥ 2" if name == "embedded" or name in workers else "–"
         rows.append(
-            f"| throughput at 8 clients, {LABELS[name]} / naive | {ratios[name + '_throughput_8_clients_vs_naive']:.2f} | {target} |"
+            f"| throughput at 8 clients, {label(name)} / naive | {ratios[name + '_throughput_8_clients_vs_naive']:.2f} | {target} |"
         )
     gate = r["precision_gate"]
     rows += [
@@ -570,10 +600,10 @@ def report(r: dict[str, Any]) -> str:
         rows.append(f"| {stage} | {cells} |")
     rows += ["", "## Throughput (bus.jpg with new bytes per request, so no cache hits)", "", "| path | clients | requests | img/s | p50 (s) | p99 (s) |",
              "|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – |"]  # fmt: skip
-    for name in backends:
+    for name in (*backends, *workers):
         for t in r["throughput"][name]:
             rows.append(
-                f"| {LABELS[name]} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
+                f"| {label(name)} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
             )
     d = r["decoder"]
     rows += [

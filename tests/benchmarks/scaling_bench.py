@@ -10,7 +10,8 @@ end-to-end client latency through gRPC (generated stubs), every request with new
   (regions only, so the detector does not run and the mask count is fixed): p50 and the server's stages;
 - box prompts: 1 / 10 / 50 / 200 boxes on the 1 MP image (the 1 MP, 10-box point is shared with the above);
 - concurrent clients: 1 / 4 / 16 clients, each on its own channel sending N requests (bus.jpg with new bytes,
-  detector prompts, as pipeline_bench's throughput part): img/s, p50 and p99;
+  detector prompts, as pipeline_bench's throughput part): img/s, p50 and p99; then the same against
+  `detseg serve --workers N` for each N of ``--workers`` above 1 (the workers axis; RSS summed over its processes);
 - the corner of the first two: 12 MP with 200 boxes, one request (not with ``--quick`` or ``--no-corner``).
 
 Also the process's peak RSS during each point (the server runs in this process; peak GPU memory with cuda).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import statistics
@@ -54,7 +56,7 @@ from tests.benchmarks.pipeline_bench import (
     summary,
     timed_call,
 )
-from tests.triton_helpers import start_detseg
+from tests.triton_helpers import DetsegWorkers, start_detseg
 
 MEGAPIXELS = (0.3, 1.0, 4.0, 12.0)
 BOXES = (1, 10, 50, 200)
@@ -117,7 +119,17 @@ def box_prompts(count: int, width: int, height: int, seed: int = 0) -> list[pb.R
     return prompts
 
 
-def rss_mb() -> float:
+def rss_mb(tree: int | None = None) -> float:
+    """RSS of this process, or (``tree``) of that process and all its descendants, MB."""
+    if tree is not None:
+        import psutil
+
+        root = psutil.Process(tree)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -125,15 +137,16 @@ def rss_mb() -> float:
 
 
 @contextmanager
-def peak_memory(device: str) -> Iterator[dict[str, float]]:
-    """Peak RSS of this process (the server runs in it) sampled every 10 ms over the block, and its RSS before;
-    peak torch GPU memory allocated too when ``device`` is cuda."""
-    out = {"rss_before_mb": rss_mb(), "rss_peak_mb": 0.0}
+def peak_memory(device: str, tree: int | None = None) -> Iterator[dict[str, float]]:
+    """Peak RSS of this process (the server runs in it), or of the process ``tree`` (a `detseg serve --workers N`
+    and its workers), sampled every 10 ms over the block, and its RSS before; peak torch GPU memory allocated too
+    when ``device`` is cuda."""
+    out = {"rss_before_mb": rss_mb(tree), "rss_peak_mb": 0.0}
     stop = threading.Event()
 
     def sample() -> None:
         while True:
-            out["rss_peak_mb"] = max(out["rss_peak_mb"], rss_mb())
+            out["rss_peak_mb"] = max(out["rss_peak_mb"], rss_mb(tree))
             if stop.wait(0.01):
                 return
 
@@ -147,7 +160,7 @@ def peak_memory(device: str) -> Iterator[dict[str, float]]:
     finally:
         stop.set()
         sampler.join()
-        out["rss_peak_mb"] = max(out["rss_peak_mb"], rss_mb())
+        out["rss_peak_mb"] = max(out["rss_peak_mb"], rss_mb(tree))
         if cuda:
             out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
 
@@ -173,9 +186,14 @@ def measure(stub: Any, make: Callable[[], pb.SegmentRequest], repeats: int, warm
     }
 
 
-def concurrency(target: str, image: bytes, fresh: Fresh, clients: int, per_client: int, device: str) -> dict[str, Any]:
-    """``clients`` threads, each with its own channel, sending ``per_client`` requests back to back."""
-    channels = [grpc.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
+def concurrency(
+    target: str, image: bytes, fresh: Fresh, clients: int, per_client: int, device: str, workers: Any = None
+) -> dict[str, Any]:
+    """``clients`` threads, each with its own channel (its own connection), sending ``per_client`` requests back
+    to back. ``workers``: the `detseg serve --workers N` (DetsegWorkers) serving ``target``, None for the
+    in-process server."""
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(target, options=options) for _ in range(clients)]
     for c in channels:
         grpc.channel_ready_future(c).result(timeout=60)
     latencies: list[float] = []
@@ -189,7 +207,8 @@ def concurrency(target: str, image: bytes, fresh: Fresh, clients: int, per_clien
             detections.append(len(response.instances))
 
     try:
-        with peak_memory(device) as memory, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        tree = workers.proc.pid if workers is not None else None
+        with peak_memory(device, tree) as memory, concurrent.futures.ThreadPoolExecutor(clients) as pool:
             start = time.perf_counter()
             list(pool.map(client, channels))
             wall = time.perf_counter() - start
@@ -197,7 +216,8 @@ def concurrency(target: str, image: bytes, fresh: Fresh, clients: int, per_clien
         for c in channels:
             c.close()
     requests = clients * per_client
-    return {"clients": clients, "requests": requests, "wall_s": wall, "img_per_s": requests / wall,
+    n = workers.workers if workers is not None else 1
+    return {"workers": n, "clients": clients, "requests": requests, "wall_s": wall, "img_per_s": requests / wall,
             **summary(latencies), "instances_median": statistics.median(detections), **memory}  # fmt: skip
 
 
@@ -211,6 +231,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests per point (0 with --quick)")
     parser.add_argument("--per-client", type=int, default=3, help="requests each client sends (1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, a smaller grid: for trying the script")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1, 2],
+        help="worker counts of the concurrency axis (`detseg serve --workers N`; 1 = the in-process server)",
+    )
     parser.add_argument(
         "--corner", action=argparse.BooleanOptionalAction, default=True,
         help="the 12 MP x 200 boxes request (never with --quick; over a minute on CPU)",
@@ -283,6 +309,17 @@ def main() -> None:
         finally:
             channel.close()
             server.stop()
+        for n in (n for n in args.workers if n > 1):  # the workers axis: `detseg serve --workers N`
+            workers = DetsegWorkers(settings, n, Path(tmp))
+            try:
+                concurrency(workers.target, bus, fresh, n * 2, 1, args.device, workers)  # each worker's first calls
+                for c in clients:
+                    result["clients"].append(
+                        concurrency(workers.target, bus, fresh, c, per_client, args.device, workers)
+                    )
+                    print(json.dumps(result["clients"][-1]), flush=True)
+            finally:
+                workers.stop()
     result["wall_s"] = time.perf_counter() - began
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=1))
@@ -359,13 +396,13 @@ def report(r: dict[str, Any]) -> str:
         f"## Concurrent clients (bus.jpg with new bytes, detector prompts; each client its own channel, "
         f"{r['per_client']} request(s) back to back)",
         "",
-        "| clients | requests | img/s | p50 (s) | p99 (s) | detections (median) | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| workers | clients | requests | img/s | p50 (s) | p99 (s) | detections (median) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for t in r["clients"]:
         memory = f"{t['rss_peak_mb']:.0f}" + (f" (GPU {t['gpu_peak_mb']:.0f})" if "gpu_peak_mb" in t else "")
         rows.append(
-            f"| {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} | "
+            f"| {t.get('workers', 1)} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} | "
             f"{t['instances_median']:g} | {memory} |"
         )
     rows += ["", f"Whole run: {r['wall_s']:.0f} s. Figure: `scaling.png`."]
@@ -409,15 +446,18 @@ def plot(r: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
-    rows = r["clients"]
+    rows = [t for t in r["clients"] if t.get("workers", 1) == 1]
     x = [t["clients"] for t in rows]
     c.plot(x, [t["img_per_s"] for t in rows], "s-", color="tab:blue", lw=2, label="img/s")
+    for n in sorted({t.get("workers", 1) for t in r["clients"]} - {1}):
+        more = [t for t in r["clients"] if t.get("workers", 1) == n]
+        c.plot([t["clients"] for t in more], [t["img_per_s"] for t in more], "s-", lw=2, label=f"img/s, {n} workers")
     c.set_xscale("log", base=2)
     c.set_xticks(x, [str(v) for v in x])
     c.minorticks_off()
     c.set_xlabel("concurrent clients")
     c.set_ylabel("throughput (img/s)", color="tab:blue")
-    c.set_ylim(0, max(t["img_per_s"] for t in rows) * 1.25)
+    c.set_ylim(0, max(t["img_per_s"] for t in r["clients"]) * 1.25)
     c.grid(True, alpha=0.3)
     lat = c.twinx()
     lat.plot(x, [t["p50_s"] for t in rows], "o--", color="tab:red", label="p50 latency")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
@@ -142,7 +144,8 @@ def _stages(response: pb.SegmentResponse) -> set[str]:
 
 
 def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(start_workers):
-    w = start_workers(2)
+    metrics_port = _free_port()
+    w = start_workers(2, DETSEG_METRICS_EXPORTER="prometheus", DETSEG_METRICS_PORT=str(metrics_port))
     assert len(w.pids()) == 2 and w.proc.pid not in w.pids()
     with ExitStack() as stack:
         (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
@@ -161,6 +164,13 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
         assert [i.label for i in fresh.instances] == [i.label for i in via_b.instances]
         # A new image through B runs B's own encoder.
         assert "encode" in _stages(_segment(b, pb.Image(encoded=_image(2))))
+    # One Prometheus endpoint: every worker's samples, labelled with the worker.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    durations = families["detseg_rpc_duration_seconds"].samples
+    assert {s.labels["worker"] for s in durations} == {"0", "1"}
+    counts = [s for s in durations if s.name.endswith("_count") and "Segment" in s.labels.get("rpc_method", "")]
+    assert {s.labels["worker"] for s in counts} == {"0", "1"}, counts
 
 
 def _slow_request(channel: grpc.Channel, seed: int) -> pb.SegmentResponse:
