@@ -20,6 +20,8 @@ encoder run.
   models before it binds the port, so connections only ever reach workers that can answer, and the others serve
   meanwhile. A worker that dies while the server comes up (e.g. missing weights), or a replacement that dies
   before it serves, stops the whole server, which exits with that worker's status: never half-serving.
+- **Orphans**: workers and the local redis-server get SIGTERM from the kernel when the supervisor dies, even by
+  SIGKILL (Linux ``PR_SET_PDEATHSIG``), so none outlives it.
 - **Metrics** (``metrics_exporter = prometheus``): one endpoint on ``metrics_port``, served by the supervisor: each
   worker's samples, read from its loopback endpoint at scrape time and labelled ``worker="<index>"``.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -55,6 +58,7 @@ from service.startup import configure_logging, configure_process
 
 log = logging.getLogger("detseg.supervisor")
 
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 _POLL_SECONDS = 0.2  # how often the supervisor looks at its workers between events
 _TIER_START_SECONDS = 10.0  # the longest the local redis-server may take to answer
 _SCRAPE_SECONDS = 2.0  # the longest the metrics endpoint waits for one worker's samples
@@ -160,8 +164,18 @@ def _start(ctx: Any, settings: Settings, link: WorkerLink) -> BaseProcess:
     return p
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies (even by SIGKILL), so no worker or
+    redis-server outlives its supervisor. Elsewhere: nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _worker_main(settings: Settings, link: WorkerLink) -> None:
     """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load."""
+    _die_with_parent()
+    if os.getppid() == 1:  # the supervisor died before the line above took effect
+        return
     configure_logging(settings.log_level, settings.log_format)
     configure_process(settings)
 
@@ -259,7 +273,9 @@ def local_redis(max_bytes: int) -> Iterator[str]:
         options = {"port": "0", "unixsocket": str(sock), "unixsocketperm": "700", "save": "", "appendonly": "no"}
         options |= {"maxmemory": memory, "maxmemory-policy": "allkeys-lru", "loglevel": "warning", "dir": folder}
         command = [exe, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         try:
             url = f"unix://{sock}"
             _wait_for_redis(redis.Redis.from_url(url), proc)

@@ -13,7 +13,8 @@ at 1024². With ``--models official`` the cached official checkpoints are used i
   ONNX Runtime), through gRPC, single-client latency;
 - throughput at 1 / 4 / 8 concurrent clients (distinct images, so no cache hits), also against
   `detseg serve --workers N` for each N of ``--workers`` (the embedded backend);
-- re-prompt on a cached handle vs a full request; decoder time for 1 / 10 / 50 boxes in one call vs 50
+- re-prompt on a cached handle (one region: the box and a new click, as an annotator's next click; until
+  2026-12 it was the box and the click as two regions, two decoder calls) vs a full request; decoder time for 1 / 10 / 50 boxes in one call vs 50
   single-box calls; per-stage timings and gRPC + serialisation overhead (client latency − server total);
 - steady-state RSS of a ``detseg serve`` process over 500 requests (demo profile, 256² SAM, for speed).
 
@@ -479,11 +480,11 @@ def main() -> None:
             fresh = jpeg(photo("zidane.jpg"))
             full_s, _ = timed_call(stub, segment_request(fresh))
             handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=fresh)), timeout=600).handle
-            box = pb.RegionPrompt(box=pb.BoundingBox(x_min=100, y_min=50, x_max=600, y_max=700))
+            box = pb.BoundingBox(x_min=100, y_min=50, x_max=600, y_max=700)
             reprompt = []
-            for k in range(10):
-                click = pb.RegionPrompt(points=[pb.Point(x=300 + 10 * k, y=400, label=1)])
-                request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=[box, click])
+            for k in range(10):  # an annotator's next click on the object: one region, its box and the click
+                region = pb.RegionPrompt(box=box, points=[pb.Point(x=300 + 10 * k, y=400, label=1)])
+                request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=[region])
                 reprompt.append(timed_call(stub, request)[0])
             result["reprompt"] = {"full_request_s": full_s, "cached_reprompt": summary(reprompt)}
             result["ratios"]["cached_reprompt_vs_full"] = statistics.median(reprompt) / full_s
@@ -610,7 +611,7 @@ def report(r: dict[str, Any]) -> str:
         "",
         "## Embedding reuse and the decoder",
         "",
-        f"Full request {r['reprompt']['full_request_s']:.3f} s; re-prompt on a cached handle (box + click) p50 "
+        f"Full request {r['reprompt']['full_request_s']:.3f} s; re-prompt on a cached handle (one region, box + click) p50 "
         f"{r['reprompt']['cached_reprompt']['p50_s']:.4f} s.",
         "",
         f"Decoder in one call: 1 box {d['decode_1_boxes_one_call_s'] * 1e3:.1f} ms, 10 boxes {d['decode_10_boxes_one_call_s'] * 1e3:.1f} ms, "

@@ -127,8 +127,12 @@ def start_workers(settings, tmp_path) -> Iterator:
     yield start
     for w in started:
         if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait(30)
+            w.proc.terminate()
+            try:
+                w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(30)
 
 
 def _encode_image(channel: grpc.Channel, image: bytes) -> pb.EncodeImageResponse:
@@ -251,3 +255,13 @@ def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
     assert "before serving: stopping" in done.stderr and "downloads are off" in done.stderr
     assert "Traceback" not in done.stderr
     assert _helpers() <= before  # no worker or redis-server left behind
+
+
+def test_no_worker_or_redis_server_outlives_a_killed_supervisor(start_workers):
+    w = start_workers(2)
+    children = psutil.Process(w.proc.pid).children()
+    assert len(children) >= 3  # two workers and the redis-server (and multiprocessing's tracker)
+    w.proc.kill()
+    w.proc.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
