@@ -1,5 +1,6 @@
 """The mask stages of the detector path: every SAM prompt of the image decoded in measured chunks, then each
-mask upsampled in its box window, thresholded, refined and encoded, with what review reads."""
+mask upsampled in its window (where its logits reach the threshold, within its box + margin when refinement clips),
+thresholded, refined and encoded, with what review reads; no stage holds a whole frame of a mask but PNG's."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ import numpy as np
 from service.models.tensors import ImageFeatures
 from service.pipeline.image import DecodedImage
 from service.pipeline.prompts import Plan, SamPrompt
-from service.pipeline.refine import refine_mask
+from service.pipeline.refine import clip_window, refine_window
 from service.pipeline.review import MaskStats, mask_stats
-from service.processing.masks import Bounds, EncodedMask, encode_masks, mask_bounds
+from service.processing.masks import RLE, Bounds, EncodedMask, WindowedMask, encode_window
 from service.processing.segmentation import BestMasks, SegmenterProcessing
 from service.runners.base import Runner
-
-_MASK_CHUNK = 16  # instances upsampled at a time: bounds memory to 16 x H x W floats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,31 +68,55 @@ class Masks:
         return LowResMasks(best.low_res, best.scores)
 
     def finish(self, low_res: Any, image: DecodedImage, p: Plan, prompts: list[SamPrompt]) -> FinalMasks:
-        """Upsample, threshold, refine and encode in chunks, one mask per prompt, with what review reads."""
+        """Upsample, threshold, refine and encode, one mask per prompt, with what review reads.
+
+        Each mask is finished on the mask pool from its own logits (OpenCV, numpy and torch release the GIL while
+        they work), upsampled only inside its window and, when refinement clips, its box + margin: memory per
+        thread follows one window. Masks that refinement leaves as they are get their RLE where the logits are."""
         hw = (image.height, image.width)
+        runs_there = p.mask_encoding == RLE and p.refinement.min_region_area <= 0
+
+        def finish_one(i: int) -> FinishedMask:
+            prompt = prompts[i]
+            clip = clip_window(prompt.box, p.refinement, hw)
+            up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
+            rle = up.rle[0] if up.rle is not None else None
+            return _finish_mask(up.windows[0], prompt, float(up.stability[0]), p, rle)
+
         final = FinalMasks([], [], [])
-        for i in range(0, low_res.shape[0], _MASK_CHUNK):
-            up = self.segmentation.postprocess(low_res[i : i + _MASK_CHUNK], hw)
-            chunk = prompts[i : i + _MASK_CHUNK]
-            # Masks are finished on the mask pool (OpenCV and most of numpy release the GIL while they work).
-            finished = self._pool.map(lambda m, q, s: _finish_mask(m, q, float(s), p), up.masks, chunk, up.stability)
-            for mask in finished:
-                final.encoded.append(mask.encoded)
-                final.boxes.append(mask.box)
-                final.stats.append(mask.stats)
+        for mask in self._pool.map(finish_one, range(len(prompts))):
+            final.encoded.append(mask.encoded)
+            final.boxes.append(mask.box)
+            final.stats.append(mask.stats)
         return final
 
 
-def _finish_mask(mask: np.ndarray, prompt: SamPrompt, stability: float, p: Plan) -> FinishedMask:
-    """One upsampled (H, W) bool mask → refined in place, encoded, its box (clicks-only prompts) and review stats.
+def _finish_mask(mask: WindowedMask, prompt: SamPrompt, stability: float, p: Plan, rle: bytes | None) -> FinishedMask:
+    """One upsampled mask held as its window → refined, encoded, its box (clicks-only prompts) and review stats.
 
-    Everything after the refinement reads only the mask's window of set pixels (``mask_bounds``): the same results
-    as reading the frame, and a small object on a large image costs its own size."""
-    window = refine_mask(mask, prompt.box, p.refinement) if p.refinement.active else None
-    bounds = mask_bounds(mask, window)
-    (encoded,) = encode_masks(mask[None], p.mask_encoding, [bounds])
+    Everything reads only the mask's window (after refinement, the tight one of its set pixels): the same results
+    as reading the frame, and a small object on a large image costs its own size. ``rle``: the mask's RLE counts
+    when already computed (refinement leaves it unchanged: it was upsampled within its clip window)."""
+    refined = refine_window(mask, prompt.box, p.refinement) if p.refinement.active else mask
+    tight = refined.tight()
+    if rle is not None and p.mask_encoding == RLE and p.refinement.min_region_area <= 0:
+        encoded = EncodedMask(mask.height, mask.width, RLE, rle_counts=rle)
+    else:
+        encoded = encode_window(tight, p.mask_encoding)
+    bounds = None if tight.bounds.empty else tight.bounds
     box = _bounds_box(bounds) if prompt.box is None else None
-    return FinishedMask(encoded, box, mask_stats(mask, stability, bounds))
+    return FinishedMask(encoded, box, _stats(tight, stability))
+
+
+def _stats(tight: WindowedMask, stability: float) -> MaskStats:
+    """Review's stats of a mask held as its tight window (``mask_stats``); its parts as refinement counted them,
+    else counted in the crop's memory order (area and 8-connected parts of a transposed mask are the mask's)."""
+    if tight.bounds.empty:
+        return mask_stats(tight.crop, stability, None)
+    if tight.parts is not None:
+        return MaskStats(stability=stability, area=int(np.count_nonzero(tight.crop)), components=tight.parts)
+    crop = tight.crop.T if tight.crop.T.flags.c_contiguous else tight.crop
+    return mask_stats(crop, stability, Bounds(0, crop.shape[0], 0, crop.shape[1]))
 
 
 def _bounds_box(bounds: Bounds | None) -> np.ndarray | None:

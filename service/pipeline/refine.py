@@ -12,6 +12,9 @@ applied here per instance in this order:
    on the mask's bounding window (plus a one-pixel border) instead of the whole image, so its cost follows the
    object's size; background that reaches the window's border is never a hole.
 
+Masks arrive held as windows (``WindowedMask``, ``refine_window``): clipping narrows the window and writes nothing;
+``refine_mask`` does the same to a whole (H, W) mask in place.
+
 ``Refinement.NONE`` leaves SAM's masks untouched (parity with ``SAM2ImagePredictor``).
 """
 
@@ -24,7 +27,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from service.processing.masks import Bounds, mask_bounds
+from service.processing.masks import Bounds, WindowedMask, mask_bounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,19 @@ class Refinement:
 Refinement.NONE = Refinement()
 
 
+def clip_window(box: np.ndarray | None, refinement: Refinement, hw: tuple[int, int]) -> Bounds | None:
+    """The window a mask is clipped to: its prompt box (4,) float XYXY, original-image pixels, plus the margin,
+    within the (H, W) frame; None when it is not clipped (no box, or no ``box_margin``)."""
+    if box is None or refinement.box_margin is None:
+        return None
+    h, w = hw
+    bx0, by0, bx1, by1 = (float(v) for v in box)
+    mx, my = (bx1 - bx0) * refinement.box_margin, (by1 - by0) * refinement.box_margin
+    x0, y0 = min(w, max(0, math.floor(bx0 - mx))), min(h, max(0, math.floor(by0 - my)))
+    # A box beyond the frame's edge clips the whole mask (an empty window, never negative ends).
+    return Bounds(y0, max(y0, min(h, math.ceil(by1 + my))), x0, max(x0, min(w, math.ceil(bx1 + mx))))
+
+
 def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement) -> Bounds:
     """Refines one mask in place; returns a window that holds every set pixel of it afterwards (the box + margin
     it was clipped to, else the whole frame).
@@ -53,17 +69,15 @@ def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement
     box: (4,) float XYXY in original-image pixels, the instance's prompt box, or None (clicks only: no clipping).
     """
     h, w = mask.shape
-    y0, y1, x0, x1 = 0, h, 0, w
-    if box is not None and refinement.box_margin is not None:
-        bx0, by0, bx1, by1 = (float(v) for v in box)
-        mx, my = (bx1 - bx0) * refinement.box_margin, (by1 - by0) * refinement.box_margin
-        x0, x1 = max(0, math.floor(bx0 - mx)), min(w, math.ceil(bx1 + mx))
-        y0, y1 = max(0, math.floor(by0 - my)), min(h, math.ceil(by1 + my))
+    window = clip_window(box, refinement, (h, w))
+    if window is not None:
+        y0, y1, x0, x1 = window.y0, window.y1, window.x0, window.x1
         mask[:y0] = False
         mask[y1:] = False
         mask[y0:y1, :x0] = False
         mask[y0:y1, x1:] = False
-    window = Bounds(y0, y1, x0, x1)
+    else:
+        window = Bounds(0, h, 0, w)
     if refinement.min_region_area <= 0:
         return window
     tight = mask_bounds(mask, window)
@@ -74,33 +88,64 @@ def refine_mask(mask: np.ndarray, box: np.ndarray | None, refinement: Refinement
     return tight  # hole filling stays inside the mask's window, island removal only shrinks it
 
 
+def refine_window(mask: WindowedMask, box: np.ndarray | None, refinement: Refinement) -> WindowedMask:
+    """``refine_mask`` for a mask held as a window: the same pixels, without touching the frame. Clipping narrows
+    the window (a view, nothing written); hole filling and island removal give a new crop of the mask's tight
+    window. The returned mask's window holds every set pixel."""
+    clip = clip_window(box, refinement, (mask.height, mask.width))
+    if clip is not None:
+        mask = mask.within(clip)
+    if refinement.min_region_area <= 0:
+        return mask
+    tight = mask.tight()
+    if tight.bounds.empty:
+        return tight
+    crop, parts = _remove_small_regions(tight.crop, refinement.min_region_area)
+    return WindowedMask(mask.height, mask.width, tight.bounds, crop, parts)
+
+
 def remove_small_regions_windowed(crop: np.ndarray, area: int) -> np.ndarray:
     """SAM's hole filling then island removal on a window that holds the whole mask.
 
     crop: (h, w) bool, the mask's bounding window. Returns a new (h, w) bool array.
     """
+    return _remove_small_regions(crop, area)[0]
+
+
+def _remove_small_regions(crop: np.ndarray, area: int) -> tuple[np.ndarray, int]:
+    """``remove_small_regions_windowed``, and the number of 8-connected parts left (island removal counts them)."""
     padded = np.pad(crop, 1)  # background around the window: one component, reaching the border
     filled = _fill_small_holes(padded, area)
-    return _remove_small_islands(filled, area)[1:-1, 1:-1]
+    kept, parts = _remove_small_islands(filled, area)
+    return kept[1:-1, 1:-1], parts
 
 
 def _fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=8)
+    """mask: (h, w) bool, C-contiguous, background reaching its border."""
+    n, found = cv2.connectedComponents(np.logical_not(mask).view(np.uint8), connectivity=8)
+    if n <= 2:  # the mask (label 0) and the background around it: no hole (most masks; no areas to count)
+        return mask
+    labels = np.asarray(found, np.int32)
     outside = labels[0, 0]  # the padding's component: the background around the object, never a hole
-    fill = stats[:, cv2.CC_STAT_AREA] < area  # a lookup table by label: much faster than np.isin
+    fill = np.bincount(labels.ravel(), minlength=n) < area  # a lookup table by label: much faster than np.isin
     fill[0] = fill[outside] = False
     if not fill.any():
         return mask
-    return mask | fill[labels]
+    filled = np.take(fill, labels)
+    return np.logical_or(filled, mask, out=filled)
 
 
-def _remove_small_islands(mask: np.ndarray, area: int) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    sizes = stats[:, cv2.CC_STAT_AREA]
+def _remove_small_islands(mask: np.ndarray, area: int) -> tuple[np.ndarray, int]:
+    """mask: (h, w) bool, C-contiguous → the mask without islands under ``area`` pixels, and its islands left."""
+    n, found = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)
+    if n <= 2:  # one island (or none) stays whatever its area
+        return mask, n - 1
+    labels = np.asarray(found, np.int32)
+    sizes = np.bincount(labels.ravel(), minlength=n)
     keep = sizes >= area
     keep[0] = False  # the background
     if keep[1:].all():
-        return mask
-    if not keep.any():  # every island is small: the largest stays
+        return mask, n - 1
+    if not keep.any():  # every island is small: the largest stays, the first of OpenCV's labels among equals
         keep[int(np.argmax(sizes[1:])) + 1] = True
-    return keep[labels]
+    return np.take(keep, labels), int(keep.sum())

@@ -5,7 +5,7 @@ Rules (each off at 0), server defaults from Settings, overridable per request (S
   a caller's region has no detector score).
 - ``LOW_MASK_SCORE``: SAM's predicted mask IoU is under ``mask_score_below`` (SAM 2 masks).
 - ``UNSTABLE_MASK``: SAM's stability score is under ``stability_below``: the IoU between the mask thresholded
-  at logit +1 and at logit -1 (``processing.segmentation.STABILITY_OFFSET``), as SAM's automatic mask generator
+  at logit +1 and at logit -1 (``processing.upsampling.STABILITY_OFFSET``), as SAM's automatic mask generator
   computes it (``calculate_stability_score``) on the upsampled logits; a mask that changes with the threshold is
   uncertain.
 - ``TINY_MASK``: fewer than ``min_mask_area`` pixels.

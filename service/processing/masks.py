@@ -49,16 +49,70 @@ class Bounds:
         """(H, W) → the (y1 - y0, x1 - x0) view of this window."""
         return mask[self.y0 : self.y1, self.x0 : self.x1]
 
+    @property
+    def empty(self) -> bool:
+        return self.y1 <= self.y0 or self.x1 <= self.x0
+
+    def intersect(self, other: Bounds) -> Bounds:
+        """The pixels in both windows (an empty window, y1 = y0 or x1 = x0, when they do not meet)."""
+        y0, x0 = max(self.y0, other.y0), max(self.x0, other.x0)
+        return Bounds(y0, max(y0, min(self.y1, other.y1)), x0, max(x0, min(self.x1, other.x1)))
+
+
+EMPTY = Bounds(0, 0, 0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowedMask:
+    """An (H, W) bool mask at original resolution held as one window of it: every set pixel lies in ``bounds``.
+
+    crop: (y1 - y0, x1 - x0) bool, the window's pixels, a view of column-major memory (``crop.T`` is C-contiguous
+    when the crop is the whole of its array) as upsampling makes it, the order of COCO RLE runs; any layout reads
+    the same. An empty window holds no pixel. parts: its 8-connected parts when already counted (refinement's
+    island removal counts them), else None.
+    """
+
+    height: int
+    width: int
+    bounds: Bounds
+    crop: np.ndarray
+    parts: int | None = None
+
+    def frame(self) -> np.ndarray:
+        """(H, W) bool, the whole mask (H × W bytes)."""
+        out = np.zeros((self.height, self.width), bool)
+        self.bounds.crop(out)[...] = self.crop
+        return out
+
+    def within(self, window: Bounds) -> WindowedMask:
+        """The mask cleared outside ``window`` (a view of this crop)."""
+        b = self.bounds.intersect(window)
+        return WindowedMask(
+            self.height,
+            self.width,
+            b,
+            self.crop[b.y0 - self.bounds.y0 : b.y1 - self.bounds.y0, b.x0 - self.bounds.x0 : b.x1 - self.bounds.x0],
+        )
+
+    def tight(self) -> WindowedMask:
+        """The same mask held by the tight window of its set pixels (``mask_bounds``; EMPTY when none is set)."""
+        inner = mask_bounds(self.crop) if not self.bounds.empty else None
+        if inner is None:
+            return WindowedMask(self.height, self.width, EMPTY, np.zeros((0, 0), bool), 0)
+        y0, x0 = self.bounds.y0, self.bounds.x0
+        b = Bounds(y0 + inner.y0, y0 + inner.y1, x0 + inner.x0, x0 + inner.x1)
+        return WindowedMask(self.height, self.width, b, inner.crop(self.crop), self.parts)
+
 
 def mask_bounds(mask: np.ndarray, within: Bounds | None = None) -> Bounds | None:
     """(H, W) bool → the tight window of its set pixels, None when empty. ``within``: a window known to hold every
     set pixel (e.g. the prompt box + margin the refinement clipped to): only it is searched."""
     within = within or Bounds(0, mask.shape[0], 0, mask.shape[1])
     window = within.crop(mask)
-    rows = np.flatnonzero(window.any(axis=1))
-    if not len(rows):
+    cols = np.flatnonzero(window.any(axis=0))  # along columns first: the masks' column-major memory in its order
+    if not len(cols):
         return None
-    cols = np.flatnonzero(window.any(axis=0))
+    rows = np.flatnonzero(window[:, cols[0] : cols[-1] + 1].any(axis=1))
     y0, x0 = within.y0, within.x0
     return Bounds(y0 + int(rows[0]), y0 + int(rows[-1]) + 1, x0 + int(cols[0]), x0 + int(cols[-1]) + 1)
 
@@ -67,26 +121,60 @@ def rle_from_window(mask: np.ndarray, bounds: Bounds | None) -> bytes:
     """The COCO RLE (pycocotools' compressed counts) of an (H, W) bool mask, computed from its window alone.
 
     Exactly ``pycocotools.mask.encode``'s counts (the tests compare them), in time proportional to the window, not
-    the image: column-major runs of the whole frame are the window's runs shifted to frame indices (x * H + y).
-    ``bounds`` None: an empty mask.
+    the image (``window_runs``). ``bounds`` None: an empty mask.
     """
     h, w = mask.shape
-    if bounds is None:
-        runs = np.array([h * w], np.int64)
-    else:
-        window = bounds.crop(mask).T  # (columns, rows): column-major order, as RLE runs
-        padded = np.zeros((window.shape[0], window.shape[1] + 2), np.int8)
-        padded[:, 1:-1] = window
-        xs, ys = np.nonzero(np.diff(padded, axis=1))  # run starts and ends alternate, in frame order
-        edges = (bounds.x0 + xs).astype(np.int64) * h + bounds.y0 + ys
-        # A run ending at a column's last row and one starting at the next column's first row are one run.
-        joined = np.flatnonzero(edges[1:-1:2] == edges[2::2]) * 2 + 1
-        edges = np.delete(edges, np.concatenate([joined, joined + 1]))
-        runs = np.diff(np.concatenate(([0], edges, [h * w])))
-        if runs[-1] == 0:  # the mask reaches the frame's last pixel: no trailing run of zeros
-            runs = runs[:-1]
-    rle = mask_utils.frPyObjects({"size": [h, w], "counts": runs.tolist()}, h, w)
+    window = bounds or EMPTY
+    return rle_counts(window_runs(WindowedMask(h, w, window, window.crop(mask))), h, w)
+
+
+def rle_counts(runs: np.ndarray, height: int, width: int) -> bytes:
+    """(K,) int64 COCO RLE run lengths of an (H, W) mask (column-major, zeros first) → pycocotools' compressed
+    counts."""
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
     return rle["counts"]  # type: ignore[no-any-return]
+
+
+def window_runs(mask: WindowedMask) -> np.ndarray:
+    """The COCO RLE run lengths (K,) int64 of a windowed mask: what ``pycocotools.mask.encode`` counts on the whole
+    frame, in time proportional to the window.
+
+    Run boundaries are where the column-major crop changes value, plus each column's first and last pixel when set
+    (the frame around the window is empty); a window as tall as the frame is one contiguous stretch of the frame.
+    ``SegmenterProcessing`` computes the same runs with torch where the logits are (``device_window_runs``).
+    """
+    h, w, b = mask.height, mask.width, mask.bounds
+    if b.empty:
+        return np.array([h * w], np.int64)
+    rows = b.y1 - b.y0
+    flat = np.ascontiguousarray(mask.crop.T).reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # crop positions whose pixel differs from the one before
+    if rows == h:  # whole columns: the crop is the frame's pixels x0 * H ... x1 * H in order
+        first, last = np.flatnonzero(flat[:1]), np.flatnonzero(flat[-1:]) + flat.size  # set: a run starts / ends
+        edges = b.x0 * h + np.concatenate([first, change, last]).astype(np.int64)
+    else:
+        change = change[change % rows != 0]  # a column's first pixel follows background, not the column before
+        starts = np.flatnonzero(flat[::rows])  # columns whose first pixel is set: a run starts at row y0
+        ends = np.flatnonzero(flat[rows - 1 :: rows])  # columns whose last pixel is set: a run ends at row y1
+        at_change = (b.x0 + change // rows) * h + b.y0 + change % rows
+        at_ends = [(b.x0 + starts) * h + b.y0, (b.x0 + ends) * h + b.y1]
+        edges = np.sort(np.concatenate([at_change, *at_ends]).astype(np.int64), kind="stable")  # 3 sorted runs
+    runs = np.diff(edges, prepend=0, append=h * w)
+    return runs[:-1] if runs[-1] == 0 else runs  # a mask reaching the frame's last pixel has no trailing zeros
+
+
+def encode_window(mask: WindowedMask, encoding: str) -> EncodedMask:
+    """One windowed mask → EncodedMask, byte for byte what ``encode_masks`` gives for its whole frame; RLE and
+    polygons read only the window, PNG needs the frame."""
+    h, w = mask.height, mask.width
+    if encoding == RLE:
+        return EncodedMask(h, w, RLE, rle_counts=rle_counts(window_runs(mask), h, w))
+    if encoding == POLYGON:
+        polygons = () if mask.bounds.empty else _polygons(mask.crop, (mask.bounds.y0, mask.bounds.x0))
+        return EncodedMask(h, w, POLYGON, polygons=polygons)
+    if encoding == PNG:
+        return EncodedMask(h, w, PNG, png=_png(mask.frame()))
+    raise ValueError(f"unknown mask encoding {encoding!r}")
 
 
 def encode_masks(masks: np.ndarray, encoding: str, bounds: Sequence[Bounds | None] | None = None) -> list[EncodedMask]:
@@ -108,7 +196,7 @@ def encode_masks(masks: np.ndarray, encoding: str, bounds: Sequence[Bounds | Non
     raise ValueError(f"unknown mask encoding {encoding!r}")
 
 
-def _polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
+def _polygons(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple[tuple[float, ...], ...]:
     """(H, W) bool mask → one flattened [x0, y0, x1, y1, ...] polygon per 8-connected component, holes included.
 
     Coordinates are original-image pixels in pycocotools' frame: pixel (row r, col c) is the unit square
@@ -125,7 +213,7 @@ def _polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
     The cut adds no crossings, so even-odd filling leaves the hole empty while the polygon stays weakly simple; a
     hole is never a polygon of its own (``merge`` is a union). An island inside a hole is a polygon of its own.
     """
-    points, bounds, parents = _boundary_rings(mask)
+    points, bounds, parents = _boundary_rings(mask, origin)
     feet, heads = _cuts(points, bounds, parents)
     keep = _turns(points, bounds)  # drop points inside straight runs, but not the cuts' ends
     keep[feet] = keep[heads] = True
@@ -142,8 +230,9 @@ def _polygons(mask: np.ndarray) -> tuple[tuple[float, ...], ...]:
     )
 
 
-def _boundary_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _boundary_rings(mask: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W) bool mask → its boundary rings: points (N, 2) int64, bounds (R + 1,) int64, parents (R,) int64.
+    ``origin``: (row, column) of the mask's first pixel in the frame the coordinates are in.
 
     Ring k is points[bounds[k]:bounds[k + 1]], a closed cycle with one point per pixel edge between a mask pixel and
     a background pixel, at the edge's midpoint, in doubled original-image pixel coordinates (2x, 2y): (2c + 1, 2r)
@@ -152,6 +241,7 @@ def _boundary_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """
     image = np.ascontiguousarray(mask, dtype=np.uint8)
     x, y, w, h = cv2.boundingRect(image)
+    x0, y0 = x + origin[1], y + origin[0]
     if w == 0:
         return np.zeros((0, 2), np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64)
     crop = cv2.copyMakeBorder(image[y : y + h, x : x + w], 1, 1, 1, 1, cv2.BORDER_CONSTANT)
@@ -159,7 +249,7 @@ def _boundary_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     # them onto pixel corners, turning each contour into the unit-step chain of the region's pixel edges.
     doubled = cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
     contours, hierarchy = cv2.findContours(
-        doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(2 * x - 2, 2 * y - 2)
+        doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE, offset=(2 * x0 - 2, 2 * y0 - 2)
     )
     lengths = [len(c) for c in contours]
     corners = (np.concatenate(contours).reshape(-1, 2).astype(np.int64) + 1) >> 1

@@ -1,24 +1,24 @@
 """SAM 2 pre/post-processing, written once for every runner.
 
 Uses sam2's own ``SAM2Transforms`` (resize + ImageNet normalisation, prompt coordinate scaling), configured
-as ``SAM2ImagePredictor`` configures it, and its mask upsampling (bilinear to the original size, threshold 0)
-done with OpenCV, so masks equal the predictor's.
+as ``SAM2ImagePredictor`` configures it, and its mask upsampling (bilinear to the original size, half-pixel
+centres, threshold 0), computed only in each mask's window (``SegmenterProcessing.postprocess``), so masks equal
+the predictor's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from service.models.tensors import DecoderOutput, PromptBatch, SegmenterSpec
+from service.processing.masks import Bounds
+from service.processing.upsampling import MASK_THRESHOLD, UpsampledMasks, upsample_windows
 
-MASK_THRESHOLD = 0.0
-STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_score_offset
 # Prompts per decoder call. A call holds its prompts' (HW, C) image tokens at once: ~28 MB per prompt at SAM's 1024²
 # on CPU (200 boxes in one call peaked at +5.7 GB), so larger prompt sets go in calls of this many; the image side
 # the prompts share is computed once per call (sam_ops), which at 64 is a small part of the call.
@@ -30,25 +30,18 @@ _BOX_LABELS = np.array([2, 3], dtype=np.int32)
 class SamPrompt:
     """One object to segment. box: (4,) float32 XYXY or None; points: (P, 2) float32; labels: (P,) int32.
 
-    All in original-image pixels.
+    All in original-image pixels. previous: (S/4, S/4) float32 low-res logits of a mask this prompt corrects (a
+    kept mask, RegionPrompt.previous_mask): SAM's mask input; None for none.
     """
 
     box: np.ndarray | None
     points: np.ndarray
     point_labels: np.ndarray
+    previous: np.ndarray | None = None
 
     @property
     def signature(self) -> tuple[bool, int]:
         return (self.box is not None, int(self.points.shape[0]))
-
-
-@dataclasses.dataclass(frozen=True)
-class UpsampledMasks:
-    """masks: (B, H, W) bool at original resolution (a view of column-major memory, as pycocotools' RLE encoder
-    reads it); stability: (B,) float32 SAM stability scores of the upsampled logits (``stability_scores``)."""
-
-    masks: np.ndarray
-    stability: np.ndarray
 
 
 class SegmenterProcessing:
@@ -113,41 +106,31 @@ class SegmenterProcessing:
                 ),
             )
 
-    def postprocess(self, low_res_masks: Any, orig_hw: tuple[int, int]) -> UpsampledMasks:
-        """(B, s, s) float32 logits → (B, H, W) bool masks at original resolution and their stability scores.
+    def postprocess(
+        self,
+        low_res_masks: Any,
+        orig_hw: tuple[int, int],
+        within: Sequence[Bounds | None] | None = None,
+        rle: bool = False,
+    ) -> UpsampledMasks:
+        """(B, s, s) float32 logits → B masks at original resolution, each computed only in its window, and their
+        stability scores.
 
-        The upsampling is sam2's (``SAM2Transforms.postprocess_masks``: bilinear, half-pixel centres, no
-        hole filling here) done by OpenCV, ~10x faster than torch on CPU (logits agree to ~1e-6). The
-        masks are a view of (H, W, B) column-major memory: the layout pycocotools' RLE encoder reads.
-        Logits as a torch tensor (a device-resident runner's) are upsampled, thresholded and counted on their
-        device, as sam2 does it (``F.interpolate``), and only the bool masks cross to the host.
+        The upsampling is sam2's (``SAM2Transforms.postprocess_masks``: bilinear, half-pixel centres, no hole
+        filling here), each pixel computed in float32 with OpenCV's weights (``Axis``), but only where it matters.
+        A pixel is a convex combination of the 2 × 2 low-res cells of its block, so a mask's window is the blocks
+        whose cells reach the threshold (the bounding box of the cells above it, grown by one cell, in pixels),
+        intersected with ``within`` (per mask, a window outside which the caller clears the mask anyway:
+        refinement's box + margin; None = the frame). Stability counts the whole frame: a block whose 4 cells all
+        clear a level counts whole or not at all, only undecided blocks are computed pixel by pixel. Masks and
+        counts equal those of computing every pixel of the frame (``upsample_frame``; the tests compare them), in
+        time and memory that follow the windows, not the frame.
+
+        Logits as a torch tensor (a device-resident runner's) are processed on its device, numpy logits by the same
+        code on the CPU; only the windows' bool crops (and, with ``rle``, the masks' COCO RLE run lengths, found
+        there) cross to the host. ``rle``: also give each mask's pycocotools compressed counts.
         """
-        if not isinstance(low_res_masks, np.ndarray):
-            return self._postprocess_on_device(low_res_masks, orig_hw)
-        h, w = orig_hw
-        out = np.empty((h, w, low_res_masks.shape[0]), dtype=bool, order="F")
-        stability = np.empty(low_res_masks.shape[0], dtype=np.float32)
-        for i, logits in enumerate(low_res_masks):
-            # Resizing the transposed logits gives the mask transposed, i.e. column-major: no copy to reorder.
-            up = cv2.resize(np.ascontiguousarray(logits.T), (h, w), interpolation=cv2.INTER_LINEAR)
-            out[:, :, i] = (up > MASK_THRESHOLD).T
-            stability[i] = stability_scores(up[None], MASK_THRESHOLD)[0]
-        return UpsampledMasks(out.transpose(2, 0, 1), stability)
-
-    def _postprocess_on_device(self, low_res_masks: Any, orig_hw: tuple[int, int]) -> UpsampledMasks:
-        """``postprocess`` for a (B, s, s) float32 torch tensor, on its device."""
-        torch = self._torch
-        with torch.inference_mode():
-            up = torch.nn.functional.interpolate(
-                low_res_masks[:, None].float(), size=orig_hw, mode="bilinear", align_corners=False
-            )[:, 0]
-            flat = up.flatten(1)
-            inter = (flat > MASK_THRESHOLD + STABILITY_OFFSET).sum(1)
-            union = (flat > MASK_THRESHOLD - STABILITY_OFFSET).sum(1)
-            # (B, W, H) row-major = each mask column-major: the layout pycocotools reads, made on the device.
-            masks = (up > MASK_THRESHOLD).transpose(1, 2).contiguous().cpu().numpy()
-        stability = stability_from_counts(inter.cpu().numpy(), union.cpu().numpy())
-        return UpsampledMasks(masks.transpose(0, 2, 1), stability)
+        return upsample_windows(low_res_masks, orig_hw, within, rle)
 
 
 class BestMasks:
@@ -179,18 +162,3 @@ class BestMasks:
             self.low_res = torch.zeros(shape, dtype=torch.float32, device=masks.device)
         at = functools.partial(torch.as_tensor, device=masks.device)
         self.low_res[at(indices)] = masks[at(rows), at(best)]
-
-
-def stability_scores(logits: np.ndarray, threshold: float, offset: float = STABILITY_OFFSET) -> np.ndarray:
-    """(B, H, W) float32 mask logits → (B,) float32 IoU of (logits > threshold + offset) and
-    (logits > threshold - offset); 1.0 where both are empty (SAM's ``calculate_stability_score``)."""
-    flat = logits.reshape(logits.shape[0], -1)
-    inter = (flat > threshold + offset).sum(axis=1, dtype=np.int64)
-    union = (flat > threshold - offset).sum(axis=1, dtype=np.int64)
-    return stability_from_counts(inter, union)
-
-
-def stability_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
-    """(B,) int64 pixel counts of (logits > threshold + offset) and (logits > threshold - offset) → (B,) float32
-    stability scores (``stability_scores``; device-resident masks count on their device)."""
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float32)

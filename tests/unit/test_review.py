@@ -16,7 +16,7 @@ from service.pipeline.review import (
     review,
 )
 from service.pipeline.vocabulary import EMBEDDING, TextMatch
-from service.processing.segmentation import stability_scores
+from service.processing.upsampling import stability_scores
 
 RULES = ReviewRules(
     score_below=0.5, mask_score_below=0.8, stability_below=0.9, min_mask_area=64, max_mask_components=3,
