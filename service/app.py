@@ -89,7 +89,7 @@ def shared_tier(settings: Settings, runner: Runner) -> RedisTier | None:
 def image_store(settings: Settings, runner: Runner) -> ImageStore:
     """This process's embedding cache and, with ``redis_url``, the shared tier behind it."""
     cache = EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds)
-    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner))
+    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner), settings.max_kept_masks)
 
 
 def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:

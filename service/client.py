@@ -60,11 +60,14 @@ class Point:
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-    """A caller-placed prompt: a box (XYXY original pixels), clicks, or both; ``label`` names the instance."""
+    """A caller-placed prompt: a box (XYXY original pixels), clicks, or both; ``label`` names the instance;
+    ``previous_mask``: an earlier answer's ``Instance.mask_handle`` on the same image (asked with ``keep_masks``),
+    whose mask the box and clicks correct (SAM's interactive loop)."""
 
     box: XYXY | None = None
     points: tuple[Point, ...] = ()
     label: str = ""
+    previous_mask: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +177,18 @@ def segment_request(
     multimask: bool = False,
     review: pb.ReviewRules | None = None,
     request_id: str = "",
+    keep_masks: bool = False,
 ) -> pb.SegmentRequest:
     """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
     prompt. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
-    the best of three candidate masks (helps a single click)."""
+    the best of three candidate masks (helps a single click); ``keep_masks``: the server keeps each instance's
+    low-res mask with the image and returns its ``mask_handle``, for a follow-up ``Region.previous_mask``."""
     request = pb.SegmentRequest(
         image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
     )
     for region in regions:
         r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
-        prompt = request.regions.add(label=r.label)
+        prompt = request.regions.add(label=r.label, previous_mask=r.previous_mask)
         if r.box is not None:
             prompt.box.CopyFrom(_box(r.box))
         for p in r.points:
@@ -195,6 +200,7 @@ def segment_request(
     options = request.options
     options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
     options.multimask = multimask
+    options.keep_masks = keep_masks
     if review is not None:
         options.review.CopyFrom(review)
     limits = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_instances": max_instances}

@@ -142,6 +142,9 @@ class Settings:
     # Embedding reuse: decoded images + SAM features by content hash (EncodeImage handles, repeated images).
     cache_max_bytes: int = 512 * 1024 * 1024  # 0 disables the cache; ~17 MB per image at SAM's 1024² input
     cache_ttl_seconds: float = 600.0  # since last use
+    # Low-res masks kept per cached image for RegionPrompt.previous_mask (options.keep_masks): SAM's S/4 × S/4
+    # float32 logits, 256 KiB each at 1024², counted in cache_max_bytes; the oldest are dropped first.
+    max_kept_masks: int = 64
     # The shared second tier (service.pipeline.shared_cache): Redis at redis_url (e.g. redis://redis:6379/0;
     # empty = none); entries expire cache_ttl_seconds after last use; larger entries are not shared; each Redis
     # call may take redis_timeout_seconds; after a failure Redis is left alone for redis_retry_seconds (requests

@@ -88,7 +88,8 @@ class Instance:
     "exemplar" or "concept"; ``text``/``similarity``: the free text it answers and how closely it matched (text
     answers only); ``needs_review``/``review_reasons``: whether a person should check it and the rules that fired
     ("low_score", "low_mask_score", "unstable_mask", "tiny_mask", "fragmented_mask", "weak_text_match");
-    ``stability``: SAM's stability score of the mask."""
+    ``stability``: SAM's stability score of the mask; ``mask_handle``: its kept low-res mask when the request asked
+    ``keep_masks`` (pass it as a later ``Region.previous_mask`` to correct the mask with a click), else ""."""
 
     label: str
     class_id: int
@@ -103,6 +104,7 @@ class Instance:
     needs_review: bool = False
     review_reasons: tuple[str, ...] = ()
     stability: float = 1.0
+    mask_handle: str = ""
 
     @property
     def mask(self) -> np.ndarray:
@@ -137,6 +139,7 @@ class Instance:
             needs_review=inst.review.needed,
             review_reasons=tuple(_reasons(inst)),
             stability=inst.review.stability_score,
+            mask_handle=inst.mask_handle,
         )
 
 

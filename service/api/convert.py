@@ -70,6 +70,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
             box=(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max) if r.HasField("box") else None,
             points=tuple((p.x, p.y, p.label) for p in r.points),
             label=r.label,
+            previous_mask=r.previous_mask,
         )
         for r in request.regions
     )
@@ -81,6 +82,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         multimask=o.multimask,
         refinement=refinement_from_proto(o.refinement),
         review=review_from_proto(o.review),
+        keep_masks=o.keep_masks,
     )
     return SegmentQuery(
         image=image,
@@ -147,6 +149,7 @@ def instance_to_proto(inst: InstanceResult) -> pb.Instance:
         mask_score=inst.mask_score,
         source=_SOURCES[inst.source],
         region_index=inst.region_index,
+        mask_handle=inst.mask_handle,
         review=pb.Review(
             needed=inst.review.needed,
             reasons=[f"REVIEW_REASON_{r.name}" for r in inst.review.reasons],  # proto enum names

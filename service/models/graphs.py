@@ -57,22 +57,25 @@ def decoder_feeds(
     point_coords: np.ndarray,
     point_labels: np.ndarray,
     image_size: int,
+    mask_input: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The decoder graph's inputs for B prompts on one image, without a mask input.
+    """The decoder graph's inputs for B prompts on one image.
 
     image_embed (1, 256, S/16, S/16), high_res ((1, 32, S/4, S/4), (1, 64, S/8, S/8)) float32; point_coords
-    (B, P, 2) float32 in SAM input pixels; point_labels (B, P) int32; image_size: S.
+    (B, P, 2) float32 in SAM input pixels; point_labels (B, P) int32; image_size: S; mask_input: (B, 1, S/4, S/4)
+    float32 low-res logits of the masks the prompts correct, or None for none.
     """
     b, side = len(point_coords), image_size // 4
     hr0, hr1 = high_res
+    has_mask = mask_input is not None
     return {
         "image_embed": image_embed,
         "high_res_0": hr0,
         "high_res_1": hr1,
         "point_coords": point_coords,
         "point_labels": point_labels,
-        "mask_input": np.zeros((b, 1, side, side), np.float32),
-        "has_mask_input": np.zeros((b,), np.float32),
+        "mask_input": mask_input if mask_input is not None else np.zeros((b, 1, side, side), np.float32),
+        "has_mask_input": np.full((b,), float(has_mask), np.float32),
     }
 
 

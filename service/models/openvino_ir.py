@@ -179,8 +179,21 @@ def int8_gate(ir: EncoderIR, key: dict[str, Any], measure: Callable[[], tuple[in
     measure: returns (held-out images, one mask IoU int8 vs fp32 per box prompt, each in [0, 1]).
     Returns {"key", "images", "prompts", "min_mask_iou", "median_mask_iou", "seconds"}. Whether they pass is the
     threshold's (Settings, applied at each start), so it is not stored: a new threshold reuses the figures."""
-    path = ir.xml.parent / _GATE
-    key = {"int8": {k: ir.meta.get(k) for k in ("source_sha256", "recipe", "calibration", "image_size")}, **key}
+    key = {"int8": int8_identity(ir), **key}
+    return measured_gate(ir.xml.parent / _GATE, key, measure)
+
+
+def int8_identity(ir: EncoderIR) -> dict[str, Any]:
+    """What identifies the int8 build ``ir`` in a gate's key: its source graph, recipe, calibration and input size."""
+    return {k: ir.meta.get(k) for k in ("source_sha256", "recipe", "calibration", "image_size")}
+
+
+def measured_gate(
+    path: Path, key: dict[str, Any], measure: Callable[[], tuple[int, Sequence[float]]]
+) -> dict[str, Any]:
+    """Quality-gate figures stored at ``path``: read back when they were stored for ``key`` (what computed them),
+    else ``measure``d and stored (``int8_gate``'s figures; the runners' bf16 decoder's too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     stored = _stored_gate(path, key)
     if stored is not None:
         return stored
@@ -195,7 +208,7 @@ def int8_gate(ir: EncoderIR, key: dict[str, Any], measure: Callable[[], tuple[in
         "median_mask_iou": float(np.median(ious)),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{_GATE}-", dir=ir.xml.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(figures, f, indent=1)

@@ -131,11 +131,14 @@ class PromptBatch:
 
     point_coords: (B, P, 2) float32 in SAM input pixels ([0, S]); box corners come first with labels 2, 3.
     point_labels: (B, P) int32: 1 positive, 0 negative, 2/3 box corners.
+    mask_input: (B, 1, S/4, S/4) float32 low-res logits of the masks these prompts correct (SAM's mask input, as
+    ``SAM2ImagePredictor.predict(mask_input=...)``), or None: no prompt of the batch has one.
     """
 
     point_coords: np.ndarray
     point_labels: np.ndarray
     multimask: bool = False
+    mask_input: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

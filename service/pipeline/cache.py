@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
+import numpy as np
+
 from service.models.tensors import DetectorOutput, ImageFeatures
 from service.pipeline.image import DecodedImage
 
@@ -35,12 +37,15 @@ class CacheEntry:
     image: DecodedImage
     features: ImageFeatures
     detector: dict[Hashable, DetectorOutput] = dataclasses.field(default_factory=dict)
+    # Kept low-res masks (options.keep_masks): mask handle -> (S/4, S/4) float32 logits, oldest first.
+    masks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     last_used: float = 0.0
 
     @property
     def nbytes(self) -> int:
         det = sum(o.raw.nbytes for o in self.detector.values())
-        return int(self.image.rgb.nbytes + self.features.nbytes + det)
+        kept = sum(m.nbytes for m in self.masks.values())
+        return int(self.image.rgb.nbytes + self.features.nbytes + det + kept)
 
 
 class SharedTier(Protocol):
@@ -53,6 +58,10 @@ class SharedTier(Protocol):
     def put(self, handle: str, entry: CacheEntry) -> None: ...
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None: ...
+
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None: ...
+
+    def mask(self, handle: str, mask_handle: str) -> np.ndarray | None: ...
 
 
 class EmbeddingCache:
@@ -96,10 +105,14 @@ class EmbeddingCache:
             entry.last_used = self._clock()
             self._entries[handle] = entry
             self._bytes += entry.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-                self.evictions += 1
+            self._fit()
+
+    def _fit(self) -> None:
+        """Evicts least recently used entries until the total fits ``max_bytes`` (the lock held)."""
+        while self._bytes > self.max_bytes and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+            self.evictions += 1
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Remembers the detector's raw output for vocabulary ``key`` of a cached image (if it is still cached)."""
@@ -109,6 +122,28 @@ class EmbeddingCache:
                 return
             entry.detector[key] = output
             self._bytes += output.raw.nbytes
+
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray], limit: int) -> None:
+        """Keeps low-res masks with a cached image (if it is still cached): at most ``limit``, and never so many that
+        the entry outgrows the cache (oldest dropped first); then least recently used images make room."""
+        with self._lock:
+            entry = self._entries.get(handle)
+            if entry is None:
+                return
+            for key, logits in masks.items():
+                old = entry.masks.pop(key, None)
+                self._bytes += logits.nbytes - (old.nbytes if old is not None else 0)
+                entry.masks[key] = logits
+            while entry.masks and (len(entry.masks) > limit or entry.nbytes > self.max_bytes):
+                self._bytes -= entry.masks.pop(next(iter(entry.masks))).nbytes
+            self._entries.move_to_end(handle)
+            self._fit()
+
+    def mask(self, handle: str, mask_handle: str) -> np.ndarray | None:
+        """A kept low-res mask of a cached image, or None."""
+        with self._lock:
+            entry = self._entries.get(handle)
+            return entry.masks.get(mask_handle) if entry is not None else None
 
     def _expire(self) -> None:
         now = self._clock()

@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 from collections.abc import Hashable, Iterator
 
+import numpy as np
+
 from service.errors import InvalidInput, NotFound
 from service.models.tensors import DetectorOutput
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
@@ -40,14 +42,20 @@ class FoundImage:
 
 class ImageStore:
     """Finds, decodes and keeps a request's images. ``cache``: this replica's tier (None: nothing kept);
-    ``shared``: the tier shared by replicas (None: none), asked after a miss here (blocking: in a worker thread)."""
+    ``shared``: the tier shared by replicas (None: none), asked after a miss here (blocking: in a worker thread);
+    ``max_kept_masks``: low-res masks kept per cached image (options.keep_masks)."""
 
     def __init__(
-        self, limits: ImageLimits, cache: EmbeddingCache | None = None, shared: SharedTier | None = None
+        self,
+        limits: ImageLimits,
+        cache: EmbeddingCache | None = None,
+        shared: SharedTier | None = None,
+        max_kept_masks: int = 0,
     ) -> None:
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
         self.shared = shared
+        self.max_kept_masks = max_kept_masks
 
     async def find(self, image_input: ImageInput, timings: dict[str, float]) -> FoundImage:
         """The request's image: from the cache (bytes or handle), else decoded (timed as "decode_image")."""
@@ -128,6 +136,25 @@ class ImageStore:
         self.cache.add_detector_output(handle, output, key)
         if self.shared is not None:
             await asyncio.to_thread(self.shared.add_detector_output, handle, output, key)
+
+    async def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None:
+        """Keeps low-res masks with a cached image (options.keep_masks), in both tiers."""
+        self.cache.add_masks(handle, masks, self.max_kept_masks)
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.add_masks, handle, masks)
+
+    async def kept_mask(self, handle: str, mask_handle: str, field: str) -> np.ndarray:
+        """A kept low-res mask of the image ``handle`` names (this replica's, else the shared tier's), or NotFound
+        naming ``field``."""
+        logits = self.cache.mask(handle, mask_handle)
+        if logits is None and self.shared is not None:
+            logits = await asyncio.to_thread(self.shared.mask, handle, mask_handle)
+        if logits is None:
+            raise NotFound(
+                f"{field}: {mask_handle} is unknown for this image or expired (kept masks live with the image's cache "
+                "entry); send the region without it, or ask again with options.keep_masks"
+            )
+        return logits
 
     @contextlib.contextmanager
     def local_only(self) -> Iterator[None]:

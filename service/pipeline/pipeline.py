@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,16 @@ from service.pipeline.image import DecodedImage
 from service.pipeline.images import FoundImage, ImageStore
 from service.pipeline.lru import LRU
 from service.pipeline.masking import Masks, points_box
-from service.pipeline.prompts import ImageInput, Limits, Plan, SamPrompt, SegmentQuery, check_query, plan
+from service.pipeline.prompts import (
+    ImageInput,
+    Limits,
+    Plan,
+    SamPrompt,
+    SegmentQuery,
+    check_query,
+    kept_mask_handle,
+    plan,
+)
 from service.pipeline.results import (
     DETECTOR,
     EXEMPLAR,
@@ -56,8 +66,10 @@ class _Candidate:
     region_index: int = -1
     text_match: TextMatch | None = None
 
-    def instance(self, *, box: np.ndarray, mask: EncodedMask, mask_score: float, review: Review) -> InstanceResult:
-        """This candidate with its mask."""
+    def instance(
+        self, *, box: np.ndarray, mask: EncodedMask, mask_score: float, review: Review, mask_handle: str = ""
+    ) -> InstanceResult:
+        """This candidate with its mask (and the handle of its kept low-res mask, if kept)."""
         return InstanceResult(
             label=self.label,
             class_id=self.class_id,
@@ -69,6 +81,7 @@ class _Candidate:
             region_index=self.region_index,
             text_match=self.text_match,
             review=review,
+            mask_handle=mask_handle,
         )
 
 
@@ -158,6 +171,7 @@ class Pipeline:
         handle, entry, image = found.handle, found.entry, found.image
         open_vocabulary = self.runner.detector.open_vocabulary
         p = plan(query, self.limits, vocabulary.names, image.width, image.height, vocabulary.texts, open_vocabulary)
+        p = await self._with_previous_masks(query, handle, p)  # NOT_FOUND before any model runs
 
         references = await asyncio.to_thread(self.images.reference_images, query.exemplars)  # checked before models
         detections_task = (
@@ -198,6 +212,7 @@ class Pipeline:
                 low_res = await self.masks.decode(features, prompts, image, p.multimask)
             with stage(timings, "encode_masks", masks=len(prompts)):
                 final = await asyncio.to_thread(self.masks.finish, low_res.logits, image, p, prompts)
+            kept = await self._keep_masks(handle, prompts, low_res.logits, p) if query.options.keep_masks else None
             for c in candidates.instances:
                 prompt, k = prompts[c.mask_index], c.mask_index
                 box = prompt.box
@@ -212,7 +227,15 @@ class Pipeline:
                     stats=final.stats[k],
                     text_match=c.text_match,
                 )
-                instances.append(c.instance(box=box, mask=final.encoded[k], mask_score=mask_score, review=flag))
+                instances.append(
+                    c.instance(
+                        box=box,
+                        mask=final.encoded[k],
+                        mask_score=mask_score,
+                        review=flag,
+                        mask_handle=kept[k] if kept is not None else "",
+                    )
+                )
             if p.drop_flagged:
                 instances = drop_flagged(instances)
         timings["total"] = time.perf_counter() - start
@@ -223,6 +246,25 @@ class Pipeline:
             timings=timings,
             cached=entry is not None,
         )
+
+    async def _with_previous_masks(self, query: SegmentQuery, handle: str, p: Plan) -> Plan:
+        """The plan with each region's ``previous_mask`` looked up (SAM's mask input); NotFound naming the region
+        when one is unknown or expired."""
+        if not any(r.previous_mask for r in query.regions):
+            return p
+        regions = list(p.regions)
+        for i, r in enumerate(query.regions):
+            if r.previous_mask:
+                logits = await self.images.kept_mask(handle, r.previous_mask, f"regions[{i}].previous_mask")
+                regions[i] = dataclasses.replace(regions[i], previous=logits)
+        return dataclasses.replace(p, regions=regions)
+
+    async def _keep_masks(self, handle: str, prompts: list[SamPrompt], logits: Any, p: Plan) -> list[str]:
+        """Keeps each prompt's low-res mask with the cached image (options.keep_masks); their handles, in order."""
+        host = logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
+        handles = [kept_mask_handle(handle, prompt, p.multimask) for prompt in prompts]
+        await self.images.add_masks(handle, {h: np.array(host[k]) for k, h in enumerate(handles)})
+        return handles
 
     async def _vocabulary(self, query: SegmentQuery, timings: dict[str, float]) -> _Vocabulary:
         """The request's vocabulary, its texts' matches and (open vocabulary) class embeddings; before the image is

@@ -6,6 +6,7 @@ Everything here runs before any model does; each failure is an InvalidInput nami
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -20,6 +21,9 @@ from service.printable import check_printable
 from service.processing.masks import ENCODINGS, RLE
 from service.processing.segmentation import SamPrompt
 
+MASK_PREFIX = "mask:"  # kept masks' handles: this, then 32 lower-case hex digits (``mask_handle``)
+MASK_HANDLE = re.compile(r"mask:[0-9a-f]{32}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Region:
@@ -28,6 +32,7 @@ class Region:
     box: tuple[float, float, float, float] | None = None
     points: tuple[tuple[float, float, int], ...] = ()
     label: str = ""
+    previous_mask: str = ""  # a kept mask's handle (MASK_PREFIX + hex): SAM's mask input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Options:
     multimask: bool = False
     refinement: RefinementOptions = dataclasses.field(default_factory=lambda: RefinementOptions())
     review: ReviewOptions = dataclasses.field(default_factory=ReviewOptions)
+    keep_masks: bool = False  # keep each instance's low-res mask with the cached image; return its handle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +189,10 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
         field = f"regions[{i}]"
         if r.box is None and not r.points:
             raise InvalidInput(f"{field}: give a box, points, or both")
+        if r.previous_mask and not MASK_HANDLE.fullmatch(r.previous_mask):
+            raise InvalidInput(
+                f"{field}.previous_mask: not a mask handle (Instance.mask_handle: {MASK_PREFIX} and 32 hex digits)"
+            )
         _check_label(r.label, limits.max_text_chars, f"{field}.label")
         if len(r.points) > limits.max_points_per_region:
             raise InvalidInput(f"{field}.points: {len(r.points)} given, the limit is {limits.max_points_per_region}")
@@ -193,6 +203,18 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
                 raise InvalidInput(f"{field}.points[{j}].label: {label} must be 1 (positive) or 0 (negative)")
             if not (math.isfinite(x) and math.isfinite(y)):
                 raise InvalidInput(f"{field}.points[{j}]: coordinates must be finite numbers")
+
+
+def kept_mask_handle(image_handle: str, prompt: SamPrompt, multimask: bool) -> str:
+    """The handle of a prompt's kept low-res mask: a digest of the image, the prompt (box, clicks, the previous
+    mask it started from) and the mask choice, so the same request keeps the same handle on any worker."""
+    h = hashlib.sha256(image_handle.encode())
+    h.update(b"box" + (prompt.box.astype(np.float32).tobytes() if prompt.box is not None else b""))
+    h.update(b"points" + prompt.points.astype(np.float32).tobytes() + prompt.point_labels.astype(np.int32).tobytes())
+    if prompt.previous is not None:
+        h.update(b"previous" + np.ascontiguousarray(prompt.previous, np.float32).tobytes())
+    h.update(b"multimask" if multimask else b"single")
+    return MASK_PREFIX + h.hexdigest()[:32]
 
 
 def _check_count(items: Sequence[object], limit: int, field: str) -> None:

@@ -30,6 +30,7 @@ class InstanceResult:
     region_index: int
     text_match: TextMatch | None = None  # for TEXT: which text, and how it matched
     review: Review = NOT_REVIEWED  # whether a person should check it, and why (service.pipeline.review)
+    mask_handle: str = ""  # its kept low-res mask (options.keep_masks), for a later region's previous_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ tier on a first-tier miss and writes what it computes to both. Layout, per image
 handle clients see is the same on every replica, only these keys carry the models):
 - ``detseg:img:<segmenter identity>:<sha>``: the image and its SAM features, one ``.npz`` (numpy's format, loaded
   with ``allow_pickle=False``: nothing from Redis is ever unpickled);
+- ``detseg:msk:<segmenter identity>:<sha>``: a hash of the image's kept low-res masks (options.keep_masks), field =
+  mask handle, value = its float32 logits;
 - ``detseg:det:<detector identity>:<sha>``: a hash, field = the detector-output key as JSON (``null`` for a closed
   detector, the vocabulary and its embeddings' sha256 for an open one), value = the raw output as ``.npz``.
 The identities (``ModelIdentity``) are digests of the weights sha256, name, version, input size, precision and
@@ -280,6 +282,39 @@ class RedisTier:
             self._failed(e)
             return
         self._succeeded()
+
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None:
+        """Shares kept low-res masks of an image (float32 bytes under ``detseg:msk:<segmenter identity>:<sha>``)."""
+        if not self._available():
+            return
+        key = f"detseg:msk:{self.identity.segmenter}:{handle.removeprefix(PREFIX)}"
+        try:
+            with self._client.pipeline() as p:
+                p.hset(key, mapping={k: np.ascontiguousarray(m, np.float32).tobytes() for k, m in masks.items()})
+                p.expire(key, _seconds(self.ttl))
+                p.execute()
+        except self._errors_type as e:
+            self._failed(e)
+            return
+        self._succeeded()
+
+    def mask(self, handle: str, mask_handle: str) -> np.ndarray | None:
+        """A kept low-res mask, (S/4, S/4) float32, or None; one of the wrong size is corrupt: deleted, a miss."""
+        if not self._available():
+            return None
+        key = f"detseg:msk:{self.identity.segmenter}:{handle.removeprefix(PREFIX)}"
+        side = self.identity.image_size // 4
+        try:
+            raw = self._client.hget(key, mask_handle)
+            if raw is not None and (not isinstance(raw, bytes) or len(raw) != side * side * 4):
+                self._client.hdel(key, mask_handle)
+                self._corrupted("kept mask", ValueError(f"{len(raw)} bytes"))
+                raw = None
+        except self._errors_type as e:
+            self._failed(e)
+            return None
+        self._succeeded()
+        return None if not isinstance(raw, bytes) else np.frombuffer(raw, np.float32).reshape(side, side).copy()
 
     def close(self) -> None:
         self._client.close()

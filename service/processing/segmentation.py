@@ -19,9 +19,11 @@ from service.models.tensors import DecoderOutput, PromptBatch, SegmenterSpec
 from service.processing.masks import Bounds
 from service.processing.upsampling import MASK_THRESHOLD, UpsampledMasks, upsample_windows
 
-# Prompts per decoder call. A call holds its prompts' (HW, C) image tokens at once: ~28 MB per prompt at SAM's 1024²
-# on CPU (200 boxes in one call peaked at +5.7 GB), so larger prompt sets go in calls of this many; the image side
-# the prompts share is computed once per call (sam_ops), which at 64 is a small part of the call.
+# Prompts per decoder call, for every runner: bounds what one call holds. The exported decoder graph (onnx, triton)
+# holds ~28 MB of activations per prompt at SAM's 1024² (200 boxes in one call peaked at +5.7 GB). The torch decoder
+# (sam_ops.PromptDecoder: torch and openvino backends) computes the image side a call's prompts share once per call
+# and takes them through in passes of its device's measured size (sam_ops.DECODER_POLICIES), so on it a call of 64
+# costs per box what a pass does.
 MAX_PROMPTS_PER_CALL = 64
 _BOX_LABELS = np.array([2, 3], dtype=np.int32)
 
@@ -40,8 +42,9 @@ class SamPrompt:
     previous: np.ndarray | None = None
 
     @property
-    def signature(self) -> tuple[bool, int]:
-        return (self.box is not None, int(self.points.shape[0]))
+    def signature(self) -> tuple[bool, int, bool]:
+        """What prompts batched together share: a box or not, the number of points, a previous mask or not."""
+        return (self.box is not None, int(self.points.shape[0]), self.previous is not None)
 
 
 class SegmenterProcessing:
@@ -69,20 +72,22 @@ class SegmenterProcessing:
     def prompt_batches(
         self, prompts: list[SamPrompt], orig_hw: tuple[int, int], multimask: bool
     ) -> Iterator[tuple[list[int], PromptBatch]]:
-        """Groups prompts of equal shape (box or not, number of points) into batches, one decoder call each.
+        """Groups prompts of equal shape (box or not, number of points, previous mask or not) into batches, one
+        decoder call each.
 
         Boxes-only prompts (every detection) form one batch, or several of MAX_PROMPTS_PER_CALL. Yields (indices into
         ``prompts``, batch).
         """
-        groups: dict[tuple[bool, int], list[int]] = {}
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.signature, []).append(i)
         chunks = [
             (has_box, indices[k : k + MAX_PROMPTS_PER_CALL])
-            for (has_box, _), indices in groups.items()
+            for (has_box, _, _), indices in groups.items()
             for k in range(0, len(indices), MAX_PROMPTS_PER_CALL)
         ]
         for has_box, indices in chunks:
+            previous = [m for m in (prompts[i].previous for i in indices) if m is not None]  # all or none
             coords, labels = [], []
             for i in indices:
                 p = prompts[i]
@@ -103,6 +108,7 @@ class SegmenterProcessing:
                     point_coords=sam_coords.numpy(),
                     point_labels=np.stack(labels).astype(np.int32),
                     multimask=multimask,
+                    mask_input=np.stack(previous)[:, None].astype(np.float32) if previous else None,
                 ),
             )
 

@@ -125,5 +125,10 @@ def text_feeds(tokenizer: SentenceEncoder | None, texts: list[str]) -> dict[str,
 def decoder_feeds(features: ImageFeatures, prompts: PromptBatch, image_size: int) -> dict[str, np.ndarray]:
     """The decoder graph's inputs for the prompts of one image (``features`` has batch size 1)."""
     return graphs.decoder_feeds(
-        features.image_embed, features.high_res_feats, prompts.point_coords, prompts.point_labels, image_size
+        features.image_embed,
+        features.high_res_feats,
+        prompts.point_coords,
+        prompts.point_labels,
+        image_size,
+        prompts.mask_input,
     )

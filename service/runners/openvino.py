@@ -7,10 +7,14 @@ interleaved runs, one process; torch fp32 in brackets):
 - detector: OpenVINO f32, 35 ms (ONNX Runtime 40 ms with its arena, 56 ms without; torch 57 ms);
 - sam2_image_encoder: OpenVINO, f32 1.37 s or int8 0.80 s (``Settings.precision``; ONNX Runtime 2.18 s;
   torch 1.65 s). Its IR is built once per graph and cached (``service.models.openvino_ir``); the int8 one serves
-  only where its quality gate passes (``measure_int8_gate``, ``Settings.int8_gate_min_iou``);
-- sam2_mask_decoder: torch for calls of 4 prompts or more (its decoder shares the image side between prompts:
-  30 ms/box at 13 boxes under the tuned allocator), the exported graph on ONNX Runtime for fewer (49 ms for one
-  prompt vs torch's 72);
+  only where its quality gate passes (``measure_gate``, ``Settings.int8_gate_min_iou``);
+- sam2_mask_decoder (figures from a 2-core AMD EPYC with AVX512_BF16): torch's ``sam_ops.PromptDecoder`` (the
+  image side shared by a call's prompts, re-associated attention) for every call, with bfloat16 image tokens where
+  the CPU has bf16 dot products, ``Settings.precision`` is not fp32 and the model passes their quality gate
+  (``gated_decoder``): 11-12 ms per box at 10-50 boxes, 22 ms for one box (float32: 22 and 35 ms; sam2's own decoder
+  54-59 ms per box; before, torch's shared path 36-47 ms per box and the exported graph on ONNX Runtime 42 ms for
+  one box; OpenVINO running the rewritten graph: f32 17-20 ms per box, bf16 11-12 ms but min mask IoU 0.9899 vs
+  fp32, below the gate; benchmarks/DECODER.md);
 - text / visual-prompt encoders (open-vocabulary detectors): ONNX Runtime, as the onnx backend.
 
 Every OpenVINO model runs with ``INFERENCE_PRECISION_HINT=f32`` (its bf16 default wrecked the detector's boxes) and
@@ -23,7 +27,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,19 @@ from PIL import Image
 
 from service.config import Settings
 from service.errors import ModelUnavailable
+from service.models import sam_ops
 from service.models.demo.profile import SHAPES_SAM2
 from service.models.graphs import IO
 from service.models.loading import load_segmenter_module
-from service.models.openvino_ir import F32, EncoderIR, cpu_supports_int8, encoder_ir, int8_gate
+from service.models.openvino_ir import (
+    F32,
+    EncoderIR,
+    cpu_supports_int8,
+    encoder_ir,
+    int8_gate,
+    int8_identity,
+    measured_gate,
+)
 from service.models.profiles import ModelSet
 from service.models.roles import ModelRole, PrecisionGate, Role
 from service.models.tensors import DecoderOutput, ImageFeatures, PromptBatch, SegmenterSpec
@@ -74,8 +87,6 @@ INT8_IMAGES = Path(__file__).resolve().parents[1] / "models" / "int8_images"
 # GRID: 27 boxes per photo, 3 sizes (20, 35, 60 % of each side) on a 3 × 3 grid of positions.
 GRID_FRACTIONS = (0.2, 0.35, 0.6)
 GRID_POSITIONS = (0.0, 0.5, 1.0)
-# Decoder calls of this many prompts or more run on torch (see OpenVinoRunner._decode_sync).
-SHARED_DECODER_MIN_PROMPTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,30 +124,31 @@ class OpenVinoRunner(OnnxRunner):
 
     backend = "openvino"
 
-    def __init__(self, *args: Any, execution: dict[Role, Execution], sam: Any, **kwargs: Any) -> None:
-        """``sam``: the torch SAM 2 module, whose decoder serves calls of SHARED_DECODER_MIN_PROMPTS prompts or more."""
+    def __init__(
+        self, *args: Any, execution: dict[Role, Execution], decoder: sam_ops.PromptDecoder, **kwargs: Any
+    ) -> None:
+        """``decoder``: SAM 2's mask decoder on torch, which serves every decoder call."""
         super().__init__(*args, **kwargs)
         self.execution = execution
-        self._sam = sam
+        self._decoder = decoder
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
-        """Few prompts: the exported graph on ONNX Runtime. More: torch's decoder, which computes the image side
-        the prompts share once per call (``sam_ops``; exact). Measured on 2 cores at 1024² under the tuned allocator:
-        1 prompt 49 vs 72 ms (ONNX Runtime faster), 13 prompts 46 vs 30 ms per prompt (torch faster)."""
-        if len(prompts.point_coords) < SHARED_DECODER_MIN_PROMPTS:
-            return super()._decode_sync(features, prompts)
+        """Every call on torch's ``sam_ops.PromptDecoder`` (module docstring: the fastest here at every size)."""
         import torch
 
         with torch.inference_mode():
-            masks, iou = decode_batch(self._sam, features, prompts, torch.from_numpy)
+            masks, iou = decode_batch(self._decoder, features, prompts, torch.from_numpy)
         return DecoderOutput(low_res_masks=masks.numpy(), iou_predictions=iou.numpy())
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> OpenVinoRunner:
         """The int8 encoder is built (once per weights) where ``resolve_encoder_precision`` asks for it, and its
-        quality gate measured with it (``measure_int8_gate``; figures cached beside it). precision auto serves it
+        quality gate measured with it (``measure_gate``; figures cached beside it). precision auto serves it
         only when the gate passes, else fp32 with one WARNING; precision int8 serves it, with that WARNING when it
-        fails. The segmenter's ModelDescriptor carries the figures either way."""
+        fails. The segmenter's ModelDescriptor carries the figures either way. SAM's decoder runs on torch, with bf16
+        image tokens unless precision is fp32 where the CPU has bf16 dot products and the served encoder with that
+        decoder passes the same gate (``gated_decoder``; figures stored under the export's sam2_mask_decoder/torch/);
+        the descriptor's precision names each reduced part ("int8-encoder", "bf16-decoder", joined by "+")."""
         import openvino as ov
         import torch
 
@@ -168,14 +180,15 @@ class OpenVinoRunner(OnnxRunner):
             return ir, compiled[precision]
 
         precision, gate = "fp32", None
+        segmenter_sha256 = next(m.weights_sha256 for m in export.graphs.models if m.role == ModelRole.SEGMENTER)
+        held_out = GATE_SETS[gate_domain(seg.path)]
+        exact = sam_ops.PromptDecoder(sam, sam_ops.decoder_policy("cpu"))
         if requested == "int8":
             int8_ir, _ = encoder(requested)
-            segmenter_sha256 = next(m.weights_sha256 for m in export.graphs.models if m.role == ModelRole.SEGMENTER)
-            held_out = GATE_SETS[gate_domain(seg.path)]
             figures = int8_gate(
                 int8_ir,
                 {"held_out_set": held_out, "reference": "openvino-fp32", "decoder_weights_sha256": segmenter_sha256},
-                lambda: measure_int8_gate(encoder("fp32")[1], encoder("int8")[1], sam, image_size, held_out),
+                lambda: measure_gate((encoder("fp32")[1], exact), (encoder("int8")[1], exact), image_size, held_out),
             )
             gate = PrecisionGate(
                 precision="int8",
@@ -206,26 +219,47 @@ class OpenVinoRunner(OnnxRunner):
         sessions: dict[Role, Any] = {
             Role.DETECTOR: OpenVinoModel(core.compile_model(str(export.graph(Role.DETECTOR)), "CPU", config)),
             Role.SAM2_IMAGE_ENCODER: encoder(precision)[1],
-            # Calls of fewer than SHARED_DECODER_MIN_PROMPTS prompts (re-prompts, clicks). The arena keeps the
-            # largest call's activations (at 1024²: +3.0 GB after a call of 50 boxes), so only small calls come here.
-            Role.SAM2_MASK_DECODER: ort_session(export.graph(Role.SAM2_MASK_DECODER), settings, arena=True),
         }
+        # SAM's decoder runs on torch (no graph session): bf16 image tokens where the CPU has bf16 dot products and
+        # the served encoder + bf16 decoder pass the gate against fp32 + fp32 (``gated_decoder``), else exact.
+        decoder, decoder_execution = exact, Execution("torch", "fp32")
+        if settings.precision != "fp32" and sam_ops.cpu_has_native_bf16():
+            served = encoder(precision)[0]
+            key = {
+                "decoder": sam_ops.DECODER_VERSION,
+                "torch": torch.__version__,
+                "held_out_set": held_out,
+                "reference": "openvino-fp32 + torch-fp32",
+                "encoder": int8_identity(served) if precision == "int8" else "openvino-fp32",
+                "decoder_weights_sha256": segmenter_sha256,
+            }
+            decoder, decoder_execution = gated_decoder(
+                sam,
+                exact,
+                export.repo / Role.SAM2_MASK_DECODER / "torch" / "bf16-gate.json",
+                key,
+                lambda bf16: measure_gate(
+                    (encoder("fp32")[1], exact), (encoder(precision)[1], bf16), image_size, held_out
+                ),
+                settings.int8_gate_min_iou,
+                seg.name,
+            )
+        bf16 = decoder_execution.precision == "bf16"
         execution = {
             Role.DETECTOR: Execution("openvino", "fp32"),
             Role.SAM2_IMAGE_ENCODER: Execution("openvino", precision),
-            Role.SAM2_MASK_DECODER: Execution("torch|onnxruntime", "fp32"),
+            Role.SAM2_MASK_DECODER: decoder_execution,
         }
         for role in export.graphs.roles:
-            if role not in sessions:  # the open-vocabulary detector's prompt encoders
+            if role not in execution:  # the open-vocabulary detector's prompt encoders
                 sessions[role] = ort_session(export.graph(role), settings, arena=False)
                 execution[role] = Execution("onnxruntime", "fp32")
         log.info("openvino backend: %s", ", ".join(f"{role} {execution[role]}" for role in export.graphs.roles))
         detector, segmenter = specs(export.graphs)
         text = load_sentence_encoder(settings.text_encoder)
+        reduced = [name for name, on in (("int8-encoder", precision == "int8"), ("bf16-decoder", bf16)) if on]
         described = tuple(
-            dataclasses.replace(
-                m, precision="int8-encoder" if precision == "int8" else m.precision, precision_gate=gate
-            )
+            dataclasses.replace(m, precision="+".join(reduced) or m.precision, precision_gate=gate)
             if m.role == ModelRole.SEGMENTER
             else m
             for m in export.graphs.models
@@ -240,7 +274,7 @@ class OpenVinoRunner(OnnxRunner):
             batching=BatchPolicy.from_settings(settings),
             text=text,
             execution=execution,
-            sam=sam,
+            decoder=decoder,
         )
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:
@@ -249,6 +283,41 @@ class OpenVinoRunner(OnnxRunner):
         encoder = self._sessions[Role.SAM2_IMAGE_ENCODER]
         per_image = [encoder.run(list(io.outputs), {io.inputs[0]: images[i : i + 1]}) for i in range(len(images))]
         return tuple(np.concatenate(outputs) for outputs in zip(*per_image, strict=True))
+
+
+def gated_decoder(
+    sam: Any,
+    exact: sam_ops.PromptDecoder,
+    figures_path: Path,
+    key: dict[str, Any],
+    measure: Callable[[sam_ops.PromptDecoder], tuple[int, list[float]]],
+    min_iou: float,
+    name: str,
+) -> tuple[sam_ops.PromptDecoder, Execution]:
+    """SAM's decoder with bfloat16 image tokens (the CPU policy) when its quality gate passes, else ``exact``.
+
+    The gate: ``measure`` (given the bf16 decoder) → one final-mask IoU per held-out box prompt vs fp32; passed when the
+    smallest reaches ``min_iou`` (``Settings.int8_gate_min_iou``, the one threshold of precision auto). Its figures are
+    stored at ``figures_path`` for ``key`` (what computed them) and read back on later loads. One INFO line names them
+    either way (not a WARNING when it fails: the exact decoder then serves, as precision fp32 would have it): a small
+    model trained at 256² (the demo's SAM: min 0.54 on 139 shapes-world boxes) fails where SAM 2.1-T at 1024² passes
+    (min 0.996 on 104 photo boxes, benchmarks/DECODER.md)."""
+    bf16 = sam_ops.PromptDecoder(sam, sam_ops.decoder_policy("cpu", bf16=True))
+    figures = measured_gate(figures_path, key, lambda: measure(bf16))
+    passed = figures["min_mask_iou"] >= min_iou
+    log.info(
+        "the bf16 decoder of %s %s its quality gate (min mask IoU %.4f vs fp32, %.4f required [int8_gate_min_iou]; "
+        "median %.4f; %d box prompts on %d held-out images): serving its %s decoder",
+        name,
+        "passed" if passed else "failed",
+        figures["min_mask_iou"],
+        min_iou,
+        figures["median_mask_iou"],
+        figures["prompts"],
+        figures["images"],
+        "bf16" if passed else "fp32",
+    )
+    return (bf16, Execution("torch", "bf16")) if passed else (exact, Execution("torch", "fp32"))
 
 
 def resolve_encoder_precision(settings: Settings, core: Any) -> str:
@@ -304,12 +373,15 @@ def grid_boxes(width: int, height: int) -> np.ndarray:
     return np.array(boxes, dtype=np.float32)
 
 
-def measure_int8_gate(
-    fp32: OpenVinoModel, int8: OpenVinoModel, sam: Any, image_size: int, held_out_set: str
+def measure_gate(
+    reference: tuple[OpenVinoModel, sam_ops.PromptDecoder],
+    candidate: tuple[OpenVinoModel, sam_ops.PromptDecoder],
+    image_size: int,
+    held_out_set: str,
 ) -> tuple[int, list[float]]:
-    """The gate's measurement: for every box prompt of ``gate_images(held_out_set)``, the IoU of SAM's final mask
-    (upsampled to the image, thresholded, unrefined) from the ``int8`` encoder vs from the ``fp32`` one; both through
-    ``sam``'s decoder (single mask per box, as detections are decoded). Returns (images, IoUs in prompt order)."""
+    """A precision gate's measurement: for every box prompt of ``gate_images(held_out_set)``, the IoU of SAM's final
+    mask (upsampled to the image, thresholded, unrefined) from the ``candidate`` image encoder and decoder vs from the
+    ``reference`` ones (single mask per box, as detections are decoded). Returns (images, IoUs in prompt order)."""
     import torch
 
     io = IO[Role.SAM2_IMAGE_ENCODER]
@@ -321,14 +393,16 @@ def measure_int8_gate(
         hw = (item.rgb.shape[0], item.rgb.shape[1])
         image = processing.preprocess(np.ascontiguousarray(item.rgb))
         prompts = [SamPrompt(box=box, points=no_points, point_labels=no_labels) for box in item.boxes]
+        features: dict[int, ImageFeatures] = {}
         masks = []
-        for encoder in (fp32, int8):
-            embed, hr0, hr1 = encoder.run(list(io.outputs), {io.inputs[0]: image})
-            features = ImageFeatures(image_embed=embed, high_res_feats=(hr0, hr1))
+        for encoder, decoder in (reference, candidate):
+            if id(encoder) not in features:
+                embed, hr0, hr1 = encoder.run(list(io.outputs), {io.inputs[0]: image})
+                features[id(encoder)] = ImageFeatures(image_embed=embed, high_res_feats=(hr0, hr1))
             parts = []
             for _, batch in processing.prompt_batches(prompts, hw, multimask=False):
                 with torch.inference_mode():
-                    low_res, _ = decode_batch(sam, features, batch, torch.from_numpy)
+                    low_res, _ = decode_batch(decoder, features[id(encoder)], batch, torch.from_numpy)
                 parts.append(processing.postprocess(low_res.numpy()[:, 0], hw).masks)
             masks.append(np.concatenate(parts))
         for a, b in zip(*masks, strict=True):

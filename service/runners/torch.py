@@ -74,6 +74,9 @@ class TorchRunner(LocalRunner):
         self._device = torch.device(device)
         self._det: Any = detector_module.to(self._device)
         self._sam = segmenter_module.to(self._device)
+        # SAM's decoder as this device runs it best (sam_ops.DECODER_POLICIES), float32 image tokens: the torch
+        # backend is the exact reference on the CPU (bf16 where autocast asks for it, on GPUs).
+        self._decoder = sam_ops.PromptDecoder(self._sam, sam_ops.decoder_policy(device))
         # Device-resident SAM (every device but the CPU unless told): features and low-res masks stay on the device
         # between encoder, cache, decoder and mask upsampling; only final masks come back (ImageFeatures).
         self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident
@@ -195,21 +198,27 @@ class TorchRunner(LocalRunner):
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         with torch.inference_mode(), self._sam_precision():
-            masks, iou = decode_batch(self._sam, features, prompts, self._tensor)
+            masks, iou = decode_batch(self._decoder, features, prompts, self._tensor)
         low_res = masks.float() if self.device_resident else masks.float().cpu().numpy()
         return DecoderOutput(low_res_masks=low_res, iou_predictions=iou.float().cpu().numpy())
 
 
 def decode_batch(
-    sam: Any, features: ImageFeatures, prompts: PromptBatch, tensor: Callable[[Any], torch.Tensor]
+    decoder: sam_ops.PromptDecoder | Any,
+    features: ImageFeatures,
+    prompts: PromptBatch,
+    tensor: Callable[[Any], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sam_ops.decode`` of one image's prompt batch → (masks (B, M, S/4, S/4), iou (B, M)) tensors of the batch's
-    choice (M = 3 if multimask else 1). ``tensor``: how arrays reach the module's device. Call under inference mode."""
+    """One image's prompt batch through SAM's decoder → (masks (B, M, S/4, S/4) float32, iou (B, M)) tensors of the
+    batch's choice (M = 3 if multimask else 1). ``decoder``: a ``sam_ops.PromptDecoder``, or a SAM 2 module (its exact
+    float32 decoder, built for this call: scripts and gates). ``tensor``: how arrays reach the module's device. Call
+    under inference mode."""
+    if not isinstance(decoder, sam_ops.PromptDecoder):
+        decoder = sam_ops.PromptDecoder(decoder)
     hr0, hr1 = (tensor(f) for f in features.high_res_feats)
-    single, single_iou, multi, multi_iou = sam_ops.decode(
-        sam, tensor(features.image_embed), hr0, hr1, tensor(prompts.point_coords), tensor(prompts.point_labels)
-    )
-    return (multi, multi_iou) if prompts.multimask else (single, single_iou)
+    mask_input = None if prompts.mask_input is None else tensor(prompts.mask_input)
+    coords, labels = tensor(prompts.point_coords), tensor(prompts.point_labels)
+    return decoder(tensor(features.image_embed), hr0, hr1, coords, labels, prompts.multimask, mask_input)
 
 
 def sam_autocast(settings: Settings) -> torch.dtype | None:

@@ -172,3 +172,62 @@ def test_multimask_answer_is_the_predictors_best_scored_candidate(stub, sam_pred
         assert abs(got.mask_score - float(scores[best])) <= 1e-4
     figures["mask parity multimask clicks: min IoU"] = f"{min(ious):.6f}"
     assert min(ious) >= 0.99
+
+
+def test_a_click_with_the_previous_mask_matches_sam2_image_predictor_with_mask_input(stub, sam_predictor, figures):
+    """SAM's interactive loop: options.keep_masks keeps each instance's low-res mask; a region naming it as
+    previous_mask sends it to SAM as the mask input with the region's box and clicks, as the predictor's
+    ``mask_input`` does with the logits its last call returned."""
+    import grpc
+
+    rgb = load_rgb(ultralytics_asset("bus.jpg"))
+    image = encode(rgb)
+    box = np.array([50, 230, 250, 900], np.float32)
+    region = pb.RegionPrompt(box=pb.BoundingBox(x_min=50, y_min=230, x_max=250, y_max=900))
+    first = stub.Segment(
+        pb.SegmentRequest(
+            image=pb.Image(encoded=image),
+            regions=[region],
+            options=pb.SegmentOptions(refinement=RAW_MASKS, keep_masks=True),
+        ),
+        timeout=300,
+    )
+    handle = first.instances[0].mask_handle
+    assert handle.startswith("mask:") and len(handle) == 37
+    clicks = [pb.Point(x=150, y=500, label=1), pb.Point(x=120, y=300, label=0)]
+    follow_up = pb.RegionPrompt(box=region.box, points=clicks, previous_mask=handle)
+    second = stub.Segment(
+        pb.SegmentRequest(
+            image=pb.Image(encoded=image),
+            regions=[follow_up],
+            options=pb.SegmentOptions(refinement=RAW_MASKS, keep_masks=True),
+        ),
+        timeout=300,
+    )
+    assert second.instances[0].mask_handle not in ("", handle)  # a new mask, kept under its own handle
+
+    sam_predictor.set_image(rgb)
+    _, _, logits = sam_predictor.predict(box=box, multimask_output=False)
+    points = np.array([[150, 500], [120, 300]], np.float32)
+    labels = np.array([1, 0], np.int32)
+    with_mask, _, _ = sam_predictor.predict(
+        point_coords=points, point_labels=labels, box=box, mask_input=logits, multimask_output=False
+    )
+    without, _, _ = sam_predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=False)
+    ours = rle_mask(second.instances[0].mask)
+    iou = mask_iou(ours, with_mask[0].astype(bool))
+    figures["interactive loop (previous mask as SAM's mask input): IoU vs SAM2ImagePredictor"] = f"{iou:.6f}"
+    assert iou >= 0.99
+    # The mask input matters for these prompts: the answer is not the one without it.
+    assert mask_iou(with_mask[0].astype(bool), without[0].astype(bool)) < 0.99
+
+    for bad, code in (("mask:" + "0" * 32, grpc.StatusCode.NOT_FOUND), ("mask:xyz", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Segment(
+                pb.SegmentRequest(
+                    image=pb.Image(encoded=image),
+                    regions=[pb.RegionPrompt(box=region.box, previous_mask=bad)],
+                ),
+                timeout=60,
+            )
+        assert refused.value.code() == code and "regions[0].previous_mask" in refused.value.details()

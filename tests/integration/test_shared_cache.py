@@ -325,3 +325,40 @@ def test_a_corrupt_shared_detector_output_is_left_out_deleted_and_recomputed(set
             assert tier.corrupt == 3
     finally:
         srv.stop()
+
+
+def test_a_mask_kept_on_one_replica_is_the_previous_mask_on_another(settings, redis_server):
+    """options.keep_masks shares the low-res masks: a follow-up click naming one works on any replica, with the
+    same answer as on the replica that kept it; a kept value of the wrong size is a miss (NOT_FOUND), deleted."""
+    a, b = _replica(settings, redis_server.url), _replica(settings, redis_server.url)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            stub_a, stub_b = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cb)
+            handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(21)))).handle
+            box = pb.BoundingBox(x_min=20, y_min=20, x_max=120, y_max=100)
+            kept = stub_a.Segment(
+                pb.SegmentRequest(
+                    image=pb.Image(handle=handle),
+                    regions=[pb.RegionPrompt(box=box)],
+                    options=pb.SegmentOptions(keep_masks=True),
+                ),
+                timeout=60,
+            ).instances[0]
+            follow_up = pb.SegmentRequest(
+                image=pb.Image(handle=handle),
+                regions=[
+                    pb.RegionPrompt(box=box, points=[pb.Point(x=60, y=60, label=1)], previous_mask=kept.mask_handle)
+                ],
+            )
+            on_b, on_a = stub_b.Segment(follow_up, timeout=60), stub_a.Segment(follow_up, timeout=60)
+            assert _answer(on_b) == _answer(on_a)
+            key = next(redis_server.client.scan_iter("detseg:msk:*"))
+            redis_server.client.hset(key, kept.mask_handle, b"garbage")
+            b.served.servicer.pipeline.images.cache.clear()
+            with pytest.raises(grpc.RpcError) as missing:
+                stub_b.Segment(follow_up, timeout=60)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert not redis_server.client.hexists(key, kept.mask_handle)
+    finally:
+        a.stop()
+        b.stop()

@@ -68,3 +68,21 @@ def test_zero_bytes_disables_the_cache():
     cache = EmbeddingCache(max_bytes=0, ttl=10)
     cache.put("h", entry(1))
     assert cache.get("h") is None and len(cache) == 0
+
+
+def test_kept_masks_are_bounded_per_image_counted_in_bytes_and_fit_the_budget():
+    cache = EmbeddingCache(max_bytes=3 * 1024 + 100, ttl=60, clock=Clock())
+    a, b = handle_for("a"), handle_for("b")
+    cache.put(a, entry(1))
+    cache.put(b, entry(1))
+    mask = np.zeros((8, 8), np.float32)  # 256 bytes
+    cache.add_masks(a, {f"mask:{k}": mask + k for k in range(3)}, limit=2)  # the oldest of the three is dropped
+    assert cache.mask(a, "mask:0") is None and cache.mask(a, "mask:2")[0, 0] == 2
+    assert cache.nbytes == 2 * (1024 + 12) + 2 * 256
+    cache.add_masks(handle_for("absent"), {"mask:9": mask}, limit=2)  # an image no longer cached: nothing kept
+    assert cache.nbytes == 2 * (1024 + 12) + 2 * 256
+    cache.add_masks(a, {f"mask:{k}": np.zeros((16, 16), np.float32) for k in range(3, 5)}, limit=4)
+    # a alone would outgrow the cache with all four: its oldest masks go first, then b makes room.
+    assert cache.mask(a, "mask:1") is None and cache.mask(a, "mask:2") is None
+    assert cache.mask(a, "mask:3") is not None and cache.mask(a, "mask:4") is not None
+    assert cache.get(b) is None and cache.evictions == 1 and cache.nbytes == 1024 + 12 + 2 * 1024
