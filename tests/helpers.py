@@ -82,3 +82,22 @@ def assert_same_instances(embedded: pb.SegmentResponse, other: pb.SegmentRespons
 
 def _box_distance(a: pb.BoundingBox, b: pb.BoundingBox) -> float:
     return max(abs(a.x_min - b.x_min), abs(a.y_min - b.y_min), abs(a.x_max - b.x_max), abs(a.y_max - b.y_max))
+
+
+def seeded_decoder_sam():  # type: ignore[no-untyped-def]
+    """SAM 2.1 hiera-tiny at 256², seed 3, every mask-decoder parameter given a value (seeded random init leaves some
+    at zero) and a random "no mask" embedding: what the decoder rewrites are checked on."""
+    import torch
+    from sam2.build_sam import build_sam2
+
+    from service.models.testing import TEST_SEGMENTER_CONFIG
+
+    torch.manual_seed(3)
+    model = build_sam2(
+        TEST_SEGMENTER_CONFIG, None, device="cpu", mode="eval", hydra_overrides_extra=["++model.image_size=256"]
+    )
+    with torch.no_grad():
+        for p in model.sam_mask_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.sam_prompt_encoder.no_mask_embed.weight.normal_()
+    return model

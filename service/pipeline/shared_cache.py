@@ -287,7 +287,7 @@ class RedisTier:
         """Shares kept low-res masks of an image (float32 bytes under ``detseg:msk:<segmenter identity>:<sha>``)."""
         if not self._available():
             return
-        key = f"detseg:msk:{self.identity.segmenter}:{handle.removeprefix(PREFIX)}"
+        key = self._masks_key(handle.removeprefix(PREFIX))
         try:
             with self._client.pipeline() as p:
                 p.hset(key, mapping={k: np.ascontiguousarray(m, np.float32).tobytes() for k, m in masks.items()})
@@ -302,7 +302,7 @@ class RedisTier:
         """A kept low-res mask, (S/4, S/4) float32, or None; one of the wrong size is corrupt: deleted, a miss."""
         if not self._available():
             return None
-        key = f"detseg:msk:{self.identity.segmenter}:{handle.removeprefix(PREFIX)}"
+        key = self._masks_key(handle.removeprefix(PREFIX))
         side = self.identity.image_size // 4
         try:
             raw = self._client.hget(key, mask_handle)
@@ -323,6 +323,9 @@ class RedisTier:
 
     def _image_key(self, sha: str) -> str:
         return f"detseg:img:{self.identity.segmenter}:{sha}"
+
+    def _masks_key(self, sha: str) -> str:
+        return f"detseg:msk:{self.identity.segmenter}:{sha}"
 
     def _detector_key(self, sha: str) -> str:
         return f"detseg:det:{self.identity.detector}:{sha}"

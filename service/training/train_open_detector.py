@@ -54,6 +54,7 @@ from service.shapes.attributes import (
     is_held_out,
     yolo_fine_label_lines,
 )
+from service.training import train_detector
 
 HERE = Path(__file__).parent
 TRAIN_IMAGES, VAL_IMAGES = 2000, 100
@@ -63,16 +64,7 @@ TEXT_MODEL = f"minilm-512:seed{PROJECTION_SEED}"  # service.models.text.PROJECTE
 ARCHITECTURE = "yoloe-11n.yaml"
 MAX_TEXTS = 80  # texts per training image (ultralytics caps YOLOE's training nc at 80)
 COMMON: dict[str, Any] = dict(
-    batch=16,
-    workers=0,
-    cache="ram",
-    device="cpu",
-    seed=SEED,
-    deterministic=True,
-    plots=False,
-    amp=False,
-    exist_ok=True,
-    verbose=False,
+    train_detector.COMMON,  # the closed detector's seeded CPU settings, then this model's own
     val=False,
     imgsz=256,
     epochs=100,

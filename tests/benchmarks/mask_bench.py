@@ -35,11 +35,9 @@ import math
 import os
 import platform
 import statistics
-import threading
 import time
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,7 @@ from service.processing.segmentation import BestMasks, SamPrompt, SegmenterProce
 from service.processing.upsampling import UpsampledMasks, stability_scores
 from service.runners.torch import decode_batch
 from tests.benchmarks.pipeline_bench import photo
-from tests.benchmarks.scaling_bench import box_prompts
+from tests.benchmarks.scaling_bench import box_prompts, peak_memory
 
 POINTS = ((12.0, 200), (1.0, 13))  # (megapixels, box prompts)
 QUICK_POINTS = ((4.0, 50), (1.0, 13))
@@ -212,34 +210,6 @@ def blob_logits(boxes: np.ndarray, hw: tuple[int, int], side: int = SAM_SIZE // 
 # --- measuring ------------------------------------------------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@contextmanager
-def peak_rss() -> Iterator[dict[str, float]]:
-    """This process's RSS before the block and its peak during it (sampled every 5 ms), MB."""
-    out = {"rss_before_mb": rss_mb(), "rss_peak_mb": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while True:
-            out["rss_peak_mb"] = max(out["rss_peak_mb"], rss_mb())
-            if stop.wait(0.005):
-                return
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        sampler.join()
-
-
 def timed(
     finish: Callable[[], FinalMasks], repeats: int
 ) -> tuple[list[float], list[float], FinalMasks, dict[str, float]]:
@@ -247,7 +217,7 @@ def timed(
     run's result, the peak RSS over them."""
     seconds: list[float] = []
     cpu: list[float] = []
-    with peak_rss() as memory:
+    with peak_memory("cpu") as memory:
         for _ in range(repeats):
             start, start_cpu = time.perf_counter(), time.process_time()
             final = finish()

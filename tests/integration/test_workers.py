@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,17 +28,12 @@ from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
 from tests.helpers import encode
+from tests.triton_helpers import free_ports
 
 pytestmark = pytest.mark.slow  # starts `detseg serve` processes
 
 DETSEG = [sys.executable, "-m", "service.cli"]
 HEALTH = health_pb2.HealthCheckRequest(service="detseg.v1.SegmentationService")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image(seed: int, side: int = 160) -> bytes:
@@ -100,7 +94,7 @@ def start_workers(settings, tmp_path) -> Iterator:
     started: list[Workers] = []
 
     def start(n: int = 2, **env: str) -> Workers:
-        port = _free_port()
+        port = free_ports(1)[0]
         log = str(tmp_path / f"serve-{len(started)}.log")
         environ = {
             **os.environ,
@@ -148,7 +142,7 @@ def _stages(response: pb.SegmentResponse) -> set[str]:
 
 
 def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(start_workers):
-    metrics_port = _free_port()
+    metrics_port = free_ports(1)[0]
     w = start_workers(2, DETSEG_METRICS_EXPORTER="prometheus", DETSEG_METRICS_PORT=str(metrics_port))
     assert len(w.pids()) == 2 and w.proc.pid not in w.pids()
     with ExitStack() as stack:

@@ -11,24 +11,14 @@ import pytest
 import torch
 
 from service.models import sam_ops
-from service.models.testing import TEST_SEGMENTER_CONFIG
+from tests.helpers import seeded_decoder_sam
 
 GATE_MIN_IOU = 0.99
 
 
 @pytest.fixture(scope="module")
 def sam():  # type: ignore[no-untyped-def]
-    from sam2.build_sam import build_sam2
-
-    torch.manual_seed(3)
-    model = build_sam2(
-        TEST_SEGMENTER_CONFIG, None, device="cpu", mode="eval", hydra_overrides_extra=["++model.image_size=256"]
-    )
-    with torch.no_grad():  # seeded random init leaves some parameters at zero: give every one of them a value
-        for p in model.sam_mask_decoder.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        model.sam_prompt_encoder.no_mask_embed.weight.normal_()
-    return model
+    return seeded_decoder_sam()
 
 
 def _sam2_decoder(model, features, coords, labels, mask_input=None):  # type: ignore[no-untyped-def]
