@@ -1,6 +1,7 @@
 # detseg — every target sets up what it needs, idempotently.
 #   make serve   set up the venv, generate the gRPC code, serve (official weights; see README)
-#   make test    set up, lint (ruff), check the floors (import-linter), type-check (mypy), run every test
+#   make test    set up, check the proto (buf), lint (ruff), check the floors (import-linter), type-check (mypy),
+#                run every test
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -12,7 +13,7 @@ GEN_STAMP := $(GEN)/.generated
 MODELS ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: venv proto serve serve-test test lint imports typecheck unit integration clean helm-tools redis-tools
+.PHONY: venv proto proto-check serve serve-test test lint imports typecheck unit integration clean helm-tools redis-tools
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -41,6 +42,15 @@ lint: venv
 	$(BIN)/ruff check service tests model_repository
 	$(BIN)/ruff format --check service tests model_repository
 
+# The proto is a public contract: buf lint (protos/buf.yaml), and buf breaking against the proto as it was on main
+# (on main itself: as it was one commit before; a shallow clone without it compares with HEAD). PROTO_AGAINST
+# overrides the git ref compared with.
+PROTO_AGAINST ?= $(shell if [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ]; then echo main; \
+	elif git rev-parse -q --verify HEAD~1 >/dev/null; then echo HEAD~1; else echo HEAD; fi)
+proto-check: venv
+	$(BIN)/buf lint protos
+	$(BIN)/buf breaking protos --against '.git#ref=$(PROTO_AGAINST),subdir=protos'
+
 typecheck: proto
 	$(BIN)/mypy service
 
@@ -48,7 +58,7 @@ typecheck: proto
 imports: proto
 	$(BIN)/lint-imports --no-cache
 
-test: proto lint imports typecheck helm-tools redis-tools
+test: proto proto-check lint imports typecheck helm-tools redis-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: proto

@@ -169,6 +169,20 @@ class Settings:
     max_batch_items: int = 32  # BatchSegment requests per call
     max_stream_in_flight: int = 4  # StreamSegment items read but not yet answered
 
+    # Video tracking (Track; service.pipeline.tracking). Per session, a request's TrackStart may override the first
+    # five: the detector runs every track_detect_every frames (0: only on frames that ask); a track unseen for
+    # track_lost_after frames in a row ends; at most track_max_objects tracks at once (a session may ask up to
+    # track_max_objects_limit); a detection continues a track when their masks' IoU reaches track_match_iou.
+    track_detect_every: int = 10
+    track_lost_after: int = 30
+    track_max_objects: int = 20
+    track_max_objects_limit: int = 100
+    track_match_iou: float = 0.5
+    # Sessions open at once per server process (beyond: RESOURCE_EXHAUSTED), and how long one may wait for its next
+    # message before it is closed (DEADLINE_EXCEEDED) and its memory released.
+    max_track_sessions: int = 8
+    track_idle_seconds: float = 60.0
+
     # Defaults for request options.
     default_score_threshold: float = 0.25
     default_iou_threshold: float = 0.7

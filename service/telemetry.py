@@ -17,7 +17,10 @@ Metrics (Prometheus names in brackets):
 - ``detseg.cache.hits`` / ``misses`` / ``evictions`` counters of the embedding cache
   [detseg_cache_hits_total, ...]; ``detseg.cache.shared.hits`` / ``misses`` / ``errors`` / ``corrupt`` (values
   that did not parse, deleted) of the shared (Redis) tier and ``detseg.cache.shared.up`` (1 answering, 0 down or
-  none).
+  none);
+- ``detseg.track.sessions`` and ``detseg.track.objects`` gauges (Track sessions open, the tracks they follow)
+  [detseg_track_sessions, detseg_track_objects]; ``detseg.track.frames`` counter of frames answered
+  [detseg_track_frames_total] (frames/s: its rate).
 """
 
 from __future__ import annotations
@@ -129,6 +132,15 @@ class Instruments:
             meter.create_observable_counter(
                 f"detseg.cache.shared.{event}", [gauge(_shared_count(event))], description=f"shared cache {event}"
             )
+        meter.create_observable_gauge(
+            "detseg.track.sessions", [gauge(lambda s: s.tracking.open)], description="Track sessions open"
+        )
+        meter.create_observable_gauge(
+            "detseg.track.objects", [gauge(lambda s: s.tracking.objects)], description="tracks followed by sessions"
+        )
+        meter.create_observable_counter(
+            "detseg.track.frames", [gauge(lambda s: s.tracking.frames)], description="Track frames answered"
+        )
         meter.create_observable_gauge(
             "detseg.cache.shared.up",
             [gauge(lambda s: int(bool(s.shared_tier and s.shared_tier.up)))],

@@ -22,6 +22,7 @@ from service.pipeline.results import (
     SegmentResult,
 )
 from service.pipeline.review import ReviewOptions, ReviewRules
+from service.pipeline.tracking import ENDED, LOST, NEW, TRACKED, FrameQuery, FrameResult, TrackPrompt, TrackQuery
 from service.pipeline.vocabulary import EMBEDDING, EXACT, OPEN
 from service.processing.masks import PNG, POLYGON, RLE, EncodedMask
 from service.proto.detseg.v1 import detseg_pb2 as pb
@@ -38,6 +39,12 @@ _SOURCES = {
     TEXT: pb.INSTANCE_SOURCE_TEXT,
     EXEMPLAR: pb.INSTANCE_SOURCE_EXEMPLAR,
     CONCEPT: pb.INSTANCE_SOURCE_CONCEPT,
+}
+_TRACK_STATES = {
+    NEW: pb.TRACK_STATE_NEW,
+    TRACKED: pb.TRACK_STATE_TRACKED,
+    LOST: pb.TRACK_STATE_LOST,
+    ENDED: pb.TRACK_STATE_ENDED,
 }
 _MATCH_KINDS = {EXACT: pb.TEXT_MATCH_KIND_EXACT, EMBEDDING: pb.TEXT_MATCH_KIND_EMBEDDING, OPEN: pb.TEXT_MATCH_KIND_OPEN}
 _ROLES = {
@@ -60,21 +67,39 @@ def image_from_proto(message: pb.Image) -> ImageInput:
 
 
 def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
-    image = image_from_proto(request.image)
-    o = request.options
+    return SegmentQuery(
+        image=image_from_proto(request.image),
+        classes=tuple(request.classes),
+        regions=tuple(region_from_proto(r) for r in request.regions),
+        options=options_from_proto(request.options),
+        request_id=request.request_id,
+        texts=tuple(request.texts),
+        exemplars=tuple(exemplar_from_proto(e) for e in request.exemplars),
+    )
+
+
+def region_from_proto(r: pb.RegionPrompt) -> Region:
+    return Region(
+        box=(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max) if r.HasField("box") else None,
+        points=tuple((p.x, p.y, p.label) for p in r.points),
+        label=r.label,
+        previous_mask=r.previous_mask,
+    )
+
+
+def exemplar_from_proto(e: pb.Exemplar) -> Exemplar:
+    return Exemplar(
+        box=(e.box.x_min, e.box.y_min, e.box.x_max, e.box.y_max),
+        label=e.label,
+        image=image_from_proto(e.image) if e.HasField("image") else None,
+    )
+
+
+def options_from_proto(o: pb.SegmentOptions) -> Options:
     encoding = _ENCODINGS.get(o.mask_encoding)
     if encoding is None:
         raise InvalidInput(f"options.mask_encoding: unknown value {o.mask_encoding}")
-    regions = tuple(
-        Region(
-            box=(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max) if r.HasField("box") else None,
-            points=tuple((p.x, p.y, p.label) for p in r.points),
-            label=r.label,
-            previous_mask=r.previous_mask,
-        )
-        for r in request.regions
-    )
-    options = Options(
+    return Options(
         score_threshold=o.score_threshold if o.HasField("score_threshold") else None,
         iou_threshold=o.iou_threshold if o.HasField("iou_threshold") else None,
         max_instances=o.max_instances if o.HasField("max_instances") else None,
@@ -84,22 +109,69 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         review=review_from_proto(o.review),
         keep_masks=o.keep_masks,
     )
-    return SegmentQuery(
-        image=image,
-        classes=tuple(request.classes),
-        regions=regions,
-        options=options,
-        request_id=request.request_id,
-        texts=tuple(request.texts),
-        exemplars=tuple(
-            Exemplar(
-                box=(e.box.x_min, e.box.y_min, e.box.x_max, e.box.y_max),
-                label=e.label,
-                image=image_from_proto(e.image) if e.HasField("image") else None,
-            )
-            for e in request.exemplars
-        ),
+
+
+def track_query_from_proto(start: pb.TrackStart) -> TrackQuery:
+    """A Track call's start message. Options that do not apply to tracking are INVALID_ARGUMENT, not ignored."""
+    o = start.options
+    for name in ("keep_masks", "multimask"):
+        if getattr(o, name):
+            raise InvalidInput(f"start.options.{name}: does not apply to tracking")
+    if o.HasField("review"):
+        raise InvalidInput("start.options.review: does not apply to tracking")
+    return TrackQuery(
+        classes=tuple(start.classes),
+        texts=tuple(start.texts),
+        exemplars=tuple(exemplar_from_proto(e) for e in start.exemplars),
+        detect_every=start.detect_every if start.HasField("detect_every") else None,
+        lost_after=start.lost_after if start.HasField("lost_after") else None,
+        max_objects=start.max_objects if start.HasField("max_objects") else None,
+        match_iou=start.match_iou if start.HasField("match_iou") else None,
+        options=_start_options(o),
+        request_id=start.request_id,
     )
+
+
+def _start_options(o: pb.SegmentOptions) -> Options:
+    try:
+        return options_from_proto(o)
+    except InvalidInput as e:
+        raise InvalidInput(f"start.{e}") from None
+
+
+def frame_from_proto(frame: pb.TrackFrame) -> FrameQuery:
+    try:
+        image = image_from_proto(frame.image)
+    except InvalidInput:
+        raise InvalidInput("frame.image: missing; set image.encoded (JPEG, PNG, WebP bytes) or image.raw") from None
+    return FrameQuery(
+        image=image,
+        frame_index=frame.frame_index,
+        prompts=tuple(TrackPrompt(region_from_proto(t.region), t.track_id) for t in frame.prompts),
+        end_tracks=tuple(frame.end_tracks),
+        detect=frame.detect,
+    )
+
+
+def track_response_to_proto(result: FrameResult, frame: pb.TrackFrame, request_id: str) -> pb.TrackResponse:
+    response = pb.TrackResponse(
+        frame_index=result.frame_index,
+        instances=[
+            pb.TrackedInstance(
+                track_id=t.track_id,
+                state=_TRACK_STATES[t.state],
+                instance=instance_to_proto(t.instance),
+                first_frame=t.first_frame,
+            )
+            for t in result.instances
+        ],
+        image=image_info(result.image),
+        detected=result.detected,
+        request_id=request_id,
+    )
+    if frame.HasField("timestamp"):
+        response.timestamp.CopyFrom(frame.timestamp)
+    return response
 
 
 def refinement_from_proto(r: pb.MaskRefinement) -> RefinementOptions:

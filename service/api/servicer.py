@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from service.api import convert
 from service.api.admission import Admission
 from service.api.errors import describe, guarded
+from service.api.sessions import TrackSessions
 from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import valid_request_id
+from service.pipeline.tracking import TrackLimits, TrackSession
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.provenance import response as signing
@@ -43,6 +46,14 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self._settings = settings
         self._signing_key = _signing_key(settings.signing_key)
         self.admission = Admission(settings.max_in_flight, settings.max_queue, link)
+        self.tracking = TrackSessions(settings.max_track_sessions)
+        self._track_limits = TrackLimits(
+            detect_every=settings.track_detect_every,
+            lost_after=settings.track_lost_after,
+            max_objects=settings.track_max_objects,
+            max_objects_limit=settings.track_max_objects_limit,
+            match_iou=settings.track_match_iou,
+        )
         self._pipeline: Pipeline | None = None
         self._failed = False
         self._profile = ""
@@ -139,6 +150,68 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 if leftover is not None:
                     leftover.cancel()
 
+    async def Track(
+        self, request_iterator: AsyncIterator[pb.TrackRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TrackResponse]:
+        """One tracking session per call: its start, then one answer per frame, in order (module
+        ``service.pipeline.tracking``). A frame's own error is its answer; the start's, a limit, an idle stream or a
+        failing model end the call. The session's state is released however the call ends."""
+        _set_deadline(context, None)
+        messages = aiter(request_iterator)
+        request_id = "track-" + uuid.uuid4().hex
+        session: TrackSession | None = None
+        try:
+            pipeline = self.pipeline
+            first = await self._next_message(messages)
+            if first is None or first.WhichOneof("message") != "start":
+                raise InvalidInput("start: the first message of a Track call must be TrackRequest.start")
+            query = convert.track_query_from_proto(first.start)
+            request_id = _request_id(query.request_id)
+            session = TrackSession(pipeline, dataclasses.replace(query, request_id=request_id), self._track_limits)
+            async with self.tracking.session(session):
+                await session.open()
+                while (message := await self._next_message(messages)) is not None:
+                    yield await self._track_frame(session, message)
+        except Exception as e:
+            code, text = describe(e, request_id)
+            await context.abort(code, text)
+        finally:
+            if session is not None:
+                session.close()
+
+    async def _next_message(self, messages: AsyncIterator[pb.TrackRequest]) -> pb.TrackRequest | None:
+        """The stream's next message, None at its end; DeadlineExceeded when none comes within track_idle_seconds."""
+        try:
+            return await asyncio.wait_for(anext(messages, None), self._settings.track_idle_seconds)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no message for {self._settings.track_idle_seconds:g} s (track_idle_seconds): the session is closed"
+            ) from None
+
+    async def _track_frame(self, session: TrackSession, message: pb.TrackRequest) -> pb.TrackResponse:
+        """One frame's answer, or its own error (InvalidInput: the session is as before it); other failures end the
+        call."""
+        frame = message.frame
+        DEADLINE.set(time.monotonic() + self._settings.default_deadline_seconds)
+        try:
+            if message.WhichOneof("message") != "frame":
+                raise InvalidInput("start: a Track call has one start message, the first; send frames after it")
+            query = convert.frame_from_proto(frame)
+            async with self.admission.slot(DEADLINE.get()):
+                result = await _within_deadline(session.frame(query))
+        except InvalidInput as e:
+            code, text = describe(e, session.request_id)
+            response = pb.TrackResponse(
+                frame_index=frame.frame_index,
+                request_id=session.request_id,
+                error=pb.ItemError(code=code.value[0], message=text),
+            )
+            if frame.HasField("timestamp"):
+                response.timestamp.CopyFrom(frame.timestamp)
+            return response
+        self.tracking.answered()
+        return convert.track_response_to_proto(result, frame, session.request_id)
+
     async def _item(self, index: int, request: pb.SegmentRequest) -> pb.SegmentResult:
         """One batch/stream item: its response, or its own error (the others go on)."""
         request_id = _request_id(request.request_id)
@@ -193,6 +266,16 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 text_match_threshold=s.text_match_threshold,
                 max_exemplars=s.max_exemplars,
                 review=convert.review_rules_to_proto(pipeline.limits.review),
+                track=pb.TrackDefaults(
+                    detect_every=s.track_detect_every,
+                    lost_after=s.track_lost_after,
+                    max_objects=s.track_max_objects,
+                    max_objects_limit=s.track_max_objects_limit,
+                    match_iou=s.track_match_iou,
+                    max_sessions=s.max_track_sessions,
+                    idle_timeout=Duration(seconds=int(s.track_idle_seconds)),
+                    memory_frames=_memory_frames(pipeline),
+                ),
             ),
             prompt_kinds=_prompt_kinds(pipeline),
         )
@@ -208,6 +291,12 @@ def _signing_key(path: str) -> Any:
         return provenance.load_private_key(Path(path))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigurationError(f"signing_key: cannot read an Ed25519 private key from {path} ({e})") from None
+
+
+def _memory_frames(pipeline: Pipeline) -> int:
+    """SAM 2's memory frames per tracked object (0 where this server cannot track)."""
+    tracker = getattr(pipeline.runner, "tracker", None)
+    return tracker.memory_frames if tracker is not None else 0
 
 
 def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:

@@ -134,6 +134,11 @@ class PromptDecoder:
         self._iou_token = 1 if dec.pred_obj_scores else 0
         self._no_mask = sam.sam_prompt_encoder.no_mask_embed.weight.reshape(1, -1)
 
+    @property
+    def sam(self) -> Any:
+        """The SAM 2 module decoded with."""
+        return self._sam
+
     def __call__(
         self,
         image_embed: torch.Tensor,

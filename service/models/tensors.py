@@ -151,6 +151,31 @@ class DecoderOutput:
     iou_predictions: np.ndarray
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackStep:
+    """One object on one frame of a video stream (``Runner.track``).
+
+    memory: the object's memory bank (``Runner.track_memory()``; opaque, updated in place by the call).
+    frame_index: the frame's position in the stream (increasing per object).
+    points: (P, 2) float32 in SAM input pixels, box corners first (labels 2, 3), with labels (P,) int32: the object is
+    prompted on this frame (it starts, or a tracked one is corrected); None: it is tracked from its memory.
+    """
+
+    memory: Any
+    frame_index: int
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackOutput:
+    """Per TrackStep: low_res_masks (N, S/4, S/4) float32 logits; object_scores (N,) float32 logits of the object being
+    visible on the frame (> 0: visible), numpy."""
+
+    low_res_masks: np.ndarray
+    object_scores: np.ndarray
+
+
 def to_numpy(array: Any) -> np.ndarray:
     """A numpy array, or a torch tensor on any device and of any float dtype → float32 numpy (a copy for tensors)."""
     if isinstance(array, np.ndarray):

@@ -86,7 +86,7 @@ class _Candidate:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Candidates:
+class Candidates:
     """A request's unique SAM prompts and its instances before their masks (each names its prompt)."""
 
     prompts: list[SamPrompt]
@@ -94,7 +94,7 @@ class _Candidates:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Vocabulary:
+class Vocabulary:
     """What a request's class ids index (before its exemplars' classes), how its texts are answered, and (open
     vocabulary) those names' class embeddings (N, class_dim); None for a closed detector."""
 
@@ -165,7 +165,7 @@ class Pipeline:
         looked it up (and decoded it) already."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        vocabulary = await self._vocabulary(query, timings)
+        vocabulary = await self.vocabulary(query, timings)
         if found is None:
             found = await self.images.find(query.image, timings)
         handle, entry, image = found.handle, found.entry, found.image
@@ -189,7 +189,7 @@ class Pipeline:
             if p.run_detector
             else None
         )
-        features_task = asyncio.ensure_future(self._encode(image, timings)) if entry is None else None
+        features_task = asyncio.ensure_future(self.features(image, timings)) if entry is None else None
         try:
             detected = await detections_task if detections_task else None
             features = await features_task if features_task else entry.features  # type: ignore[union-attr]
@@ -204,7 +204,7 @@ class Pipeline:
         elif detected is not None:
             await self.images.add_detector_output(handle, detected.output, detected.key)
 
-        candidates = self._candidates(detected.detections if detected is not None else None, p)
+        candidates = self.candidates(detected.detections if detected is not None else None, p)
         prompts = candidates.prompts
         instances: list[InstanceResult] = []
         if prompts:
@@ -266,7 +266,7 @@ class Pipeline:
         await self.images.add_masks(handle, {h: np.array(host[k]) for k, h in enumerate(handles)})
         return handles
 
-    async def _vocabulary(self, query: SegmentQuery, timings: dict[str, float]) -> _Vocabulary:
+    async def vocabulary(self, query: SegmentQuery, timings: dict[str, float]) -> Vocabulary:
         """The request's vocabulary, its texts' matches and (open vocabulary) class embeddings; before the image is
         decoded."""
         if not self.runner.detector.open_vocabulary:
@@ -276,7 +276,7 @@ class Pipeline:
                     "vocabulary; send class names or texts"
                 )
             texts = await self._match_texts(query, timings) if query.texts else []
-            return _Vocabulary(self.runner.detector.names, texts, None)
+            return Vocabulary(self.runner.detector.names, texts, None)
         if query.exemplars and not self.runner.detector.visual_prompts:
             raise Unsupported(
                 "exemplars: this server's open-vocabulary detector takes texts only (YOLO-World); exemplars need "
@@ -284,11 +284,11 @@ class Pipeline:
             )
         names = request_vocabulary(query.classes, query.texts)
         if not names:
-            return _Vocabulary(names, [], np.zeros((0, self.runner.detector.class_dim), np.float32))
+            return Vocabulary(names, [], np.zeros((0, self.runner.detector.class_dim), np.float32))
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
         with stage(timings, "embed_classes", classes=len(names)):
             embeddings = await self.class_embeddings.get(names)
-        return _Vocabulary(names, open_matches(query.texts, names), embeddings)
+        return Vocabulary(names, open_matches(query.texts, names), embeddings)
 
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
         """The texts' classes by the matcher. Unsupported without one."""
@@ -310,19 +310,19 @@ class Pipeline:
         if found.entry is not None:
             timings["total"] = time.perf_counter() - start
             return EncodeResult(handle=handle, image=image, cached=True, timings=timings)
-        features = await self._encode(image, timings)
+        features = await self.features(image, timings)
         # before answering: the handle must work on every replica at once
         await self.images.put(handle, CacheEntry(image, features))
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle=handle, image=image, cached=False, timings=timings)
 
-    async def _encode(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
+    async def features(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         with stage(timings, "encode"):
             batch = await asyncio.to_thread(self.segmentation.preprocess, image.rgb)
             features = await self.runner.encode(batch)
         return features
 
-    def _candidates(self, detections: Detections | None, p: Plan) -> _Candidates:
+    def candidates(self, detections: Detections | None, p: Plan) -> Candidates:
         """The request's unique SAM prompts (detections' distinct boxes in score order, then regions in request
         order) and its instances: per detection, one for the class prompt if it asked for that class, then one per
         text matched to that class (in text order); one per region. Detections with the same box (one box answering
@@ -347,4 +347,4 @@ class Pipeline:
         for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
             out.append(_Candidate(len(prompts), label, -1, 1.0, REGION, region_index=i))
             prompts.append(prompt)
-        return _Candidates(prompts, out)
+        return Candidates(prompts, out)

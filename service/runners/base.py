@@ -27,6 +27,8 @@ from service.models.tensors import (
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
+    TrackOutput,
+    TrackStep,
 )
 
 # The caller's deadline as a time.monotonic() instant (None: no deadline). The API layer sets it per RPC;
@@ -106,6 +108,16 @@ class Runner(Protocol):
         """images: (1, 3, S, S) float32 RGB in [-1, 1] stretched to ``concepts.image_size``; ``exemplars``: one
         (K, 4) float32 array per exemplar class, its boxes as normalised cxcywh. The output's rows are the texts,
         then the exemplar classes. Unsupported without a concept segmenter."""
+        ...
+
+    def track_memory(self) -> object:
+        """A new, empty memory bank for one tracked object (opaque; ``track`` reads and updates it). Unsupported
+        where SAM 2's memory modules do not run in this process."""
+        ...
+
+    async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+        """One video frame for N objects with SAM 2's memory (``service.models.sam_memory``): ``features`` of the
+        frame (batch 1, from ``encode``), each step prompts its object on the frame or tracks it from its memory."""
         ...
 
     async def start(self) -> None:

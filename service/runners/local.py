@@ -19,6 +19,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, Unsupported
 from service.models.profiles import WeightsRef
 from service.models.roles import ModelDescriptor
+from service.models.sam_memory import MemoryTracker, ObjectMemory
 from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
@@ -30,6 +31,8 @@ from service.models.tensors import (
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
+    TrackOutput,
+    TrackStep,
 )
 from service.models.text import SentenceEncoder
 from service.runners.base import time_left
@@ -44,6 +47,7 @@ class LocalRunner:
 
     backend = "local"
     concepts: ConceptSpec | None = None  # a runner with a concept segmenter sets it
+    tracker: MemoryTracker | None = None  # a runner with SAM 2's memory modules in torch sets it
 
     def __init__(
         self,
@@ -133,6 +137,23 @@ class LocalRunner:
         _check_deadline()
         return await self._run("segment_concepts", lambda: self._segment_concepts_sync(images, texts, exemplars))
 
+    def track_memory(self) -> object:
+        self._tracking()
+        return ObjectMemory()
+
+    async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+        _check_deadline()
+        tracker = self._tracking()
+        return await self._run("track", lambda: _track_sync(tracker, features, steps))
+
+    def _tracking(self) -> MemoryTracker:
+        if self.tracker is None:
+            raise Unsupported(
+                "video tracking needs SAM 2's memory modules in the server's process: the torch or openvino backend, "
+                "with a segmenter whose memory path fits it (the demo's SAM 2 has none yet)"
+            )
+        return self.tracker
+
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text
         if text is None:
@@ -141,6 +162,21 @@ class LocalRunner:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _track_sync(tracker: MemoryTracker, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+    frame = tracker.frame_features(features)
+    masks, scores = [], []
+    for step in steps:
+        if step.points is not None and step.labels is not None:
+            out = tracker.start(frame, step.frame_index, step.points, step.labels, step.memory)
+        else:
+            out = tracker.track(frame, step.frame_index, step.memory)
+        masks.append(out.low_res_mask[0, 0].float().cpu().numpy())
+        scores.append(out.object_score)
+    side = tracker.image_size // 4
+    low_res = np.stack(masks) if masks else np.zeros((0, side, side), np.float32)
+    return TrackOutput(low_res_masks=low_res, object_scores=np.asarray(scores, np.float32))
 
 
 def _check_deadline() -> None:

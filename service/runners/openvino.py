@@ -36,7 +36,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.errors import ModelUnavailable
-from service.models import sam_ops
+from service.models import sam_memory, sam_ops
 from service.models.demo.profile import SHAPES_SAM2
 from service.models.graphs import IO
 from service.models.loading import load_segmenter_module
@@ -51,6 +51,7 @@ from service.models.openvino_ir import (
 )
 from service.models.profiles import ModelSet
 from service.models.roles import ModelRole, PrecisionGate, Role
+from service.models.sam_memory import MemoryTracker
 from service.models.tensors import DecoderOutput, ImageFeatures, PromptBatch, SegmenterSpec
 from service.models.text import load_sentence_encoder
 from service.processing.segmentation import SamPrompt, SegmenterProcessing
@@ -131,6 +132,7 @@ class OpenVinoRunner(OnnxRunner):
         super().__init__(*args, **kwargs)
         self.execution = execution
         self._decoder = decoder
+        self.tracker = MemoryTracker(decoder.sam) if sam_memory.tracks(decoder.sam) else None
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         """Every call on torch's ``sam_ops.PromptDecoder`` (module docstring: the fastest here at every size)."""

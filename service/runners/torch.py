@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from service.config import Settings
-from service.models import open_vocabulary, sam_ops
+from service.models import open_vocabulary, sam_memory, sam_ops
 from service.models.loading import head_output, load_detector_module, load_segmenter_module
 from service.models.profiles import ModelSet
 from service.models.roles import ModelDescriptor
+from service.models.sam_memory import MemoryTracker
 from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
@@ -77,6 +78,7 @@ class TorchRunner(LocalRunner):
         # SAM's decoder as this device runs it best (sam_ops.DECODER_POLICIES), float32 image tokens: the torch
         # backend is the exact reference on the CPU (bf16 where autocast asks for it, on GPUs).
         self._decoder = sam_ops.PromptDecoder(self._sam, sam_ops.decoder_policy(device))
+        self.tracker = MemoryTracker(self._sam) if sam_memory.tracks(self._sam) else None
         # Device-resident SAM (every device but the CPU unless told): features and low-res masks stay on the device
         # between encoder, cache, decoder and mask upsampling; only final masks come back (ImageFeatures).
         self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident

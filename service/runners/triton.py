@@ -46,6 +46,8 @@ from service.models.tensors import (
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
+    TrackOutput,
+    TrackStep,
 )
 from service.models.text import SentenceEncoder, load_sentence_encoder
 from service.runners.base import time_left
@@ -220,6 +222,16 @@ class TritonRunner:
         self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray] = ()
     ) -> ConceptOutput:
         raise Unsupported("the concept segmenter (SAM 3) runs with the torch backend only")
+
+    def track_memory(self) -> object:
+        raise Unsupported(
+            "video tracking runs SAM 2's memory modules in the server's process and the triton backend has none; "
+            "serve with backend torch or openvino"
+        )
+
+    async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+        self.track_memory()
+        raise AssertionError("unreachable")
 
     async def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         text = self._text

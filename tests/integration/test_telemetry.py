@@ -166,7 +166,15 @@ def test_a_prometheus_scrape_of_a_real_server(settings):
             grpc.channel_ready_future(channel).result(timeout=180)
             wait_serving(channel)
             image = pb.Image(encoded=SAMPLE.read_bytes())
-            pb_grpc.SegmentationServiceStub(channel).Segment(pb.SegmentRequest(image=image), timeout=60)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            stub.Segment(pb.SegmentRequest(image=image), timeout=60)
+            box = pb.RegionPrompt(box=pb.BoundingBox(x_min=10, y_min=10, x_max=200, y_max=200))
+            frames = [
+                pb.TrackRequest(start=pb.TrackStart()),
+                pb.TrackRequest(frame=pb.TrackFrame(image=image, frame_index=0, prompts=[pb.TrackPrompt(region=box)])),
+                pb.TrackRequest(frame=pb.TrackFrame(image=image, frame_index=1)),
+            ]
+            assert len(list(stub.Track(iter(frames), timeout=120))) == 2
         time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
             text = page.read().decode()
@@ -180,3 +188,5 @@ def test_a_prometheus_scrape_of_a_real_server(settings):
     ), lines  # fmt: skip
     assert any(line.startswith("detseg_requests_in_flight") for line in lines)
     assert any(line.startswith("detseg_cache_misses_total") for line in lines)
+    assert any(line.startswith("detseg_track_frames_total") and line.endswith(" 2.0") for line in lines), lines
+    assert any(line.startswith("detseg_track_sessions") and line.endswith(" 0.0") for line in lines), lines

@@ -1,0 +1,470 @@
+"""Video tracking sessions (the Track RPC): every labeled object followed through a stream with SAM 2's memory.
+
+Per frame, in order: the frame is checked and decoded (nothing has run yet: a bad frame is its own error and the
+session is as before it); SAM's image encoder runs once; every live track is propagated from its memory (or
+re-prompted where the frame corrects it) and new prompts start tracks, in one ``Runner.track`` call; on detection
+frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks' masks
+by IoU with an assignment solver (scipy's ``linear_sum_assignment``); unmatched detections start tracks (highest
+scores first, up to max_objects). A track whose object score says absent is LOST on that frame (empty mask) and
+ends after lost_after such frames in a row. Masks are finished as Segment's (upsampled in their window, refined,
+encoded).
+
+A session holds, per track, the bounded memory bank of ``service.models.sam_memory`` and a few numbers; nothing
+grows with the video's length. Matching reads the low-resolution masks (S/4 square, SAM's own output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import math
+import re
+import time
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from service.errors import InvalidInput
+from service.models.tensors import TrackStep
+from service.pipeline.cache import handle_for
+from service.pipeline.image import DecodedImage
+from service.pipeline.pipeline import Pipeline, Vocabulary
+from service.pipeline.prompts import (
+    Exemplar,
+    ImageInput,
+    Options,
+    Plan,
+    Region,
+    SamPrompt,
+    SegmentQuery,
+    check_query,
+    plan,
+)
+from service.pipeline.results import REGION, InstanceResult
+from service.pipeline.stages import stage
+from service.pipeline.vocabulary import TextMatch
+
+NEW, TRACKED, LOST, ENDED = "new", "tracked", "lost", "ended"
+MAX_DETECT_EVERY = 10_000
+MAX_FRAME_INDEX = 2**53
+_REGION_FIELD = re.compile(r"\bregions\[(\d+)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackLimits:
+    """The server's tracking defaults and limits (Settings track_*)."""
+
+    detect_every: int
+    lost_after: int
+    max_objects: int
+    max_objects_limit: int
+    match_iou: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackQuery:
+    """A session's start: what the detector looks for and how the session runs; None = the server default."""
+
+    classes: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
+    exemplars: tuple[Exemplar, ...] = ()
+    detect_every: int | None = None
+    lost_after: int | None = None
+    max_objects: int | None = None
+    match_iou: float | None = None
+    options: Options = dataclasses.field(default_factory=Options)
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackPrompt:
+    """An object the caller places on a frame: a new track (track_id 0) or a correction of a live one."""
+
+    region: Region
+    track_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameQuery:
+    image: ImageInput
+    frame_index: int
+    prompts: tuple[TrackPrompt, ...] = ()
+    end_tracks: tuple[int, ...] = ()
+    detect: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackedInstance:
+    track_id: int
+    state: str  # NEW | TRACKED | LOST | ENDED
+    instance: InstanceResult
+    first_frame: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResult:
+    frame_index: int
+    image: DecodedImage
+    instances: list[TrackedInstance]
+    detected: bool
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class _Track:
+    """One followed object: what it is (as it started), its memory bank, and how long it has been unseen."""
+
+    track_id: int
+    label: str
+    class_id: int
+    source: str
+    text_match: TextMatch | None
+    score: float
+    first_frame: int
+    memory: object
+    unseen: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settled:
+    """A session's start with every default resolved."""
+
+    detect_every: int
+    lost_after: int
+    max_objects: int
+    match_iou: float
+    detects: bool  # whether detection frames run the detector at all
+
+
+class TrackSession:
+    """One Track call's state. ``open`` checks the start; ``frame`` answers one frame; ``close`` releases it all."""
+
+    def __init__(self, pipeline: Pipeline, query: TrackQuery, limits: TrackLimits) -> None:
+        self.pipeline = pipeline
+        self.query = query
+        self.settled = _settle(query, limits)
+        self.request_id = query.request_id
+        self._tracks: dict[int, _Track] = {}
+        self._next_id = 1
+        self._frames = 0  # frames answered
+        self._last_index: int | None = None
+        self._size: tuple[int, int] | None = None
+        self._vocabulary: Vocabulary | None = None
+        self._references: list[DecodedImage | None] = []
+
+    @property
+    def tracks(self) -> int:
+        """Live tracks."""
+        return len(self._tracks)
+
+    async def open(self) -> None:
+        """Checks the start message (no frame needed) and prepares the session's vocabulary and exemplar images."""
+        q = self.query
+        for i, e in enumerate(q.exemplars):
+            if e.image is None:
+                raise InvalidInput(f"start.exemplars[{i}].image: a track session's exemplars need their own image")
+        try:
+            check_query(self._segment_query(ImageInput(), ()), self.pipeline.limits)
+        except InvalidInput as e:  # the start message's fields, named as the caller sent them
+            raise InvalidInput(f"start.{e}") from None
+        if self.settled.detects:
+            query = self._segment_query(ImageInput(), ())
+            try:
+                v = self._vocabulary = await self.pipeline.vocabulary(query, {})
+                open_vocabulary = self.pipeline.runner.detector.open_vocabulary
+                plan(query, self.pipeline.limits, v.names, 1, 1, v.texts, open_vocabulary)  # class names, here
+                self._references = await asyncio.to_thread(self.pipeline.images.reference_images, q.exemplars)
+            except InvalidInput as e:
+                raise InvalidInput(f"start.{e}") from None
+        self.pipeline.runner.track_memory()  # Unsupported (FAILED_PRECONDITION) where the runner cannot track
+
+    def close(self) -> None:
+        self._tracks.clear()
+
+    def _segment_query(self, image: ImageInput, regions: tuple[Region, ...]) -> SegmentQuery:
+        q = self.query
+        return SegmentQuery(
+            image=image,
+            classes=q.classes,
+            regions=regions,
+            options=q.options,
+            request_id=q.request_id,
+            texts=q.texts,
+            exemplars=q.exemplars,
+        )
+
+    async def frame(self, f: FrameQuery) -> FrameResult:
+        """Answers one frame. Everything that can be wrong with it is checked before any model runs (InvalidInput
+        naming the field; the session is then as before the frame)."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self._check_frame(f)
+        image = await self._decode(f, timings)
+        p = self._plan(f, image)
+        features = await self.pipeline.features(image, timings)
+        index = f.frame_index
+
+        # Every live track steps onto the frame (from its memory, or with the frame's correction); prompts start tracks.
+        corrections = {tp.track_id: p.regions[i] for i, tp in enumerate(f.prompts) if tp.track_id}
+        ended = [self._tracks.pop(t) for t in f.end_tracks]
+        rows = list(self._tracks.values())
+        steps = [self._step(t.memory, index, corrections.get(t.track_id)) for t in rows]
+        for i, tp in enumerate(f.prompts):
+            if tp.track_id:
+                if tp.region.label:
+                    self._tracks[tp.track_id].label = tp.region.label
+                continue
+            track = self._new_track(p.region_labels[i], -1, REGION, None, 1.0, index)
+            rows.append(track)
+            steps.append(self._step(track.memory, index, p.regions[i]))
+        logits, scores = await self._track(features, steps, timings)
+
+        detected = f.detect or (
+            self.settled.detects and self.settled.detect_every > 0 and self._frames % self.settled.detect_every == 0
+        )
+        if detected:
+            new = await self._detect(image, p, features, index, logits, rows, timings)
+            more_logits, more_scores = await self._track(
+                features, [self._step(t.memory, index, box) for t, box in new], timings
+            )
+            rows.extend(t for t, _ in new)
+            logits.extend(more_logits)
+            scores.extend(more_scores)
+        for t in rows:
+            self._tracks[t.track_id] = t
+
+        answered = await self._answer(image, p, rows, logits, scores, ended, index, timings)
+        self._frames += 1
+        self._last_index = index
+        timings["total"] = time.perf_counter() - start
+        return FrameResult(index, image, answered, detected, timings)
+
+    async def _track(
+        self, features: object, steps: list[TrackStep], timings: dict[str, float]
+    ) -> tuple[list[np.ndarray], list[float]]:
+        if not steps:
+            return [], []
+        with stage(timings, "track", objects=len(steps)):
+            out = await self.pipeline.runner.track(features, steps)  # type: ignore[arg-type]
+        return list(out.low_res_masks), [float(s) for s in out.object_scores]
+
+    def _check_frame(self, f: FrameQuery) -> None:
+        """The frame's checks that need no pixels."""
+        if not 0 <= f.frame_index <= MAX_FRAME_INDEX:
+            raise InvalidInput(f"frame.frame_index: {f.frame_index} is outside [0, 2^53]")
+        if self._last_index is not None and f.frame_index <= self._last_index:
+            raise InvalidInput(
+                f"frame.frame_index: {f.frame_index} is not after the previous frame's {self._last_index}; "
+                "send frames in order"
+            )
+        if f.image.handle is not None:
+            raise InvalidInput("frame.image: send encoded bytes or raw pixels (a handle is not a video frame)")
+        for i, t in enumerate(f.end_tracks):
+            if t not in self._tracks:
+                raise InvalidInput(f"frame.end_tracks[{i}]: track {t} is not live in this session")
+        if len(set(f.end_tracks)) != len(f.end_tracks):
+            raise InvalidInput("frame.end_tracks: a track is named twice")
+        corrections = []
+        for i, tp in enumerate(f.prompts):
+            if tp.region.previous_mask:
+                raise InvalidInput(f"frame.prompts[{i}].region.previous_mask: does not apply to tracking")
+            if tp.track_id:
+                if tp.track_id not in self._tracks or tp.track_id in f.end_tracks:
+                    raise InvalidInput(f"frame.prompts[{i}].track_id: track {tp.track_id} is not live in this session")
+                if tp.track_id in corrections:
+                    raise InvalidInput(f"frame.prompts[{i}].track_id: track {tp.track_id} is corrected twice")
+                corrections.append(tp.track_id)
+        new = len(f.prompts) - len(corrections)
+        live = len(self._tracks) - len(f.end_tracks)
+        if live + new > self.settled.max_objects:
+            raise InvalidInput(
+                f"frame.prompts: {new} new objects would make {live + new} tracks; the session's max_objects is "
+                f"{self.settled.max_objects}"
+            )
+
+    async def _decode(self, f: FrameQuery, timings: dict[str, float]) -> DecodedImage:
+        handle = handle_for(hashlib.sha256(f.image.data).hexdigest())
+        with stage(timings, "decode_image", bytes=len(f.image.data)):
+            image = await asyncio.to_thread(self.pipeline.images.decode, f.image, handle, "frame.image")
+        if self._size is not None and (image.width, image.height) != self._size:
+            w, h = self._size
+            raise InvalidInput(
+                f"frame.image: {image.width}x{image.height} differs from the session's {w}x{h}; every frame of a "
+                "session has the first frame's size"
+            )
+        if self._size is None:
+            self._size = (image.width, image.height)
+        return image
+
+    def _plan(self, f: FrameQuery, image: DecodedImage) -> Plan:
+        """The frame's plan: its prompts as regions (checked inside the frame) and the session's detector query."""
+        q = self._segment_query(f.image, tuple(tp.region for tp in f.prompts))
+        v = self._vocabulary
+        names, texts = (v.names, v.texts) if v is not None else (self.pipeline.runner.detector.names, [])
+        open_vocabulary = self.pipeline.runner.detector.open_vocabulary and v is not None
+        try:
+            check_query(q, self.pipeline.limits)
+            return plan(q, self.pipeline.limits, names, image.width, image.height, texts, open_vocabulary)
+        except InvalidInput as e:  # the frame's prompts are its regions: name them as the caller sent them
+            raise InvalidInput(_REGION_FIELD.sub(r"frame.prompts[\1].region", str(e))) from None
+
+    def _step(self, memory: object, index: int, prompt: SamPrompt | None) -> TrackStep:
+        """A track's step onto frame ``index``: from its memory, or prompted (its box and clicks in SAM's frame)."""
+        if prompt is None:
+            return TrackStep(memory, index)
+        assert self._size is not None
+        hw = (self._size[1], self._size[0])
+        (_, batch), *_ = self.pipeline.segmentation.prompt_batches([prompt], hw, multimask=False)
+        return TrackStep(memory, index, batch.point_coords[0], batch.point_labels[0])
+
+    def _new_track(
+        self, label: str, class_id: int, source: str, text_match: TextMatch | None, score: float, index: int
+    ) -> _Track:
+        track = _Track(
+            track_id=self._next_id,
+            label=label,
+            class_id=class_id,
+            source=source,
+            text_match=text_match,
+            score=score,
+            first_frame=index,
+            memory=self.pipeline.runner.track_memory(),
+        )
+        self._next_id += 1
+        return track
+
+    async def _detect(
+        self,
+        image: DecodedImage,
+        p: Plan,
+        features: object,
+        index: int,
+        tracked: list[np.ndarray],
+        order: list[_Track],
+        timings: dict[str, float],
+    ) -> list[tuple[_Track, SamPrompt]]:
+        """Runs the detector, matches its detections to this frame's tracks (mask IoU, assignment) and returns the
+        tracks the unmatched ones start (with their box prompts), highest score first, within max_objects."""
+        pipeline = self.pipeline
+        v = self._vocabulary
+        detected = await pipeline.detector.detect(
+            image,
+            p,
+            timings,
+            entry=None,
+            text_embeddings=v.embeddings if v is not None else None,
+            exemplars=self.query.exemplars,
+            references=self._references,
+        )
+        # one candidate per distinct box (the first: a box answering a class and a text is one object, one track)
+        candidates = pipeline.candidates(detected.detections, dataclasses.replace(p, regions=[], region_labels=[]))
+        firsts: dict[int, int] = {}
+        for k, c in enumerate(candidates.instances):
+            firsts.setdefault(c.mask_index, k)
+        starts = [candidates.instances[k] for k in firsts.values()]
+        prompts = [candidates.prompts[c.mask_index] for c in starts]
+        if not prompts:
+            return []
+        with stage(timings, "decode_masks", prompts=len(prompts)):
+            low = await pipeline.masks.decode(features, prompts, image, False)  # type: ignore[arg-type]
+        detections = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu()) > 0
+        matched: set[int] = set()
+        if tracked:
+            ours = np.stack(tracked) > 0
+            iou = _mask_iou(detections, ours)
+            pairs = zip(*linear_sum_assignment(-iou), strict=True)
+            for d, t in pairs:
+                if iou[d, t] >= self.settled.match_iou:
+                    matched.add(int(d))
+                    order[t].score = starts[d].score
+        room = self.settled.max_objects - len(order)
+        new = []
+        for d, c in enumerate(starts):  # score order
+            if d in matched or room <= 0:
+                continue
+            new.append((self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index), prompts[d]))
+            room -= 1
+        return new
+
+    async def _answer(
+        self,
+        image: DecodedImage,
+        p: Plan,
+        rows: list[_Track],
+        logits: list[np.ndarray],
+        scores: list[float],
+        ended: list[_Track],
+        index: int,
+        timings: dict[str, float],
+    ) -> list[TrackedInstance]:
+        """Each track's state and finished mask on this frame (by track id): unseen tracks are LOST with an empty
+        mask and end after lost_after such frames; tracks the caller ended are answered once more, ENDED."""
+        visible = [s > 0 for s in scores] + [False] * len(ended)
+        side = self.pipeline.runner.segmenter.image_size // 4
+        absent = np.full((side, side), -1.0, np.float32)
+        shown = [lg if v else absent for lg, v in zip(logits, visible, strict=False)] + [absent] * len(ended)
+        if not shown:
+            return []
+        bare = SamPrompt(box=None, points=np.zeros((0, 2), np.float32), point_labels=np.zeros(0, np.int32))
+        with stage(timings, "encode_masks", masks=len(shown)):
+            final = await asyncio.to_thread(self.pipeline.masks.finish, np.stack(shown), image, p, [bare] * len(shown))
+        out = []
+        for k, t in enumerate([*rows, *ended]):
+            if k >= len(rows):
+                state = ENDED
+            elif visible[k]:
+                t.unseen = 0
+                state = NEW if t.first_frame == index else TRACKED
+            else:
+                t.unseen += 1
+                state = NEW if t.first_frame == index else LOST
+                if t.unseen >= self.settled.lost_after:
+                    state = ENDED
+                    self._tracks.pop(t.track_id, None)
+            box = final.boxes[k]
+            instance = InstanceResult(
+                label=t.label,
+                class_id=t.class_id,
+                score=t.score,
+                box=box if box is not None else np.zeros(4, np.float32),
+                mask=final.encoded[k],
+                mask_score=_sigmoid(scores[k]) if k < len(rows) else 0.0,
+                source=t.source,
+                region_index=-1,
+                text_match=t.text_match,
+            )
+            out.append(TrackedInstance(t.track_id, state, instance, t.first_frame))
+        out.sort(key=lambda a: a.track_id)
+        return out
+
+
+def _settle(q: TrackQuery, limits: TrackLimits) -> _Settled:
+    """The start's numbers checked against their ranges, defaults filled in."""
+    if q.detect_every is not None and not 0 <= q.detect_every <= MAX_DETECT_EVERY:
+        raise InvalidInput(f"start.detect_every: {q.detect_every} is outside [0, {MAX_DETECT_EVERY}]")
+    if q.lost_after is not None and not 1 <= q.lost_after <= MAX_DETECT_EVERY:
+        raise InvalidInput(f"start.lost_after: {q.lost_after} is outside [1, {MAX_DETECT_EVERY}]")
+    if q.max_objects is not None and not 1 <= q.max_objects <= limits.max_objects_limit:
+        raise InvalidInput(f"start.max_objects: {q.max_objects} is outside [1, {limits.max_objects_limit}]")
+    if q.match_iou is not None and not (math.isfinite(q.match_iou) and 0.0 <= q.match_iou <= 1.0):
+        raise InvalidInput(f"start.match_iou: {q.match_iou} is outside [0, 1]")
+    return _Settled(
+        detect_every=limits.detect_every if q.detect_every is None else q.detect_every,
+        lost_after=limits.lost_after if q.lost_after is None else q.lost_after,
+        max_objects=limits.max_objects if q.max_objects is None else q.max_objects,
+        match_iou=limits.match_iou if q.match_iou is None else q.match_iou,
+        detects=bool(q.classes or q.texts or q.exemplars) or q.detect_every is not None,
+    )
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, h, w) and (M, h, w) bool → (N, M) IoU."""
+    fa, fb = a.reshape(len(a), -1).astype(np.float32), b.reshape(len(b), -1).astype(np.float32)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(x, 60.0), -60.0)))
