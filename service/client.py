@@ -12,8 +12,8 @@ listening or restarting, connection refused, a replica going away) is retried wi
 full jitter (``RetryPolicy``) until that deadline: the deadline is the bound, not a count of attempts, so a call
 made while a server starts and loads its models for a minute gets its answer once it is ready. Each attempt may
 take only the time left. No other status is retried, since it would fail again. gRPC's own service-config
-retries cap attempts at 5 and cannot wait out a loading server, hence the loop here. Streams (``segment_many``)
-are not retried. Message limits are raised for masks of large images (``max_message_bytes``). Results are
+retries cap attempts at 5 and cannot wait out a loading server, hence the loop here. Streams (``segment_many``,
+``track``) are not retried. Message limits are raised for masks of large images (``max_message_bytes``). Results are
 ``service.results``' types (re-exported here): boxes XYXY original pixels, masks (H, W) bool at the image's size.
 """
 
@@ -25,7 +25,7 @@ import io
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +33,20 @@ import grpc
 import numpy as np
 
 from service import results
+from service.client_track import RequestStream, frame_message, start_message
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.provenance import VerifyResult
 from service.provenance.response import verify_response
-from service.results import XYXY, ImageHandle, Instance, ModelRef  # noqa: F401 (Instance, ModelRef: re-exported)
+from service.results import (  # noqa: F401 (re-exported: the reader's types are the client's)
+    XYXY,
+    FrameError,
+    FrameResult,
+    ImageHandle,
+    Instance,
+    ModelRef,
+    TrackedInstance,
+)
 
 if TYPE_CHECKING:
     import supervision as sv
@@ -164,6 +173,24 @@ def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
     return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
 
 
+def _region(region: Region | XYXY) -> pb.RegionPrompt:
+    """A Region, or a bare XYXY box, as the request's RegionPrompt."""
+    r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
+    prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
+    if r.box is not None:
+        prompt.box.CopyFrom(_box(r.box))
+    for p in r.points:
+        prompt.points.add(x=p.x, y=p.y, label=1 if p.positive else 0)
+    return prompt
+
+
+def _exemplar(e: Exemplar) -> pb.Exemplar:
+    exemplar = pb.Exemplar(box=_box(e.box), label=e.label)
+    if e.image is not None:
+        exemplar.image.CopyFrom(image_message(e.image))
+    return exemplar
+
+
 def segment_request(
     image: ImageLike,
     *,
@@ -186,17 +213,8 @@ def segment_request(
     request = pb.SegmentRequest(
         image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
     )
-    for region in regions:
-        r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
-        prompt = request.regions.add(label=r.label, previous_mask=r.previous_mask)
-        if r.box is not None:
-            prompt.box.CopyFrom(_box(r.box))
-        for p in r.points:
-            prompt.points.add(x=p.x, y=p.y, label=1 if p.positive else 0)
-    for e in exemplars:
-        exemplar = request.exemplars.add(box=_box(e.box), label=e.label)
-        if e.image is not None:
-            exemplar.image.CopyFrom(image_message(e.image))
+    request.regions.extend(_region(r) for r in regions)
+    request.exemplars.extend(_exemplar(e) for e in exemplars)
     options = request.options
     options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
     options.multimask = multimask
@@ -208,6 +226,47 @@ def segment_request(
         if value is not None:
             setattr(options, field, value)
     return request
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackInput:
+    """One frame for ``Client.track`` and what the caller says about it. ``index``: its frame_index (None: one more
+    than the previous frame's, 0 first); ``timestamp``: presentation time in seconds, echoed in its answer;
+    ``regions``: objects placed on it, each a new track (a ``Region`` or a bare XYXY box; ``previous_mask`` does not
+    apply); ``corrections``: track_id → a ``Region`` (box and/or clicks) that re-prompts that live track, its label
+    kept unless the region gives one; ``end_tracks``: tracks to stop following (answered once more, "ended");
+    ``detect``: run the detector on it whatever detect_every says."""
+
+    image: ImageLike
+    index: int | None = None
+    timestamp: float | None = None
+    regions: Sequence[Region | XYXY] = ()
+    corrections: Mapping[int, Region] = dataclasses.field(default_factory=dict)
+    end_tracks: Sequence[int] = ()
+    detect: bool = False
+
+
+def track_requests(
+    frames: Iterable[ImageLike | TrackInput],
+    *,
+    exemplars: Iterable[Exemplar] = (),
+    regions: Iterable[Region | XYXY] = (),
+    **start: Any,
+) -> Iterator[pb.TrackRequest]:
+    """The messages of a Track call, each built as it is sent: the start (``exemplars`` on reference images: each
+    needs its ``image``; ``start``: the other keywords of ``client_track.start_message``: classes, texts,
+    detect_every, lost_after, max_objects, match_iou, score_threshold, request_id), then one frame per item of
+    ``frames``, an image or a ``TrackInput``. ``regions``: objects placed on the first frame (new tracks), before its
+    own."""
+    yield start_message(exemplars=[_exemplar(e) for e in exemplars], **start)
+    index, placed = -1, [(0, _region(r)) for r in regions]
+    for item in frames:
+        f = item if isinstance(item, TrackInput) else TrackInput(item)
+        index = index + 1 if f.index is None else f.index
+        placed += [(0, _region(r)) for r in f.regions] + [(k, _region(r)) for k, r in f.corrections.items()]
+        image, ends = image_message(f.image), f.end_tracks
+        yield frame_message(image, index, timestamp=f.timestamp, prompts=placed, end_tracks=ends, detect=f.detect)
+        placed = []
 
 
 def channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[str, Any]]:
@@ -349,6 +408,31 @@ class Client(_Channel):
         except grpc.RpcError as e:
             raise RequestFailed.from_rpc(e) from None
 
+    def track(
+        self, frames: Iterable[ImageLike | TrackInput], *, timeout: float | None = None, **start: Any
+    ) -> Iterator[FrameResult]:
+        """Follows objects through a video over one Track call (SAM 2's memory): one ``FrameResult`` per frame, in
+        order, while frames are read from ``frames`` as gRPC sends them (the server reads at most its
+        max_stream_in_flight ahead). ``start``: the keywords of ``track_requests`` (classes, texts, exemplars,
+        ``regions`` placed on the first frame, detect_every, lost_after, max_objects, match_iou, score_threshold,
+        request_id). A frame the server cannot use (out of order, another size, a prompt for an unknown track) comes
+        back with its ``error`` set, and the session goes on as if it had not been sent. A failed call (a bad start,
+        RESOURCE_EXHAUSTED beyond the server's sessions, a session closed idle, ``timeout``: seconds for the whole
+        call, default none) raises RequestFailed; an exception raised reading ``frames`` or building a message (a
+        missing file) is raised as itself, after the answers to the frames sent before it. Never retried: a session
+        lives as long as its call and cannot be resumed. Stopping early (``break``) cancels the call."""
+        requests = RequestStream(track_requests(frames, **start))
+        call = self._stub.Track(requests, timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                yield FrameResult.from_proto(response)
+        except grpc.RpcError as e:
+            raise requests.error or RequestFailed.from_rpc(e) from None
+        finally:
+            call.cancel()  # nothing once the call has ended
+        if requests.error is not None:
+            raise requests.error
+
     def encode_image(self, image: ImageLike, *, timeout: float | None = None) -> ImageHandle:
         """Encode and cache an image on the server; prompts on the handle reuse its features."""
         request = pb.EncodeImageRequest(image=image_message(image))
@@ -396,6 +480,21 @@ class AsyncClient(_Channel):
                 yield _item(r)
         except grpc.RpcError as e:
             raise RequestFailed.from_rpc(e) from None
+
+    async def track(
+        self, frames: Iterable[ImageLike | TrackInput], *, timeout: float | None = None, **start: Any
+    ) -> AsyncIterator[FrameResult]:
+        requests = RequestStream(track_requests(frames, **start))
+        call = self._stub.Track(requests, timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield FrameResult.from_proto(response)
+        except grpc.RpcError as e:
+            raise requests.error or RequestFailed.from_rpc(e) from None
+        finally:
+            call.cancel()
+        if requests.error is not None:
+            raise requests.error
 
     async def encode_image(self, image: ImageLike, *, timeout: float | None = None) -> ImageHandle:
         request = pb.EncodeImageRequest(image=image_message(image))

@@ -1,11 +1,12 @@
-"""The one reader of a detseg answer: protobuf ``SegmentResponse``s (and their parts) as typed Python values.
+"""The one reader of a detseg answer: protobuf ``SegmentResponse``s and ``TrackResponse``s (and their parts) as
+typed Python values.
 
 Everything that turns a received message into Python goes through here: the client's ``Result``/``Instance``/
-``ModelRef`` (``from_proto``), the plain-JSON view of an instance that a response's manifest signs and
-``detseg segment --json`` prints (``instance_content``), the labeling records (built from a ``Result``) and the
-names of the proto's enums (``enum_name``: ``INSTANCE_SOURCE_REGION_PROMPT`` → ``"region_prompt"``). One reader,
-so a source, a review reason or a model role is spelled the same everywhere: the enum value's name, lower case,
-without the enum's prefix.
+``ModelRef`` and a tracked frame's ``FrameResult``/``TrackedInstance`` (``from_proto``), the plain-JSON view of an
+instance that a response's manifest signs and ``detseg segment --json`` prints (``instance_content``), the labeling
+records (built from a ``Result``) and the names of the proto's enums (``enum_name``:
+``INSTANCE_SOURCE_REGION_PROMPT`` → ``"region_prompt"``). One reader, so a source, a review reason, a model role or a
+track state is spelled the same everywhere: the enum value's name, lower case, without the enum's prefix.
 
 Ground floor: numpy, pycocotools, the standard library and the generated protobuf modules only.
 
@@ -212,3 +213,86 @@ class Result:
         if not self.instances:
             return np.zeros((0, self.height, self.width), dtype=bool)
         return np.stack([i.mask for i in self.instances])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackedInstance:
+    """One object of a tracked frame (``FrameResult``): ``track_id`` stable for its life in the session (from 1,
+    never reused); ``state``: "new" (first answered on this frame), "tracked" (seen on it), "lost" (not seen: empty
+    mask, zero box) or "ended" (answered for the last time); ``first_frame``: the frame_index it started on;
+    ``instance``: label, class_id, source as the track started, score of the detection that started or last matched
+    it (1 for prompts), box and mask on this frame, mask_score = SAM 2's object score (probability it is visible)."""
+
+    track_id: int
+    state: str
+    first_frame: int
+    instance: Instance
+
+    @classmethod
+    def from_proto(cls, tracked: pb.TrackedInstance) -> Self:
+        return cls(
+            track_id=tracked.track_id,
+            state=enum_name(pb.TrackState, tracked.state),
+            first_frame=tracked.first_frame,
+            instance=Instance.from_proto(tracked.instance),
+        )
+
+    @property
+    def visible(self) -> bool:
+        """Seen on this frame: "new" or "tracked" with a mask of at least one pixel."""
+        return self.state in ("new", "tracked") and self.instance.area > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameError:
+    """Why a frame of a Track call could not be used (the session goes on as if it had not been sent): ``code`` a
+    google.rpc.Code number (3 INVALID_ARGUMENT, ...), ``message`` naming the field, as a unary call would."""
+
+    code: int
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResult:
+    """The answer to one frame of a Track call: its ``frame_index`` and ``timestamp`` (seconds, None when the frame
+    had none) echoed, every live track and those ending on it (``instances``, by track_id), whether the detector ran
+    on it (``detected``), the frame's size and sha256, and the session's ``request_id``. A frame that could not be
+    used has ``error`` set and nothing else (no instances, size 0). ``response`` is the message itself."""
+
+    frame_index: int
+    timestamp: float | None
+    instances: tuple[TrackedInstance, ...]
+    detected: bool
+    width: int
+    height: int
+    sha256: str
+    request_id: str
+    error: FrameError | None
+    response: pb.TrackResponse = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: pb.TrackResponse) -> Self:
+        ts = response.timestamp
+        return cls(
+            frame_index=response.frame_index,
+            timestamp=ts.seconds + ts.nanos / 1e9 if response.HasField("timestamp") else None,
+            instances=tuple(TrackedInstance.from_proto(t) for t in response.instances),
+            detected=response.detected,
+            width=response.image.width,
+            height=response.image.height,
+            sha256=response.image.sha256,
+            request_id=response.request_id,
+            error=FrameError(response.error.code, response.error.message) if response.HasField("error") else None,
+            response=response,
+        )
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __iter__(self) -> Iterator[TrackedInstance]:
+        return iter(self.instances)
+
+    @property
+    def visible(self) -> tuple[TrackedInstance, ...]:
+        """The tracks seen on this frame (``TrackedInstance.visible``), by track_id."""
+        return tuple(t for t in self.instances if t.visible)

@@ -1,9 +1,11 @@
-"""Client-side rendering of a SegmentResponse over its image (for ``detseg segment --out``)."""
+"""Client-side rendering of instances over their image (``detseg segment --out``, ``detseg track --out``)."""
 
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -27,20 +29,44 @@ def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5
     shown EXIF-transposed, the frame the service answers in.
     """
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
-    canvas = np.asarray(img, dtype=np.float32).copy()
-    for i, inst in enumerate(instances):
-        if "rle" in inst:
-            m = decode_rle(inst["rle"]["size"], inst["rle"]["counts"])
-            canvas[m] = canvas[m] * (1 - alpha) + np.array(_colour(i), np.float32) * alpha
+    drawn = [
+        Drawn(
+            colour=i,
+            mask=decode_rle(inst["rle"]["size"], inst["rle"]["counts"]) if "rle" in inst else None,
+            box=inst["box"],
+            tag=f"{inst['label']} {inst['score']:.2f}",
+        )
+        for i, inst in enumerate(instances)
+    ]
+    buf = io.BytesIO()
+    draw_instances(np.asarray(img), drawn, alpha).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+    """One instance to draw: ``colour`` (an index: the same index, the same colour), mask (H, W) bool or None, box
+    XYXY original pixels, and its tag."""
+
+    colour: int
+    mask: np.ndarray | None
+    box: Sequence[float]
+    tag: str
+
+
+def draw_instances(rgb: np.ndarray, instances: Sequence[Drawn], alpha: float = 0.5) -> Image.Image:
+    """``rgb`` (H, W, 3) uint8 with every mask alpha-blended in its colour, then every box and tag over them."""
+    canvas = np.asarray(rgb, dtype=np.float32).copy()
+    for inst in instances:
+        if inst.mask is not None:
+            canvas[inst.mask] = canvas[inst.mask] * (1 - alpha) + np.array(_colour(inst.colour), np.float32) * alpha
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    for i, inst in enumerate(instances):
-        x0, y0, x1, y1 = inst["box"]
-        draw.rectangle((x0, y0, x1, y1), outline=_colour(i), width=2)
-        tag = f"{inst['label']} {inst['score']:.2f}"
+    for inst in instances:
+        x0, y0, x1, y1 = inst.box
+        colour = _colour(inst.colour)
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
         tx, ty = x0 + 2, max(0.0, y0 - 12)
-        draw.rectangle((tx - 2, ty, tx + 6 * len(tag) + 2, ty + 11), fill=_colour(i))
-        draw.text((tx, ty), tag, fill=(0, 0, 0))
-    buf = io.BytesIO()
-    out.save(buf, format="PNG")
-    return buf.getvalue()
+        draw.rectangle((tx - 2, ty, tx + 6 * len(inst.tag) + 2, ty + 11), fill=colour)
+        draw.text((tx, ty), inst.tag, fill=(0, 0, 0))
+    return out

@@ -48,9 +48,13 @@ class WeightsRef:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSet:
+    """``tracker``: the SAM 2 module video tracking runs on when it is not the segmenter itself (the demo's; its image
+    encoder is the segmenter's), else None."""
+
     profile: str
     detector: WeightsRef
     segmenter: WeightsRef
+    tracker: WeightsRef | None = None
 
 
 def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
@@ -81,8 +85,9 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
             return resolve_models(settings.replace(models=FALLBACK_PROFILE), progress=progress)
     detector: WeightsRef | None
     segmenter: WeightsRef | None
+    tracker: WeightsRef | None = None
     if settings.models in ("demo", "demo-open"):
-        detector, segmenter = _demo_refs(open_vocabulary=settings.models == "demo-open")
+        detector, segmenter, tracker = _demo_refs(open_vocabulary=settings.models == "demo-open")
         profile = settings.models
     elif settings.models in ("test", "test-open"):
         det_path, seg_path = testing.make_test_models(settings.cache_dir / "test-models")
@@ -139,9 +144,9 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
         profile = "custom"
     if settings.segmenter:
         segmenter = _explicit(settings.segmenter, ModelRole.SEGMENTER, settings, progress)
-        profile = "custom"
+        profile, tracker = "custom", None  # a segmenter of the caller's tracks with its own memory path
     assert detector is not None and segmenter is not None  # every branch above sets both or raises
-    return ModelSet(profile=profile, detector=detector, segmenter=segmenter)
+    return ModelSet(profile=profile, detector=detector, segmenter=segmenter, tracker=tracker)
 
 
 def text_encoder_weights(text_model: str, settings: Settings, *, progress: bool = True) -> Path:
@@ -158,12 +163,13 @@ def resolve_concept_weights(settings: Settings, *, progress: bool = True) -> Wei
     return _explicit(settings.concept_model, ModelRole.CONCEPT_SEGMENTER, settings, progress)
 
 
-class DetectorAndSegmenter(NamedTuple):
+class DemoRefs(NamedTuple):
     detector: WeightsRef
     segmenter: WeightsRef
+    tracker: WeightsRef | None  # None until its weights are shipped
 
 
-def _demo_refs(open_vocabulary: bool = False) -> DetectorAndSegmenter:
+def _demo_refs(open_vocabulary: bool = False) -> DemoRefs:
     """The shapes-trained models shipped in ``service/models/demo`` (see their model cards); with
     ``open_vocabulary`` the text-prompted YOLOE detector instead of the 5-class YOLO11n."""
     from service.models.demo import profile as demo
@@ -186,7 +192,21 @@ def _demo_refs(open_vocabulary: bool = False) -> DetectorAndSegmenter:
         file_sha256(demo.SHAPES_SAM2),
         demo.SHAPES_SAM2_OVERRIDES,
     )
-    return DetectorAndSegmenter(detector, segmenter)
+    video = demo.SHAPES_SAM2_VIDEO
+    tracker = (
+        WeightsRef(
+            ModelRole.TRACKER,
+            "shapes-sam2-mini-video",
+            demo.VERSION,
+            demo.SHAPES_SAM2_CONFIG,
+            video,
+            file_sha256(video),
+            demo.SHAPES_SAM2_VIDEO_OVERRIDES,
+        )
+        if video.is_file()
+        else None
+    )
+    return DemoRefs(detector, segmenter, tracker)
 
 
 def _entry(name: str, role: ModelRole) -> CatalogEntry:

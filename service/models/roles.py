@@ -16,6 +16,7 @@ class ModelRole(enum.StrEnum):
     SEGMENTER = "segmenter"
     TEXT_ENCODER = "text_encoder"
     CONCEPT_SEGMENTER = "concept_segmenter"  # texts → boxes and masks in one model (SAM 3)
+    TRACKER = "tracker"  # SAM 2's memory path when it is not the segmenter's own (shares its image encoder)
 
 
 class Role(enum.StrEnum):

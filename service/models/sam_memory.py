@@ -28,6 +28,7 @@ masks that are output and stored, as the predictor does with its CUDA kernel; he
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,13 @@ def tracks(sam: Any) -> bool:
     with torch.inference_mode():
         pos = sam.image_encoder.neck.position_encoding(torch.zeros(1, sam.hidden_dim, 2, 2))
     return int(pos.shape[1]) == sam.hidden_dim and sam.memory_encoder.pix_feat_proj.in_channels == sam.hidden_dim
+
+
+def shares_image_encoder(segmenter: Any, tracker: Any) -> bool:
+    """Whether two SAM 2 modules compute the same frame features: equal image encoders and no-memory embeddings."""
+    ours, theirs = segmenter.state_dict(), tracker.state_dict()
+    names = [n for n in ours if n.startswith("image_encoder.") or n == "no_mem_embed"]
+    return all(n in theirs and torch.equal(ours[n].float(), theirs[n].float()) for n in names)
 
 
 class MemoryTracker:
@@ -207,6 +215,68 @@ class MemoryTracker:
         self._bound(memory, index)
         return ObjectStep(masks, float(out["object_score_logits"].item()))
 
+    @torch.inference_mode()
+    def track_many(self, frame: FrameFeatures, index: int, memories: Sequence[ObjectMemory]) -> list[ObjectStep]:
+        """``track`` for several objects: those whose banks hold the same frames (objects that started together and
+        were never corrected apart) go through sam2's track_step as one batch, as ``SAM2VideoPredictor`` batched
+        objects before sam2 1.1 (every step is per object along the batch; the memory encoder's non-overlap option,
+        which would couple them, is off in SAM 2.1's configs and refused here)."""
+        if self._sam.non_overlap_masks_for_mem_enc:
+            return [self.track(frame, index, m) for m in memories]
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, m in enumerate(memories):
+            groups.setdefault(_layout(m), []).append(i)
+        steps: list[ObjectStep | None] = [None] * len(memories)
+        for members in groups.values():
+            if len(members) == 1:
+                steps[members[0]] = self.track(frame, index, memories[members[0]])
+                continue
+            for i, step in zip(members, self._track_batch(frame, index, [memories[i] for i in members]), strict=True):
+                steps[i] = step
+        return [s for s in steps if s is not None]
+
+    def _track_batch(self, frame: FrameFeatures, index: int, memories: list[ObjectMemory]) -> list[ObjectStep]:
+        b = len(memories)
+        if not memories[0].started:
+            raise ValueError("track: the object has no prompted frame yet")
+        batched: dict[str, dict[int, dict[str, Any]]] = {}
+        for key, outputs in memories[0].frames.items():
+            batched[key] = {}
+            for t, first in outputs.items():
+                entries = [m.frames[key][t] for m in memories]
+                features = first["maskmem_features"]
+                batched[key][t] = {
+                    "maskmem_features": None
+                    if features is None
+                    else torch.cat([e["maskmem_features"] for e in entries]),
+                    "maskmem_pos_enc": [p.expand(b, -1, -1, -1) for p in first["maskmem_pos_enc"]],
+                    "obj_ptr": torch.cat([e["obj_ptr"] for e in entries]),
+                }
+        out = self._sam.track_step(
+            frame_idx=index,
+            is_init_cond_frame=False,
+            current_vision_feats=[x.expand(-1, b, -1) for x in frame.vision_feats],
+            current_vision_pos_embeds=[None, None, frame.pos.expand(-1, b, -1)],
+            feat_sizes=list(frame.sizes),
+            point_inputs=None,
+            mask_inputs=None,
+            output_dict=batched,
+            num_frames=_STREAM_LENGTH,
+            run_mem_encoder=True,
+        )
+        masks = fill_holes(out["pred_masks"])
+        steps = []
+        for i, memory in enumerate(memories):
+            one = {
+                "obj_ptr": out["obj_ptr"][i : i + 1],
+                "object_score_logits": out["object_score_logits"][i : i + 1],
+            }
+            features, pos_enc = out["maskmem_features"][i : i + 1], [p[i : i + 1] for p in out["maskmem_pos_enc"]]
+            memory.frames["non_cond_frame_outputs"][index] = _compact(one, masks[i : i + 1], features, pos_enc)
+            self._bound(memory, index)
+            steps.append(ObjectStep(masks[i : i + 1], float(one["object_score_logits"].item())))
+        return steps
+
     def _bound(self, memory: ObjectMemory, index: int) -> None:
         """Drops what sam2's attention can no longer read from frame ``index + 1`` on: non-conditioning outputs
         older than the pointer window (their memory features older than the memory window), and conditioning
@@ -220,6 +290,14 @@ class MemoryTracker:
         cond = memory.frames["cond_frame_outputs"]
         while len(cond) > self.max_cond_frames:
             del cond[sorted(cond)[1]]
+
+
+def _layout(memory: ObjectMemory) -> tuple[object, ...]:
+    """What sam2's attention reads from a bank: its frames, and which of them still hold memory features."""
+    return tuple(
+        tuple((t, outputs[t]["maskmem_features"] is not None) for t in sorted(outputs))
+        for outputs in memory.frames.values()
+    )
 
 
 def _compact(out: dict[str, Any], masks: torch.Tensor, features: Any, pos_enc: Any) -> dict[str, Any]:

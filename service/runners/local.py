@@ -12,14 +12,16 @@ import asyncio
 import collections
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Unsupported
+from service.errors import DeadlineExceeded, ModelUnavailable, Unsupported
+from service.models import sam_memory
+from service.models.loading import load_segmenter_module
 from service.models.profiles import WeightsRef
 from service.models.roles import ModelDescriptor
-from service.models.sam_memory import MemoryTracker, ObjectMemory
+from service.models.sam_memory import MemoryTracker, ObjectMemory, ObjectStep
 from service.models.tensors import (
     ClassPrompts,
     ConceptOutput,
@@ -164,19 +166,39 @@ class LocalRunner:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def memory_tracker(segmenter: Any, ref: WeightsRef | None, device: str) -> MemoryTracker | None:
+    """What tracks on this runner: SAM 2's memory path on the segmenter module itself, or on the tracker module
+    ``ref`` names (whose image encoder must be the segmenter's, bit for bit: frames are encoded by the segmenter);
+    None when the module's memory path cannot run (``sam_memory.tracks``)."""
+    module = segmenter
+    if ref is not None:
+        module = load_segmenter_module(ref.architecture, ref.path, ref.overrides, device)
+        if not sam_memory.shares_image_encoder(segmenter, module):
+            raise ModelUnavailable(f"{ref.path.name}: its image encoder is not the segmenter's; it cannot track")
+    return MemoryTracker(module) if sam_memory.tracks(module) else None
+
+
 def _track_sync(tracker: MemoryTracker, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+    """Prompted steps one by one; the others together (``MemoryTracker.track_many`` batches what it can)."""
     frame = tracker.frame_features(features)
-    masks, scores = [], []
-    for step in steps:
+    results: dict[int, ObjectStep] = {}
+    tracked = []
+    for i, step in enumerate(steps):
         if step.points is not None and step.labels is not None:
-            out = tracker.start(frame, step.frame_index, step.points, step.labels, step.memory)
+            results[i] = tracker.start(frame, step.frame_index, step.points, step.labels, step.memory)
         else:
-            out = tracker.track(frame, step.frame_index, step.memory)
-        masks.append(out.low_res_mask[0, 0].float().cpu().numpy())
-        scores.append(out.object_score)
+            tracked.append(i)
+    by_index: dict[int, list[int]] = {}
+    for i in tracked:
+        by_index.setdefault(steps[i].frame_index, []).append(i)
+    for index, members in by_index.items():
+        outs = tracker.track_many(frame, index, [steps[i].memory for i in members])  # type: ignore[misc]
+        results.update(zip(members, outs, strict=True))
     side = tracker.image_size // 4
+    masks = [results[i].low_res_mask[0, 0].float().cpu().numpy() for i in range(len(steps))]
     low_res = np.stack(masks) if masks else np.zeros((0, side, side), np.float32)
-    return TrackOutput(low_res_masks=low_res, object_scores=np.asarray(scores, np.float32))
+    scores = np.asarray([results[i].object_score for i in range(len(steps))], np.float32)
+    return TrackOutput(low_res_masks=low_res, object_scores=scores)
 
 
 def _check_deadline() -> None:

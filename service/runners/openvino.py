@@ -57,7 +57,7 @@ from service.models.text import load_sentence_encoder
 from service.processing.segmentation import SamPrompt, SegmenterProcessing
 from service.runners.batching import BatchPolicy
 from service.runners.exported import load_export, ort_session, specs, tokenizer_for
-from service.runners.local import Arrays
+from service.runners.local import Arrays, descriptor, memory_tracker
 from service.runners.onnx import OnnxRunner
 from service.runners.torch import decode_batch
 
@@ -126,13 +126,19 @@ class OpenVinoRunner(OnnxRunner):
     backend = "openvino"
 
     def __init__(
-        self, *args: Any, execution: dict[Role, Execution], decoder: sam_ops.PromptDecoder, **kwargs: Any
+        self,
+        *args: Any,
+        execution: dict[Role, Execution],
+        decoder: sam_ops.PromptDecoder,
+        tracker: MemoryTracker | None = None,
+        **kwargs: Any,
     ) -> None:
-        """``decoder``: SAM 2's mask decoder on torch, which serves every decoder call."""
+        """``decoder``: SAM 2's mask decoder on torch, which serves every decoder call; ``tracker``: video tracking
+        on torch (None: on the decoder's SAM module when its memory path can run)."""
         super().__init__(*args, **kwargs)
         self.execution = execution
         self._decoder = decoder
-        self.tracker = MemoryTracker(decoder.sam) if sam_memory.tracks(decoder.sam) else None
+        self.tracker = tracker or (MemoryTracker(decoder.sam) if sam_memory.tracks(decoder.sam) else None)
 
     def _decode_sync(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         """Every call on torch's ``sam_ops.PromptDecoder`` (module docstring: the fastest here at every size)."""
@@ -266,6 +272,8 @@ class OpenVinoRunner(OnnxRunner):
             else m
             for m in export.graphs.models
         )
+        if models.tracker is not None:
+            described += (descriptor(models.tracker, segmenter.image_size, ()),)
         return cls(
             sessions,
             tokenizer_for(export.graphs, text),
@@ -277,6 +285,7 @@ class OpenVinoRunner(OnnxRunner):
             text=text,
             execution=execution,
             decoder=decoder,
+            tracker=memory_tracker(sam, models.tracker, "cpu"),
         )
 
     def _encode_sync(self, images: np.ndarray) -> Arrays:

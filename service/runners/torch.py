@@ -37,7 +37,7 @@ from service.models.tensors import (
 )
 from service.models.text import ClassTexts, class_text_encoder, load_sentence_encoder
 from service.runners.batching import BatchPolicy
-from service.runners.local import Arrays, LocalRunner, descriptor
+from service.runners.local import Arrays, LocalRunner, descriptor, memory_tracker
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class TorchRunner(LocalRunner):
         concepts: Any = None,
         device_resident: bool | None = None,
         sam_autocast: torch.dtype | None = None,
+        tracker: MemoryTracker | None = None,
         **kwargs: Any,
     ) -> None:
         """``device``: where the modules live (``cpu``, ``cuda``, ``cuda:1``); arrays cross to it and back.
@@ -78,7 +79,8 @@ class TorchRunner(LocalRunner):
         # SAM's decoder as this device runs it best (sam_ops.DECODER_POLICIES), float32 image tokens: the torch
         # backend is the exact reference on the CPU (bf16 where autocast asks for it, on GPUs).
         self._decoder = sam_ops.PromptDecoder(self._sam, sam_ops.decoder_policy(device))
-        self.tracker = MemoryTracker(self._sam) if sam_memory.tracks(self._sam) else None
+        # Video tracking: on the tracker module the profile names, else on SAM itself when its memory path can run.
+        self.tracker = tracker or (MemoryTracker(self._sam) if sam_memory.tracks(self._sam) else None)
         # Device-resident SAM (every device but the CPU unless told): features and low-res masks stay on the device
         # between encoder, cache, decoder and mask upsampling; only final masks come back (ImageFeatures).
         self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident
@@ -130,6 +132,8 @@ class TorchRunner(LocalRunner):
                 descriptor(models.segmenter, segmenter.image_size, ()), precision=_precision_name(autocast)
             ),
         )
+        if models.tracker is not None:
+            descriptors += (descriptor(models.tracker, segmenter.image_size, ()),)
         concepts = None
         if settings.concept_model:
             concepts, concept_descriptor = _load_concepts(settings)
@@ -148,6 +152,7 @@ class TorchRunner(LocalRunner):
             concepts=concepts,
             device_resident=device_resident,
             sam_autocast=autocast,
+            tracker=memory_tracker(sam, models.tracker, settings.device),
         )
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:

@@ -27,6 +27,7 @@ PREFIXES = {
     "TextMatchKind": "TEXT_MATCH_KIND_",
     "ModelRole": "MODEL_ROLE_",
     "PromptKind": "PROMPT_KIND_",
+    "TrackState": "TRACK_STATE_",
 }
 OLD_REVIEW_RULES = ("low_score", "low_mask_score", "unstable_mask", "tiny_mask", "fragmented_mask", "weak_text_match")
 SOURCES = [v.number for v in pb.InstanceSource.DESCRIPTOR.values]
@@ -84,6 +85,7 @@ def test_enum_name_examples_and_an_unknown_number() -> None:
     assert enum_name(pb.TextMatchKind, pb.TEXT_MATCH_KIND_EMBEDDING) == "embedding"
     assert enum_name(pb.MaskEncoding, pb.MASK_ENCODING_COCO_RLE) == "coco_rle"
     assert enum_name(pb.ReviewReason, pb.REVIEW_REASON_WEAK_TEXT_MATCH) == "weak_text_match"
+    assert enum_name(pb.TrackState, pb.TRACK_STATE_LOST) == "lost"
     with pytest.raises(ValueError):
         enum_name(pb.InstanceSource, 99)
 
@@ -133,3 +135,32 @@ def test_manifest_models_read_roles_through_the_reader() -> None:
 def test_the_review_rules_of_evaluation_are_the_proto_reasons_in_order() -> None:
     assert REVIEW_RULES == OLD_REVIEW_RULES
     assert tuple(enum_name(pb.ReviewReason, r) for r in REASONS) == OLD_REVIEW_RULES
+
+
+def test_a_tracked_frame_reads_ids_states_masks_and_its_echoes() -> None:
+    seen = pb.TrackedInstance(track_id=3, state=pb.TRACK_STATE_TRACKED, first_frame=4)
+    seen.instance.CopyFrom(_instance(pb.INSTANCE_SOURCE_DETECTOR, []))
+    lost = pb.TrackedInstance(track_id=5, state=pb.TRACK_STATE_LOST, first_frame=6)
+    lost.instance.CopyFrom(_instance(pb.INSTANCE_SOURCE_REGION_PROMPT, []))
+    lost.instance.mask.coco_rle.counts = mask_utils.encode(np.zeros((12, 16), np.uint8, order="F"))["counts"]
+    response = pb.TrackResponse(frame_index=7, instances=[seen, lost], detected=True, request_id="clip")
+    response.timestamp.FromNanoseconds(1_250_000_000)
+    response.image.width, response.image.height = 16, 12
+
+    frame = client.FrameResult.from_proto(response)
+    assert client.FrameResult is results.FrameResult and client.TrackedInstance is results.TrackedInstance
+    assert (frame.frame_index, frame.timestamp, frame.detected, frame.request_id) == (7, 1.25, True, "clip")
+    assert frame.error is None and (frame.width, frame.height) == (16, 12)
+    assert [(t.track_id, t.state, t.first_frame, t.instance.source) for t in frame] == [
+        (3, "tracked", 4, "detector"),
+        (5, "lost", 6, "region_prompt"),
+    ]
+    assert frame.instances[0].instance == client.Instance.from_proto(seen.instance)
+    assert frame.visible == (frame.instances[0],) and frame.instances[0].instance.area == 30
+
+
+def test_a_failed_frame_reads_its_error_and_no_timestamp() -> None:
+    response = pb.TrackResponse(frame_index=2, request_id="clip", error=pb.ItemError(code=3, message="frame.image: x"))
+    frame = results.FrameResult.from_proto(response)
+    assert frame.error == results.FrameError(3, "frame.image: x")
+    assert frame.timestamp is None and frame.instances == () and len(frame) == 0

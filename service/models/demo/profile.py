@@ -32,3 +32,14 @@ SHAPES_SAM2_OVERRIDES = (
     "++model.memory_encoder.out_dim=64",
     "++model.memory_encoder.fuser.layer.dim=64",
 )
+# The demo's video tracker (SHAPES_SAM2_VIDEO.md): the same reduced SAM 2 with its memory path as wide as its image
+# path (the overrides above leave the top level's position encoding and the memory encoder's input at SAM 2.1-T's
+# 256, so that only the image path works). Its image encoder and no-memory embedding are the image module's, bit for
+# bit (frozen in training): the server computes frame features with SHAPES_SAM2 and tracks with this module.
+SHAPES_SAM2_VIDEO = DEMO_DIR / "shapes-sam2-mini-video.pt"
+SHAPES_SAM2_VIDEO_OVERRIDES = (
+    *SHAPES_SAM2_OVERRIDES,
+    "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
+    "++model.memory_encoder.in_dim=64",
+    "++model.memory_encoder.mask_downsampler.embed_dim=64",
+)

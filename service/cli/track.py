@@ -1,0 +1,193 @@
+"""``detseg track``: a video through a running server's Track call; an overlay video, MOTChallenge results and one
+JSON object per frame.
+
+The video is decoded with PyAV frame by frame as gRPC sends the frames (JPEG, or raw RGB with ``--raw``), so it is
+never held whole; each decoded frame waits in a queue for its answer, which the overlay is drawn on. Frame indices
+are the decode order from 0 (MOTChallenge frames from 1); boxes are original pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from collections import deque
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TextIO
+
+import av
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from service.cli.overlay import Drawn, draw_instances
+from service.client import DEFAULT_TARGET, Client, FrameResult, Region, TrackInput
+from service.results import instance_content
+
+DEFAULT_RATE = Fraction(25)  # frames/s of the overlay when the video does not say
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = sub.add_parser("track", help="follow objects through a video on a running server; overlay, MOT, JSON")
+    g.add_argument("video", type=Path, help="any video FFmpeg decodes (its first video stream)")
+    g.add_argument(
+        "--class", dest="classes", metavar="CLASS", action="append", default=[], help="class to find (repeatable)"
+    )
+    g.add_argument("--text", action="append", default=[], help="free-text prompt to find (repeatable)")
+    g.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        type=_box_region,
+        help="x0,y0,x1,y1[:label]: an object to follow from the first frame (repeatable)",
+    )
+    g.add_argument("--detect-every", type=int, help="run the detector every K frames (0: never; default the server's)")
+    g.add_argument("--max-objects", type=int, help="most objects followed at once (default the server's)")
+    g.add_argument("--score-threshold", type=float)
+    g.add_argument("--raw", action="store_true", help="send raw RGB frames (default JPEG, quality 90)")
+    g.add_argument("--out", type=Path, help="write an overlay video here (H.264; masks tinted per track id)")
+    g.add_argument("--mot", type=Path, help="write MOTChallenge results here (frame,id,left,top,width,height,conf)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per frame instead of a summary")
+    g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    g.add_argument("--timeout", type=float, help="deadline of the whole call in seconds (default none)")
+    g.set_defaults(func=track)
+
+
+def track(args: argparse.Namespace) -> int:
+    try:
+        container = av.open(str(args.video))
+    except av.FFmpegError as e:
+        print(f"detseg: cannot read {args.video}: {e}", file=sys.stderr)
+        return 2
+    pending: deque[np.ndarray] = deque()  # decoded frames waiting for their answers, in order
+    seen: dict[int, tuple[str, int, int, int]] = {}  # track id: label, first and last frame seen, frames seen
+    answered = failed = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(container)
+        stream = container.streams.video[0]
+        writer = stack.enter_context(_writer(args.out, stream.average_rate)) if args.out else None
+        mot = stack.enter_context(args.mot.open("w")) if args.mot else None
+        bar = stack.enter_context(tqdm(total=stream.frames or None, unit="frame", file=sys.stderr, disable=None))
+        client = stack.enter_context(Client(args.target))
+        answers = client.track(
+            _frames(container, pending, raw=args.raw),
+            classes=args.classes,
+            texts=args.text,
+            regions=args.box,
+            detect_every=args.detect_every,
+            max_objects=args.max_objects,
+            score_threshold=args.score_threshold,
+            timeout=args.timeout,
+        )
+        for result in answers:
+            rgb = pending.popleft()
+            answered += 1
+            bar.update()
+            if args.json:
+                print(json.dumps(_frame_json(result)), flush=True)
+            if result.error is not None:
+                failed += 1
+                print(f"detseg: frame {result.frame_index}: {result.error.message}", file=sys.stderr)
+            for t in result.visible:
+                _, first, _, count = seen.get(t.track_id, ("", result.frame_index, 0, 0))
+                seen[t.track_id] = (t.instance.label, first, result.frame_index, count + 1)
+            if mot is not None:
+                _write_mot(mot, result)
+            if writer is not None:
+                writer(_overlay(rgb, result))
+    if not args.json:
+        print(f"{answered} frame(s), {failed} failed; {len(seen)} track(s) seen")
+        for track_id, (label, first, last, count) in sorted(seen.items()):
+            print(f"{track_id:4d}  {label:<16} frames {first}..{last}  seen on {count}")
+    for path, what in ((args.out, "overlay"), (args.mot, "MOT results")):
+        if path:
+            print(f"{what} written to {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _box_region(spec: str) -> Region:
+    """``x0,y0,x1,y1[:label]`` (or ``,label``, as ``detseg segment --box``) as a Region."""
+    box, _, label = spec.partition(":")
+    parts = box.split(",")
+    if len(parts) == 5 and not label:
+        parts, label = parts[:4], parts[4]
+    try:
+        x0, y0, x1, y1 = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected x0,y0,x1,y1[:label]") from None
+    return Region(box=(x0, y0, x1, y1), label=label)
+
+
+def _frames(container: Any, pending: deque[np.ndarray], *, raw: bool) -> Iterator[TrackInput]:
+    """The video's frames in decode order (index: the running count), each queued in ``pending`` for its answer."""
+    for frame in container.decode(video=0):
+        rgb = frame.to_ndarray(format="rgb24")
+        pending.append(rgb)
+        yield TrackInput(rgb if raw else _jpeg(rgb), timestamp=frame.time)
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _writer(path: Path, rate: Fraction | None) -> Iterator[Any]:
+    """A function that appends an (H, W, 3) uint8 RGB frame to an H.264 video at ``path`` (MPEG-4 Part 2 where FFmpeg
+    has no libx264), 4:2:0 unless a side is odd, which 4:2:0 cannot hold, then 4:4:4; flushed on exit."""
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as out:
+        stream: Any = None
+
+        def write(rgb: np.ndarray) -> None:
+            nonlocal stream
+            if stream is None:
+                stream = out.add_stream(codec, rate=rate or DEFAULT_RATE)
+                stream.height, stream.width = rgb.shape[:2]
+                stream.pix_fmt = "yuv420p" if rgb.shape[0] % 2 == rgb.shape[1] % 2 == 0 else "yuv444p"
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+
+        yield write
+        if stream is not None:
+            out.mux(stream.encode(None))
+
+
+def _overlay(rgb: np.ndarray, result: FrameResult) -> np.ndarray:
+    """The frame with each visible track's mask tinted in its id's colour, its box and "id label"."""
+    drawn = [
+        Drawn(t.track_id, t.instance.mask, t.instance.box, f"{t.track_id} {t.instance.label}") for t in result.visible
+    ]
+    return np.asarray(draw_instances(rgb, drawn)) if drawn else rgb
+
+
+def _write_mot(out: TextIO, result: FrameResult) -> None:
+    """MOTChallenge results lines: frame (from 1), id, left, top, width, height, conf (the instance's score), then
+    -1,-1,-1 (no 3D position); one per track seen on the frame."""
+    for t in result.visible:
+        x0, y0, x1, y1 = t.instance.box
+        frame, conf = result.frame_index + 1, t.instance.score
+        out.write(f"{frame},{t.track_id},{x0:.2f},{y0:.2f},{x1 - x0:.2f},{y1 - y0:.2f},{conf:.4f},-1,-1,-1\n")
+
+
+def _frame_json(result: FrameResult) -> dict[str, Any]:
+    """One frame's answer as plain JSON: the frame's fields, and each track with the instance as ``detseg segment
+    --json`` writes it (``instance_content``)."""
+    error = result.error
+    return {
+        "frame_index": result.frame_index,
+        "timestamp": result.timestamp,
+        "detected": result.detected,
+        "width": result.width,
+        "height": result.height,
+        "request_id": result.request_id,
+        "error": {"code": error.code, "message": error.message} if error else None,
+        "tracks": [
+            {"track_id": t.track_id, "state": t.state, "first_frame": t.first_frame, **instance_content(m.instance)}
+            for t, m in zip(result.instances, result.response.instances, strict=True)
+        ],
+    }
