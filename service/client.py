@@ -21,19 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
 from service import results
-from service.client_track import RequestStream, frame_message, start_message
+from service.client_requests import (  # noqa: F401 (re-exported: the request side is the client's)
+    Exemplar,
+    Point,
+    Region,
+    RequestStream,
+    TrackInput,
+    image_message,
+    segment_request,
+    track_requests,
+)
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.provenance import VerifyResult
@@ -50,43 +56,10 @@ from service.results import (  # noqa: F401 (re-exported: the reader's types are
 
 if TYPE_CHECKING:
     import supervision as sv
-    from PIL import Image as PILImage
 
-    # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
-    ImageLike = bytes | str | os.PathLike[str] | np.ndarray | ImageHandle | PILImage.Image
+    from service.client_requests import ImageLike
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """A click, original-image pixels; ``positive`` False = "not this" (background)."""
-
-    x: float
-    y: float
-    positive: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    """A caller-placed prompt: a box (XYXY original pixels), clicks, or both; ``label`` names the instance;
-    ``previous_mask``: an earlier answer's ``Instance.mask_handle`` on the same image (asked with ``keep_masks``),
-    whose mask the box and clicks correct (SAM's interactive loop)."""
-
-    box: XYXY | None = None
-    points: tuple[Point, ...] = ()
-    label: str = ""
-    previous_mask: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Exemplar:
-    """ "Find more of this": a box (XYXY original pixels) on the request's image, or on ``image`` (a catalog
-    photo); ``label`` names what it finds."""
-
-    box: XYXY
-    label: str = ""
-    image: ImageLike | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,128 +118,6 @@ class RequestFailed(Exception):
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> RequestFailed:
         return cls(error.code(), error.details() or "", attempts)  # type: ignore[attr-defined]
-
-
-def image_message(image: ImageLike) -> pb.Image:
-    """Any ``ImageLike`` as the request's Image: file bytes as they are (the server decodes and hashes them),
-    arrays as raw RGB pixels, PIL images as PNG."""
-    if isinstance(image, ImageHandle):
-        return pb.Image(handle=image.handle)
-    if isinstance(image, bytes):
-        return pb.Image(encoded=image)
-    if isinstance(image, str | os.PathLike):
-        return pb.Image(encoded=Path(image).read_bytes())
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        h, w = image.shape[:2]
-        return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), width=w, height=h))
-    if hasattr(image, "save"):  # PIL.Image.Image
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        return pb.Image(encoded=buffer.getvalue())
-    raise TypeError(f"unsupported image type {type(image).__name__}")
-
-
-def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
-    x0, y0, x1, y1 = (float(v) for v in xyxy)
-    return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
-
-
-def _region(region: Region | XYXY) -> pb.RegionPrompt:
-    """A Region, or a bare XYXY box, as the request's RegionPrompt."""
-    r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
-    prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
-    if r.box is not None:
-        prompt.box.CopyFrom(_box(r.box))
-    for p in r.points:
-        prompt.points.add(x=p.x, y=p.y, label=1 if p.positive else 0)
-    return prompt
-
-
-def _exemplar(e: Exemplar) -> pb.Exemplar:
-    exemplar = pb.Exemplar(box=_box(e.box), label=e.label)
-    if e.image is not None:
-        exemplar.image.CopyFrom(image_message(e.image))
-    return exemplar
-
-
-def segment_request(
-    image: ImageLike,
-    *,
-    classes: Iterable[str] = (),
-    texts: Iterable[str] = (),
-    regions: Iterable[Region | XYXY] = (),
-    exemplars: Iterable[Exemplar] = (),
-    score_threshold: float | None = None,
-    iou_threshold: float | None = None,
-    max_instances: int | None = None,
-    multimask: bool = False,
-    review: pb.ReviewRules | None = None,
-    request_id: str = "",
-    keep_masks: bool = False,
-) -> pb.SegmentRequest:
-    """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
-    prompt. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
-    the best of three candidate masks (helps a single click); ``keep_masks``: the server keeps each instance's
-    low-res mask with the image and returns its ``mask_handle``, for a follow-up ``Region.previous_mask``."""
-    request = pb.SegmentRequest(
-        image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
-    )
-    request.regions.extend(_region(r) for r in regions)
-    request.exemplars.extend(_exemplar(e) for e in exemplars)
-    options = request.options
-    options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
-    options.multimask = multimask
-    options.keep_masks = keep_masks
-    if review is not None:
-        options.review.CopyFrom(review)
-    limits = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_instances": max_instances}
-    for field, value in limits.items():
-        if value is not None:
-            setattr(options, field, value)
-    return request
-
-
-@dataclasses.dataclass(frozen=True)
-class TrackInput:
-    """One frame for ``Client.track`` and what the caller says about it. ``index``: its frame_index (None: one more
-    than the previous frame's, 0 first); ``timestamp``: presentation time in seconds, echoed in its answer;
-    ``regions``: objects placed on it, each a new track (a ``Region`` or a bare XYXY box; ``previous_mask`` does not
-    apply); ``corrections``: track_id → a ``Region`` (box and/or clicks) that re-prompts that live track, its label
-    kept unless the region gives one; ``end_tracks``: tracks to stop following (answered once more, "ended");
-    ``detect``: run the detector on it whatever detect_every says."""
-
-    image: ImageLike
-    index: int | None = None
-    timestamp: float | None = None
-    regions: Sequence[Region | XYXY] = ()
-    corrections: Mapping[int, Region] = dataclasses.field(default_factory=dict)
-    end_tracks: Sequence[int] = ()
-    detect: bool = False
-
-
-def track_requests(
-    frames: Iterable[ImageLike | TrackInput],
-    *,
-    exemplars: Iterable[Exemplar] = (),
-    regions: Iterable[Region | XYXY] = (),
-    **start: Any,
-) -> Iterator[pb.TrackRequest]:
-    """The messages of a Track call, each built as it is sent: the start (``exemplars`` on reference images: each
-    needs its ``image``; ``start``: the other keywords of ``client_track.start_message``: classes, texts,
-    detect_every, lost_after, max_objects, match_iou, score_threshold, request_id), then one frame per item of
-    ``frames``, an image or a ``TrackInput``. ``regions``: objects placed on the first frame (new tracks), before its
-    own."""
-    yield start_message(exemplars=[_exemplar(e) for e in exemplars], **start)
-    index, placed = -1, [(0, _region(r)) for r in regions]
-    for item in frames:
-        f = item if isinstance(item, TrackInput) else TrackInput(item)
-        index = index + 1 if f.index is None else f.index
-        placed += [(0, _region(r)) for r in f.regions] + [(k, _region(r)) for k, r in f.corrections.items()]
-        image, ends = image_message(f.image), f.end_tracks
-        yield frame_message(image, index, timestamp=f.timestamp, prompts=placed, end_tracks=ends, detect=f.detect)
-        placed = []
 
 
 def channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[str, Any]]:

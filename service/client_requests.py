@@ -1,0 +1,255 @@
+"""The request side of the client: typed prompts and images (``Point``, ``Region``, ``Exemplar``, ``TrackInput``,
+``image_message``) and the messages built from them (``segment_request``, ``track_requests``: a Track call's start
+and frames, sent through ``RequestStream``, which keeps an error raised while a message was being built). The floor
+below ``service.client``: the standard library, numpy, the generated protobuf modules and ``service.results`` only;
+the client re-exports every public name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.results import XYXY, ImageHandle
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
+    ImageLike = bytes | str | os.PathLike[str] | np.ndarray | ImageHandle | PILImage.Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A click, original-image pixels; ``positive`` False = "not this" (background)."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A caller-placed prompt: a box (XYXY original pixels), clicks, or both; ``label`` names the instance;
+    ``previous_mask``: an earlier answer's ``Instance.mask_handle`` on the same image (asked with ``keep_masks``),
+    whose mask the box and clicks correct (SAM's interactive loop)."""
+
+    box: XYXY | None = None
+    points: tuple[Point, ...] = ()
+    label: str = ""
+    previous_mask: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exemplar:
+    """ "Find more of this": a box (XYXY original pixels) on the request's image, or on ``image`` (a catalog
+    photo); ``label`` names what it finds."""
+
+    box: XYXY
+    label: str = ""
+    image: ImageLike | None = None
+
+
+def image_message(image: ImageLike) -> pb.Image:
+    """Any ``ImageLike`` as the request's Image: file bytes as they are (the server decodes and hashes them),
+    arrays as raw RGB pixels, PIL images as PNG."""
+    if isinstance(image, ImageHandle):
+        return pb.Image(handle=image.handle)
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    if isinstance(image, str | os.PathLike):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), width=w, height=h))
+    if hasattr(image, "save"):  # PIL.Image.Image
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        return pb.Image(encoded=buffer.getvalue())
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
+
+
+def _region(region: Region | XYXY) -> pb.RegionPrompt:
+    """A Region, or a bare XYXY box, as the request's RegionPrompt."""
+    r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
+    prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
+    if r.box is not None:
+        prompt.box.CopyFrom(_box(r.box))
+    for p in r.points:
+        prompt.points.add(x=p.x, y=p.y, label=1 if p.positive else 0)
+    return prompt
+
+
+def _exemplar(e: Exemplar) -> pb.Exemplar:
+    exemplar = pb.Exemplar(box=_box(e.box), label=e.label)
+    if e.image is not None:
+        exemplar.image.CopyFrom(image_message(e.image))
+    return exemplar
+
+
+def segment_request(
+    image: ImageLike,
+    *,
+    classes: Iterable[str] = (),
+    texts: Iterable[str] = (),
+    regions: Iterable[Region | XYXY] = (),
+    exemplars: Iterable[Exemplar] = (),
+    score_threshold: float | None = None,
+    iou_threshold: float | None = None,
+    max_instances: int | None = None,
+    multimask: bool = False,
+    review: pb.ReviewRules | None = None,
+    request_id: str = "",
+    keep_masks: bool = False,
+) -> pb.SegmentRequest:
+    """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
+    prompt. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
+    the best of three candidate masks (helps a single click); ``keep_masks``: the server keeps each instance's
+    low-res mask with the image and returns its ``mask_handle``, for a follow-up ``Region.previous_mask``."""
+    request = pb.SegmentRequest(
+        image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
+    )
+    request.regions.extend(_region(r) for r in regions)
+    request.exemplars.extend(_exemplar(e) for e in exemplars)
+    options = request.options
+    options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
+    options.multimask = multimask
+    options.keep_masks = keep_masks
+    if review is not None:
+        options.review.CopyFrom(review)
+    limits = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_instances": max_instances}
+    for field, value in limits.items():
+        if value is not None:
+            setattr(options, field, value)
+    return request
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackInput:
+    """One frame for ``Client.track`` and what the caller says about it. ``index``: its frame_index (None: one more
+    than the previous frame's, 0 first); ``timestamp``: presentation time in seconds, echoed in its answer;
+    ``regions``: objects placed on it, each a new track (a ``Region`` or a bare XYXY box; ``previous_mask`` does not
+    apply); ``corrections``: track_id → a ``Region`` (box and/or clicks) that re-prompts that live track, its label
+    kept unless the region gives one; ``end_tracks``: tracks to stop following (answered once more, "ended");
+    ``detect``: run the detector on it whatever detect_every says."""
+
+    image: ImageLike
+    index: int | None = None
+    timestamp: float | None = None
+    regions: Sequence[Region | XYXY] = ()
+    corrections: Mapping[int, Region] = dataclasses.field(default_factory=dict)
+    end_tracks: Sequence[int] = ()
+    detect: bool = False
+
+
+def track_requests(
+    frames: Iterable[ImageLike | TrackInput],
+    *,
+    exemplars: Iterable[Exemplar] = (),
+    regions: Iterable[Region | XYXY] = (),
+    **start: Any,
+) -> Iterator[pb.TrackRequest]:
+    """The messages of a Track call, each built as it is sent: the start (``exemplars`` on reference images: each
+    needs its ``image``; ``start``: the other keywords of ``start_message``: classes, texts,
+    detect_every, lost_after, max_objects, match_iou, score_threshold, request_id), then one frame per item of
+    ``frames``, an image or a ``TrackInput``. ``regions``: objects placed on the first frame (new tracks), before its
+    own."""
+    yield start_message(exemplars=[_exemplar(e) for e in exemplars], **start)
+    index, placed = -1, [(0, _region(r)) for r in regions]
+    for item in frames:
+        f = item if isinstance(item, TrackInput) else TrackInput(item)
+        index = index + 1 if f.index is None else f.index
+        placed += [(0, _region(r)) for r in f.regions] + [(k, _region(r)) for k, r in f.corrections.items()]
+        image, ends = image_message(f.image), f.end_tracks
+        yield frame_message(image, index, timestamp=f.timestamp, prompts=placed, end_tracks=ends, detect=f.detect)
+        placed = []
+
+
+T = TypeVar("T")
+
+
+def start_message(
+    *,
+    classes: Iterable[str] = (),
+    texts: Iterable[str] = (),
+    exemplars: Iterable[pb.Exemplar] = (),
+    detect_every: int | None = None,
+    lost_after: int | None = None,
+    max_objects: int | None = None,
+    match_iou: float | None = None,
+    score_threshold: float | None = None,
+    request_id: str = "",
+) -> pb.TrackRequest:
+    """A Track call's first message (masks as COCO RLE). Unset limits take the server's defaults (ListModels'
+    defaults.track); classes, texts and exemplars all empty with ``detect_every`` unset: the detector never runs, and
+    only the objects the frames place are followed."""
+    start = pb.TrackStart(classes=list(classes), texts=list(texts), exemplars=list(exemplars), request_id=request_id)
+    start.options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
+    if score_threshold is not None:
+        start.options.score_threshold = score_threshold
+    limits = {
+        "detect_every": detect_every,
+        "lost_after": lost_after,
+        "max_objects": max_objects,
+        "match_iou": match_iou,
+    }
+    for field, value in limits.items():
+        if value is not None:
+            setattr(start, field, value)
+    return pb.TrackRequest(start=start)
+
+
+def frame_message(
+    image: pb.Image,
+    index: int,
+    *,
+    timestamp: float | None = None,
+    prompts: Iterable[tuple[int, pb.RegionPrompt]] = (),
+    end_tracks: Iterable[int] = (),
+    detect: bool = False,
+) -> pb.TrackRequest:
+    """One frame of a Track call: its image and ``index`` (frame_index, strictly increasing), optional presentation
+    ``timestamp`` (seconds, echoed), ``prompts`` as (track_id, region) pairs (track_id 0: a new object, else the live
+    track the region corrects), tracks to end, and whether to run the detector on it."""
+    frame = pb.TrackFrame(image=image, frame_index=index, end_tracks=list(end_tracks), detect=detect)
+    if timestamp is not None:
+        frame.timestamp.FromNanoseconds(round(timestamp * 1e9))
+    for track_id, region in prompts:
+        frame.prompts.add(region=region, track_id=track_id)
+    return pb.TrackRequest(frame=frame)
+
+
+class RequestStream(Iterator[T]):
+    """A stream call's request iterator that keeps the exception its messages raised (a file that is not there, an
+    array that is not RGB) and ends the stream there. gRPC consumes requests in its own thread (or task) and would
+    log such an exception and cancel the call (UNKNOWN, "Exception iterating requests!"); ended this way, the server
+    answers the messages sent so far and the caller raises ``error`` itself, in its own thread."""
+
+    def __init__(self, messages: Iterable[T]) -> None:
+        self._messages = iter(messages)
+        self.error: Exception | None = None
+
+    def __next__(self) -> T:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._messages)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise StopIteration from None
