@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from service.errors import InvalidInput
-from service.models.tensors import TrackStep
+from service.models.tensors import ImageFeatures, TrackStep
 from service.pipeline.cache import handle_for
 from service.pipeline.image import DecodedImage
 from service.pipeline.pipeline import Pipeline, Vocabulary
@@ -164,19 +164,16 @@ class TrackSession:
         for i, e in enumerate(q.exemplars):
             if e.image is None:
                 raise InvalidInput(f"start.exemplars[{i}].image: a track session's exemplars need their own image")
-        try:
-            check_query(self._segment_query(ImageInput(), ()), self.pipeline.limits)
-        except InvalidInput as e:  # the start message's fields, named as the caller sent them
-            raise InvalidInput(f"start.{e}") from None
-        if self.settled.detects:
-            query = self._segment_query(ImageInput(), ())
-            try:
+        query = self._segment_query(ImageInput(), ())
+        try:  # the start message's fields, named as the caller sent them
+            check_query(query, self.pipeline.limits)
+            if self.settled.detects:
                 v = self._vocabulary = await self.pipeline.vocabulary(query, {})
                 open_vocabulary = self.pipeline.runner.detector.open_vocabulary
                 plan(query, self.pipeline.limits, v.names, 1, 1, v.texts, open_vocabulary)  # class names, here
                 self._references = await asyncio.to_thread(self.pipeline.images.reference_images, q.exemplars)
-            except InvalidInput as e:
-                raise InvalidInput(f"start.{e}") from None
+        except InvalidInput as e:
+            raise InvalidInput(f"start.{e}") from None
         self.pipeline.runner.track_memory()  # Unsupported (FAILED_PRECONDITION) where the runner cannot track
 
     def close(self) -> None:
@@ -241,12 +238,12 @@ class TrackSession:
         return FrameResult(index, image, answered, detected, timings)
 
     async def _track(
-        self, features: object, steps: list[TrackStep], timings: dict[str, float]
+        self, features: ImageFeatures, steps: list[TrackStep], timings: dict[str, float]
     ) -> tuple[list[np.ndarray], list[float]]:
         if not steps:
             return [], []
         with stage(timings, "track", objects=len(steps)):
-            out = await self.pipeline.runner.track(features, steps)  # type: ignore[arg-type]
+            out = await self.pipeline.runner.track(features, steps)
         return list(out.low_res_masks), [float(s) for s in out.object_scores]
 
     def _check_frame(self, f: FrameQuery) -> None:
@@ -257,6 +254,10 @@ class TrackSession:
             raise InvalidInput(
                 f"frame.frame_index: {f.frame_index} is not after the previous frame's {self._last_index}; "
                 "send frames in order"
+            )
+        if f.detect and not self.settled.detects and self.pipeline.runner.detector.open_vocabulary:
+            raise InvalidInput(
+                "frame.detect: this session names nothing to detect; give start.classes, texts or exemplars"
             )
         if f.image.handle is not None:
             raise InvalidInput("frame.image: send encoded bytes or raw pixels (a handle is not a video frame)")
@@ -338,7 +339,7 @@ class TrackSession:
         self,
         image: DecodedImage,
         p: Plan,
-        features: object,
+        features: ImageFeatures,
         index: int,
         tracked: list[np.ndarray],
         order: list[_Track],
@@ -367,7 +368,7 @@ class TrackSession:
         if not prompts:
             return []
         with stage(timings, "decode_masks", prompts=len(prompts)):
-            low = await pipeline.masks.decode(features, prompts, image, False)  # type: ignore[arg-type]
+            low = await pipeline.masks.decode(features, prompts, image, False)
         detections = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu()) > 0
         matched: set[int] = set()
         if tracked:

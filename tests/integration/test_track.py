@@ -281,8 +281,13 @@ def test_sessions_beyond_the_limit_are_refused_and_idle_ones_closed(limited, fra
     assert len(_track(limited, [_start(), _frame(frames[0], 0)])) == 1
 
 
-def test_a_segmenter_without_a_memory_path_says_so(demo_stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
-    """The demo's reduced SAM 2 has no memory path that fits its image path (yet): FAILED_PRECONDITION, not a crash."""
-    with pytest.raises(grpc.RpcError) as e:
-        _track(demo_stub, [_start(), _frame(frames[0], 0, prompts=[_box(10, 10, 120, 100)])])
+def test_a_runner_without_a_memory_path_says_so(settings, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """Where SAM 2's memory path cannot run (a segmenter without one, the triton backend): FAILED_PRECONDITION."""
+    from service.runners.factory import load_runner
+
+    demo = settings.replace(models="demo")
+    runner = load_runner(demo)
+    runner.tracker = None  # type: ignore[attr-defined]
+    with serving(demo, lambda: runner) as stub, pytest.raises(grpc.RpcError) as e:
+        _track(stub, [_start(), _frame(frames[0], 0, prompts=[_box(10, 10, 120, 100)])])
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "memory" in e.value.details()
