@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[triton,dev]'
 	# trackeval (tracking metrics: HOTA, IDF1, MOTA, J&F) asks for numpy >= 2.3 on Python 3.11, which the pinned stack
-	# cannot have (nvidia-pytriton: numpy < 2); its metric code runs on numpy 1.26 (tests/unit/test_track_eval.py), so
+	# cannot have (nvidia-pytriton: numpy < 2); its metric code runs on numpy 1.26 (tests/integration/test_track_eval.py), so
 	# it comes without its dependencies, all of which the stack has (matplotlib, opencv, scipy, pycocotools, tabulate).
 	$(BIN)/python -m pip install -q --no-deps trackeval==1.3.0
 	touch $@

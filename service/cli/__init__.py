@@ -1,5 +1,5 @@
 """The ``detseg`` command: serve, segment and track (clients of a running server), models, export, triton, eval,
-label, verify, keygen.
+label, eval-track, verify, keygen.
 
 One module per family of commands; each has ``register(subparsers)``, which adds its commands with their
 handlers, and the handlers. Modules import what they use at their top, save the two modules that load torch
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.cli import dataset, models, segment, serve, track, triton, verify
+from service.cli import dataset, eval_track, models, segment, serve, track, triton, verify
 from service.client import RequestFailed
 from service.errors import DetsegError
 from service.startup import block_telemetry
 
 # In the order `detseg --help` lists their commands.
-FAMILIES = (serve, segment, track, triton, dataset, verify, models)
+FAMILIES = (serve, segment, track, triton, dataset, eval_track, verify, models)
 
 
 def main(argv: list[str] | None = None) -> int:
