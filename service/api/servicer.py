@@ -267,12 +267,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_exemplars=s.max_exemplars,
                 review=convert.review_rules_to_proto(pipeline.limits.review),
                 track=pb.TrackDefaults(
-                    detect_every=s.track_detect_every,
-                    lost_after=s.track_lost_after,
-                    max_objects=s.track_max_objects,
-                    max_objects_limit=s.track_max_objects_limit,
-                    match_iou=s.track_match_iou,
-                    max_sessions=s.max_track_sessions,
+                    **dataclasses.asdict(self._track_limits),  # what sessions run with
+                    max_sessions=self.tracking.max_sessions,
                     idle_timeout=Duration(seconds=int(s.track_idle_seconds)),
                     memory_frames=_memory_frames(pipeline),
                 ),
