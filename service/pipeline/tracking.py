@@ -4,10 +4,13 @@ Per frame, in order: the frame is checked and decoded (nothing has run yet: a ba
 session is as before it); SAM's image encoder runs once; every live track is propagated from its memory (or
 re-prompted where the frame corrects it) and new prompts start tracks, in one ``Runner.track`` call; on detection
 frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks' masks
-by IoU with an assignment solver (scipy's ``linear_sum_assignment``); unmatched detections start tracks (highest
-scores first, up to max_objects). A track whose object score says absent is LOST on that frame (empty mask) and
-ends after lost_after such frames in a row. Masks are finished as Segment's (upsampled in their window, refined,
-encoded).
+by IoU with an assignment solver (scipy's ``linear_sum_assignment``); an unmatched detection starts a track
+(highest scores first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by
+match_iou or more (one object, one track, whatever class each detection says). A track whose object score says
+absent is LOST on that frame (empty mask) and ends after lost_after such frames in a row; so is a track the
+detector started that the latest detection frame did not match (its memory went on to something else, or the
+object left; a detection matching it again brings it back). The caller's own region tracks answer to SAM 2 only.
+Masks are finished as Segment's (upsampled in their window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory`` and a few numbers; nothing
 grows with the video's length. Matching reads the low-resolution masks (S/4 square, SAM's own output).
@@ -124,6 +127,7 @@ class _Track:
     first_frame: int
     memory: object
     unseen: int = 0
+    confirmed: bool = True  # matched by the latest detection frame (tracks the detector started)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,20 +374,22 @@ class TrackSession:
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
         detections = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu()) > 0
-        matched: set[int] = set()
-        if tracked:
-            ours = np.stack(tracked) > 0
-            iou = _mask_iou(detections, ours)
-            pairs = zip(*linear_sum_assignment(-iou), strict=True)
-            for d, t in pairs:
-                if iou[d, t] >= self.settled.match_iou:
-                    matched.add(int(d))
-                    order[t].score = starts[d].score
+        threshold = self.settled.match_iou
+        to_tracks = _mask_iou(detections, np.stack(tracked) > 0) if tracked else np.zeros((len(starts), 0))
+        matched: dict[int, int] = {}  # detection: track
+        for d, t in zip(*linear_sum_assignment(-to_tracks), strict=True):
+            if to_tracks[d, t] >= threshold:
+                matched[int(d)] = int(t)
+                order[t].score = starts[d].score
+        for t, track in enumerate(order):
+            if track.source != REGION:
+                track.confirmed = t in matched.values()
         room = self.settled.max_objects - len(order)
         new = []
-        for d, c in enumerate(starts):  # score order
-            if d in matched or room <= 0:
-                continue
+        for d in _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold):
+            if room <= 0:
+                break
+            c = starts[d]
             new.append((self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index), prompts[d]))
             room -= 1
         return new
@@ -401,7 +407,7 @@ class TrackSession:
     ) -> list[TrackedInstance]:
         """Each track's state and finished mask on this frame (by track id): unseen tracks are LOST with an empty
         mask and end after lost_after such frames; tracks the caller ended are answered once more, ENDED."""
-        visible = [s > 0 for s in scores] + [False] * len(ended)
+        visible = [s > 0 and t.confirmed for s, t in zip(scores, rows, strict=True)] + [False] * len(ended)
         side = self.pipeline.runner.segmenter.image_size // 4
         absent = np.full((side, side), -1.0, np.float32)
         shown = [lg if v else absent for lg, v in zip(logits, visible, strict=False)] + [absent] * len(ended)
@@ -457,6 +463,22 @@ def _settle(q: TrackQuery, limits: TrackLimits) -> _Settled:
         match_iou=limits.match_iou if q.match_iou is None else q.match_iou,
         detects=bool(q.classes or q.texts or q.exemplars) or q.detect_every is not None,
     )
+
+
+def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], threshold: float) -> list[int]:
+    """The detections (indices, in score order) that start tracks: unmatched, and overlapping no track and no
+    detection kept or matched before them by ``threshold`` mask IoU or more. to_tracks (D, T) and among (D, D):
+    mask IoUs; detections in score order."""
+    taken = sorted(matched)
+    out = []
+    for d in range(len(among)):
+        if d in matched:
+            continue
+        if (to_tracks.shape[1] and to_tracks[d].max() >= threshold) or any(among[d, k] >= threshold for k in taken):
+            continue
+        taken.append(d)
+        out.append(d)
+    return out
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
