@@ -152,7 +152,7 @@ class LocalRunner:
         if self.tracker is None:
             raise Unsupported(
                 "video tracking needs SAM 2's memory modules in the server's process: the torch or openvino backend, "
-                "with a segmenter whose memory path fits it (the demo's SAM 2 has none yet)"
+                "with a segmenter whose memory path fits it (or a tracker module beside it, as the demo's)"
             )
         return self.tracker
 
