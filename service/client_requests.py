@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.results import XYXY, ImageHandle
@@ -76,6 +77,13 @@ def image_message(image: ImageLike) -> pb.Image:
         image.convert("RGB").save(buffer, format="PNG")
         return pb.Image(encoded=buffer.getvalue())
     raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """An (H, W, 3) uint8 RGB array as JPEG file bytes (what the client-side tools send when not sending raw pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def _box(xyxy: Sequence[float]) -> pb.BoundingBox:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import sys
 from collections import deque
@@ -21,11 +20,11 @@ from typing import Any, TextIO
 
 import av
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from service.cli.overlay import Drawn, draw_instances
 from service.client import DEFAULT_TARGET, Client, FrameResult, Region, TrackInput
+from service.client_requests import jpeg
 from service.results import instance_content
 
 DEFAULT_RATE = Fraction(25)  # frames/s of the overlay when the video does not say
@@ -127,13 +126,7 @@ def _frames(container: Any, pending: deque[np.ndarray], *, raw: bool) -> Iterato
     for frame in container.decode(video=0):
         rgb = frame.to_ndarray(format="rgb24")
         pending.append(rgb)
-        yield TrackInput(rgb if raw else _jpeg(rgb), timestamp=frame.time)
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+        yield TrackInput(rgb if raw else jpeg(rgb), timestamp=frame.time)
 
 
 @contextlib.contextmanager

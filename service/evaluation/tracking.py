@@ -21,7 +21,6 @@ videos pooled.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from service.client import Client, FrameResult
+from service.client_requests import jpeg
 from service.evaluation import track_metrics as tm
 from service.shapes.video import VideoFrame, make_video, split_seed
 from service.shapes.world import CLASSES
@@ -126,7 +125,7 @@ def render(
     images, objects, ignored, every, evaluated, present, hidden = [], [], [], [], [], [], []
     for t in range(frames):
         f: VideoFrame = video.frame(t)
-        images.append(f.image if jpeg_quality is None else _jpeg(f.image, jpeg_quality))
+        images.append(f.image if jpeg_quality is None else jpeg(f.image, jpeg_quality))
         masks = [(o.track_id, tm.rle(o.mask)) for o in f.objects]
         scored = {o.track_id for o in f.objects if o.visible * o.in_frame >= min_visible}
         every.append(masks)
@@ -144,12 +143,6 @@ def render(
         tuple(every),
         tuple(tm.find_occlusions(evaluated, present, hidden)),
     )
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _rle(instance_rle: dict[str, Any]) -> dict[str, Any]:

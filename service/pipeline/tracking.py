@@ -381,9 +381,10 @@ class TrackSession:
             if to_tracks[d, t] >= threshold:
                 matched[int(d)] = int(t)
                 order[t].score = starts[d].score
+        confirmed = set(matched.values())
         for t, track in enumerate(order):
             if track.source != REGION:
-                track.confirmed = t in matched.values()
+                track.confirmed = t in confirmed
         room = self.settled.max_objects - len(order)
         new = []
         for d in _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold):
