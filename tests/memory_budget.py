@@ -4,7 +4,8 @@
 
 - A sampler thread sums the resident memory of the pytest process and all its descendants every
   ``SAMPLE_SECONDS``; the run fails at its end when the peak went over the budget, naming the test that was running,
-  and the summary prints the peak either way.
+  and the summary prints the peak either way. With ``DETSEG_TEST_MEMORY_LOG`` set to a file, each test's peak and
+  the test process's own resident memory after it are appended there (to find what holds memory between tests).
 - glibc keeps freed memory in its heap when its mmap threshold has grown (it grows each time a large block is
   freed), so weights of a model a test module has finished with stayed resident for the rest of the run. The
   threshold is fixed here (this process only; what servers and tools start with is their own business) and
@@ -28,6 +29,7 @@ SAMPLE_SECONDS = 0.5
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MMAP_THRESHOLD_BYTES = 1 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_LOG = os.environ.get("DETSEG_TEST_MEMORY_LOG")
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -72,6 +74,7 @@ class _Sampler:
         self.peak = 0
         self.peak_test = "(collection)"
         self.current = "(collection)"
+        self.test_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-budget", daemon=True)
 
@@ -85,6 +88,7 @@ class _Sampler:
 
     def _sample(self) -> None:
         now = tree_resident(os.getpid())
+        self.test_peak = max(self.test_peak, now)
         if now > self.peak:
             self.peak, self.peak_test = now, self.current
 
@@ -105,8 +109,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    _SAMPLER.current = item.nodeid
+    _SAMPLER.current, _SAMPLER.test_peak = item.nodeid, 0
     yield
+    if _LOG:
+        gib = 1024**3
+        with open(_LOG, "a") as log:
+            log.write(f"{_SAMPLER.test_peak / gib:.2f} {_resident(os.getpid()) / gib:.2f} {item.nodeid}\n")
     if nextitem is None or nextitem.module is not item.module:  # the module's fixtures are gone: give memory back
         gc.collect()
         if _LIBC is not None:

@@ -467,9 +467,9 @@ def _settle(q: TrackQuery, limits: TrackLimits) -> _Settled:
 
 
 def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], threshold: float) -> list[int]:
-    """The detections (indices, in score order) that start tracks: unmatched, and overlapping no track and no
-    detection kept or matched before them by ``threshold`` mask IoU or more. to_tracks (D, T) and among (D, D):
-    mask IoUs; detections in score order."""
+    """The detections (indices, in score order) that start tracks: unmatched, and overlapping by ``threshold`` mask
+    IoU or more none of: a track, a matched detection (whatever its score), a higher-scored detection that starts a
+    track. to_tracks (D, T) and among (D, D): mask IoUs; detections in score order."""
     taken = sorted(matched)
     out = []
     for d in range(len(among)):

@@ -70,7 +70,6 @@ from service.training.train_segmenter import _error_click, _per_mask_loss
 
 S = 256  # SAM input side
 LOSS_SIDE = 128  # masks are compared at this side (the decoder's 64² logits upsampled 2x)
-CLIP = 8  # frames per training clip (SAM 2's)
 WIDTH, HEIGHT = 320, 240  # rendered frame size, resized to S² as the service resizes
 # What MemoryTracker tells sam2 a stream's length is: it decides how many object pointers are read (16) and how their
 # temporal distances are normalised (by 15), so training uses it too (sam2's trainer passes the clip's length).
@@ -215,7 +214,7 @@ class ClipPool:
         rng: np.random.Generator,
         clips: int,
         max_objects: int,
-        length: int = CLIP,
+        length: int = 8,
         max_stride: int = 3,
         event_rate: float = 0.0,
     ) -> Clip:
@@ -313,11 +312,12 @@ def _correction_clicks(pred: torch.Tensor, gt: torch.Tensor, rng: np.random.Gene
 
 
 def _frame_loss(
-    low_multi: torch.Tensor, ious: torch.Tensor, score: torch.Tensor, target: torch.Tensor
+    low_multi: torch.Tensor, ious: torch.Tensor, score: torch.Tensor, target: torch.Tensor, absent_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SAM 2's loss on one frame (MultiStepMultiMasksAndIous, weights 20 : 1 : 1 : 1): low_multi (B, M, s, s) mask
     logits, ious (B, M), score (B, 1) object-score logits, target (B, S, S) bool. Focal + dice on the best of the M
-    masks and L1 on all M IoU predictions where the object is visible; BCE on the object score everywhere."""
+    masks and L1 on all M IoU predictions where the object is visible; BCE on the object score everywhere, an absent
+    object's term weighted by ``absent_weight`` (1: SAM 2's)."""
     present = target.flatten(1).any(-1).float()
     small = F.interpolate(target[:, None].float(), (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
     logits = F.interpolate(low_multi, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False)
@@ -328,6 +328,7 @@ def _frame_loss(
     mask_loss = per_mask.min(1).values
     iou_loss = (ious - actual.float()).abs().mean(1)
     score_loss = F.binary_cross_entropy_with_logits(score[:, 0], present, reduction="none")
+    score_loss = score_loss * torch.where(present > 0, 1.0, absent_weight)
     visible = present.sum().clamp(min=1)
     loss = ((mask_loss + iou_loss) * present).sum() / visible + score_loss.mean()
     with torch.no_grad():
@@ -348,12 +349,14 @@ def run_clip(
     rng: np.random.Generator,
     correct_at: int | None = None,
     gap: int = 0,
+    absent_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Prompts the clip's objects on frame 0 (``kind``: "box", "clicks" or "mask") and tracks them through the
     clip from memory, as ``MemoryTracker`` does, with gradients; on frame ``correct_at`` a correction click
     (decoded from memory, then a conditioning frame). ``gap``: the frames after the prompted one are numbered from
     gap + 1 on, as if the prompt were that much older (a long stream: the prompt's object pointer is then read at
-    that temporal distance, beyond a clip's). Returns the mean loss over frames and figures."""
+    that temporal distance, beyond a clip's). ``absent_weight``: ``_frame_loss``'s. Returns the mean loss over frames
+    and figures."""
     memory: dict[str, dict[int, dict[str, Any]]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
     pos: dict[int, torch.Tensor] = {}
     length = clip.frames.shape[0]
@@ -384,7 +387,7 @@ def run_clip(
         _, outputs, _, _ = sam._track_step(point_inputs=point_inputs, mask_inputs=mask_inputs, **step)
         low_multi, _, ious, low, high, obj_ptr, score = outputs
         if mask_inputs is None:
-            loss, parts = _frame_loss(low_multi, ious, score, target)
+            loss, parts = _frame_loss(low_multi, ious, score, target, absent_weight)
             losses.append(loss)
             figures = {k: figures[k] + v for k, v in parts.items()}
         cond = t == 0
@@ -392,7 +395,7 @@ def run_clip(
             point_inputs = _correction_clicks(_selected(low.detach()), target, rng)
             _, outputs, _, _ = sam._track_step(point_inputs=point_inputs, mask_inputs=None, **step)
             low_multi, _, ious, low, high, obj_ptr, score = outputs
-            loss, _ = _frame_loss(low_multi, ious, score, target)
+            loss, _ = _frame_loss(low_multi, ious, score, target, absent_weight)
             losses[-1] = 0.5 * (losses[-1] + loss)
             cond = True
         features, pos_enc = sam._encode_new_memory(
@@ -444,26 +447,30 @@ def optimiser(sam: Any, lr: float, pretrained_lr: float) -> torch.optim.AdamW:
     )
 
 
-def train(
-    sam: Any,
-    pool: ClipPool,
-    seconds: float,
-    seed: int,
-    clips: int = 4,
-    max_objects: int = 16,
-    lr: float = 8e-4,
-    pretrained_lr: float = 1e-4,
-    warmup: int = 50,
-    correct_rate: float = 0.3,
-    max_stride: int = 3,
-    event_rate: float = 0.5,
-    gap_rate: float = 0.5,
-    max_gap: int = 60,
-) -> dict:
-    """AdamW over ``seconds`` of wall time (warm-up, then cosine): the memory path at ``lr``, the decoder and prompt
-    encoder copied from the image module at ``pretrained_lr``."""
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The training recipe (the command line's flags of the same names)."""
+
+    clips: int = 4  # clips per step
+    clip_frames: int = 8  # frames per clip (SAM 2's)
+    max_objects: int = 16  # objects per step (all clips)
+    lr: float = 8e-4  # peak lr of the memory path (fresh parameters)
+    pretrained_lr: float = 1e-4  # peak lr of the decoder and prompt encoder (copied from the image module)
+    warmup: int = 50  # linear warm-up steps
+    correct_rate: float = 0.3  # share of steps with a correction click
+    max_stride: int = 3  # clips take every 1st .. this-th frame
+    event_rate: float = 0.5  # share of clips drawn until an object disappears in them
+    gap_rate: float = 0.5  # share of steps with the prompt made older
+    max_gap: int = 60  # frames a prompt is made older by, at most
+    absent_weight: float = 1.0  # weight of an absent object's frame in the object-score loss (SAM 2's: 1)
+
+
+def train(sam: Any, pool: ClipPool, seconds: float, seed: int, recipe: Recipe) -> dict:
+    """AdamW over ``seconds`` of wall time (warm-up, then cosine): the memory path at ``recipe.lr``, the decoder and
+    prompt encoder copied from the image module at ``recipe.pretrained_lr``."""
+    r = recipe
     rng = np.random.default_rng(seed)
-    opt = optimiser(sam, lr, pretrained_lr)
+    opt = optimiser(sam, r.lr, r.pretrained_lr)
     params = [p for g in opt.param_groups for p in g["params"]]
     start, step = time.time(), 0
     history: list[dict[str, float]] = []
@@ -473,13 +480,13 @@ def train(
         progress = (time.time() - start) / seconds  # the schedule follows wall time: it decays fully on any machine
         for g in opt.param_groups:
             g["lr"] = (
-                g["peak"] * min(1.0, (step + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+                g["peak"] * min(1.0, (step + 1) / r.warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
             )
-        clip = pool.sample(rng, clips, max_objects, max_stride=max_stride, event_rate=event_rate)
+        clip = pool.sample(rng, r.clips, r.max_objects, r.clip_frames, r.max_stride, r.event_rate)
         kind = str(rng.choice(["box", "box", "clicks", "mask"]))
-        correct_at = int(rng.integers(2, CLIP)) if rng.random() < correct_rate else None
-        gap = int(rng.integers(1, max_gap + 1)) if rng.random() < gap_rate else 0
-        loss, figures = run_clip(sam, pool, clip, kind, rng, correct_at, gap)
+        correct_at = int(rng.integers(2, r.clip_frames)) if rng.random() < r.correct_rate else None
+        gap = int(rng.integers(1, r.max_gap + 1)) if rng.random() < r.gap_rate else 0
+        loss, figures = run_clip(sam, pool, clip, kind, rng, correct_at, gap, r.absent_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -498,12 +505,7 @@ def train(
     last = history[-100:]
     return {
         "steps": step,
-        "clips_per_step": clips,
-        "max_objects": max_objects,
-        "max_stride": max_stride,
-        "event_rate": event_rate,
-        "gap_rate": gap_rate,
-        "max_gap": max_gap,
+        "recipe": dataclasses.asdict(r),
         "train_s": round(time.time() - start),
         "final": {k: round(float(np.mean([h[k] for h in last])), 4) for k in last[-1]},
         "curve": curve,
@@ -668,16 +670,11 @@ def main() -> None:
     parser.add_argument("--video-frames", type=int, default=32, help="frames per pool video")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=8e-4, help="peak lr of the memory path (fresh parameters)")
-    parser.add_argument("--pretrained-lr", type=float, default=1e-4, help="peak lr of the decoder, prompt encoder")
-    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    parser.add_argument("--clips", type=int, default=4, help="clips per step")
-    parser.add_argument("--max-objects", type=int, default=16, help="objects per step (all clips)")
-    parser.add_argument("--correct-rate", type=float, default=0.3, help="share of steps with a correction click")
-    parser.add_argument("--max-stride", type=int, default=3, help="clips take every 1st .. this-th frame")
-    parser.add_argument("--event-rate", type=float, default=0.5, help="share of clips where an object disappears")
-    parser.add_argument("--gap-rate", type=float, default=0.5, help="share of steps with the prompt made older")
-    parser.add_argument("--max-gap", type=int, default=60, help="frames a prompt is made older by, at most")
+    defaults = Recipe()
+    for field in dataclasses.fields(Recipe):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        parser.add_argument(flag, type=type(default), default=default, help=f"Recipe.{field.name}")
     parser.add_argument("--init", type=Path, help="a tracking checkpoint to continue from (or to --eval-only)")
     parser.add_argument("--out", type=Path, default=SHAPES_SAM2_VIDEO)
     parser.add_argument("--eval-videos", type=int, default=20, help="held-out val-split videos")
@@ -701,22 +698,8 @@ def main() -> None:
         sam.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in own.items()})
     pool = ClipPool(image_sam, args.videos, args.video_frames)
     print(f"{len(pool)} videos, {len(pool.embed)} frames ready in {time.time() - start:.0f}s", flush=True)
-    stats = train(
-        sam,
-        pool,
-        args.minutes * 60 - (time.time() - start),
-        args.seed,
-        clips=args.clips,
-        max_objects=args.max_objects,
-        lr=args.lr,
-        pretrained_lr=args.pretrained_lr,
-        warmup=args.warmup,
-        correct_rate=args.correct_rate,
-        max_stride=args.max_stride,
-        event_rate=args.event_rate,
-        gap_rate=args.gap_rate,
-        max_gap=args.max_gap,
-    )
+    recipe = Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
+    stats = train(sam, pool, args.minutes * 60 - (time.time() - start), args.seed, recipe)
     stats["train_wall_s"] = round(time.time() - start)
     del pool
     half = save(sam, args.out)
@@ -729,10 +712,6 @@ def main() -> None:
         seed=args.seed,
         videos=args.videos,
         video_frames=args.video_frames,
-        lr=args.lr,
-        pretrained_lr=args.pretrained_lr,
-        warmup=args.warmup,
-        correct_rate=args.correct_rate,
         size_mb=round(args.out.stat().st_size / 1e6, 2),
         wall_s=round(time.time() - start),
     )
