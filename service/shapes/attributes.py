@@ -27,7 +27,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.shapes.world import CLASSES, MIN_VISIBLE, _outline, yolo_label_lines
+from service.shapes.world import CLASSES, MIN_VISIBLE, _outline, place, yolo_label_lines
 
 # Named colours, RGB. Pairwise at least 95 apart (Euclidean), so jitter and shading never cross a boundary.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -187,13 +187,7 @@ def render_attribute_scene(seed: int) -> AttributeScene:
             lo, hi = SMALL_AREA if size == "small" else LARGE_AREA
             fraction = float(rng.uniform(lo, hi))
             r = math.sqrt(fraction * side * side / _UNIT_AREA[shape])
-            if previous is not None and rng.random() < 0.3:  # touching the previous shape
-                px, py, pr = previous
-                a = rng.uniform(0, 2 * math.pi)
-                dist = (pr + r) * rng.uniform(0.75, 0.95)
-                cx, cy = px + dist * math.cos(a), py + dist * math.sin(a)
-            else:
-                cx, cy = rng.uniform(r * 0.7, side - r * 0.7), rng.uniform(r * 0.7, side - r * 0.7)
+            cx, cy = place(rng, previous, r, side, side, margin=0.7)
             angle = float(rng.uniform(0, 2 * math.pi))
             img = Image.new("L", (side, side), 0)
             ImageDraw.Draw(img).polygon(_outline(CLASSES.index(shape), cx, cy, r, angle), fill=1)

@@ -32,7 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from service.shapes.world import CLASSES, MIN_VISIBLE, Scene, ShapeInstance, _outline
+from service.shapes.world import CLASSES, MIN_VISIBLE, Scene, ShapeInstance, _outline, place
 
 SHIFTED_CLASSES = (*CLASSES, "cross")
 CROSS = SHIFTED_CLASSES.index("cross")
@@ -188,13 +188,7 @@ def _render(seed: int) -> tuple[Scene, list[np.ndarray]]:
         for _attempt in range(30):
             category = CROSS if rng.random() < CROSS_RATE else int(rng.integers(0, len(CLASSES)))
             r = float(rng.uniform(*RADIUS) * side)
-            if previous is not None and rng.random() < 0.3:  # touching the previous shape
-                px, py, pr = previous
-                a = rng.uniform(0, 2 * math.pi)
-                dist = (pr + r) * rng.uniform(0.75, 0.95)
-                cx, cy = px + dist * math.cos(a), py + dist * math.sin(a)
-            else:
-                cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
+            cx, cy = place(rng, previous, r, w, h)
             angle = float(rng.uniform(0, 2 * math.pi))
             outline = _cross_outline(cx, cy, r, angle) if category == CROSS else _outline(category, cx, cy, r, angle)
             mask = _polygon_mask(outline, h, w)
