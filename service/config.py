@@ -84,6 +84,9 @@ class Settings:
     models: str = "auto"
     detector: str = ""  # catalog name or checkpoint path; empty = the profile's
     segmenter: str = ""  # catalog name or checkpoint path; empty = the profile's
+    # A folder written by `detseg adapt`: its detector and segmenter (each checked against the sha256 its card
+    # records) replace the profile's; ListModels and every response's provenance carry the card's version.
+    adapted: str = ""
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     offline: bool = False  # never try to download weights
     device: str = "cpu"  # torch backend: cpu | cuda | cuda:N (both models; arrays cross to it and back)

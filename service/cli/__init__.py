@@ -1,11 +1,11 @@
 """The ``detseg`` command: serve, segment and track (clients of a running server), models, export, triton, eval,
-label, eval-track, verify, keygen.
+label, adapt, eval-track, verify, keygen.
 
 One module per family of commands; each has ``register(subparsers)``, which adds its commands with their
-handlers, and the handlers. Modules import what they use at their top, save the two modules that load torch
-(``service.models.profiles`` and ``service.models.triton_repo``, through ``service.models.testing``): the
-handlers of ``export``, ``triton up`` and ``models`` import those, so that ``detseg --help`` and the client
-commands start without torch.
+handlers, and the handlers. Modules import what they use at their top, save the modules that load torch
+(``service.models.profiles`` and ``service.models.triton_repo``, through ``service.models.testing``, and
+``service.adaptation.run``): the handlers of ``export``, ``triton up``, ``models`` and ``adapt`` import those, so
+that ``detseg --help`` and the client commands start without torch.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.cli import dataset, eval_track, models, segment, serve, track, triton, verify
+from service.cli import adapt, dataset, eval_track, models, segment, serve, track, triton, verify
 from service.client import RequestFailed
 from service.errors import DetsegError
 from service.startup import block_telemetry
 
 # In the order `detseg --help` lists their commands.
-FAMILIES = (serve, segment, track, triton, dataset, eval_track, verify, models)
+FAMILIES = (serve, segment, track, triton, dataset, adapt, eval_track, verify, models)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     # The command line as typed, for `serve`'s re-execution under its allocator: only when running as the program
     # (argv None), never for in-process callers such as tests.
     args.reexec_argv = sys.argv[1:] if argv is None else None
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # as given, e.g. for a model card's command
     try:
         return int(args.func(args) or 0)
     except DetsegError as e:

@@ -7,13 +7,14 @@ import argparse
 from service.config import Settings
 
 # The flags of ``add_model_flags``, as Settings field names.
-MODEL_FLAGS = ("models", "detector", "segmenter", "cache_dir", "offline")
+MODEL_FLAGS = ("models", "detector", "segmenter", "adapted", "cache_dir", "offline")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="profile (as for serve)")
     p.add_argument("--detector")
     p.add_argument("--segmenter")
+    p.add_argument("--adapted", help="a folder written by `detseg adapt`: serve its models (and version)")
     p.add_argument("--cache-dir")
     p.add_argument("--offline", action="store_const", const=True)
 

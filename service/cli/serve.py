@@ -24,6 +24,7 @@ SERVE_FLAGS = (
     "models",
     "detector",
     "segmenter",
+    "adapted",
     "concept_model",
     "concept_imgsz",
     "backend",
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--models", help=f"model profile (default {d.models}); `detseg models` lists every profile")
     s.add_argument("--detector", help="detector: catalog name or checkpoint path (overrides the profile)")
     s.add_argument("--segmenter", help="segmenter: catalog name or checkpoint path (overrides the profile)")
+    s.add_argument(
+        "--adapted", help="a folder written by `detseg adapt`: serve its detector and segmenter, under its version"
+    )
     s.add_argument(
         "--concept-model",
         help=f"answer texts with SAM 3: sam3 (catalog) or a sam3.pt path (default {d.concept_model or 'none'})",

@@ -1,7 +1,7 @@
 """A dataset through the service: one request per image with the prompts the dataset implies.
 
-- ``classes``: the dataset's category names as ``classes`` (a closed detector must know them; an open one
-  takes any names);
+- ``classes``: the dataset's category names as ``classes`` (an open detector takes any names; a closed one is
+  asked for the names it knows, and the dataset's other categories count as missed: ``classes_to_ask``);
 - ``texts``: the category names as free ``texts`` (each instance answers the text it was found for);
 - ``boxes``: every ground-truth box as a region prompt labelled with its category (SAM's masks alone: the
   detector is skipped, so the figures measure segmentation given perfect boxes).
@@ -41,7 +41,21 @@ class ImagePrediction:
     error: str | None = None  # the server's message when the request failed (the image then counts as empty)
 
 
-def requests(dataset: EvalDataset, prompt: Prompt, score_threshold: float | None) -> Iterator[pb.SegmentRequest]:
+def classes_to_ask(dataset: EvalDataset, detector: pb.ModelInfo | None) -> list[str]:
+    """The dataset's category names a ``classes`` request asks for: all of them of an open-vocabulary detector (or
+    a server without a detector), else those in the detector's vocabulary (compared case- and space-insensitively,
+    as the server does)."""
+    names = list(dataset.categories.values())
+    if detector is None or detector.open_vocabulary:
+        return names
+    known = {v.strip().lower() for v in detector.vocabulary}
+    return [n for n in names if n.strip().lower() in known]
+
+
+def requests(
+    dataset: EvalDataset, prompt: Prompt, score_threshold: float | None, classes: list[str] | None = None
+) -> Iterator[pb.SegmentRequest]:
+    """``classes``: what a ``classes`` request asks for (default: every category name)."""
     names = list(dataset.categories.values())
     for image in dataset.images:
         data = image.path.read_bytes()
@@ -55,7 +69,8 @@ def requests(dataset: EvalDataset, prompt: Prompt, score_threshold: float | None
         elif prompt is Prompt.TEXTS:
             yield segment_request(data, texts=names, score_threshold=score_threshold, request_id=f"eval-{image.id}")
         else:
-            yield segment_request(data, classes=names, score_threshold=score_threshold, request_id=f"eval-{image.id}")
+            asked = names if classes is None else classes
+            yield segment_request(data, classes=asked, score_threshold=score_threshold, request_id=f"eval-{image.id}")
 
 
 def category_of(instance: Instance, prompt: Prompt, dataset: EvalDataset) -> int | None:
@@ -64,11 +79,15 @@ def category_of(instance: Instance, prompt: Prompt, dataset: EvalDataset) -> int
 
 
 def predict(
-    client: Client, dataset: EvalDataset, prompt: Prompt, score_threshold: float | None = None
+    client: Client,
+    dataset: EvalDataset,
+    prompt: Prompt,
+    score_threshold: float | None = None,
+    classes: list[str] | None = None,
 ) -> list[ImagePrediction]:
-    """One ImagePrediction per dataset image, in dataset order."""
+    """One ImagePrediction per dataset image, in dataset order; ``classes`` as for ``requests``."""
     out = []
-    for item in client.segment_many(requests(dataset, prompt, score_threshold)):
+    for item in client.segment_many(requests(dataset, prompt, score_threshold, classes)):
         image = dataset.images[item.index]
         if item.result is None:
             out.append(ImagePrediction(image.id, (), str(item.error)))

@@ -197,25 +197,121 @@ def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Pa
     out.mkdir(parents=True, exist_ok=True)
     paths = write_plots(figures, out)
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
-    tables = _tables(figures)
-    md = [
-        f"# {title}",
-        "",
+    intro = (
         f"{figures['images']} images, {figures['ground_truth']} ground-truth instances, prompt "
-        f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}.",
-        "",
-    ]
+        f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}."
+    )
+    _write_documents(out, "report", title, intro, _tables(figures), paths)
+    return {"json": out / "figures.json", "markdown": out / "report.md", "html": out / "report.html", **paths}
+
+
+# The figures a before/after comparison lists, in order, with whether higher is better.
+COMPARED = (
+    ("mask_ap50", True),
+    ("mask_ap", True),
+    ("box_ap50", True),
+    ("box_ap", True),
+    ("matched_mask_iou", True),
+    ("recall", True),
+    ("false_positives_per_image", False),
+    ("noc@85", False),
+    ("noc@90", False),
+)
+
+
+def write_comparison(before: dict[str, Any], after: dict[str, Any], out: Path, title: str) -> dict[str, Path]:
+    """``comparison.md`` / ``comparison.html`` (and the per-slice delta plot) in ``out`` from two sets of summary
+    figures keyed by dataset ("holdout", "original"): each figure before, after and the change; AP50 per class; recall
+    and matched mask IoU per slice. Returns name → path."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    for dataset in after:
+        b, a = before.get(dataset, {}), after[dataset]
+        rows = [[name, _fmt(b.get(name)), _fmt(a.get(name)), _delta(b.get(name), a.get(name))] for name, _ in COMPARED]
+        tables.append((f"{dataset}: overall", ["figure", "before", "after", "change"], rows))
+        classes = a.get("ap50_per_class", {})
+        rows = [
+            [c, _fmt(b.get("ap50_per_class", {}).get(c)), _fmt(v), _delta(b.get("ap50_per_class", {}).get(c), v)]
+            for c, v in classes.items()
+        ]
+        tables.append((f"{dataset}: mask AP50 per class", ["class", "before", "after", "change"], rows))
+        rows = []
+        for attribute, values in a.get("per_slice", {}).items():
+            for value, f in values.items():
+                old = b.get("per_slice", {}).get(attribute, {}).get(value, {})
+                for name in ("recall", "mean_mask_iou"):
+                    rows.append(
+                        [
+                            f"{attribute}={value}",
+                            name,
+                            _fmt(old.get(name)),
+                            _fmt(f[name]),
+                            _delta(old.get(name), f[name]),
+                        ]
+                    )
+        tables.append((f"{dataset}: per slice", ["slice", "figure", "before", "after", "change"], rows))
+    paths = {"slice_deltas": _slice_delta_plot(before, after, out / "slice_deltas.png")}
+    intro = "Before: the base models; after: the adapted ones; both through the service (`detseg eval`)."
+    _write_documents(out, "comparison", title, intro, tables, paths)
+    return {"markdown": out / "comparison.md", "html": out / "comparison.html", **paths}
+
+
+def _delta(before: Any, after: Any) -> str:
+    if not isinstance(before, int | float) or not isinstance(after, int | float):
+        return "–"
+    return f"{after - before:+.3f}"
+
+
+def _slice_delta_plot(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
+    """Change of recall and matched mask IoU per slice, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(after), figsize=(6 * len(after), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], after, strict=True):
+        labels, d_recall, d_iou = [], [], []
+        for attribute, values in after[dataset].get("per_slice", {}).items():
+            for value, f in values.items():
+                old = before.get(dataset, {}).get("per_slice", {}).get(attribute, {}).get(value, {})
+                labels.append(f"{attribute}={value}")
+                d_recall.append((f["recall"] or 0) - (old.get("recall") or 0))
+                d_iou.append((f["mean_mask_iou"] or 0) - (old.get("mean_mask_iou") or 0))
+        x = np.arange(len(labels))
+        ax.bar(x - 0.2, d_recall, 0.4, label="recall")
+        ax.bar(x + 0.2, d_iou, 0.4, label="matched mask IoU")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{dataset}: change per slice (after − before)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_documents(
+    out: Path,
+    stem: str,
+    title: str,
+    intro: str,
+    tables: list[tuple[str, list[str], list[list[str]]]],
+    paths: dict[str, Path],
+) -> None:
+    """``<stem>.md`` (plots linked) and a self-contained ``<stem>.html`` (plots inlined) in ``out``."""
+    md = [f"# {title}", "", intro, ""]
     for name, head, rows in tables:
         md += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     md += [f"![{name}]({p.name})" for name, p in paths.items()]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     parts = [
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
         "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,"
         "th:first-child{text-align:left}img{max-width:100%}</style>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(md[2])}</p>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
     ]
     for name, head, rows in tables:
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head))
@@ -224,5 +320,4 @@ def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Pa
     for name, p in paths.items():
         data = base64.b64encode(p.read_bytes()).decode("ascii")
         parts.append(f"<h3>{html.escape(name)}</h3><img alt='{name}' src='data:image/png;base64,{data}'>")
-    (out / "report.html").write_text("\n".join(parts))
-    return {"json": out / "figures.json", "markdown": out / "report.md", "html": out / "report.html", **paths}
+    (out / f"{stem}.html").write_text("\n".join(parts))

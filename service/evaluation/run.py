@@ -11,8 +11,9 @@ from service.client import Client
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import coco_results, dataset_rle, evaluate
 from service.evaluation.noc import InstanceEffort, annotate, summarize
-from service.evaluation.predict import Prompt, predict
+from service.evaluation.predict import Prompt, classes_to_ask, predict
 from service.evaluation.report import write_report
+from service.proto.detseg.v1 import detseg_pb2 as pb
 
 
 def effort(client: Client, dataset: EvalDataset, count: int) -> list[InstanceEffort]:
@@ -47,13 +48,22 @@ def run_eval(
 ) -> dict[str, Any]:
     """Runs everything and writes the report into ``out``; returns the figures. ``score_threshold``: what the
     requests ask for (low, for AP); ``operating_threshold``: where instances are kept (default: the server's
-    default score threshold, from ListModels)."""
+    default score threshold, from ListModels). A closed detector is asked only for the categories it knows; the
+    others are listed in the figures' ``classes_not_asked`` and count as missed."""
     t = time.perf_counter()
+    served = client.list_models()
     if operating_threshold is None:
-        operating_threshold = float(client.list_models().defaults.score_threshold)
-    predictions = predict(client, dataset, prompt, score_threshold)
+        operating_threshold = float(served.defaults.score_threshold)
+    detector = next((m for m in served.models if m.role == pb.MODEL_ROLE_DETECTOR), None)
+    asked = classes_to_ask(dataset, detector)
+    predictions = predict(client, dataset, prompt, score_threshold, asked)
     figures = evaluate(dataset, predictions, operating_threshold)
     figures["prompt"] = prompt.value
+    figures["classes_not_asked"] = [n for n in dataset.categories.values() if n not in asked]
+    figures["models"] = [
+        {"role": pb.ModelRole.Name(m.role), "name": m.name, "version": m.version, "weights_sha256": m.weights_sha256}
+        for m in served.models
+    ]
     efforts = effort(client, dataset, noc_instances) if noc_instances else []
     figures["noc"] = summarize(efforts)
     figures["seconds"] = time.perf_counter() - t

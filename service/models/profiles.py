@@ -10,6 +10,7 @@ from typing import NamedTuple
 from service.config import Settings
 from service.errors import DetsegError, ModelUnavailable, WeightsNotFound
 from service.models import testing
+from service.models.adapted import read_adapted
 from service.models.catalog import CATALOG, PROFILES, CatalogEntry
 from service.models.download import ensure_weights
 from service.models.roles import ModelRole
@@ -31,6 +32,8 @@ PROFILE_SUMMARIES: dict[str, str] = {
     "test": "test-yolo11n + test-sam2.1_hiera_t: seeded random weights built locally, for tests",
     "test-open": "test-yoloe-11n (open vocabulary) + test-sam2.1_hiera_t: seeded random weights, for tests",
 }
+# A profile whose models were replaced by a `detseg adapt` folder (Settings.adapted) is reported as this.
+ADAPTED_PROFILE = "adapted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +142,9 @@ def resolve_models(settings: Settings, *, progress: bool = True) -> ModelSet:
     else:
         known = ", ".join(PROFILE_SUMMARIES)
         raise ModelUnavailable(f"unknown model profile {settings.models!r}; known: {known}")
+    if settings.adapted:
+        detector, segmenter, tracker = _adapted_refs(Path(settings.adapted), segmenter, tracker)
+        profile = ADAPTED_PROFILE
     if settings.detector:
         detector = _explicit(settings.detector, ModelRole.DETECTOR, settings, progress)
         profile = "custom"
@@ -207,6 +213,29 @@ def _demo_refs(open_vocabulary: bool = False) -> DemoRefs:
         else None
     )
     return DemoRefs(detector, segmenter, tracker)
+
+
+def _adapted_refs(
+    folder: Path, base_segmenter: WeightsRef | None, base_tracker: WeightsRef | None
+) -> tuple[WeightsRef, WeightsRef, WeightsRef | None]:
+    """The detector and segmenter of a ``detseg adapt`` folder, their files checked against the card's sha256; the
+    profile's tracker stays when it was built on the segmenter the set was adapted from and the image encoder was
+    not adapted (the demo tracker shares its image encoder with the segmenter), else None."""
+    adapted = read_adapted(folder)
+    refs = []
+    for role, model in ((ModelRole.DETECTOR, adapted.detector), (ModelRole.SEGMENTER, adapted.segmenter)):
+        digest = file_sha256(model.path)
+        if digest != model.sha256:
+            raise ModelUnavailable(
+                f"{folder}: {model.path.name} has sha256 {digest[:12]}…, its card records {model.sha256[:12]}… "
+                "(changed since `detseg adapt` wrote it)"
+            )
+        refs.append(
+            WeightsRef(role, model.name, adapted.version, model.architecture, model.path, digest, model.overrides)
+        )
+    same_base = base_segmenter is not None and base_segmenter.sha256 == adapted.base_segmenter_sha256
+    tracker = base_tracker if same_base and not adapted.encoder_changed else None
+    return refs[0], refs[1], tracker
 
 
 def _entry(name: str, role: ModelRole) -> CatalogEntry:

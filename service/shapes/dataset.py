@@ -13,17 +13,30 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from service.shapes import shifted
 from service.shapes.world import CLASSES, Scene, render_scene, split_seed, yolo_label_lines
 
+# The image worlds a COCO dataset can be written from: "plain" (world.render_scene, the demo models' domain) and
+# "shifted" (shifted.render_shifted_scene, a domain they have not seen, with the new class "cross").
+WORLDS = ("plain", "shifted")
 
-def scenes(split: str, count: int, start: int = 0) -> Iterable[Scene]:
-    """``count`` scenes of ``split`` (train | val | test), deterministic."""
+
+def scenes(split: str, count: int, start: int = 0, world: str = "plain") -> Iterable[Scene]:
+    """``count`` scenes of ``split`` (train | val | test) of ``world`` (one of WORLDS), deterministic."""
+    if world == "shifted":
+        yield from shifted.shifted_scenes(split, count, start)
+        return
+    if world != "plain":
+        raise ValueError(f"unknown world {world!r}; known: {', '.join(WORLDS)}")
     for i in range(start, start + count):
         yield render_scene(split_seed(split, i))
 
 
-def coco_annotations(items: Sequence[Scene], file_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """COCO instances dict (RLE segmentations with str counts, XYWH bboxes) for ``items``; image id = seed."""
+def coco_annotations(
+    items: Sequence[Scene], file_names: Sequence[str] | None = None, world: str = "plain"
+) -> dict[str, Any]:
+    """COCO instances dict (RLE segmentations with str counts, XYWH bboxes) for ``items`` of ``world``; image id =
+    seed."""
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for n, scene in enumerate(items):
@@ -43,7 +56,8 @@ def coco_annotations(items: Sequence[Scene], file_names: Sequence[str] | None = 
                     "iscrowd": 0,
                 }
             )
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    names = shifted.SHIFTED_CLASSES if world == "shifted" else CLASSES
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -89,15 +103,15 @@ def image_size_slice(width: int, height: int) -> str:
     return "small" if side <= 352 else "medium" if side <= 512 else "large"
 
 
-def write_coco_dataset(root: Path, split: str = "test", count: int = 100) -> Path:
-    """``count`` scenes of ``split`` as images/*.png and instances.json (COCO, RLE) whose image entries carry
-    slice attributes ("objects": crowding, "image_size"); returns the JSON's path."""
+def write_coco_dataset(root: Path, split: str = "test", count: int = 100, world: str = "plain", start: int = 0) -> Path:
+    """``count`` scenes of ``split`` of ``world`` (from index ``start``) as images/*.png and instances.json (COCO,
+    RLE) whose image entries carry slice attributes ("objects": crowding, "image_size"); returns the JSON's path."""
     (root / "images").mkdir(parents=True, exist_ok=True)
-    items = list(scenes(split, count))
+    items = list(scenes(split, count, start, world))
     names = [f"{scene.seed:07d}.png" for scene in items]
     for scene, name in zip(items, names, strict=True):
         Image.fromarray(scene.image).save(root / "images" / name)
-    coco = coco_annotations(items, [f"images/{n}" for n in names])
+    coco = coco_annotations(items, [f"images/{n}" for n in names], world)
     for entry, scene in zip(coco["images"], items, strict=True):
         entry["attributes"] = {
             "objects": object_count_slice(len(scene.instances)),
@@ -113,8 +127,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--start", type=int, default=0, help="index of the first scene of the split")
+    parser.add_argument("--world", default="plain", choices=WORLDS)
     args = parser.parse_args()
-    print(write_coco_dataset(args.out, args.split, args.count))
+    print(write_coco_dataset(args.out, args.split, args.count, args.world, args.start))
 
 
 if __name__ == "__main__":

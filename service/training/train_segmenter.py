@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.adaptation.sam_losses import LOSS_SIDE, decode_all, jittered_boxes, mask_losses, random_clicks
 from service.models import sam_ops
 from service.models.demo.profile import SHAPES_SAM2_CONFIG, SHAPES_SAM2_OVERRIDES
 
 HERE = Path(__file__).parent
 S = 256  # SAM input side
-LOSS_SIDE = 128  # masks are compared at this side (the decoder's 64² logits upsampled 2x)
 
 
 def build(seed: int) -> Any:
@@ -81,31 +81,6 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def _points(masks: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator, n_pos: int, neg: bool):
-    """Clicks for each mask: n_pos positives inside it, and optionally one negative inside its box but outside it."""
-    coords, labels = [], []
-    for m, b in zip(masks, boxes, strict=True):
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        pick = rng.integers(0, len(xs), n_pos)
-        pts = [(float(xs[k]) + 0.5, float(ys[k]) + 0.5) for k in pick]
-        labs = [1] * n_pos
-        if neg:
-            x0, y0, x1, y1 = (int(v) for v in b)
-            region = torch.zeros_like(m, dtype=torch.bool)
-            region[max(y0, 0) : max(y1, 1), max(x0, 0) : max(x1, 1)] = True
-            ys, xs = torch.nonzero(region & (m < 0.5), as_tuple=True)
-            if len(xs):
-                k = rng.integers(0, len(xs))
-                pts.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
-                labs.append(0)
-            else:
-                pts.append(pts[0])
-                labs.append(1)
-        coords.append(pts)
-        labels.append(labs)
-    return torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)
 
 
 def _region_click(region: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -150,49 +125,6 @@ def _chosen_mask(model: Any, logits: torch.Tensor, iou: torch.Tensor, first: boo
     return F.interpolate(chosen, (S, S), mode="bilinear", align_corners=False)[:, 0] > 0
 
 
-def _per_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """logits (P, M, S, S), target (P, S, S) → (P, M): 20 x focal + dice per mask, as SAM trains."""
-    t = target[:, None].expand_as(logits)
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
-    p_t = prob * t + (1 - prob) * (1 - t)
-    focal = (ce * (1 - p_t) ** 2 * (0.25 * t + 0.75 * (1 - t))).mean((-1, -2))
-    inter = (prob * t).sum((-1, -2))
-    dice = 1 - (2 * inter + 1) / (prob.sum((-1, -2)) + t.sum((-1, -2)) + 1)
-    return 20 * focal + dice
-
-
-def _losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
-    """All four mask tokens of SAM's decoder are supervised on every prompt.
-
-    logits (P, 4, S, S), target (P, S, S), iou_pred (P, 4). Token 0 (the single-mask output) gets its own loss,
-    tokens 1-3 (the multimask outputs) the minimum over the three, and the IoU head learns the IoU of all four.
-    At inference SAM 2.1 replaces an unstable single mask by the multimask output with the best predicted IoU
-    (``dynamic_multimask_via_stability``), so those tokens and the IoU head must be good for boxes too.
-    """
-    per_mask = _per_mask_loss(logits, target)
-    multi = per_mask[:, 1:].min(1).values
-    with torch.no_grad():
-        hard = logits > 0
-        truth = target[:, None] > 0.5
-        actual = (hard & truth).sum((-1, -2)) / (hard | truth).sum((-1, -2)).clamp(min=1)
-    return per_mask[:, 0].mean() + multi.mean() + F.mse_loss(iou_pred, actual.float())
-
-
-def _decode_all(model: Any, embed, high_res, owner, coords, labels):
-    """Every mask token of the decoder for each prompt: logits (P, 4, S, S) and IoU predictions (P, 4)."""
-    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    low, iou, _, _ = model.sam_mask_decoder.predict_masks(
-        image_embeddings=embed[owner],
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        repeat_image=False,
-        high_res_features=[h[owner] for h in high_res],
-    )
-    return F.interpolate(low, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False), iou
-
-
 def _interactive_loss(
     model: Any, embed, high_res, owner, target: torch.Tensor, small: torch.Tensor, rng: np.random.Generator, n: int
 ) -> torch.Tensor:
@@ -204,8 +136,8 @@ def _interactive_loss(
     for j in range(n):
         coords = torch.tensor([[c[:2] for c in seq] for seq in clicks], dtype=torch.float32)
         labels = torch.tensor([[c[2] for c in seq] for seq in clicks], dtype=torch.int32)
-        logits, iou = _decode_all(model, embed, high_res, owner, coords, labels)
-        total = total + _losses(logits, small, iou)
+        logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
+        total = total + mask_losses(logits, small, iou)
         if j + 1 < n:
             with torch.no_grad():
                 masks = _chosen_mask(model, logits.detach(), iou.detach(), first=j == 0).numpy()
@@ -250,21 +182,18 @@ def train(
         target = torch.cat(masks)
         all_boxes = torch.cat(boxes)
         # Each instance gets a jittered box prompt and a click prompt (1-3 positives, maybe a negative).
-        wh = (all_boxes[:, 2:] - all_boxes[:, :2]).repeat(1, 2)
-        jitter = torch.from_numpy(rng.normal(0, 0.07, all_boxes.shape)).float() * wh
-        box_coords = (all_boxes + jitter).clamp(0, S).reshape(-1, 2, 2)
-        box_labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(box_coords), 1)
-        logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, box_coords, box_labels)
+        box_coords, box_labels = jittered_boxes(all_boxes, rng, S)
+        logits, iou = decode_all(model, embed, (high_res_0, high_res_1), owner, box_coords, box_labels)
         small = F.interpolate(target[:, None], (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
-        loss = _losses(logits, small, iou)
+        loss = mask_losses(logits, small, iou)
         if interactive:
             loss = loss + click_weight * _interactive_loss(
                 model, embed, (high_res_0, high_res_1), owner, target, small, rng, 1 + int(rng.integers(0, max_clicks))
             )
         else:
-            coords, labels = _points(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
-            logits, iou = _decode_all(model, embed, (high_res_0, high_res_1), owner, coords, labels)
-            loss = loss + click_weight * _losses(logits, small, iou)
+            coords, labels = random_clicks(target, all_boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
+            logits, iou = decode_all(model, embed, (high_res_0, high_res_1), owner, coords, labels)
+            loss = loss + click_weight * mask_losses(logits, small, iou)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

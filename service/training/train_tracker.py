@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.adaptation.sam_losses import LOSS_SIDE, per_mask_loss
 from service.models import sam_ops
 from service.models.demo.profile import (
     SHAPES_SAM2,
@@ -66,10 +67,9 @@ from service.models.demo.profile import (
     SHAPES_SAM2_VIDEO,
     SHAPES_SAM2_VIDEO_OVERRIDES,
 )
-from service.training.train_segmenter import _error_click, _per_mask_loss
+from service.training.train_segmenter import _error_click
 
 S = 256  # SAM input side
-LOSS_SIDE = 128  # masks are compared at this side (the decoder's 64² logits upsampled 2x)
 WIDTH, HEIGHT = 320, 240  # rendered frame size, resized to S² as the service resizes
 # What MemoryTracker tells sam2 a stream's length is: it decides how many object pointers are read (16) and how their
 # temporal distances are normalised (by 15), so training uses it too (sam2's trainer passes the clip's length).
@@ -321,7 +321,7 @@ def _frame_loss(
     present = target.flatten(1).any(-1).float()
     small = F.interpolate(target[:, None].float(), (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
     logits = F.interpolate(low_multi, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False)
-    per_mask = _per_mask_loss(logits, small)  # (B, M): 20 x focal + dice
+    per_mask = per_mask_loss(logits, small)  # (B, M): 20 x focal + dice
     with torch.no_grad():
         hard, truth = logits > 0, small[:, None] > 0.5
         actual = (hard & truth).sum((-1, -2)) / (hard | truth).sum((-1, -2)).clamp(min=1)

@@ -1,0 +1,129 @@
+"""A user's COCO dataset for adaptation: a seeded train / held-out split, the YOLO files ultralytics' trainer reads,
+and the examples SAM's decoder trains on (in the model's input frame)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from service.evaluation.dataset import EvalDataset, EvalImage
+from service.evaluation.metrics import dataset_rle
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """``train`` and ``holdout`` are subsets of one dataset (no image in both); ``holdout`` picks the early stop and
+    is what the before/after figures are measured on."""
+
+    train: EvalDataset
+    holdout: EvalDataset
+
+
+def subset(dataset: EvalDataset, ids: set[int]) -> EvalDataset:
+    """The images with these ids (dataset order) and their annotations."""
+    coco = {
+        **dataset.coco,
+        "images": [i for i in dataset.coco["images"] if i["id"] in ids],
+        "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in ids],
+    }
+    return EvalDataset(coco, tuple(i for i in dataset.images if i.id in ids), dataset.categories)
+
+
+def split(dataset: EvalDataset, holdout_fraction: float, seed: int) -> Split:
+    """A seeded random ``holdout_fraction`` of the images (at least one) is held out; the rest trains."""
+    if len(dataset.images) < 2:
+        raise ValueError("adaptation needs at least 2 labeled images (one to train on, one held out)")
+    order = np.random.default_rng(seed).permutation(len(dataset.images))
+    n_holdout = min(len(order) - 1, max(1, round(holdout_fraction * len(order))))
+    held = {dataset.images[k].id for k in order[:n_holdout]}
+    return Split(subset(dataset, {i.id for i in dataset.images} - held), subset(dataset, held))
+
+
+def class_names(dataset: EvalDataset) -> list[str]:
+    """The dataset's category names in category-id order: the adapted detector's classes, index = class id."""
+    return [dataset.categories[k] for k in sorted(dataset.categories)]
+
+
+def write_yolo(split: Split, root: Path) -> Path:
+    """ultralytics' detection layout under ``root`` (images linked, not copied; labels from the COCO boxes) with
+    ``data.yaml``; returns its path."""
+    names = class_names(split.train)
+    index = {cid: k for k, cid in enumerate(sorted(split.train.categories))}
+    for part, data in (("train", split.train), ("val", split.holdout)):
+        (root / "images" / part).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / part).mkdir(parents=True, exist_ok=True)
+        for image in data.images:
+            stem = f"{image.id}"
+            link = root / "images" / part / f"{stem}{image.path.suffix.lower()}"
+            if not link.exists():
+                os.symlink(image.path.resolve(), link)
+            lines = []
+            for a in data.annotations(image.id):
+                if a.get("iscrowd"):
+                    continue
+                x, y, w, h = a["bbox"]
+                cx, cy = (x + w / 2) / image.width, (y + h / 2) / image.height
+                lines.append(
+                    f"{index[a['category_id']]} {cx:.6f} {cy:.6f} {w / image.width:.6f} {h / image.height:.6f}"
+                )
+            (root / "labels" / part / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+    names_yaml = "".join(f"  {k}: {_yaml_string(n)}\n" for k, n in enumerate(names))
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names_yaml}")
+    return data_yaml
+
+
+def _yaml_string(text: str) -> str:
+    """A class name as a double-quoted YAML scalar (JSON's escaping is valid YAML)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamExample:
+    """One image in SAM's square input frame of side S: ``image`` (3, S, S) float32 normalised, ``masks`` (P, S, S)
+    float32 0/1, ``boxes`` (P, 4) XYXY float32 (P ≥ 1)."""
+
+    image: np.ndarray
+    masks: np.ndarray
+    boxes: np.ndarray
+
+
+def sam_examples(dataset: EvalDataset, side: int) -> list[SamExample]:
+    """Every image with at least one non-crowd instance, resized to ``side`` × ``side`` as the service's SAM
+    pre-processing does (service.processing.segmentation), with its instance masks and boxes in that frame."""
+    import cv2
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from service.models.tensors import SegmenterSpec
+    from service.processing.segmentation import SegmenterProcessing
+
+    processing = SegmenterProcessing(SegmenterSpec(image_size=side))
+    out = []
+    for image in dataset.images:
+        anns = [a for a in dataset.annotations(image.id) if not a.get("iscrowd")]
+        if not anns:
+            continue
+        rgb = np.asarray(Image.open(image.path).convert("RGB"))
+        masks, boxes = [], []
+        for a in anns:
+            full = mask_utils.decode(dataset_rle(a, dataset)).astype(np.float32)
+            small = cv2.resize(full, (side, side), interpolation=cv2.INTER_LINEAR) > 0.5
+            if not small.any():  # too small to exist in SAM's frame
+                continue
+            x, y, w, h = a["bbox"]
+            sx, sy = side / image.width, side / image.height
+            masks.append(small.astype(np.float32))
+            boxes.append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+        if masks:
+            out.append(SamExample(processing.preprocess(rgb)[0], np.stack(masks), np.asarray(boxes, np.float32)))
+    return out
+
+
+def image_of(dataset: EvalDataset, image_id: int) -> EvalImage:
+    return next(i for i in dataset.images if i.id == image_id)

@@ -1,0 +1,156 @@
+"""A closed-vocabulary YOLO detector adapted to a domain with ultralytics' own trainer.
+
+The start checkpoint is the base detector loaded safely (``safe_load_ultralytics``), with its head resized to the
+dataset's classes: a class whose name the base knows keeps its row of the classification head (so the old classes
+start from what they knew), a new class starts from the architecture's initialisation. ultralytics' trainer then
+fine-tunes every layer at the base's input size, validating on the held-out split after each epoch, keeping the
+best epoch (its fitness: 0.1 mAP50 + 0.9 mAP50-95) and stopping after ``patience`` epochs without gain or when the
+wall-time budget (its ``time`` mode) is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.adaptation.recipes import DetectorRecipe
+from service.models.loading import safe_load_ultralytics
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorResult:
+    epochs: int
+    best_epoch: int
+    seconds: float
+    holdout_map50: float  # ultralytics' validator, best epoch, on the held-out split
+    holdout_map50_95: float
+    kept_classes: tuple[str, ...]  # classes whose head rows came from the base
+    new_classes: tuple[str, ...]
+
+
+def start_checkpoint(base: Path, names: Sequence[str], out: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Writes the training start for ``names`` (index = class id) from the base detector ``base``; returns (classes
+    kept from the base, new classes)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    ckpt = safe_load_ultralytics(base)
+    old = (ckpt.get("ema") or ckpt["model"]).float()
+    if type(old).__name__ != "DetectionModel":
+        raise ValueError(f"{base.name}: adaptation takes a closed-vocabulary YOLO detector, not a {type(old).__name__}")
+    old_names = [old.names[k] for k in sorted(old.names)]
+    old_index = {n.strip().lower(): k for k, n in enumerate(old_names)}
+    mapping = {k: old_index.get(n.strip().lower()) for k, n in enumerate(names)}
+    torch.manual_seed(0)
+    new = DetectionModel(old.yaml, nc=len(names), verbose=False)
+    state, old_state = new.state_dict(), old.state_dict()
+    head = f"model.{len(old.model) - 1}."
+    for key, value in state.items():
+        source = old_state.get(key)
+        if source is None:
+            continue
+        # The classification outputs: the head's cv3 branches end in one row (output channel) per class.
+        class_rows = key.startswith(head) and "cv3." in key and source.ndim >= 1 and source.shape[0] == len(old_names)
+        if class_rows and value.shape[1:] == source.shape[1:]:
+            rows = value.clone()  # the base's row where it knows the name, the architecture's initialisation else
+            for k, j in mapping.items():
+                if j is not None:
+                    rows[k] = source[j]
+            state[key] = rows
+        elif source.shape == value.shape:
+            state[key] = source.clone()
+    new.load_state_dict(state)
+    new.names = dict(enumerate(names))  # type: ignore[assignment]
+    new.args = getattr(old, "args", {})  # type: ignore[assignment]
+    torch.save({"model": new.half(), "train_args": ckpt.get("train_args") or {}, "date": None, "version": None}, out)
+    kept = tuple(n for k, n in enumerate(names) if mapping[k] is not None)
+    return kept, tuple(n for k, n in enumerate(names) if mapping[k] is None)
+
+
+def adapt_detector(
+    base: Path,
+    names: Sequence[str],
+    data_yaml: Path,
+    work: Path,
+    imgsz: int,
+    recipe: DetectorRecipe,
+    progress: Callable[[float, str], None] = lambda fraction, text: None,
+) -> tuple[Path, DetectorResult]:
+    """Fine-tunes the base detector on ``data_yaml`` (``data.write_yolo``); returns the best weights (fp16,
+    optimizer stripped, as ultralytics ships them) and what training did."""
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    t = time.perf_counter()
+    start = work / "start.pt"
+    kept, new = start_checkpoint(base, names, start)
+    model = YOLO(str(start))  # our own file, written just above from a safe load
+    threads = recipe.threads or torch.get_num_threads()
+
+    def on_train_start(trainer: Any) -> None:
+        torch.set_num_threads(threads)  # ultralytics' select_device leaves one core idle
+
+    def on_epoch_end(trainer: Any) -> None:
+        progress(min(1.0, (time.perf_counter() - t) / (recipe.minutes * 60)), f"detector epoch {trainer.epoch + 1}")
+
+    model.add_callback("on_train_start", on_train_start)
+    model.add_callback("on_fit_epoch_end", on_epoch_end)
+    model.train(
+        data=str(data_yaml),
+        project=str(work),
+        name="detector",
+        exist_ok=True,
+        imgsz=imgsz,
+        epochs=1000,  # re-planned by `time`
+        time=recipe.minutes / 60,
+        patience=recipe.patience,
+        batch=recipe.batch,
+        nbs=recipe.batch,
+        optimizer="SGD",
+        lr0=recipe.lr0,
+        warmup_epochs=1,
+        close_mosaic=recipe.close_mosaic,
+        seed=recipe.seed,
+        deterministic=True,
+        workers=0,
+        cache="ram",
+        device="cpu",
+        amp=False,
+        plots=False,
+        verbose=False,
+    )
+    trainer: Any = model.trainer
+    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    out = work / "detector.pt"
+    shutil.copyfile(best, out)
+    strip_optimizer(str(out))
+    metrics = _best_metrics(Path(trainer.csv))
+    return out, DetectorResult(
+        epochs=int(trainer.epoch) + 1,
+        best_epoch=int(metrics.get("epoch", 0)),
+        seconds=time.perf_counter() - t,
+        holdout_map50=float(metrics.get("metrics/mAP50(B)", 0.0)),
+        holdout_map50_95=float(metrics.get("metrics/mAP50-95(B)", 0.0)),
+        kept_classes=kept,
+        new_classes=new,
+    )
+
+
+def _best_metrics(csv: Path) -> dict[str, float]:
+    """The row of ultralytics' results.csv with the best fitness (0.1 mAP50 + 0.9 mAP50-95), as it keeps best.pt."""
+    import csv as csv_module
+
+    if not csv.exists():
+        return {}
+    with csv.open() as f:
+        rows = [
+            {k.strip(): float(v) for k, v in row.items() if v not in (None, "")} for row in csv_module.DictReader(f)
+        ]
+    if not rows:
+        return {}
+    return max(rows, key=lambda r: 0.1 * r.get("metrics/mAP50(B)", 0) + 0.9 * r.get("metrics/mAP50-95(B)", 0))

@@ -1,0 +1,101 @@
+"""SAM 2 mask-decoder training pieces shared by the demo's training scripts and ``detseg adapt``: prompts through
+the decoder with every mask token, SAM's loss on all of them, and simulated clicks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOSS_SIDE = 128  # masks are compared at this side (the demo decoder's 64² logits upsampled 2x)
+
+
+def per_mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits (P, M, s, s), target (P, s, s) → (P, M): 20 x focal + dice per mask, as SAM trains."""
+    t = target[:, None].expand_as(logits)
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p_t = prob * t + (1 - prob) * (1 - t)
+    focal = (ce * (1 - p_t) ** 2 * (0.25 * t + 0.75 * (1 - t))).mean((-1, -2))
+    inter = (prob * t).sum((-1, -2))
+    dice = 1 - (2 * inter + 1) / (prob.sum((-1, -2)) + t.sum((-1, -2)) + 1)
+    return 20 * focal + dice
+
+
+def mask_losses(logits: torch.Tensor, target: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
+    """All four mask tokens of SAM's decoder are supervised on every prompt.
+
+    logits (P, 4, s, s), target (P, s, s), iou_pred (P, 4). Token 0 (the single-mask output) gets its own loss,
+    tokens 1-3 (the multimask outputs) the minimum over the three, and the IoU head learns the IoU of all four.
+    At inference SAM 2.1 replaces an unstable single mask by the multimask output with the best predicted IoU
+    (``dynamic_multimask_via_stability``), so those tokens and the IoU head must be good for boxes too.
+    """
+    per_mask = per_mask_loss(logits, target)
+    multi = per_mask[:, 1:].min(1).values
+    with torch.no_grad():
+        hard = logits > 0
+        truth = target[:, None] > 0.5
+        actual = (hard & truth).sum((-1, -2)) / (hard | truth).sum((-1, -2)).clamp(min=1)
+    return per_mask[:, 0].mean() + multi.mean() + F.mse_loss(iou_pred, actual.float())
+
+
+def decode_all(
+    model: Any,
+    embed: torch.Tensor,
+    high_res: tuple[torch.Tensor, torch.Tensor],
+    owner: torch.Tensor,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every mask token of the decoder for each prompt (prompt p on image ``owner[p]``; coords (P, K, 2) in the
+    model's input frame, labels (P, K): 1/0 clicks, 2/3 box corners): logits (P, 4, LOSS_SIDE, LOSS_SIDE) and IoU
+    predictions (P, 4)."""
+    sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    low, iou, _, _ = model.sam_mask_decoder.predict_masks(
+        image_embeddings=embed[owner],
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        repeat_image=False,
+        high_res_features=[h[owner] for h in high_res],
+    )
+    return F.interpolate(low, (LOSS_SIDE, LOSS_SIDE), mode="bilinear", align_corners=False), iou
+
+
+def random_clicks(
+    masks: torch.Tensor, boxes: torch.Tensor, rng: np.random.Generator, n_pos: int, neg: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clicks for each mask (P, S, S): ``n_pos`` positives inside it, and optionally one negative inside its box
+    (P, 4) XYXY but outside it (another positive where the box has no background). coords (P, K, 2), labels (P, K)."""
+    coords, labels = [], []
+    for m, b in zip(masks, boxes, strict=True):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        pick = rng.integers(0, len(xs), n_pos)
+        pts = [(float(xs[k]) + 0.5, float(ys[k]) + 0.5) for k in pick]
+        labs = [1] * n_pos
+        if neg:
+            x0, y0, x1, y1 = (int(v) for v in b)
+            region = torch.zeros_like(m, dtype=torch.bool)
+            region[max(y0, 0) : max(y1, 1), max(x0, 0) : max(x1, 1)] = True
+            ys, xs = torch.nonzero(region & (m < 0.5), as_tuple=True)
+            if len(xs):
+                k = rng.integers(0, len(xs))
+                pts.append((float(xs[k]) + 0.5, float(ys[k]) + 0.5))
+                labs.append(0)
+            else:
+                pts.append(pts[0])
+                labs.append(1)
+        coords.append(pts)
+        labels.append(labs)
+    return torch.tensor(coords, dtype=torch.float32), torch.tensor(labels, dtype=torch.int32)
+
+
+def jittered_boxes(boxes: torch.Tensor, rng: np.random.Generator, side: int, sigma: float = 0.07):
+    """Box prompts (P, 2, 2) and their labels (P, 2) from boxes (P, 4) XYXY, each corner moved by Gaussian noise of
+    ``sigma`` × the box's side (a detector's or an annotator's imprecision), clamped to the frame."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    jitter = torch.from_numpy(rng.normal(0, sigma, boxes.shape)).float() * wh
+    coords = (boxes + jitter).clamp(0, side).reshape(-1, 2, 2)
+    return coords, torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)

@@ -1,0 +1,141 @@
+"""detseg adapt's parts: the seeded split, the YOLO files, the detector's start (class rows kept by name), LoRA
+(exactly the base at the start, merged equal to unmerged), the card reader's refusals, eval's closed-vocabulary
+classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from service.adaptation import data as adapt_data
+from service.adaptation.detector import start_checkpoint
+from service.adaptation.segmenter import LoRALinear, add_lora, merge_lora
+from service.errors import ModelUnavailable
+from service.evaluation.dataset import load_dataset
+from service.evaluation.predict import classes_to_ask
+from service.models.adapted import CARD_NAME, CARD_SCHEMA, read_adapted
+from service.models.demo.profile import SHAPES_YOLO
+from service.models.loading import safe_load_ultralytics
+from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.shapes.dataset import write_coco_dataset
+from service.shapes.shifted import SHIFTED_CLASSES
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    return load_dataset(write_coco_dataset(tmp_path_factory.mktemp("shifted"), "train", 12, world="shifted"))
+
+
+def test_the_split_is_seeded_disjoint_and_whole(shifted):
+    a, b = adapt_data.split(shifted, 0.25, 0), adapt_data.split(shifted, 0.25, 0)
+    assert [i.id for i in a.holdout.images] == [i.id for i in b.holdout.images]
+    train, held = {i.id for i in a.train.images}, {i.id for i in a.holdout.images}
+    assert len(held) == 3 and not train & held and train | held == {i.id for i in shifted.images}
+    assert all(x["image_id"] in held for x in a.holdout.coco["annotations"])
+    assert {i.id for i in adapt_data.split(shifted, 0.25, 1).holdout.images} != held
+    with pytest.raises(ValueError, match="at least 2"):
+        adapt_data.split(adapt_data.subset(shifted, {shifted.images[0].id}), 0.5, 0)
+
+
+def test_yolo_files_carry_the_coco_boxes_and_class_names(shifted, tmp_path):
+    split = adapt_data.split(shifted, 0.25, 0)
+    data = yaml.safe_load(adapt_data.write_yolo(split, tmp_path).read_text())
+    assert [data["names"][k] for k in range(len(data["names"]))] == list(SHIFTED_CLASSES)
+    image = split.train.images[0]
+    lines = (tmp_path / "labels" / "train" / f"{image.id}.txt").read_text().split("\n")[:-1]
+    anns = split.train.annotations(image.id)
+    assert len(lines) == len(anns)
+    for line, a in zip(lines, anns, strict=True):
+        k, cx, cy, w, h = line.split()
+        x, y, bw, bh = a["bbox"]
+        assert int(k) == a["category_id"] - 1
+        assert float(cx) == pytest.approx((x + bw / 2) / image.width, abs=1e-6)
+        assert float(h) == pytest.approx(bh / image.height, abs=1e-6)
+    linked = tmp_path / "images" / "train" / f"{image.id}.png"
+    assert np.array_equal(np.asarray(Image.open(linked)), np.asarray(Image.open(image.path)))
+
+
+def test_the_detector_starts_with_the_base_rows_of_the_classes_it_knows(tmp_path):
+    names = ["cross", "star", "circle"]  # a new class first, two old ones in another order
+    kept, new = start_checkpoint(SHAPES_YOLO, names, tmp_path / "start.pt")
+    assert kept == ("star", "circle") and new == ("cross",)
+    base = safe_load_ultralytics(SHAPES_YOLO)
+    base_model = (base.get("ema") or base["model"]).float().eval()
+    start = safe_load_ultralytics(tmp_path / "start.pt")["model"].float().eval()
+    assert start.names == {0: "cross", 1: "star", 2: "circle"}
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        old, now = base_model(x)[0], start(x)[0]
+    assert torch.equal(now[:, :4], old[:, :4])  # boxes: every non-class tensor is the base's
+    old_names = [base_model.names[k] for k in sorted(base_model.names)]
+    for k, name in ((1, "star"), (2, "circle")):
+        assert torch.allclose(now[:, 4 + k], old[:, 4 + old_names.index(name)], rtol=1e-5, atol=1e-7), name
+
+
+def test_lora_starts_as_the_base_and_merges_to_the_same_function():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    base = module(x).detach()
+    assert add_lora(module, rank=2, alpha=4.0, seed=0) == (2 * 8 + 16 * 2) + (2 * 16 + 4 * 2)  # A and B per layer
+    assert isinstance(module[0], LoRALinear) and torch.equal(module(x), base)  # B is zero at the start
+    with torch.no_grad():
+        module[0].b.normal_()
+        module[2].b.normal_()
+    adapted = module(x).detach()
+    assert not torch.allclose(adapted, base)
+    merge_lora(module)
+    assert type(module[0]) is torch.nn.Linear and type(module[2]) is torch.nn.Linear
+    assert torch.allclose(module(x), adapted, atol=1e-5)
+
+
+def _card(folder: Path, **changes) -> None:
+    card = {
+        "schema": CARD_SCHEMA,
+        "version": "v1",
+        "base": [{"role": "segmenter", "name": "s", "version": "1", "sha256": "ab"}],
+        "detector": {"file": "detector.pt", "name": "d", "architecture": "yolo11n.yaml", "sha256": "00"},
+        "segmenter": {
+            "file": "segmenter.pt",
+            "name": "s",
+            "architecture": "c",
+            "sha256": "00",
+            "encoder_changed": False,
+        },
+    }
+    card.update(changes)
+    (folder / CARD_NAME).write_text(json.dumps(card))
+
+
+def test_the_card_reader_refuses_what_is_not_a_whole_adapted_folder(tmp_path):
+    with pytest.raises(ModelUnavailable, match="no adapted.json"):
+        read_adapted(tmp_path)
+    _card(tmp_path)
+    with pytest.raises(ModelUnavailable, match="detector file detector.pt .* is missing"):
+        read_adapted(tmp_path)
+    (tmp_path / "detector.pt").write_bytes(b"x")
+    (tmp_path / "segmenter.pt").write_bytes(b"y")
+    adapted = read_adapted(tmp_path)
+    assert adapted.version == "v1" and adapted.segmenter.path == (tmp_path / "segmenter.pt").resolve()
+    _card(tmp_path, detector={"file": "../detector.pt", "name": "d", "architecture": "a", "sha256": "0"})
+    with pytest.raises(ModelUnavailable, match="not inside the folder"):
+        read_adapted(tmp_path)
+    _card(tmp_path, schema="other/v9")
+    with pytest.raises(ModelUnavailable, match="schema"):
+        read_adapted(tmp_path)
+    _card(tmp_path, segmenter={"file": "segmenter.pt"})
+    with pytest.raises(ModelUnavailable, match="not a valid adaptation card"):
+        read_adapted(tmp_path)
+
+
+def test_eval_asks_a_closed_detector_only_for_the_classes_it_knows(shifted):
+    closed = pb.ModelInfo(vocabulary=["Circle", "square", "triangle", "star", "hexagon"])
+    assert classes_to_ask(shifted, closed) == list(SHIFTED_CLASSES[:5])
+    assert classes_to_ask(shifted, pb.ModelInfo(open_vocabulary=True)) == list(SHIFTED_CLASSES)
+    assert classes_to_ask(shifted, None) == list(SHIFTED_CLASSES)
