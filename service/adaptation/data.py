@@ -4,12 +4,13 @@ and the examples SAM's decoder trains on (in the model's input frame)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from service.evaluation.dataset import EvalDataset, EvalImage
+from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import dataset_rle
 
 
@@ -22,16 +23,6 @@ class Split:
     holdout: EvalDataset
 
 
-def subset(dataset: EvalDataset, ids: set[int]) -> EvalDataset:
-    """The images with these ids (dataset order) and their annotations."""
-    coco = {
-        **dataset.coco,
-        "images": [i for i in dataset.coco["images"] if i["id"] in ids],
-        "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in ids],
-    }
-    return EvalDataset(coco, tuple(i for i in dataset.images if i.id in ids), dataset.categories)
-
-
 def split(dataset: EvalDataset, holdout_fraction: float, seed: int) -> Split:
     """A seeded random ``holdout_fraction`` of the images (at least one) is held out; the rest trains."""
     if len(dataset.images) < 2:
@@ -39,7 +30,7 @@ def split(dataset: EvalDataset, holdout_fraction: float, seed: int) -> Split:
     order = np.random.default_rng(seed).permutation(len(dataset.images))
     n_holdout = min(len(order) - 1, max(1, round(holdout_fraction * len(order))))
     held = {dataset.images[k].id for k in order[:n_holdout]}
-    return Split(subset(dataset, {i.id for i in dataset.images} - held), subset(dataset, held))
+    return Split(dataset.subset({i.id for i in dataset.images} - held), dataset.subset(held))
 
 
 def class_names(dataset: EvalDataset) -> list[str]:
@@ -78,8 +69,6 @@ def write_yolo(split: Split, root: Path) -> Path:
 
 def _yaml_string(text: str) -> str:
     """A class name as a double-quoted YAML scalar (JSON's escaping is valid YAML)."""
-    import json
-
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -123,7 +112,3 @@ def sam_examples(dataset: EvalDataset, side: int) -> list[SamExample]:
         if masks:
             out.append(SamExample(processing.preprocess(rgb)[0], np.stack(masks), np.asarray(boxes, np.float32)))
     return out
-
-
-def image_of(dataset: EvalDataset, image_id: int) -> EvalImage:
-    return next(i for i in dataset.images if i.id == image_id)

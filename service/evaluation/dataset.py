@@ -45,14 +45,16 @@ class EvalDataset:
 
     def limit(self, count: int) -> EvalDataset:
         """The first ``count`` images (their annotations only)."""
-        keep = self.images[:count]
-        ids = {i.id for i in keep}
+        return self.subset({i.id for i in self.images[:count]})
+
+    def subset(self, ids: set[int]) -> EvalDataset:
+        """The images with these ids, in dataset order, and their annotations only."""
         coco = {
             **self.coco,
             "images": [i for i in self.coco["images"] if i["id"] in ids],
             "annotations": [a for a in self.coco["annotations"] if a["image_id"] in ids],
         }
-        return EvalDataset(coco, keep, self.categories)
+        return EvalDataset(coco, tuple(i for i in self.images if i.id in ids), self.categories)
 
 
 def load_dataset(annotations: Path, images: Path | None = None, slices: Path | None = None) -> EvalDataset:

@@ -40,7 +40,7 @@ def test_the_split_is_seeded_disjoint_and_whole(shifted):
     assert all(x["image_id"] in held for x in a.holdout.coco["annotations"])
     assert {i.id for i in adapt_data.split(shifted, 0.25, 1).holdout.images} != held
     with pytest.raises(ValueError, match="at least 2"):
-        adapt_data.split(adapt_data.subset(shifted, {shifted.images[0].id}), 0.5, 0)
+        adapt_data.split(shifted.subset({shifted.images[0].id}), 0.5, 0)
 
 
 def test_yolo_files_carry_the_coco_boxes_and_class_names(shifted, tmp_path):
