@@ -29,6 +29,7 @@ from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.images import ImageStore
 from service.pipeline.lru import LRU
+from service.pipeline.phrases import PhraseReader
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import ImageInput, Limits, SegmentQuery
 from service.pipeline.review import ReviewRules
@@ -69,14 +70,14 @@ def image_limits(settings: Settings) -> ImageLimits:
     )
 
 
-def shared_tier(settings: Settings, runner: Runner) -> RedisTier | None:
-    """The Redis tier when ``redis_url`` is set, its keys naming ``runner``'s models (checked once now; a Redis
-    that is down is only logged)."""
+def shared_tier(settings: Settings, runner: Runner, reader: PhraseReader | None = None) -> RedisTier | None:
+    """The Redis tier when ``redis_url`` is set, its keys naming ``runner``'s models and the phrase ``reader``
+    (checked once now; a Redis that is down is only logged)."""
     if not settings.redis_url:
         return None
     tier = RedisTier(
         url=settings.redis_url,
-        identity=ModelIdentity.of(runner),
+        identity=ModelIdentity.of(runner, reader),
         ttl=settings.cache_ttl_seconds,
         max_entry_bytes=settings.redis_max_entry_bytes,
         timeout=settings.redis_timeout_seconds,
@@ -86,17 +87,26 @@ def shared_tier(settings: Settings, runner: Runner) -> RedisTier | None:
     return tier
 
 
-def image_store(settings: Settings, runner: Runner) -> ImageStore:
+def image_store(settings: Settings, runner: Runner, reader: PhraseReader | None = None) -> ImageStore:
     """This process's embedding cache and, with ``redis_url``, the shared tier behind it."""
     cache = EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds)
-    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner), settings.max_kept_masks)
+    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner, reader), settings.max_kept_masks)
+
+
+def phrase_reader(runner: Runner) -> PhraseReader | None:
+    """The reader of an open-vocabulary detector whose class names are an attribute grammar (the demo's), when
+    the server has a sentence encoder; None otherwise (texts are embedded as sent)."""
+    if not runner.detector.open_vocabulary or runner.text_encoder is None:
+        return None
+    return PhraseReader.for_vocabulary(runner.detector.names, runner.embed_text)
 
 
 def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
     open_vocabulary = runner.detector.open_vocabulary
+    reader = phrase_reader(runner)
     return Pipeline(
         runner,
-        image_store(settings, runner),
+        image_store(settings, runner, reader),
         request_limits(settings),
         matcher=(
             VocabularyMatcher(runner.embed_text, settings.text_match_threshold, settings.text_cache_entries)
@@ -104,6 +114,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
             else None
         ),
         class_embeddings=EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if open_vocabulary else None,
+        phrase_reader=reader,
         exemplar_embeddings=LRU(settings.exemplar_cache_entries),
         mask_threads=settings.mask_threads or min(8, os.cpu_count() or 1),
     )

@@ -90,7 +90,9 @@ class Instance:
     answers only); ``needs_review``/``review_reasons``: whether a person should check it and the rules that fired
     ("low_score", "low_mask_score", "unstable_mask", "tiny_mask", "fragmented_mask", "weak_text_match");
     ``stability``: SAM's stability score of the mask; ``mask_handle``: its kept low-res mask when the request asked
-    ``keep_masks`` (pass it as a later ``Region.previous_mask`` to correct the mask with a click), else ""."""
+    ``keep_masks`` (pass it as a later ``Region.previous_mask`` to correct the mask with a click), else "";
+    ``read_as``: the phrase an open-vocabulary detector's text was read as before it was embedded ("scarlet star"
+    → "red star", the demo's phrase reader), "" when it was embedded as sent."""
 
     label: str
     class_id: int
@@ -106,6 +108,7 @@ class Instance:
     review_reasons: tuple[str, ...] = ()
     stability: float = 1.0
     mask_handle: str = ""
+    read_as: str = ""
 
     @property
     def mask(self) -> np.ndarray:
@@ -141,6 +144,7 @@ class Instance:
             review_reasons=tuple(_reasons(inst)),
             stability=inst.review.stability_score,
             mask_handle=inst.mask_handle,
+            read_as=inst.text_match.read_as,
         )
 
 

@@ -238,6 +238,7 @@ def instance_to_proto(inst: InstanceResult) -> pb.Instance:
                 kind=_MATCH_KINDS[m.kind],
                 matched_class=m.class_name,
                 similarity=m.similarity,
+                read_as=m.read_as,
             )
         )
     return out

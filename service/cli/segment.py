@@ -69,7 +69,8 @@ def segment(args: argparse.Namespace) -> int:
         print(f"{info.width}x{info.height} {info.format}: {len(instances)} instance(s)")
         for n, i in enumerate(result.instances):
             box = ", ".join(f"{v:.1f}" for v in i.box)
-            via = f"  (text {i.text!r}, similarity {i.similarity:.2f})" if i.text else ""
+            read = f", read as {i.read_as!r}" if i.read_as else ""
+            via = f"  (text {i.text!r}{read}, similarity {i.similarity:.2f})" if i.text else ""
             print(
                 f"{n:3d}  {i.label:<16} score {i.score:.3f}  box [{box}]  mask {i.area} px  "
                 f"mask score {i.mask_score:.3f}{via}"

@@ -23,6 +23,7 @@ from service.pipeline.image import DecodedImage
 from service.pipeline.images import FoundImage, ImageStore
 from service.pipeline.lru import LRU
 from service.pipeline.masking import Masks, points_box
+from service.pipeline.phrases import PhraseReader
 from service.pipeline.prompts import (
     ImageInput,
     Limits,
@@ -118,17 +119,21 @@ class Pipeline:
         *,
         matcher: VocabularyMatcher | None = None,
         class_embeddings: EmbeddingLRU | None = None,
+        phrase_reader: PhraseReader | None = None,
         exemplar_embeddings: LRU[tuple[object, ...], np.ndarray] | None = None,
         mask_threads: int = 1,
     ) -> None:
         """``images``: the request's images and their cache tiers (built by the composition root, ``service.app``);
         ``matcher``: maps free text to a closed detector's classes (None: texts are FAILED_PRECONDITION);
         ``class_embeddings``: an open-vocabulary detector's class embeddings of texts, by string (required for one);
+        ``phrase_reader``: reads an open-vocabulary request's classes and texts into the detector's own words
+        before they are embedded (None: embedded as sent);
         ``exemplar_embeddings``: exemplar embeddings by (image, boxes, classes), reused while the same exemplars
         come back (None: none kept); ``mask_threads``: threads refining and encoding a request's masks."""
         self.runner = runner
         self.matcher = matcher
         self.class_embeddings = class_embeddings
+        self.phrase_reader = phrase_reader
         if runner.detector.open_vocabulary and class_embeddings is None:
             raise ValueError("an open-vocabulary detector needs class_embeddings")
         self.images = images
@@ -287,8 +292,9 @@ class Pipeline:
             return Vocabulary(names, [], np.zeros((0, self.runner.detector.class_dim), np.float32))
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
         with stage(timings, "embed_classes", classes=len(names)):
-            embeddings = await self.class_embeddings.get(names)
-        return Vocabulary(names, open_matches(query.texts, names), embeddings)
+            readings = await self.phrase_reader.read(names) if self.phrase_reader is not None else list(names)
+            embeddings = await self.class_embeddings.get(readings)
+        return Vocabulary(names, open_matches(query.texts, names, readings), embeddings)
 
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
         """The texts' classes by the matcher. Unsupported without one."""

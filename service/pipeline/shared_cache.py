@@ -45,6 +45,7 @@ from service.models.roles import ModelDescriptor, ModelRole
 from service.models.tensors import DetectorOutput, ImageFeatures
 from service.pipeline.cache import PREFIX, CacheEntry
 from service.pipeline.image import DecodedImage
+from service.pipeline.phrases import PhraseReader
 from service.runners.base import Runner
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,22 @@ class ModelIdentity:
     num_classes: int
 
     @classmethod
-    def of(cls, runner: Runner) -> ModelIdentity:
-        """The identity of a loaded runner's detector and segmenter (computed once, where the tier is built)."""
+    def of(cls, runner: Runner, reader: PhraseReader | None = None) -> ModelIdentity:
+        """The identity of a loaded runner's detector and segmenter (computed once, where the tier is built); the
+        detector's names the phrase ``reader`` too (it changes what a text's detections are)."""
         by_role = {m.role: m for m in runner.models}
         detector, segmenter = by_role[ModelRole.DETECTOR], by_role[ModelRole.SEGMENTER]
         return cls(
             segmenter=_digest(segmenter, runner.backend),
-            detector=_digest(detector, runner.backend),
+            detector=_digest(detector, runner.backend, reader.name if reader is not None else ""),
             image_size=runner.segmenter.image_size,
             num_classes=0 if runner.detector.open_vocabulary else len(runner.detector.names),
         )
 
 
-def _digest(model: ModelDescriptor, backend: str) -> str:
-    """128-bit hex digest of what makes a model's outputs what they are (not its gate measurements or notes)."""
+def _digest(model: ModelDescriptor, backend: str, reader: str = "") -> str:
+    """128-bit hex digest of what makes a model's outputs what they are (not its gate measurements or notes);
+    ``reader``: the phrase reader in front of an open-vocabulary detector ("" none: the digest of before readers)."""
     parts = (
         str(model.role),
         model.name,
@@ -97,7 +100,7 @@ def _digest(model: ModelDescriptor, backend: str) -> str:
         model.precision,
         backend,
         PREPROCESSING_VERSION,
-    )
+    ) + ((reader,) if reader else ())
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 

@@ -28,7 +28,9 @@ class TextMatch:
     """How text ``text_index`` of a request is answered: by class ``class_id`` of the detection's vocabulary.
 
     kind: EXACT (the text is a class name), EMBEDDING (the nearest class name by sentence embedding) or OPEN
-    (an open-vocabulary detector took the text itself); similarity: cosine in [-1, 1], 1.0 unless EMBEDDING.
+    (an open-vocabulary detector took the text itself); similarity: cosine in [-1, 1], 1.0 unless EMBEDDING;
+    read_as: OPEN, the phrase the text was read as before it was embedded (``service.pipeline.phrases``), "" when
+    it was embedded as sent.
     """
 
     text_index: int
@@ -37,6 +39,7 @@ class TextMatch:
     class_name: str
     similarity: float
     kind: str
+    read_as: str = ""
 
 
 def normalise_class_name(name: str) -> str:
@@ -122,11 +125,13 @@ def request_vocabulary(classes: Sequence[str], texts: Sequence[str]) -> tuple[st
     return tuple(names.values())
 
 
-def open_matches(texts: Sequence[str], vocabulary: Sequence[str]) -> list[TextMatch]:
-    """Each text answered by its own entry of a ``request_vocabulary``."""
+def open_matches(texts: Sequence[str], vocabulary: Sequence[str], readings: Sequence[str]) -> list[TextMatch]:
+    """Each text answered by its own entry of a ``request_vocabulary``; ``readings``: what each vocabulary entry
+    was embedded as (the entry itself when no phrase reader changed it)."""
     index = {normalise_class_name(v): i for i, v in enumerate(vocabulary)}
     out = []
     for i, text in enumerate(texts):
         cid = index[normalise_class_name(text)]
-        out.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, OPEN))
+        read_as = readings[cid] if readings[cid] != vocabulary[cid] else ""
+        out.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, OPEN, read_as))
     return out

@@ -2,12 +2,13 @@
 
     python -m service.training.evaluate_open [--weights service/models/demo/shapes-yoloe.pt] [--scenes 300] [--json F]
 
-The detector runs as detseg serves it: ``load_detector_module``, class embeddings from the checkpoint's own
-text encoder (``ClassTextEncoder.for_detector(model.text_model, ...)`` → ``class_embeddings_from_text``),
-``open_vocabulary.detect`` on the letterboxed image, then detseg's ``DetectorProcessing.postprocess``
-(ultralytics NMS, boxes back to original pixels). A YOLOE head scores every class on its own (sigmoid of a
-per-class contrastive logit), so one forward pass with all phrases, then NMS per phrase, gives exactly what
-one request per phrase would: that is how each phrase is evaluated.
+The detector runs as detseg serves it: ``load_detector_module``, each text read into the detector's own words by
+the server's phrase reader (``service.pipeline.phrases``; ``--no-phrase-reader``: as sent, the figures before it),
+class embeddings from the checkpoint's own text encoder (``ClassTextEncoder.for_detector(model.text_model, ...)``
+→ ``class_embeddings_from_text``), ``open_vocabulary.detect`` on the letterboxed image, then detseg's
+``DetectorProcessing.postprocess`` (ultralytics NMS, boxes back to original pixels). A YOLOE head scores every
+class on its own (sigmoid of a per-class contrastive logit), so one forward pass with all phrases, then NMS per
+phrase, gives exactly what one request per phrase would: that is how each phrase is evaluated.
 
 Phrase groups (each phrase is one COCO category; its ground truth = the instances it truly describes):
 - ``trained``: colour + shape phrases of combinations seen in training ("red circle"), 37.
@@ -34,6 +35,7 @@ request (one absent phrase per request), and summed over all absent trained phra
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import io
@@ -45,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from service.pipeline.phrases import PhraseReader
 from service.shapes.attributes import (
     COLOURS,
     FINE_CLASSES,
@@ -101,9 +104,10 @@ class PhraseDetections:
 class ServedOpenDetector:
     """An open-vocabulary checkpoint run the way detseg's torch runner runs it (no gRPC). ``text_model``: another
     class-text encoder than the one the checkpoint names (e.g. "minilm-512:seed0", the fixed projection, to
-    measure a learned one against it)."""
+    measure a learned one against it); ``read_phrases``: texts go through the server's phrase reader first
+    (``service.pipeline.phrases``, when the checkpoint's names are an attribute vocabulary), as detseg serves them."""
 
-    def __init__(self, weights: Path, text_model: str | None = None) -> None:
+    def __init__(self, weights: Path, text_model: str | None = None, read_phrases: bool = True) -> None:
         import torch
 
         from service.models.loading import load_detector_module
@@ -117,17 +121,30 @@ class ServedOpenDetector:
         self.model = loaded.module
         self.text_model = text_model or loaded.text_model
         self.encoder = ClassTextEncoder.for_detector(self.text_model, SentenceEncoder.load())
+        sentence = self.encoder.sentence
+
+        async def embed(texts: Sequence[str]) -> np.ndarray:
+            return sentence.encode(texts)
+
+        model_names: Any = self.model.names
+        names = [str(model_names[i]) for i in range(len(model_names))]
+        self.reader = PhraseReader.for_vocabulary(names, embed) if read_phrases else None
         stride = int(torch.as_tensor(self.model.stride).max())
         spec = DetectorSpec(names=(), imgsz=loaded.input_size(), stride=stride, class_dim=self.encoder.dim)
         self.processing = DetectorProcessing(spec)
+
+    def readings(self, texts: Sequence[str]) -> list[str]:
+        """What each text is embedded as (itself without a reader)."""
+        return asyncio.run(self.reader.read(texts)) if self.reader is not None else list(texts)
 
     def class_embeddings(self, texts: Sequence[str]) -> Any:
         import torch
 
         from service.models.open_vocabulary import class_embeddings_from_text
 
+        features = self.encoder.encode(self.readings(texts))
         with torch.no_grad():
-            return class_embeddings_from_text(self.model, torch.from_numpy(self.encoder.encode(texts))[None])
+            return class_embeddings_from_text(self.model, torch.from_numpy(features)[None])
 
     def raw(self, image: np.ndarray, embeddings: Any) -> np.ndarray:
         """(1, 4 + C, A) float32 head output for one (H, W, 3) uint8 RGB image."""
@@ -323,17 +340,21 @@ def distractor(scene: AttributeScene, p: Phrase) -> bool:
     return any(i.shape == p.shape or i.colour == p.colour for i in scene.instances)
 
 
-def evaluate(weights: Path, count: int = 300, text_model: str | None = None, exemplars: bool = True) -> dict[str, Any]:
-    """Every figure above on the first ``count`` test scenes (exemplar groups only with ``exemplars``)."""
+def evaluate(
+    weights: Path, count: int = 300, text_model: str | None = None, exemplars: bool = True, read_phrases: bool = True
+) -> dict[str, Any]:
+    """Every figure above on the first ``count`` test scenes (exemplar groups only with ``exemplars``; texts
+    through the phrase reader with ``read_phrases``)."""
     t = time.time()
     scenes = attribute_scenes("test", count)
-    detector = ServedOpenDetector(weights, text_model)
+    detector = ServedOpenDetector(weights, text_model, read_phrases)
     groups = phrase_groups()
     texts = list(dict.fromkeys(p.text for ps in groups.values() for p in ps))
     low = detector.detect_each(scenes, texts, EVAL_SCORE)
     served = detector.detect_each(scenes, texts, SERVING_SCORE)
     out: dict[str, Any] = {
         "text_model": detector.text_model,
+        "phrase_reader": detector.reader.name if detector.reader is not None else "none",
         "scenes": count,
         "instances": sum(len(s.instances) for s in scenes),
     }
@@ -351,6 +372,8 @@ def evaluate(weights: Path, count: int = 300, text_model: str | None = None, exe
         out[f"fp_absent_{name}_by_phrase"] = per
         out[f"fp_absent_{name}_max"] = {"phrase": worst, "fp_per_request": per[worst]}
     out["fp_absent_paraphrases"] = absent_false_positives(scenes, groups["paraphrases"], served)
+    said = [p.text for name in ("paraphrases", "held_out_paraphrases") for p in groups[name]]
+    out["paraphrase_readings"] = dict(zip(said, detector.readings(said), strict=True))
     from service.models.open_vocabulary import takes_visual_prompts
 
     if exemplars and takes_visual_prompts(detector.model):
@@ -377,8 +400,11 @@ def main() -> None:
         "--text-model", help='class-text encoder instead of the checkpoint\'s (e.g. "minilm-512:seed0": the fixed one)'
     )
     parser.add_argument("--no-exemplars", action="store_true", help="text prompts only (exemplars take no text)")
+    parser.add_argument(
+        "--no-phrase-reader", action="store_true", help="embed texts as sent (the figures before the phrase reader)"
+    )
     args = parser.parse_args()
-    result = evaluate(args.weights, args.scenes, args.text_model, not args.no_exemplars)
+    result = evaluate(args.weights, args.scenes, args.text_model, not args.no_exemplars, not args.no_phrase_reader)
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:40s} {value:.3f}")

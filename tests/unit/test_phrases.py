@@ -1,0 +1,103 @@
+"""The phrase reader (``service.pipeline.phrases``) with the real all-MiniLM-L6-v2 and matplotlib's colour tables.
+
+Readings are checked on words the evaluation paraphrases (``service.shapes.paraphrases``) do not use, so that these
+tests say what the reader does in general; the paraphrase figures are measured through the server in
+tests/integration/test_open_demo_quality.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.models.text import SentenceEncoder
+from service.pipeline.phrases import AttributeVocabulary, PhraseReader, colour_table, nearest_colour
+from service.shapes.attributes import COLOURS, FINE_NAMES, HELD_OUT, PALETTE, SIZES
+from service.shapes.paraphrases import EVALUATION_WORDS, words
+from service.shapes.world import CLASSES
+from service.training.train_open_detector import ALL_PHRASES, LEVELS, phrase
+
+
+@pytest.fixture(scope="module")
+def reader() -> PhraseReader:
+    encoder = SentenceEncoder.load()
+
+    async def embed(texts):
+        return encoder.encode(texts)
+
+    built = PhraseReader.for_vocabulary(FINE_NAMES, embed)
+    assert built is not None
+    return built
+
+
+def read(reader: PhraseReader, *texts: str) -> list[str]:
+    return asyncio.run(reader.read(texts))
+
+
+# Colour, counting and other words none of the evaluation paraphrases holds.
+DEVELOPMENT = {
+    "crimson circle": "red circle",
+    "a navy square": "blue square",
+    "ivory hexagon": "white hexagon",
+    "violet triangle": "purple triangle",
+    "charcoal star": "black star",
+    "sky blue circle": "blue circle",
+    "a lime green square": "green square",
+    "amber shapes": "orange shape",
+    "a shape with 3 corners": "triangle",
+    "an eight-sided shape": "an eight-sided shape",  # no octagon in the vocabulary: not read
+    "a star with 5 points": "star",
+    "the hexagonal one": "hexagon",
+    "triangular shapes": "triangle",
+    "little purple hexagon": "small purple hexagon",
+    "huge circles": "large circle",
+    "a big black square": "large black square",
+}
+
+
+def test_the_development_words_are_none_of_the_evaluation_words():
+    assert not {w for text in DEVELOPMENT for w in words(text)} & set(EVALUATION_WORDS)
+
+
+def test_words_outside_the_training_grammar_are_read_into_it(reader):
+    assert dict(zip(DEVELOPMENT, read(reader, *DEVELOPMENT), strict=True)) == DEVELOPMENT
+
+
+def test_every_trained_phrase_reads_as_itself(reader):
+    """So trained-phrase figures are exactly those without a reader, and held-out combinations ("green star",
+    never a training phrase) keep their own words."""
+    held_out = [f"{c} {k}" for c, k in HELD_OUT] + [f"{s} {c} {k}" for s in SIZES for c, k in HELD_OUT]
+    assert read(reader, *ALL_PHRASES, *held_out) == [*ALL_PHRASES, *held_out]
+
+
+def test_every_reading_is_a_phrase_of_the_training_grammar(reader):
+    grammar = {phrase(level, s, c, k) for level in LEVELS for s in SIZES for c in COLOURS for k in CLASSES}
+    changed = [(t, r) for t, r in zip(DEVELOPMENT, read(reader, *DEVELOPMENT), strict=True) if t != r]
+    assert changed and all(r in grammar for _, r in changed)
+
+
+def test_what_it_cannot_read_is_embedded_as_sent(reader):
+    """An unread word while a slot is missing may name it; two values for one slot are ambiguous; a word that is
+    no colour, count or vocabulary word is not guessed."""
+    texts = ["a red dog", "dog", "a teal circle", "red or blue star", "large red", "grey circle", "big", ""]
+    assert read(reader, *texts) == texts
+
+
+def test_unread_words_beside_a_colour_and_a_shape_are_ignored(reader):
+    assert read(reader, "a crimson triangle on the table") == ["red triangle"]
+
+
+def test_the_world_colours_are_called_by_their_own_names():
+    """Every rendered palette colour, taken through the reader's colour rule, names itself."""
+    table = colour_table()
+    palette = {c: table[c] for c in COLOURS}
+    assert {c: nearest_colour(tuple(v / 255 for v in PALETTE[c]), palette) for c in COLOURS} == {c: c for c in COLOURS}
+
+
+def test_only_an_attribute_vocabulary_gets_a_reader():
+    table = colour_table()
+    assert AttributeVocabulary.of(FINE_NAMES, table) == AttributeVocabulary(SIZES, COLOURS, CLASSES)
+    assert AttributeVocabulary.of(["person", "bicycle", "car"], table) is None
+    assert AttributeVocabulary.of(["small red circle", "person"], table) is None
+    assert AttributeVocabulary.of(["small fast car"], table) is None
