@@ -17,10 +17,12 @@ from service.evaluation.metrics import dataset_rle
 @dataclasses.dataclass(frozen=True)
 class Split:
     """``train`` and ``holdout`` are subsets of one dataset (no image in both); ``holdout`` picks the early stop and
-    is what the before/after figures are measured on."""
+    is what the before/after figures are measured on. ``replay``: labelled images of the base models' own domain,
+    trained beside ``train`` so the adapted models keep what they knew; never evaluated."""
 
     train: EvalDataset
     holdout: EvalDataset
+    replay: EvalDataset | None = None
 
 
 def split(dataset: EvalDataset, holdout_fraction: float, seed: int) -> Split:
@@ -33,21 +35,28 @@ def split(dataset: EvalDataset, holdout_fraction: float, seed: int) -> Split:
     return Split(dataset.subset({i.id for i in dataset.images} - held), dataset.subset(held))
 
 
-def class_names(dataset: EvalDataset) -> list[str]:
-    """The dataset's category names in category-id order: the adapted detector's classes, index = class id."""
-    return [dataset.categories[k] for k in sorted(dataset.categories)]
+def class_names(split: Split) -> list[str]:
+    """The adapted detector's classes, index = class id: the training data's category names in category-id order,
+    then the replay's names the data lacks."""
+    names = [split.train.categories[k] for k in sorted(split.train.categories)]
+    if split.replay is not None:
+        names += [n for k in sorted(split.replay.categories) if (n := split.replay.categories[k]) not in names]
+    return names
 
 
 def write_yolo(split: Split, root: Path) -> Path:
     """ultralytics' detection layout under ``root`` (images linked, not copied; labels from the COCO boxes) with
     ``data.yaml``; returns its path."""
-    names = class_names(split.train)
-    index = {cid: k for k, cid in enumerate(sorted(split.train.categories))}
-    for part, data in (("train", split.train), ("val", split.holdout)):
+    names = class_names(split)
+    parts = [("train", "", split.train), ("val", "", split.holdout)]
+    if split.replay is not None:
+        parts.append(("train", "replay-", split.replay))
+    for part, prefix, data in parts:
+        index = {cid: names.index(name) for cid, name in data.categories.items()}
         (root / "images" / part).mkdir(parents=True, exist_ok=True)
         (root / "labels" / part).mkdir(parents=True, exist_ok=True)
         for image in data.images:
-            stem = f"{image.id}"
+            stem = f"{prefix}{image.id}"
             link = root / "images" / part / f"{stem}{image.path.suffix.lower()}"
             if not link.exists():
                 os.symlink(image.path.resolve(), link)

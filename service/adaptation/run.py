@@ -51,7 +51,8 @@ HOLDOUT_NAME = "holdout.json"
 class AdaptJob:
     """Everything ``detseg adapt`` was asked. ``settings``: the base models (as for serve) and the in-process
     servers' settings; ``holdout``: a COCO file of held-out images (else ``holdout_fraction`` of ``annotations``,
-    seeded); ``original``: a COCO dataset of the base models' own domain, evaluated before and after."""
+    seeded); ``original``: a COCO dataset of the base models' own domain, evaluated before and after; ``replay``:
+    another of that domain, trained beside the data (never evaluated; so it must not be ``original``)."""
 
     annotations: Path
     out: Path
@@ -60,6 +61,7 @@ class AdaptJob:
     holdout: Path | None = None
     holdout_fraction: float = 0.15
     original: Path | None = None
+    replay: Path | None = None
     detector: DetectorRecipe = dataclasses.field(default_factory=DetectorRecipe)
     segmenter: SegmenterRecipe = dataclasses.field(default_factory=SegmenterRecipe)
     version: str = ""  # default: the base detector's version + "+adapt." + the job key's first 8 hex digits
@@ -87,7 +89,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     base = resolve_models(job.settings.replace(adapted=""), progress=False)
     dataset = load_dataset(job.annotations, job.images)
     split = _split(job, dataset)
-    data = _data_identity(job, dataset)
+    data = _data_identity(job, dataset, split.replay)
     key = sha256_hex(
         canonical_json(
             {
@@ -95,6 +97,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
                 "base": _base_models(base),
                 "holdout": [i.file_name for i in split.holdout.images],
                 "original": file_sha256(job.original) if job.original else None,
+                "replay": data["replay"],
                 "detector": dataclasses.asdict(job.detector),
                 "segmenter": dataclasses.asdict(job.segmenter),
                 "noc_instances": job.noc_instances,
@@ -118,7 +121,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
         if det_work.exists():
             shutil.rmtree(det_work)
         det_work.mkdir()
-        names = adapt_data.class_names(split.train)
+        names = adapt_data.class_names(split)
         yolo = adapt_data.write_yolo(split, det_work / "data")
         imgsz = _detector_input_size(base)
         weights, det_result = adapt_detector(
@@ -169,23 +172,37 @@ class _State:
 
 def _split(job: AdaptJob, dataset: EvalDataset) -> adapt_data.Split:
     if job.holdout is None:
-        return adapt_data.split(dataset, job.holdout_fraction, job.segmenter.seed)
-    holdout = load_dataset(job.holdout, job.images)
-    if holdout.categories != dataset.categories:
-        raise ValueError(f"{job.holdout}: its categories differ from {job.annotations}'s")
-    return adapt_data.Split(dataset, holdout)
+        split = adapt_data.split(dataset, job.holdout_fraction, job.segmenter.seed)
+    else:
+        holdout = load_dataset(job.holdout, job.images)
+        if holdout.categories != dataset.categories:
+            raise ValueError(f"{job.holdout}: its categories differ from {job.annotations}'s")
+        split = adapt_data.Split(dataset, holdout)
+    if job.replay is None:
+        return split
+    if job.original is not None and job.replay.resolve() == job.original.resolve():
+        raise ValueError("--replay and --original are one file: forgetting must be measured on images not trained on")
+    return dataclasses.replace(split, replay=load_dataset(job.replay))
 
 
-def _data_identity(job: AdaptJob, dataset: EvalDataset) -> dict[str, Any]:
-    """The data's sha256: the annotations file's, and one over every image's (file name, sha256) in order."""
-    images = [[i.file_name, file_sha256(i.path)] for i in dataset.images]
+def _data_identity(job: AdaptJob, dataset: EvalDataset, replay: EvalDataset | None) -> dict[str, Any]:
+    """The data's sha256 (``_files_identity``), its categories, and the same for the replay set."""
     return {
-        "annotations": job.annotations.name,
-        "annotations_sha256": file_sha256(job.annotations),
-        "images": len(images),
-        "images_sha256": sha256_hex(canonical_json(images)),
+        **_files_identity(job.annotations, dataset),
         "holdout_sha256": file_sha256(job.holdout) if job.holdout else None,
         "categories": [dataset.categories[k] for k in sorted(dataset.categories)],
+        "replay": None if replay is None or job.replay is None else _files_identity(job.replay, replay),
+    }
+
+
+def _files_identity(annotations: Path, dataset: EvalDataset) -> dict[str, Any]:
+    """A COCO file's name and sha256, and one sha256 over every image's (file name, sha256) in order."""
+    images = [[i.file_name, file_sha256(i.path)] for i in dataset.images]
+    return {
+        "annotations": annotations.name,
+        "annotations_sha256": file_sha256(annotations),
+        "images": len(images),
+        "images_sha256": sha256_hex(canonical_json(images)),
     }
 
 
@@ -213,6 +230,8 @@ def _adapt_segmenter(
     model = load_segmenter_module(ref.architecture, ref.path, ref.overrides)
     side = int(model.image_size)
     train, holdout = adapt_data.sam_examples(split.train, side), adapt_data.sam_examples(split.holdout, side)
+    if split.replay is not None:
+        train += adapt_data.sam_examples(split.replay, side)
     result = adapt_decoder(model, train, holdout, recipe, lambda f, _: progress("segmenter", f))
     torch.save({"model": model.state_dict()}, out)  # float32: the weights the figures were measured with
     return {"file": out.name, **dataclasses.asdict(result)}
@@ -295,7 +314,7 @@ def _card(
             "name": f"{base.detector.name}-adapted",
             "architecture": base.detector.architecture,
             "sha256": file_sha256(out / "detector.pt"),
-            "classes": data["categories"],
+            "classes": adapt_data.class_names(split),
             "training": detector,
         },
         "segmenter": {

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--holdout", type=Path, help="COCO JSON of held-out images (default: a share of the data)")
     a.add_argument("--holdout-fraction", type=float, default=0.15, help="share held out when no --holdout")
     a.add_argument("--original", type=Path, help="COCO JSON of the base models' own domain: forgetting shows there")
+    a.add_argument(
+        "--replay", type=Path, help="COCO JSON of other images of that domain, trained beside the data: less forgetting"
+    )
     a.add_argument("--version", default="", help="version string (default: base version + adapt. + a data hash)")
     a.add_argument("--segmenter-method", choices=METHODS, default=s.method, help=f"default {s.method}")
     a.add_argument("--detector-minutes", type=float, default=d.minutes, help=f"default {d.minutes}")
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         holdout_fraction=args.holdout_fraction,
         original=args.original,
+        replay=args.replay,
         detector=dataclasses.replace(DetectorRecipe(), minutes=args.detector_minutes, seed=args.seed),
         segmenter=dataclasses.replace(
             SegmenterRecipe(), method=args.segmenter_method, minutes=args.segmenter_minutes, seed=args.seed

@@ -4,6 +4,7 @@ classes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,6 +60,33 @@ def test_yolo_files_carry_the_coco_boxes_and_class_names(shifted, tmp_path):
         assert float(h) == pytest.approx(bh / image.height, abs=1e-6)
     linked = tmp_path / "images" / "train" / f"{image.id}.png"
     assert np.array_equal(np.asarray(Image.open(linked)), np.asarray(Image.open(image.path)))
+
+
+def test_replayed_images_train_beside_the_data_with_classes_matched_by_name(shifted, tmp_path):
+    """A replay set of the base's own domain (the plain world: its classes a subset of the shifted world's, listed
+    in another order with other ids) joins the training part only; its labels take the adapted classes' ids by
+    name; a class only the replay set has is appended."""
+    path = write_coco_dataset(tmp_path / "plain", "train", 4)
+    coco = json.loads(path.read_text())
+    renumber = {c["id"]: 100 - c["id"] for c in coco["categories"]}  # other ids, other order
+    for c in coco["categories"]:
+        c["id"] = renumber[c["id"]]
+    coco["categories"].append({"id": 7, "name": "blob"})
+    for a in coco["annotations"]:
+        a["category_id"] = renumber[a["category_id"]]
+    (path.parent / "renumbered.json").write_text(json.dumps(coco))
+    replay = load_dataset(path.parent / "renumbered.json")
+    split = dataclasses.replace(adapt_data.split(shifted, 0.25, 0), replay=replay)
+    names = adapt_data.class_names(split)
+    assert names == [*SHIFTED_CLASSES, "blob"]
+    data = yaml.safe_load(adapt_data.write_yolo(split, tmp_path / "yolo").read_text())
+    assert [data["names"][k] for k in range(len(data["names"]))] == names
+    for image in replay.images:
+        lines = (tmp_path / "yolo" / "labels" / "train" / f"replay-{image.id}.txt").read_text().split("\n")[:-1]
+        got = [names[int(line.split()[0])] for line in lines]
+        assert got == [replay.categories[a["category_id"]] for a in replay.annotations(image.id)]
+        assert (tmp_path / "yolo" / "images" / "train" / f"replay-{image.id}.png").exists()
+    assert not any(p.name.startswith("replay-") for p in (tmp_path / "yolo" / "labels" / "val").iterdir())
 
 
 def test_the_detector_starts_with_the_base_rows_of_the_classes_it_knows(tmp_path):
