@@ -34,4 +34,5 @@ class SegmenterRecipe:
     warmup: int = 30
     eval_every: int = 40  # steps
     patience: int = 5  # measurements without gain before stopping
+    max_clicks: int = 8  # longest simulated click sequence per instance and step (0: random clicks instead)
     seed: int = 0

@@ -1,5 +1,6 @@
 """SAM 2 mask-decoder training pieces shared by the demo's training scripts and ``detseg adapt``: prompts through
-the decoder with every mask token, SAM's loss on all of them, and simulated clicks."""
+the decoder with every mask token, SAM's loss on all of them, simulated clicks (random ones, and sequences that
+correct the prediction so far, as ``service.evaluation.noc``'s annotator does)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,74 @@ def jittered_boxes(boxes: torch.Tensor, rng: np.random.Generator, side: int, sig
     jitter = torch.from_numpy(rng.normal(0, sigma, boxes.shape)).float() * wh
     coords = (boxes + jitter).clamp(0, side).reshape(-1, 2, 2)
     return coords, torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)
+
+
+def region_click(region: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A click in ``region`` (H, W) bool: its interior-most point (noc's annotator) or a uniform random pixel."""
+    from service.evaluation.noc import interior_point
+
+    if rng.random() < 0.5:
+        x, y = interior_point(region)
+    else:
+        ys, xs = np.nonzero(region)
+        k = int(rng.integers(0, len(xs)))
+        x, y = int(xs[k]), int(ys[k])
+    return x + 0.5, y + 0.5
+
+
+def error_click(gt: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float, int]:
+    """The next simulated click on ``mask`` against ``gt`` ((H, W) bool): in the largest connected error region,
+    positive (1) for a miss, negative (0) for a spill; a positive click on the object if the mask is perfect."""
+    import cv2
+
+    best: tuple[int, np.ndarray, int] | None = None
+    for region, label in ((gt & ~mask, 1), (mask & ~gt, 0)):
+        count, comps, stats, _ = cv2.connectedComponentsWithStats(region.view(np.uint8), connectivity=8)
+        if count <= 1:
+            continue
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if best is None or int(stats[k, cv2.CC_STAT_AREA]) > best[0]:
+            best = (int(stats[k, cv2.CC_STAT_AREA]), comps == k, label)
+    if best is None:
+        return (*region_click(gt, rng), 1)
+    return (*region_click(best[1], rng), best[2])
+
+
+def chosen_mask(model: Any, logits: torch.Tensor, iou: torch.Tensor, first: bool, side: int) -> torch.Tensor:
+    """The (P, side, side) bool mask inference returns from the decoder outputs (logits (P, 4, s, s), iou (P, 4)):
+    the best-scoring multimask token after one click, else token 0 with SAM 2.1's stability fallback."""
+    if first:
+        best = iou[:, 1:].argmax(1) + 1
+        chosen = logits[torch.arange(len(logits)), best][:, None]
+    else:
+        chosen, _ = model.sam_mask_decoder._dynamic_multimask_via_stability(logits, iou)
+    return F.interpolate(chosen, (side, side), mode="bilinear", align_corners=False)[:, 0] > 0
+
+
+def interactive_loss(
+    model: Any,
+    embed: torch.Tensor,
+    high_res: tuple[torch.Tensor, torch.Tensor],
+    owner: torch.Tensor,
+    target: torch.Tensor,
+    small: torch.Tensor,
+    rng: np.random.Generator,
+    n: int,
+) -> torch.Tensor:
+    """Mean loss over a simulated click sequence of ``n`` clicks per instance (target (P, S, S), small its
+    LOSS_SIDE version; SAM's own interactive recipe, as ``service.training.train_segmenter`` describes): click 1
+    inside the object, each next one in the largest error region of the prediction so far."""
+    gts = target.numpy() > 0.5
+    clicks = [[(*region_click(g, rng), 1)] for g in gts]
+    total = torch.zeros(())
+    for j in range(n):
+        coords = torch.tensor([[c[:2] for c in seq] for seq in clicks], dtype=torch.float32)
+        labels = torch.tensor([[c[2] for c in seq] for seq in clicks], dtype=torch.int32)
+        logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
+        total = total + mask_losses(logits, small, iou)
+        if j + 1 < n:
+            with torch.no_grad():
+                masks = chosen_mask(model, logits.detach(), iou.detach(), j == 0, target.shape[-1]).numpy()
+            for seq, g, m in zip(clicks, gts, masks, strict=True):
+                seq.append(error_click(g, m, rng))
+    return total / n

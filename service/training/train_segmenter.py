@@ -47,7 +47,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.adaptation.sam_losses import LOSS_SIDE, decode_all, jittered_boxes, mask_losses, random_clicks
+from service.adaptation.sam_losses import (
+    LOSS_SIDE,
+    decode_all,
+    interactive_loss,
+    jittered_boxes,
+    mask_losses,
+    random_clicks,
+)
 from service.models import sam_ops
 from service.models.demo.profile import SHAPES_SAM2_CONFIG, SHAPES_SAM2_OVERRIDES
 
@@ -81,69 +88,6 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def _region_click(region: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    """A click in ``region`` (H, W) bool: its interior-most point (noc's annotator) or a uniform random pixel."""
-    from service.evaluation.noc import interior_point
-
-    if rng.random() < 0.5:
-        x, y = interior_point(region)
-    else:
-        ys, xs = np.nonzero(region)
-        k = int(rng.integers(0, len(xs)))
-        x, y = int(xs[k]), int(ys[k])
-    return x + 0.5, y + 0.5
-
-
-def _error_click(gt: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[float, float, int]:
-    """The next simulated click on ``mask`` against ``gt`` ((H, W) bool): in the largest connected error region,
-    positive (1) for a miss, negative (0) for a spill; a positive click on the object if the mask is perfect."""
-    import cv2
-
-    best: tuple[int, np.ndarray, int] | None = None
-    for region, label in ((gt & ~mask, 1), (mask & ~gt, 0)):
-        count, comps, stats, _ = cv2.connectedComponentsWithStats(region.view(np.uint8), connectivity=8)
-        if count <= 1:
-            continue
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        if best is None or int(stats[k, cv2.CC_STAT_AREA]) > best[0]:
-            best = (int(stats[k, cv2.CC_STAT_AREA]), comps == k, label)
-    if best is None:
-        return (*_region_click(gt, rng), 1)
-    return (*_region_click(best[1], rng), best[2])
-
-
-def _chosen_mask(model: Any, logits: torch.Tensor, iou: torch.Tensor, first: bool) -> torch.Tensor:
-    """The (P, S, S) bool mask inference returns from the decoder outputs (logits (P, 4, s, s), iou (P, 4)): the
-    best-scoring multimask token after one click, else token 0 with SAM 2.1's stability fallback."""
-    if first:
-        best = iou[:, 1:].argmax(1) + 1
-        chosen = logits[torch.arange(len(logits)), best][:, None]
-    else:
-        chosen, _ = model.sam_mask_decoder._dynamic_multimask_via_stability(logits, iou)
-    return F.interpolate(chosen, (S, S), mode="bilinear", align_corners=False)[:, 0] > 0
-
-
-def _interactive_loss(
-    model: Any, embed, high_res, owner, target: torch.Tensor, small: torch.Tensor, rng: np.random.Generator, n: int
-) -> torch.Tensor:
-    """Mean loss over a simulated click sequence of ``n`` clicks per instance (target (P, S, S), small its
-    LOSS_SIDE version): click 1 inside the object, each next one in the error region of the prediction so far."""
-    gts = target.numpy() > 0.5
-    clicks = [[(*_region_click(g, rng), 1)] for g in gts]
-    total = torch.zeros(())
-    for j in range(n):
-        coords = torch.tensor([[c[:2] for c in seq] for seq in clicks], dtype=torch.float32)
-        labels = torch.tensor([[c[2] for c in seq] for seq in clicks], dtype=torch.int32)
-        logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
-        total = total + mask_losses(logits, small, iou)
-        if j + 1 < n:
-            with torch.no_grad():
-                masks = _chosen_mask(model, logits.detach(), iou.detach(), first=j == 0).numpy()
-            for seq, g, m in zip(clicks, gts, masks, strict=True):
-                seq.append(_error_click(g, m, rng))
-    return total / n
 
 
 def train(
@@ -187,7 +131,7 @@ def train(
         small = F.interpolate(target[:, None], (LOSS_SIDE, LOSS_SIDE), mode="area")[:, 0]
         loss = mask_losses(logits, small, iou)
         if interactive:
-            loss = loss + click_weight * _interactive_loss(
+            loss = loss + click_weight * interactive_loss(
                 model, embed, (high_res_0, high_res_1), owner, target, small, rng, 1 + int(rng.integers(0, max_clicks))
             )
         else:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.adaptation.sam_losses import LOSS_SIDE, per_mask_loss
+from service.adaptation.sam_losses import LOSS_SIDE, error_click, per_mask_loss
 from service.models import sam_ops
 from service.models.demo.profile import (
     SHAPES_SAM2,
@@ -67,7 +67,6 @@ from service.models.demo.profile import (
     SHAPES_SAM2_VIDEO,
     SHAPES_SAM2_VIDEO_OVERRIDES,
 )
-from service.training.train_segmenter import _error_click
 
 S = 256  # SAM input side
 WIDTH, HEIGHT = 320, 240  # rendered frame size, resized to S² as the service resizes
@@ -302,7 +301,7 @@ def _correction_clicks(pred: torch.Tensor, gt: torch.Tensor, rng: np.random.Gene
     simulated annotator): positive for a miss, negative for a spill; a padding point (label -1, no click) where the
     object is neither visible nor predicted."""
     clicks = [
-        _error_click(g, p, rng) if g.any() or p.any() else (0.0, 0.0, -1)
+        error_click(g, p, rng) if g.any() or p.any() else (0.0, 0.0, -1)
         for g, p in zip(gt.numpy(), pred.numpy(), strict=True)
     ]
     return {

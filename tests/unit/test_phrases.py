@@ -8,11 +8,15 @@ tests/integration/test_open_demo_quality.py.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
+from service.models.roles import ModelDescriptor, ModelRole
+from service.models.tensors import DetectorSpec, SegmenterSpec
 from service.models.text import SentenceEncoder
 from service.pipeline.phrases import AttributeVocabulary, PhraseReader, colour_table, nearest_colour
+from service.pipeline.shared_cache import ModelIdentity
 from service.shapes.attributes import COLOURS, FINE_NAMES, HELD_OUT, PALETTE, SIZES
 from service.shapes.paraphrases import EVALUATION_WORDS, words
 from service.shapes.world import CLASSES
@@ -101,3 +105,20 @@ def test_only_an_attribute_vocabulary_gets_a_reader():
     assert AttributeVocabulary.of(["person", "bicycle", "car"], table) is None
     assert AttributeVocabulary.of(["small red circle", "person"], table) is None
     assert AttributeVocabulary.of(["small fast car"], table) is None
+
+
+def test_shared_detector_outputs_are_keyed_by_the_reader_too(reader):
+    """Replicas with and without a reader never share detector outputs (a text's detections depend on it); the
+    segmenter's features they do share."""
+    detector = ModelDescriptor(
+        ModelRole.DETECTOR, "shapes-yoloe", "yoloe-11n.yaml", "shapes-1", "a" * 64, 256, FINE_NAMES, True
+    )
+    segmenter = ModelDescriptor(ModelRole.SEGMENTER, "shapes-sam2-mini", "sam2.1_hiera_t", "shapes-1", "b" * 64, 256)
+    runner = SimpleNamespace(
+        models=[detector, segmenter],
+        backend="torch",
+        detector=DetectorSpec(FINE_NAMES, 256, 32, 512),
+        segmenter=SegmenterSpec(256),
+    )
+    plain, read = ModelIdentity.of(runner), ModelIdentity.of(runner, reader)
+    assert plain.segmenter == read.segmenter and plain.detector != read.detector
