@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.evaluation.noc import interior_point
+
 LOSS_SIDE = 128  # masks are compared at this side (the demo decoder's 64² logits upsampled 2x)
 
 
@@ -104,8 +106,6 @@ def jittered_boxes(boxes: torch.Tensor, rng: np.random.Generator, side: int, sig
 
 def region_click(region: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
     """A click in ``region`` (H, W) bool: its interior-most point (noc's annotator) or a uniform random pixel."""
-    from service.evaluation.noc import interior_point
-
     if rng.random() < 0.5:
         x, y = interior_point(region)
     else:

@@ -32,13 +32,14 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colors as mpl_colors
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from service.pipeline.lru import LRU
+from service.pipeline.vocabulary import Embed
 
 # Names this reader in the shared cache's detector identity and in each TextMatch (bump when readings change).
 READER = "attribute-phrases/1"
@@ -55,8 +56,6 @@ SIMILAR = {"shape": 0.7, "size": 0.65}
 MARGIN = 0.05
 HUE_LIMIT = 40 / 360  # a chromatic colour name farther than this in hue from every vocabulary colour is unread
 _WORDS_KEPT = 4096
-
-WordEmbed = Callable[[Sequence[str]], Awaitable[np.ndarray]]  # words → (N, D) L2-normalised float32
 
 
 def colour_table() -> dict[str, tuple[float, float, float]]:
@@ -114,7 +113,7 @@ class PhraseReader:
 
     name = READER
 
-    def __init__(self, vocabulary: AttributeVocabulary, table: dict[str, tuple[float, float, float]], embed: WordEmbed):
+    def __init__(self, vocabulary: AttributeVocabulary, table: dict[str, tuple[float, float, float]], embed: Embed):
         self.vocabulary = vocabulary
         palette = {c: table[c] for c in vocabulary.colours}
         self._colours = {name: c for name, rgb in table.items() if (c := nearest_colour(rgb, palette)) is not None}
@@ -126,7 +125,7 @@ class PhraseReader:
         self._words: LRU[str, tuple[str, str]] = LRU(_WORDS_KEPT)  # word → (slot, vocabulary word); ("", "") none
 
     @classmethod
-    def for_vocabulary(cls, names: Sequence[str], embed: WordEmbed) -> PhraseReader | None:
+    def for_vocabulary(cls, names: Sequence[str], embed: Embed) -> PhraseReader | None:
         """A reader for a detector with class names ``names``, or None when they are not an attribute
         vocabulary. ``embed``: the server's sentence encoder, for words the tables and counting do not read."""
         table = colour_table()
