@@ -1,11 +1,18 @@
-"""A closed-vocabulary YOLO detector adapted to a domain with ultralytics' own trainer.
+"""The detector adapted to a domain with ultralytics' own trainers.
 
-The start checkpoint is the base detector loaded safely (``safe_load_ultralytics``), with its head resized to the
-dataset's classes: a class whose name the base knows keeps its row of the classification head (so the old classes
-start from what they knew), a new class starts from the architecture's initialisation. ultralytics' trainer then
-fine-tunes every layer at the base's input size, validating on the held-out split after each epoch, keeping the
-best epoch (its fitness: 0.1 mAP50 + 0.9 mAP50-95) and stopping after ``patience`` epochs without gain or when the
-wall-time budget (its ``time`` mode) is spent.
+- **Closed YOLO**: the start checkpoint is the base detector loaded safely (``safe_load_ultralytics``), with its
+  head resized to the dataset's classes: a class whose name the base knows keeps its row of the classification
+  head (so the old classes start from what they knew), a new class starts from the architecture's initialisation.
+- **Open vocabulary (YOLOE)**: the head scores a box against text embeddings, so nothing is resized: the
+  dataset's class names, embedded by the checkpoint's own text encoder (``ClassTextEncoder.for_detector`` of its
+  ``text_model``, as detseg serves it), are the classes it trains with (ultralytics' ``YOLOETrainerFromScratch``
+  with those embeddings in place of its MobileCLIP ones). The result stays open-vocabulary and keeps its text
+  encoder: any class name or text can still be asked, and the dataset's names are what it learned on the domain.
+  Its exemplar encoder (SAVPE) is not trained (text prompts only) and reads the adapted features.
+
+ultralytics' trainer then fine-tunes every layer at the base's input size, validating on the held-out split after
+each epoch, keeping the best epoch (its fitness: 0.1 mAP50 + 0.9 mAP50-95) and stopping after ``patience`` epochs
+without gain or when the wall-time budget (its ``time`` mode) is spent.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from copy import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,8 @@ import torch
 
 from service.adaptation.recipes import DetectorRecipe
 from service.models.loading import safe_load_ultralytics
+from service.models.open_vocabulary import is_open_vocabulary, text_model_name
+from service.models.text import ClassTextEncoder, SentenceEncoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +40,9 @@ class DetectorResult:
     seconds: float
     holdout_map50: float  # ultralytics' validator, best epoch, on the held-out split
     holdout_map50_95: float
-    kept_classes: tuple[str, ...]  # classes whose head rows came from the base
+    # closed: classes whose head rows came from the base, and the others; open vocabulary: the dataset's names the
+    # base was trained with (its ``names``), and the others (any text could be asked of it before)
+    kept_classes: tuple[str, ...]
     new_classes: tuple[str, ...]
 
 
@@ -82,14 +94,25 @@ def adapt_detector(
     progress: Callable[[float, str], None] = lambda fraction, text: None,
 ) -> tuple[Path, DetectorResult]:
     """Fine-tunes the base detector on ``data_yaml`` (``data.write_yolo``); returns the best weights (fp16,
-    optimizer stripped, as ultralytics ships them) and what training did."""
-    from ultralytics import YOLO
+    optimizer stripped, as ultralytics ships them) and what training did. Closed or open vocabulary by the base
+    (module docstring)."""
+    from ultralytics import YOLO, YOLOE
     from ultralytics.utils.torch_utils import strip_optimizer
 
     t = time.perf_counter()
     start = work / "start.pt"
-    kept, new = start_checkpoint(base, names, start)
-    model = YOLO(str(start))  # our own file, written just above from a safe load
+    text_model = open_start_checkpoint(base, start)
+    if text_model is None:
+        kept, new = start_checkpoint(base, names, start)
+        model: Any = YOLO(str(start))  # our own file, written just above from a safe load
+        data: Any = str(data_yaml)
+        trainer_class = None
+    else:
+        kept = _known_names(base, names)
+        new = tuple(n for n in names if n not in kept)
+        model = YOLOE(str(start))  # idem
+        data = {"train": {"yolo_data": [str(data_yaml)]}, "val": {"yolo_data": [str(data_yaml)]}}
+        trainer_class = open_trainer_class(text_model)
     threads = recipe.threads or torch.get_num_threads()
 
     def on_train_start(trainer: Any) -> None:
@@ -101,7 +124,8 @@ def adapt_detector(
     model.add_callback("on_train_start", on_train_start)
     model.add_callback("on_fit_epoch_end", on_epoch_end)
     model.train(
-        data=str(data_yaml),
+        data=data,
+        trainer=trainer_class,
         project=str(work),
         name="detector",
         exist_ok=True,
@@ -139,6 +163,74 @@ def adapt_detector(
         kept_classes=kept,
         new_classes=new,
     )
+
+
+def open_start_checkpoint(base: Path, out: Path) -> str | None:
+    """For an open-vocabulary base: writes its model (float32, no EMA or optimizer) to ``out`` for ultralytics'
+    trainer and returns its text model's name; for a closed one: None, nothing written."""
+    ckpt = safe_load_ultralytics(base)
+    model = (ckpt.get("ema") or ckpt["model"]).float()
+    if not is_open_vocabulary(model):
+        return None
+    if getattr(model.model[-1], "is_fused", False):
+        raise ValueError(f"{base.name}: its class embeddings are fused into the head (a fixed vocabulary)")
+    torch.save({"model": model, "train_args": ckpt.get("train_args") or {}, "date": None, "version": None}, out)
+    return text_model_name(model)
+
+
+def _known_names(base: Path, names: Sequence[str]) -> tuple[str, ...]:
+    """The names an open-vocabulary base was trained with (its ``names``), among ``names``."""
+    model = safe_load_ultralytics(base)["model"]
+    known = {str(n).strip().lower() for n in dict(getattr(model, "names", {}) or {}).values()}
+    return tuple(n for n in names if n.strip().lower() in known)
+
+
+def open_trainer_class(text_model: str) -> type:
+    """ultralytics' ``YOLOETrainerFromScratch`` whose class texts are embedded by ``text_model`` (detseg's
+    ``ClassTextEncoder``, the serving encoder) instead of MobileCLIP, in training and in validation; the trained
+    model keeps ``text_model``. Nothing is downloaded."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.models.yolo.yoloe import YOLOETrainerFromScratch
+    from ultralytics.models.yolo.yoloe.val import YOLOEDetectValidator
+
+    encoder = ClassTextEncoder.for_detector(text_model, SentenceEncoder.load())
+
+    def features(texts: Sequence[str]) -> torch.Tensor:
+        """(N, D): the raw text features, before the head's ``get_tpe`` (ultralytics' ``without_reprta``)."""
+        return torch.from_numpy(encoder.encode(list(texts)).astype("float32"))
+
+    class TextValidator(YOLOEDetectValidator):
+        def get_model(self, model: Any = None, trainer: Any = None, refer_data: Any = None, load_vp: bool = False):
+            model = BaseValidator.get_model(self, model, trainer)
+            names = [str(n) for n in self.dataloader.dataset.data["names"].values()]
+            with torch.no_grad():
+                feats = features(names)[None].to(next(model.parameters()).device)
+                model.set_classes(names, model.model[-1].get_tpe(feats))
+            return model
+
+    class TextTrainer(YOLOETrainerFromScratch):
+        def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
+            model = super().get_model(cfg, weights, verbose)
+            model.text_model = text_model
+            # the texts an image trains with (ultralytics' `nc` for YOLOE): the dataset's names; the base's own
+            # count (80 for the demo's) is what its weights' transfer leaves here, and the loss would expect it
+            head = model.model[-1]
+            head.nc = min(int(self.data["nc"]), 80)
+            head.no = head.nc + head.reg_max * 4
+            return model
+
+        def generate_text_embeddings(self, texts: list[str], batch: int, cache_dir: Path) -> dict[str, Any]:
+            return dict(zip(texts, features(texts), strict=True))
+
+        def get_validator(self) -> Any:
+            return TextValidator(
+                self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks
+            )
+
+        def final_eval(self) -> None:  # ultralytics would re-validate best.pt with MobileCLIP; `after` measures it
+            pass
+
+    return TextTrainer
 
 
 def _best_metrics(csv: Path) -> dict[str, float]:

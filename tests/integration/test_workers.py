@@ -171,10 +171,15 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
     assert {s.labels["worker"] for s in counts} == {"0", "1"}, counts
 
 
+HELD_BOXES = 40
+
+
 def _slow_request(channel: grpc.Channel, seed: int) -> pb.SegmentResponse:
-    """A Segment call of a second or more on the test models: a new 1024² image and 20 box prompts."""
+    """A Segment call of seconds on the test models: a new 1024² image and HELD_BOXES box prompts (enough that the
+    two held calls overlap even when another process shares the cores)."""
     boxes = [
-        pb.RegionPrompt(box=pb.BoundingBox(x_min=10 * k, y_min=10, x_max=10 * k + 200, y_max=300)) for k in range(20)
+        pb.RegionPrompt(box=pb.BoundingBox(x_min=10 * k, y_min=10, x_max=10 * k + 200, y_max=300))
+        for k in range(HELD_BOXES)
     ]
     return _segment(channel, pb.Image(encoded=_image(seed, 1024)), regions=boxes)
 
@@ -203,7 +208,7 @@ def test_admission_limits_hold_across_workers_and_sigterm_drains_every_worker(st
         # SIGTERM with a call in flight in each worker: both answer, every process exits 0.
         w.proc.send_signal(signal.SIGTERM)
         for f in running:
-            assert len(f.result(timeout=120).instances) == 20
+            assert len(f.result(timeout=120).instances) == HELD_BOXES
     assert w.proc.wait(120) == 0, w.output()[-3000:]
     assert not psutil.pid_exists(pid_a) and not psutil.pid_exists(pid_b)
     assert "all workers stopped" in w.output()
