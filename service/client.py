@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -185,7 +186,11 @@ class _Budget:
 
 
 class _Channel:
-    """What both clients share: the channel (options from ``channel_options``), the stub, deadlines, metadata."""
+    """What both clients share: the channels (options from ``channel_options``), their stubs, deadlines, metadata.
+
+    ``connections`` > 1 opens that many channels, each its own TCP connection, and sends each call on the next one:
+    `detseg serve --workers N` (and a TCP load balancer) spreads connections, not calls, so one channel reaches one
+    worker."""
 
     def __init__(
         self,
@@ -197,13 +202,24 @@ class _Channel:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        connections: int = 1,
     ) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
         self.retry = retry or RetryPolicy()
-        self._channel = self._open(target, credentials, channel_options(max_message_bytes, self.retry))
-        self._stub = pb_grpc.SegmentationServiceStub(self._channel)
+        options = channel_options(max_message_bytes, self.retry)
+        if connections > 1:  # a subchannel pool per channel: otherwise channels to one target share a connection
+            options = [*options, ("grpc.use_local_subchannel_pool", 1)]
+        self._channels = [self._open(target, credentials, options) for _ in range(connections)]
+        self._stubs = itertools.cycle([pb_grpc.SegmentationServiceStub(c) for c in self._channels])
         self.timeout = timeout  # seconds, for calls that give none; bounds the call with its retries
         self._metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
         self._rng = random.Random()
+
+    @property
+    def _stub(self) -> pb_grpc.SegmentationServiceStub:
+        """The stub of the next call's channel (round robin; itertools.cycle is atomic under the GIL)."""
+        return next(self._stubs)
 
     def _budget(self, timeout: float | None) -> _Budget:
         return _Budget(self.retry, time.monotonic() + (timeout or self.timeout), self._rng)
@@ -214,10 +230,11 @@ class _Channel:
 
 
 class Client(_Channel):
-    """A blocking client; thread-safe (one channel, reused). Use as a context manager or call ``close``.
+    """A blocking client; thread-safe (its channels reused). Use as a context manager or call ``close``.
     Keywords: ``timeout`` (default deadline, s), ``retry`` (RetryPolicy), ``max_message_bytes``, ``credentials``
     (grpc.ssl_channel_credentials(...) for TLS and mutual TLS), ``metadata`` (extra call metadata), ``token`` (sent
-    as "authorization: Bearer <token>" when the server requires one)."""
+    as "authorization: Bearer <token>" when the server requires one), ``connections`` (channels, each its own
+    connection, that calls take in turn: 1, or the worker count of `detseg serve --workers N` and more)."""
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
@@ -232,7 +249,8 @@ class Client(_Channel):
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         budget = self._budget(timeout)
@@ -310,7 +328,8 @@ class AsyncClient(_Channel):
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         budget = self._budget(timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -85,9 +86,22 @@ class DetsegWorkers:
         command = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(command, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-            wait_serving(channel, timeout)
+            # Polled, so that a server that exits while starting (say, no redis-server on PATH) fails at once.
+            while True:
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1.0)
+                    break
+                except grpc.FutureTimeoutError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"detseg serve --workers exited {self.proc.returncode} before serving: "
+                            f"{self.log.read_text()[-2000:]}"
+                        ) from None
+                    if time.monotonic() > deadline:
+                        raise
+            wait_serving(channel, max(1.0, deadline - time.monotonic()))
 
     @property
     def target(self) -> str:

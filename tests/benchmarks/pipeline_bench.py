@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,16 +222,36 @@ def stage_means(responses: list[pb.SegmentResponse]) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in stages.items()}
 
 
-def throughput(stub: Any, images: list[bytes], clients: int) -> dict[str, float]:
+@contextlib.contextmanager
+def own_channels(target: str, count: int, options: list[tuple[str, Any]]) -> Iterator[list[grpc.Channel]]:
+    """``count`` ready channels to ``target``, each its own connection (a local subchannel pool): `detseg serve
+    --workers N` spreads connections, not calls, over its workers. Closed on exit."""
+    channels = [grpc.insecure_channel(target, options=[*options, ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(count)]  # fmt: skip
+    try:
+        for c in channels:
+            grpc.channel_ready_future(c).result(timeout=60)
+        yield channels
+    finally:
+        for c in channels:
+            c.close()
+
+
+def throughput(target: str, images: list[bytes], clients: int) -> dict[str, float]:
+    """``clients`` threads sharing out ``images``, each on its own channel (``own_channels``; until 2026-12-04 every
+    client shared one channel, so the workers rows measured one worker)."""
     latencies: list[float] = []
+    with own_channels(target, clients, [("grpc.max_receive_message_length", 64 << 20)]) as channels:
+        stubs = [pb_grpc.SegmentationServiceStub(c) for c in channels]
 
-    def one(data: bytes) -> None:
-        latencies.append(timed_call(stub, segment_request(data))[0])
+        def one(client: int) -> None:
+            for data in images[client::clients]:
+                latencies.append(timed_call(stubs[client], segment_request(data))[0])
 
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, images))
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(clients)))
+        wall = time.perf_counter() - start
     return {"clients": clients, "requests": len(images), "img_per_s": len(images) / wall, **summary(latencies)}
 
 
@@ -442,30 +464,29 @@ def main() -> None:
                 for n, v in overhead.items()
             }  # fmt: skip
             print(json.dumps(result["single_image"]), flush=True)
+            print("stages", json.dumps(result["stages"]), flush=True)
 
             # 2. Throughput at 1 / 4 / 8 clients: the naive pipeline's image, new bytes each time (no cache hits).
             result["throughput"] = {"naive": {"clients": 1, "img_per_s": 1 / statistics.mean(lat["naive"])}}
             sent = 0
-            for name, stub in stubs.items():
+            for name in stubs:
                 rows = []
                 for clients, count in ((1, 3), (4, 8), (8, 8)):
                     images = [bus + b"\0" * (10_000 + sent + k) for k in range(count)]  # JPEG ignores trailing bytes
                     sent += count
-                    rows.append(throughput(stub, images, clients))
+                    rows.append(throughput(servers[name].target, images, clients))
                     print(name, json.dumps(rows[-1]), flush=True)
                 result["throughput"][name] = rows
             # The same with N worker processes (`detseg serve --workers N`), the embedded backend.
             for n in args.workers:
                 served = DetsegWorkers(settings.replace(backend=args.embedded_backend), n, root)
                 try:
-                    with grpc.insecure_channel(served.target, options=opts) as channel:
-                        stub = pb_grpc.SegmentationServiceStub(channel)
-                        rows = []
-                        for clients, count in ((1, 3), (4, 8), (8, 8)):
-                            images = [bus + b"\0" * (10_000 + sent + k) for k in range(count)]
-                            sent += count
-                            rows.append(throughput(stub, images, clients))
-                            print(f"embedded, {n} workers", json.dumps(rows[-1]), flush=True)
+                    rows = []
+                    for clients, count in ((1, 3), (4, 8), (8, 8)):
+                        images = [bus + b"\0" * (10_000 + sent + k) for k in range(count)]
+                        sent += count
+                        rows.append(throughput(served.target, images, clients))
+                        print(f"embedded, {n} workers", json.dumps(rows[-1]), flush=True)
                 finally:
                     served.stop()
                 result["throughput"][f"embedded_workers_{n}"] = rows
@@ -478,7 +499,8 @@ def main() -> None:
             # 3. Re-prompt on a cached handle vs a full request (embedded).
             stub = stubs["embedded"]
             fresh = jpeg(photo("zidane.jpg"))
-            full_s, _ = timed_call(stub, segment_request(fresh))
+            # The full request: the median of 3 (new bytes each, so none is a cache hit; until 2026-12-04 one).
+            full_s = statistics.median(timed_call(stub, segment_request(fresh + b"\0" * k))[0] for k in (1, 2, 3))
             handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=fresh)), timeout=600).handle
             box = pb.BoundingBox(x_min=100, y_min=50, x_max=600, y_max=700)
             reprompt = []
@@ -488,6 +510,7 @@ def main() -> None:
                 reprompt.append(timed_call(stub, request)[0])
             result["reprompt"] = {"full_request_s": full_s, "cached_reprompt": summary(reprompt)}
             result["ratios"]["cached_reprompt_vs_full"] = statistics.median(reprompt) / full_s
+            print("re-prompt", json.dumps(result["reprompt"]), flush=True)
 
             # 4. Precision gate: the served variant's final masks vs fp32's, >= 50 box prompts on real photos.
             result["precision_gate"] = precision_gate(stubs["embedded"], exact)

@@ -49,6 +49,7 @@ from tests.benchmarks.pipeline_bench import (
     THREADS,
     jpeg,
     machine,
+    own_channels,
     photo,
     segment_request,
     server_total,
@@ -192,10 +193,6 @@ def concurrency(
     """``clients`` threads, each with its own channel (its own connection), sending ``per_client`` requests back
     to back. ``workers``: the `detseg serve --workers N` (DetsegWorkers) serving ``target``, None for the
     in-process server."""
-    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.insecure_channel(target, options=options) for _ in range(clients)]
-    for c in channels:
-        grpc.channel_ready_future(c).result(timeout=60)
     latencies: list[float] = []
     detections: list[int] = []
 
@@ -206,15 +203,15 @@ def concurrency(
             latencies.append(seconds)
             detections.append(len(response.instances))
 
-    try:
-        tree = workers.proc.pid if workers is not None else None
-        with peak_memory(device, tree) as memory, concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            start = time.perf_counter()
-            list(pool.map(client, channels))
-            wall = time.perf_counter() - start
-    finally:
-        for c in channels:
-            c.close()
+    tree = workers.proc.pid if workers is not None else None
+    with (
+        own_channels(target, clients, CHANNEL_OPTIONS) as channels,
+        peak_memory(device, tree) as memory,
+        concurrent.futures.ThreadPoolExecutor(clients) as pool,
+    ):
+        start = time.perf_counter()
+        list(pool.map(client, channels))
+        wall = time.perf_counter() - start
     requests = clients * per_client
     n = workers.workers if workers is not None else 1
     return {"workers": n, "clients": clients, "requests": requests, "wall_s": wall, "img_per_s": requests / wall,
@@ -283,7 +280,7 @@ def main() -> None:
                         **measure(stub, lambda: segment_request(fresh(data), regions=prompts), repeats, warmup,
                                   args.device),
                     }  # fmt: skip
-                    print(json.dumps({k: v for k, v in points[mp, n].items() if k != "stages"}), flush=True)
+                    print(json.dumps(points[mp, n]), flush=True)  # the whole row: a run stopped early keeps it
                 return points[mp, n]
 
             result["image_size"] = [point(mp, SIZE_BOXES) for mp in megapixels]
@@ -297,7 +294,7 @@ def main() -> None:
                     "boxes": max(BOXES),
                     **measure(stub, lambda: segment_request(fresh(data), regions=prompts), 1, 0, args.device),
                 }  # fmt: skip
-                print(json.dumps({k: v for k, v in result["corner"].items() if k != "stages"}), flush=True)
+                print(json.dumps(result["corner"]), flush=True)
             if warmup:  # one micro-batch of detector prompts, unmeasured: the batched shapes' first run
                 concurrency(server.target, bus, fresh, settings.batch_max_size, 1, args.device)
             else:

@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.client import Client
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
@@ -162,6 +163,15 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
         assert [i.label for i in fresh.instances] == [i.label for i in via_b.instances]
         # A new image through B runs B's own encoder.
         assert "encode" in _stages(_segment(b, pb.Image(encoded=_image(2))))
+    # The client's `connections`: its calls take turns on that many connections, which the kernel spreads over the
+    # workers (16 connections all on one of 2 workers: odds 2**-15); one channel would reach one worker only.
+    before = {pid: w.peers(pid) for pid in w.pids()}
+    with Client(w.target, connections=16) as client:
+        handle = client.encode_image(_image(3))
+        answers = [client.segment(handle) for _ in range(16)]
+        reached = {pid: len(w.peers(pid) - before[pid]) for pid in before}
+    assert sum(reached.values()) == 16 and all(reached.values()), reached
+    assert all([i.label for i in a.instances] == [i.label for i in answers[0].instances] for a in answers)
     # One Prometheus endpoint: every worker's samples, labelled with the worker.
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
         families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
