@@ -11,6 +11,7 @@ the models failed to load, and ``serve_forever`` (``service.api.server``) stops 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -148,8 +149,13 @@ class _Loaded(NamedTuple):
 
 
 async def _prepare(settings: Settings, load_runner: RunnerFactory) -> _Loaded:
-    """Loads the models (in a thread), starts the runner and warms the pipeline up."""
-    runner = await asyncio.to_thread(load_runner)
+    """Loads the models on a thread that ends with the loading (its torch threads with it:
+    ``service.runners.local.torch_thread``), starts the runner and warms the pipeline up."""
+    loading = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load")
+    try:
+        runner = await asyncio.wrap_future(loading.submit(load_runner))
+    finally:
+        loading.shutdown(wait=False)  # the thread ends when the loading does, without holding up the event loop
     await runner.start()
     pipeline = build_pipeline(runner, settings)
     await _warm_up(pipeline)

@@ -1,4 +1,5 @@
-"""What every in-process runner shares: a thread pool, micro-batched detector/encoder calls, deadlines.
+"""What every in-process runner shares: a thread pool, the one thread that runs torch on the host
+(``torch_thread``), micro-batched detector/encoder calls, deadlines.
 
 Subclasses implement blocking methods on numpy arrays (run on the pool, never on the event loop):
 ``_detect_sync(images, classes) -> (raw,)``, ``_encode_sync(images) -> (embed, high_res_0, high_res_1)``,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -44,10 +46,44 @@ T = TypeVar("T")
 Arrays = tuple[np.ndarray, ...]
 
 
+# Every ``_run`` name: what a runner running all its models with torch on the CPU sends to its torch thread.
+CALLS = frozenset(
+    {"detect", "encode", "embed_classes", "embed_exemplars", "decode", "segment_concepts", "track", "embed_text"}
+)
+
+
+def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """One thread for the process's torch work on the host, with the caller's torch thread count; every thread that
+    starts using torch after this call runs its ops on one thread (torch's count for a thread is the last one set
+    anywhere when it first uses torch). The caller's own count stays as it was.
+
+    Why one: torch runs an op's parallel part on OpenMP, and libgomp gives each OS thread that starts a parallel region
+    a team of worker threads of its own, kept as long as that thread lives. Once the process holds more of them than
+    cores, libgomp throttles every team's spinning between regions (GOMP's throttled spin count), and each region
+    waits on a futex to start: SAM's decoder, hundreds of small regions per call, took 27-29 ms per one-prompt call
+    with one team and 33-40 ms with the server's several (benchmarks/RESULTS.md, re-prompt). Threads that used torch
+    before this call keep their teams: the server loads the models on a thread that ends (``app._prepare``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    pool = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,)
+    )
+    pool.submit(torch.get_num_threads).result()  # started: its count is set before the default falls to 1
+    # torch.set_num_threads also sets the calling thread's count: called on a thread of its own, which then ends.
+    default = threading.Thread(target=torch.set_num_threads, args=(1,), name="torch-default-threads")
+    default.start()
+    default.join()
+    return pool
+
+
 class LocalRunner:
     """Base of the in-process runners (see ``service.runners.base.Runner`` for the interface)."""
 
     backend = "local"
+    # The calls (``_run`` names) that run torch on the host: on ``torch_thread``; the others (OpenVINO, ONNX Runtime,
+    # a GPU's torch) on the pool.
+    torch_calls: frozenset[str] = frozenset({"track", "embed_text"})
     concepts: ConceptSpec | None = None  # a runner with a concept segmenter sets it
     tracker: MemoryTracker | None = None  # a runner with SAM 2's memory modules in torch sets it
 
@@ -73,6 +109,7 @@ class LocalRunner:
         self.profile = profile
         self.calls: collections.Counter[str] = collections.Counter()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
+        self._torch = torch_thread(f"{self.backend}-torch")
         self.detect_batcher = MicroBatcher(
             "detector", lambda x, classes: self._run("detect", lambda: self._detect_sync(x, classes)), batching
         )
@@ -105,7 +142,8 @@ class LocalRunner:
 
     async def _run(self, name: str, fn: Callable[[], T]) -> T:
         self.calls[name] += 1
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        pool = self._torch if name in self.torch_calls else self._pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     async def detect(self, images: np.ndarray, classes: ClassPrompts | None = None) -> DetectorOutput:
         _check_deadline()
@@ -164,6 +202,7 @@ class LocalRunner:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._torch.shutdown(wait=False, cancel_futures=True)
 
 
 def memory_tracker(segmenter: Any, ref: WeightsRef | None, device: str) -> MemoryTracker | None:

@@ -124,6 +124,7 @@ class OpenVinoRunner(OnnxRunner):
     """
 
     backend = "openvino"
+    torch_calls = OnnxRunner.torch_calls | {"decode"}  # SAM's decoder on torch
 
     def __init__(
         self,
