@@ -60,9 +60,9 @@ def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     Why one: torch runs an op's parallel part on OpenMP, and libgomp gives each OS thread that starts a parallel region
     a team of worker threads of its own, kept as long as that thread lives. Once the process holds more of them than
     cores, libgomp throttles every team's spinning between regions (GOMP's throttled spin count), and each region
-    waits on a futex to start: SAM's decoder, hundreds of small regions per call, took 27-29 ms per one-prompt call
-    with one team and 33-40 ms with the server's several (benchmarks/RESULTS.md, re-prompt). Threads that used torch
-    before this call keep their teams: the server loads the models on a thread that ends (``app._prepare``)."""
+    waits on a futex to start: SAM's decoder, hundreds of small regions per call, took 26-32 ms per one-prompt call
+    in the server with one team and 33-41 ms with its several (benchmarks/RESULTS.md, re-prompt). Threads that used
+    torch before this call keep their teams: the server loads the models on a thread that ends (``app._prepare``)."""
     import torch
 
     threads = torch.get_num_threads()

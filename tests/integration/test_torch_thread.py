@@ -1,7 +1,7 @@
 """torch on the host runs on one thread of the server (``service.runners.local.torch_thread``): the models' torch calls
 on the runner's torch thread with the configured thread count, every other thread of the server with one, so that
-libgomp keeps one team of OpenMP threads (a second team makes it throttle them all: the re-prompt's decoder call 27 vs
-35 ms, benchmarks/RESULTS.md)."""
+libgomp keeps one team of OpenMP threads (more teams than cores make it throttle them all: the re-prompt's decoder
+call 26-32 vs 33-41 ms, benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
