@@ -158,8 +158,8 @@ def _wait_idle(srv, timeout: float = 5.0) -> float:
 
 
 def test_sigterm_drains_twenty_requests_in_flight_refuses_new_ones_and_exits_zero(settings, figures):
-    """A real `detseg serve` process: 20 requests sent, SIGTERM while they run, every one answered OK, a request
-    after the signal refused, exit status 0 within the grace period."""
+    """A real `detseg serve` process: 20 requests sent, SIGTERM while (at least 15 of) them run, every one answered
+    OK, a request after the signal refused, exit status 0 within the grace period."""
     import os
     import signal
     import socket
@@ -184,10 +184,12 @@ def test_sigterm_drains_twenty_requests_in_flight_refuses_new_ones_and_exits_zer
             grpc.channel_ready_future(channel).result(timeout=180)
             wait_serving(channel)
             stub = pb_grpc.SegmentationServiceStub(channel)
-            futures = [stub.Segment.future(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=120)
-                       for _ in range(20)]  # fmt: skip
-            time.sleep(0.5)
-            assert not any(f.done() for f in futures)  # all still in flight when the signal comes
+            # New bytes each (JPEG ignores trailing bytes): no request shares another's cached encoding.
+            futures = [stub.Segment.future(pb.SegmentRequest(image=pb.Image(encoded=image + b"\0" * k)), timeout=120)
+                       for k in range(20)]  # fmt: skip
+            time.sleep(0.2)  # sent; a request of these models can be answered within 0.5 s when the machine is quick
+            in_flight = sum(not f.done() for f in futures)
+            assert in_flight >= 15, in_flight  # the signal comes while (nearly) all of them run
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
@@ -204,4 +206,6 @@ def test_sigterm_drains_twenty_requests_in_flight_refuses_new_ones_and_exits_zer
             proc.kill()
     assert codes == [grpc.StatusCode.OK] * 20, codes
     assert proc.returncode == 0, out[-2000:]
-    figures["SIGTERM with 20 requests in flight: all OK, drained and exited after"] = f"{drained:.1f} s"
+    figures["SIGTERM with 20 requests sent: in flight at the signal, all OK, drained and exited after"] = (
+        f"{in_flight}, {drained:.1f} s"
+    )
