@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import enum
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -46,10 +47,21 @@ T = TypeVar("T")
 Arrays = tuple[np.ndarray, ...]
 
 
-# Every ``_run`` name: what a runner running all its models with torch on the CPU sends to its torch thread.
-CALLS = frozenset(
-    {"detect", "encode", "embed_classes", "embed_exemplars", "decode", "segment_concepts", "track", "embed_text"}
-)
+class Call(enum.StrEnum):
+    """A model call of a local runner (``LocalRunner._run``): its name in ``calls`` and in ``torch_calls``."""
+
+    DETECT = "detect"
+    ENCODE = "encode"
+    EMBED_CLASSES = "embed_classes"
+    EMBED_EXEMPLARS = "embed_exemplars"
+    DECODE = "decode"
+    SEGMENT_CONCEPTS = "segment_concepts"
+    TRACK = "track"
+    EMBED_TEXT = "embed_text"
+
+
+# What a runner running all its models with torch on the CPU sends to its torch thread.
+CALLS: frozenset[Call] = frozenset(Call)
 
 
 def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
@@ -83,7 +95,7 @@ class LocalRunner:
     backend = "local"
     # The calls (``_run`` names) that run torch on the host: on ``torch_thread``; the others (OpenVINO, ONNX Runtime,
     # a GPU's torch) on the pool.
-    torch_calls: frozenset[str] = frozenset({"track", "embed_text"})
+    torch_calls: frozenset[Call] = frozenset({Call.TRACK, Call.EMBED_TEXT})
     concepts: ConceptSpec | None = None  # a runner with a concept segmenter sets it
     tracker: MemoryTracker | None = None  # a runner with SAM 2's memory modules in torch sets it
 
@@ -111,10 +123,10 @@ class LocalRunner:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.backend)
         self._torch = torch_thread(f"{self.backend}-torch")
         self.detect_batcher = MicroBatcher(
-            "detector", lambda x, classes: self._run("detect", lambda: self._detect_sync(x, classes)), batching
+            "detector", lambda x, classes: self._run(Call.DETECT, lambda: self._detect_sync(x, classes)), batching
         )
         self.encode_batcher = MicroBatcher(
-            "encoder", lambda x, _: self._run("encode", lambda: self._encode_sync(x)), batching
+            "encoder", lambda x, _: self._run(Call.ENCODE, lambda: self._encode_sync(x)), batching
         )
 
     def _detect_sync(self, images: np.ndarray, classes: ClassPrompts | None) -> Arrays:
@@ -140,7 +152,7 @@ class LocalRunner:
     async def ready(self) -> bool:
         return True
 
-    async def _run(self, name: str, fn: Callable[[], T]) -> T:
+    async def _run(self, name: Call, fn: Callable[[], T]) -> T:
         self.calls[name] += 1
         pool = self._torch if name in self.torch_calls else self._pool
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
@@ -153,11 +165,11 @@ class LocalRunner:
         return DetectorOutput(raw=raw)
 
     async def embed_classes(self, names: Sequence[str]) -> np.ndarray:
-        return await self._run("embed_classes", lambda: self._embed_classes_sync(names))
+        return await self._run(Call.EMBED_CLASSES, lambda: self._embed_classes_sync(names))
 
     async def embed_exemplars(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
         _check_deadline()
-        return await self._run("embed_exemplars", lambda: self._embed_exemplars_sync(image, visuals))
+        return await self._run(Call.EMBED_EXEMPLARS, lambda: self._embed_exemplars_sync(image, visuals))
 
     def _embed_exemplars_sync(self, image: np.ndarray, visuals: np.ndarray) -> np.ndarray:
         raise Unsupported("exemplars need a detector that takes visual prompts (YOLOE)")
@@ -169,13 +181,13 @@ class LocalRunner:
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:
         _check_deadline()
-        return await self._run("decode", lambda: self._decode_sync(features, prompts))
+        return await self._run(Call.DECODE, lambda: self._decode_sync(features, prompts))
 
     async def segment_concepts(
         self, images: np.ndarray, texts: Sequence[str], exemplars: Sequence[np.ndarray] = ()
     ) -> ConceptOutput:
         _check_deadline()
-        return await self._run("segment_concepts", lambda: self._segment_concepts_sync(images, texts, exemplars))
+        return await self._run(Call.SEGMENT_CONCEPTS, lambda: self._segment_concepts_sync(images, texts, exemplars))
 
     def track_memory(self) -> object:
         self._tracking()
@@ -184,7 +196,7 @@ class LocalRunner:
     async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
         _check_deadline()
         tracker = self._tracking()
-        return await self._run("track", lambda: _track_sync(tracker, features, steps))
+        return await self._run(Call.TRACK, lambda: _track_sync(tracker, features, steps))
 
     def _tracking(self) -> MemoryTracker:
         if self.tracker is None:
@@ -198,7 +210,7 @@ class LocalRunner:
         text = self._text
         if text is None:
             raise Unsupported("texts: this server has no text encoder (serve with text_encoder=minilm)")
-        return await self._run("embed_text", lambda: text.encode(texts))
+        return await self._run(Call.EMBED_TEXT, lambda: text.encode(texts))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -57,7 +57,7 @@ from service.models.text import load_sentence_encoder
 from service.processing.segmentation import SamPrompt, SegmenterProcessing
 from service.runners.batching import BatchPolicy
 from service.runners.exported import load_export, ort_session, specs, tokenizer_for
-from service.runners.local import Arrays, descriptor, memory_tracker
+from service.runners.local import Arrays, Call, descriptor, memory_tracker
 from service.runners.onnx import OnnxRunner
 from service.runners.torch import decode_batch
 
@@ -124,7 +124,7 @@ class OpenVinoRunner(OnnxRunner):
     """
 
     backend = "openvino"
-    torch_calls = OnnxRunner.torch_calls | {"decode"}  # SAM's decoder on torch
+    torch_calls = OnnxRunner.torch_calls | {Call.DECODE}  # SAM's decoder on torch
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ from service.models.tensors import (
 )
 from service.models.text import ClassTexts, class_text_encoder, load_sentence_encoder
 from service.runners.batching import BatchPolicy
-from service.runners.local import CALLS, Arrays, LocalRunner, descriptor, memory_tracker
+from service.runners.local import CALLS, Arrays, Call, LocalRunner, descriptor, memory_tracker
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class TorchRunner(LocalRunner):
         self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident
         self.sam_autocast = sam_autocast
         # On the CPU every call is torch on the host (one thread: ``torch_thread``); on a GPU only the text encoder is.
-        self.torch_calls = CALLS if self._device.type == "cpu" else frozenset({"embed_text"})
+        self.torch_calls = CALLS if self._device.type == "cpu" else frozenset({Call.EMBED_TEXT})
 
     def _tensor(self, array: Any) -> torch.Tensor:
         """A numpy array → a tensor on the device; a tensor (device-resident features) passes as it is."""
