@@ -72,16 +72,28 @@ class Masks:
 
         Each mask is finished on the mask pool from its own logits (OpenCV, numpy and torch release the GIL while
         they work), upsampled only inside its window and, when refinement clips, its box + margin: memory per
-        thread follows one window. Masks that refinement leaves as they are get their RLE where the logits are."""
+        thread follows one window. A device-resident runner's logits (a torch tensor) are upsampled for every mask
+        at once where they are (``_Grid.every_window``: a few kernels per pass, one copy to the host), and only
+        refinement and encoding run per mask. Masks that refinement leaves as they are get their RLE where the
+        logits are."""
         hw = (image.height, image.width)
         runs_there = p.mask_encoding == RLE and p.refinement.min_region_area <= 0
 
-        def finish_one(i: int) -> FinishedMask:
-            prompt = prompts[i]
-            clip = clip_window(prompt.box, p.refinement, hw)
-            up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
-            rle = up.rle[0] if up.rle is not None else None
-            return _finish_mask(up.windows[0], prompt, float(up.stability[0]), p, rle)
+        if isinstance(low_res, np.ndarray):  # host logits: each mask upsampled on its own thread of the pool
+
+            def finish_one(i: int) -> FinishedMask:
+                clip = clip_window(prompts[i].box, p.refinement, hw)
+                up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
+                rle = up.rle[0] if up.rle is not None else None
+                return _finish_mask(up.windows[0], prompts[i], float(up.stability[0]), p, rle)
+
+        else:  # a device-resident runner's: every mask upsampled there at once, then refined and encoded per mask
+            clips = [clip_window(prompt.box, p.refinement, hw) for prompt in prompts]
+            every = self.segmentation.postprocess(low_res, hw, clips, rle=runs_there)
+
+            def finish_one(i: int) -> FinishedMask:
+                rle = every.rle[i] if every.rle is not None else None
+                return _finish_mask(every.windows[i], prompts[i], float(every.stability[i]), p, rle)
 
         final = FinalMasks([], [], [])
         for mask in self._pool.map(finish_one, range(len(prompts))):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,9 @@ _BLOCKS_AT_ONCE = 4096  # undecided blocks computed at a time (~16 x 16 pixels e
 # A window whose undecided blocks hold more than this fraction of its pixels is computed pixel by pixel (separable
 # sums stream; one block at a time gathers): a trained SAM's masks are undecided only along their outlines.
 _SPARSE_BLOCKS = 0.15
+# Padded window pixels of one pass of ``_Grid.every_window`` (masks upsampled at once where the logits are, torch):
+# its float32 values take 4 bytes each, twice.
+_PASS_PIXELS = 1 << 25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +119,36 @@ def _windowed(
     union = grid.count_above(logits, low, high, margin, MASK_THRESHOLD - STABILITY_OFFSET)
     spans = grid.windows(high, margin, MASK_THRESHOLD)
     summary = ops.host(ops.cat([inter[:, None], union[:, None], spans], 1))  # the one value that must cross
-    windows, encoded = [], []
-    for i, (row, clip) in enumerate(zip(summary, clips, strict=True)):
+    bounds = []
+    for row, clip in zip(summary, clips, strict=True):
         window = Bounds(*(int(v) for v in row[2:]))
         window = window.intersect(clip) if clip is not None else window
-        window = EMPTY if window.empty else window
-        crop = grid.mask(logits, i, (low, high, margin), window, MASK_THRESHOLD)  # (x, y): column-major
+        bounds.append(EMPTY if window.empty else window)
+    crops: Iterable[Crop]
+    if ops.at_once:  # torch: every window at once, and the crops cross to the host in one copy
+        crops = grid.every_window(logits, bounds, MASK_THRESHOLD)
+    else:  # numpy: mask by mask, decided blocks whole
+        crops = (_host_crop(grid.mask(logits, i, (low, high, margin), b, MASK_THRESHOLD)) for i, b in enumerate(bounds))
+    windows, encoded = [], []
+    for window, crop in zip(bounds, crops, strict=True):
         if rle:
-            encoded.append(rle_counts(ops.runs(crop, window, h, w), h, w))
-        windows.append(WindowedMask(h, w, window, ops.host(crop).T))
+            encoded.append(rle_counts(ops.runs(crop.there, window, h, w), h, w))
+        windows.append(WindowedMask(h, w, window, crop.host.T))
     stability = stability_from_counts(summary[:, 0], summary[:, 1])
     return UpsampledMasks(windows, stability, encoded if rle else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """One mask's (x1 - x0, y1 - y0) bool crop of its window, x-major (the frame's column-major order): where the
+    logits are (``there``) and on the host."""
+
+    there: Any
+    host: np.ndarray
+
+
+def _host_crop(crop: np.ndarray) -> Crop:
+    return Crop(crop, crop)
 
 
 class _Ops:
@@ -134,6 +156,7 @@ class _Ops:
     arrays live. ``xp``: the array module."""
 
     xp: Any
+    at_once = False  # upsample every mask's window in one pass (``_Grid.every_window``), not mask by mask
 
     def put(self, a: np.ndarray) -> Any:
         """A host table → an array where the logits are."""
@@ -215,6 +238,7 @@ class _TorchOps(_Ops):
 
     xp: Any
     device: Any
+    at_once = True  # a device's kernels per mask would cost more than its pixels
 
     def put(self, a: np.ndarray) -> Any:
         return self.xp.tensor(a, device=self.device)
@@ -378,6 +402,65 @@ class _Grid:
             at_y = self.xp.broadcast_to((ys - window.y0)[:, :, None], values.shape)[valid]
             out[at_x, at_y] = values[valid] > level
         return out
+
+    def every_window(self, logits: Any, windows: Sequence[Bounds], level: float) -> list[Crop]:
+        """Each mask of (B, s, s) logits → its ``Crop`` in ``windows[i]``: upsampled logits > ``level``, every pixel
+        computed as ``_mask_every_pixel`` computes it (the same operations in the same order: the same bits), in
+        passes over masks of similar windows padded to the largest (``_PASS_PIXELS`` at most, a larger window
+        alone), each a few kernels however many masks it holds. The crops cross to the host in one copy."""
+        xp, ops = self.xp, self.ops
+        sizes = [0 if b.empty else (b.x1 - b.x0) * (b.y1 - b.y0) for b in windows]
+        order = sorted((i for i, n in enumerate(sizes) if n), key=lambda i: -sizes[i])
+        across = logits.transpose(1, 2)  # (B, x cells, y cells)
+        parts, offsets, at, k = [], [0] * len(windows), 0, 0
+        while k < len(order):
+            group = [order[k]]
+            tall, wide = windows[group[0]].y1 - windows[group[0]].y0, windows[group[0]].x1 - windows[group[0]].x0
+            for i in order[k + 1 :]:
+                t, w = max(tall, windows[i].y1 - windows[i].y0), max(wide, windows[i].x1 - windows[i].x0)
+                if (len(group) + 1) * t * w > _PASS_PIXELS:
+                    break
+                group.append(i)
+                tall, wide = t, w
+            k += len(group)
+            ys, in_y = self._pixels([(windows[i].y0, windows[i].y1) for i in group], tall, self.height)
+            xs, in_x = self._pixels([(windows[i].x0, windows[i].x1) for i in group], wide, self.width)
+            parts.append(
+                self._upsample_pass(across[ops.put(np.array(group))], ys, xs, level)[
+                    in_x[:, :, None] & in_y[:, None, :]
+                ]
+            )
+            for i in group:
+                offsets[i], at = at, at + sizes[i]
+        packed = xp.cat(parts) if parts else ops.bools((0, 0)).reshape(-1)
+        host = ops.host(packed)
+        crops = []
+        for i, b in enumerate(windows):
+            shape = (b.x1 - b.x0, b.y1 - b.y0) if sizes[i] else (0, 0)
+            span = slice(offsets[i], offsets[i] + sizes[i])
+            crops.append(Crop(packed[span].reshape(shape), host[span].reshape(shape)))
+        return crops
+
+    def _pixels(self, spans: list[tuple[int, int]], longest: int, limit: int) -> tuple[Any, Any]:
+        """Per mask, its window's pixels [start, stop) along one axis padded to ``longest``: (M, longest) int64
+        (clamped to the frame's ``limit``) and which are the window's (M, longest) bool."""
+        start, stop = (self.ops.put(np.array(v, np.int64)[:, None]) for v in zip(*spans, strict=True))
+        at = start + self.ops.arange(longest)
+        return at.clip(max=limit - 1), at < stop
+
+    def _upsample_pass(self, across: Any, ys: Any, xs: Any, level: float) -> Any:
+        """(M, s, s) logits x-major, pixel rows (M, Y) and columns (M, X) → (M, X, Y) upsampled logits > ``level``:
+        along y first, then along x, as ``_mask_every_pixel``."""
+        ylo, yhi, yw0, yw1, _ = self.y
+        xlo, xhi, xw0, xw1, _ = self.x
+        xp, m, side = self.xp, across.shape[0], across.shape[1]
+        rows = (m, side, ys.shape[1])
+        along_y = xp.gather(across, 2, ylo[ys][:, None].expand(rows)) * yw0[ys][:, None]
+        along_y += xp.gather(across, 2, yhi[ys][:, None].expand(rows)) * yw1[ys][:, None]
+        cols = (m, xs.shape[1], ys.shape[1])
+        values = xp.gather(along_y, 1, xlo[xs][:, :, None].expand(cols)) * xw0[xs][:, :, None]
+        values += xp.gather(along_y, 1, xhi[xs][:, :, None].expand(cols)) * xw1[xs][:, :, None]
+        return values > level
 
     def _mask_every_pixel(self, logit: Any, window: Bounds, level: float) -> Any:
         """``mask`` computing every pixel of the window: the separable sum, along y then along x."""

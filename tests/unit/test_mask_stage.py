@@ -236,6 +236,46 @@ def test_a_small_object_on_a_large_image_is_computed_in_its_own_window(processin
     np.testing.assert_array_equal(up.stability, stability_scores(full[None], 0.0))
 
 
+def test_torch_logits_are_upsampled_for_every_mask_at_once_in_passes(
+    processing: SegmenterProcessing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device-resident runner's logits: 40 masks of windows from 1 pixel to the whole frame (and empty ones) are
+    upsampled in passes of similar windows, a few kernels each however many masks a pass holds (a GPU would
+    otherwise launch dozens of kernels per mask), with the host path's masks, counts and RLE bit for bit; a pass
+    bounded by its padded pixels splits, and a window larger than the bound goes alone."""
+    from service.processing import upsampling
+
+    rng = np.random.default_rng(11)
+    hw = (173, 229)
+    low_res = cv2.GaussianBlur(rng.standard_normal((40, 64, 64)).astype(np.float32), (0, 0), 1.5) * 20 - 3
+    low_res[::7] = -15  # empty masks
+    low_res[5] = 8.0  # the whole frame
+    within = [None if i % 3 else Bounds(i, i + 1 + 4 * i, 2 * i, 2 * i + 1 + i) for i in range(40)]
+    host = processing.postprocess(low_res, hw, within, rle=True)
+    passes: list[int] = []
+    original = upsampling._Grid._upsample_pass
+
+    def counted(grid: object, across: torch.Tensor, *args: object) -> torch.Tensor:
+        passes.append(across.shape[0])
+        return original(grid, across, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(upsampling._Grid, "_upsample_pass", counted)
+    counts = []
+    for bound in (1 << 25, hw[0] * hw[1] // 2):
+        monkeypatch.setattr(upsampling, "_PASS_PIXELS", bound)
+        passes.clear()
+        device = processing.postprocess(torch.from_numpy(low_res), hw, within, rle=True)
+        assert np.array_equal(device.masks, host.masks)
+        np.testing.assert_array_equal(device.stability, host.stability)
+        assert device.rle == host.rle
+        assert [w.bounds for w in device.windows] == [w.bounds for w in host.windows]
+        assert all(w.crop.T.flags.c_contiguous for w in device.windows)  # column-major, as pycocotools reads
+        assert sum(passes) == sum(not w.bounds.empty for w in host.windows)  # each mask in one pass
+        counts.append(len(passes))
+    assert counts[0] == 1 and counts[1] >= 3
+    assert 1 in passes  # the whole frame's window, over half the bound, went alone
+
+
 def test_memory_follows_the_windows_not_the_frame(processing: SegmenterProcessing) -> None:
     """Eight small objects: the peak memory of postprocess at 12 MP is about that at 0.12 MP (no whole frame of
     floats, 48 MB, or of bools, 12 MB, is ever held); what it holds grows with the batch's low-res logits."""
