@@ -54,6 +54,9 @@ class ClassPrompts:
 @dataclasses.dataclass(frozen=True)
 class SegmenterSpec:
     image_size: int  # square SAM input side, pixels
+    # Where ``Runner.encode`` takes its images: None, the host (numpy); a torch device (a device-resident runner's,
+    # e.g. "cuda:0"), a tensor there: the image crosses as uint8 and is resized and normalised on that device.
+    input_device: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

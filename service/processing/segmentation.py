@@ -64,10 +64,16 @@ class SegmenterProcessing:
             max_sprinkle_area=0.0,
         )
 
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised."""
-        with self._torch.inference_mode():
-            return self._transforms(rgb)[None].numpy()
+    def preprocess(self, rgb: np.ndarray) -> Any:
+        """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised: numpy, or with the spec's
+        ``input_device`` a tensor there, computed there from the uint8 pixels (sam2's own transforms, whose
+        ``ToTensor`` is this permute and division)."""
+        torch = self._torch
+        with torch.inference_mode():
+            if self.spec.input_device is None:
+                return self._transforms(rgb)[None].numpy()
+            pixels = torch.from_numpy(rgb).to(self.spec.input_device, non_blocking=True)
+            return self._transforms.transforms(pixels.permute(2, 0, 1).float().div(255))[None]
 
     def prompt_batches(
         self, prompts: list[SamPrompt], orig_hw: tuple[int, int], multimask: bool

@@ -79,7 +79,8 @@ class Runner(Protocol):
         ...
 
     async def encode(self, images: np.ndarray) -> ImageFeatures:
-        """images: (N, 3, S, S) float32, SAM-normalised (ImageNet mean/std)."""
+        """images: (N, 3, S, S) float32, SAM-normalised (ImageNet mean/std); numpy, or a tensor on
+        ``segmenter.input_device`` when the runner names one."""
         ...
 
     async def decode(self, features: ImageFeatures, prompts: PromptBatch) -> DecoderOutput:

@@ -1,7 +1,8 @@
 """Micro-batching for in-process models: concurrent callers share one forward pass.
 
-Callers ``submit`` arrays with a leading batch axis; a single drain task stacks what is queued (up to
-``max_batch`` rows), runs the model once, and hands each caller its own rows back. Batches form from
+Callers ``submit`` arrays (numpy, or tensors on a device-resident runner's device) with a leading batch axis; a
+single drain task stacks what is queued (up to ``max_batch`` rows), runs the model once, and hands each caller its
+own rows back. Batches form from
 whatever arrived while the previous one ran, plus up to ``max_wait`` seconds of waiting for company
 (0 = never wait: a lone request runs at once, so batching adds no latency when the server is idle).
 The queue is bounded: beyond ``max_queue`` waiting callers, ``submit`` raises Overloaded at once.
@@ -43,7 +44,7 @@ class BatchPolicy:
 
 @dataclasses.dataclass
 class _Item:
-    array: np.ndarray
+    array: Any  # numpy, or a tensor on a device-resident runner's device
     future: asyncio.Future[Outputs]
     context: Any
     key: Hashable
@@ -64,7 +65,7 @@ class MicroBatcher:
         self.batches = 0  # forward passes run
         self.items = 0  # caller requests served
 
-    async def submit(self, array: np.ndarray, context: Any = None, key: Hashable = None) -> Outputs:
+    async def submit(self, array: Any, context: Any = None, key: Hashable = None) -> Outputs:
         """``array`` (n, ...) → this caller's rows of every output. Calls share a pass only with equal ``key``;
         ``context`` goes to ``run`` with the pass."""
         if len(self._queue) >= self.max_queue:
@@ -83,7 +84,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                stacked = batch[0].array if len(batch) == 1 else np.concatenate([i.array for i in batch])
+                stacked = batch[0].array if len(batch) == 1 else _concatenate([i.array for i in batch])
                 links = [trace.Link(i.caller) for i in batch if i.caller.is_valid]
                 with _tracer.start_as_current_span(
                     f"detseg.batch.{self.name}",
@@ -128,3 +129,12 @@ class MicroBatcher:
             rows += len(item.array)
         self._queue = rest
         return batch
+
+
+def _concatenate(arrays: list[Any]) -> Any:
+    """Callers' inputs stacked along the first axis: numpy, or tensors on a device-resident runner's device."""
+    if isinstance(arrays[0], np.ndarray):
+        return np.concatenate(arrays)
+    import torch  # only a device-resident torch runner submits tensors
+
+    return torch.cat(arrays)

@@ -84,6 +84,8 @@ class TorchRunner(LocalRunner):
         # Device-resident SAM (every device but the CPU unless told): features and low-res masks stay on the device
         # between encoder, cache, decoder and mask upsampling; only final masks come back (ImageFeatures).
         self.device_resident = self._device.type != "cpu" if device_resident is None else device_resident
+        if self.device_resident:  # SAM's input is pre-processed there too: the image crosses as uint8
+            self.segmenter = dataclasses.replace(self.segmenter, input_device=str(self._device))
         self.sam_autocast = sam_autocast
         # On the CPU every call is torch on the host (one thread: ``torch_thread``); on a GPU only the text encoder is.
         self.torch_calls = CALLS if self._device.type == "cpu" else frozenset({Call.EMBED_TEXT})

@@ -30,13 +30,24 @@ def test_upsampling_on_the_device_equals_the_host_path() -> None:
     np.testing.assert_allclose(device.stability, host.stability, atol=1e-3)
 
 
+def test_sam_input_is_pre_processed_on_the_runners_device() -> None:
+    """A device-resident runner names its device as SAM's input device: the image crosses as uint8 and is resized
+    and normalised there, with sam2's own transforms (here the CPU: the same floats as the host path)."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (301, 457, 3), np.uint8)
+    host = SegmenterProcessing(SegmenterSpec(image_size=256)).preprocess(rgb)
+    there = SegmenterProcessing(SegmenterSpec(image_size=256, input_device="cpu")).preprocess(rgb)
+    assert isinstance(host, np.ndarray) and isinstance(there, torch.Tensor) and there.device.type == "cpu"
+    np.testing.assert_array_equal(there.numpy(), host)
+
+
 @pytest.mark.parametrize("image", ["bus.jpg", "zidane.jpg"])
 def test_device_resident_runner_answers_as_the_host_runner(settings, stub, image: str) -> None:
     from service.runners.torch import TorchRunner
 
     def resident() -> TorchRunner:
         runner = TorchRunner.load(resolve_models(settings), settings, device_resident=True)
-        assert runner.device_resident
+        assert runner.device_resident and runner.segmenter.input_device == "cpu"  # SAM's input is made there
         return runner
 
     # Bytes of its own (JPEG ignores trailing bytes): the session server's cache must not learn the plain photo.

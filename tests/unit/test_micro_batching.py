@@ -101,3 +101,26 @@ def test_only_calls_with_the_same_key_share_a_pass_and_each_pass_gets_its_contex
     outputs = asyncio.run(main())
     assert [float(o[0][0, 0]) for o in outputs] == [1.0 if k == "a" else 2.0 for k in keys]
     assert contexts == [("a", 1), ("b", 2), ("a", 2), ("c", 1)]  # oldest key first; others keep their places
+
+
+def test_tensors_of_a_device_resident_runner_share_passes_as_arrays_do():
+    """A device-resident runner's callers submit tensors (SAM's input pre-processed on its device): stacked with
+    torch, each caller gets its own rows back."""
+    import torch
+
+    seen: list[int] = []
+
+    async def run(x: torch.Tensor, context: object) -> tuple[torch.Tensor, ...]:
+        seen.append(len(x))
+        await asyncio.sleep(0.01)
+        return (x * 2,)
+
+    batcher = MicroBatcher("toy", run, BatchPolicy(4, 0.0, 64))
+    inputs = [torch.full((1, 2, 3), float(i)) for i in range(5)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    for x, (doubled,) in zip(inputs, asyncio.run(main()), strict=True):
+        assert isinstance(doubled, torch.Tensor) and torch.equal(doubled, x * 2)
+    assert sum(seen) == 5 and max(seen) > 1
