@@ -27,6 +27,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
+from service.processing.labels import by_label, label_areas
 from service.processing.masks import Bounds, WindowedMask, mask_bounds
 
 
@@ -127,11 +128,11 @@ def _fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
         return mask
     labels = np.asarray(found, np.int32)
     outside = labels[0, 0]  # the padding's component: the background around the object, never a hole
-    fill = np.bincount(labels.ravel(), minlength=n) < area  # a lookup table by label: much faster than np.isin
+    fill = label_areas(labels, n) < area  # a lookup table by label: much faster than np.isin
     fill[0] = fill[outside] = False
     if not fill.any():
         return mask
-    filled = np.take(fill, labels)
+    filled = by_label(fill, labels)
     return np.logical_or(filled, mask, out=filled)
 
 
@@ -141,11 +142,11 @@ def _remove_small_islands(mask: np.ndarray, area: int) -> tuple[np.ndarray, int]
     if n <= 2:  # one island (or none) stays whatever its area
         return mask, n - 1
     labels = np.asarray(found, np.int32)
-    sizes = np.bincount(labels.ravel(), minlength=n)
+    sizes = label_areas(labels, n)
     keep = sizes >= area
     keep[0] = False  # the background
     if keep[1:].all():
         return mask, n - 1
     if not keep.any():  # every island is small: the largest stays, the first of OpenCV's labels among equals
         keep[int(np.argmax(sizes[1:])) + 1] = True
-    return np.take(keep, labels), int(keep.sum())
+    return by_label(keep, labels), int(keep.sum())
