@@ -70,12 +70,12 @@ class Masks:
     def finish(self, low_res: Any, image: DecodedImage, p: Plan, prompts: list[SamPrompt]) -> FinalMasks:
         """Upsample, threshold, refine and encode, one mask per prompt, with what review reads.
 
-        Each mask is finished on the mask pool from its own logits (OpenCV, numpy and torch release the GIL while
-        they work), upsampled only inside its window and, when refinement clips, its box + margin: memory per
-        thread follows one window. A device-resident runner's logits (a torch tensor) are upsampled for every mask
-        at once where they are (``_Grid.every_window``: a few kernels per pass, one copy to the host), and only
-        refinement and encoding run per mask. Masks that refinement leaves as they are get their RLE where the
-        logits are."""
+        Each mask is finished on the mask pool from its own logits (OpenCV, torch and numpy's elementwise operations
+        release the GIL while they work), upsampled only inside its window and, when refinement clips, its box +
+        margin: memory per thread follows one window. A device-resident runner's logits (a torch tensor) are
+        upsampled for every mask at once where they are (``_Grid.every_window``: a few kernels per pass, one copy to
+        the host), and only refinement and encoding run per mask. Masks that refinement leaves as they are get their
+        RLE where the logits are."""
         hw = (image.height, image.width)
         runs_there = p.mask_encoding == RLE and p.refinement.min_region_area <= 0
 

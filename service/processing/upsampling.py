@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ _BLOCKS_AT_ONCE = 4096  # undecided blocks computed at a time (~16 x 16 pixels e
 # sums stream; one block at a time gathers): a trained SAM's masks are undecided only along their outlines.
 _SPARSE_BLOCKS = 0.15
 # Padded window pixels of one pass of ``_Grid.every_window`` (masks upsampled at once where the logits are, torch):
-# its float32 values take 4 bytes each, twice.
+# a pass holds two float32 arrays of that many values (256 MB).
 _PASS_PIXELS = 1 << 25
 
 
@@ -410,26 +410,15 @@ class _Grid:
         alone), each a few kernels however many masks it holds. The crops cross to the host in one copy."""
         xp, ops = self.xp, self.ops
         sizes = [0 if b.empty else (b.x1 - b.x0) * (b.y1 - b.y0) for b in windows]
-        order = sorted((i for i, n in enumerate(sizes) if n), key=lambda i: -sizes[i])
         across = logits.transpose(1, 2)  # (B, x cells, y cells)
-        parts, offsets, at, k = [], [0] * len(windows), 0, 0
-        while k < len(order):
-            group = [order[k]]
-            tall, wide = windows[group[0]].y1 - windows[group[0]].y0, windows[group[0]].x1 - windows[group[0]].x0
-            for i in order[k + 1 :]:
-                t, w = max(tall, windows[i].y1 - windows[i].y0), max(wide, windows[i].x1 - windows[i].x0)
-                if (len(group) + 1) * t * w > _PASS_PIXELS:
-                    break
-                group.append(i)
-                tall, wide = t, w
-            k += len(group)
+        parts, offsets, at = [], [0] * len(windows), 0
+        for group in _passes(windows, sizes):
+            tall = max(windows[i].y1 - windows[i].y0 for i in group)
+            wide = max(windows[i].x1 - windows[i].x0 for i in group)
             ys, in_y = self._pixels([(windows[i].y0, windows[i].y1) for i in group], tall, self.height)
             xs, in_x = self._pixels([(windows[i].x0, windows[i].x1) for i in group], wide, self.width)
-            parts.append(
-                self._upsample_pass(across[ops.put(np.array(group))], ys, xs, level)[
-                    in_x[:, :, None] & in_y[:, None, :]
-                ]
-            )
+            inside = in_x[:, :, None] & in_y[:, None, :]  # (M, X, Y): the pixels of each mask's own window
+            parts.append(self._upsample_pass(across[ops.put(np.array(group))], ys, xs, level)[inside])
             for i in group:
                 offsets[i], at = at, at + sizes[i]
         packed = xp.cat(parts) if parts else ops.bools((0, 0)).reshape(-1)
@@ -480,6 +469,23 @@ class _Grid:
             values += other
             out[x - window.x0 : xs.stop - window.x0] = values > level
         return out
+
+
+def _passes(windows: Sequence[Bounds], sizes: list[int]) -> Iterator[list[int]]:
+    """The masks with pixels in their windows, largest first, in groups whose windows padded to the group's tallest
+    and widest hold at most ``_PASS_PIXELS`` pixels (a larger window alone)."""
+    order = sorted((i for i, n in enumerate(sizes) if n), key=lambda i: -sizes[i])
+    group: list[int] = []
+    tall = wide = 0
+    for i in order:
+        t, w = max(tall, windows[i].y1 - windows[i].y0), max(wide, windows[i].x1 - windows[i].x0)
+        if group and (len(group) + 1) * t * w > _PASS_PIXELS:
+            yield group
+            group, t, w = [], windows[i].y1 - windows[i].y0, windows[i].x1 - windows[i].x0
+        group.append(i)
+        tall, wide = t, w
+    if group:
+        yield group
 
 
 def upsample_frame(logits: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray:

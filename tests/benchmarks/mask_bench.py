@@ -56,6 +56,7 @@ from service.pipeline.review import mask_stats
 from service.processing.masks import RLE, Bounds, EncodedMask, mask_bounds
 from service.processing.segmentation import BestMasks, SamPrompt, SegmenterProcessing
 from service.processing.upsampling import UpsampledMasks, stability_scores
+from service.runners.local import torch_thread
 from service.runners.torch import decode_batch
 from tests.benchmarks.pipeline_bench import photo
 from tests.benchmarks.scaling_bench import box_prompts, peak_memory
@@ -308,7 +309,8 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Measured {r['date']} with `python -m tests.benchmarks.mask_bench` on {m['cpu']} ({m['cores']} cores, "
         f"no GPU); torch {m['torch']}, OpenCV {m['opencv']}, numpy {m['numpy']}; mask pool of {r['mask_threads']} "
-        f"threads (the server's default here), torch intra-op threads {r['torch_threads']}.",
+        f"threads (the server's default here); torch intra-op threads {r['torch_threads']} for the logits, one on "
+        "the mask pool's threads (as in the server: `runners.local.torch_thread`).",
         "",
         "The stage is the server's `encode_masks` (`Masks.finish`): upsample + threshold + stability, refinement "
         f"(box + {REFINEMENT.box_margin:g} margin, holes and islands under {REFINEMENT.min_region_area} px), COCO "
@@ -375,6 +377,8 @@ def main() -> None:
     start = time.perf_counter()
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(os.cpu_count() or 1)  # Settings.threads' default, as the server sets it
+    # As in the server: threads started from here on (the mask pools') run torch's ops on one thread.
+    torch_thread("bench-torch")
     sam = SeededSam()
     new = Masks(None, sam.processing, MASK_THREADS)  # type: ignore[arg-type]  # the stage needs no runner
     old = OldMasks(MASK_THREADS)
