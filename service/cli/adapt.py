@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--segmenter-method", choices=METHODS, default=s.method, help=f"default {s.method}")
     a.add_argument("--detector-minutes", type=float, default=d.minutes, help=f"default {d.minutes}")
     a.add_argument("--segmenter-minutes", type=float, default=s.minutes, help=f"default {s.minutes}")
+    a.add_argument(
+        "--max-clicks",
+        type=int,
+        default=s.max_clicks,
+        help=f"SAM: longest simulated click sequence per instance and step (0: random clicks; default {s.max_clicks})",
+    )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--noc-instances", type=int, default=50, help="instances the simulated annotator clicks on")
     a.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) that signs the folder's manifest")
@@ -64,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         replay=args.replay,
         detector=dataclasses.replace(DetectorRecipe(), minutes=args.detector_minutes, seed=args.seed),
         segmenter=dataclasses.replace(
-            SegmenterRecipe(), method=args.segmenter_method, minutes=args.segmenter_minutes, seed=args.seed
+            SegmenterRecipe(),
+            method=args.segmenter_method,
+            minutes=args.segmenter_minutes,
+            max_clicks=args.max_clicks,
+            seed=args.seed,
         ),
         version=args.version,
         signing_key=args.signing_key,

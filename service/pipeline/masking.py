@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -76,31 +77,48 @@ class Masks:
         upsampled for every mask at once where they are (``_Grid.every_window``: a few kernels per pass, one copy to
         the host), and only refinement and encoding run per mask. Masks that refinement leaves as they are get their
         RLE where the logits are."""
-        hw = (image.height, image.width)
-        runs_there = p.mask_encoding == RLE and p.refinement.min_region_area <= 0
-
-        if isinstance(low_res, np.ndarray):  # host logits: each mask upsampled on its own thread of the pool
-
-            def finish_one(i: int) -> FinishedMask:
-                clip = clip_window(prompts[i].box, p.refinement, hw)
-                up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
-                rle = up.rle[0] if up.rle is not None else None
-                return _finish_mask(up.windows[0], prompts[i], float(up.stability[0]), p, rle)
-
-        else:  # a device-resident runner's: every mask upsampled there at once, then refined and encoded per mask
-            clips = [clip_window(prompt.box, p.refinement, hw) for prompt in prompts]
-            every = self.segmentation.postprocess(low_res, hw, clips, rle=runs_there)
-
-            def finish_one(i: int) -> FinishedMask:
-                rle = every.rle[i] if every.rle is not None else None
-                return _finish_mask(every.windows[i], prompts[i], float(every.stability[i]), p, rle)
-
+        each = self._each_alone if isinstance(low_res, np.ndarray) else self._all_at_once
+        finish_one = each(low_res, (image.height, image.width), p, prompts)
         final = FinalMasks([], [], [])
         for mask in self._pool.map(finish_one, range(len(prompts))):
             final.encoded.append(mask.encoded)
             final.boxes.append(mask.box)
             final.stats.append(mask.stats)
         return final
+
+    def _each_alone(
+        self, low_res: Any, hw: tuple[int, int], p: Plan, prompts: list[SamPrompt]
+    ) -> Callable[[int], FinishedMask]:
+        """Host logits: each mask upsampled on its own, on its thread of the pool."""
+        runs_there = _runs_there(p)
+
+        def finish_one(i: int) -> FinishedMask:
+            clip = clip_window(prompts[i].box, p.refinement, hw)
+            up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
+            rle = up.rle[0] if up.rle is not None else None
+            return _finish_mask(up.windows[0], prompts[i], float(up.stability[0]), p, rle)
+
+        return finish_one
+
+    def _all_at_once(
+        self, low_res: Any, hw: tuple[int, int], p: Plan, prompts: list[SamPrompt]
+    ) -> Callable[[int], FinishedMask]:
+        """A device-resident runner's logits: every mask upsampled there at once (on the calling thread), then
+        each refined and encoded on its thread of the pool."""
+        clips = [clip_window(prompt.box, p.refinement, hw) for prompt in prompts]
+        every = self.segmentation.postprocess(low_res, hw, clips, rle=_runs_there(p))
+
+        def finish_one(i: int) -> FinishedMask:
+            rle = every.rle[i] if every.rle is not None else None
+            return _finish_mask(every.windows[i], prompts[i], float(every.stability[i]), p, rle)
+
+        return finish_one
+
+
+def _runs_there(p: Plan) -> bool:
+    """Whether masks are encoded as RLE that refinement leaves as upsampled: their runs are found where the logits
+    are (``postprocess(rle=True)``)."""
+    return p.mask_encoding == RLE and p.refinement.min_region_area <= 0
 
 
 def _finish_mask(mask: WindowedMask, prompt: SamPrompt, stability: float, p: Plan, rle: bytes | None) -> FinishedMask:
@@ -111,7 +129,7 @@ def _finish_mask(mask: WindowedMask, prompt: SamPrompt, stability: float, p: Pla
     when already computed (refinement leaves it unchanged: it was upsampled within its clip window)."""
     refined = refine_window(mask, prompt.box, p.refinement) if p.refinement.active else mask
     tight = refined.tight()
-    if rle is not None and p.mask_encoding == RLE and p.refinement.min_region_area <= 0:
+    if rle is not None and _runs_there(p):
         encoded = EncodedMask(mask.height, mask.width, RLE, rle_counts=rle)
     else:
         encoded = encode_window(tight, p.mask_encoding)

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from service.models.tensors import SegmenterSpec
-from service.pipeline.masking import FinalMasks, FinishedMask, Masks, _finish_mask
-from service.pipeline.refine import clip_window
+from service.pipeline.masking import FinalMasks, Masks
 from service.processing.masks import RLE
 from service.processing.segmentation import SegmenterProcessing
 from tests.benchmarks.mask_bench import MASK_THREADS, REFINEMENT, SAM_SIZE, blob_logits, boxes_for, prompts_for
@@ -46,22 +45,7 @@ POINTS = ((12.0, 200), (1.0, 50))  # (megapixels, masks)
 class MaskByMask(Masks):
     """``Masks.finish`` as the device path ran it before: each mask's own ``postprocess`` call on the pool."""
 
-    def finish(self, low_res: Any, image: Any, p: Any, prompts: list[Any]) -> FinalMasks:
-        hw = (image.height, image.width)
-        runs_there = p.mask_encoding == RLE and p.refinement.min_region_area <= 0
-
-        def finish_one(i: int) -> FinishedMask:
-            clip = clip_window(prompts[i].box, p.refinement, hw)
-            up = self.segmentation.postprocess(low_res[i : i + 1], hw, [clip], rle=runs_there)
-            rle = up.rle[0] if up.rle is not None else None
-            return _finish_mask(up.windows[0], prompts[i], float(up.stability[0]), p, rle)
-
-        final = FinalMasks([], [], [])
-        for mask in self._pool.map(finish_one, range(len(prompts))):
-            final.encoded.append(mask.encoded)
-            final.boxes.append(mask.box)
-            final.stats.append(mask.stats)
-        return final
+    _all_at_once = Masks._each_alone
 
 
 def noise_logits(n: int, seed: int = 0) -> np.ndarray:
