@@ -1,9 +1,9 @@
 """Tables over OpenCV's label images (``cv2.connectedComponents``), computed without holding the GIL.
 
 numpy's ``bincount`` and ``take`` hold the GIL while they run, so the mask pool's threads ran them one at a time
-(two threads took twice one thread's time; at 12 MP x 200 noisy masks they were most of the stage); torch's
-``bincount`` and ``index_select`` release it, and take about half numpy's time on one thread. Torch loads on the
-first call, not with the module (the server opens its port before torch loads).
+(two threads took twice one thread's time; at 12 MP x 200 noisy masks they were about a third of the stage's CPU
+time); torch's ``bincount`` and ``index_select`` release it, and take about half numpy's time on one thread. Torch
+loads on the first call, not with the module (the server opens its port before torch loads).
 """
 
 from __future__ import annotations

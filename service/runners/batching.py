@@ -2,9 +2,9 @@
 
 Callers ``submit`` arrays (numpy, or tensors on a device-resident runner's device) with a leading batch axis; a
 single drain task stacks what is queued (up to ``max_batch`` rows), runs the model once, and hands each caller its
-own rows back. Batches form from
-whatever arrived while the previous one ran, plus up to ``max_wait`` seconds of waiting for company
-(0 = never wait: a lone request runs at once, so batching adds no latency when the server is idle).
+own rows back. Batches form from whatever arrived while the previous one ran, plus up to ``max_wait`` seconds of
+waiting for company (0 = never wait: a lone request runs at once, so batching adds no latency when the server is
+idle).
 The queue is bounded: beyond ``max_queue`` waiting callers, ``submit`` raises Overloaded at once.
 
 A call may carry a context (an open-vocabulary detector's class prompts): only calls whose ``key`` is equal
