@@ -264,9 +264,6 @@ class _TorchOps(_Ops):
     def pad_edge(self, a: Any) -> Any:
         return self.xp.nn.functional.pad(a[:, None], (0, 1, 0, 1), mode="replicate")[:, 0]
 
-    def repeat(self, a: Any, counts: Any, axis: int) -> Any:
-        return self.xp.repeat_interleave(a, counts, axis)
-
     def runs(self, crop: Any, window: Bounds, height: int, width: int) -> np.ndarray:
         return device_window_runs(crop, window, height, width)
 
@@ -376,7 +373,8 @@ class _Grid:
         """Mask ``i`` of (B, s, s) logits → (x1 - x0, y1 - y0) bool, its upsampled logits > ``level`` in ``window``,
         x-major (the window's column-major order). ``extremes``: ``block_extremes`` of the logits. Where few of the
         window's blocks are undecided (a trained SAM's masks: only the outline), decided blocks are filled and
-        only the undecided ones computed; else every pixel, in strips of ``_STRIP_PIXELS``."""
+        only the undecided ones computed; else every pixel, in strips of ``_STRIP_PIXELS``. Host logits (numpy)
+        only: torch's go through ``every_window``."""
         out_shape = (window.x1 - window.x0, window.y1 - window.y0)
         if window.empty:
             return self.ops.bools(out_shape)
