@@ -36,9 +36,10 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[trit
     && touch service/proto/__init__.py service/proto/detseg/__init__.py service/proto/detseg/v1/__init__.py \
     && pip install --no-deps --force-reinstall . \
     && pip check
-# The installed package (not the source folder) imports, generated code included.
+# The installed package (not the source folder) imports, generated code included, and its numba kernels compile.
+# (At run time a container compiles them once into $HOME/.cache/numba: the package's folder is not its user's.)
 WORKDIR /
-RUN python -c "import service.proto.detseg.v1.detseg_pb2_grpc, service.cli"
+RUN python -c "import service.proto.detseg.v1.detseg_pb2_grpc, service.cli, service.processing.native"
 
 FROM ${PYTHON_IMAGE} AS runtime
 # OpenCV (ultralytics) needs libGL and glib at import; redis-server is the shared tier `detseg serve --workers N`

@@ -114,11 +114,18 @@ def remove_small_regions_windowed(crop: np.ndarray, area: int) -> np.ndarray:
 
 
 def _remove_small_regions(crop: np.ndarray, area: int) -> tuple[np.ndarray, int]:
-    """``remove_small_regions_windowed``, and the number of 8-connected parts left (island removal counts them)."""
-    padded = np.pad(crop, 1)  # background around the window: one component, reaching the border
+    """``remove_small_regions_windowed``, and the number of 8-connected parts left (island removal counts them).
+
+    Components are the same in a mask and its transpose, so the mask is labelled in its own memory order (a view of
+    column-major memory, as upsampling makes masks, is labelled as its C-contiguous transpose: OpenCV then reads it
+    without a copy, and the result keeps the layout RLE reads); only which of equally large islands stays when all
+    are small depends on the order, and ``_largest`` breaks that tie in the mask's row-major order, as SAM does."""
+    across = crop.strides[0] < crop.strides[1]  # column-major: rows of the transpose are contiguous
+    padded = np.pad(crop.T if across else crop, 1)  # background around the window: one component, reaching the border
     filled = _fill_small_holes(padded, area)
-    kept, parts = _remove_small_islands(filled, area)
-    return kept[1:-1, 1:-1], parts
+    kept, parts = _remove_small_islands(filled, area, across)
+    kept = kept[1:-1, 1:-1]
+    return (kept.T if across else kept), parts
 
 
 def _fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
@@ -128,16 +135,16 @@ def _fill_small_holes(mask: np.ndarray, area: int) -> np.ndarray:
         return mask
     labels = np.asarray(found, np.int32)
     outside = labels[0, 0]  # the padding's component: the background around the object, never a hole
-    fill = label_areas(labels, n) < area  # a lookup table by label: much faster than np.isin
-    fill[0] = fill[outside] = False
-    if not fill.any():
+    stays = label_areas(labels, n) >= area  # background that stays: the outside and holes too large to fill
+    stays[0], stays[outside] = False, True
+    if stays.sum() == n - 1:
         return mask
-    filled = by_label(fill, labels)
-    return np.logical_or(filled, mask, out=filled)
+    return by_label(~stays, labels)
 
 
-def _remove_small_islands(mask: np.ndarray, area: int) -> tuple[np.ndarray, int]:
-    """mask: (h, w) bool, C-contiguous → the mask without islands under ``area`` pixels, and its islands left."""
+def _remove_small_islands(mask: np.ndarray, area: int, across: bool) -> tuple[np.ndarray, int]:
+    """mask: (h, w) bool, C-contiguous → the mask without islands under ``area`` pixels, and its islands left.
+    ``across``: the mask is the transpose of the one refined (ties among the largest islands broken in its order)."""
     n, found = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)
     if n <= 2:  # one island (or none) stays whatever its area
         return mask, n - 1
@@ -147,6 +154,16 @@ def _remove_small_islands(mask: np.ndarray, area: int) -> tuple[np.ndarray, int]
     keep[0] = False  # the background
     if keep[1:].all():
         return mask, n - 1
-    if not keep.any():  # every island is small: the largest stays, the first of OpenCV's labels among equals
-        keep[int(np.argmax(sizes[1:])) + 1] = True
+    if not keep.any():  # every island is small: the largest stays
+        keep[_largest(labels, sizes, across)] = True
     return by_label(keep, labels), int(keep.sum())
+
+
+def _largest(labels: np.ndarray, sizes: np.ndarray, across: bool) -> int:
+    """The label of the largest island; among equals, the one SAM keeps: the first in the refined mask's row-major
+    order (OpenCV numbers components in the order it meets them, and ``np.argmax`` takes the first)."""
+    largest = np.flatnonzero(sizes[1:] == sizes[1:].max()) + 1
+    if len(largest) == 1 or not across:
+        return int(largest[0])
+    in_order = labels.T.reshape(-1)  # the refined mask's row-major order (a copy; ties are rare)
+    return int(in_order[np.flatnonzero(np.isin(in_order, largest))[0]])

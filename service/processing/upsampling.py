@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from service.processing import native
 from service.processing.masks import EMPTY, Bounds, WindowedMask, rle_counts, window_runs
 
 MASK_THRESHOLD = 0.0
@@ -20,7 +21,6 @@ STABILITY_OFFSET = 1.0  # logits; SAM's automatic mask generator's stability_sco
 # pixels when all 4 cells clear it by this × (1 + the mask's largest |logit|): far more than the float32 rounding of
 # a convex combination of them (~1e-7 relative), so such blocks hold exactly what computing every pixel gives.
 _DECIDED_MARGIN = 1e-5
-_STRIP_PIXELS = 1 << 20  # window pixels upsampled at a time: bounds the float memory per mask to 4 MB
 _BLOCKS_AT_ONCE = 4096  # undecided blocks computed at a time (~16 x 16 pixels each)
 # A window whose undecided blocks hold more than this fraction of its pixels is computed pixel by pixel (separable
 # sums stream; one block at a time gathers): a trained SAM's masks are undecided only along their outlines.
@@ -132,7 +132,7 @@ def _windowed(
     windows, encoded = [], []
     for window, crop in zip(bounds, crops, strict=True):
         if rle:
-            encoded.append(rle_counts(ops.runs(crop.there, window, h, w), h, w))
+            encoded.append(rle_counts(ops.runs(crop.there, window, h, w)))
         windows.append(WindowedMask(h, w, window, crop.host.T))
     stability = stability_from_counts(summary[:, 0], summary[:, 1])
     return UpsampledMasks(windows, stability, encoded if rle else None)
@@ -373,7 +373,7 @@ class _Grid:
         """Mask ``i`` of (B, s, s) logits → (x1 - x0, y1 - y0) bool, its upsampled logits > ``level`` in ``window``,
         x-major (the window's column-major order). ``extremes``: ``block_extremes`` of the logits. Where few of the
         window's blocks are undecided (a trained SAM's masks: only the outline), decided blocks are filled and
-        only the undecided ones computed; else every pixel, in strips of ``_STRIP_PIXELS``. Host logits (numpy)
+        only the undecided ones computed; else every pixel (``_mask_every_pixel``). Host logits (numpy)
         only: torch's go through ``every_window``."""
         out_shape = (window.x1 - window.x0, window.y1 - window.y0)
         if window.empty:
@@ -450,22 +450,17 @@ class _Grid:
         return values > level
 
     def _mask_every_pixel(self, logit: Any, window: Bounds, level: float) -> Any:
-        """``mask`` computing every pixel of the window: the separable sum, along y then along x."""
+        """``mask`` computing every pixel of the window: the separable sum, along y then along x, in one compiled
+        pass (``native.upsample_window``)."""
         ylo, yhi, yw0, yw1, _ = self.y
         xlo, xhi, xw0, xw1, _ = self.x
         out = self.ops.bools((window.x1 - window.x0, window.y1 - window.y0))
-        ys = slice(window.y0, window.y1)
+        ys, xs = slice(window.y0, window.y1), slice(window.x0, window.x1)
         c0, c1 = int(self.cols.lo[window.x0]), int(self.cols.hi[window.x1 - 1]) + 1
         cells = logit.T[c0:c1]  # (columns of cells, s)
-        along_y = cells[:, ylo[ys]] * yw0[ys] + cells[:, yhi[ys]] * yw1[ys]  # (columns of cells, y1 - y0)
-        step = max(1, _STRIP_PIXELS // (window.y1 - window.y0))
-        for x in range(window.x0, window.x1, step):
-            xs = slice(x, min(x + step, window.x1))
-            values, other = along_y[xlo[xs] - c0], along_y[xhi[xs] - c0]  # gathered copies: multiplied in place
-            values *= xw0[xs, None]
-            other *= xw1[xs, None]
-            values += other
-            out[x - window.x0 : xs.stop - window.x0] = values > level
+        native.upsample_window(
+            cells, ylo[ys], yhi[ys], yw0[ys], yw1[ys], xlo[xs] - c0, xhi[xs] - c0, xw0[xs], xw1[xs], level, out
+        )
         return out
 
 

@@ -181,15 +181,15 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
     assert {s.labels["worker"] for s in counts} == {"0", "1"}, counts
 
 
-HELD_BOXES = 40
+HELD_BOXES = 120
 
 
 def _slow_request(channel: grpc.Channel, seed: int) -> pb.SegmentResponse:
     """A Segment call of seconds on the test models: a new 1024² image and HELD_BOXES box prompts (enough that the
     two held calls overlap even when another process shares the cores)."""
     boxes = [
-        pb.RegionPrompt(box=pb.BoundingBox(x_min=10 * k, y_min=10, x_max=10 * k + 200, y_max=300))
-        for k in range(HELD_BOXES)
+        pb.RegionPrompt(box=pb.BoundingBox(x_min=x, y_min=y, x_max=x + 200, y_max=y + 290))
+        for x, y in ((20 * (k % 40), 10 + 300 * (k // 40)) for k in range(HELD_BOXES))
     ]
     return _segment(channel, pb.Image(encoded=_image(seed, 1024)), regions=boxes)
 

@@ -146,10 +146,22 @@ def test_window_rle_on_the_host_and_with_torch_is_pycocotools_rle(case: tuple[np
     mask, held = case
     h, w = mask.shape
     expected = _pycocotools_rle(mask)
-    assert rle_counts(window_runs(held), h, w) == expected
+    assert rle_counts(window_runs(held)) == expected
     assert encode_window(held, RLE).rle_counts == expected
     crop = torch.from_numpy(np.ascontiguousarray(held.crop.T))  # x-major, as the device path holds it
-    assert rle_counts(device_window_runs(crop, held.bounds, h, w), h, w) == expected
+    assert rle_counts(device_window_runs(crop, held.bounds, h, w)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**27), min_size=1, max_size=40), st.booleans())
+def test_compressed_counts_are_pycocotools_for_any_runs(runs: list[int], starts_set: bool) -> None:
+    """Run lengths of large frames (counts up to 2^27 pixels, differences of either sign from the fourth on): the
+    compiled string is pycocotools' own (``frPyObjects`` of the same counts; its buffer of 6 characters a count
+    holds differences under 2^29)."""
+    runs = ([0] if starts_set else []) + [max(1, r) for r in runs]  # only the first run may be empty
+    total = sum(runs)
+    expected = mask_utils.frPyObjects({"size": [total, 1], "counts": runs}, total, 1)["counts"]
+    assert rle_counts(np.array(runs, np.int64)) == expected
 
 
 @settings(max_examples=150, deadline=None)

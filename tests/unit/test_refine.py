@@ -43,6 +43,20 @@ def test_cleanup_works_on_a_view_of_column_major_memory():
     assert all(np.array_equal(views[i], expected[i]) for i in range(3))
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_equal_largest_islands_keep_sams_choice_in_either_memory_order(order):
+    """All islands small and two equally large: SAM keeps the first in row-major order. A column-major mask is
+    labelled as its transpose, which meets them the other way round."""
+    mask = np.zeros((30, 30), bool)
+    mask[2:5, 20:23] = True  # 9 px, first in row-major order
+    mask[10:13, 3:6] = True  # 9 px, first in column-major order
+    mask[25, 25] = True  # 1 px
+    expected, _ = remove_small_regions(mask, 100, mode="islands")
+    got = np.array(mask, order=order)
+    refine_mask(got, None, Refinement(min_region_area=100))
+    assert np.array_equal(got, expected) and got[3, 21] and not got[11, 4]
+
+
 def test_clipping_keeps_box_plus_margin_and_drops_the_rest():
     mask = np.ones((100, 200), bool)
     refine_mask(mask, np.array([50, 20, 150, 60], np.float32), Refinement(box_margin=0.1))
