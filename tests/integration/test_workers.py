@@ -196,24 +196,30 @@ def _slow_request(channel: grpc.Channel, seed: int) -> pb.SegmentResponse:
 
 def test_admission_limits_hold_across_workers_and_sigterm_drains_every_worker(start_workers):
     # Two calls admitted server-wide (one running per worker): a third is refused whichever worker it reaches.
-    w = start_workers(2, DETSEG_MAX_IN_FLIGHT="2", DETSEG_MAX_QUEUE="0", DETSEG_GRACE_SECONDS="60")
+    metrics_port = free_ports(1)[0]
+    w = start_workers(
+        2,
+        DETSEG_MAX_IN_FLIGHT="2",
+        DETSEG_MAX_QUEUE="0",
+        DETSEG_GRACE_SECONDS="60",
+        DETSEG_METRICS_EXPORTER="prometheus",
+        DETSEG_METRICS_PORT=str(metrics_port),
+    )
     with ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(4) as pool:
         (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
         _slow_request(a, 0)  # warm: the first 1024² call of each worker
         _slow_request(b, 0)
         start = time.monotonic()
         running = [pool.submit(_slow_request, a, 1), pool.submit(_slow_request, b, 2)]
-        # Asked again until both held calls are admitted (their start is not timed: a loaded machine delays it).
-        refused = None
-        while refused is None and not any(f.done() for f in running):
-            time.sleep(0.2)
-            try:
-                _segment(a, pb.Image(encoded=_image(3)))
-            except grpc.RpcError as error:
-                refused = error
-        assert refused is not None, "the held calls ended before a third call was refused"
-        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "2 workers" in refused.details() and "2 + 0" in refused.details()
+        # The third call goes once both held calls are running (the workers' in-flight gauges say so; their start
+        # is not timed: a loaded machine delays it, and a third call sent earlier could take a held call's slot).
+        while _in_flight(metrics_port) < 2:
+            assert not any(f.done() for f in running), [f.exception() for f in running]
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as refused:
+            _segment(a, pb.Image(encoded=_image(3)))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 workers" in refused.value.details() and "2 + 0" in refused.value.details()
         assert not any(f.done() for f in running), f"the held calls ended too soon ({time.monotonic() - start:.1f} s)"
         # SIGTERM with a call in flight in each worker: both answer, every process exits 0.
         w.proc.send_signal(signal.SIGTERM)
@@ -222,6 +228,14 @@ def test_admission_limits_hold_across_workers_and_sigterm_drains_every_worker(st
     assert w.proc.wait(120) == 0, w.output()[-3000:]
     assert not psutil.pid_exists(pid_a) and not psutil.pid_exists(pid_b)
     assert "all workers stopped" in w.output()
+
+
+def _in_flight(metrics_port: int) -> float:
+    """Requests running now in all workers (their ``detseg_requests_in_flight`` gauges on the one endpoint)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    family = families.get("detseg_requests_in_flight")
+    return sum(s.value for s in family.samples) if family is not None else 0.0
 
 
 def test_a_killed_worker_is_replaced_while_the_others_serve(start_workers):
