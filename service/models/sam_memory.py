@@ -216,6 +216,26 @@ class MemoryTracker:
         return ObjectStep(masks, float(out["object_score_logits"].item()))
 
     @torch.inference_mode()
+    def remember(self, frame: FrameFeatures, index: int, memory: ObjectMemory, mask: np.ndarray) -> None:
+        """Re-encodes an object's memory of frame ``index``, on which it was just tracked, from ``mask`` (S/4, S/4)
+        float32 logits (the frame's detection of it, matched) instead of its propagated mask: what later frames
+        read of this one is then what the frame showed. A frame the object was prompted on stays as prompted."""
+        entry = memory.frames["non_cond_frame_outputs"].get(index)
+        if entry is None:
+            return
+        device = self._sam.no_mem_embed.device
+        masks = torch.as_tensor(mask, dtype=torch.float32, device=device)[None, None]
+        high_res = F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        features, pos_enc = self._sam._encode_new_memory(
+            current_vision_feats=list(frame.vision_feats),
+            feat_sizes=list(frame.sizes),
+            pred_masks_high_res=high_res,
+            object_score_logits=entry["object_score_logits"],
+            is_mask_from_pts=True,
+        )
+        memory.frames["non_cond_frame_outputs"][index] = _compact(entry, masks, features, pos_enc)
+
+    @torch.inference_mode()
     def track_many(self, frame: FrameFeatures, index: int, memories: Sequence[ObjectMemory]) -> list[ObjectStep]:
         """``track`` for several objects: those whose banks hold the same frames (objects that started together and
         were never corrected apart) go through sam2's track_step as one batch, as ``SAM2VideoPredictor`` batched

@@ -171,6 +171,16 @@ class TrackStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryCorrection:
+    """A tracked object's memory of the frame it was just tracked on, re-encoded from ``mask`` (S/4, S/4) float32
+    logits (``Runner.remember``): e.g. the frame's detection of it."""
+
+    memory: Any
+    frame_index: int
+    mask: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class TrackOutput:
     """Per TrackStep: low_res_masks (N, S/4, S/4) float32 logits; object_scores (N,) float32 logits of the object being
     visible on the frame (> 0: visible), numpy."""

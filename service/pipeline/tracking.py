@@ -6,11 +6,14 @@ re-prompted where the frame corrects it) and new prompts start tracks, in one ``
 frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks' masks
 by IoU with an assignment solver (scipy's ``linear_sum_assignment``); an unmatched detection starts a track
 (highest scores first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by
-match_iou or more (one object, one track, whatever class each detection says). A track whose object score says
-absent is LOST on that frame (empty mask) and ends after lost_after such frames in a row; so is a track the
-detector started that the latest detection frame did not match (its memory went on to something else, or the
-object left; a detection matching it again brings it back). The caller's own region tracks answer to SAM 2 only.
-Masks are finished as Segment's (upsampled in their window, refined, encoded).
+match_iou or more (one object, one track, whatever class each detection says). A matched track answers the
+frame with its detection's mask, and its memory of the frame is re-encoded from that mask (``Runner.remember``):
+what it carries on is what the frame showed, not what it propagated. A track whose object score says absent is
+LOST on that frame (empty mask) and ends after lost_after such frames in a row; so is a track the detector started
+that the latest detection frame did not match (its memory went on to something else, or the object left; a
+detection matching it again brings it back), and such a track whose mask overlaps a matched track's by match_iou
+ends at once (a duplicate: the two would take turns at the object). The caller's own region tracks answer to SAM 2
+only. Masks are finished as Segment's (upsampled in their window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory`` and a few numbers; nothing
 grows with the video's length. Matching reads the low-resolution masks (S/4 square, SAM's own output).
@@ -29,7 +32,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from service.errors import InvalidInput
-from service.models.tensors import ImageFeatures, TrackStep
+from service.models.tensors import ImageFeatures, MemoryCorrection, TrackStep
 from service.pipeline.cache import handle_for
 from service.pipeline.image import DecodedImage
 from service.pipeline.pipeline import Pipeline, Vocabulary
@@ -225,7 +228,14 @@ class TrackSession:
             self.settled.detects and self.settled.detect_every > 0 and self._frames % self.settled.detect_every == 0
         )
         if detected:
-            new = await self._detect(image, p, features, index, logits, rows, timings)
+            new, seen = await self._detect(image, p, features, index, logits, rows, timings)
+            seen = {k: mask for k, mask in seen.items() if rows[k].track_id not in corrections}  # the caller's say
+            if seen:  # matched tracks remember the frame as its detection showed it, and answer with that mask
+                remembered = [MemoryCorrection(rows[k].memory, index, mask) for k, mask in seen.items()]
+                with stage(timings, "remember", objects=len(remembered)):
+                    await self.pipeline.runner.remember(features, remembered)
+                for k, mask in seen.items():
+                    logits[k] = mask
             more_logits, more_scores = await self._track(
                 features, [self._step(t.memory, index, box) for t, box in new], timings
             )
@@ -348,9 +358,11 @@ class TrackSession:
         tracked: list[np.ndarray],
         order: list[_Track],
         timings: dict[str, float],
-    ) -> list[tuple[_Track, SamPrompt]]:
+    ) -> tuple[list[tuple[_Track, SamPrompt]], dict[int, np.ndarray]]:
         """Runs the detector, matches its detections to this frame's tracks (mask IoU, assignment) and returns the
-        tracks the unmatched ones start (with their box prompts), highest score first, within max_objects."""
+        tracks the unmatched ones start (with their box prompts), highest score first, within max_objects, and the
+        matched tracks (their rows in ``order``, the caller's own region tracks left out) with their detection's
+        low-res mask logits."""
         pipeline = self.pipeline
         v = self._vocabulary
         detected = await pipeline.detector.detect(
@@ -370,10 +382,11 @@ class TrackSession:
         starts = [candidates.instances[k] for k in firsts.values()]
         prompts = [candidates.prompts[c.mask_index] for c in starts]
         if not prompts:
-            return []
+            return [], {}
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
-        detections = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu()) > 0
+        detection_logits = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu())
+        detections = detection_logits > 0
         threshold = self.settled.match_iou
         to_tracks = _mask_iou(detections, np.stack(tracked) > 0) if tracked else np.zeros((len(starts), 0))
         matched: dict[int, int] = {}  # detection: track
@@ -382,9 +395,13 @@ class TrackSession:
                 matched[int(d)] = int(t)
                 order[t].score = starts[d].score
         confirmed = set(matched.values())
-        for t, track in enumerate(order):
-            if track.source != REGION:
-                track.confirmed = t in confirmed
+        detector_started = [t for t, track in enumerate(order) if track.source != REGION]
+        for t in detector_started:
+            order[t].confirmed = t in confirmed
+        if tracked:
+            masks = np.stack(tracked) > 0
+            for t in _duplicates(_mask_iou(masks, masks), confirmed, detector_started, threshold):
+                order[t].unseen = self.settled.lost_after - 1  # unseen on this frame too: it ends now
         room = self.settled.max_objects - len(order)
         new = []
         for d in _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold):
@@ -393,7 +410,8 @@ class TrackSession:
             c = starts[d]
             new.append((self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index), prompts[d]))
             room -= 1
-        return new
+        seen = {t: detection_logits[d] for d, t in matched.items() if order[t].source != REGION}
+        return new, seen
 
     async def _answer(
         self,
@@ -480,6 +498,14 @@ def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], th
         taken.append(d)
         out.append(d)
     return out
+
+
+def _duplicates(among: np.ndarray, matched: set[int], candidates: list[int], threshold: float) -> list[int]:
+    """The tracks (indices into ``among``, (T, T) mask IoUs on this frame) that end as duplicates: a candidate no
+    detection matched whose mask overlaps a matched track's by ``threshold`` or more. Its memory went on to an
+    object another track holds (left alone, the two would take turns at the object's detections: an ID switch
+    each time)."""
+    return [t for t in candidates if t not in matched and any(among[t, u] >= threshold for u in matched)]
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

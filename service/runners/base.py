@@ -24,6 +24,7 @@ from service.models.tensors import (
     DetectorOutput,
     DetectorSpec,
     ImageFeatures,
+    MemoryCorrection,
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
@@ -119,6 +120,11 @@ class Runner(Protocol):
     async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
         """One video frame for N objects with SAM 2's memory (``service.models.sam_memory``): ``features`` of the
         frame (batch 1, from ``encode``), each step prompts its object on the frame or tracks it from its memory."""
+        ...
+
+    async def remember(self, features: ImageFeatures, corrections: Sequence[MemoryCorrection]) -> None:
+        """Re-encodes each object's memory of the frame it was just tracked on (``track``; ``features`` of that
+        frame) from the correction's mask. Unsupported where ``track`` is."""
         ...
 
     async def start(self) -> None:

@@ -33,6 +33,7 @@ from service.models.tensors import (
     DetectorOutput,
     DetectorSpec,
     ImageFeatures,
+    MemoryCorrection,
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
@@ -57,6 +58,7 @@ class Call(enum.StrEnum):
     DECODE = "decode"
     SEGMENT_CONCEPTS = "segment_concepts"
     TRACK = "track"
+    REMEMBER = "remember"
     EMBED_TEXT = "embed_text"
 
 
@@ -95,7 +97,7 @@ class LocalRunner:
     backend = "local"
     # The calls (``_run`` names) that run torch on the host: on ``torch_thread``; the others (OpenVINO, ONNX Runtime,
     # a GPU's torch) on the pool.
-    torch_calls: frozenset[Call] = frozenset({Call.TRACK, Call.EMBED_TEXT})
+    torch_calls: frozenset[Call] = frozenset({Call.TRACK, Call.REMEMBER, Call.EMBED_TEXT})
     concepts: ConceptSpec | None = None  # a runner with a concept segmenter sets it
     tracker: MemoryTracker | None = None  # a runner with SAM 2's memory modules in torch sets it
 
@@ -197,6 +199,17 @@ class LocalRunner:
         _check_deadline()
         tracker = self._tracking()
         return await self._run(Call.TRACK, lambda: _track_sync(tracker, features, steps))
+
+    async def remember(self, features: ImageFeatures, corrections: Sequence[MemoryCorrection]) -> None:
+        _check_deadline()
+        tracker = self._tracking()
+
+        def remember_sync() -> None:
+            frame = tracker.frame_features(features)
+            for c in corrections:
+                tracker.remember(frame, c.frame_index, c.memory, c.mask)
+
+        await self._run(Call.REMEMBER, remember_sync)
 
     def _tracking(self) -> MemoryTracker:
         if self.tracker is None:

@@ -43,6 +43,7 @@ from service.models.tensors import (
     DetectorOutput,
     DetectorSpec,
     ImageFeatures,
+    MemoryCorrection,
     PromptBatch,
     SegmenterSpec,
     TextEncoderSpec,
@@ -230,6 +231,10 @@ class TritonRunner:
         )
 
     async def track(self, features: ImageFeatures, steps: Sequence[TrackStep]) -> TrackOutput:
+        self.track_memory()
+        raise AssertionError("unreachable")
+
+    async def remember(self, features: ImageFeatures, corrections: Sequence[MemoryCorrection]) -> None:
         self.track_memory()
         raise AssertionError("unreachable")
 

@@ -148,3 +148,49 @@ def test_fill_holes_fills_small_background_components_only() -> None:
     assert torch.all(filled[0, 0, 6:9, 6:9] == -1.0)
     outside = torch.full((1, 1, 6, 6), -3.0)
     assert torch.equal(sam_memory.fill_holes(outside), outside)  # the background itself is no hole
+
+
+def test_remember_rewrites_a_tracked_frames_memory_from_another_mask(segmenter: Path) -> None:
+    """A frame the object was just tracked on is remembered as the given mask shows it (sam2's own memory encoder
+    on that mask), keeping the frame's object pointer; the next frame reads it; a prompted frame stays as it was."""
+    sam = load_segmenter_module(TEST_SEGMENTER_CONFIG, segmenter, TEST_SEGMENTER_OVERRIDES)
+    tracker = sam_memory.MemoryTracker(sam)
+    gen, size = torch.Generator().manual_seed(0), tracker.image_size
+    frames = []
+    for _ in range(3):
+        with torch.inference_mode():
+            embed, hr0, hr1 = sam_ops.image_features(sam, torch.randn(1, 3, size, size, generator=gen))
+        frames.append(tracker.frame_features(ImageFeatures(embed.numpy(), (hr0.numpy(), hr1.numpy()))))
+    box = np.array([[0.2, 0.2], [0.6, 0.7]], np.float32) * size, np.array([2, 3], np.int32)
+    side = size // 4
+    other = np.full((side, side), -8.0, np.float32)
+    other[side // 10 : side // 3, side * 3 // 5 : side * 9 // 10] = 8.0  # somewhere else than the box
+
+    def run(remembered: bool) -> tuple[sam_memory.ObjectMemory, sam_memory.ObjectStep]:
+        memory = sam_memory.ObjectMemory()
+        tracker.start(frames[0], 0, *box, memory)
+        tracker.track(frames[1], 1, memory)
+        if remembered:
+            before = memory.frames["cond_frame_outputs"][0]
+            tracker.remember(frames[0], 0, memory, other)  # the prompted frame: nothing changes
+            assert memory.frames["cond_frame_outputs"][0] is before
+            tracker.remember(frames[1], 1, memory, other)
+        return memory, tracker.track(frames[2], 2, memory)
+
+    plain, plain_next = run(False)
+    kept, kept_next = run(True)
+    entry, was = kept.frames["non_cond_frame_outputs"][1], plain.frames["non_cond_frame_outputs"][1]
+    with torch.inference_mode():
+        high_res = F.interpolate(torch.from_numpy(other)[None, None], size=(size, size), mode="bilinear")
+        features, _ = sam._encode_new_memory(
+            current_vision_feats=list(frames[1].vision_feats),
+            feat_sizes=list(frames[1].sizes),
+            pred_masks_high_res=high_res,
+            object_score_logits=was["object_score_logits"],
+            is_mask_from_pts=True,
+        )
+    assert torch.equal(entry["maskmem_features"], features.to(torch.bfloat16))
+    assert torch.equal(entry["pred_masks"][0, 0], torch.from_numpy(other))
+    assert torch.equal(entry["obj_ptr"], was["obj_ptr"])
+    assert not torch.equal(entry["maskmem_features"], was["maskmem_features"])
+    assert not torch.equal(kept_next.low_res_mask, plain_next.low_res_mask)  # frame 2 reads what frame 1 remembers

@@ -1,11 +1,11 @@
 """Which detections start tracks (``service.pipeline.tracking._new_objects``): one object, one track, whatever
-class each detection says."""
+class each detection says; and which tracks end as duplicates of a matched one (``_duplicates``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from service.pipeline.tracking import _new_objects
+from service.pipeline.tracking import _duplicates, _new_objects
 
 T = 0.5
 
@@ -34,3 +34,11 @@ def test_a_detection_below_the_threshold_everywhere_is_a_new_object() -> None:
     among = np.array([[1.0]])
     assert _new_objects(to_tracks, among, matched=set(), threshold=T) == [0]
     assert _new_objects(to_tracks, among, matched=set(), threshold=0.4) == []
+
+
+def test_an_unmatched_track_on_a_matched_tracks_object_is_a_duplicate() -> None:
+    # tracks 0 and 1 on one object (IoU 0.8), 0 matched; track 2 elsewhere and unmatched; track 3 the caller's
+    among = np.array([[1.0, 0.8, 0.0, 0.9], [0.8, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.9, 0.0, 0.0, 1.0]])
+    assert _duplicates(among, matched={0}, candidates=[0, 1, 2], threshold=T) == [1]
+    assert _duplicates(among, matched=set(), candidates=[0, 1, 2], threshold=T) == []  # nothing matched: no judge
+    assert _duplicates(among, matched={1}, candidates=[0, 1, 2], threshold=0.85) == []  # below the threshold
