@@ -178,14 +178,7 @@ class MemoryTracker:
             run_mem_encoder=False,
         )
         masks = fill_holes(out["pred_masks"])
-        high_res = F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        features, pos_enc = self._sam._encode_new_memory(
-            current_vision_feats=list(frame.vision_feats),
-            feat_sizes=list(frame.sizes),
-            pred_masks_high_res=high_res,
-            object_score_logits=out["object_score_logits"],
-            is_mask_from_pts=True,
-        )
+        features, pos_enc = self._encode_memory(frame, masks, out["object_score_logits"])
         memory.frames["non_cond_frame_outputs"].pop(index, None)
         memory.frames["cond_frame_outputs"][index] = _compact(out, masks, features, pos_enc)
         self._bound(memory, index)
@@ -225,15 +218,20 @@ class MemoryTracker:
             return
         device = self._sam.no_mem_embed.device
         masks = torch.as_tensor(mask, dtype=torch.float32, device=device)[None, None]
+        features, pos_enc = self._encode_memory(frame, masks, entry["object_score_logits"])
+        memory.frames["non_cond_frame_outputs"][index] = _compact(entry, masks, features, pos_enc)
+
+    def _encode_memory(self, frame: FrameFeatures, masks: torch.Tensor, object_scores: torch.Tensor) -> Any:
+        """sam2's memory encoder on a frame's (1, 1, S/4, S/4) mask logits, upsampled to the input size as sam2
+        does, binarised as a prompted frame's (``is_mask_from_pts``): (memory features, position encodings)."""
         high_res = F.interpolate(masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        features, pos_enc = self._sam._encode_new_memory(
+        return self._sam._encode_new_memory(
             current_vision_feats=list(frame.vision_feats),
             feat_sizes=list(frame.sizes),
             pred_masks_high_res=high_res,
-            object_score_logits=entry["object_score_logits"],
+            object_score_logits=object_scores,
             is_mask_from_pts=True,
         )
-        memory.frames["non_cond_frame_outputs"][index] = _compact(entry, masks, features, pos_enc)
 
     @torch.inference_mode()
     def track_many(self, frame: FrameFeatures, index: int, memories: Sequence[ObjectMemory]) -> list[ObjectStep]:
