@@ -229,7 +229,8 @@ class TrackSession:
         )
         if detected:
             new, seen = await self._detect(image, p, features, index, logits, rows, timings)
-            seen = {k: mask for k, mask in seen.items() if rows[k].track_id not in corrections}  # the caller's say
+            # A track the caller corrected on this frame answers with its correction, not with its detection.
+            seen = {k: mask for k, mask in seen.items() if rows[k].track_id not in corrections}
             if seen:  # matched tracks remember the frame as its detection showed it, and answer with that mask
                 remembered = [MemoryCorrection(rows[k].memory, index, mask) for k, mask in seen.items()]
                 with stage(timings, "remember", objects=len(remembered)):
