@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     e.add_argument("--text", action="append", default=[], help="free-text prompt to find (repeatable)")
     e.add_argument("--score-threshold", type=float, help="default the server's")
-    e.add_argument("--detect-every", type=int, default=5, help="Track: run the detector every K frames (default 5)")
+    e.add_argument("--detect-every", type=int, help="Track: run the detector every K frames (default the server's)")
     e.add_argument("--lost-after", type=int, help="a track unseen this many frames ends (both; default the server's)")
     e.add_argument("--max-objects", type=int, help="Track: most objects at once (default the server's)")
     e.add_argument("--match-iou", type=float, help="Track: detection-to-track mask IoU (default the server's)")

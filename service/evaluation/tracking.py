@@ -53,7 +53,7 @@ class TrackOptions:
     classes: tuple[str, ...] = tuple(CLASSES)
     texts: tuple[str, ...] = ()
     score_threshold: float | None = None
-    detect_every: int | None = 5
+    detect_every: int | None = None
     lost_after: int | None = None
     max_objects: int | None = None
     match_iou: float | None = None

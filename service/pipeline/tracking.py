@@ -3,20 +3,24 @@
 Per frame, in order: the frame is checked and decoded (nothing has run yet: a bad frame is its own error and the
 session is as before it); SAM's image encoder runs once; every live track is propagated from its memory (or
 re-prompted where the frame corrects it) and new prompts start tracks, in one ``Runner.track`` call; on detection
-frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks' masks
-by IoU with an assignment solver (scipy's ``linear_sum_assignment``); an unmatched detection starts a track
-(highest scores first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by
-match_iou or more (one object, one track, whatever class each detection says). A matched track answers the
-frame with its detection's mask, and its memory of the frame is re-encoded from that mask (``Runner.remember``):
-what it carries on is what the frame showed, not what it propagated. A track whose object score says absent is
-LOST on that frame (empty mask) and ends after lost_after such frames in a row; so is a track the detector started
-that the latest detection frame did not match (its memory went on to something else, or the object left; a
-detection matching it again brings it back), and such a track whose mask overlaps a matched track's by match_iou
-ends at once (a duplicate: the two would take turns at the object). The caller's own region tracks answer to SAM 2
-only. Masks are finished as Segment's (upsampled in their window, refined, encoded).
+frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks by mask
+IoU with an assignment solver (scipy's ``linear_sum_assignment``): IoU with the track's mask on the frame (from its
+memory) or with where its last detection's mask is expected (moved on at the speed its detections showed: a
+constant-velocity motion model), whichever is higher, decides a match; the two summed decide the assignment (see
+``_match_scores``). An unmatched detection starts a track (highest scores first, up to max_objects) unless its mask
+overlaps a track's or a higher-scored detection's by match_iou or more (one object, one track, whatever class each
+detection says). A matched track answers the frame with its detection's mask, and its memory of the frame is
+re-encoded from that mask (``Runner.remember``): what it carries on is what the frame showed, not what it
+propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends after lost_after such
+frames in a row; so is a track the detector started that the latest detection frame did not match (its memory went
+on to something else, or the object left; a detection matching it again brings it back), and such a track whose mask
+overlaps a matched track's by match_iou ends at once (a duplicate: the two would take turns at the object). The
+caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their window,
+refined, encoded).
 
-A session holds, per track, the bounded memory bank of ``service.models.sam_memory`` and a few numbers; nothing
-grows with the video's length. Matching reads the low-resolution masks (S/4 square, SAM's own output).
+A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
+low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
+masks (S/4 square, SAM's own output).
 """
 
 from __future__ import annotations
@@ -131,6 +135,45 @@ class _Track:
     memory: object
     unseen: int = 0
     confirmed: bool = True  # matched by the latest detection frame (tracks the detector started)
+    sighting: _Sighting | None = None  # where a detection last showed it (tracks the detector started)
+
+    def sighted(self, mask: np.ndarray, index: int) -> None:
+        """A detection showed the object as ``mask`` (S/4 square, bool) on frame ``index``; an empty one shows
+        nothing."""
+        if mask.any():
+            self.sighting = _Sighting(mask, index) if self.sighting is None else self.sighting.seen(mask, index)
+
+
+@dataclasses.dataclass
+class _Sighting:
+    """Where a detection last showed a track's object: its mask (S/4 square, bool) on frame ``index``, and how fast
+    the mask's centroid moves (rows, columns per frame: the last step's speed averaged with the estimate before it;
+    None until it has been seen twice). ``expected`` moves the mask on at that speed: the constant-velocity motion
+    model of SORT-style trackers, for matching a detection to a track whose memory lost its object."""
+
+    mask: np.ndarray
+    index: int
+    velocity: np.ndarray | None = None
+
+    def seen(self, mask: np.ndarray, index: int) -> _Sighting:
+        """The sighting after the object was seen again: non-empty ``mask`` on frame ``index`` (after this one)."""
+        if index <= self.index:
+            return self
+        step = (_centroid(mask) - _centroid(self.mask)) / (index - self.index)
+        return _Sighting(mask, index, step if self.velocity is None else 0.5 * (self.velocity + step))
+
+    def expected(self, index: int) -> np.ndarray:
+        """The mask moved on to frame ``index`` at the sighting's velocity (pixels moved past the edge are lost)."""
+        if self.velocity is None:
+            return self.mask
+        dy, dx = np.round(self.velocity * (index - self.index)).astype(int)
+        h, w = self.mask.shape
+        out = np.zeros_like(self.mask)
+        if abs(dy) < h and abs(dx) < w:
+            out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = self.mask[
+                max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+            ]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,9 +432,9 @@ class TrackSession:
         detection_logits = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu())
         detections = detection_logits > 0
         threshold = self.settled.match_iou
-        to_tracks = _mask_iou(detections, np.stack(tracked) > 0) if tracked else np.zeros((len(starts), 0))
+        to_tracks, gain = _match_scores(detections, tracked, order, index)
         matched: dict[int, int] = {}  # detection: track
-        for d, t in zip(*linear_sum_assignment(-to_tracks), strict=True):
+        for d, t in zip(*linear_sum_assignment(-gain), strict=True):
             if to_tracks[d, t] >= threshold:
                 matched[int(d)] = int(t)
                 order[t].score = starts[d].score
@@ -409,9 +452,14 @@ class TrackSession:
             if room <= 0:
                 break
             c = starts[d]
-            new.append((self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index), prompts[d]))
+            track = self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index)
+            track.sighted(detections[d], index)
+            new.append((track, prompts[d]))
             room -= 1
         seen = {t: detection_logits[d] for d, t in matched.items() if order[t].source != REGION}
+        for d, t in matched.items():
+            if order[t].source != REGION:
+                order[t].sighted(detections[d], index)
         return new, seen
 
     async def _answer(
@@ -507,6 +555,26 @@ def _duplicates(among: np.ndarray, matched: set[int], candidates: list[int], thr
     object another track holds (left alone, the two would take turns at the object's detections: an ID switch
     each time)."""
     return [t for t in candidates if t not in matched and any(among[t, u] >= threshold for u in matched)]
+
+
+def _match_scores(
+    detections: np.ndarray, tracked: list[np.ndarray], tracks: list[_Track], index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(D, T) how well each detection (bool masks) fits each track on frame ``index``: its mask IoU with the track's
+    mask on the frame (``tracked``: logits, from its memory) or with the mask its last sighting expects there,
+    whichever is higher (a detection continues a track at ``match_iou`` of that); and the assignment's gain, the
+    two IoUs summed (a track whose memory and motion both agree wins over one with only one of them)."""
+    if not tracked:
+        return np.zeros((len(detections), 0)), np.zeros((len(detections), 0))
+    propagated = _mask_iou(detections, np.stack(tracked) > 0)
+    empty = np.zeros(detections.shape[1:], bool)
+    expected = _mask_iou(detections, np.stack([t.sighting.expected(index) if t.sighting else empty for t in tracks]))
+    return np.maximum(propagated, expected), propagated + expected
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """(row, column) mean of a non-empty bool mask's pixels."""
+    return np.array([c.mean() for c in np.nonzero(mask)])
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,11 +1,13 @@
 """Which detections start tracks (``service.pipeline.tracking._new_objects``): one object, one track, whatever
-class each detection says; and which tracks end as duplicates of a matched one (``_duplicates``)."""
+class each detection says; which tracks end as duplicates of a matched one (``_duplicates``); and how well a
+detection fits a track (``_match_scores``: its memory's mask, or where its last sighting's motion expects it)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from service.pipeline.tracking import _duplicates, _new_objects
+from service.pipeline.tracking import _duplicates, _match_scores, _new_objects, _Track
 
 T = 0.5
 
@@ -42,3 +44,60 @@ def test_an_unmatched_track_on_a_matched_tracks_object_is_a_duplicate() -> None:
     assert _duplicates(among, matched={0}, candidates=[0, 1, 2], threshold=T) == [1]
     assert _duplicates(among, matched=set(), candidates=[0, 1, 2], threshold=T) == []  # nothing matched: no judge
     assert _duplicates(among, matched={1}, candidates=[0, 1, 2], threshold=0.85) == []  # below the threshold
+
+
+def _square(top: int, left: int, side: int = 4, size: int = 32) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def _track(track_id: int = 1) -> _Track:
+    return _Track(track_id, "star", 0, "class", None, 0.9, 0, memory=None)
+
+
+def test_a_sighting_expects_the_object_where_its_velocity_takes_it() -> None:
+    t = _track()
+    t.sighted(_square(4, 4), 0)
+    assert t.sighting is not None and t.sighting.velocity is None
+    assert (t.sighting.expected(7) == _square(4, 4)).all()  # seen once: no speed yet, expected where it was
+    t.sighted(_square(6, 8), 2)  # 1 row, 2 columns per frame
+    assert t.sighting.velocity == pytest.approx([1.0, 2.0])
+    assert (t.sighting.expected(5) == _square(9, 14)).all()
+    t.sighted(_square(6, 8), 4)  # stood still for two frames: the speed halves (the step averaged with the estimate)
+    assert t.sighting.velocity == pytest.approx([0.5, 1.0])
+    assert (t.sighting.expected(8) == _square(8, 12)).all()
+
+
+def test_an_empty_mask_is_no_sighting_and_an_expected_mask_loses_what_leaves_the_frame() -> None:
+    t = _track()
+    t.sighted(np.zeros((32, 32), bool), 0)
+    assert t.sighting is None
+    t.sighted(_square(10, 24), 0)
+    t.sighted(_square(10, 26), 1)  # 2 columns per frame, towards the right edge
+    assert t.sighting is not None
+    assert t.sighting.expected(3).sum() == 4 * 2  # columns 30, 31 of 30..33 stay in the frame
+    assert not t.sighting.expected(20).any()  # gone
+
+
+def test_a_detection_continues_a_track_whose_memory_lost_it_where_its_motion_expects_it() -> None:
+    moving, other = _track(1), _track(2)
+    moving.sighted(_square(4, 4), 0)
+    moving.sighted(_square(4, 6), 1)
+    detection = _square(4, 12)[None]  # frame 4: where 2 columns per frame take it
+    lost = np.full((32, 32), -1.0)  # its memory shows nothing on the frame
+    to_tracks, gain = _match_scores(detection, [lost, lost], [moving, other], index=4)
+    assert to_tracks[0].tolist() == [1.0, 0.0] and gain[0].tolist() == [1.0, 0.0]
+
+
+def test_a_track_that_memory_and_motion_both_place_on_the_detection_wins_it() -> None:
+    # two tracks' memories both show the detection's object; only the first one's last sighting expects it there
+    kept, stray = _track(1), _track(2)
+    kept.sighted(_square(8, 8), 3)
+    stray.sighted(_square(20, 20), 3)
+    detection = _square(8, 8)
+    on_it = np.where(detection, 1.0, -1.0)
+    to_tracks, gain = _match_scores(detection[None], [on_it, on_it], [kept, stray], index=4)
+    assert to_tracks[0].tolist() == [1.0, 1.0]  # either could continue it
+    assert gain[0, 0] > gain[0, 1]  # the assignment gives it to the one whose motion agrees
+    assert _match_scores(detection[None], [], [], index=4)[0].shape == (1, 0)
