@@ -6,17 +6,17 @@ re-prompted where the frame corrects it) and new prompts start tracks, in one ``
 frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks by mask
 IoU with an assignment solver (scipy's ``linear_sum_assignment``): IoU with the track's mask on the frame (from its
 memory) or with where its last detection's mask is expected (moved on at the speed its detections showed: a
-constant-velocity motion model), whichever is higher, decides a match; the two summed decide the assignment (see
-``_match_scores``). An unmatched detection starts a track (highest scores first, up to max_objects) unless its mask
-overlaps a track's or a higher-scored detection's by match_iou or more (one object, one track, whatever class each
-detection says). A matched track answers the frame with its detection's mask, and its memory of the frame is
-re-encoded from that mask (``Runner.remember``): what it carries on is what the frame showed, not what it
-propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends after lost_after such
-frames in a row; so is a track the detector started that the latest detection frame did not match (its memory went
-on to something else, or the object left; a detection matching it again brings it back), and such a track whose mask
-overlaps a matched track's by match_iou ends at once (a duplicate: the two would take turns at the object). The
-caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their window,
-refined, encoded).
+constant-velocity motion model), whichever is higher, decides whether a detection may continue a track; the latter
+alone decides which (see ``_match_scores``). An unmatched detection starts a track (highest scores first, up to
+max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or more (one object, one
+track, whatever class each detection says). A matched track answers the frame with its detection's mask, and its
+memory of the frame is re-encoded from that mask (``Runner.remember``): what it carries on is what the frame showed,
+not what it propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends after
+lost_after such frames in a row; so is a track the detector started that the latest detection frame did not match
+(its memory went on to something else, or the object left; a detection matching it again brings it back), and such a
+track whose mask overlaps a matched track's by match_iou ends at once (a duplicate: the two would take turns at the
+object). The caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their
+window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
 low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
@@ -560,16 +560,20 @@ def _duplicates(among: np.ndarray, matched: set[int], candidates: list[int], thr
 def _match_scores(
     detections: np.ndarray, tracked: list[np.ndarray], tracks: list[_Track], index: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(D, T) how well each detection (bool masks) fits each track on frame ``index``: its mask IoU with the track's
-    mask on the frame (``tracked``: logits, from its memory) or with the mask its last sighting expects there,
-    whichever is higher (a detection continues a track at ``match_iou`` of that); and the assignment's gain, the
-    two IoUs summed (a track whose memory and motion both agree wins over one with only one of them)."""
+    """(D, T) how well each detection (bool masks) fits each track on frame ``index``, twice. First, whether it may
+    continue the track: its mask IoU with the track's mask on the frame (``tracked``: logits, from its memory) or with
+    the mask its last sighting expects there, whichever is higher (a match needs ``match_iou`` of that). Second, the
+    assignment's gain: the IoU with where its last sighting expects it, or, for a track never sighted (the caller's
+    own regions), with its memory's mask. Memory can drift onto another object where two cross, and a motion model
+    does not follow it there: measured on the demo (SHAPES_SAM2_VIDEO.md, History), the assignment by motion alone
+    switches fewer ids than by both IoUs summed."""
     if not tracked:
         return np.zeros((len(detections), 0)), np.zeros((len(detections), 0))
     propagated = _mask_iou(detections, np.stack(tracked) > 0)
     empty = np.zeros(detections.shape[1:], bool)
     expected = _mask_iou(detections, np.stack([t.sighting.expected(index) if t.sighting else empty for t in tracks]))
-    return np.maximum(propagated, expected), propagated + expected
+    sighted = np.array([t.sighting is not None for t in tracks])
+    return np.maximum(propagated, expected), np.where(sighted, expected, propagated)
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ def test_a_detection_continues_a_track_whose_memory_lost_it_where_its_motion_exp
     assert to_tracks[0].tolist() == [1.0, 0.0] and gain[0].tolist() == [1.0, 0.0]
 
 
-def test_a_track_that_memory_and_motion_both_place_on_the_detection_wins_it() -> None:
+def test_where_two_tracks_could_continue_a_detection_the_one_its_motion_expects_there_wins_it() -> None:
     # two tracks' memories both show the detection's object; only the first one's last sighting expects it there
     kept, stray = _track(1), _track(2)
     kept.sighted(_square(8, 8), 3)
@@ -99,5 +99,12 @@ def test_a_track_that_memory_and_motion_both_place_on_the_detection_wins_it() ->
     on_it = np.where(detection, 1.0, -1.0)
     to_tracks, gain = _match_scores(detection[None], [on_it, on_it], [kept, stray], index=4)
     assert to_tracks[0].tolist() == [1.0, 1.0]  # either could continue it
-    assert gain[0, 0] > gain[0, 1]  # the assignment gives it to the one whose motion agrees
+    assert gain[0].tolist() == [1.0, 0.0]  # the assignment gives it to the one whose motion agrees
     assert _match_scores(detection[None], [], [], index=4)[0].shape == (1, 0)
+
+
+def test_a_track_never_sighted_is_matched_by_its_memory() -> None:
+    region = _track(3)  # the caller's own region: no detection has shown it
+    detection = _square(8, 8)
+    to_tracks, gain = _match_scores(detection[None], [np.where(detection, 1.0, -1.0)], [region], index=4)
+    assert to_tracks[0].tolist() == [1.0] and gain[0].tolist() == [1.0]
