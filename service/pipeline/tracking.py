@@ -149,7 +149,7 @@ class _Sighting:
     """Where a detection last showed a track's object: its mask (S/4 square, bool) on frame ``index``, and how fast
     the mask's centroid moves (rows, columns per frame: the last step's speed averaged with the estimate before it;
     None until it has been seen twice). ``expected`` moves the mask on at that speed: the constant-velocity motion
-    model of SORT-style trackers, for matching a detection to a track whose memory lost its object."""
+    model of SORT-style trackers, which decides the matching's assignment (``_match_scores``)."""
 
     mask: np.ndarray
     index: int
@@ -456,9 +456,10 @@ class TrackSession:
             track.sighted(detections[d], index)
             new.append((track, prompts[d]))
             room -= 1
-        seen = {t: detection_logits[d] for d, t in matched.items() if order[t].source != REGION}
+        seen = {}
         for d, t in matched.items():
             if order[t].source != REGION:
+                seen[t] = detection_logits[d]
                 order[t].sighted(detections[d], index)
         return new, seen
 
