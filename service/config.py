@@ -176,12 +176,15 @@ class Settings:
     # five: the detector runs every track_detect_every frames (0: only on frames that ask); a track unseen for
     # track_lost_after frames in a row ends; at most track_max_objects tracks at once (a session may ask up to
     # track_max_objects_limit); a detection continues a track when its mask's IoU with the track's (or with where the
-    # track's motion expects it) reaches track_match_iou.
+    # track's motion expects it) reaches track_match_iou. A track the detector starts is tentative, not answered,
+    # until detection frames have shown it track_confirm_after times in a row (1: at once; tracks started on a
+    # session's first frame are answered at once); a detection frame that misses it before then ends it unseen.
     track_detect_every: int = 1
     track_lost_after: int = 30
     track_max_objects: int = 20
     track_max_objects_limit: int = 100
     track_match_iou: float = 0.3
+    track_confirm_after: int = 2
     # Sessions open at once per server process (beyond: RESOURCE_EXHAUSTED), and how long one may wait for its next
     # message before it is closed (DEADLINE_EXCEEDED) and its memory released.
     max_track_sessions: int = 8

@@ -53,6 +53,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             max_objects=settings.track_max_objects,
             max_objects_limit=settings.track_max_objects_limit,
             match_iou=settings.track_match_iou,
+            confirm_after=settings.track_confirm_after,
         )
         self._pipeline: Pipeline | None = None
         self._failed = False

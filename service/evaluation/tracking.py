@@ -267,6 +267,7 @@ def evaluate_tracking(
         "lost_after": _given(options.lost_after, int(track_defaults.lost_after)),
         "max_objects": _given(options.max_objects, int(track_defaults.max_objects)),
         "match_iou": _given(options.match_iou, float(track_defaults.match_iou)),
+        "confirm_after": int(track_defaults.confirm_after),  # the server's setting (no session may change it)
         "score_threshold": _given(options.score_threshold, float(listing.defaults.score_threshold)),
     }
     methods = METHODS if baseline else METHODS[:1]
@@ -481,7 +482,8 @@ def write_report(figures: dict[str, Any], json_path: Path, markdown_path: Path, 
         f"Prompt: classes {', '.join(c['options']['classes']) or '–'}"
         + (f", texts {', '.join(c['options']['texts'])}" if c["options"]["texts"] else "")
         + f"; score threshold {r['score_threshold']:g}. **track**: detect_every {r['detect_every']}, lost_after "
-        f"{r['lost_after']}, max_objects {r['max_objects']}, match_iou {r['match_iou']:g}. **baseline**: Segment per "
+        f"{r['lost_after']}, max_objects {r['max_objects']}, match_iou {r['match_iou']:g}, confirm_after "
+        f"{r.get('confirm_after', 1)}. **baseline**: Segment per "
         f"frame (at most {r['max_objects']} instances), optimal IoU matching to the live tracks' last masks (IoU ≥ "
         f"{c['options']['baseline_iou']:g}), a track ends after {r['lost_after']} unmatched frames. Occlusion ids "
         f"read within {c['options']['reid_window']} frames of the object's return. Frames answered with an error: "

@@ -9,14 +9,15 @@ memory) or with where its last detection's mask is expected (moved on at the spe
 constant-velocity motion model), whichever is higher, decides whether a detection may continue a track; the latter
 alone decides which (see ``_match_scores``). An unmatched detection starts a track (highest scores first, up to
 max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or more (one object, one
-track, whatever class each detection says). A matched track answers the frame with its detection's mask, and its
-memory of the frame is re-encoded from that mask (``Runner.remember``): what it carries on is what the frame showed,
-not what it propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends after
-lost_after such frames in a row; so is a track the detector started that the latest detection frame did not match
-(its memory went on to something else, or the object left; a detection matching it again brings it back), and such a
-track whose mask overlaps a matched track's by match_iou ends at once (a duplicate: the two would take turns at the
-object). The caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their
-window, refined, encoded).
+track, whatever class each detection says); it stays tentative, not answered, until confirm_after detection frames
+in a row have shown it, and ends unseen if one misses it before (``_tentative``). A matched track answers the frame
+with its detection's mask, and its memory of the frame is re-encoded from that mask (``Runner.remember``): what it
+carries on is what the frame showed, not what it propagated. A track whose object score says absent is LOST on that
+frame (empty mask) and ends after lost_after such frames in a row; so is a track the detector started that the
+latest detection frame did not match (its memory went on to something else, or the object left; a detection matching
+it again brings it back), and such a track whose mask overlaps a matched track's by match_iou ends at once (a
+duplicate: the two would take turns at the object). The caller's own region tracks answer to SAM 2 only. Masks are
+finished as Segment's (upsampled in their window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
 low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
@@ -70,6 +71,7 @@ class TrackLimits:
     max_objects: int
     max_objects_limit: int
     match_iou: float
+    confirm_after: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,8 @@ class _Track:
     unseen: int = 0
     confirmed: bool = True  # matched by the latest detection frame (tracks the detector started)
     sighting: _Sighting | None = None  # where a detection last showed it (tracks the detector started)
+    hits: int = 1  # detection frames that showed it since it started (tracks the detector started)
+    answered: bool = False  # answered on some frame (a tentative track has not been yet: ``_tentative``)
 
     def sighted(self, mask: np.ndarray, index: int) -> None:
         """A detection showed the object as ``mask`` (S/4 square, bool) on frame ``index``; an empty one shows
@@ -185,6 +189,7 @@ class _Settled:
     max_objects: int
     match_iou: float
     detects: bool  # whether detection frames run the detector at all
+    confirm_after: int
 
 
 class TrackSession:
@@ -438,6 +443,7 @@ class TrackSession:
             if to_tracks[d, t] >= threshold:
                 matched[int(d)] = int(t)
                 order[t].score = starts[d].score
+                order[t].hits += 1
         confirmed = set(matched.values())
         detector_started = [t for t, track in enumerate(order) if track.source != REGION]
         for t in detector_started:
@@ -454,6 +460,8 @@ class TrackSession:
             c = starts[d]
             track = self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index)
             track.sighted(detections[d], index)
+            if self._frames == 0:  # the session's first frame: every track it starts is answered at once
+                track.hits = self.settled.confirm_after
             new.append((track, prompts[d]))
             room -= 1
         seen = {}
@@ -475,7 +483,13 @@ class TrackSession:
         timings: dict[str, float],
     ) -> list[TrackedInstance]:
         """Each track's state and finished mask on this frame (by track id): unseen tracks are LOST with an empty
-        mask and end after lost_after such frames; tracks the caller ended are answered once more, ENDED."""
+        mask and end after lost_after such frames; tracks the caller ended are answered once more, ENDED; tentative
+        tracks are not answered (``_tentative``)."""
+        hidden, dropped = _tentative(rows, self.settled.confirm_after)
+        for k in dropped:
+            self._tracks.pop(rows[k].track_id, None)
+        kept = [k for k in range(len(rows)) if k not in hidden]
+        rows, logits, scores = [rows[k] for k in kept], [logits[k] for k in kept], [scores[k] for k in kept]
         visible = [s > 0 and t.confirmed for s, t in zip(scores, rows, strict=True)] + [False] * len(ended)
         side = self.pipeline.runner.segmenter.image_size // 4
         absent = np.full((side, side), -1.0, np.float32)
@@ -491,10 +505,10 @@ class TrackSession:
                 state = ENDED
             elif visible[k]:
                 t.unseen = 0
-                state = NEW if t.first_frame == index else TRACKED
+                state = TRACKED if t.answered else NEW
             else:
                 t.unseen += 1
-                state = NEW if t.first_frame == index else LOST
+                state = LOST if t.answered else NEW
                 if t.unseen >= self.settled.lost_after:
                     state = ENDED
                     self._tracks.pop(t.track_id, None)
@@ -510,6 +524,7 @@ class TrackSession:
                 region_index=-1,
                 text_match=t.text_match,
             )
+            t.answered = True
             out.append(TrackedInstance(t.track_id, state, instance, t.first_frame))
         out.sort(key=lambda a: a.track_id)
         return out
@@ -531,7 +546,19 @@ def _settle(q: TrackQuery, limits: TrackLimits) -> _Settled:
         max_objects=limits.max_objects if q.max_objects is None else q.max_objects,
         match_iou=limits.match_iou if q.match_iou is None else q.match_iou,
         detects=bool(q.classes or q.texts or q.exemplars) or q.detect_every is not None,
+        confirm_after=limits.confirm_after,
     )
+
+
+def _tentative(rows: list[_Track], confirm_after: int) -> tuple[set[int], set[int]]:
+    """The tracks (indices into ``rows``) not answered on this frame, and those of them that end unseen. A track the
+    detector started is tentative until detection frames have shown it ``confirm_after`` times in a row (its
+    start counts; on the session's first frame, at once): until then it is not answered, and one that a detection
+    frame misses ends without ever being answered. A detection on one frame or two (a part of an object, two
+    objects merged where they cross) then never shows as a track of its own: each such id was an ID switch
+    (SORT's ``min_hits``, ByteTrack's unconfirmed tracks). The caller's own region tracks are answered at once."""
+    hidden = {k for k, t in enumerate(rows) if t.source != REGION and not t.answered and t.hits < confirm_after}
+    return hidden, {k for k in hidden if not rows[k].confirmed}
 
 
 def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], threshold: float) -> list[int]:

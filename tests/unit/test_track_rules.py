@@ -1,13 +1,15 @@
 """Which detections start tracks (``service.pipeline.tracking._new_objects``): one object, one track, whatever
 class each detection says; which tracks end as duplicates of a matched one (``_duplicates``); and how well a
-detection fits a track (``_match_scores``: its memory's mask, or where its last sighting's motion expects it)."""
+detection fits a track (``_match_scores``: its memory's mask, or where its last sighting's motion expects it); which
+tracks are still tentative (``_tentative``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.pipeline.tracking import _duplicates, _match_scores, _new_objects, _Track
+from service.pipeline.results import REGION
+from service.pipeline.tracking import _duplicates, _match_scores, _new_objects, _tentative, _Track
 
 T = 0.5
 
@@ -52,8 +54,8 @@ def _square(top: int, left: int, side: int = 4, size: int = 32) -> np.ndarray:
     return mask
 
 
-def _track(track_id: int = 1) -> _Track:
-    return _Track(track_id, "star", 0, "class", None, 0.9, 0, memory=None)
+def _track(track_id: int = 1, source: str = "class") -> _Track:
+    return _Track(track_id, "star", 0, source, None, 0.9, 0, memory=None)
 
 
 def test_a_sighting_expects_the_object_where_its_velocity_takes_it() -> None:
@@ -108,3 +110,14 @@ def test_a_track_never_sighted_is_matched_by_its_memory() -> None:
     detection = _square(8, 8)
     to_tracks, gain = _match_scores(detection[None], [np.where(detection, 1.0, -1.0)], [region], index=4)
     assert to_tracks[0].tolist() == [1.0] and gain[0].tolist() == [1.0]
+
+
+def test_a_track_the_detector_started_is_answered_once_confirmed_and_ends_unseen_if_missed_before() -> None:
+    young, missed, confirmed, region = _track(1), _track(2), _track(3), _track(4, source=REGION)
+    missed.confirmed = False  # the latest detection frame did not show it
+    confirmed.hits = 2
+    old = _track(5)
+    old.answered, old.confirmed = True, False  # answered before: LOST now, never tentative again
+    hidden, dropped = _tentative([young, missed, confirmed, region, old], confirm_after=2)
+    assert hidden == {0, 1} and dropped == {1}
+    assert _tentative([young, missed], confirm_after=1) == (set(), set())  # 1: every track is answered at once
