@@ -483,7 +483,7 @@ def write_report(figures: dict[str, Any], json_path: Path, markdown_path: Path, 
         + (f", texts {', '.join(c['options']['texts'])}" if c["options"]["texts"] else "")
         + f"; score threshold {r['score_threshold']:g}. **track**: detect_every {r['detect_every']}, lost_after "
         f"{r['lost_after']}, max_objects {r['max_objects']}, match_iou {r['match_iou']:g}, confirm_after "
-        f"{r.get('confirm_after', 1)}. **baseline**: Segment per "
+        f"{r['confirm_after']}. **baseline**: Segment per "
         f"frame (at most {r['max_objects']} instances), optimal IoU matching to the live tracks' last masks (IoU ≥ "
         f"{c['options']['baseline_iou']:g}), a track ends after {r['lost_after']} unmatched frames. Occlusion ids "
         f"read within {c['options']['reid_window']} frames of the object's return. Frames answered with an error: "
