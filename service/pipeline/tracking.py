@@ -4,20 +4,26 @@ Per frame, in order: the frame is checked and decoded (nothing has run yet: a ba
 session is as before it); SAM's image encoder runs once; every live track is propagated from its memory (or
 re-prompted where the frame corrects it) and new prompts start tracks, in one ``Runner.track`` call; on detection
 frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks by mask
-IoU with an assignment solver (scipy's ``linear_sum_assignment``): IoU with the track's mask on the frame (from its
-memory) or with where its last detection's mask is expected (moved on at the speed its detections showed: a
-constant-velocity motion model), whichever is higher, decides whether a detection may continue a track; the latter
-alone decides which (see ``_match_scores``). An unmatched detection starts a track (highest scores first, up to
-max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or more (one object, one
-track, whatever class each detection says); it stays tentative, not answered, until confirm_after detection frames
-in a row have shown it, and ends unseen if one misses it before (``_tentative``). A matched track answers the frame
-with its detection's mask, and its memory of the frame is re-encoded from that mask (``Runner.remember``): what it
-carries on is what the frame showed, not what it propagated. A track whose object score says absent is LOST on that
-frame (empty mask) and ends after lost_after such frames in a row; so is a track the detector started that the
-latest detection frame did not match (its memory went on to something else, or the object left; a detection matching
-it again brings it back), and such a track whose mask overlaps a matched track's by match_iou ends at once (a
-duplicate: the two would take turns at the object). The caller's own region tracks answer to SAM 2 only. Masks are
-finished as Segment's (upsampled in their window, refined, encoded).
+IoU with an assignment solver (scipy's ``linear_sum_assignment``). Detections whose masks overlap a higher-scored
+one's by SAME_OBJECT_IOU are dropped first (one object named twice, "star" and "triangle": ``_one_per_object``).
+IoU with the track's mask on the frame (from its memory) or with where its last detection's mask is expected (moved
+on at the speed its detections showed: a constant-velocity motion model), whichever is higher, decides whether a
+detection may continue a track; the latter alone decides which (see ``_match_scores``). A detection whose mask fills
+less than MIN_MASK_FILL of its box (SAM's box prompt gave a sliver of a large, occluded object) is matched by its box
+as well (``_box_scores``), and a track it matches keeps its own mask. An unmatched detection starts a track (highest
+scores first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or
+more (one object, one track, whatever class each detection says), or it re-finds a lost track (``_refind``: same
+label, near where the track's motion expects it, of a like size; the track keeps its id and starts a new memory
+there); a new track stays tentative, not answered, until confirm_after detection frames in a row have shown it, and
+ends unseen if one misses it before (``_tentative``). A matched track answers the frame with its detection's mask,
+and its memory of the frame is re-encoded from that mask (``Runner.remember``): what it carries on is what the frame
+showed, not what it propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends
+after lost_after such frames in a row; so is a track the detector started that the latest detection frame did not
+match (its memory went on to something else, or the object left; a detection matching it again brings it back). Such
+a track whose mask overlaps a matched track's by match_iou has drifted (``_duplicates``): its memory went on to the
+other track's object, so it no longer matches by mask (the two would take turns at the object), only by re-finding.
+The caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their window,
+refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
 low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
@@ -57,6 +63,12 @@ from service.pipeline.stages import stage
 from service.pipeline.vocabulary import TextMatch
 
 NEW, TRACKED, LOST, ENDED = "new", "tracked", "lost", "ended"
+# Measured on the demo's 20 val videos (SHAPES_SAM2_VIDEO.md, History): each rule below removed ID switches, and
+# leaving out any one of them cost two.
+SAME_OBJECT_IOU = 0.7  # detections' mask IoU at which they are one object (the higher-scored one stays)
+MIN_MASK_FILL = 0.2  # share of its box a detection's mask must fill to decide a match by itself
+REFIND_DISTANCE = 1.5  # re-finding: centroid within this many object sizes (sqrt of the sighting's area) ...
+REFIND_AREA = 0.3  # ... and area within this factor of the sighting's, either way
 MAX_DETECT_EVERY = 10_000
 MAX_FRAME_INDEX = 2**53
 _REGION_FIELD = re.compile(r"\bregions\[(\d+)\]")
@@ -140,6 +152,7 @@ class _Track:
     sighting: _Sighting | None = None  # where a detection last showed it (tracks the detector started)
     hits: int = 1  # detection frames that showed it since it started (tracks the detector started)
     answered: bool = False  # answered on some frame (a tentative track has not been yet: ``_tentative``)
+    drifted: bool = False  # its memory went on to another track's object: matched only by re-finding (``_refind``)
 
     def sighted(self, mask: np.ndarray, index: int) -> None:
         """A detection showed the object as ``mask`` (S/4 square, bool) on frame ``index``; an empty one shows
@@ -178,6 +191,17 @@ class _Sighting:
                 max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
             ]
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Detected:
+    """What a detection frame found: the tracks its unmatched detections start or re-find, with their box prompts;
+    the matched tracks (rows of the frame's tracks) with their detection's low-res mask logits; and the rows that
+    re-found tracks replace."""
+
+    new: list[tuple[_Track, SamPrompt]]
+    seen: dict[int, np.ndarray]
+    replaced: set[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +300,13 @@ class TrackSession:
             self.settled.detects and self.settled.detect_every > 0 and self._frames % self.settled.detect_every == 0
         )
         if detected:
-            new, seen = await self._detect(image, p, features, index, logits, rows, timings)
+            found = await self._detect(image, p, features, index, logits, rows, set(corrections), timings)
+            kept = [k for k in range(len(rows)) if k not in found.replaced]  # a re-found track answers as its new row
+            row_of = {k: i for i, k in enumerate(kept)}
+            rows, logits, scores = [rows[k] for k in kept], [logits[k] for k in kept], [scores[k] for k in kept]
             # A track the caller corrected on this frame answers with its correction, not with its detection.
-            seen = {k: mask for k, mask in seen.items() if rows[k].track_id not in corrections}
+            seen = {row_of[k]: mask for k, mask in found.seen.items() if rows[row_of[k]].track_id not in corrections}
+            new = found.new
             if seen:  # matched tracks remember the frame as its detection showed it, and answer with that mask
                 remembered = [MemoryCorrection(rows[k].memory, index, mask) for k, mask in seen.items()]
                 with stage(timings, "remember", objects=len(remembered)):
@@ -406,12 +434,14 @@ class TrackSession:
         index: int,
         tracked: list[np.ndarray],
         order: list[_Track],
+        corrected: set[int],
         timings: dict[str, float],
-    ) -> tuple[list[tuple[_Track, SamPrompt]], dict[int, np.ndarray]]:
+    ) -> _Detected:
         """Runs the detector, matches its detections to this frame's tracks (mask IoU, assignment) and returns the
-        tracks the unmatched ones start (with their box prompts), highest score first, within max_objects, and the
+        tracks the unmatched ones re-find or start (with their box prompts; new ones highest score first, within
+        max_objects; a track the caller corrected on this frame, by id in ``corrected``, is not re-found), and the
         matched tracks (their rows in ``order``, the caller's own region tracks left out) with their detection's
-        low-res mask logits."""
+        low-res mask logits, where the mask is trusted."""
         pipeline = self.pipeline
         v = self._vocabulary
         detected = await pipeline.detector.detect(
@@ -431,13 +461,25 @@ class TrackSession:
         starts = [candidates.instances[k] for k in firsts.values()]
         prompts = [candidates.prompts[c.mask_index] for c in starts]
         if not prompts:
-            return [], {}
+            return _Detected([], {}, set())
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
         detection_logits = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu())
+        one = _one_per_object(detection_logits > 0, SAME_OBJECT_IOU)
+        starts, prompts, detection_logits = [starts[d] for d in one], [prompts[d] for d in one], detection_logits[one]
         detections = detection_logits > 0
+        side = detections.shape[-1]  # SAM's low-res frame: the image's longer side scaled to it, padded
+        boxes = np.array([q.box for q in prompts], np.float64) * (side / max(image.height, image.width))
+        sliver = _fill(detections, boxes) < MIN_MASK_FILL
         threshold = self.settled.match_iou
         to_tracks, gain = _match_scores(detections, tracked, order, index)
+        if sliver.any() and tracked:
+            by_box, box_gain = _box_scores(boxes, tracked, order, index)
+            to_tracks[sliver] = np.maximum(to_tracks[sliver], by_box[sliver])
+            gain[sliver] = np.maximum(gain[sliver], box_gain[sliver])
+        drifted = np.array([t.drifted for t in order], bool)
+        to_tracks[:, drifted] = 0.0
+        gain[:, drifted] = 0.0
         matched: dict[int, int] = {}  # detection: track
         for d, t in zip(*linear_sum_assignment(-gain), strict=True):
             if to_tracks[d, t] >= threshold:
@@ -451,10 +493,31 @@ class TrackSession:
         if tracked:
             masks = np.stack(tracked) > 0
             for t in _duplicates(_mask_iou(masks, masks), confirmed, detector_started, threshold):
-                order[t].unseen = self.settled.lost_after - 1  # unseen on this frame too: it ends now
-        room = self.settled.max_objects - len(order)
+                order[t].drifted = True
+        fresh = _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold)
+        lost = [
+            t
+            for t in detector_started
+            if t not in confirmed and order[t].answered and order[t].track_id not in corrected
+        ]
+        refound = _refind(fresh, detections, [c.label for c in starts], [order[t] for t in lost], index)
         new = []
-        for d in _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold):
+        for d, k in refound.items():  # the track goes on under its id from a new memory, started at the detection
+            old = order[lost[k]]
+            track = dataclasses.replace(
+                old,
+                memory=self.pipeline.runner.track_memory(),
+                score=starts[d].score,
+                hits=old.hits + 1,
+                confirmed=True,
+                drifted=False,
+            )
+            track.sighted(detections[d], index)
+            new.append((track, prompts[d]))
+        room = self.settled.max_objects - len(order)
+        for d in fresh:
+            if d in refound:
+                continue
             if room <= 0:
                 break
             c = starts[d]
@@ -466,10 +529,10 @@ class TrackSession:
             room -= 1
         seen = {}
         for d, t in matched.items():
-            if order[t].source != REGION:
+            if order[t].source != REGION and not sliver[d]:
                 seen[t] = detection_logits[d]
                 order[t].sighted(detections[d], index)
-        return new, seen
+        return _Detected(new, seen, {lost[k] for k in refound.values()})
 
     async def _answer(
         self,
@@ -577,11 +640,69 @@ def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], th
     return out
 
 
+def _one_per_object(detections: np.ndarray, threshold: float) -> list[int]:
+    """The detections (indices, in score order) kept when those whose (D, h, w) bool masks overlap a kept, higher-
+    scored one's by ``threshold`` mask IoU or more are dropped: one object the detector named twice ("star" and
+    "triangle") would otherwise match two tracks, and the two would take turns at it."""
+    among = _mask_iou(detections, detections)
+    kept: list[int] = []
+    for d in range(len(detections)):
+        if all(among[d, k] < threshold for k in kept):
+            kept.append(d)
+    return kept
+
+
+def _fill(detections: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(D,) the share of each box (D, 4 XYXY, in the masks' frame) that its detection's (D, h, w) bool mask fills."""
+    areas = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1.0)
+    return detections.reshape(len(detections), -1).sum(1) / areas
+
+
+def _box_scores(
+    boxes: np.ndarray, tracked: list[np.ndarray], tracks: list[_Track], index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_match_scores`` by boxes: (D, T) the IoU of each detection's box (D, 4 XYXY, in the masks' frame) with the
+    box of the track's mask on the frame (``tracked``: logits) and with the box of where its last sighting expects
+    it (for a track never sighted, its mask's again), for the detections whose mask is a sliver of their box."""
+    propagated = [_box(m > 0) for m in tracked]
+    expected = [_box(t.sighting.expected(index)) if t.sighting else b for t, b in zip(tracks, propagated, strict=True)]
+    return _box_iou(boxes, propagated), _box_iou(boxes, expected)
+
+
+def _refind(
+    fresh: list[int], detections: np.ndarray, labels: list[str], lost: list[_Track], index: int
+) -> dict[int, int]:
+    """Lost tracks that new detections re-find: {detection: index into ``lost``}, by an optimal assignment of the
+    centroid distances. A detection (of ``fresh``, indices into ``detections``, (D, h, w) bool masks with their
+    ``labels``) may re-find a track with its label and a sighting when its mask's centroid lies within
+    REFIND_DISTANCE object sizes (the square root of the sighting's area) of the centroid of where the sighting
+    expects the object on frame ``index`` (where it was last seen, once that has left the frame) and its area is
+    within a factor REFIND_AREA of the sighting's, either way. An object back from behind another, or seen again
+    after the detector missed it for a while, keeps its id (the lost-track pool of ByteTrack and OC-SORT)."""
+    cost = np.full((len(fresh), len(lost)), np.inf)
+    for j, t in enumerate(lost):
+        if t.sighting is None:
+            continue
+        area = float(t.sighting.mask.sum())
+        expected = t.sighting.expected(index)
+        where = _centroid(expected if expected.any() else t.sighting.mask)
+        for i, d in enumerate(fresh):
+            if labels[d] != t.label or not detections[d].any():
+                continue
+            distance = float(np.linalg.norm(_centroid(detections[d]) - where)) / math.sqrt(area)
+            if distance <= REFIND_DISTANCE and REFIND_AREA <= detections[d].sum() / area <= 1 / REFIND_AREA:
+                cost[i, j] = distance
+    if not np.isfinite(cost).any():
+        return {}
+    rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e9))
+    return {fresh[i]: int(j) for i, j in zip(rows, cols, strict=True) if np.isfinite(cost[i, j])}
+
+
 def _duplicates(among: np.ndarray, matched: set[int], candidates: list[int], threshold: float) -> list[int]:
-    """The tracks (indices into ``among``, (T, T) mask IoUs on this frame) that end as duplicates: a candidate no
+    """The tracks (indices into ``among``, (T, T) mask IoUs on this frame) that have drifted: a candidate no
     detection matched whose mask overlaps a matched track's by ``threshold`` or more. Its memory went on to an
-    object another track holds (left alone, the two would take turns at the object's detections: an ID switch
-    each time)."""
+    object another track holds (matched by its mask, the two would take turns at the object's detections: an ID
+    switch each time)."""
     return [t for t in candidates if t not in matched and any(among[t, u] >= threshold for u in matched)]
 
 
@@ -602,6 +723,28 @@ def _match_scores(
     expected = _mask_iou(detections, np.stack([t.sighting.expected(index) if t.sighting else empty for t in tracks]))
     sighted = np.array([t.sighting is not None for t in tracks])
     return np.maximum(propagated, expected), np.where(sighted, expected, propagated)
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    """(4,) XYXY pixel box of a bool mask; all zeros when it is empty."""
+    if not mask.any():
+        return np.zeros(4)
+    rows, cols = np.nonzero(mask)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float64)
+
+
+def _box_iou(a: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) and M (4,) XYXY boxes → (N, M) IoU (0 with an empty box)."""
+    if not b:
+        return np.zeros((len(a), 0))
+    bb = np.stack(b)
+    w = np.clip(np.minimum(a[:, None, 2], bb[None, :, 2]) - np.maximum(a[:, None, 0], bb[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], bb[None, :, 3]) - np.maximum(a[:, None, 1], bb[None, :, 1]), 0, None)
+    inter = w * h
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (bb[:, 2] - bb[:, 0]) * (bb[:, 3] - bb[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

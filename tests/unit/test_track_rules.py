@@ -1,7 +1,8 @@
 """Which detections start tracks (``service.pipeline.tracking._new_objects``): one object, one track, whatever
-class each detection says; which tracks end as duplicates of a matched one (``_duplicates``); and how well a
-detection fits a track (``_match_scores``: its memory's mask, or where its last sighting's motion expects it); which
-tracks are still tentative (``_tentative``)."""
+class each detection says; which detections are one object (``_one_per_object``); which tracks have drifted onto a
+matched one's object (``_duplicates``); how well a detection fits a track (``_match_scores``: its memory's mask, or
+where its last sighting's motion expects it; ``_box_scores`` for a mask that is a sliver of its box); which lost
+tracks new detections re-find (``_refind``); which tracks are still tentative (``_tentative``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import numpy as np
 import pytest
 
 from service.pipeline.results import REGION
-from service.pipeline.tracking import _duplicates, _match_scores, _new_objects, _tentative, _Track
+from service.pipeline.tracking import (
+    _box_scores,
+    _duplicates,
+    _fill,
+    _match_scores,
+    _new_objects,
+    _one_per_object,
+    _refind,
+    _tentative,
+    _Track,
+)
 
 T = 0.5
 
@@ -40,7 +51,7 @@ def test_a_detection_below_the_threshold_everywhere_is_a_new_object() -> None:
     assert _new_objects(to_tracks, among, matched=set(), threshold=0.4) == []
 
 
-def test_an_unmatched_track_on_a_matched_tracks_object_is_a_duplicate() -> None:
+def test_an_unmatched_track_on_a_matched_tracks_object_has_drifted() -> None:
     # tracks 0 and 1 on one object (IoU 0.8), 0 matched; track 2 elsewhere and unmatched; track 3 the caller's
     among = np.array([[1.0, 0.8, 0.0, 0.9], [0.8, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.9, 0.0, 0.0, 1.0]])
     assert _duplicates(among, matched={0}, candidates=[0, 1, 2], threshold=T) == [1]
@@ -121,3 +132,40 @@ def test_a_track_the_detector_started_is_answered_once_confirmed_and_ends_unseen
     hidden, dropped = _tentative([young, missed, confirmed, region, old], confirm_after=2)
     assert hidden == {0, 1} and dropped == {1}
     assert _tentative([young, missed], confirm_after=1) == (set(), set())  # 1: every track is answered at once
+
+
+def test_detections_of_one_object_named_twice_keep_the_higher_scored_one() -> None:
+    star = _square(4, 4, side=6)
+    triangle = star.copy()
+    triangle[4, 4] = False  # the same pixels but one: IoU 35/36
+    apart = _square(20, 20)
+    assert _one_per_object(np.stack([star, triangle, apart]), 0.7) == [0, 2]
+    assert _one_per_object(np.stack([star, triangle, apart]), 0.99) == [0, 1, 2]  # below the threshold: two objects
+
+
+def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_it_is_expected() -> None:
+    sliver = _square(8, 8, side=2)  # SAM's mask of a large box prompt: 4 of its 64 pixels
+    box = np.array([[8.0, 8.0, 16.0, 16.0]])
+    assert _fill(sliver[None], box).tolist() == [4 / 64]
+    t = _track()
+    t.sighted(_square(20, 20, side=8), 3)  # last sighted elsewhere, so its motion expects it there
+    on_it = np.where(_square(8, 8, side=8), 1.0, -1.0)  # its memory's mask fills the detection's box
+    by_box, box_gain = _box_scores(box, [on_it], [t], index=4)
+    assert by_box.tolist() == [[1.0]] and box_gain.tolist() == [[0.0]]
+    assert _match_scores(sliver[None], [on_it], [t], index=4)[0].tolist() == [[4 / 64]]  # by the mask alone: no match
+
+
+def test_a_new_detection_refinds_the_lost_track_of_its_label_near_where_its_motion_expects_it() -> None:
+    gone, other_label, far = _track(1), _track(2), _track(3)
+    gone.sighted(_square(4, 4), 0)
+    gone.sighted(_square(4, 6), 1)  # 2 columns per frame: on frame 5 expected at column 14
+    other_label.label = "circle"
+    other_label.sighted(_square(4, 14), 1)
+    far.sighted(_square(24, 24), 1)
+    detections = np.stack([_square(5, 14), _square(24, 4), _square(4, 15, side=1)])
+    labels = ["star", "star", "star"]
+    # detection 0 re-finds track 1 (1 row off: 0.25 sizes); 1 is 5 sizes from any; 2 is a 16th of the area
+    assert _refind([0, 1, 2], detections, labels, [gone, other_label, far], index=5) == {0: 0}
+    assert _refind([0], detections, ["circle", "star", "star"], [gone, other_label, far], index=5) == {0: 1}
+    assert _refind([1], detections, labels, [gone, far], index=5) == {}
+    assert _refind([0], detections, labels, [_track(4)], index=5) == {}  # never sighted: nothing to re-find it by
