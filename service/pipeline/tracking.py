@@ -304,8 +304,7 @@ class TrackSession:
             kept = [k for k in range(len(rows)) if k not in found.replaced]  # a re-found track answers as its new row
             row_of = {k: i for i, k in enumerate(kept)}
             rows, logits, scores = [rows[k] for k in kept], [logits[k] for k in kept], [scores[k] for k in kept]
-            # A track the caller corrected on this frame answers with its correction, not with its detection.
-            seen = {row_of[k]: mask for k, mask in found.seen.items() if rows[row_of[k]].track_id not in corrections}
+            seen = {row_of[k]: mask for k, mask in found.seen.items()}
             new = found.new
             if seen:  # matched tracks remember the frame as its detection showed it, and answer with that mask
                 remembered = [MemoryCorrection(rows[k].memory, index, mask) for k, mask in seen.items()]
@@ -440,8 +439,9 @@ class TrackSession:
         """Runs the detector, matches its detections to this frame's tracks (mask IoU, assignment) and returns the
         tracks the unmatched ones re-find or start (with their box prompts; new ones highest score first, within
         max_objects; a track the caller corrected on this frame, by id in ``corrected``, is not re-found), and the
-        matched tracks (their rows in ``order``, the caller's own region tracks left out) with their detection's
-        low-res mask logits, where the mask is trusted."""
+        matched tracks (their rows in ``order``; the caller's own region tracks and the tracks it corrected, which
+        answer with their correction, left out) with their detection's low-res mask logits, where the mask is
+        trusted."""
         pipeline = self.pipeline
         v = self._vocabulary
         detected = await pipeline.detector.detect(
@@ -465,16 +465,18 @@ class TrackSession:
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
         detection_logits = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu())
-        one = _one_per_object(detection_logits > 0, SAME_OBJECT_IOU)
+        among = _mask_iou(detection_logits > 0, detection_logits > 0)
+        one = _one_per_object(among, SAME_OBJECT_IOU)
         starts, prompts, detection_logits = [starts[d] for d in one], [prompts[d] for d in one], detection_logits[one]
-        detections = detection_logits > 0
+        detections, among = detection_logits > 0, among[np.ix_(one, one)]
         side = detections.shape[-1]  # SAM's low-res frame: the image's longer side scaled to it, padded
         boxes = np.array([q.box for q in prompts], np.float64) * (side / max(image.height, image.width))
         sliver = _fill(detections, boxes) < MIN_MASK_FILL
         threshold = self.settled.match_iou
-        to_tracks, gain = _match_scores(detections, tracked, order, index)
+        masks = np.stack(tracked) > 0 if tracked else np.zeros((0, side, side), bool)
+        to_tracks, gain = _match_scores(detections, masks, order, index)
         if sliver.any() and tracked:
-            by_box, box_gain = _box_scores(boxes, tracked, order, index)
+            by_box, box_gain = _box_scores(boxes, masks, order, index)
             to_tracks[sliver] = np.maximum(to_tracks[sliver], by_box[sliver])
             gain[sliver] = np.maximum(gain[sliver], box_gain[sliver])
         drifted = np.array([t.drifted for t in order], bool)
@@ -490,11 +492,9 @@ class TrackSession:
         detector_started = [t for t, track in enumerate(order) if track.source != REGION]
         for t in detector_started:
             order[t].confirmed = t in confirmed
-        if tracked:
-            masks = np.stack(tracked) > 0
-            for t in _duplicates(_mask_iou(masks, masks), confirmed, detector_started, threshold):
-                order[t].drifted = True
-        fresh = _new_objects(to_tracks, _mask_iou(detections, detections), set(matched), threshold)
+        for t in _duplicates(_mask_iou(masks, masks), confirmed, detector_started, threshold):
+            order[t].drifted = True
+        fresh = _new_objects(to_tracks, among, set(matched), threshold)
         lost = [
             t
             for t in detector_started
@@ -530,8 +530,9 @@ class TrackSession:
         seen = {}
         for d, t in matched.items():
             if order[t].source != REGION and not sliver[d]:
-                seen[t] = detection_logits[d]
                 order[t].sighted(detections[d], index)
+                if order[t].track_id not in corrected:
+                    seen[t] = detection_logits[d]
         return _Detected(new, seen, {lost[k] for k in refound.values()})
 
     async def _answer(
@@ -640,13 +641,12 @@ def _new_objects(to_tracks: np.ndarray, among: np.ndarray, matched: set[int], th
     return out
 
 
-def _one_per_object(detections: np.ndarray, threshold: float) -> list[int]:
-    """The detections (indices, in score order) kept when those whose (D, h, w) bool masks overlap a kept, higher-
-    scored one's by ``threshold`` mask IoU or more are dropped: one object the detector named twice ("star" and
-    "triangle") would otherwise match two tracks, and the two would take turns at it."""
-    among = _mask_iou(detections, detections)
+def _one_per_object(among: np.ndarray, threshold: float) -> list[int]:
+    """The detections (indices, in score order) kept when those whose masks overlap a kept, higher-scored one's by
+    ``threshold`` mask IoU or more (among (D, D): their mask IoUs) are dropped: one object the detector named twice
+    ("star" and "triangle") would otherwise match two tracks, and the two would take turns at it."""
     kept: list[int] = []
-    for d in range(len(detections)):
+    for d in range(len(among)):
         if all(among[d, k] < threshold for k in kept):
             kept.append(d)
     return kept
@@ -659,12 +659,13 @@ def _fill(detections: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def _box_scores(
-    boxes: np.ndarray, tracked: list[np.ndarray], tracks: list[_Track], index: int
+    boxes: np.ndarray, tracked: np.ndarray, tracks: list[_Track], index: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``_match_scores`` by boxes: (D, T) the IoU of each detection's box (D, 4 XYXY, in the masks' frame) with the
-    box of the track's mask on the frame (``tracked``: logits) and with the box of where its last sighting expects
-    it (for a track never sighted, its mask's again), for the detections whose mask is a sliver of their box."""
-    propagated = [_box(m > 0) for m in tracked]
+    box of the track's mask on the frame (``tracked``: (T, h, w) bool) and with the box of where its last sighting
+    expects it (for a track never sighted, its mask's again), for the detections whose mask is a sliver of their
+    box."""
+    propagated = [_box(m) for m in tracked]
     expected = [_box(t.sighting.expected(index)) if t.sighting else b for t, b in zip(tracks, propagated, strict=True)]
     return _box_iou(boxes, propagated), _box_iou(boxes, expected)
 
@@ -707,18 +708,18 @@ def _duplicates(among: np.ndarray, matched: set[int], candidates: list[int], thr
 
 
 def _match_scores(
-    detections: np.ndarray, tracked: list[np.ndarray], tracks: list[_Track], index: int
+    detections: np.ndarray, tracked: np.ndarray, tracks: list[_Track], index: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(D, T) how well each detection (bool masks) fits each track on frame ``index``, twice. First, whether it may
-    continue the track: its mask IoU with the track's mask on the frame (``tracked``: logits, from its memory) or with
-    the mask its last sighting expects there, whichever is higher (a match needs ``match_iou`` of that). Second, the
-    assignment's gain: the IoU with where its last sighting expects it, or, for a track never sighted (the caller's
-    own regions), with its memory's mask. Memory can drift onto another object where two cross, and a motion model
-    does not follow it there: measured on the demo (SHAPES_SAM2_VIDEO.md, History), the assignment by motion alone
-    switches fewer ids than by both IoUs summed."""
-    if not tracked:
+    continue the track: its mask IoU with the track's mask on the frame (``tracked``: (T, h, w) bool, from its
+    memory) or with the mask its last sighting expects there, whichever is higher (a match needs ``match_iou`` of
+    that). Second, the assignment's gain: the IoU with where its last sighting expects it, or, for a track never
+    sighted (the caller's own regions), with its memory's mask. Memory can drift onto another object where two cross,
+    and a motion model does not follow it there: measured on the demo (SHAPES_SAM2_VIDEO.md, History), the assignment
+    by motion alone switches fewer ids than by both IoUs summed."""
+    if not len(tracked):
         return np.zeros((len(detections), 0)), np.zeros((len(detections), 0))
-    propagated = _mask_iou(detections, np.stack(tracked) > 0)
+    propagated = _mask_iou(detections, tracked)
     empty = np.zeros(detections.shape[1:], bool)
     expected = _mask_iou(detections, np.stack([t.sighting.expected(index) if t.sighting else empty for t in tracks]))
     sighted = np.array([t.sighting is not None for t in tracks])
@@ -754,7 +755,7 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, h, w) and (M, h, w) bool → (N, M) IoU."""
-    fa, fb = a.reshape(len(a), -1).astype(np.float32), b.reshape(len(b), -1).astype(np.float32)
+    fa, fb = (m.reshape(len(m), math.prod(m.shape[1:])).astype(np.float32) for m in (a, b))
     inter = fa @ fb.T
     union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)

@@ -14,6 +14,7 @@ from service.pipeline.tracking import (
     _box_scores,
     _duplicates,
     _fill,
+    _mask_iou,
     _match_scores,
     _new_objects,
     _one_per_object,
@@ -98,8 +99,8 @@ def test_a_detection_continues_a_track_whose_memory_lost_it_where_its_motion_exp
     moving.sighted(_square(4, 4), 0)
     moving.sighted(_square(4, 6), 1)
     detection = _square(4, 12)[None]  # frame 4: where 2 columns per frame take it
-    lost = np.full((32, 32), -1.0)  # its memory shows nothing on the frame
-    to_tracks, gain = _match_scores(detection, [lost, lost], [moving, other], index=4)
+    lost = np.zeros((2, 32, 32), bool)  # their memories show nothing on the frame
+    to_tracks, gain = _match_scores(detection, lost, [moving, other], index=4)
     assert to_tracks[0].tolist() == [1.0, 0.0] and gain[0].tolist() == [1.0, 0.0]
 
 
@@ -109,17 +110,16 @@ def test_where_two_tracks_could_continue_a_detection_the_one_its_motion_expects_
     kept.sighted(_square(8, 8), 3)
     stray.sighted(_square(20, 20), 3)
     detection = _square(8, 8)
-    on_it = np.where(detection, 1.0, -1.0)
-    to_tracks, gain = _match_scores(detection[None], [on_it, on_it], [kept, stray], index=4)
+    to_tracks, gain = _match_scores(detection[None], np.stack([detection, detection]), [kept, stray], index=4)
     assert to_tracks[0].tolist() == [1.0, 1.0]  # either could continue it
     assert gain[0].tolist() == [1.0, 0.0]  # the assignment gives it to the one whose motion agrees
-    assert _match_scores(detection[None], [], [], index=4)[0].shape == (1, 0)
+    assert _match_scores(detection[None], np.zeros((0, 32, 32), bool), [], index=4)[0].shape == (1, 0)
 
 
 def test_a_track_never_sighted_is_matched_by_its_memory() -> None:
     region = _track(3)  # the caller's own region: no detection has shown it
     detection = _square(8, 8)
-    to_tracks, gain = _match_scores(detection[None], [np.where(detection, 1.0, -1.0)], [region], index=4)
+    to_tracks, gain = _match_scores(detection[None], detection[None], [region], index=4)
     assert to_tracks[0].tolist() == [1.0] and gain[0].tolist() == [1.0]
 
 
@@ -139,8 +139,13 @@ def test_detections_of_one_object_named_twice_keep_the_higher_scored_one() -> No
     triangle = star.copy()
     triangle[4, 4] = False  # the same pixels but one: IoU 35/36
     apart = _square(20, 20)
-    assert _one_per_object(np.stack([star, triangle, apart]), 0.7) == [0, 2]
-    assert _one_per_object(np.stack([star, triangle, apart]), 0.99) == [0, 1, 2]  # below the threshold: two objects
+    among = _mask_iou(*[np.stack([star, triangle, apart])] * 2)
+    assert _one_per_object(among, 0.7) == [0, 2]
+    assert _one_per_object(among, 0.99) == [
+        0,
+        1,
+        2,
+    ]  # below the threshold: two objects  # below the threshold: two objects
 
 
 def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_it_is_expected() -> None:
@@ -149,10 +154,10 @@ def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_
     assert _fill(sliver[None], box).tolist() == [4 / 64]
     t = _track()
     t.sighted(_square(20, 20, side=8), 3)  # last sighted elsewhere, so its motion expects it there
-    on_it = np.where(_square(8, 8, side=8), 1.0, -1.0)  # its memory's mask fills the detection's box
-    by_box, box_gain = _box_scores(box, [on_it], [t], index=4)
+    on_it = _square(8, 8, side=8)[None]  # its memory's mask fills the detection's box
+    by_box, box_gain = _box_scores(box, on_it, [t], index=4)
     assert by_box.tolist() == [[1.0]] and box_gain.tolist() == [[0.0]]
-    assert _match_scores(sliver[None], [on_it], [t], index=4)[0].tolist() == [[4 / 64]]  # by the mask alone: no match
+    assert _match_scores(sliver[None], on_it, [t], index=4)[0].tolist() == [[4 / 64]]  # by the mask alone: no match
 
 
 def test_a_new_detection_refinds_the_lost_track_of_its_label_near_where_its_motion_expects_it() -> None:
@@ -169,3 +174,8 @@ def test_a_new_detection_refinds_the_lost_track_of_its_label_near_where_its_moti
     assert _refind([0], detections, ["circle", "star", "star"], [gone, other_label, far], index=5) == {0: 1}
     assert _refind([1], detections, labels, [gone, far], index=5) == {}
     assert _refind([0], detections, labels, [_track(4)], index=5) == {}  # never sighted: nothing to re-find it by
+
+
+def test_mask_ious_of_no_masks_are_empty() -> None:
+    none, two = np.zeros((0, 32, 32), bool), np.stack([_square(4, 4), _square(20, 20)])
+    assert _mask_iou(none, none).shape == (0, 0) and _mask_iou(two, none).shape == (2, 0)
