@@ -64,7 +64,8 @@ from service.pipeline.vocabulary import TextMatch
 
 NEW, TRACKED, LOST, ENDED = "new", "tracked", "lost", "ended"
 # Measured on the demo's 20 val videos (SHAPES_SAM2_VIDEO.md, History): with all of the rules below, 20 ID switches
-# against 26; leaving out the first or the second, or re-finding with an area factor of 0.5, 22.
+# against 26; leaving out the first or the second, or re-finding with an area factor of 0.5, 22. Those figures had the
+# second rule's boxes in the wrong frame (fixed in session 24: ``_low_res_boxes``); with them right, 21.
 SAME_OBJECT_IOU = 0.7  # detections' mask IoU at which they are one object (the higher-scored one stays)
 MIN_MASK_FILL = 0.2  # share of its box a detection's mask must fill to decide a match by itself
 REFIND_DISTANCE = 1.5  # re-finding: centroid within this many object sizes (sqrt of the sighting's area) ...
@@ -469,11 +470,10 @@ class TrackSession:
         one = _one_per_object(among, SAME_OBJECT_IOU)
         starts, prompts, detection_logits = [starts[d] for d in one], [prompts[d] for d in one], detection_logits[one]
         detections, among = detection_logits > 0, among[np.ix_(one, one)]
-        side = detections.shape[-1]  # SAM's low-res frame: the image's longer side scaled to it, padded
-        boxes = np.array([q.box for q in prompts], np.float64) * (side / max(image.height, image.width))
+        boxes = _low_res_boxes(np.array([q.box for q in prompts], np.float64), image, detections.shape[-1])
         sliver = _fill(detections, boxes) < MIN_MASK_FILL
         threshold = self.settled.match_iou
-        masks = np.stack(tracked) > 0 if tracked else np.zeros((0, side, side), bool)
+        masks = np.stack(tracked) > 0 if tracked else np.zeros((0, *detections.shape[1:]), bool)
         to_tracks, gain = _match_scores(detections, masks, order, index)
         if sliver.any() and tracked:
             by_box, box_gain = _box_scores(boxes, masks, order, index)
@@ -724,6 +724,12 @@ def _match_scores(
     expected = _mask_iou(detections, np.stack([t.sighting.expected(index) if t.sighting else empty for t in tracks]))
     sighted = np.array([t.sighting is not None for t in tracks])
     return np.maximum(propagated, expected), np.where(sighted, expected, propagated)
+
+
+def _low_res_boxes(boxes: np.ndarray, image: DecodedImage, side: int) -> np.ndarray:
+    """(D, 4) XYXY image-pixel boxes in SAM's low-res mask frame (``side`` square): sam2's transforms resize the
+    image to a square, so each axis scales by its own factor."""
+    return boxes * (side / np.array([image.width, image.height] * 2, np.float64))
 
 
 def _box(mask: np.ndarray) -> np.ndarray:

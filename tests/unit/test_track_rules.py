@@ -9,11 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.pipeline.image import DecodedImage
 from service.pipeline.results import REGION
 from service.pipeline.tracking import (
     _box_scores,
     _duplicates,
     _fill,
+    _low_res_boxes,
     _mask_iou,
     _match_scores,
     _new_objects,
@@ -179,3 +181,10 @@ def test_a_new_detection_refinds_the_lost_track_of_its_label_near_where_its_moti
 def test_mask_ious_of_no_masks_are_empty() -> None:
     none, two = np.zeros((0, 32, 32), bool), np.stack([_square(4, 4), _square(20, 20)])
     assert _mask_iou(none, none).shape == (0, 0) and _mask_iou(two, none).shape == (2, 0)
+
+
+def test_a_box_reaches_sams_low_res_frame_by_each_axis_of_the_image() -> None:
+    # sam2 resizes a 640 x 480 frame to a square: a box around the whole image is the whole low-res frame
+    image = DecodedImage(np.zeros((480, 640, 3), np.uint8), "raw", "0" * 64)
+    boxes = _low_res_boxes(np.array([[0.0, 0.0, 640.0, 480.0], [320.0, 240.0, 400.0, 300.0]]), image, 64)
+    assert boxes.tolist() == [[0.0, 0.0, 64.0, 64.0], [32.0, 32.0, 40.0, 40.0]]
