@@ -466,10 +466,11 @@ class TrackSession:
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
         detection_logits = np.asarray(low.logits if isinstance(low.logits, np.ndarray) else low.logits.float().cpu())
-        among = _mask_iou(detection_logits > 0, detection_logits > 0)
+        shown = detection_logits > 0
+        among = _mask_iou(shown, shown)
         one = _one_per_object(among, SAME_OBJECT_IOU)
         starts, prompts, detection_logits = [starts[d] for d in one], [prompts[d] for d in one], detection_logits[one]
-        detections, among = detection_logits > 0, among[np.ix_(one, one)]
+        detections, among = shown[one], among[np.ix_(one, one)]
         boxes = _low_res_boxes(np.array([q.box for q in prompts], np.float64), image, detections.shape[-1])
         sliver = _fill(detections, boxes) < MIN_MASK_FILL
         threshold = self.settled.match_iou

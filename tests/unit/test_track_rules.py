@@ -143,11 +143,7 @@ def test_detections_of_one_object_named_twice_keep_the_higher_scored_one() -> No
     apart = _square(20, 20)
     among = _mask_iou(*[np.stack([star, triangle, apart])] * 2)
     assert _one_per_object(among, 0.7) == [0, 2]
-    assert _one_per_object(among, 0.99) == [
-        0,
-        1,
-        2,
-    ]  # below the threshold: two objects  # below the threshold: two objects
+    assert _one_per_object(among, 0.99) == [0, 1, 2]  # below the threshold: two objects
 
 
 def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_it_is_expected() -> None:
