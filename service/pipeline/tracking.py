@@ -5,25 +5,27 @@ session is as before it); SAM's image encoder runs once; every live track is pro
 re-prompted where the frame corrects it) and new prompts start tracks, in one ``Runner.track`` call; on detection
 frames the detector runs, each detection's mask is decoded (SAM without memory) and matched to the tracks by mask
 IoU with an assignment solver (scipy's ``linear_sum_assignment``). Detections whose masks overlap a higher-scored
-one's by SAME_OBJECT_IOU are dropped first (one object named twice, "star" and "triangle": ``_one_per_object``).
-IoU with the track's mask on the frame (from its memory) or with where its last detection's mask is expected (moved
-on at the speed its detections showed: a constant-velocity motion model), whichever is higher, decides whether a
-detection may continue a track; the latter alone decides which (see ``_match_scores``). A detection whose mask fills
-less than MIN_MASK_FILL of its box (SAM's box prompt gave a sliver of a large, occluded object) is matched by its box
-as well (``_box_scores``), and a track it matches keeps its own mask. An unmatched detection starts a track (highest
-scores first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or
-more (one object, one track, whatever class each detection says), or it re-finds a lost track (``_refind``: same
-label, near where the track's motion expects it, of a like size; the track keeps its id and starts a new memory
-there); a new track stays tentative, not answered, until confirm_after detection frames in a row have shown it, and
-ends unseen if one misses it before (``_tentative``). A matched track answers the frame with its detection's mask,
-and its memory of the frame is re-encoded from that mask (``Runner.remember``): what it carries on is what the frame
-showed, not what it propagated. A track whose object score says absent is LOST on that frame (empty mask) and ends
-after lost_after such frames in a row; so is a track the detector started that the latest detection frame did not
-match (its memory went on to something else, or the object left; a detection matching it again brings it back). Such
-a track whose mask overlaps a matched track's by match_iou has drifted (``_duplicates``): its memory went on to the
-other track's object, so it no longer matches by mask (the two would take turns at the object), only by re-finding.
-The caller's own region tracks answer to SAM 2 only. Masks are finished as Segment's (upsampled in their window,
-refined, encoded).
+one's by SAME_OBJECT_IOU are dropped first (one object named twice, "star" and "triangle": ``_one_per_object``). IoU
+with the track's mask on the frame (from its memory) or with where its last detection's mask is expected (moved on
+at the speed its detections showed: a constant-velocity motion model), whichever is higher, decides whether a
+detection may continue a track; the latter alone decides which (see ``_match_scores``). A detection continues only a
+track of its colour (the median RGB under the masks within SAME_COLOUR: the appearance cue of DeepSORT-style
+trackers at its simplest; objects that cross are often told apart by it). A detection whose mask fills less than
+MIN_MASK_FILL of its box (SAM's box prompt gave a sliver of a large, occluded object) is matched by its box as well
+(``_box_scores``), and a track it matches keeps its own mask. An unmatched detection starts a track (highest scores
+first, up to max_objects) unless its mask overlaps a track's or a higher-scored detection's by match_iou or more
+(one object, one track, whatever class each detection says), or it re-finds a lost track (``_refind``: near where
+the track's motion expects it, of a like size and colour, preferably of its label; the track keeps its id and label
+and starts a new memory there); a new track stays tentative, not answered, until confirm_after detection frames in a
+row have shown it, and ends unseen if one misses it before (``_tentative``). A matched track answers the frame with
+its detection's mask, and its memory of the frame is re-encoded from that mask (``Runner.remember``): what it
+carries on is what the frame showed, not what it propagated. A track whose object score says absent is LOST on that
+frame (empty mask) and ends after lost_after such frames in a row; so is a track the detector started that the
+latest detection frame did not match (its memory went on to something else, or the object left; a detection matching
+it again brings it back). Such a track whose mask overlaps a matched track's by match_iou has drifted
+(``_duplicates``): its memory went on to the other track's object, so it no longer matches by mask (the two would
+take turns at the object), only by re-finding. The caller's own region tracks answer to SAM 2 only. Masks are
+finished as Segment's (upsampled in their window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
 low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
@@ -63,13 +65,19 @@ from service.pipeline.stages import stage
 from service.pipeline.vocabulary import TextMatch
 
 NEW, TRACKED, LOST, ENDED = "new", "tracked", "lost", "ended"
-# Measured on the demo's 20 val videos (SHAPES_SAM2_VIDEO.md, History): with all of the rules below, 20 ID switches
-# against 26; leaving out the first or the second, or re-finding with an area factor of 0.5, 22. Those figures had the
-# second rule's boxes in the wrong frame (fixed in session 24: ``_low_res_boxes``); with them right, 21.
+# Measured on the demo (SHAPES_SAM2_VIDEO.md, History). On eval-track's 20 val videos, the first two rules and
+# re-finding: 21 ID switches against 26. On 40 val videos (those 20 and 20 more), the colour gates (SAME_COLOUR,
+# FULL_VIEW), the fitted velocity (MOTION_SIGHTINGS), re-finding by the largest area, under any label and with the
+# area factor 0.15, with Settings track_lost_after 90: 40 switches against 55; without lost_after 90, 52; with only
+# the colour gates, any label and the factor 0.15, 54.
 SAME_OBJECT_IOU = 0.7  # detections' mask IoU at which they are one object (the higher-scored one stays)
 MIN_MASK_FILL = 0.2  # share of its box a detection's mask must fill to decide a match by itself
-REFIND_DISTANCE = 1.5  # re-finding: centroid within this many object sizes (sqrt of the sighting's area) ...
-REFIND_AREA = 0.3  # ... and area within this factor of the sighting's, either way
+REFIND_DISTANCE = 1.5  # re-finding: centroid within this many object sizes (sqrt of the largest area shown) ...
+REFIND_AREA = 0.15  # ... and area within this factor of that largest area, either way
+RELABEL_COST = 1.0  # re-finding under another label than the track's costs this many object sizes more
+SAME_COLOUR = 40.0  # a detection continues or re-finds only a track whose colour is within this RGB distance of its own
+FULL_VIEW = 0.7  # a sighting shows the whole object when its mask has this share of the largest area it has shown
+MOTION_SIGHTINGS = 16  # the motion model's velocity: fitted to the centroids of this many latest sightings
 MAX_DETECT_EVERY = 10_000
 MAX_FRAME_INDEX = 2**53
 _REGION_FIELD = re.compile(r"\bregions\[(\d+)\]")
@@ -155,30 +163,50 @@ class _Track:
     answered: bool = False  # answered on some frame (a tentative track has not been yet: ``_tentative``)
     drifted: bool = False  # its memory went on to another track's object: matched only by re-finding (``_refind``)
 
-    def sighted(self, mask: np.ndarray, index: int) -> None:
-        """A detection showed the object as ``mask`` (S/4 square, bool) on frame ``index``; an empty one shows
-        nothing."""
+    def sighted(self, mask: np.ndarray, index: int, colour: np.ndarray) -> None:
+        """A detection showed the object as ``mask`` (S/4 square, bool) on frame ``index``, of ``colour`` (its
+        median RGB, ``_colours``); an empty one shows nothing."""
         if mask.any():
-            self.sighting = _Sighting(mask, index) if self.sighting is None else self.sighting.seen(mask, index)
+            self.sighting = (
+                _Sighting.first(mask, index, colour)
+                if self.sighting is None
+                else self.sighting.seen(mask, index, colour)
+            )
 
 
 @dataclasses.dataclass
 class _Sighting:
-    """Where a detection last showed a track's object: its mask (S/4 square, bool) on frame ``index``, and how fast
-    the mask's centroid moves (rows, columns per frame: the last step's speed averaged with the estimate before it;
-    None until it has been seen twice). ``expected`` moves the mask on at that speed: the constant-velocity motion
-    model of SORT-style trackers, which decides the matching's assignment (``_match_scores``)."""
+    """Where a detection last showed a track's object: its mask (S/4 square, bool) on frame ``index``; ``area``, the
+    largest area (mask pixels) any sighting showed, the object's size; ``path``, (n, 4) frame index, centroid row,
+    column and mask area of the latest MOTION_SIGHTINGS sightings; and how fast the centroid moves (rows, columns per
+    frame, ``_velocity`` of the path; None until it has been seen twice). ``expected`` moves the mask on at that
+    speed: the constant-velocity motion model of SORT-style trackers, which decides the matching's assignment
+    (``_match_scores``). Its appearance: ``colour``, the median RGB under the mask of the latest sighting that showed
+    FULL_VIEW or more of ``area`` (a partly hidden object's mask also holds some of what hides it)."""
 
     mask: np.ndarray
     index: int
-    velocity: np.ndarray | None = None
+    velocity: np.ndarray | None
+    colour: np.ndarray
+    area: float
+    path: np.ndarray
 
-    def seen(self, mask: np.ndarray, index: int) -> _Sighting:
-        """The sighting after the object was seen again: non-empty ``mask`` on frame ``index`` (after this one)."""
+    @staticmethod
+    def first(mask: np.ndarray, index: int, colour: np.ndarray) -> _Sighting:
+        """The first sighting: non-empty ``mask`` on frame ``index``, of ``colour``."""
+        area = float(mask.sum())
+        return _Sighting(mask, index, None, colour, area, np.array([[index, *_centroid(mask), area]]))
+
+    def seen(self, mask: np.ndarray, index: int, colour: np.ndarray) -> _Sighting:
+        """The sighting after the object was seen again: non-empty ``mask`` on frame ``index`` (after this one), of
+        ``colour``."""
         if index <= self.index:
             return self
-        step = (_centroid(mask) - _centroid(self.mask)) / (index - self.index)
-        return _Sighting(mask, index, step if self.velocity is None else 0.5 * (self.velocity + step))
+        shown = float(mask.sum())
+        area = max(self.area, shown)
+        path = np.vstack([self.path, [index, *_centroid(mask), shown]])[-MOTION_SIGHTINGS:]
+        colour = colour if shown >= FULL_VIEW * area else self.colour
+        return _Sighting(mask, index, _velocity(path, area), colour, area, path)
 
     def expected(self, index: int) -> np.ndarray:
         """The mask moved on to frame ``index`` at the sighting's velocity (pixels moved past the edge are lost)."""
@@ -473,6 +501,7 @@ class TrackSession:
         detections, among = shown[one], among[np.ix_(one, one)]
         boxes = _low_res_boxes(np.array([q.box for q in prompts], np.float64), image, detections.shape[-1])
         sliver = _fill(detections, boxes) < MIN_MASK_FILL
+        colours = _colours(image.rgb, detections)
         threshold = self.settled.match_iou
         masks = np.stack(tracked) > 0 if tracked else np.zeros((0, *detections.shape[1:]), bool)
         to_tracks, gain = _match_scores(detections, masks, order, index)
@@ -480,9 +509,10 @@ class TrackSession:
             by_box, box_gain = _box_scores(boxes, masks, order, index)
             to_tracks[sliver] = np.maximum(to_tracks[sliver], by_box[sliver])
             gain[sliver] = np.maximum(gain[sliver], box_gain[sliver])
-        drifted = np.array([t.drifted for t in order], bool)
-        to_tracks[:, drifted] = 0.0
-        gain[:, drifted] = 0.0
+        # a track whose memory drifted matches by re-finding only; an object of another colour is another object
+        barred = _unlike(colours, order) | np.array([t.drifted for t in order], bool)
+        to_tracks[barred] = 0.0
+        gain[barred] = 0.0
         matched: dict[int, int] = {}  # detection: track
         for d, t in zip(*linear_sum_assignment(-gain), strict=True):
             if to_tracks[d, t] >= threshold:
@@ -501,7 +531,7 @@ class TrackSession:
             for t in detector_started
             if t not in confirmed and order[t].answered and order[t].track_id not in corrected
         ]
-        refound = _refind(fresh, detections, [c.label for c in starts], [order[t] for t in lost], index)
+        refound = _refind(fresh, detections, colours, [c.label for c in starts], [order[t] for t in lost], index)
         new = []
         for d, k in refound.items():  # the track goes on under its id from a new memory, started at the detection
             old = order[lost[k]]
@@ -513,7 +543,7 @@ class TrackSession:
                 confirmed=True,
                 drifted=False,
             )
-            track.sighted(detections[d], index)
+            track.sighted(detections[d], index, colours[d])
             new.append((track, prompts[d]))
         room = self.settled.max_objects - len(order)
         for d in fresh:
@@ -523,7 +553,7 @@ class TrackSession:
                 break
             c = starts[d]
             track = self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index)
-            track.sighted(detections[d], index)
+            track.sighted(detections[d], index, colours[d])
             if self._frames == 0:  # the session's first frame: every track it starts is answered at once
                 track.hits = self.settled.confirm_after
             new.append((track, prompts[d]))
@@ -531,7 +561,7 @@ class TrackSession:
         seen = {}
         for d, t in matched.items():
             if order[t].source != REGION and not sliver[d]:
-                order[t].sighted(detections[d], index)
+                order[t].sighted(detections[d], index, colours[d])
                 if order[t].track_id not in corrected:
                     seen[t] = detection_logits[d]
         return _Detected(new, seen, {lost[k] for k in refound.values()})
@@ -672,28 +702,42 @@ def _box_scores(
 
 
 def _refind(
-    fresh: list[int], detections: np.ndarray, labels: list[str], lost: list[_Track], index: int
+    fresh: list[int],
+    detections: np.ndarray,
+    colours: np.ndarray,
+    labels: list[str],
+    lost: list[_Track],
+    index: int,
 ) -> dict[int, int]:
     """Lost tracks that new detections re-find: {detection: index into ``lost``}, by an optimal assignment of the
-    centroid distances. A detection (of ``fresh``, indices into ``detections``, (D, h, w) bool masks with their
-    ``labels``) may re-find a track with its label and a sighting when its mask's centroid lies within
-    REFIND_DISTANCE object sizes (the square root of the sighting's area) of the centroid of where the sighting
-    expects the object on frame ``index`` (where it was last seen, once that has left the frame) and its area is
-    within a factor REFIND_AREA of the sighting's, either way. An object back from behind another, or seen again
-    after the detector missed it for a while, keeps its id (the lost-track pool of ByteTrack and OC-SORT)."""
+    costs below. A detection (of ``fresh``, indices into ``detections``, (D, h, w) bool masks with their (D, 3)
+    ``colours`` and ``labels``) may re-find a track with a sighting when its mask's centroid lies within
+    REFIND_DISTANCE object sizes (the square root of the largest area the track showed) of the centroid of where the
+    sighting expects the object on frame ``index`` (where it was last seen, once that has left the frame), its area
+    is within a factor REFIND_AREA of that largest area, either way, and its colour within SAME_COLOUR of the
+    sighting's. The
+    cost: that distance, plus the colour distance in units of SAME_COLOUR, plus RELABEL_COST where the detection's
+    label is not the track's (the detector may name a half-hidden object another shape; the track keeps its
+    label). An object back from behind another, or seen again after the detector missed it for a while, keeps its
+    id (the lost-track pool of ByteTrack and OC-SORT)."""
     cost = np.full((len(fresh), len(lost)), np.inf)
     for j, t in enumerate(lost):
         if t.sighting is None:
             continue
-        area = float(t.sighting.mask.sum())
+        area = t.sighting.area
         expected = t.sighting.expected(index)
         where = _centroid(expected if expected.any() else t.sighting.mask)
         for i, d in enumerate(fresh):
-            if labels[d] != t.label or not detections[d].any():
+            if not detections[d].any():
                 continue
             distance = float(np.linalg.norm(_centroid(detections[d]) - where)) / math.sqrt(area)
-            if distance <= REFIND_DISTANCE and REFIND_AREA <= detections[d].sum() / area <= 1 / REFIND_AREA:
-                cost[i, j] = distance
+            colour = float(np.linalg.norm(colours[d] - t.sighting.colour))
+            if (
+                distance <= REFIND_DISTANCE
+                and REFIND_AREA <= detections[d].sum() / area <= 1 / REFIND_AREA
+                and colour <= SAME_COLOUR
+            ):
+                cost[i, j] = distance + colour / SAME_COLOUR + (RELABEL_COST if labels[d] != t.label else 0.0)
     if not np.isfinite(cost).any():
         return {}
     rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e9))
@@ -753,6 +797,40 @@ def _box_iou(a: np.ndarray, b: list[np.ndarray]) -> np.ndarray:
     area_b = (bb[:, 2] - bb[:, 0]) * (bb[:, 3] - bb[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def _velocity(path: np.ndarray, area: float) -> np.ndarray:
+    """(2,) rows, columns per frame: the least-squares slope of the centroids over the frames of ``path`` (a
+    ``_Sighting``'s, two or more frames), read from its sightings that showed FULL_VIEW or more of ``area`` where two
+    or more did (a partly hidden object's centroid is off its centre)."""
+    whole = path[path[:, 3] >= FULL_VIEW * area]
+    p = whole if len(whole) >= 2 else path
+    t = p[:, 0] - p[:, 0].mean()
+    return np.asarray((t[:, None] * (p[:, 1:3] - p[:, 1:3].mean(0))).sum(0) / (t**2).sum())
+
+
+def _colours(rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(D, 3) float32: the median RGB of the image (``rgb``, (H, W, 3)) under each of the (D, s, s) bool masks of
+    SAM's low-res frame (the image resized to a square), read at the pixels nearest the frame's cell centres; an
+    empty mask's is 0."""
+    h, w = rgb.shape[:2]
+    side = masks.shape[-1]
+    rows = np.minimum(((np.arange(side) + 0.5) * h / side).astype(int), h - 1)
+    cols = np.minimum(((np.arange(side) + 0.5) * w / side).astype(int), w - 1)
+    cells = rgb[rows[:, None], cols[None, :]].astype(np.float32)
+    return np.array([np.median(cells[m], axis=0) if m.any() else np.zeros(3) for m in masks], np.float32).reshape(
+        len(masks), 3
+    )
+
+
+def _unlike(colours: np.ndarray, tracks: list[_Track]) -> np.ndarray:
+    """(D, T) bool: a detection's colour (D, 3) lies farther than SAME_COLOUR from the track's (a track never
+    sighted, the caller's own region, has no colour: never)."""
+    out = np.zeros((len(colours), len(tracks)), bool)
+    for t, track in enumerate(tracks):
+        if track.sighting is not None:
+            out[:, t] = np.linalg.norm(colours - track.sighting.colour, axis=1) > SAME_COLOUR
+    return out
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

@@ -12,7 +12,11 @@ import pytest
 from service.pipeline.image import DecodedImage
 from service.pipeline.results import REGION
 from service.pipeline.tracking import (
+    FULL_VIEW,
+    MOTION_SIGHTINGS,
+    SAME_COLOUR,
     _box_scores,
+    _colours,
     _duplicates,
     _fill,
     _low_res_boxes,
@@ -23,9 +27,11 @@ from service.pipeline.tracking import (
     _refind,
     _tentative,
     _Track,
+    _unlike,
 )
 
 T = 0.5
+RED, BLUE = np.array([200.0, 30.0, 30.0], np.float32), np.array([30.0, 30.0, 200.0], np.float32)
 
 
 def test_unmatched_detections_apart_from_everything_start_tracks() -> None:
@@ -74,23 +80,34 @@ def _track(track_id: int = 1, source: str = "class") -> _Track:
 
 def test_a_sighting_expects_the_object_where_its_velocity_takes_it() -> None:
     t = _track()
-    t.sighted(_square(4, 4), 0)
+    t.sighted(_square(4, 4), 0, RED)
     assert t.sighting is not None and t.sighting.velocity is None
     assert (t.sighting.expected(7) == _square(4, 4)).all()  # seen once: no speed yet, expected where it was
-    t.sighted(_square(6, 8), 2)  # 1 row, 2 columns per frame
+    t.sighted(_square(6, 8), 2, RED)  # 1 row, 2 columns per frame
     assert t.sighting.velocity == pytest.approx([1.0, 2.0])
     assert (t.sighting.expected(5) == _square(9, 14)).all()
-    t.sighted(_square(6, 8), 4)  # stood still for two frames: the speed halves (the step averaged with the estimate)
+    t.sighted(_square(6, 8), 4, RED)  # stood still for two frames: the least-squares speed over 0, 2, 4 halves
     assert t.sighting.velocity == pytest.approx([0.5, 1.0])
     assert (t.sighting.expected(8) == _square(8, 12)).all()
 
 
+def test_the_velocity_is_fitted_to_the_sightings_that_showed_the_whole_object() -> None:
+    t = _track()
+    for i in range(20):  # 1 column per frame; on frame 18 half of it hidden, so its centroid 1.5 columns behind
+        mask = _square(4, i, side=4)
+        if i == 18:
+            mask[:, i + 2 :] = False
+        t.sighted(mask, i, RED)
+    assert t.sighting is not None and len(t.sighting.path) == MOTION_SIGHTINGS
+    assert t.sighting.velocity == pytest.approx([0.0, 1.0])  # the half-hidden sighting left out of the fit
+
+
 def test_an_empty_mask_is_no_sighting_and_an_expected_mask_loses_what_leaves_the_frame() -> None:
     t = _track()
-    t.sighted(np.zeros((32, 32), bool), 0)
+    t.sighted(np.zeros((32, 32), bool), 0, RED)
     assert t.sighting is None
-    t.sighted(_square(10, 24), 0)
-    t.sighted(_square(10, 26), 1)  # 2 columns per frame, towards the right edge
+    t.sighted(_square(10, 24), 0, RED)
+    t.sighted(_square(10, 26), 1, RED)  # 2 columns per frame, towards the right edge
     assert t.sighting is not None
     assert t.sighting.expected(3).sum() == 4 * 2  # columns 30, 31 of 30..33 stay in the frame
     assert not t.sighting.expected(20).any()  # gone
@@ -98,8 +115,8 @@ def test_an_empty_mask_is_no_sighting_and_an_expected_mask_loses_what_leaves_the
 
 def test_a_detection_continues_a_track_whose_memory_lost_it_where_its_motion_expects_it() -> None:
     moving, other = _track(1), _track(2)
-    moving.sighted(_square(4, 4), 0)
-    moving.sighted(_square(4, 6), 1)
+    moving.sighted(_square(4, 4), 0, RED)
+    moving.sighted(_square(4, 6), 1, RED)
     detection = _square(4, 12)[None]  # frame 4: where 2 columns per frame take it
     lost = np.zeros((2, 32, 32), bool)  # their memories show nothing on the frame
     to_tracks, gain = _match_scores(detection, lost, [moving, other], index=4)
@@ -109,8 +126,8 @@ def test_a_detection_continues_a_track_whose_memory_lost_it_where_its_motion_exp
 def test_where_two_tracks_could_continue_a_detection_the_one_its_motion_expects_there_wins_it() -> None:
     # two tracks' memories both show the detection's object; only the first one's last sighting expects it there
     kept, stray = _track(1), _track(2)
-    kept.sighted(_square(8, 8), 3)
-    stray.sighted(_square(20, 20), 3)
+    kept.sighted(_square(8, 8), 3, RED)
+    stray.sighted(_square(20, 20), 3, RED)
     detection = _square(8, 8)
     to_tracks, gain = _match_scores(detection[None], np.stack([detection, detection]), [kept, stray], index=4)
     assert to_tracks[0].tolist() == [1.0, 1.0]  # either could continue it
@@ -151,7 +168,7 @@ def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_
     box = np.array([[8.0, 8.0, 16.0, 16.0]])
     assert _fill(sliver[None], box).tolist() == [4 / 64]
     t = _track()
-    t.sighted(_square(20, 20, side=8), 3)  # last sighted elsewhere, so its motion expects it there
+    t.sighted(_square(20, 20, side=8), 3, RED)  # last sighted elsewhere, so its motion expects it there
     on_it = _square(8, 8, side=8)[None]  # its memory's mask fills the detection's box
     by_box, box_gain = _box_scores(box, on_it, [t], index=4)
     assert by_box.tolist() == [[1.0]] and box_gain.tolist() == [[0.0]]
@@ -160,18 +177,57 @@ def test_a_sliver_of_its_box_is_matched_by_the_box_of_the_tracks_mask_and_where_
 
 def test_a_new_detection_refinds_the_lost_track_of_its_label_near_where_its_motion_expects_it() -> None:
     gone, other_label, far = _track(1), _track(2), _track(3)
-    gone.sighted(_square(4, 4), 0)
-    gone.sighted(_square(4, 6), 1)  # 2 columns per frame: on frame 5 expected at column 14
+    gone.sighted(_square(4, 4), 0, RED)
+    gone.sighted(_square(4, 6), 1, RED)  # 2 columns per frame: on frame 5 expected at column 14
     other_label.label = "circle"
-    other_label.sighted(_square(4, 14), 1)
-    far.sighted(_square(24, 24), 1)
+    other_label.sighted(_square(4, 14), 1, RED)
+    far.sighted(_square(24, 24), 1, RED)
     detections = np.stack([_square(5, 14), _square(24, 4), _square(4, 15, side=1)])
-    labels = ["star", "star", "star"]
-    # detection 0 re-finds track 1 (1 row off: 0.25 sizes); 1 is 5 sizes from any; 2 is a 16th of the area
-    assert _refind([0, 1, 2], detections, labels, [gone, other_label, far], index=5) == {0: 0}
-    assert _refind([0], detections, ["circle", "star", "star"], [gone, other_label, far], index=5) == {0: 1}
-    assert _refind([1], detections, labels, [gone, far], index=5) == {}
-    assert _refind([0], detections, labels, [_track(4)], index=5) == {}  # never sighted: nothing to re-find it by
+    labels, colours = ["star", "star", "star"], np.stack([RED] * 3)
+    # detection 0 re-finds track 1 (1 row off: 0.25 sizes; track 2 is as near but another label); 1 is 5 sizes from
+    # any; 2 is a 16th of the area
+    assert _refind([0, 1, 2], detections, colours, labels, [gone, other_label, far], index=5) == {0: 0}
+    assert _refind([0], detections, colours, ["circle", "star", "star"], [gone, other_label, far], index=5) == {0: 1}
+    assert _refind([1], detections, colours, labels, [gone, far], index=5) == {}
+    assert _refind([0], detections, colours, labels, [_track(4)], index=5) == {}  # never sighted: nothing to go by
+
+
+def test_a_lost_track_is_refound_under_another_label_but_never_in_another_colour() -> None:
+    gone = _track(1)
+    gone.sighted(_square(4, 4), 0, RED)
+    gone.sighted(_square(4, 6), 1, RED)  # expected at column 14 on frame 5
+    detection = _square(5, 14)[None]
+    assert _refind([0], detection, RED[None], ["hexagon"], [gone], index=5) == {0: 0}  # the track keeps "star"
+    assert _refind([0], detection, BLUE[None], ["star"], [gone], index=5) == {}
+    near = RED + np.float32(SAME_COLOUR / 2)  # within the gate: re-found, at a cost that grows with the distance
+    assert _refind([0], detection, near[None], ["star"], [gone], index=5) == {0: 0}
+
+
+def test_a_track_takes_its_colour_from_a_sighting_that_shows_most_of_it() -> None:
+    t = _track()
+    t.sighted(_square(4, 4, side=10), 0, RED)
+    hidden = _square(4, 4, side=10)
+    hidden[:, 6:] = False  # 60 of 100 pixels: partly hidden, so its colour may be the occluder's
+    t.sighted(hidden, 1, BLUE)
+    assert t.sighting is not None and t.sighting.colour.tolist() == RED.tolist() and t.sighting.area == 100
+    assert 60 < FULL_VIEW * 100 <= 80
+    shown = _square(4, 4, side=10)
+    shown[:2] = False  # 80 of the largest 100: seen well again
+    t.sighted(shown, 2, BLUE)
+    assert t.sighting.colour.tolist() == BLUE.tolist()
+
+
+def test_colours_are_the_median_rgb_under_each_low_res_mask_and_gate_the_tracks_by_distance() -> None:
+    rgb = np.zeros((48, 64, 3), np.uint8)  # a 64 x 48 frame; SAM's low-res frame is an 8 x 8 square of it
+    rgb[:24, :32] = (200, 30, 30)  # the top left quarter red, one pixel of it white
+    rgb[0, 0] = (255, 255, 255)
+    rgb[24:, 32:] = (30, 30, 200)
+    top_left, bottom_right, empty = _square(0, 0, 4, 8), _square(4, 4, 4, 8), np.zeros((8, 8), bool)
+    colours = _colours(rgb, np.stack([top_left, bottom_right, empty]))
+    assert colours.tolist() == [RED.tolist(), BLUE.tolist(), [0.0, 0.0, 0.0]]
+    red, region = _track(1), _track(2, source=REGION)
+    red.sighted(top_left, 0, RED)
+    assert _unlike(colours, [red, region]).tolist() == [[False, False], [True, False], [True, False]]
 
 
 def test_mask_ious_of_no_masks_are_empty() -> None:
