@@ -28,8 +28,8 @@ take turns at the object), only by re-finding. The caller's own region tracks an
 finished as Segment's (upsampled in their window, refined, encoded).
 
 A session holds, per track, the bounded memory bank of ``service.models.sam_memory``, its last sighting (one
-low-resolution mask) and a few numbers; nothing grows with the video's length. Matching reads the low-resolution
-masks (S/4 square, SAM's own output).
+low-resolution mask, the centroids of at most MOTION_SIGHTINGS sightings and a colour) and a few numbers; nothing
+grows with the video's length. Matching reads the low-resolution masks (S/4 square, SAM's own output).
 """
 
 from __future__ import annotations
@@ -715,11 +715,10 @@ def _refind(
     REFIND_DISTANCE object sizes (the square root of the largest area the track showed) of the centroid of where the
     sighting expects the object on frame ``index`` (where it was last seen, once that has left the frame), its area
     is within a factor REFIND_AREA of that largest area, either way, and its colour within SAME_COLOUR of the
-    sighting's. The
-    cost: that distance, plus the colour distance in units of SAME_COLOUR, plus RELABEL_COST where the detection's
-    label is not the track's (the detector may name a half-hidden object another shape; the track keeps its
-    label). An object back from behind another, or seen again after the detector missed it for a while, keeps its
-    id (the lost-track pool of ByteTrack and OC-SORT)."""
+    sighting's. The cost: that distance, plus the colour distance in units of SAME_COLOUR, plus RELABEL_COST where
+    the detection's label is not the track's (the detector may name a half-hidden object another shape; the track
+    keeps its label). An object back from behind another, or seen again after the detector missed it for a while,
+    keeps its id (the lost-track pool of ByteTrack and OC-SORT)."""
     cost = np.full((len(fresh), len(lost)), np.inf)
     for j, t in enumerate(lost):
         if t.sighting is None:
