@@ -205,7 +205,10 @@ async def _warm_up(pipeline: Pipeline) -> None:
     models must run (nothing is read from, or left in, Redis)."""
     rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
     image = ImageInput(raw=rgb.tobytes(), width=96, height=64)
-    classes = ("object",) if pipeline.runner.detector.open_vocabulary else ()  # it has no classes of its own
+    detector = pipeline.runner.detector
+    # an open-vocabulary detector has no classes of its own: one of its checkpoint's names (a phrase reader reads
+    # it, where one would refuse other words) or any word
+    classes = (detector.names[:1] or ("object",)) if detector.open_vocabulary else ()
     with pipeline.images.local_only():
         await pipeline.segment(SegmentQuery(image=image, request_id="warm-up", classes=classes))
         if pipeline.concept_processing is not None:

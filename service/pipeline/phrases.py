@@ -4,7 +4,7 @@ A detector trained on "<size> <colour> <shape>" phrases (the demo's ``shapes-yol
 80 phrases "small red circle" …) answers the words it was trained with well and other words poorly: its text
 side is a sentence encoder (all-MiniLM-L6-v2) behind a fixed projection, and MiniLM hardly places "cerulean" near
 "blue" or "round" near "circle". ``PhraseReader`` reads a text into the detector's own words before it is
-embedded, and leaves every text it cannot read unchanged:
+embedded, and says why of every text it cannot read (the server refuses those):
 
 - **Colour names** — any of matplotlib's colour tables (the XKCD colour survey's 949 names, preferred, and CSS's
   148): the name's RGB is taken to the vocabulary colour of nearest hue ("cerulean" #0485d1 → blue), or by
@@ -17,10 +17,14 @@ embedded, and leaves every text it cannot read unchanged:
   vocabulary shape or size word and clearly nearer it than any other ("hexagonal" → hexagon, "tiny" → small).
   English stop words and the grammar's generic noun ("shape") carry no slot.
 - **The result** is the grammar's phrase of what was read: "<size> <colour> <shape>", "<colour> <shape>",
-  "<size> <shape>", "<shape>" or "<colour> shape". A text with two values for one slot ("red or blue star"), or
-  with an unread word while its colour or shape is missing ("pearl square", "a red ball": the unread word may
-  name it), is embedded as sent. Unread words beside a colour and a shape are ignored ("a white six-sided
-  figure" → white hexagon).
+  "<size> <shape>", "<shape>" or "<colour> shape". Unread words beside a colour and a shape are ignored ("a white
+  six-sided figure" → white hexagon).
+- **What it cannot read** has no phrase (``Reading.phrase`` None, ``Reading.why`` says what stopped it): two
+  values for one slot ("red or blue star"), an unread word while the colour or the shape is missing ("pearl
+  square", "a red ball", "dog": the unread word may name it), or no phrase of the grammar ("large red"). The
+  server refuses such a text (INVALID_ARGUMENT naming it): embedded as sent, a text outside the grammar the
+  detector was trained on is answered with whatever its words happen to score, e.g. "something round" with
+  small yellow squares at 0.67 (measured on the demo's test scenes), which is a wrong answer and not an error.
 
 The reader is chosen by the detector's vocabulary (``PhraseReader.for_vocabulary``): a detector whose class names
 are not all "<size> <colour> <shape>" phrases with colour words from the tables gets none. The figures (paraphrase
@@ -42,7 +46,7 @@ from service.pipeline.lru import LRU
 from service.pipeline.vocabulary import Embed
 
 # Names this reader in the shared cache's detector identity and in each TextMatch (bump when readings change).
-READER = "attribute-phrases/1"
+READER = "attribute-phrases/2"
 GENERIC_NOUN = "shape"  # the training grammar's noun for "any shape" ("red shape")
 NUMBERS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 SIDE_WORDS = frozenset("side sided sides edge edged edges corner cornered corners angle angled angles".split())
@@ -108,6 +112,15 @@ class AttributeVocabulary:
         return cls(*(tuple(dict.fromkeys(p[i] for p in parts)) for i in range(3)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """A text read into the grammar: ``phrase``, its words in the grammar (None when it cannot be read), and then
+    ``why``: what stopped it, for the error."""
+
+    phrase: str | None
+    why: str = ""
+
+
 class PhraseReader:
     """Reads texts into an attribute vocabulary's grammar (module docstring). Safe across requests."""
 
@@ -132,11 +145,20 @@ class PhraseReader:
         vocabulary = AttributeVocabulary.of(names, table)
         return None if vocabulary is None else cls(vocabulary, table, embed)
 
-    async def read(self, texts: Sequence[str]) -> list[str]:
-        """Each text's phrase in the vocabulary's grammar, or the text itself when it cannot be read."""
+    @property
+    def grammar(self) -> str:
+        """The grammar in words, for errors: "'<size> <colour> <shape>' (sizes: small, large; colours: …)"."""
+        v = self.vocabulary
+        return (
+            f"'<size> <colour> <shape>' (sizes: {', '.join(v.sizes)}; colours: {', '.join(v.colours)}; "
+            f"shapes: {', '.join(v.shapes)})"
+        )
+
+    async def read(self, texts: Sequence[str]) -> list[Reading]:
+        """Each text's phrase in the vocabulary's grammar (``Reading.phrase`` None when it cannot be read)."""
         tokens = [_tokens(t) for t in texts]
         await self._learn([w for ts in tokens for w in ts])
-        return [self._read(text, ts) for text, ts in zip(texts, tokens, strict=True)]
+        return [self._read(ts) for ts in tokens]
 
     async def _learn(self, words: Sequence[str]) -> None:
         """Slots by sentence embedding of the words neither the tables, counting nor the vocabulary read."""
@@ -167,7 +189,7 @@ class PhraseReader:
     def _plain(self, word: str) -> bool:
         return word in ENGLISH_STOP_WORDS or word in (GENERIC_NOUN, GENERIC_NOUN + "s", GENERIC_NOUN + "d")
 
-    def _read(self, text: str, tokens: list[str]) -> str:
+    def _read(self, tokens: list[str]) -> Reading:
         found: dict[str, set[str]] = {"size": set(), "colour": set(), "shape": set()}
         used = [False] * len(tokens)
         for n in range(self._longest_colour, 0, -1):  # colour names, longest first
@@ -188,7 +210,7 @@ class PhraseReader:
                     found["shape"].add(named)
                     used[i] = used[j] = True
                     break
-        unread = False
+        unread: list[str] = []
         for i, token in enumerate(tokens):
             if used[i] or self._plain(token) or token in NUMBERS or token.isdigit():
                 continue
@@ -198,19 +220,22 @@ class PhraseReader:
                 continue
             slot = self._words.get(token)
             if slot is None or not slot[0]:  # not read (or dropped from the bounded memory since _learn)
-                unread = True
+                unread.append(token)
             else:
                 found[slot[0]].add(slot[1])
-        if any(len(v) > 1 for v in found.values()):
-            return text
+        for kind, values in found.items():
+            if len(values) > 1:
+                return Reading(None, f"two {kind}s ({', '.join(sorted(values))}): send each as its own text")
         size, colour, shape = (next(iter(found[k]), None) for k in ("size", "colour", "shape"))
         if unread and not (colour and shape):
-            return text
+            return Reading(None, f"not words of the grammar: {', '.join(map(repr, unread))}")
         if shape:
-            return " ".join(w for w in (size, colour, shape) if w)
+            return Reading(" ".join(w for w in (size, colour, shape) if w))
         if colour and not size:
-            return f"{colour} {GENERIC_NOUN}"
-        return text
+            return Reading(f"{colour} {GENERIC_NOUN}")
+        if not (size or colour):
+            return Reading(None, "no word of the grammar")
+        return Reading(None, "a size needs a shape")
 
 
 def _tokens(text: str) -> list[str]:

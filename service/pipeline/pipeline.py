@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import Unsupported
+from service.errors import InvalidInput, Unsupported
 from service.models.tensors import ImageFeatures
 from service.pipeline.cache import CacheEntry
 from service.pipeline.concept_path import ConceptPath
@@ -46,7 +46,14 @@ from service.pipeline.results import (
 )
 from service.pipeline.review import Review, review
 from service.pipeline.stages import stage
-from service.pipeline.vocabulary import EmbeddingLRU, TextMatch, VocabularyMatcher, open_matches, request_vocabulary
+from service.pipeline.vocabulary import (
+    EmbeddingLRU,
+    TextMatch,
+    VocabularyMatcher,
+    normalise_class_name,
+    open_matches,
+    request_vocabulary,
+)
 from service.processing.concepts import ConceptProcessing
 from service.processing.detection import Detections
 from service.processing.masks import EncodedMask
@@ -292,9 +299,29 @@ class Pipeline:
             return Vocabulary(names, [], np.zeros((0, self.runner.detector.class_dim), np.float32))
         assert self.class_embeddings is not None  # built with the pipeline for every open-vocabulary detector
         with stage(timings, "embed_classes", classes=len(names)):
-            readings = await self.phrase_reader.read(names) if self.phrase_reader is not None else list(names)
+            readings = await self._read_phrases(query, names)
             embeddings = await self.class_embeddings.get(readings)
         return Vocabulary(names, open_matches(query.texts, names, readings), embeddings)
+
+    async def _read_phrases(self, query: SegmentQuery, names: tuple[str, ...]) -> list[str]:
+        """What each class name is embedded as: its phrase reader's reading, or itself without a reader.
+        InvalidInput, naming the field, for a name the reader cannot read (``service.pipeline.phrases``)."""
+        if self.phrase_reader is None:
+            return list(names)
+        readings = await self.phrase_reader.read(names)
+        for name, reading in zip(names, readings, strict=True):
+            if reading.phrase is None:
+                field = next(
+                    f"{kind}[{i}]"
+                    for kind, values in (("classes", query.classes), ("texts", query.texts))
+                    for i, value in enumerate(values)
+                    if normalise_class_name(value) == normalise_class_name(name)
+                )
+                raise InvalidInput(
+                    f"{field}: {name[:64]!r} cannot be read in this detector's phrase grammar "
+                    f"{self.phrase_reader.grammar}: {reading.why}"
+                )
+        return [r.phrase for r in readings if r.phrase is not None]
 
     async def _match_texts(self, query: SegmentQuery, timings: dict[str, float]) -> list[TextMatch]:
         """The texts' classes by the matcher. Unsupported without one."""

@@ -3,7 +3,8 @@
     python -m service.training.evaluate_open [--weights service/models/demo/shapes-yoloe.pt] [--scenes 300] [--json F]
 
 The detector runs as detseg serves it: ``load_detector_module``, each text read into the detector's own words by
-the server's phrase reader (``service.pipeline.phrases``; ``--no-phrase-reader``: as sent, the figures before it),
+the server's phrase reader (``service.pipeline.phrases``; ``--no-phrase-reader``: as sent, the figures before it;
+a text it cannot read, which the server refuses with INVALID_ARGUMENT, finds nothing here),
 class embeddings from the checkpoint's own text encoder (``ClassTextEncoder.for_detector(model.text_model, ...)``
 → ``class_embeddings_from_text``), ``open_vocabulary.detect`` on the letterboxed image, then detseg's
 ``DetectorProcessing.postprocess`` (ultralytics NMS, boxes back to original pixels). A YOLOE head scores every
@@ -133,16 +134,23 @@ class ServedOpenDetector:
         spec = DetectorSpec(names=(), imgsz=loaded.input_size(), stride=stride, class_dim=self.encoder.dim)
         self.processing = DetectorProcessing(spec)
 
-    def readings(self, texts: Sequence[str]) -> list[str]:
-        """What each text is embedded as (itself without a reader)."""
-        return asyncio.run(self.reader.read(texts)) if self.reader is not None else list(texts)
+    def readings(self, texts: Sequence[str]) -> list[str | None]:
+        """What each text is embedded as (itself without a reader); None: the server refuses it (the reader
+        cannot read it)."""
+        if self.reader is None:
+            return list(texts)
+        return [r.phrase for r in asyncio.run(self.reader.read(texts))]
 
     def class_embeddings(self, texts: Sequence[str]) -> Any:
+        """The head's class embeddings of readable ``texts``."""
         import torch
 
         from service.models.open_vocabulary import class_embeddings_from_text
 
-        features = self.encoder.encode(self.readings(texts))
+        read = self.readings(texts)
+        if None in read:
+            raise ValueError(f"unreadable texts: {[t for t, r in zip(texts, read, strict=True) if r is None]}")
+        features = self.encoder.encode([r for r in read if r is not None])
         with torch.no_grad():
             return class_embeddings_from_text(self.model, torch.from_numpy(features)[None])
 
@@ -158,12 +166,17 @@ class ServedOpenDetector:
     def detect_each(
         self, scenes: Sequence[AttributeScene], texts: Sequence[str], score: float, iou: float = SERVING_IOU
     ) -> PhraseDetections:
-        """Every text on every scene, as one request per text would answer it."""
-        embeddings = self.class_embeddings(texts)
+        """Every text on every scene, as one request per text would answer it; a text the server refuses (the
+        reader cannot read it) finds nothing."""
+        readable = [t for t, r in zip(texts, self.readings(texts), strict=True) if r is not None]
+        embeddings = self.class_embeddings(readable)
         boxes: dict[tuple[int, str], np.ndarray] = {}
         scores: dict[tuple[int, str], np.ndarray] = {}
         for scene in scenes:
-            self._keep_each(scene, texts, self.raw(scene.image, embeddings), score, iou, boxes, scores)
+            self._keep_each(scene, readable, self.raw(scene.image, embeddings), score, iou, boxes, scores)
+            for text in texts:
+                if text not in readable:
+                    boxes[scene.seed, text], scores[scene.seed, text] = np.zeros((0, 4), np.float32), np.zeros(0)
         return PhraseDetections(boxes, scores)
 
     def detect_exemplars(
@@ -373,7 +386,7 @@ def evaluate(
         out[f"fp_absent_{name}_max"] = {"phrase": worst, "fp_per_request": per[worst]}
     out["fp_absent_paraphrases"] = absent_false_positives(scenes, groups["paraphrases"], served)
     said = [p.text for name in ("paraphrases", "held_out_paraphrases") for p in groups[name]]
-    out["paraphrase_readings"] = dict(zip(said, detector.readings(said), strict=True))
+    out["paraphrase_readings"] = dict(zip(said, detector.readings(said), strict=True))  # None: refused
     from service.models.open_vocabulary import takes_visual_prompts
 
     if exemplars and takes_visual_prompts(detector.model):

@@ -26,7 +26,9 @@ Never imported by the serving path. What it does:
 5. Copies ``last.pt`` (fp16, optimizer stripped) to ``shapes-yoloe.pt`` beside this file.
 
 ``--stage visual --start shapes-yoloe.pt`` runs step 4 alone on a text-trained checkpoint (the shipped file was
-made that way: stage 1, then stage 2 from its output with a fresh, seeded SAVPE).
+made that way: stage 1, then stage 2 from its output with a fresh, seeded SAVPE). ``--stage text --start F``
+fine-tunes a text-trained checkpoint (``FINE_TUNE``). ``--recolour`` (not in the shipped file's recipe) shows the
+colour-free levels' images grey or hue-turned (``recolour``; measured in SHAPES_YOLOE.md, session 26).
 
 Ultralytics' YOLOE validator would load MobileCLIP for its class names: the validator here takes the same
 MiniLM features instead (ultralytics val on the 100 val scenes, fine classes, after the last epoch only).
@@ -37,6 +39,7 @@ Figures: ``python -m service.training.evaluate_open`` (see SHAPES_YOLOE.md).
 from __future__ import annotations
 
 import argparse
+import colorsys
 import os
 import random
 import shutil
@@ -50,6 +53,8 @@ import numpy as np
 from service.shapes.attributes import (
     FINE_CLASSES,
     FINE_NAMES,
+    HELD_OUT,
+    PALETTE,
     attribute_scenes,
     is_held_out,
     yolo_fine_label_lines,
@@ -81,6 +86,9 @@ COMMON: dict[str, Any] = dict(
     scale=0.2,
 )  # epochs: re-planned by ultralytics' `time` mode
 
+
+# --stage text --start: a fine-tune, so no restart at the from-scratch learning rate
+FINE_TUNE: dict[str, Any] = dict(lr0=0.002, warmup_epochs=0.5)
 
 # The visual stage trains one fresh module: AdamW as ultralytics' own visual-prompt recipe uses it.
 VISUAL: dict[str, Any] = dict(optimizer="AdamW", lr0=0.002, weight_decay=0.025, momentum=0.9)
@@ -118,6 +126,16 @@ def level_phrases(level: str) -> list[str]:
     return sorted(out)
 
 
+# Phrase levels that name no colour: their images are shown in other colours (half of them in grey, half with
+# every hue turned by one random angle), so that shape words are learned from outlines and not from the colours
+# each shape came in. Without it a held-out pair (a purple hexagon, never rendered) was read as "circle" and
+# "purple circle" (its bare "hexagon" scored 0.25 against 0.80 on red and blue hexagons): hexagon features of
+# purple were never trained. No phrase of these levels is made false by a colour change; a turn that would bring
+# a shape within HELD_OUT_HUE of its held-out colour's hue is drawn again, so held-out pairs stay unrendered.
+COLOUR_FREE_LEVELS = ("shape", "size+shape")
+GREY_SHARE = 0.5  # of colour-free images: grey; the rest hue-turned
+HELD_OUT_HUE = 30.0  # degrees
+
 ALL_PHRASES = sorted({p for level in LEVELS for p in level_phrases(level)})
 
 
@@ -127,8 +145,9 @@ class PhraseSampler:
     labels["cls"] (n, 1) FINE_CLASSES ids in, labels["cls"] (n, 1) indices into labels["texts"] (``max_texts``
     phrases) out. Uses ``random`` (seeded by ultralytics), like RandomLoadText."""
 
-    def __init__(self, max_texts: int) -> None:
+    def __init__(self, max_texts: int, recolour: bool = False) -> None:
         self.max_texts = max_texts
+        self.recolour = recolour
         self.levels = list(LEVELS)
         self.weights = [LEVELS[level] for level in self.levels]
         self.phrases = {level: level_phrases(level) for level in self.levels}
@@ -136,6 +155,8 @@ class PhraseSampler:
     def __call__(self, labels: dict[str, Any]) -> dict[str, Any]:
         level = random.choices(self.levels, self.weights)[0]
         fine = [FINE_CLASSES[int(c)] for c in np.asarray(labels.pop("cls")).reshape(-1)]
+        if self.recolour and level in COLOUR_FREE_LEVELS:
+            labels["img"] = recolour(labels["img"], fine)
         texts = list(self.phrases[level])
         true_anywhere = {phrase(lv, *f) for lv in self.levels for f in fine}
         pool = [p for p in ALL_PHRASES if p not in true_anywhere and p not in texts]
@@ -144,6 +165,47 @@ class PhraseSampler:
         labels["cls"] = np.array([[index[phrase(level, *f)]] for f in fine], dtype=np.float32).reshape(-1, 1)
         labels["texts"] = texts
         return labels
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 BGR (ultralytics' order) → its luma (ITU-R 601) in all three channels."""
+    luma = image.astype(np.float32) @ np.array([0.114, 0.587, 0.299], dtype=np.float32)
+    return np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def hue_of(colour: str) -> float | None:
+    """A palette colour's hue in degrees; None when achromatic (white, black)."""
+    h, s, _ = colorsys.rgb_to_hsv(*(v / 255 for v in PALETTE[colour]))
+    return h * 360 if s > 0.25 else None
+
+
+def hue_turn(fine: list[tuple[str, str, str]], tries: int = 20) -> float | None:
+    """A random hue turn (degrees) that takes no shape of ``fine`` (size, colour, shape) to within HELD_OUT_HUE
+    of the hue of a colour it is held out in; None when ``tries`` draws found none."""
+    for _ in range(tries):
+        turn = random.uniform(0, 360)
+        if not any(
+            (hue := hue_of(c)) is not None
+            and (held := hue_of(hc)) is not None
+            and min(d := (hue + turn - held) % 360, 360 - d) < HELD_OUT_HUE
+            for _, c, k in fine
+            for hc, hk in HELD_OUT
+            if hk == k
+        ):
+            return turn
+    return None
+
+
+def recolour(image: np.ndarray, fine: list[tuple[str, str, str]]) -> np.ndarray:
+    """A colour-free level's image: grey (GREY_SHARE), else every hue turned by ``hue_turn``."""
+    import cv2
+
+    turn = None if random.random() < GREY_SHARE else hue_turn(fine)
+    if turn is None:
+        return grey(image)
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)  # OpenCV hue: 0..179, 2 degrees a step
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + round(turn / 2)) % 180).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
 class ExemplarSampler:
@@ -205,9 +267,10 @@ def write_text_cache(folder: Path) -> Path:
     return path
 
 
-def make_trainer_class(visual: bool = False) -> type:
+def make_trainer_class(visual: bool = False, recolour: bool = False) -> type:
     """YOLOETrainerFromScratch with the phrase dataset, MiniLM text features and a MiniLM validator; with
-    ``visual``, the visual-prompt stage: colour + shape categories and their box prompts (``LoadVisualPrompt``)."""
+    ``visual``, the visual-prompt stage: colour + shape categories and their box prompts (``LoadVisualPrompt``);
+    ``recolour``: colour-free levels' images recoloured (``recolour``)."""
     import torch
     from ultralytics.data.augment import LoadVisualPrompt
     from ultralytics.data.dataset import YOLOMultiModalDataset
@@ -224,7 +287,7 @@ def make_trainer_class(visual: bool = False) -> type:
 
         def build_text_transforms(self, transforms: Any, max_samples: int) -> Any:
             if self.augment:
-                transforms.insert(-1, ExemplarSampler() if visual else PhraseSampler(MAX_TEXTS))
+                transforms.insert(-1, ExemplarSampler() if visual else PhraseSampler(MAX_TEXTS, recolour))
                 if visual:  # after Format: reads its normalised boxes
                     transforms.append(LoadVisualPrompt())
             return transforms
@@ -331,7 +394,16 @@ def main() -> None:
     parser.add_argument("--stage", choices=("all", "text", "visual"), default="all")
     parser.add_argument("--hours", type=float, default=0.65, help="text stage wall-time budget (ultralytics `time`)")
     parser.add_argument("--visual-hours", type=float, default=0.06, help="visual-prompt stage wall-time budget")
-    parser.add_argument("--start", type=Path, help="--stage visual: the text-trained checkpoint to start from")
+    parser.add_argument(
+        "--start",
+        type=Path,
+        help="a text-trained checkpoint (--stage visual starts from it; --stage text fine-tunes it)",
+    )
+    parser.add_argument(
+        "--recolour",
+        action="store_true",
+        help="show colour-free phrase levels' images in grey or turned hues (not in the shipped file's recipe)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads while training")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-yoloe.pt")
     args = parser.parse_args()
@@ -364,7 +436,12 @@ def main() -> None:
 
     weights = args.start
     if args.stage in ("all", "text"):
-        weights = train(YOLOE(ARCHITECTURE), "yoloe", trainer=make_trainer_class(), time=args.hours)
+        if args.start is not None and args.stage == "text":  # fine-tune a text-trained checkpoint
+            model, name, extra = YOLOE(str(args.start)), "yoloe-ft", FINE_TUNE
+        else:
+            model, name, extra = YOLOE(ARCHITECTURE), "yoloe", {}
+        trainer = make_trainer_class(recolour=args.recolour)
+        weights = train(model, name, trainer=trainer, time=args.hours, **extra)
         print(f"text stage done at {time.time() - start:.0f}s", flush=True)
     if args.stage in ("all", "visual"):
         if weights is None:

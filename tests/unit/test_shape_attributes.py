@@ -26,7 +26,18 @@ from service.shapes.attributes import (
     yolo_fine_label_lines,
 )
 from service.shapes.world import CLASSES, MIN_VISIBLE, render_scene
-from service.training.train_open_detector import ALL_PHRASES, LEVELS, MAX_TEXTS, PhraseSampler, phrase
+from service.training.train_open_detector import (
+    ALL_PHRASES,
+    COLOUR_FREE_LEVELS,
+    HELD_OUT_HUE,
+    LEVELS,
+    MAX_TEXTS,
+    PhraseSampler,
+    grey,
+    hue_of,
+    hue_turn,
+    phrase,
+)
 
 
 def _digest(scene) -> str:
@@ -132,3 +143,36 @@ def test_phrase_sampling_gives_each_box_one_true_phrase_and_only_true_negatives(
         assert not negatives & true_texts  # nothing trained as absent is in the image
         assert not {t for t in texts if any(t.endswith(f"{c} {k}") for c, k in HELD_OUT)}
     assert len(seen_levels) >= 4
+
+
+def test_recolouring_changes_only_colour_free_levels_and_never_renders_a_held_out_pair():
+    """``--recolour``: images trained at "star" / "small hexagon" are shown grey or hue-turned; images at levels
+    that name a colour are left as they are, as is every image without the flag (the shipped file's recipe); a
+    hue turn never brings a shape within HELD_OUT_HUE of a colour it is held out in."""
+    scenes = attribute_scenes("train", 30)
+    for recolour in (False, True):
+        sampler = PhraseSampler(MAX_TEXTS, recolour=recolour)
+        random.seed(0)
+        changed_levels = set()
+        for scene in scenes:
+            fine = [FINE_CLASSES[i.fine_id] for i in scene.instances]
+            image = np.ascontiguousarray(scene.image[..., ::-1])  # BGR, as ultralytics holds it
+            labels = sampler({"cls": np.array([[i.fine_id] for i in scene.instances], np.float32), "img": image})
+            cls = labels["cls"].reshape(-1).astype(int)
+            level = next(lv for lv in LEVELS if phrase(lv, *fine[0]) == labels["texts"][cls[0]])
+            if not np.array_equal(labels["img"], image):
+                changed_levels.add(level)
+        assert changed_levels == (set(COLOUR_FREE_LEVELS) if recolour else set())
+
+    random.seed(1)
+    hexagon = [("small", "blue", "hexagon"), ("large", "red", "star")]
+    for _ in range(500):
+        turn = hue_turn(hexagon)
+        assert turn is not None
+        for _, colour, shape in hexagon:
+            for held_colour, held_shape in HELD_OUT:
+                if held_shape == shape:
+                    d = (hue_of(colour) + turn - hue_of(held_colour)) % 360
+                    assert min(d, 360 - d) >= HELD_OUT_HUE
+    grey_image = grey(np.array([[[215, 70, 30]]], np.uint8))  # BGR blue
+    assert grey_image.tolist() == [[[75, 75, 75]]]  # ITU-R 601 luma in every channel
