@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Iterator
 
-from service.client import Client, Instance, Region, segment_request
+import grpc
+
+from service.client import Client, Instance, Region, RequestFailed, segment_request
 from service.evaluation.dataset import EvalDataset
 from service.proto.detseg.v1 import detseg_pb2 as pb
 
@@ -50,6 +53,27 @@ def classes_to_ask(dataset: EvalDataset, detector: pb.ModelInfo | None) -> list[
         return names
     known = {v.strip().lower() for v in detector.vocabulary}
     return [n for n in names if n.strip().lower() in known]
+
+
+def readable_classes(client: Client, dataset: EvalDataset, asked: list[str]) -> list[str]:
+    """Of the classes asked of an open-vocabulary detector, those its server accepts. A detector with a phrase
+    reader (the demo's attribute grammar) refuses a name it cannot read with INVALID_ARGUMENT "classes[i]: …"; such
+    a name is left out (it counts as missed, like a closed detector's unknown category), one refusal at a time, on
+    the first image (at score threshold 1: nothing is segmented)."""
+    asked = list(asked)
+    if not dataset.images or not asked:
+        return asked
+    data = dataset.images[0].path.read_bytes()
+    while asked:
+        try:
+            client.segment(data, classes=asked, score_threshold=1.0, request_id="eval-classes")
+            return asked
+        except RequestFailed as e:
+            refused = re.match(r"classes\[(\d+)\]: ", e.message)
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT or refused is None:
+                raise
+            del asked[int(refused.group(1))]
+    return asked
 
 
 def requests(

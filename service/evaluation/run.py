@@ -11,7 +11,7 @@ from service.client import Client
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import coco_results, dataset_rle, evaluate
 from service.evaluation.noc import InstanceEffort, annotate, summarize
-from service.evaluation.predict import Prompt, classes_to_ask, predict
+from service.evaluation.predict import Prompt, classes_to_ask, predict, readable_classes
 from service.evaluation.report import write_report
 from service.proto.detseg.v1 import detseg_pb2 as pb
 
@@ -48,14 +48,17 @@ def run_eval(
 ) -> dict[str, Any]:
     """Runs everything and writes the report into ``out``; returns the figures. ``score_threshold``: what the
     requests ask for (low, for AP); ``operating_threshold``: where instances are kept (default: the server's
-    default score threshold, from ListModels). A closed detector is asked only for the categories it knows; the
-    others are listed in the figures' ``classes_not_asked`` and count as missed."""
+    default score threshold, from ListModels). A closed detector is asked only for the categories it knows, an
+    open-vocabulary one only for those its server accepts (``readable_classes``); the others are listed in the
+    figures' ``classes_not_asked`` and count as missed."""
     t = time.perf_counter()
     served = client.list_models()
     if operating_threshold is None:
         operating_threshold = float(served.defaults.score_threshold)
     detector = next((m for m in served.models if m.role == pb.MODEL_ROLE_DETECTOR), None)
     asked = classes_to_ask(dataset, detector)
+    if prompt is Prompt.CLASSES and detector is not None and detector.open_vocabulary:
+        asked = readable_classes(client, dataset, asked)
     predictions = predict(client, dataset, prompt, score_threshold, asked)
     figures = evaluate(dataset, predictions, operating_threshold)
     figures["prompt"] = prompt.value

@@ -55,6 +55,10 @@ def test_the_adapted_detector_stays_open_vocabulary_with_its_text_encoder(adapte
     assert card["detector"]["classes"] == list(SHIFTED_CLASSES)
     # the base trained with phrases ("small red circle", ...): none of the dataset's bare names is one of them
     assert card["detector"]["training"]["new_classes"] == list(SHIFTED_CLASSES)
+    # the base's phrase reader cannot read "cross", so its server refuses that name: the evaluation before asks for
+    # the other classes and counts the crosses as missed (rather than every request failing)
+    assert card["metrics"]["before"]["holdout"]["classes_not_asked"] == ["cross"]
+    assert card["metrics"]["after"]["holdout"]["classes_not_asked"] == []
     served = load_detector_module(adapted["out"] / "detector.pt")
     assert served.text_model == load_detector_module(base.detector.path).text_model == "minilm-512:seed0"
     # trained: the weights moved away from the base's
