@@ -54,6 +54,7 @@ from service.results import (  # noqa: F401 (re-exported: the reader's types are
     ModelRef,
     TrackedInstance,
 )
+from service.rich_status import violated_field
 
 if TYPE_CHECKING:
     import supervision as sv
@@ -110,15 +111,17 @@ class Result(results.Result):
 class RequestFailed(Exception):
     """A call the server refused or could not answer: ``code`` (grpc.StatusCode), the server's message, and
     how many attempts were made (more than 1 only for UNAVAILABLE). A deadline that passes while UNAVAILABLE is
-    retried is DEADLINE_EXCEEDED, its message naming the last UNAVAILABLE."""
+    retried is DEADLINE_EXCEEDED, its message naming the last UNAVAILABLE. ``field``: the offending field's path
+    (``classes[2]``) where the server named one in the status details (``google.rpc.BadRequest``), else None."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, attempts: int = 1, field: str | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.attempts = code, message, attempts
+        self.code, self.message, self.attempts, self.field = code, message, attempts, field
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> RequestFailed:
-        return cls(error.code(), error.details() or "", attempts)  # type: ignore[attr-defined]
+        field = violated_field(error.trailing_metadata() if isinstance(error, grpc.Call) else None)
+        return cls(error.code(), error.details() or "", attempts, field)  # type: ignore[attr-defined]
 
 
 def channel_options(max_message_bytes: int, retry: RetryPolicy) -> list[tuple[str, Any]]:

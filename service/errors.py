@@ -14,8 +14,14 @@ class DetsegError(Exception):
 class InvalidInput(DetsegError):
     """The request is malformed or exceeds a limit (→ INVALID_ARGUMENT).
 
-    The message names the offending field (e.g. ``image.encoded``) and, where one applies, the limit.
+    The message names the offending field (e.g. ``image.encoded``) and, where one applies, the limit. ``field``,
+    where given, is that field's path for programs (``classes[2]``): a unary call's status carries it as a
+    ``google.rpc.BadRequest`` field violation (``service.api.errors``).
     """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidImage(InvalidInput):

@@ -22,6 +22,7 @@ from service.errors import (
     Overloaded,
     Unsupported,
 )
+from service.rich_status import bad_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,10 +45,18 @@ def status_for(error: DetsegError) -> grpc.StatusCode:
 
 
 class Failure(NamedTuple):
-    """How a failed call is answered: its status code and a caller-safe message."""
+    """How a failed call is answered: its status code, a caller-safe message and, for InvalidInput that names
+    one, the offending field's path."""
 
     code: grpc.StatusCode
     message: str
+    field: str | None = None
+
+
+def status_details(failure: Failure) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata for a unary call's failure: the field it names as a ``google.rpc.BadRequest``
+    (``service.rich_status``); none without a field."""
+    return () if failure.field is None else (bad_request(failure.code.value[0], failure.message, failure.field),)
 
 
 def describe(error: Exception, request_id: str) -> Failure:
@@ -55,7 +64,7 @@ def describe(error: Exception, request_id: str) -> Failure:
     if isinstance(error, DetsegError):
         code = status_for(error)
         log.info("request %s: %s: %s", request_id, code.name, error, extra={"request_id": request_id})
-        return Failure(code, str(error))
+        return Failure(code, str(error), error.field if isinstance(error, InvalidInput) else None)
     log.error("request %s failed", request_id, exc_info=error, extra={"request_id": request_id})
     return Failure(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
@@ -65,6 +74,6 @@ async def guarded(context: grpc.aio.ServicerContext, request_id: str, work: Awai
     try:
         return await work
     except Exception as e:
-        code, message = describe(e, request_id)
-        await context.abort(code, message)
+        failure = describe(e, request_id)
+        await context.abort(failure.code, failure.message, status_details(failure))
     raise AssertionError("unreachable: context.abort raises")

@@ -15,7 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from service.api import convert
 from service.api.admission import Admission
-from service.api.errors import describe, guarded
+from service.api.errors import describe, guarded, status_details
 from service.api.sessions import TrackSessions
 from service.api.workers import WorkerLink
 from service.config import Settings
@@ -174,8 +174,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 while (message := await self._next_message(messages)) is not None:
                     yield await self._track_frame(session, message)
         except Exception as e:
-            code, text = describe(e, request_id)
-            await context.abort(code, text)
+            failure = describe(e, request_id)
+            await context.abort(failure.code, failure.message, status_details(failure))
         finally:
             if session is not None:
                 session.close()
@@ -201,11 +201,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             async with self.admission.slot(DEADLINE.get()):
                 result = await _within_deadline(session.frame(query))
         except InvalidInput as e:
-            code, text = describe(e, session.request_id)
+            failure = describe(e, session.request_id)
             response = pb.TrackResponse(
                 frame_index=frame.frame_index,
                 request_id=session.request_id,
-                error=pb.ItemError(code=code.value[0], message=text),
+                error=pb.ItemError(code=failure.code.value[0], message=failure.message),
             )
             if frame.HasField("timestamp"):
                 response.timestamp.CopyFrom(frame.timestamp)
@@ -221,8 +221,10 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         try:
             return pb.SegmentResult(index=index, response=await self._segment(request, request_id))
         except Exception as e:
-            code, message = describe(e, request_id)
-            return pb.SegmentResult(index=index, error=pb.ItemError(code=code.value[0], message=message))
+            failure = describe(e, request_id)
+            return pb.SegmentResult(
+                index=index, error=pb.ItemError(code=failure.code.value[0], message=failure.message)
+            )
 
     async def EncodeImage(
         self, request: pb.EncodeImageRequest, context: grpc.aio.ServicerContext

@@ -57,9 +57,10 @@ def classes_to_ask(dataset: EvalDataset, detector: pb.ModelInfo | None) -> list[
 
 def readable_classes(client: Client, dataset: EvalDataset, asked: list[str]) -> list[str]:
     """Of the classes asked of an open-vocabulary detector, those its server accepts. A detector with a phrase
-    reader (the demo's attribute grammar) refuses a name it cannot read with INVALID_ARGUMENT "classes[i]: …"; such
-    a name is left out (it counts as missed, like a closed detector's unknown category), one refusal at a time, on
-    the first image (at score threshold 1: nothing is segmented)."""
+    reader (the demo's attribute grammar) refuses a name it cannot read with INVALID_ARGUMENT naming the field
+    ``classes[i]`` (``RequestFailed.field``); such a name is left out (it counts as missed, like a closed
+    detector's unknown category), one refusal at a time, on the first image (at score threshold 1: nothing is
+    segmented)."""
     asked = list(asked)
     if not dataset.images or not asked:
         return asked
@@ -69,7 +70,7 @@ def readable_classes(client: Client, dataset: EvalDataset, asked: list[str]) -> 
             client.segment(data, classes=asked, score_threshold=1.0, request_id="eval-classes")
             return asked
         except RequestFailed as e:
-            refused = re.match(r"classes\[(\d+)\]: ", e.message)
+            refused = re.fullmatch(r"classes\[(\d+)\]", e.field or "")
             if e.code != grpc.StatusCode.INVALID_ARGUMENT or refused is None:
                 raise
             del asked[int(refused.group(1))]

@@ -319,7 +319,8 @@ class Pipeline:
                 )
                 raise InvalidInput(
                     f"{field}: {name[:64]!r} cannot be read in this detector's phrase grammar "
-                    f"{self.phrase_reader.grammar}: {reading.why}"
+                    f"{self.phrase_reader.grammar}: {reading.why}",
+                    field=field,
                 )
         return [r.phrase for r in readings if r.phrase is not None]
 

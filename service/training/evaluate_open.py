@@ -141,16 +141,13 @@ class ServedOpenDetector:
             return list(texts)
         return [r.phrase for r in asyncio.run(self.reader.read(texts))]
 
-    def class_embeddings(self, texts: Sequence[str]) -> Any:
-        """The head's class embeddings of readable ``texts``."""
+    def class_embeddings(self, phrases: Sequence[str]) -> Any:
+        """The head's class embeddings of ``phrases``: texts as they are embedded (``readings``)."""
         import torch
 
         from service.models.open_vocabulary import class_embeddings_from_text
 
-        read = self.readings(texts)
-        if None in read:
-            raise ValueError(f"unreadable texts: {[t for t, r in zip(texts, read, strict=True) if r is None]}")
-        features = self.encoder.encode([r for r in read if r is not None])
+        features = self.encoder.encode(list(phrases))
         with torch.no_grad():
             return class_embeddings_from_text(self.model, torch.from_numpy(features)[None])
 
@@ -168,8 +165,9 @@ class ServedOpenDetector:
     ) -> PhraseDetections:
         """Every text on every scene, as one request per text would answer it; a text the server refuses (the
         reader cannot read it) finds nothing."""
-        readable = [t for t, r in zip(texts, self.readings(texts), strict=True) if r is not None]
-        embeddings = self.class_embeddings(readable)
+        read = {t: r for t, r in zip(texts, self.readings(texts), strict=True) if r is not None}
+        readable = list(read)
+        embeddings = self.class_embeddings(list(read.values()))
         boxes: dict[tuple[int, str], np.ndarray] = {}
         scores: dict[tuple[int, str], np.ndarray] = {}
         for scene in scenes:

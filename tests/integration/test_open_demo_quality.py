@@ -12,7 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
+from service.client import RequestFailed
 from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.rich_status import violated_field
 from service.shapes.attributes import attribute_scenes, render_attribute_scene
 from service.training.evaluate_open import (
     SERVING_SCORE,
@@ -139,7 +141,8 @@ def test_paraphrases_never_trained_on_are_read_into_the_trained_words(open_demo_
 def test_a_text_outside_the_phrase_grammar_is_refused_and_says_why(open_demo_stub):
     """Embedded as sent, "something round" found small yellow squares and hexagons at 0.67 (0.20 false positives
     per request where no circle is): a wrong answer, not an error. The server now refuses what its phrase reader
-    cannot read, naming the field, the word and the grammar, before any detection; it keeps serving."""
+    cannot read, naming the field, the word and the grammar, before any detection; it keeps serving. The field is
+    also in the status details (a google.rpc.BadRequest field violation) for programs, read by the client."""
     scene = _scenes_with(("blue", "star"), count=1)[0]
     for texts, field, why in (
         (["blue star", "something round"], "texts[1]", "not words of the grammar: 'round'"),
@@ -152,10 +155,12 @@ def test_a_text_outside_the_phrase_grammar_is_refused_and_says_why(open_demo_stu
         message = raised.value.details()
         assert message.startswith(f"{field}: {texts[int(field[6])]!r} cannot be read"), message
         assert why in message and "shapes: circle, square, triangle, star, hexagon" in message, message
+        assert violated_field(raised.value.trailing_metadata()) == field
     request = pb.SegmentRequest(image=pb.Image(encoded=encode(scene.image)), classes=["circle", "a round thing"])
     with pytest.raises(grpc.RpcError) as raised:
         open_demo_stub.Segment(request, timeout=300)
     assert raised.value.details().startswith("classes[1]: 'a round thing' cannot be read")
+    assert RequestFailed.from_rpc(raised.value).field == "classes[1]"
     assert _ask(open_demo_stub, scene, ["blue star"], SERVING_SCORE).instances  # still serving
 
 

@@ -33,6 +33,6 @@ def test_other_triton_failures_are_internal_errors_that_name_nothing_internal(ca
     error = _domain_error(
         "sam2_mask_decoder", InferenceServerException("onnxruntime: bad shape", status="StatusCode.INTERNAL")
     )
-    code, message = describe(error, "req-7")
+    code, message, _ = describe(error, "req-7")
     assert code.name == "INTERNAL" and message == "internal error (request id req-7)"
     assert "onnxruntime: bad shape" in caplog.text  # the detail stays in the server's log
