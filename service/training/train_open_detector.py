@@ -25,10 +25,10 @@ Never imported by the serving path. What it does:
    its boxes (``LoadVisualPrompt``), classification loss only. Text-prompted outputs stay bit-identical.
 5. Copies ``last.pt`` (fp16, optimizer stripped) to ``shapes-yoloe.pt`` beside this file.
 
-``--stage visual --start shapes-yoloe.pt`` runs step 4 alone on a text-trained checkpoint (the shipped file was
-made that way: stage 1, then stage 2 from its output with a fresh, seeded SAVPE). ``--stage text --start F``
-fine-tunes a text-trained checkpoint (``FINE_TUNE``). ``--recolour`` (not in the shipped file's recipe) shows the
-colour-free levels' images grey or hue-turned (``recolour``; measured in SHAPES_YOLOE.md, session 26).
+``--stage visual --start F`` runs step 4 alone on a text-trained checkpoint with a fresh, seeded SAVPE.
+``--stage text --start F`` fine-tunes a text-trained checkpoint (``FINE_TUNE``). ``--recolour`` shows the
+colour-free levels' images grey or hue-turned (``recolour``). The shipped file: stage 1, stage 2 from its output,
+two ``--stage text --recolour`` fine-tunes, then stage 2 again (the command chain in SHAPES_YOLOE.md).
 
 Ultralytics' YOLOE validator would load MobileCLIP for its class names: the validator here takes the same
 MiniLM features instead (ultralytics val on the 100 val scenes, fine classes, after the last epoch only).
@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument(
         "--recolour",
         action="store_true",
-        help="show colour-free phrase levels' images in grey or turned hues (not in the shipped file's recipe)",
+        help="show colour-free phrase levels' images in grey or turned hues (the shipped file's fine-tunes)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads while training")
     parser.add_argument("--out", type=Path, default=HERE / "shapes-yoloe.pt")

@@ -112,8 +112,9 @@ def test_paraphrases_never_trained_on_are_read_into_the_trained_words(open_demo_
     """Issue 20 finding 13: the 40 evaluation paraphrases (``service.shapes.paraphrases``: colour, shape and size
     words and frames no training ever saw) through the server's phrase reader. Measured with evaluate_open on 300
     scenes: AP50 0.431 before the reader, 0.795 with it; absent-phrase false positives per request, worst phrase,
-    0.433 before, 0.201 with it ("something round", then embedded as sent), 0.192 now that what the reader cannot
-    read is refused ("lavender circle", read as "purple circle"). Each answer says what its text was read as."""
+    0.433 before, 0.201 with it ("something round", then embedded as sent), 0.192 once what the reader cannot
+    read is refused ("lavender circle", read as "purple circle"), 0.063 with the recoloured fine-tune (session 27:
+    "three-sided shape", read as "triangle"; AP50 0.798). Each answer says what its text was read as."""
     groups = phrase_groups()
     phrases = groups["paraphrases"] + groups["held_out_paraphrases"]
     dets = _detections(open_demo_stub, held_out, phrases, LOW_SCORE)
@@ -294,7 +295,7 @@ def test_exemplars_find_more_of_the_same_colour_and_shape(open_demo_stub, held_o
 def test_exemplars_boxed_on_another_image_find_their_kind(open_demo_stub, held_out, figures):
     """The catalog use: the exemplar is boxed on another scene. SAVPE was trained on same-image prompts only, so
     scores are lower (a held-out green star boxed elsewhere often scores below the serving threshold 0.25) but the
-    ranking holds: measured with evaluate_open on 300 scenes, AP50 0.869 trained / 0.913 held-out."""
+    ranking holds: measured with evaluate_open on 300 scenes, AP50 0.883 trained / 0.892 held-out."""
     groups = phrase_groups()
     dets = _exemplar_detections(open_demo_stub, held_out[:30], references=held_out)
     trained, _ = ap50_by_phrase(held_out[:30], groups["trained"], dets)
