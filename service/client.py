@@ -120,7 +120,8 @@ class RequestFailed(Exception):
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, attempts: int = 1) -> RequestFailed:
-        field = violated_field(error.trailing_metadata() if isinstance(error, grpc.Call) else None)
+        trailing = getattr(error, "trailing_metadata", None)  # a grpc.Call, or grpc.aio's AioRpcError
+        field = violated_field(trailing() if callable(trailing) else None)
         return cls(error.code(), error.details() or "", attempts, field)  # type: ignore[attr-defined]
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import grpc
+import grpc.aio
 from google.rpc import error_details_pb2, status_pb2
 
 from service.api.errors import describe, status_details
+from service.client import RequestFailed
 from service.errors import InvalidInput, NotFound
 from service.rich_status import STATUS_DETAILS_KEY, violated_field
 
@@ -27,3 +29,14 @@ def test_errors_without_a_field_carry_no_details():
     assert status_details(describe(NotFound("image_handle: unknown"), "req-3")) == ()
     assert status_details(describe(RuntimeError("boom"), "req-4")) == ()
     assert violated_field(None) is None and violated_field([("x-other", "1")]) is None
+
+
+def test_both_clients_read_the_field_from_a_failed_call():
+    """The sync stub's error is a grpc.Call; the asyncio one (AsyncClient) is an AioRpcError, which is not."""
+    failure = describe(InvalidInput("classes[2]: 'x' cannot be read", field="classes[2]"), "req-5")
+    trailing = grpc.aio.Metadata(*status_details(failure))
+    error = grpc.aio.AioRpcError(failure.code, grpc.aio.Metadata(), trailing, failure.message)
+    failed = RequestFailed.from_rpc(error)
+    assert (failed.code, failed.message, failed.field) == (failure.code, failure.message, "classes[2]")
+    plain = grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+    assert RequestFailed.from_rpc(plain).field is None
