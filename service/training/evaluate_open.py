@@ -166,14 +166,13 @@ class ServedOpenDetector:
         """Every text on every scene, as one request per text would answer it; a text the server refuses (the
         reader cannot read it) finds nothing."""
         read = {t: r for t, r in zip(texts, self.readings(texts), strict=True) if r is not None}
-        readable = list(read)
         embeddings = self.class_embeddings(list(read.values()))
         boxes: dict[tuple[int, str], np.ndarray] = {}
         scores: dict[tuple[int, str], np.ndarray] = {}
         for scene in scenes:
-            self._keep_each(scene, readable, self.raw(scene.image, embeddings), score, iou, boxes, scores)
+            self._keep_each(scene, list(read), self.raw(scene.image, embeddings), score, iou, boxes, scores)
             for text in texts:
-                if text not in readable:
+                if text not in read:
                     boxes[scene.seed, text], scores[scene.seed, text] = np.zeros((0, 4), np.float32), np.zeros(0)
         return PhraseDetections(boxes, scores)
 
