@@ -26,6 +26,7 @@ from service.api.server import SERVICE_NAME, Served, start_server
 from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import DetsegError
+from service.models.catalog import PROFILE_SCORE_THRESHOLDS
 from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits
 from service.pipeline.images import ImageStore
@@ -60,9 +61,12 @@ def review_rules(settings: Settings) -> ReviewRules:
     return _from_settings(ReviewRules, settings, prefix="review_")
 
 
-def request_limits(settings: Settings) -> Limits:
-    """What a request may ask and its defaults (the Settings fields of the same names), with the review rules."""
-    return _from_settings(Limits, settings, review=review_rules(settings))
+def request_limits(settings: Settings, profile: str) -> Limits:
+    """What a request may ask and its defaults (the Settings fields of the same names), with the review rules; the
+    default score threshold is the one ``profile``'s detector was calibrated to answer at unless the settings name
+    one (``Settings.request_score_threshold``)."""
+    threshold = settings.request_score_threshold(PROFILE_SCORE_THRESHOLDS.get(profile))
+    return _from_settings(Limits, settings, review=review_rules(settings), default_score_threshold=threshold)
 
 
 def image_limits(settings: Settings) -> ImageLimits:
@@ -108,7 +112,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
     return Pipeline(
         runner,
         image_store(settings, runner, reader),
-        request_limits(settings),
+        request_limits(settings, runner.profile),
         matcher=(
             VocabularyMatcher(runner.embed_text, settings.text_match_threshold, settings.text_cache_entries)
             if runner.text_encoder is not None and not open_vocabulary

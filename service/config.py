@@ -192,8 +192,10 @@ class Settings:
     max_track_sessions: int = 8
     track_idle_seconds: float = 60.0
 
-    # Defaults for request options.
-    default_score_threshold: float = 0.25
+    # Defaults for request options. default_score_threshold None (unset): the score threshold the served profile's
+    # detector was calibrated to answer at (models.catalog.PROFILE_SCORE_THRESHOLDS: demo-open 0.35), else 0.25,
+    # ultralytics' own default (``request_score_threshold``); ListModels reports the one in force.
+    default_score_threshold: float | None = None
     default_iou_threshold: float = 0.7
     default_max_instances: int = 100
 
@@ -260,12 +262,23 @@ class Settings:
         config = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
         return cls.load(overrides, os.environ, Path(config) if config else None)
 
+    def request_score_threshold(self, calibrated: float | None) -> float:
+        """The score threshold a request without one gets: ``default_score_threshold`` when set, else the served
+        detector's ``calibrated`` one (None: it names none), else 0.25."""
+        if self.default_score_threshold is not None:
+            return self.default_score_threshold
+        return calibrated if calibrated is not None else 0.25
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
 def _coerce(type_name: Any, value: Any) -> Any:
     kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if kind.endswith(" | None"):  # optional: None, or "" / "none" from a file or the environment, is unset
+        if value is None or str(value).strip().lower() in {"", "none"}:
+            return None
+        kind = kind.removesuffix(" | None")
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -253,7 +253,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             profile=self._profile,
             backend=pipeline.runner.backend,
             defaults=pb.ServerDefaults(
-                score_threshold=s.default_score_threshold,
+                score_threshold=pipeline.limits.default_score_threshold,
                 iou_threshold=s.default_iou_threshold,
                 max_instances=s.default_max_instances,
                 max_instances_limit=s.max_instances,

@@ -196,3 +196,10 @@ PROFILES: dict[str, tuple[str, str]] = {
     # Open vocabulary: YOLOE-11S (its MobileCLIP text encoder, mobileclip_blt, is fetched with it on start).
     "official-open": ("yoloe-11s-seg", "sam2.1_hiera_tiny"),
 }
+
+# The score threshold a profile's detector was calibrated to answer at: requests without a score_threshold get it,
+# unless Settings.default_score_threshold is set (profiles not named here: 0.25). demo-open: the least threshold, in
+# steps of 0.05, at which every absent phrase (trained, held-out combinations, the evaluation paraphrases) drew at
+# most 0.05 false positives per request on 100 validation scenes (`python -m service.training.evaluate_open
+# --calibrate`; service/models/demo/SHAPES_YOLOE.md, "Operating threshold"); re-chosen with every new file.
+PROFILE_SCORE_THRESHOLDS: dict[str, float] = {"demo-open": 0.35}

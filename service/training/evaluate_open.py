@@ -29,8 +29,11 @@ exemplar boxed on another test scene (the first other one holding the combinatio
 
 AP50: COCOeval bbox AP at IoU 0.5 over the group's categories (score ≥ 0.001, 100 detections per image and
 phrase). False positives for absent phrases: for every (image, phrase) whose phrase describes nothing in the
-image, the detections a request at the serving defaults (score ≥ 0.25, NMS IoU 0.7) returns; reported per
-request (one absent phrase per request), and summed over all absent trained phrases of an image.
+image, the detections a request at the serving defaults (score ≥ the demo-open profile's calibrated threshold,
+0.35; NMS IoU 0.7) returns; reported per request (one absent phrase per request), and summed over all absent trained
+phrases of an image.
+
+``--calibrate`` chooses that threshold instead, on validation scenes (``calibrate``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from service.models.catalog import PROFILE_SCORE_THRESHOLDS
 from service.pipeline.phrases import PhraseReader
 from service.shapes.attributes import (
     COLOURS,
@@ -62,8 +66,13 @@ from service.shapes.attributes import (
 from service.shapes.paraphrases import EVALUATION_PARAPHRASES, HELD_OUT_PARAPHRASES
 from service.shapes.world import CLASSES
 
-SERVING_SCORE, SERVING_IOU, MAX_DETECTIONS = 0.25, 0.7, 100
+# What a request to the demo-open server gets by default: its calibrated score threshold (``calibrate``), NMS IoU.
+SERVING_SCORE, SERVING_IOU, MAX_DETECTIONS = PROFILE_SCORE_THRESHOLDS["demo-open"], 0.7, 100
 EVAL_SCORE = 0.001
+# ``calibrate``: the thresholds tried, and the bound on false positives per request every absent phrase must meet
+# (issue 20 finding 13).
+CALIBRATION_THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+FP_BOUND = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +354,80 @@ def absent_false_positives_by_phrase(
     return out
 
 
+def above(dets: PhraseDetections, score: float) -> PhraseDetections:
+    """The detections scoring at least ``score`` (what a request at that threshold returns: NMS keeps the same
+    boxes above it)."""
+    keep = {key: s >= score for key, s in dets.scores.items()}
+    return PhraseDetections(
+        {key: b[keep[key]] for key, b in dets.boxes.items()}, {key: s[keep[key]] for key, s in dets.scores.items()}
+    )
+
+
+def recall(scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections) -> float | None:
+    """The share of (instance, phrase describing it) pairs that one of the phrase's detections boxes (IoU >= 0.5;
+    each detection boxes at most one instance); None when the phrases describe nothing in the scenes (held-out
+    combinations on validation scenes)."""
+    found = present = 0
+    for s in scenes:
+        for p in phrases:
+            truth = np.array([i.box for i in s.instances if p.describes(i)], np.float64).reshape(-1, 4)
+            present += len(truth)
+            free = np.ones(len(truth), bool)
+            for box in dets.boxes[s.seed, p.text]:
+                if not free.any():
+                    break
+                ious = np.where(free, _box_ious(box, truth), 0.0)
+                if ious.max() >= 0.5:
+                    free[int(ious.argmax())] = False
+            found += int((~free).sum())
+    return found / present if present else None
+
+
+def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    lo, hi = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    return inter / (np.prod(box[2:] - box[:2]) + areas - inter)
+
+
+def calibrate(weights: Path, count: int = 100, split: str = "val") -> dict[str, Any]:
+    """The operating threshold of an open-vocabulary shapes detector, chosen on ``split`` scenes (never the test
+    split): the least of ``CALIBRATION_THRESHOLDS`` at which every absent phrase (trained, held-out combinations,
+    paraphrases) draws at most ``FP_BOUND`` false positives per request (``threshold_rows``)."""
+    scenes = attribute_scenes(split, count)
+    detector = ServedOpenDetector(weights)
+    groups = {name: phrase_groups()[name] for name in ("trained", "held_out", "paraphrases", "held_out_paraphrases")}
+    texts = list(dict.fromkeys(p.text for ps in groups.values() for p in ps))
+    rows = threshold_rows(scenes, groups, detector.detect_each(scenes, texts, min(CALIBRATION_THRESHOLDS)))
+    return {"split": split, "scenes": count, "fp_bound": FP_BOUND, "thresholds": rows, "chosen": least_within(rows)}
+
+
+def least_within(rows: dict[str, Any]) -> float | None:
+    """The least threshold of ``threshold_rows`` with no phrase over the bound in any group (None: none)."""
+    met = [t for t in CALIBRATION_THRESHOLDS if not any(g["over_bound"] for g in rows[f"{t:g}"].values())]
+    return met[0] if met else None
+
+
+def threshold_rows(
+    scenes: Sequence[AttributeScene], groups: dict[str, list[Phrase]], dets: PhraseDetections
+) -> dict[str, Any]:
+    """Per threshold of ``CALIBRATION_THRESHOLDS`` ("0.35") and phrase group, from detections kept at the lowest:
+    the worst absent phrase, the phrases over ``FP_BOUND``, and the recall of the described instances."""
+    rows: dict[str, Any] = {}
+    for threshold in CALIBRATION_THRESHOLDS:
+        kept, row = above(dets, threshold), {}
+        for name, phrases in groups.items():
+            per = absent_false_positives_by_phrase(scenes, phrases, kept)
+            worst = max(per, key=per.__getitem__)
+            row[name] = {
+                "worst_absent": {"phrase": worst, "fp_per_request": per[worst]},
+                "over_bound": sorted(p for p, v in per.items() if v > FP_BOUND),
+                "recall": recall(scenes, phrases, kept),
+            }
+        rows[f"{threshold:g}"] = row
+    return rows
+
+
 def distractor(scene: AttributeScene, p: Phrase) -> bool:
     """The phrase's shape or colour is in the image (on another object): the hard absent phrases."""
     return any(i.shape == p.shape or i.colour == p.colour for i in scene.instances)
@@ -404,7 +487,11 @@ def evaluate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=Path(__file__).parents[1] / "models/demo/shapes-yoloe.pt")
-    parser.add_argument("--scenes", type=int, default=300, help="test scenes (seeds 12,000,000 + i)")
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        help="test scenes (seeds 12,000,000 + i; default 300), or validation scenes to calibrate on (default 100)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument(
         "--text-model", help='class-text encoder instead of the checkpoint\'s (e.g. "minilm-512:seed0": the fixed one)'
@@ -413,8 +500,23 @@ def main() -> None:
     parser.add_argument(
         "--no-phrase-reader", action="store_true", help="embed texts as sent (the figures before the phrase reader)"
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="choose the operating score threshold on validation scenes instead",
+    )
     args = parser.parse_args()
-    result = evaluate(args.weights, args.scenes, args.text_model, not args.no_exemplars, not args.no_phrase_reader)
+    if args.calibrate:
+        chosen = calibrate(args.weights, args.scenes or 100)
+        for threshold, row in chosen["thresholds"].items():
+            print(threshold, json.dumps(row))
+        print("chosen", chosen["chosen"])
+        if args.json:
+            args.json.write_text(json.dumps(chosen, indent=1))
+        return
+    result = evaluate(
+        args.weights, args.scenes or 300, args.text_model, not args.no_exemplars, not args.no_phrase_reader
+    )
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:40s} {value:.3f}")

@@ -584,7 +584,8 @@ def test_the_front_end_may_only_connect_to_dns_triton_redis_and_otlp(render):
 def test_schema_config_is_exactly_the_settings_the_chart_does_not_set():
     config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
     assert config["additionalProperties"] is False
-    kinds = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "Path": "string"}
+    kinds = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "Path": "string",
+             "float | None": ["number", "null"]}  # fmt: skip
     fields = [f for f in dataclasses.fields(Settings) if f.name not in CHART_OWNED]
     expected = {f.name: kinds[f.type if isinstance(f.type, str) else f.type.__name__] for f in fields}
     actual = {name: prop["type"] for name, prop in config["properties"].items()}

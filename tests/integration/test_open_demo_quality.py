@@ -17,6 +17,7 @@ from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.rich_status import violated_field
 from service.shapes.attributes import attribute_scenes, render_attribute_scene
 from service.training.evaluate_open import (
+    FP_BOUND,
     SERVING_SCORE,
     Phrase,
     PhraseDetections,
@@ -31,6 +32,7 @@ from tests.helpers import encode, mask_iou, rle_mask
 pytestmark = pytest.mark.slow  # 60 held-out scenes through the open demo models
 
 SCENES = 60
+SERVED = None  # a request without a score threshold: the profile's calibrated default (evaluate_open.SERVING_SCORE)
 LOW_SCORE = 0.05  # AP requests: lower than serving, above the long tail (at most 300 instances a request)
 
 
@@ -45,8 +47,11 @@ def held_out():
     return attribute_scenes("test", SCENES)
 
 
-def _ask(stub, scene, texts, score: float, max_instances: int = 300) -> pb.SegmentResponse:
-    options = pb.SegmentOptions(score_threshold=score, max_instances=max_instances)
+def _ask(stub, scene, texts, score: float | None, max_instances: int = 300) -> pb.SegmentResponse:
+    """``score`` None: the request names no score threshold, the server's default applies."""
+    options = pb.SegmentOptions(max_instances=max_instances)
+    if score is not None:
+        options.score_threshold = score
     request = pb.SegmentRequest(image=pb.Image(encoded=encode(scene.image)), texts=list(texts), options=options)
     return stub.Segment(request, timeout=300)
 
@@ -57,7 +62,7 @@ _REFUSED: dict[str, bool] = {}  # text → the server refuses it (INVALID_ARGUME
 def _refused(stub, scene, text: str) -> bool:
     if text not in _REFUSED:
         try:
-            _ask(stub, scene, [text], SERVING_SCORE)
+            _ask(stub, scene, [text], SERVED)
             _REFUSED[text] = False
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
@@ -65,7 +70,7 @@ def _refused(stub, scene, text: str) -> bool:
     return _REFUSED[text]
 
 
-def _detections(stub, scenes, phrases: list[Phrase], score: float) -> PhraseDetections:
+def _detections(stub, scenes, phrases: list[Phrase], score: float | None) -> PhraseDetections:
     """Each phrase's answers on each scene; a phrase the server refuses finds nothing (as a client would have it)."""
     texts = [p.text for p in phrases if not _refused(stub, scenes[0], p.text)]
     boxes, scores = {}, {}
@@ -100,7 +105,7 @@ def test_trained_and_held_out_phrases_reach_their_ap50_targets(trained_and_held_
 
 def test_phrases_naming_absent_things_find_almost_nothing(open_demo_stub, held_out, figures):
     groups = phrase_groups()
-    served = _detections(open_demo_stub, held_out[:30], groups["trained"], SERVING_SCORE)
+    served = _detections(open_demo_stub, held_out[:30], groups["trained"], SERVED)
     fp = absent_false_positives(held_out[:30], groups["trained"], served)
     figures["demo-open false positives per request for an absent trained phrase (30 scenes)"] = (
         f"{fp['fp_per_request']:.3f} ({fp['false_positives']} in {fp['queries']} requests)"
@@ -113,30 +118,48 @@ def test_paraphrases_never_trained_on_are_read_into_the_trained_words(open_demo_
     words and frames no training ever saw) through the server's phrase reader. Measured with evaluate_open on 300
     scenes: AP50 0.431 before the reader, 0.795 with it; absent-phrase false positives per request, worst phrase,
     0.433 before, 0.201 with it ("something round", then embedded as sent), 0.192 once what the reader cannot
-    read is refused ("lavender circle", read as "purple circle"), 0.063 with the recoloured fine-tune (session 27:
-    "three-sided shape", read as "triangle"; AP50 0.798). Each answer says what its text was read as."""
+    read is refused ("lavender circle", read as "purple circle"), 0.063 with the recoloured fine-tune at score 0.25
+    (session 27: "three-sided shape", read as "triangle"; AP50 0.798). Each answer says what its text was read as."""
     groups = phrase_groups()
     phrases = groups["paraphrases"] + groups["held_out_paraphrases"]
     dets = _detections(open_demo_stub, held_out, phrases, LOW_SCORE)
     said, _ = ap50_by_phrase(held_out, groups["paraphrases"], dets)
     unseen, _ = ap50_by_phrase(held_out, groups["held_out_paraphrases"], dets)
-    served = _detections(open_demo_stub, held_out[:30], groups["paraphrases"], SERVING_SCORE)
-    worst = max(absent_false_positives_by_phrase(held_out[:30], groups["paraphrases"], served).items(),
-                key=lambda kv: kv[1])  # fmt: skip
     refused = sorted(p.text for p in phrases if _REFUSED[p.text])
     figures[f"demo-open paraphrase AP50 through gRPC ({SCENES} scenes): paraphrases / of held-out combinations"] = (
-        f"{said:.3f} / {unseen:.3f}; worst absent-phrase false positives per request (30 scenes) {worst[1]:.3f} "
-        f"({worst[0]!r}); refused: {len(refused)} ({', '.join(refused)})"
+        f"{said:.3f} / {unseen:.3f}; refused: {len(refused)} ({', '.join(refused)})"
     )
     assert said >= 0.7 and unseen >= 0.7
 
     scene = _scenes_with(("blue", "star"), count=1)[0]
-    read = _ask(open_demo_stub, scene, ["cerulean star"], SERVING_SCORE)
+    read = _ask(open_demo_stub, scene, ["cerulean star"], SERVED)
     assert {i.text_match.read_as for i in read.instances} == {"blue star"}
-    plain = _ask(open_demo_stub, scene, ["blue star"], SERVING_SCORE).instances
+    plain = _ask(open_demo_stub, scene, ["blue star"], SERVED).instances
     # answered as "blue star" alone is: the same boxes, scores within float error
     assert [i.box for i in read.instances] == [i.box for i in plain]
     assert [i.score for i in read.instances] == pytest.approx([i.score for i in plain], abs=1e-5)
+
+
+def test_every_absent_phrase_finds_almost_nothing_at_the_served_default(open_demo_stub, held_out, figures):
+    """Issue 20 finding 13: at most FP_BOUND false positives per request for every absent paraphrase of the 40
+    evaluation paraphrases, not only on average, each asked where it describes nothing, with no score threshold in
+    the request. At the shared default 0.25 two missed (evaluate_open, 300 test scenes: "three-sided shape" 0.063,
+    "four-cornered shape" 0.061); demo-open now answers at the threshold calibrated on validation scenes
+    (``evaluate_open.calibrate``), which ListModels reports. The trained phrases and held-out combinations are
+    reported beside them (the finding bounds the paraphrases; on 300 test scenes the worst trained phrase, "purple
+    square", drew 0.072)."""
+    models = open_demo_stub.ListModels(pb.ListModelsRequest(), timeout=60)
+    assert models.defaults.score_threshold == pytest.approx(SERVING_SCORE)
+    groups = phrase_groups()
+    worst = {}
+    for name in ("paraphrases", "trained", "held_out"):  # a request per group and scene (at most 64 texts a request)
+        served = _detections(open_demo_stub, held_out, groups[name], SERVED)
+        per = absent_false_positives_by_phrase(held_out, groups[name], served)
+        worst[name] = max(per.items(), key=lambda kv: kv[1])
+    figures[f"demo-open worst absent phrase, false positives per request at the served default ({SCENES} scenes)"] = (
+        "; ".join(f"{name} {fp:.3f} ({text!r})" for name, (text, fp) in worst.items())
+    )
+    assert worst["paraphrases"][1] <= FP_BOUND, worst
 
 
 def test_a_text_outside_the_phrase_grammar_is_refused_and_says_why(open_demo_stub):
@@ -151,7 +174,7 @@ def test_a_text_outside_the_phrase_grammar_is_refused_and_says_why(open_demo_stu
         (["red or blue star"], "texts[0]", "two colours (blue, red)"),
     ):
         with pytest.raises(grpc.RpcError) as raised:
-            _ask(open_demo_stub, scene, texts, SERVING_SCORE)
+            _ask(open_demo_stub, scene, texts, SERVED)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         message = raised.value.details()
         assert message.startswith(f"{field}: {texts[int(field[6])]!r} cannot be read"), message
@@ -162,7 +185,7 @@ def test_a_text_outside_the_phrase_grammar_is_refused_and_says_why(open_demo_stu
         open_demo_stub.Segment(request, timeout=300)
     assert raised.value.details().startswith("classes[1]: 'a round thing' cannot be read")
     assert RequestFailed.from_rpc(raised.value).field == "classes[1]"
-    assert _ask(open_demo_stub, scene, ["blue star"], SERVING_SCORE).instances  # still serving
+    assert _ask(open_demo_stub, scene, ["blue star"], SERVED).instances  # still serving
 
 
 def test_labels_and_masks_end_to_end_on_trained_phrases(open_demo_stub, held_out, figures):
@@ -173,7 +196,7 @@ def test_labels_and_masks_end_to_end_on_trained_phrases(open_demo_stub, held_out
     matched = correct = 0
     ious = []
     for scene in held_out[:30]:
-        response = _ask(open_demo_stub, scene, texts, SERVING_SCORE)
+        response = _ask(open_demo_stub, scene, texts, SERVED)
         for inst in scene.instances:
             want = f"{inst.colour} {inst.shape}"
             if want not in texts:
@@ -214,7 +237,7 @@ def test_green_star_and_red_star_each_find_only_their_own(open_demo_stub, figure
     answers = crossed = stray = 0
     for scene in _scenes_with(("green", "star"), ("red", "star"), count=8):
         for text, other in (("green star", "red star"), ("red star", "green star")):
-            response = _ask(open_demo_stub, scene, [text], SERVING_SCORE)
+            response = _ask(open_demo_stub, scene, [text], SERVED)
             boxes = [(r.box.x_min, r.box.y_min, r.box.x_max, r.box.y_max) for r in response.instances]
             mine = [i.box for i in scene.instances if i.colour_shape == text]
             theirs = [i.box for i in scene.instances if i.colour_shape == other]
