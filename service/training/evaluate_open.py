@@ -364,30 +364,34 @@ def above(dets: PhraseDetections, score: float) -> PhraseDetections:
 
 
 def recall(scenes: Sequence[AttributeScene], phrases: Sequence[Phrase], dets: PhraseDetections) -> float | None:
-    """The share of (instance, phrase describing it) pairs that one of the phrase's detections boxes (IoU >= 0.5;
-    each detection boxes at most one instance); None when the phrases describe nothing in the scenes (held-out
-    combinations on validation scenes)."""
+    """The share of (instance, phrase describing it) pairs that one of the phrase's detections boxes (box IoU >= 0.5
+    as pycocotools computes it; detections in score order, each boxing at most one instance); None when the phrases
+    describe nothing in the scenes (held-out combinations on validation scenes)."""
+    from pycocotools import mask as mask_utils
+
     found = present = 0
     for s in scenes:
         for p in phrases:
-            truth = np.array([i.box for i in s.instances if p.describes(i)], np.float64).reshape(-1, 4)
+            truth = [_xywh(i.box) for i in s.instances if p.describes(i)]
             present += len(truth)
+            boxes = dets.boxes[s.seed, p.text][np.argsort(-dets.scores[s.seed, p.text], kind="stable")]
+            if not truth or not len(boxes):
+                continue
+            ious = np.asarray(mask_utils.iou([_xywh(b) for b in boxes], truth, [0] * len(truth))).reshape(
+                len(boxes), -1
+            )
             free = np.ones(len(truth), bool)
-            for box in dets.boxes[s.seed, p.text]:
-                if not free.any():
-                    break
-                ious = np.where(free, _box_ious(box, truth), 0.0)
-                if ious.max() >= 0.5:
-                    free[int(ious.argmax())] = False
+            for row in ious:
+                row = np.where(free, row, 0.0)
+                if row.max() >= 0.5:
+                    free[int(row.argmax())] = False
             found += int((~free).sum())
     return found / present if present else None
 
 
-def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    lo, hi = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
-    areas = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    return inter / (np.prod(box[2:] - box[:2]) + areas - inter)
+def _xywh(box: Sequence[float]) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def calibrate(weights: Path, count: int = 100, split: str = "val") -> dict[str, Any]:
