@@ -28,7 +28,7 @@ from service.config import Settings
 from service.errors import DetsegError
 from service.models.catalog import PROFILE_SCORE_THRESHOLDS
 from service.pipeline.cache import EmbeddingCache
-from service.pipeline.image import ImageLimits
+from service.pipeline.image import ImageLimits, check_jpeg_device
 from service.pipeline.images import ImageStore
 from service.pipeline.lru import LRU
 from service.pipeline.phrases import PhraseReader
@@ -82,7 +82,7 @@ def shared_tier(settings: Settings, runner: Runner, reader: PhraseReader | None 
         return None
     tier = RedisTier(
         url=settings.redis_url,
-        identity=ModelIdentity.of(runner, reader),
+        identity=ModelIdentity.of(runner, reader, settings.jpeg_device),
         ttl=settings.cache_ttl_seconds,
         max_entry_bytes=settings.redis_max_entry_bytes,
         timeout=settings.redis_timeout_seconds,
@@ -95,7 +95,9 @@ def shared_tier(settings: Settings, runner: Runner, reader: PhraseReader | None 
 def image_store(settings: Settings, runner: Runner, reader: PhraseReader | None = None) -> ImageStore:
     """This process's embedding cache and, with ``redis_url``, the shared tier behind it."""
     cache = EmbeddingCache(settings.cache_max_bytes, settings.cache_ttl_seconds)
-    return ImageStore(image_limits(settings), cache, shared_tier(settings, runner, reader), settings.max_kept_masks)
+    shared = shared_tier(settings, runner, reader)
+    jpeg_device = check_jpeg_device(settings.jpeg_device)
+    return ImageStore(image_limits(settings), cache, shared, settings.max_kept_masks, jpeg_device)
 
 
 def phrase_reader(runner: Runner) -> PhraseReader | None:

@@ -90,6 +90,10 @@ class Settings:
     cache_dir: Path = dataclasses.field(default_factory=_default_cache_dir)
     offline: bool = False  # never try to download weights
     device: str = "cpu"  # torch backend: cpu | cuda | cuda:N (both models; arrays cross to it and back)
+    # Where JPEG bytes are decoded (TorchCodec): cpu (libjpeg-turbo, Pillow's pixels) | cuda | cuda:N (nvJPEG; the
+    # pixels then cross back to the host). Off the host only by choice: nvJPEG's pixels are its own
+    # (benchmarks/JPEG.md).
+    jpeg_device: str = "cpu"
     # Numerical precision: "auto" runs the fastest variant that passed the quality gate (final masks IoU >= 0.99 vs
     # fp32 of the same weights; benchmarks/RESULTS.md, GPU-H100.md) where the machine supports it: SAM under bfloat16
     # autocast on CUDA (torch backend); SAM's image encoder statically quantised to int8 (backend openvino, where

@@ -6,6 +6,14 @@ every row the header declares. EXIF orientation is applied, so every coordinate 
 displayed frame. Grayscale, palette, RGBA (composited over white), 16-bit and CMYK images are converted to
 8-bit RGB.
 
+Pixels: JPEGs whose header Pillow reads as YCbCr or grayscale (nearly all; not those whose orientation only XMP
+carries, which TorchCodec does not read) are decoded by TorchCodec
+(``decode_jpeg``: libjpeg-turbo on the CPU, nvJPEG on a CUDA device), the decoder the PyTorch ecosystem moved to from
+torchvision's; on the CPU it gives Pillow's pixels byte for byte (tests/unit/test_jpeg.py) in about half Pillow's time,
+since it decodes straight into the (H, W, 3) array and releases the GIL (benchmarks/JPEG.md). Every other image,
+CMYK JPEGs included, is decoded by Pillow, and so are damaged JPEGs TorchCodec refuses (it stops at damage
+that libjpeg decodes with a warning through Pillow): what is refused stays what Pillow refuses.
+
 Bytes are parsed by Pillow's own format plugins, never through ``PIL.Image.open``: ultralytics replaces that
 function process-wide with a wrapper that, for bytes Pillow cannot identify, runs its requirement checker
 (which may pip-install a package). Nothing here can install, download or start a process.
@@ -13,6 +21,7 @@ function process-wide with a wrapper that, for bytes Pillow cannot identify, run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -21,9 +30,11 @@ import warnings
 import zlib
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+import torch
+from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from torchcodec.decoders import decode_jpeg
 
-from service.errors import InvalidImage
+from service.errors import ConfigurationError, InvalidImage
 
 # Allowed formats: (magic-byte test, PIL format name, our name).
 _ALLOWED = (
@@ -45,6 +56,9 @@ _OPENERS: dict[str, type[ImageFile.ImageFile]] = {
     "PNG": PngImagePlugin.PngImageFile,
     "WEBP": WebPImagePlugin.WebPImageFile,
 }
+# JPEG colour modes (as Pillow's header reader names them) whose pixels TorchCodec decodes: YCbCr (and RGB) and
+# grayscale. CMYK and YCCK keep Pillow's conversion.
+_TORCHCODEC_MODES = ("RGB", "L")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +114,16 @@ def _check_size(width: int, height: int, limits: ImageLimits, field: str) -> Non
 
 
 def decode_image(
-    data: bytes, limits: ImageLimits, field: str = "image.encoded", sha256: str | None = None
+    data: bytes,
+    limits: ImageLimits,
+    field: str = "image.encoded",
+    sha256: str | None = None,
+    jpeg_device: str = "cpu",
 ) -> DecodedImage:
     """Decodes JPEG/PNG/WebP bytes into a validated RGB image (see module docstring).
 
-    ``sha256``: the bytes' hex digest when the caller has it already (not recomputed)."""
+    ``sha256``: the bytes' hex digest when the caller has it already (not recomputed). ``jpeg_device``: the torch
+    device TorchCodec decodes JPEGs on ("cpu", or "cuda"/"cuda:N" for nvJPEG); the pixels end on the host."""
     if not data:
         raise InvalidImage(f"{field}: empty; send {ALLOWED_FORMATS} bytes or image.raw")
     if len(data) > limits.max_bytes:
@@ -125,9 +144,14 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError):
         raise InvalidImage(f"{field}: corrupt {ours.upper()} header") from None
     _check_size(img.width, img.height, limits, field)  # from the header, before decoding
+    rgb = None
+    if pil_format == "JPEG" and img.mode in _TORCHCODEC_MODES and not _xmp_orientation(img):
+        with contextlib.suppress(RuntimeError):  # damage it refuses, Pillow may decode (with libjpeg's warning)
+            rgb = _jpeg_pixels(data, jpeg_device)
     try:
-        img.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+        if rgb is None:
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
     return DecodedImage(rgb=rgb, format=ours, sha256=sha256 or hashlib.sha256(data).hexdigest())
@@ -228,6 +252,36 @@ def image_from_raw(
         )
     rgb = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).copy()
     return DecodedImage(rgb=rgb, format="raw", sha256=sha256 or hashlib.sha256(data).hexdigest())
+
+
+def check_jpeg_device(device: str) -> str:
+    """``device`` when JPEGs can be decoded there (the Settings' ``jpeg_device``: "cpu", or a CUDA device this
+    process sees), else ConfigurationError naming the setting."""
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ConfigurationError(f"jpeg_device: {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if where.type == "cpu":
+        return device
+    if where.type != "cuda" or not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count():
+        raise ConfigurationError(f"jpeg_device: {device!r} is not a CUDA device of this machine; decode on cpu")
+    return device
+
+
+def _jpeg_pixels(data: bytes, device: str) -> np.ndarray:
+    """JPEG bytes (YCbCr or grayscale) → (H, W, 3) uint8, C-contiguous, decoded by TorchCodec on ``device``, in the
+    displayed frame: TorchCodec applies the EXIF orientation as ``ImageOps.exif_transpose`` does (a transposing
+    one leaves a strided view, copied here). Bad data raises RuntimeError (TorchCodec returns no partial image)."""
+    chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB", device=device)
+    assert isinstance(chw, torch.Tensor)  # one image in, one out
+    return np.ascontiguousarray(chw.permute(1, 2, 0).cpu().numpy())
+
+
+def _xmp_orientation(header: Image.Image) -> bool:
+    """Whether Pillow reads a JPEG's orientation from its XMP (no EXIF orientation tag): TorchCodec reads EXIF's."""
+    exif = Image.Exif()
+    exif.load(header.info.get("exif", b""))
+    return header.getexif().get(ExifTags.Base.Orientation) != exif.get(ExifTags.Base.Orientation)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

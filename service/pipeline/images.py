@@ -43,7 +43,8 @@ class FoundImage:
 class ImageStore:
     """Finds, decodes and keeps a request's images. ``cache``: this replica's tier (None: nothing kept);
     ``shared``: the tier shared by replicas (None: none), asked after a miss here (blocking: in a worker thread);
-    ``max_kept_masks``: low-res masks kept per cached image (options.keep_masks)."""
+    ``max_kept_masks``: low-res masks kept per cached image (options.keep_masks); ``jpeg_device``: the torch device
+    JPEGs are decoded on (``decode_image``)."""
 
     def __init__(
         self,
@@ -51,8 +52,10 @@ class ImageStore:
         cache: EmbeddingCache | None = None,
         shared: SharedTier | None = None,
         max_kept_masks: int = 0,
+        jpeg_device: str = "cpu",
     ) -> None:
         self.limits = limits
+        self.jpeg_device = jpeg_device
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
         self.shared = shared
         self.max_kept_masks = max_kept_masks
@@ -103,7 +106,9 @@ class ImageStore:
         digest = handle.removeprefix(PREFIX)
         if image.raw is not None:
             return image_from_raw(image.raw, image.width, image.height, self.limits, digest, f"{field}.raw")
-        return decode_image(image.encoded or b"", self.limits, f"{field}.encoded", sha256=digest)
+        return decode_image(
+            image.encoded or b"", self.limits, f"{field}.encoded", sha256=digest, jpeg_device=self.jpeg_device
+        )
 
     def reference_images(self, exemplars: tuple[Exemplar, ...]) -> list[DecodedImage | None]:
         """Each exemplar's own image (None: the request's), found or decoded as the request's image is, each

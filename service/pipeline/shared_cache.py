@@ -72,35 +72,42 @@ class ModelIdentity:
     num_classes: int
 
     @classmethod
-    def of(cls, runner: Runner, reader: PhraseReader | None = None) -> ModelIdentity:
+    def of(cls, runner: Runner, reader: PhraseReader | None = None, jpeg_device: str = "cpu") -> ModelIdentity:
         """The identity of a loaded runner's detector and segmenter (computed once, where the tier is built); the
-        detector's names the phrase ``reader`` too (it changes what a text's detections are)."""
+        detector's names the phrase ``reader`` too (it changes what a text's detections are), and both name nvJPEG
+        when JPEGs are decoded on a GPU (``jpeg_device``: its pixels are its own; the host's are Pillow's)."""
         by_role = {m.role: m for m in runner.models}
         detector, segmenter = by_role[ModelRole.DETECTOR], by_role[ModelRole.SEGMENTER]
+        jpeg = "" if jpeg_device == "cpu" else "nvjpeg"
         return cls(
-            segmenter=_digest(segmenter, runner.backend),
-            detector=_digest(detector, runner.backend, reader.name if reader is not None else ""),
+            segmenter=_digest(segmenter, runner.backend, jpeg=jpeg),
+            detector=_digest(detector, runner.backend, reader.name if reader is not None else "", jpeg),
             image_size=runner.segmenter.image_size,
             num_classes=0 if runner.detector.open_vocabulary else len(runner.detector.names),
         )
 
 
-def _digest(model: ModelDescriptor, backend: str, reader: str = "") -> str:
+def _digest(model: ModelDescriptor, backend: str, reader: str = "", jpeg: str = "") -> str:
     """128-bit hex digest of what makes a model's outputs what they are (not its gate measurements or notes);
-    ``reader``: the phrase reader in front of an open-vocabulary detector ("" none: the digest of before readers)."""
+    ``reader``: the phrase reader in front of an open-vocabulary detector ("" none: the digest of before readers);
+    ``jpeg``: the JPEG decoder when not the host's ("" the host's: the digest of before)."""
     parts = (
-        str(model.role),
-        model.name,
-        model.architecture,
-        model.version,
-        model.weights_sha256,
-        model.input_size,
-        list(model.vocabulary),
-        model.open_vocabulary,
-        model.precision,
-        backend,
-        PREPROCESSING_VERSION,
-    ) + ((reader,) if reader else ())
+        (
+            str(model.role),
+            model.name,
+            model.architecture,
+            model.version,
+            model.weights_sha256,
+            model.input_size,
+            list(model.vocabulary),
+            model.open_vocabulary,
+            model.precision,
+            backend,
+            PREPROCESSING_VERSION,
+        )
+        + ((reader,) if reader else ())
+        + ((f"jpeg:{jpeg}",) if jpeg else ())
+    )
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 

@@ -6,7 +6,8 @@
 # CPython 3.12 wheels pinned to this venv's versions, copies of the sdist-only packages, and Debian's redis-server
 # with the two libraries that image lacks (the workers' shared tier). Then the device call is
 #   run(command="bash tests/benchmarks/device/run.sh", carry=[".whl", "service/proto"], timeout_s=...)
-# The tree plus .whl must stay under the device tool's 64 MiB (about 42 + 23 MB in 2026-12).
+# The tree plus .whl must stay under the device tool's 64 MiB (about 42 + 23 MB in 2026-12, + 10 MB of TorchCodec since
+# session 29; its 0.16 release notes say torch >= 2.11, the H200 image's torch; 0.17 with 2.11 is not yet tried).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
@@ -17,7 +18,7 @@ WHEELS="cryptography cffi defusedxml googleapis-common-protos grpcio grpcio-heal
 grpcio-tools hydra-core omegaconf opentelemetry-api opentelemetry-exporter-otlp-proto-common
 opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-prometheus opentelemetry-proto opentelemetry-sdk
 opentelemetry-semantic-conventions openvino-telemetry pycocotools pydot redis protobuf ultralytics pytest-timeout
-pytest-asyncio"
+pytest-asyncio torchcodec"
 PLATFORMS="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
 --platform manylinux2014_x86_64 --platform any"
 for name in $WHEELS; do
