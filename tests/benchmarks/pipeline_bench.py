@@ -261,6 +261,29 @@ def throughput(target: str, images: list[bytes], clients: int) -> dict[str, floa
     return {"clients": clients, "requests": len(images), "img_per_s": len(images) / wall, **summary(latencies)}
 
 
+def warm_batches(target: str, image: bytes, max_batch: int) -> None:
+    """Every micro-batch size the server forms, run once before anything is measured (a first-seen batch shape
+    costs kernel selection on a GPU: GPU-H200.md's rows were short enough for it to show): k + 1 requests at once on
+    an idle server run as 1, then k together (``batch_max_wait_ms`` 0: the first goes alone)."""
+    for k in range(1, max_batch + 1):
+        throughput(target, [image + b"\0" * (50_000 + 100 * k + i) for i in range(k + 1)], k + 1)
+
+
+def batch_counts(server: Any) -> dict[str, tuple[int, int]]:
+    """An in-process server's micro-batchers (none on Triton): name → (passes, requests) so far."""
+    runner = server.served.servicer.pipeline.runner
+    batchers = [getattr(runner, name, None) for name in ("detect_batcher", "encode_batcher")]
+    return {b.name: (b.batches, b.items) for b in batchers if b is not None}
+
+
+def requests_per_pass(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Mean requests per forward pass between two ``batch_counts``, per batcher."""
+    return {
+        f"{name}_requests_per_pass": (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0])
+        for name in after
+    }
+
+
 def distinct_images(count: int, start: int) -> list[bytes]:
     """Held-out shapes scenes, re-encoded as JPEG: distinct bytes, so nothing is served from the cache."""
     return [jpeg(s.image) for s in scenes("test", count, start=start)]
@@ -476,10 +499,13 @@ def main() -> None:
             sent = 0
             for name in stubs:
                 rows = []
+                warm_batches(servers[name].target, bus, settings.batch_max_size)
                 for clients, count in ((1, 3), (4, 8), (8, 8)):
                     images = [bus + b"\0" * (10_000 + sent + k) for k in range(count)]  # JPEG ignores trailing bytes
                     sent += count
+                    before = batch_counts(servers[name])
                     rows.append(throughput(servers[name].target, images, clients))
+                    rows[-1] |= requests_per_pass(before, batch_counts(servers[name]))
                     print(name, json.dumps(rows[-1]), flush=True)
                 result["throughput"][name] = rows
             # The same with N worker processes (`detseg serve --workers N`), the embedded backend.
@@ -631,12 +657,18 @@ def report(r: dict[str, Any]) -> str:
     for stage in r["stages"]["embedded"]:
         cells = " | ".join(f"{r['stages'][n].get(stage, float('nan')):.4f}" for n in backends)
         rows.append(f"| {stage} | {cells} |")
-    rows += ["", "## Throughput (bus.jpg with new bytes per request, so no cache hits)", "", "| path | clients | requests | img/s | p50 (s) | p99 (s) |",
-             "|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – |"]  # fmt: skip
+    rows += ["", "## Throughput (bus.jpg with new bytes per request, so no cache hits)", "",
+             "Every micro-batch size warmed first; requests per pass: the in-process servers' detector / encoder "
+             "batchers over the row (– for workers and Triton).", "",
+             "| path | clients | requests | img/s | p50 (s) | p99 (s) | requests per pass (detector / encoder) |",
+             "|---|---|---|---|---|---|---|", f"| naive (sequential) | 1 | – | {r['throughput']['naive']['img_per_s']:.3f} | – | – | – |"]  # fmt: skip
     for name in (*backends, *workers):
         for t in r["throughput"][name]:
+            per_pass = "–"
+            if "encoder_requests_per_pass" in t:
+                per_pass = f"{t['detector_requests_per_pass']:.2f} / {t['encoder_requests_per_pass']:.2f}"
             rows.append(
-                f"| {label(name)} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} |"
+                f"| {label(name)} | {t['clients']} | {t['requests']} | {t['img_per_s']:.3f} | {t['p50_s']:.3f} | {t['p99_s']:.3f} | {per_pass} |"
             )
     d = r["decoder"]
     rows += [

@@ -9,8 +9,23 @@ import numpy as np
 import pytest
 
 from service.runners.factory import load_runner
+from tests.conftest import METRICS
 
 pytestmark = pytest.mark.slow  # concurrent forward passes
+
+
+def requests_per_pass() -> dict[str, tuple[int, float]]:
+    """The ``detseg.batch.requests`` histogram so far, per model: (passes, requests)."""
+    data = METRICS.get_metrics_data()
+    points = [
+        p
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "detseg.batch.requests"
+        for p in m.data.data_points
+    ]
+    return {str(p.attributes["model"]): (p.count, p.sum) for p in points}
 
 
 def test_concurrent_encodes_and_detections_share_passes_and_match_solo_runs(settings):
@@ -24,15 +39,21 @@ def test_concurrent_encodes_and_detections_share_passes_and_match_solo_runs(sett
         solo = [await runner.encode(x) for x in sam_inputs]
         solo_det = [await runner.detect(x) for x in det_inputs]
         passes = runner.encode_batcher.batches, runner.detect_batcher.batches
+        recorded = requests_per_pass()
         together = await asyncio.gather(*(runner.encode(x) for x in sam_inputs))
         together_det = await asyncio.gather(*(runner.detect(x) for x in det_inputs))
         passes = runner.encode_batcher.batches - passes[0], runner.detect_batcher.batches - passes[1]
+        after = requests_per_pass()
+        recorded = {m: (after[m][0] - recorded.get(m, (0, 0))[0], after[m][1] - recorded.get(m, (0, 0))[1])
+                    for m in after}  # fmt: skip
         await runner.close()
-        return solo, together, solo_det, together_det, passes
+        return solo, together, solo_det, together_det, passes, recorded
 
-    solo, together, solo_det, together_det, passes = asyncio.run(main())
+    solo, together, solo_det, together_det, passes, recorded = asyncio.run(main())
     expected = math.ceil(len(sam_inputs) / settings.batch_max_size)  # five callers, passes of up to batch_max_size
     assert passes == (expected, expected) and expected < len(sam_inputs)
+    # The metric operators read the batch sizes from: each pass and the requests it served.
+    assert recorded == {"encoder": (expected, len(sam_inputs)), "detector": (expected, len(det_inputs))}
     for a, b in zip(solo, together, strict=True):
         assert b.image_embed.shape[0] == 1
         np.testing.assert_allclose(b.image_embed, a.image_embed, atol=1e-4)
