@@ -188,5 +188,13 @@ def test_a_prometheus_scrape_of_a_real_server(settings):
     ), lines  # fmt: skip
     assert any(line.startswith("detseg_requests_in_flight") for line in lines)
     assert any(line.startswith("detseg_cache_misses_total") for line in lines)
+    # Requests per micro-batched pass, one request each here: the detector ran for the start-up warm-up and the
+    # Segment, the encoder for those and each of the two Track frames.
+    for model, passes in (("detector", 2), ("encoder", 4)):
+        for series in ("count", "sum"):
+            assert any(
+                line.startswith(f"detseg_batch_requests_{series}{{") and f'model="{model}"' in line
+                and line.endswith(f" {passes}.0") for line in lines
+            ), lines  # fmt: skip
     assert any(line.startswith("detseg_track_frames_total") and line.endswith(" 2.0") for line in lines), lines
     assert any(line.startswith("detseg_track_sessions") and line.endswith(" 0.0") for line in lines), lines
