@@ -213,6 +213,11 @@ class Settings:
     mask_box_margin: float = 0.1
     # Threads that refine and encode one request's masks at a time (OpenCV releases the GIL): 0 = the cores, at most 8.
     mask_threads: int = 0
+    # Python's GIL switch interval (sys.setswitchinterval), milliseconds; Python's own default is 5. A thread that
+    # runs a model's torch ops drops the GIL at every op and, while another thread runs Python code, waits up to
+    # this long to get it back: at 5 ms concurrent requests starve the runner thread's hundreds of ops per pass
+    # (benchmarks/GIL.md: torch backend +8-10 % throughput at 4-8 clients with 0.5 on 2 cores).
+    gil_switch_interval_ms: float = 0.5
 
     # Provenance: every Segment response carries a manifest (models, weights sha256, image sha256, prompts,
     # options, time, and the sha256 of its instances); with this Ed25519 private key (PEM, `detseg keygen`) the

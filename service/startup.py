@@ -109,7 +109,8 @@ def block_telemetry() -> None:
 
 
 def configure_process(settings: Settings) -> None:
-    """Sets the third-party switches above. Idempotent; call before serving (the server factory does)."""
+    """Sets the third-party switches above and Python's GIL switch interval (``gil_switch_interval_ms``).
+    Idempotent; call before serving (the server factory does)."""
     config_dir = settings.cache_dir / "ultralytics"
     config_dir.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"  # the text encoder loads from its package's folder, never the Hub
@@ -137,6 +138,7 @@ def configure_process(settings: Settings) -> None:
     from PIL import ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # benchmarks/GIL.md
 
 
 def configure_logging(level: str, fmt: str) -> None:

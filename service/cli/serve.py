@@ -99,6 +99,8 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers < 1:
         raise ConfigurationError(f"workers must be at least 1, got {settings.workers}")
+    if settings.gil_switch_interval_ms <= 0:
+        raise ConfigurationError(f"gil_switch_interval_ms must be above 0, got {settings.gil_switch_interval_ms}")
     if settings.workers > 1:
         return run_workers(settings)
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)

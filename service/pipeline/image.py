@@ -21,7 +21,6 @@ function process-wide with a wrapper that, for bytes Pillow cannot identify, run
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -144,11 +143,8 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError):
         raise InvalidImage(f"{field}: corrupt {ours.upper()} header") from None
     _check_size(img.width, img.height, limits, field)  # from the header, before decoding
-    rgb = None
-    if pil_format == "JPEG" and img.mode in _TORCHCODEC_MODES and not _xmp_orientation(img):
-        with contextlib.suppress(RuntimeError):  # damage it refuses, Pillow may decode (with libjpeg's warning)
-            rgb = _jpeg_pixels(data, jpeg_device)
     try:
+        rgb = _torchcodec_pixels(data, img, jpeg_device) if pil_format == "JPEG" else None
         if rgb is None:
             img.load()
             rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
@@ -266,6 +262,17 @@ def check_jpeg_device(device: str) -> str:
     if where.type != "cuda" or not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count():
         raise ConfigurationError(f"jpeg_device: {device!r} is not a CUDA device of this machine; decode on cpu")
     return device
+
+
+def _torchcodec_pixels(data: bytes, header: Image.Image, device: str) -> np.ndarray | None:
+    """A JPEG's pixels through TorchCodec (``_jpeg_pixels``), or None where Pillow decodes it: a colour mode or an
+    orientation TorchCodec does not read, or damage it refuses that Pillow may decode (with libjpeg's warning)."""
+    if header.mode not in _TORCHCODEC_MODES or _xmp_orientation(header):
+        return None
+    try:
+        return _jpeg_pixels(data, device)
+    except RuntimeError:
+        return None
 
 
 def _jpeg_pixels(data: bytes, device: str) -> np.ndarray:

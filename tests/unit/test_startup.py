@@ -120,3 +120,23 @@ def test_onnxruntime_resolves_and_connects_to_nothing_after_start_up(tmp_path: P
     result = subprocess.run(traced(command, trace), env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert outbound_connects(trace) == []
+
+
+def test_start_up_sets_the_gil_switch_interval_and_serve_refuses_none(tmp_path: Path):
+    """A runner thread gives the GIL up at every torch op: the interval bounds its wait (benchmarks/GIL.md)."""
+    probe = (
+        "import sys; from pathlib import Path; from service.config import Settings; "
+        "from service.startup import configure_process; before = sys.getswitchinterval(); "
+        "configure_process(Settings(cache_dir=Path(sys.argv[1]))); default = sys.getswitchinterval(); "
+        "configure_process(Settings(cache_dir=Path(sys.argv[1]), gil_switch_interval_ms=0.25)); "
+        "print(before, default, sys.getswitchinterval())"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["0.005", "0.0005", "0.00025"], result.stdout + result.stderr
+    env = {**os.environ, "DETSEG_GIL_SWITCH_INTERVAL_MS": "0", "DETSEG_CACHE_DIR": str(tmp_path)}
+    serve = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--models", "test", "--port", "0", "--allocator", "system"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert serve.returncode == 2
+    assert serve.stderr.strip().endswith("detseg: gil_switch_interval_ms must be above 0, got 0.0"), serve.stderr
