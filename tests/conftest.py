@@ -40,6 +40,20 @@ _tracer_provider.add_span_processor(SimpleSpanProcessor(SPANS))
 trace.set_tracer_provider(_tracer_provider)
 metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
 
+
+def metric_points(name: str) -> list:
+    """Every data point of the in-process servers' metric ``name`` so far (cumulative; one per attribute set)."""
+    data = METRICS.get_metrics_data()
+    return [
+        point
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == name
+        for point in m.data.data_points
+    ]
+
+
 ASSETS = Path(__file__).parent / "assets"
 THREADS = 2
 # Where the torch runner and the reference predictors run: cpu in CI; a GPU machine runs the same parity

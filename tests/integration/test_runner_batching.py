@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 
 from service.runners.factory import load_runner
-from tests.conftest import METRICS
+from tests.conftest import metric_points
 
 pytestmark = pytest.mark.slow  # concurrent forward passes
 
 
 def requests_per_pass() -> dict[str, tuple[int, float]]:
     """The ``detseg.batch.requests`` histogram so far, per model: (passes, requests)."""
-    data = METRICS.get_metrics_data()
-    points = [
-        p
-        for rm in (data.resource_metrics if data else [])
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        if m.name == "detseg.batch.requests"
-        for p in m.data.data_points
-    ]
-    return {str(p.attributes["model"]): (p.count, p.sum) for p in points}
+    return {str(p.attributes["model"]): (p.count, p.sum) for p in metric_points("detseg.batch.requests")}
 
 
 def test_concurrent_encodes_and_detections_share_passes_and_match_solo_runs(settings):

@@ -17,7 +17,7 @@ import pytest
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread, wait_serving
+from tests.conftest import ServerThread, metric_points, wait_serving
 from tests.helpers import encode
 
 
@@ -94,17 +94,7 @@ def _answer(response) -> list[tuple]:
 
 
 def _metric(name: str) -> int:
-    from tests.conftest import METRICS
-
-    data = METRICS.get_metrics_data()
-    return sum(
-        int(point.value)
-        for rm in (data.resource_metrics if data else [])
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        if m.name == name
-        for point in m.data.data_points
-    )
+    return sum(int(point.value) for point in metric_points(name))
 
 
 def test_a_handle_made_on_one_replica_is_answered_by_another_without_re_encoding(settings, redis_server, figures):

@@ -19,7 +19,7 @@ import pytest
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
-from tests.conftest import METRICS, SPANS, wait_serving
+from tests.conftest import SPANS, metric_points, wait_serving
 
 SAMPLE = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
 STAGES = {"decode_image", "detect", "encode", "decode_masks", "encode_masks"}
@@ -35,18 +35,6 @@ def _finished(name_suffix: str, timeout: float = 5.0) -> list:
             return list(spans)
         time.sleep(0.01)
     raise AssertionError(f"no span {name_suffix} finished within {timeout} s")
-
-
-def _metric(name: str) -> list:
-    data = METRICS.get_metrics_data()
-    return [
-        point
-        for rm in (data.resource_metrics if data else [])
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        if m.name == name
-        for point in m.data.data_points
-    ]
 
 
 def test_a_request_is_one_trace_rpc_span_with_a_child_per_stage(demo_stub):
@@ -80,13 +68,13 @@ def test_rpc_latency_errors_in_flight_and_cache_metrics(demo_stub):
     def count(name, method, code):
         return sum(
             getattr(p, "count", getattr(p, "value", 0))
-            for p in _metric(name)
+            for p in metric_points(name)
             if p.attributes.get("rpc.method") == method and p.attributes.get("rpc.grpc.status_code") == code
         )
 
     ok, bad = count("detseg.rpc.duration", "Segment", "OK"), count("detseg.rpc.errors", "Segment", "INVALID_ARGUMENT")
     handle = demo_stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=SAMPLE.read_bytes()))).handle
-    hits = sum(p.value for p in _metric("detseg.cache.hits"))
+    hits = sum(p.value for p in metric_points("detseg.cache.hits"))
     demo_stub.Segment(pb.SegmentRequest(image=pb.Image(handle=handle), classes=["circle"]))
     with pytest.raises(grpc.RpcError):
         demo_stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=b"junk")))
@@ -94,9 +82,9 @@ def test_rpc_latency_errors_in_flight_and_cache_metrics(demo_stub):
     assert count("detseg.rpc.duration", "Segment", "OK") == ok + 1
     assert count("detseg.rpc.duration", "Segment", "INVALID_ARGUMENT") >= 1
     assert count("detseg.rpc.errors", "Segment", "INVALID_ARGUMENT") == bad + 1
-    assert sum(p.value for p in _metric("detseg.cache.hits")) > hits
-    assert sum(p.value for p in _metric("detseg.requests.in_flight")) == 0
-    assert sum(p.value for p in _metric("detseg.requests.queued")) == 0
+    assert sum(p.value for p in metric_points("detseg.cache.hits")) > hits
+    assert sum(p.value for p in metric_points("detseg.requests.in_flight")) == 0
+    assert sum(p.value for p in metric_points("detseg.requests.queued")) == 0
 
 
 def test_json_logs_carry_the_request_id_and_the_trace_id(demo_stub):
