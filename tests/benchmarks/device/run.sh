@@ -8,8 +8,7 @@ T0=$(date +%s)
 mark() { echo "=== $1 at +$(( $(date +%s) - T0 ))s"; }
 wants() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 mark install
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-cp -r .whl/site/* /tmp/site/
+mkdir -p /tmp/site && tar -xJf .whl/site.tar.xz -C /tmp/site  # the packages prepare.sh unpacked there
 # `detseg track`'s module imports PyAV (35 MB of wheel); the benchmarks decode no video.
 mkdir -p /tmp/site/av && echo "# placeholder: no video is decoded on the device run" > /tmp/site/av/__init__.py
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
