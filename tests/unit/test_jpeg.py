@@ -8,6 +8,7 @@ chroma upsampling: there the difference is measured (``tests.benchmarks.jpeg_ben
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 from types import SimpleNamespace
 
@@ -188,3 +189,12 @@ def test_jpegs_decoded_on_a_gpu_name_nvjpeg_in_the_shared_tiers_keys():
     assert host == ModelIdentity.of(runner, None, "cpu")
     assert host.segmenter != gpu.segmenter and host.detector != gpu.detector
     assert ModelIdentity.of(runner, None, "cuda") == gpu  # nvJPEG's pixels, whichever GPU
+
+
+def test_threads_decoding_at_once_get_each_images_own_pixels():
+    """The server decodes on its event loop's executor threads, with the GIL released inside TorchCodec."""
+    images = [jpeg(synthetic_rgb(90 + k, 120 - k, seed=k), quality=60 + k) for k in range(16)]
+    expected = [pillow(data) for data in images]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(lambda data: decode_image(data, LIMITS).rgb, images * 4))
+    assert all(np.array_equal(d, expected[k % 16]) for k, d in enumerate(decoded))
