@@ -215,8 +215,9 @@ class Settings:
     mask_threads: int = 0
     # Python's GIL switch interval (sys.setswitchinterval), milliseconds; Python's own default is 5. A thread that
     # runs a model's torch ops drops the GIL at every op and, while another thread runs Python code, waits up to
-    # this long to get it back: at 5 ms concurrent requests starve the runner thread's hundreds of ops per pass
-    # (benchmarks/GIL.md: torch backend +8-10 % throughput at 4-8 clients with 0.5 on 2 cores).
+    # this long to get it back, so concurrent requests starve the runner thread's hundreds of ops per pass
+    # (benchmarks/GIL.md: 2,000 small ops beside two Python threads 335 ms at 5, 53 ms at 0.5; a server on 2 CPU
+    # cores moved within noise, +2-9 %; on a GPU, where each op is a kernel launch, not yet measured).
     gil_switch_interval_ms: float = 0.5
 
     # Provenance: every Segment response carries a manifest (models, weights sha256, image sha256, prompts,
