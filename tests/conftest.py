@@ -67,18 +67,19 @@ GPU_RUN_OVERRIDES = {
     if var in os.environ
 }
 
-# Modules whose servers run in processes of their own, several at once: they run first, while the test process
-# holds least (by the time the suite reaches them alphabetically it holds ~3.3 GB of models and session servers, and
-# test_workers' two workers add ~4.1 GB: 7.63 GiB of the 8 GiB budget in session 28's CI).
-RUN_FIRST = ("tests/integration/test_workers.py",)
+# Modules whose servers run in processes of their own while the test process holds what earlier modules left (~3.3
+# to 4 GB of models and session servers by the end of the integration tests): they run first, while it holds least.
+# Session 29's CI: test_workers (two workers, ~4.1 GB) peaked at 4.70 GiB first, against 7.63 GiB last in session 28;
+# the suite's peak then moved to test_reliability's SIGTERM drain (7.59 GiB), which runs second since (after
+# test_workers: its in-process session server would otherwise be loaded beside the workers).
+RUN_FIRST = ("tests/integration/test_workers.py", "tests/integration/test_reliability.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Moves the tests of ``RUN_FIRST`` to the front, keeping every other test's order."""
-    first = [item for item in items if item.nodeid.split("::")[0] in RUN_FIRST]
-    if first:
-        rest = [item for item in items if item.nodeid.split("::")[0] not in RUN_FIRST]
-        items[:] = first + rest
+    """Moves the tests of ``RUN_FIRST`` to the front in its order, keeping every other test's order."""
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    first = sorted((i for i in items if module[i] in RUN_FIRST), key=lambda i: RUN_FIRST.index(module[i]))
+    items[:] = first + [i for i in items if module[i] not in RUN_FIRST]
 
 
 def ultralytics_asset(name: str) -> Path:
