@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-# Ultralytics reads these at import: offline, and a writable settings dir (never the developer's $HOME).
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cfg-"))
 
 import grpc
 import pytest

@@ -26,9 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cfg-"))
-
 import grpc
 import numpy as np
 import torch

@@ -26,9 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detseg-yolo-cfg-"))
-
 import grpc
 import numpy as np
 

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -290,7 +291,15 @@ def test_no_worker_or_redis_server_outlives_a_killed_supervisor(start_workers):
     w = start_workers(2)
     children = psutil.Process(w.proc.pid).children()
     assert len(children) >= 3  # two workers and the redis-server (and multiprocessing's tracker)
+    # The redis-server's private folder: a killed supervisor cannot remove it (its unix socket goes with redis).
+    redis = [p for p in children if "redis-server" in p.name()]
+    assert len(redis) == 1, [p.name() for p in children]
+    sockets = {c.laddr for c in redis[0].net_connections(kind="unix") if c.laddr}
+    assert len(sockets) == 1, sockets
+    folder = Path(sockets.pop()).parent
     w.proc.kill()
     w.proc.wait(30)
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    assert not list(folder.iterdir())  # nothing of the tier's left on disk but the empty folder
+    folder.rmdir()
