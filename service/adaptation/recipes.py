@@ -35,4 +35,8 @@ class SegmenterRecipe:
     eval_every: int = 40  # steps
     patience: int = 5  # measurements without gain before stopping
     max_clicks: int = 8  # longest simulated click sequence per instance and step (0: random clicks instead)
+    # Only each sequence's last prediction supervised, the clicks before it simulated without gradients (RITM's
+    # iterative training): on the shifted world in 5 min, 309 steps instead of 232, held-out box IoU 0.736 vs 0.715,
+    # mean IoU after 5 clicks 0.739 vs 0.698 (docs/adaptation.md). True: every click's prediction (SAM's recipe).
+    every_click: bool = False
     seed: int = 0

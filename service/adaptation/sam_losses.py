@@ -153,21 +153,29 @@ def interactive_loss(
     small: torch.Tensor,
     rng: np.random.Generator,
     n: int,
+    every_click: bool = True,
 ) -> torch.Tensor:
-    """Mean loss over a simulated click sequence of ``n`` clicks per instance (target (P, S, S), small its
-    LOSS_SIDE version; SAM's own interactive recipe, as ``service.training.train_segmenter`` describes): click 1
-    inside the object, each next one in the largest error region of the prediction so far."""
+    """The loss of a simulated click sequence of ``n`` clicks per instance (target (P, S, S), small its LOSS_SIDE
+    version; SAM's own interactive recipe, as ``service.training.train_segmenter`` describes): click 1 inside the
+    object, each next one in the largest error region of the prediction so far.
+
+    ``every_click``: the mean over all ``n`` predictions, each supervised (SAM's recipe); otherwise only the last
+    one is, and the clicks before it are simulated without gradients (RITM's iterative training: a step then costs
+    one decoder backward pass whatever ``n``)."""
     gts = target.numpy() > 0.5
     clicks = [[(*region_click(g, rng), 1)] for g in gts]
     total = torch.zeros(())
     for j in range(n):
         coords = torch.tensor([[c[:2] for c in seq] for seq in clicks], dtype=torch.float32)
         labels = torch.tensor([[c[2] for c in seq] for seq in clicks], dtype=torch.int32)
-        logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
-        total = total + mask_losses(logits, small, iou)
+        supervised = every_click or j + 1 == n
+        with torch.set_grad_enabled(supervised and torch.is_grad_enabled()):
+            logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
+        if supervised:
+            total = total + mask_losses(logits, small, iou)
         if j + 1 < n:
             with torch.no_grad():
                 masks = chosen_mask(model, logits.detach(), iou.detach(), j == 0, target.shape[-1]).numpy()
             for seq, g, m in zip(clicks, gts, masks, strict=True):
                 seq.append(error_click(g, m, rng))
-    return total / n
+    return total / n if every_click else total

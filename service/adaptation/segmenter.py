@@ -19,7 +19,8 @@ Methods (``SegmenterRecipe.method``):
 Each step takes ``batch`` images; each of their instances gets a jittered box prompt and a sequence of 1 to
 ``max_clicks`` simulated clicks, each next click in the largest error region of the prediction so far (SAM's own
 interactive recipe, the clicks ``detseg eval``'s NoC annotator makes; ``max_clicks`` 0: 1–3 random positives and
-maybe a negative instead), and all four mask tokens are supervised (``sam_losses``). Without the sequences the
+maybe a negative instead), and all four mask tokens are supervised (``sam_losses``): of the box prompt and of the
+sequence's last click (``every_click``: of every click). Without the sequences the
 adapted model lost its click corrections: NoC@85 on the base's own domain rose from 3.1 to 15.3 (8.8 with
 ``--replay``) on the shifted world. AdamW, a short
 warm-up, cosine decay over the wall-time budget. Every ``eval_every`` steps the mean mask IoU given the held-out
@@ -218,7 +219,8 @@ def adapt_decoder(
         loss = mask_losses(logits, small, iou)
         if recipe.max_clicks > 0:  # a click sequence correcting the prediction so far (SAM's interactive recipe)
             clicks = 1 + int(rng.integers(0, recipe.max_clicks))
-            loss = loss + 0.5 * interactive_loss(model, embed, high_res, owner, target, small, rng, clicks)
+            click_loss = interactive_loss(model, embed, high_res, owner, target, small, rng, clicks, recipe.every_click)
+            loss = loss + 0.5 * click_loss
         else:
             coords, labels = random_clicks(target, boxes, rng, int(rng.integers(1, 4)), bool(rng.random() < 0.5))
             logits, iou = decode_all(model, embed, high_res, owner, coords, labels)
