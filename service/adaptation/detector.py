@@ -113,7 +113,7 @@ def adapt_detector(
         model = YOLOE(str(start))  # idem
         data = {"train": {"yolo_data": [str(data_yaml)]}, "val": {"yolo_data": [str(data_yaml)]}}
         trainer_class = open_trainer_class(text_model)
-    threads = recipe.threads or torch.get_num_threads()
+    threads = torch.get_num_threads()  # the stage's (``run.training_threads``)
 
     def on_train_start(trainer: Any) -> None:
         torch.set_num_threads(threads)  # ultralytics' select_device leaves one core idle

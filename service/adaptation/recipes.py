@@ -17,7 +17,7 @@ class DetectorRecipe:
     patience: int = 8  # epochs without a better held-out fitness
     close_mosaic: int = 2  # last epochs without mosaic
     seed: int = 0
-    threads: int = 0  # torch threads while training (0: every core)
+    threads: int = 0  # torch threads while training (0: every core the process may use)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +40,4 @@ class SegmenterRecipe:
     # mean IoU after 5 clicks 0.739 vs 0.698 (docs/adaptation.md). True: every click's prediction (SAM's recipe).
     every_click: bool = False
     seed: int = 0
+    threads: int = 0  # torch threads while training (0: every core the process may use)

@@ -17,12 +17,14 @@ of the folder (signed with ``signing_key`` when given); ``detseg verify <out>`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +126,18 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
         names = adapt_data.class_names(split)
         yolo = adapt_data.write_yolo(split, det_work / "data")
         imgsz = _detector_input_size(base)
-        weights, det_result = adapt_detector(
-            base.detector.path, names, yolo, det_work, imgsz, job.detector, lambda f, _: progress("detector", f)
-        )
+        with training_threads(job.detector.threads):
+            weights, det_result = adapt_detector(
+                base.detector.path, names, yolo, det_work, imgsz, job.detector, lambda f, _: progress("detector", f)
+            )
         shutil.copyfile(weights, out / "detector.pt")
         detector = {"file": "detector.pt", **dataclasses.asdict(det_result)}
         state.put("detector", detector)
 
     segmenter = state.get("segmenter")
     if segmenter is None:
-        segmenter = _adapt_segmenter(base, split, job.segmenter, out / "segmenter.pt", progress)
+        with training_threads(job.segmenter.threads):
+            segmenter = _adapt_segmenter(base, split, job.segmenter, out / "segmenter.pt", progress)
         state.put("segmenter", segmenter)
 
     card = _card(job, base, version, data, split, detector, segmenter, key)
@@ -150,6 +154,22 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     shutil.rmtree(work)  # stage results live on in the card; a finished run has nothing to resume
     _sign(out, job, base, card)
     return AdaptResult(out, version, card, time.perf_counter() - t)
+
+
+@contextlib.contextmanager
+def training_threads(threads: int) -> Iterator[None]:
+    """torch's thread count on this thread for a training stage: ``threads``, or every core the process may use
+    (0); the count before is restored after. Set, not inherited: the "before" evaluation's in-process server leaves
+    the process's thread at 1 (``service.runners.local.torch_thread``), and ultralytics' ``select_device`` at cores
+    - 1; before session 30 both stages trained on 1 of this machine's 2 cores (docs/adaptation.md)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _State:

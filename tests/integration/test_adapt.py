@@ -6,10 +6,12 @@ served with --adapted, its version and sha256 in ListModels and every answer, it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from service import provenance
@@ -86,7 +88,10 @@ def adapted(tmp_path_factory, cache_dir):
         noc_instances=NOC,
     )
 
+    threads: dict[str, int] = {}  # torch's, when each stage first reports progress
+
     def stop_at_segmenter(stage: str, fraction: float) -> None:
+        threads.setdefault(stage, torch.get_num_threads())
         if stage == "segmenter":
             raise Interrupted
 
@@ -111,6 +116,7 @@ def adapted(tmp_path_factory, cache_dir):
         "settings": settings,
         "key": key,
         "detector_resumed": (out / "detector.pt").stat().st_mtime_ns == detector_written,
+        "threads": threads,
     }
 
 
@@ -196,6 +202,14 @@ def test_the_signed_folder_verifies_and_a_flipped_byte_fails(adapted, tmp_path):
     # The server refuses it too: the card's sha256 no longer matches.
     with pytest.raises(ModelUnavailable, match="changed since"):
         resolve_models(adapted["settings"].replace(adapted=str(copy)))
+
+
+def test_both_models_train_on_every_core(adapted):
+    # Not what the process was left with: 1 after the "before" evaluation's in-process server, cores - 1 after
+    # ultralytics' select_device (SAM's 5 minutes on the shifted world: 200 steps on 1 of 2 cores, ~300 on both).
+    cores = len(os.sched_getaffinity(0))
+    assert adapted["threads"]["detector"] == cores
+    assert adapted["threads"]["segmenter"] == cores
 
 
 def test_an_interrupted_run_resumes_after_its_last_finished_stage(adapted):
