@@ -161,7 +161,7 @@ def training_threads(threads: int) -> Iterator[None]:
     """torch's thread count on this thread for a training stage: ``threads``, or every core the process may use
     (0); the count before is restored after. Set, not inherited: the "before" evaluation's in-process server leaves
     the process's thread at 1 (``service.runners.local.torch_thread``), and ultralytics' ``select_device`` at cores
-    - 1; before session 30 both stages trained on 1 of this machine's 2 cores (docs/adaptation.md)."""
+    - 1; inherited, both stages trained on 1 of a 2-core machine's cores (docs/adaptation.md)."""
     import torch
 
     previous = torch.get_num_threads()

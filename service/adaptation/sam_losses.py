@@ -160,8 +160,8 @@ def interactive_loss(
     object, each next one in the largest error region of the prediction so far.
 
     ``every_click``: the mean over all ``n`` predictions, each supervised (SAM's recipe); otherwise only the last
-    one is, and the clicks before it are simulated without gradients (RITM's iterative training: a step then costs
-    one decoder backward pass whatever ``n``)."""
+    one is, and the clicks before it are simulated without gradients (RITM's iterative training: the sequence then
+    costs one decoder backward pass whatever ``n``)."""
     gts = target.numpy() > 0.5
     clicks = [[(*region_click(g, rng), 1)] for g in gts]
     total = torch.zeros(())
