@@ -12,7 +12,8 @@ METHODS = ("decoder", "lora", "encoder-lora", "full", "none")
 @dataclasses.dataclass(frozen=True)
 class DetectorRecipe:
     minutes: float = 8.0  # ultralytics' `time` budget (training and per-epoch validation)
-    batch: int = 16
+    # 8, not 16: twice the updates in the same epochs; shifted world, 8 min alone: held-out mAP50 0.892 vs 0.872
+    batch: int = 8
     lr0: float = 0.005  # SGD; half the demo detector's from-scratch rate: a fine-tune
     patience: int = 8  # epochs without a better held-out fitness
     close_mosaic: int = 2  # last epochs without mosaic
@@ -26,7 +27,8 @@ class SegmenterRecipe:
     # after 3 min: decoder 0.611, lora 0.599; after 4 min: encoder-lora 0.751, full 0.727; base 0.019).
     method: str = "encoder-lora"
     minutes: float = 5.0  # wall-time budget of the decoder's training (features excluded)
-    batch: int = 8  # images per step
+    # images per step; 4, not 8: 409 steps instead of 240 in 5 min, held-out box IoU 0.729 vs 0.717
+    batch: int = 4
     lr: float = 5e-4  # decoder; LoRA takes lora_lr
     lora_lr: float = 3e-3
     rank: int = 8
