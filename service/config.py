@@ -97,8 +97,9 @@ class Settings:
     # Numerical precision: "auto" runs the fastest variant that passed the quality gate (final masks IoU >= 0.99 vs
     # fp32 of the same weights; benchmarks/RESULTS.md, GPU-H100.md) where the machine supports it: SAM under bfloat16
     # autocast on CUDA (torch backend); SAM's image encoder statically quantised to int8 (backend openvino, where
-    # OpenVINO's CPU plugin has int8 kernels; built once per weights, cached beside the export). "fp32" runs
-    # everything in float32; "int8" asks for the int8 encoder (backend openvino only). ModelInfo.precision names it.
+    # the CPU has int8 dot products: VNNI or AMX, service.models.cpu; built once per weights, cached beside the
+    # export). "fp32" runs everything in float32; "int8" asks for the int8 encoder (backend openvino only).
+    # ModelInfo.precision names it.
     precision: str = "auto"
     # The int8 gate, per served model: measured once when its int8 encoder is built (final masks of box prompts on
     # held-out images vs fp32, the same decoder; cached beside the int8 IR) and passed when the SMALLEST mask IoU

@@ -46,9 +46,12 @@ PRECISIONS = ("fp32", "int8")
 # The int8 recipe: NNCF's transformer preset (SmoothQuant on the MatMuls; residual adds, norms, multiplies and
 # divides stay float) with the Convolutions (patch embedding, FPN neck, high-res projections) and Hiera's first block
 # (the stride-4 stage behind the finest features) in f32. Measured on seeded SAM 2.1-T at 1024², final masks of 48
-# box prompts on two held-out photos vs fp32 (min / mean IoU, encoder s/image on 2 cores; fp32 1.32 s): NNCF's
-# default preset with the Convolutions in f32 0.9835 / 0.9924, 0.51 s; transformer preset without SmoothQuant
-# 0.9894 / 0.9952; transformer preset 0.9938 / 0.9970, 0.72 s; this recipe 0.9951 / 0.9977, 0.73 s.
+# box prompts on two held-out photos vs fp32 (min / mean IoU, encoder s/image on 2 cores with int8 dot products,
+# VNNI; fp32 1.32 s): NNCF's default preset with the Convolutions in f32 0.9835 / 0.9924, 0.51 s; transformer preset
+# without SmoothQuant 0.9894 / 0.9952; transformer preset 0.9938 / 0.9970, 0.72 s; this recipe 0.9951 / 0.9977,
+# 0.73 s. Without int8 dot products (2 AVX2-only EPYC cores; the gate's 54 boxes, min / median): this recipe 0.9686 /
+# 0.9826, 2.80 s vs fp32 2.78 s; with NNCF's overflow fix (7-bit weights) 0.9915 / 0.9956, 3.45 s. So precision
+# auto quantises on CPUs with them only (service.models.cpu).
 FLOAT_TYPES = ("Convolution",)
 FLOAT_PATTERNS = (r".*/trunk/blocks\.0/.*",)
 # OpenVINO's CPU plugin picks bf16 by default where the CPU has it: wrong boxes on YOLO11n, 0.990 mask IoU on SAM.

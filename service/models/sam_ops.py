@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,20 +81,9 @@ DECODER_POLICIES: dict[str, DecoderPolicy] = {
 
 def decoder_policy(device: str, bf16: bool = False) -> DecoderPolicy:
     """The measured policy of ``device`` ("cpu", "cuda", "cuda:1"; other types run as a GPU does), with bfloat16
-    image tokens when ``bf16`` (asked for on CPUs with native bf16 only: ``cpu_has_native_bf16``)."""
+    image tokens when ``bf16`` (asked for on CPUs with native bf16 only: ``service.models.cpu``)."""
     policy = DECODER_POLICIES.get(torch.device(device).type, DECODER_POLICIES["cuda"])
     return dataclasses.replace(policy, image_dtype=torch.bfloat16) if bf16 else policy
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512_BF16 or AMX-BF16), where bf16 GEMMs run
-    ~3x faster than fp32 (measured: (4096, 256) × (256, 256) 1.3 vs 3.9 ms on 2 Zen 4 cores); False where unknown."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class PromptDecoder:

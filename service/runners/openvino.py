@@ -37,6 +37,7 @@ from PIL import Image
 from service.config import Settings
 from service.errors import ModelUnavailable
 from service.models import sam_memory, sam_ops
+from service.models.cpu import cpu_has_int8_dot_products, cpu_has_native_bf16
 from service.models.demo.profile import SHAPES_SAM2
 from service.models.graphs import IO
 from service.models.loading import load_segmenter_module
@@ -151,18 +152,26 @@ class OpenVinoRunner(OnnxRunner):
 
     @classmethod
     def load(cls, models: ModelSet, settings: Settings) -> OpenVinoRunner:
-        """The int8 encoder is built (once per weights) where ``resolve_encoder_precision`` asks for it, and its
-        quality gate measured with it (``measure_gate``; figures cached beside it). precision auto serves it
-        only when the gate passes, else fp32 with one WARNING; precision int8 serves it, with that WARNING when it
-        fails. The segmenter's ModelDescriptor carries the figures either way. SAM's decoder runs on torch, with bf16
-        image tokens unless precision is fp32 where the CPU has bf16 dot products and the served encoder with that
-        decoder passes the same gate (``gated_decoder``; figures stored under the export's sam2_mask_decoder/torch/);
-        the descriptor's precision names each reduced part ("int8-encoder", "bf16-decoder", joined by "+")."""
+        """The int8 encoder is built (once per weights) where ``resolve_encoder_precision`` asks for it (precision
+        auto: on CPUs with int8 dot products only; elsewhere one INFO line says why fp32), and its quality gate
+        measured with it (``measure_gate``; figures cached beside it, per CPU class: with or without int8 dot
+        products). precision auto serves it only when the gate passes, else fp32 with one WARNING; precision int8
+        serves it, with that WARNING when it fails. The segmenter's ModelDescriptor carries the figures either way.
+        SAM's decoder runs on torch, with bf16 image tokens unless precision is fp32 where the CPU has bf16 dot
+        products and the served encoder with that decoder passes the same gate (``gated_decoder``; figures stored
+        under the export's sam2_mask_decoder/torch/); the descriptor's precision names each reduced part
+        ("int8-encoder", "bf16-decoder", joined by "+")."""
         import openvino as ov
         import torch
 
         core = ov.Core()
-        requested = resolve_encoder_precision(settings, core)
+        int8_dots = cpu_has_int8_dot_products()
+        requested = resolve_encoder_precision(settings, core, int8_dots)
+        if settings.precision == "auto" and not int8_dots:
+            log.info(
+                "precision auto: SAM's image encoder runs in fp32, as this CPU has no int8 dot products (VNNI, AMX), "
+                "where int8 measured no faster than fp32 and below its quality gate"
+            )
         export = load_export(models, settings)
         config: dict[str, Any] = {**F32, "PERFORMANCE_HINT": "LATENCY"}
         if settings.threads > 0:
@@ -196,7 +205,12 @@ class OpenVinoRunner(OnnxRunner):
             int8_ir, _ = encoder(requested)
             figures = int8_gate(
                 int8_ir,
-                {"held_out_set": held_out, "reference": "openvino-fp32", "decoder_weights_sha256": segmenter_sha256},
+                {
+                    "held_out_set": held_out,
+                    "reference": "openvino-fp32",
+                    "decoder_weights_sha256": segmenter_sha256,
+                    "cpu_int8_dot_products": int8_dots,  # its int8 kernels, whose rounding the figures measure
+                },
                 lambda: measure_gate((encoder("fp32")[1], exact), (encoder("int8")[1], exact), image_size, held_out),
             )
             gate = PrecisionGate(
@@ -213,9 +227,10 @@ class OpenVinoRunner(OnnxRunner):
             if not gate.passed:
                 log.warning(
                     "the int8 image encoder of %s failed its quality gate (min mask IoU %.4f vs fp32 < %.4f required "
-                    "[int8_gate_min_iou]; median %.4f; %d box prompts on %d held-out images): %s",
+                    "[int8_gate_min_iou]; median %.4f; %d box prompts on %d held-out images%s): %s",
                     seg.name,
                     *shown,
+                    "" if int8_dots else "; this CPU has no int8 dot products (VNNI, AMX)",
                     "serving it as asked (precision int8)" if precision == "int8" else "serving fp32",
                 )
             else:
@@ -232,7 +247,7 @@ class OpenVinoRunner(OnnxRunner):
         # SAM's decoder runs on torch (no graph session): bf16 image tokens where the CPU has bf16 dot products and
         # the served encoder + bf16 decoder pass the gate against fp32 + fp32 (``gated_decoder``), else exact.
         decoder, decoder_execution = exact, Execution("torch", "fp32")
-        if settings.precision != "fp32" and sam_ops.cpu_has_native_bf16():
+        if settings.precision != "fp32" and cpu_has_native_bf16():
             served = encoder(precision)[0]
             key = {
                 "decoder": sam_ops.DECODER_VERSION,
@@ -240,6 +255,7 @@ class OpenVinoRunner(OnnxRunner):
                 "held_out_set": held_out,
                 "reference": "openvino-fp32 + torch-fp32",
                 "encoder": int8_identity(served) if precision == "int8" else "openvino-fp32",
+                "cpu_int8_dot_products": int8_dots,
                 "decoder_weights_sha256": segmenter_sha256,
             }
             decoder, decoder_execution = gated_decoder(
@@ -332,10 +348,12 @@ def gated_decoder(
     return (bf16, Execution("torch", "bf16")) if passed else (exact, Execution("torch", "fp32"))
 
 
-def resolve_encoder_precision(settings: Settings, core: Any) -> str:
-    """fp32 | int8 for ``settings.precision``: auto is int8 where OpenVINO's CPU plugin has int8 kernels."""
+def resolve_encoder_precision(settings: Settings, core: Any, int8_dot_products: bool) -> str:
+    """fp32 | int8 for ``settings.precision``: auto is int8 where OpenVINO's CPU plugin has int8 kernels and the CPU
+    int8 dot products (``int8_dot_products``: ``cpu_has_int8_dot_products``; without them int8 measured no faster
+    than fp32 and below its gate, ``service.models.cpu``)."""
     if settings.precision == "auto":
-        return "int8" if cpu_supports_int8(core) else "fp32"
+        return "int8" if int8_dot_products and cpu_supports_int8(core) else "fp32"
     return settings.precision
 
 

@@ -44,6 +44,7 @@ import torch
 
 from service.config import Settings
 from service.models import sam_ops
+from service.models.cpu import cpu_has_native_bf16
 from service.models.tensors import ImageFeatures, PromptBatch, SegmenterSpec
 from service.models.testing import TEST_SEGMENTER_CONFIG
 from service.processing.segmentation import MAX_PROMPTS_PER_CALL, SamPrompt, SegmenterProcessing
@@ -273,7 +274,7 @@ def machine() -> dict[str, str]:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "native_bf16": str(sam_ops.cpu_has_native_bf16()),
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "native_bf16": str(cpu_has_native_bf16()),
             "torch": torch.__version__, "sam2": importlib.metadata.version("sam2"),
             "python": platform.python_version()}  # fmt: skip
 
@@ -292,7 +293,7 @@ def main() -> None:
     model = seeded_sam()
     photos = photo_features(model)
     bus = photos[0]
-    bf16 = sam_ops.cpu_has_native_bf16()
+    bf16 = cpu_has_native_bf16()
     serving = sam_ops.PromptDecoder(model, sam_ops.decoder_policy("cpu", bf16=bf16))
     execution = "torch-bf16" if bf16 else "torch-fp32"
     old_policy = sam_ops.PromptDecoder(model, dataclasses.replace(serving.policy, prompts_per_pass=None,

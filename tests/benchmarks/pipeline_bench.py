@@ -46,6 +46,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.models import testing, triton_repo
+from service.models.cpu import cpu_has_int8_dot_products, cpu_has_native_bf16
 from service.models.loading import load_detector_module
 from service.models.profiles import resolve_models
 from service.models.tensors import PromptBatch
@@ -372,7 +373,9 @@ def machine(device: str) -> dict[str, str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "no GPU"
+    dots = [name for name, has in (("int8", cpu_has_int8_dot_products()), ("bf16", cpu_has_native_bf16())) if has]
     return {"cpu": cpu, "cores": str(os.cpu_count()), "gpu": gpu, "device": device,
+            "dot_products": f"{' + '.join(dots)} dot products" if dots else "no int8 or bf16 dot products",
             "python": platform.python_version(), "torch": torch.__version__,
             "ultralytics": ultralytics.__version__, "onnxruntime": onnxruntime.__version__, "sam2": "1.1.0",
             "tritonserver": "2.51 (nvidia-pytriton 0.7.0), python backend + ONNX Runtime CPU"}  # fmt: skip
@@ -589,7 +592,7 @@ def report(r: dict[str, Any]) -> str:
         "# detseg vs the naive pipeline",
         "",
         f"Measured {r['date']} with `python -m tests.benchmarks.pipeline_bench` on {m['cpu']} ({m['cores']} cores, "
-        f"{m['gpu']}; torch device `{m['device']}` for the naive pipeline and detseg embedded);",
+        f"{m.get('dot_products', 'dot products not recorded')}, {m['gpu']}; torch device `{m['device']}` for the naive pipeline and detseg embedded);",
         f"torch {m['torch']}, ultralytics {m['ultralytics']}, sam2 {m['sam2']}, onnxruntime {m['onnxruntime']}"
         + (f", tritonserver {m['tritonserver']}." if "triton" in backends else "."),
         f"Models: {r['models']['detector']} (640²) + {r['models']['segmenter']} at 1024², "

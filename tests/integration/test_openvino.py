@@ -1,9 +1,11 @@
 """The OpenVINO backend (``--backend openvino``) served through the real gRPC server: with the fp32 image encoder it
-answers as the torch backend; the int8 encoder passes the quality gate on the official architecture at 1024², and
-is quantised once per weights (then read back from the cache)."""
+answers as the torch backend; the int8 encoder passes the quality gate on the official architecture at 1024² where
+the CPU has int8 dot products (precision auto quantises there only), and is quantised once per weights (then read
+back from the cache)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 
 from service.config import Settings
 from service.errors import Unsupported
-from service.models import sam_ops, testing
+from service.models import testing
+from service.models.cpu import cpu_has_int8_dot_products, cpu_has_native_bf16
 from service.models.roles import ModelRole, Role
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
@@ -55,6 +58,11 @@ def paired_ious(a: pb.SegmentResponse, b: pb.SegmentResponse) -> list[float]:
     """Mask IoU of each region instance of ``a`` with the same region's in ``b`` (regions answer in request order)."""
     assert len(a.instances) == len(b.instances)
     return [mask_iou(rle_mask(x.mask), rle_mask(y.mask)) for x, y in zip(a.instances, b.instances, strict=True)]
+
+
+def cpu_class() -> str:
+    """This CPU as the int8 policy sees it, for the figures."""
+    return "int8 dot products" if cpu_has_int8_dot_products() else "no int8 dot products (no VNNI, AMX)"
 
 
 def int8_files(cache_dir: Path) -> list[Path]:
@@ -125,35 +133,91 @@ def served_segmenter(stub: pb_grpc.SegmentationServiceStub) -> tuple[pb.ModelInf
     return a, b
 
 
-def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(settings, caplog, figures):
-    """precision auto (the CPU default): the test profile's SAM 2.1-T (seeded, 256²) passes the default gate, so its
-    int8 encoder serves, and ListModels and provenance say so with the figures measured on the held-out photos."""
+def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(settings, caplog, figures, monkeypatch):
+    """precision auto on a CPU with int8 dot products: the test profile's SAM 2.1-T (seeded, 256²) passes the gate,
+    so its int8 encoder serves, and ListModels and provenance say so with the figures measured on the held-out photos.
+
+    The default threshold where this CPU has int8 dot products (VNNI, AMX). Without them this int8 encoder measured
+    min 0.9607 (2 AVX2-only EPYC cores), and auto would not build it (the next test): there the CPU is taken as one
+    with them and the threshold is one that it meets, so that the path runs on whatever CPU CI has."""
+    from service.runners import openvino as openvino_runner
     from service.runners.openvino import GATE_SETS
 
-    auto = settings.replace(backend="openvino", precision="auto")
+    threshold = Settings().int8_gate_min_iou if cpu_has_int8_dot_products() else 0.95
+    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: True)
+    auto = settings.replace(backend="openvino", precision="auto", int8_gate_min_iou=threshold)
     with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
         listed, provenance = served_segmenter(stub)
     assert listed == provenance
     gate = listed.precision_gate
     # SAM's decoder in bf16 where the CPU has bf16 dot products: its own gate (int8 + bf16 vs fp32) passes here too.
-    decoder = "+bf16-decoder" if sam_ops.cpu_has_native_bf16() else ""
+    decoder = "+bf16-decoder" if cpu_has_native_bf16() else ""
     assert (listed.precision, gate.precision, gate.passed) == ("int8-encoder" + decoder, "int8", True)
     assert gate.held_out_set == GATE_SETS["photos"] and (gate.images, gate.prompts) == (2, 54)
-    assert gate.required_min_mask_iou == pytest.approx(Settings().int8_gate_min_iou)
+    assert gate.required_min_mask_iou == pytest.approx(threshold)
     assert gate.required_min_mask_iou <= gate.min_mask_iou <= gate.median_mask_iou <= 1.0
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert any("passed its quality gate" in r.getMessage() for r in caplog.records)
     figures["int8 gate, test profile (SAM 2.1-T seeded, 256²)"] = (
-        f"{gate.prompts} box prompts on {gate.images} photos: min mask IoU {gate.min_mask_iou:.4f}, "
-        f"median {gate.median_mask_iou:.4f}: passed, serves int8"
+        f"{gate.prompts} box prompts on {gate.images} photos, {cpu_class()}: min mask IoU {gate.min_mask_iou:.4f}, "
+        f"median {gate.median_mask_iou:.4f}, required {threshold:.2f}: passed, serves int8"
     )
 
 
-def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_the_figures(settings, caplog):
-    """The same models, where the gate asks for more than the int8 encoder reaches (a threshold of 1.0: identical
-    masks; measured min 0.99): precision auto serves fp32, says why in one WARNING, and lists the (cached) figures."""
+def test_precision_auto_serves_fp32_without_building_int8_where_the_cpu_has_no_int8_dot_products(
+    settings, caplog, monkeypatch
+):
+    """Without VNNI or AMX, int8 measured no faster than fp32 and below its gate (service.models.cpu): precision
+    auto builds no int8 encoder, measures no gate, serves fp32 and says why in one INFO line, with no WARNING."""
+    from service.runners import openvino as openvino_runner
+
+    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: False)
+    before = {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)}
+    auto = settings.replace(backend="openvino", precision="auto")
+    with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
+        listed, provenance = served_segmenter(stub)
+    assert listed == provenance
+    assert listed.precision == "fp32" and not listed.HasField("precision_gate")
+    assert {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)} == before, "an int8 encoder was built"
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("has no int8 dot products (VNNI, AMX)" in m for m in messages) == 1, messages
+    assert not [m for m in messages if "passed its quality gate" in m or "failed its quality gate" in m]
+
+
+def test_int8_gate_figures_are_measured_per_cpu_class(settings, monkeypatch):
+    """The gate measures the CPU's int8 kernels, which round otherwise without int8 dot products: figures stored by
+    a node with them are not read by one without (a model cache shared by unlike nodes), and back; the int8 IR itself
+    is the same and is built once."""
+    from service.runners import openvino as openvino_runner
     from service.runners.factory import load_runner
 
+    int8 = settings.replace(backend="openvino", precision="int8")
+    load_runner(int8)
+    built = {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir) if p.name != "detseg-gate.json"}
+    (gate_file,) = [p for p in int8_files(settings.cache_dir) if p.name == "detseg-gate.json"]
+    measured = []
+    for has in (True, False, True, True):
+        monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda has=has: has)
+        load_runner(int8)
+        stored = json.loads(gate_file.read_text())
+        assert stored["key"]["cpu_int8_dot_products"] is has
+        measured.append(gate_file.stat().st_mtime_ns)
+    assert len(set(measured[:3])) == 3, "figures of the other CPU class were read back"
+    assert measured[3] == measured[2], "figures of this CPU class were measured again"
+    assert {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir) if p.name != "detseg-gate.json"} == built
+
+
+def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_the_figures(
+    settings, caplog, monkeypatch
+):
+    """The same models on a CPU with int8 dot products (taken as one: the policy under test, not the kernels), where
+    the gate asks for more than the int8 encoder reaches (a threshold of 1.0: identical masks; measured min 0.96-0.99):
+    precision auto serves fp32, says why in one WARNING, and lists the (cached) figures."""
+    from service.runners import openvino as openvino_runner
+    from service.runners.factory import load_runner
+
+    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: True)
     strict = settings.replace(backend="openvino", precision="auto", int8_gate_min_iou=1.0)
     with caplog.at_level("INFO"), serving(strict, timeout=900) as stub:
         listed, provenance = served_segmenter(stub)
@@ -172,6 +236,12 @@ def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_th
     assert str(runner.execution[Role.SAM2_IMAGE_ENCODER]) == "openvino-int8"
     (segmenter,) = [m for m in runner.models if m.role == ModelRole.SEGMENTER]
     assert segmenter.precision_gate is not None and not segmenter.precision_gate.passed
+    # Where the CPU has no int8 dot products, that WARNING says so.
+    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: False)
+    caplog.clear()
+    load_runner(strict.replace(precision="int8"))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "; this CPU has no int8 dot products (VNNI, AMX)): serving it as asked (precision int8)" in warning
 
 
 def test_int8_encoder_needs_the_openvino_backend(settings):
@@ -181,7 +251,9 @@ def test_int8_encoder_needs_the_openvino_backend(settings):
         load_runner(settings.replace(backend="onnx", precision="int8"))
 
 
-def test_int8_encoder_passes_the_quality_gate_on_the_official_architecture(settings, tmp_path_factory, figures):
+def test_int8_encoder_on_the_official_architecture_passes_its_gate_where_the_cpu_has_int8_dot_products(
+    settings, tmp_path_factory, figures
+):
     """Seeded SAM 2.1 hiera-tiny at 1024² (the official checkpoint's architecture and FLOPs): final masks at the
     photos' resolution from the int8 encoder (OpenVINO backend) vs fp32 (torch backend), >= 50 box prompts."""
     weights = tmp_path_factory.mktemp("official-arch") / "sam2.1_hiera_tiny.pt"  # named as the official file
@@ -202,11 +274,18 @@ def test_int8_encoder_passes_the_quality_gate_on_the_official_architecture(setti
             response = int8.Segment(request, timeout=300)
             assert response.provenance.backend == "openvino"
             ious += paired_ious(reference, response)
+        gate = served_segmenter(int8)[0].precision_gate
     figures["int8 encoder quality gate (SAM 2.1-T 1024², seeded; masks vs fp32)"] = (
-        f"{len(ious)} box prompts on {', '.join(PHOTOS)}: min IoU {min(ious):.4f}, mean {np.mean(ious):.4f}"
+        f"{len(ious)} box prompts on {', '.join(PHOTOS)}, {cpu_class()}: min IoU {min(ious):.4f}, mean "
+        f"{np.mean(ious):.4f}; the server's own gate: min {gate.min_mask_iou:.4f}, passed: {gate.passed}"
     )
     assert len(ious) >= 50
-    assert min(ious) >= GATE_MIN_IOU
+    # The server's gate (other boxes on the same photos, measured at its start) says what this measurement says.
+    assert gate.passed == (min(ious) >= GATE_MIN_IOU)
+    # The recipe's promise where precision auto serves int8: CPUs with int8 dot products. (Without them it measured
+    # min 0.9657 here, 2 AVX2-only EPYC cores, and auto serves fp32 there.)
+    if cpu_has_int8_dot_products():
+        assert min(ious) >= GATE_MIN_IOU
 
 
 def test_quantising_loads_no_telemetry() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.models.cpu import cpu_has_int8_dot_products
 from tests.conftest import wait_serving
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -102,10 +103,14 @@ def test_readme_quick_start_outputs_are_what_make_serve_answers(make_serve, figu
     assert (listing.profile, listing.backend) == ("demo-open", "openvino")
     (segmenter,) = [m for m in listing.models if m.role == pb.MODEL_ROLE_SEGMENTER]
     gate = segmenter.precision_gate
-    # precision auto: the int8 encoder is served exactly when the demo SAM's gate passed.
+    # precision auto: the int8 encoder is built and gated where the CPU has int8 dot products, and served exactly
+    # when the demo SAM's gate passed.
+    assert segmenter.HasField("precision_gate") == cpu_has_int8_dot_products()
     assert segmenter.precision == ("int8-encoder" if gate.passed else "fp32")
     figures["demo-open int8 encoder gate (make serve's default)"] = (
         f"{gate.prompts} box prompts on {gate.images} held-out images ({gate.held_out_set}): min mask IoU "
         f"{gate.min_mask_iou:.4f}, median {gate.median_mask_iou:.4f}, required {gate.required_min_mask_iou:.2f}: "
         f"{'passed, serves int8' if gate.passed else 'failed, serves fp32'}"
+        if segmenter.HasField("precision_gate")
+        else "not built: this CPU has no int8 dot products (VNNI, AMX), fp32 serves"
     )
