@@ -254,8 +254,10 @@ class OpenVinoRunner(OnnxRunner):
                 "torch": torch.__version__,
                 "held_out_set": held_out,
                 "reference": "openvino-fp32 + torch-fp32",
-                "encoder": int8_identity(served) if precision == "int8" else "openvino-fp32",
-                "cpu_int8_dot_products": int8_dots,
+                # an int8 encoder's rounding is its CPU class's (as in its own gate's key)
+                "encoder": {**int8_identity(served), "cpu_int8_dot_products": int8_dots}
+                if precision == "int8"
+                else "openvino-fp32",
                 "decoder_weights_sha256": segmenter_sha256,
             }
             decoder, decoder_execution = gated_decoder(

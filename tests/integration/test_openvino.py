@@ -6,7 +6,7 @@ back from the cache)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,18 @@ def cpu_class() -> str:
 
 def int8_files(cache_dir: Path) -> list[Path]:
     return sorted(cache_dir.glob("onnx/*/sam2_image_encoder/openvino/int8-*/*"))
+
+
+@pytest.fixture
+def taken_as(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Sets what the OpenVINO runner takes this CPU to have, for the precision policy under test (not the kernels:
+    the int8 encoder still runs on this CPU's): ``taken_as(int8_dot_products=True)``."""
+    from service.runners import openvino as openvino_runner
+
+    def take(int8_dot_products: bool) -> None:
+        monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: int8_dot_products)
+
+    return take
 
 
 @pytest.fixture(autouse=True)
@@ -133,18 +145,17 @@ def served_segmenter(stub: pb_grpc.SegmentationServiceStub) -> tuple[pb.ModelInf
     return a, b
 
 
-def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(settings, caplog, figures, monkeypatch):
+def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(settings, caplog, figures, taken_as):
     """precision auto on a CPU with int8 dot products: the test profile's SAM 2.1-T (seeded, 256²) passes the gate,
     so its int8 encoder serves, and ListModels and provenance say so with the figures measured on the held-out photos.
 
     The default threshold where this CPU has int8 dot products (VNNI, AMX). Without them this int8 encoder measured
     min 0.9607 (2 AVX2-only EPYC cores), and auto would not build it (the next test): there the CPU is taken as one
     with them and the threshold is one that it meets, so that the path runs on whatever CPU CI has."""
-    from service.runners import openvino as openvino_runner
     from service.runners.openvino import GATE_SETS
 
     threshold = Settings().int8_gate_min_iou if cpu_has_int8_dot_products() else 0.95
-    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: True)
+    taken_as(int8_dot_products=True)
     auto = settings.replace(backend="openvino", precision="auto", int8_gate_min_iou=threshold)
     with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
         listed, provenance = served_segmenter(stub)
@@ -165,13 +176,12 @@ def test_int8_encoder_that_passes_its_gate_is_served_with_the_gate_figures(setti
 
 
 def test_precision_auto_serves_fp32_without_building_int8_where_the_cpu_has_no_int8_dot_products(
-    settings, caplog, monkeypatch
+    settings, caplog, taken_as
 ):
     """Without VNNI or AMX, int8 measured no faster than fp32 and below its gate (service.models.cpu): precision
     auto builds no int8 encoder, measures no gate, serves fp32 and says why in one INFO line, with no WARNING."""
-    from service.runners import openvino as openvino_runner
 
-    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: False)
+    taken_as(int8_dot_products=False)
     before = {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)}
     auto = settings.replace(backend="openvino", precision="auto")
     with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
@@ -185,11 +195,10 @@ def test_precision_auto_serves_fp32_without_building_int8_where_the_cpu_has_no_i
     assert not [m for m in messages if "passed its quality gate" in m or "failed its quality gate" in m]
 
 
-def test_int8_gate_figures_are_measured_per_cpu_class(settings, monkeypatch):
+def test_int8_gate_figures_are_measured_per_cpu_class(settings, taken_as):
     """The gate measures the CPU's int8 kernels, which round otherwise without int8 dot products: figures stored by
     a node with them are not read by one without (a model cache shared by unlike nodes), and back; the int8 IR itself
     is the same and is built once."""
-    from service.runners import openvino as openvino_runner
     from service.runners.factory import load_runner
 
     int8 = settings.replace(backend="openvino", precision="int8")
@@ -198,7 +207,7 @@ def test_int8_gate_figures_are_measured_per_cpu_class(settings, monkeypatch):
     (gate_file,) = [p for p in int8_files(settings.cache_dir) if p.name == "detseg-gate.json"]
     measured = []
     for has in (True, False, True, True):
-        monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda has=has: has)
+        taken_as(int8_dot_products=has)
         load_runner(int8)
         stored = json.loads(gate_file.read_text())
         assert stored["key"]["cpu_int8_dot_products"] is has
@@ -208,16 +217,13 @@ def test_int8_gate_figures_are_measured_per_cpu_class(settings, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir) if p.name != "detseg-gate.json"} == built
 
 
-def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_the_figures(
-    settings, caplog, monkeypatch
-):
+def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_the_figures(settings, caplog, taken_as):
     """The same models on a CPU with int8 dot products (taken as one: the policy under test, not the kernels), where
     the gate asks for more than the int8 encoder reaches (a threshold of 1.0: identical masks; measured min 0.96-0.99):
     precision auto serves fp32, says why in one WARNING, and lists the (cached) figures."""
-    from service.runners import openvino as openvino_runner
     from service.runners.factory import load_runner
 
-    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: True)
+    taken_as(int8_dot_products=True)
     strict = settings.replace(backend="openvino", precision="auto", int8_gate_min_iou=1.0)
     with caplog.at_level("INFO"), serving(strict, timeout=900) as stub:
         listed, provenance = served_segmenter(stub)
@@ -237,7 +243,7 @@ def test_int8_encoder_that_fails_its_gate_is_not_served_and_one_warning_names_th
     (segmenter,) = [m for m in runner.models if m.role == ModelRole.SEGMENTER]
     assert segmenter.precision_gate is not None and not segmenter.precision_gate.passed
     # Where the CPU has no int8 dot products, that WARNING says so.
-    monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: False)
+    taken_as(int8_dot_products=False)
     caplog.clear()
     load_runner(strict.replace(precision="int8"))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
