@@ -1,7 +1,7 @@
 """The OpenVINO backend (``--backend openvino``) served through the real gRPC server: with the fp32 image encoder it
-answers as the torch backend; the int8 encoder passes the quality gate on the official architecture at 1024² where
-the CPU has int8 dot products (precision auto quantises there only), and is quantised once per weights (then read
-back from the cache)."""
+answers as the torch backend; precision auto answers within the quality gate of fp32 on the official architecture
+at 1024² (with the int8 encoder where the CPU has int8 dot products: it quantises there only), and the int8 encoder
+is quantised once per weights (then read back from the cache)."""
 
 from __future__ import annotations
 
@@ -257,11 +257,14 @@ def test_int8_encoder_needs_the_openvino_backend(settings):
         load_runner(settings.replace(backend="onnx", precision="int8"))
 
 
-def test_int8_encoder_on_the_official_architecture_passes_its_gate_where_the_cpu_has_int8_dot_products(
+def test_precision_auto_on_the_official_architecture_answers_within_the_gate_of_fp32(
     settings, tmp_path_factory, figures
 ):
     """Seeded SAM 2.1 hiera-tiny at 1024² (the official checkpoint's architecture and FLOPs): final masks at the
-    photos' resolution from the int8 encoder (OpenVINO backend) vs fp32 (torch backend), >= 50 box prompts."""
+    photos' resolution from the OpenVINO backend at precision auto vs fp32 (torch backend), >= 50 box prompts: min
+    IoU >= 0.99 on every CPU. Where the CPU has int8 dot products auto serves the int8 encoder (the recipe's promise:
+    its gate passes, and says what this measurement says); elsewhere it serves fp32 and builds no int8 encoder (the
+    int8 recipe measured min 0.9657 there, 2 AVX2-only EPYC cores, and building it took 197 s of this test's 317)."""
     weights = tmp_path_factory.mktemp("official-arch") / "sam2.1_hiera_tiny.pt"  # named as the official file
     testing.write_segmenter(weights, seed=0, image_size=1024)
     official = settings.replace(segmenter=str(weights))
@@ -275,23 +278,27 @@ def test_int8_encoder_on_the_official_architecture_passes_its_gate_where_the_cpu
             asked.append((request, fp32.Segment(request, timeout=300)))
     release_memory()  # the fp32 server's model, before quantising
     ious: list[float] = []
-    with serving(official.replace(backend="openvino", precision="int8"), timeout=900) as int8:
+    built_before = int8_files(settings.cache_dir)  # the other tests' (the test profile's)
+    auto = official.replace(backend="openvino", precision="auto")
+    with serving(auto, timeout=900) as served:
         for request, reference in asked:
-            response = int8.Segment(request, timeout=300)
+            response = served.Segment(request, timeout=300)
             assert response.provenance.backend == "openvino"
             ious += paired_ious(reference, response)
-        gate = served_segmenter(int8)[0].precision_gate
-    figures["int8 encoder quality gate (SAM 2.1-T 1024², seeded; masks vs fp32)"] = (
-        f"{len(ious)} box prompts on {', '.join(PHOTOS)}, {cpu_class()}: min IoU {min(ious):.4f}, mean "
-        f"{np.mean(ious):.4f}; the server's own gate: min {gate.min_mask_iou:.4f}, passed: {gate.passed}"
+        segmenter = served_segmenter(served)[0]
+    gate = segmenter.precision_gate if segmenter.HasField("precision_gate") else None
+    figures["precision auto on the official architecture (SAM 2.1-T 1024², seeded; masks vs fp32)"] = (
+        f"{len(ious)} box prompts on {', '.join(PHOTOS)}, {cpu_class()}: serves {segmenter.precision}, min IoU "
+        f"{min(ious):.4f}, mean {np.mean(ious):.4f}" + (f"; its gate: min {gate.min_mask_iou:.4f}" if gate else "")
     )
     assert len(ious) >= 50
-    # The server's gate (other boxes on the same photos, measured at its start) says what this measurement says.
-    assert gate.passed == (min(ious) >= GATE_MIN_IOU)
-    # The recipe's promise where precision auto serves int8: CPUs with int8 dot products. (Without them it measured
-    # min 0.9657 here, 2 AVX2-only EPYC cores, and auto serves fp32 there.)
+    assert min(ious) >= GATE_MIN_IOU
     if cpu_has_int8_dot_products():
-        assert min(ious) >= GATE_MIN_IOU
+        assert segmenter.precision.startswith("int8-encoder") and gate is not None and gate.passed
+        assert gate.required_min_mask_iou <= gate.min_mask_iou  # its other boxes on the same photos agree
+    else:
+        assert segmenter.precision == "fp32" and gate is None
+        assert int8_files(settings.cache_dir) == built_before, "an int8 encoder was built"
 
 
 def test_quantising_loads_no_telemetry() -> None:

@@ -117,20 +117,22 @@ def test_each_device_type_has_one_measured_policy() -> None:
 
 def test_bf16_image_tokens_pass_the_quality_gate_on_photos(figures) -> None:  # type: ignore[no-untyped-def]
     """Final masks (upsampled to the photo, threshold 0) of the bf16 policy vs sam2's float32 decoder, same weights
-    and features: min IoU >= 0.99 over 104 box prompts on bus.jpg and zidane.jpg (the gate's photos)."""
+    and features: min IoU >= 0.99 over 52 box prompts on bus.jpg and zidane.jpg (the gate's photos): every other one
+    of each photo's grid and random boxes (on a CPU without bf16 dot products torch's bf16 matmuls run ~25x slower
+    than fp32: all 104 took 150 s here)."""
     from tests.benchmarks.decoder_bench import gate_prompts, photo_features, seeded_sam
 
     model = seeded_sam()  # the benchmarks' SAM 2.1-T at 1024² (testing.write_segmenter(seed=0, 1024))
     fast, exact = (sam_ops.PromptDecoder(model, sam_ops.decoder_policy("cpu", bf16)) for bf16 in (True, False))
     ious: dict[str, list[float]] = {"bf16": [], "fp32": []}
     for photo in photo_features(model):
-        coords, labels = gate_prompts(photo)
+        coords, labels = (t[::2] for t in gate_prompts(photo))
         with torch.inference_mode():
             _, _, reference, _ = _sam2_decoder(model, photo.features, coords, labels)
             for name, decoder in (("bf16", fast), ("fp32", exact)):
                 got, _ = decoder(*photo.features, coords, labels, multimask=False)
                 ious[name] += _final_mask_ious(got, reference, photo.hw)
-    figures["decoder bf16 vs sam2 fp32 (SAM 2.1-T 1024², 104 boxes): min / mean mask IoU"] = (
+    figures[f"decoder bf16 vs sam2 fp32 (SAM 2.1-T 1024², {len(ious['bf16'])} boxes): min / mean mask IoU"] = (
         f"{min(ious['bf16']):.4f} / {np.mean(ious['bf16']):.4f}"
     )
     assert len(ious["bf16"]) >= 50
