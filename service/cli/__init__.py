@@ -2,10 +2,11 @@
 label, adapt, eval-track, verify, keygen.
 
 One module per family of commands; each has ``register(subparsers)``, which adds its commands with their
-handlers, and the handlers. Modules import what they use at their top, save the modules that load torch
-(``service.models.profiles`` and ``service.models.triton_repo``, through ``service.models.testing``, and
-``service.adaptation.run``): the handlers of ``export``, ``triton up``, ``models`` and ``adapt`` import those, so
-that ``detseg --help`` and the client commands start without torch.
+handlers, and the handlers. Modules import what they use at their top, save the modules that load torch (the
+server's, ``service.app``, ``service.api.server`` and ``service.supervisor``; ``service.models.profiles`` and
+``service.models.triton_repo``, through ``service.models.testing``; ``service.adaptation.run``): the handlers of
+``serve``, ``eval`` and ``label`` (in-process servers), ``export``, ``triton up``, ``models`` and ``adapt`` import
+those, so that ``detseg --help`` and the client commands start without torch (test_startup).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.app import InProcessServer
 from service.cli.common import MODEL_FLAGS, add_model_flags, settings_from
 from service.client import Client, RequestFailed
 from service.evaluation.dataset import load_dataset
@@ -60,6 +59,8 @@ def _service(args: argparse.Namespace) -> Iterator[str]:
     if args.target:
         yield args.target
         return
+    from service.app import InProcessServer  # loads torch: only when this process serves
+
     settings = settings_from(args, MODEL_FLAGS).replace(host="127.0.0.1", port=0)
     with InProcessServer(settings) as server:
         server.wait_serving()

@@ -7,14 +7,11 @@ import asyncio
 import logging
 from pathlib import Path
 
-from service.api.server import serve_forever
-from service.app import create_server
 from service.cli.common import settings_from
 from service.config import Settings
 from service.errors import ConfigurationError
 from service.runners.factory import BACKENDS, PRECISIONS, load_runner, resolve_backend
 from service.startup import ALLOCATORS, configure_logging, configure_process, reexec_for_allocator
-from service.supervisor import run_workers
 
 # serve's flags, as Settings field names.
 SERVE_FLAGS = (
@@ -93,6 +90,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # The server's modules load torch: imported by the handler, so that the other commands start without it.
+    from service.api.server import serve_forever
+    from service.app import create_server
+    from service.supervisor import run_workers
+
     settings = settings_from(args, SERVE_FLAGS)
     if args.reexec_argv is not None:
         reexec_for_allocator(settings.allocator, ["-m", "service.cli", *args.reexec_argv])

@@ -41,27 +41,30 @@ EXEMPLAR_BOXES = {
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """ultralytics' SAM3SemanticPredictor's answers on its own copy of the same seeded weights (it writes onto its
-    model), computed before the server loads its copy (two SAM 3 models at once would take 7 GB): "texts" for
-    ``TEXTS``, and each label of ``EXEMPLAR_BOXES`` for its boxes (XYXY pixels). Each: (N, 6) [x0, y0, x1, y1,
-    score, cls] and (N, H, W) masks."""
+    """ultralytics' SAM3SemanticPredictor's answers on its own copy of the same seeded weights, computed before the
+    server loads its copy (two SAM 3 models at once would take 7 GB): each label of ``EXEMPLAR_BOXES`` for its
+    boxes (XYXY pixels), and "texts" for ``TEXTS``. Each: (N, 6) [x0, y0, x1, y1, score, cls] and (N, H, W) masks.
+
+    One predictor answers all three (one build instead of three: 18 s instead of 57 s here). A text query writes its
+    texts onto the model (``set_classes``), box queries write nothing, so the texts go last; measured: each answer
+    equals that of a predictor built for it alone, every array exactly."""
     from ultralytics.models.sam import SAM3SemanticPredictor
 
     from service.models import sam3
 
     bgr = np.ascontiguousarray(_scene()[..., ::-1])
-    queries: dict[str, dict] = {"texts": {"text": list(TEXTS)}}
-    queries.update({label: {"bboxes": boxes} for label, boxes in EXEMPLAR_BOXES.items()})
+    queries: dict[str, dict] = {label: {"bboxes": boxes} for label, boxes in EXEMPLAR_BOXES.items()}
+    queries["texts"] = {"text": list(TEXTS)}
     answers = {}
     threads = torch.get_num_threads()
     try:
-        for key, prompt in queries.items():  # a fresh copy per query, one at a time
-            predictor = SAM3SemanticPredictor(overrides=dict(imgsz=IMGSZ, conf=0.0, save=False, verbose=False))
-            predictor.setup_model(model=sam3.build(IMGSZ, seed=0), verbose=False)
-            predictor.set_image(bgr)
+        predictor = SAM3SemanticPredictor(overrides=dict(imgsz=IMGSZ, conf=0.0, save=False, verbose=False))
+        predictor.setup_model(model=sam3.build(IMGSZ, seed=0), verbose=False)
+        predictor.set_image(bgr)
+        for key, prompt in queries.items():
             result = predictor(**prompt)[0]
             answers[key] = (result.boxes.data.cpu().numpy(), result.masks.data.cpu().numpy())
-            del predictor, result
+        del predictor, result
     finally:
         torch.set_num_threads(threads)  # ultralytics' setup_model sets it process-wide
     return answers

@@ -91,44 +91,68 @@ class Workers:
             return f.read()
 
 
+def _start(settings, folder: Path, n: int = 2, **env: str) -> Workers:
+    """`detseg serve --models test --workers n` on a free port (``env`` over the environment), once it is SERVING."""
+    port = free_ports(1)[0]
+    log = str(folder / f"serve-{port}.log")
+    environ = {
+        **os.environ,
+        "DETSEG_CACHE_DIR": str(settings.cache_dir),
+        "DETSEG_THREADS": "1",
+        "DETSEG_BACKEND": "torch",
+        **env,
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*DETSEG, "serve", "--models", "test", "--workers", str(n), "--port", str(port)],
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    workers = Workers(proc, port, log)
+    try:
+        with grpc.insecure_channel(workers.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+            wait_serving(channel, timeout=300)
+    except BaseException:
+        _stop(workers)
+        raise
+    return workers
+
+
+def _stop(workers: Workers) -> None:
+    if workers.proc.poll() is None:
+        workers.proc.terminate()
+        try:
+            workers.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            workers.proc.kill()
+            workers.proc.wait(30)
+
+
 @pytest.fixture
 def start_workers(settings, tmp_path) -> Iterator:
     started: list[Workers] = []
 
     def start(n: int = 2, **env: str) -> Workers:
-        port = free_ports(1)[0]
-        log = str(tmp_path / f"serve-{len(started)}.log")
-        environ = {
-            **os.environ,
-            "DETSEG_CACHE_DIR": str(settings.cache_dir),
-            "DETSEG_THREADS": "1",
-            "DETSEG_BACKEND": "torch",
-            **env,
-        }
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [*DETSEG, "serve", "--models", "test", "--workers", str(n), "--port", str(port)],
-                env=environ,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        workers = Workers(proc, port, log)
-        started.append(workers)
-        with grpc.insecure_channel(workers.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=180)
-            wait_serving(channel, timeout=300)
-        return workers
+        started.append(_start(settings, tmp_path, n, **env))
+        return started[-1]
 
     yield start
     for w in started:
-        if w.proc.poll() is None:
-            w.proc.terminate()
-            try:
-                w.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait(30)
+        _stop(w)
+
+
+@pytest.fixture(scope="module")
+def two_workers(settings, tmp_path_factory) -> Iterator[tuple[Workers, int]]:
+    """Two workers with one Prometheus endpoint (its port), shared by the two tests that follow each other: the
+    first leaves them as they are, the second kills their supervisor (one start less: each takes ~35 s in CI)."""
+    metrics_port = free_ports(1)[0]
+    env = {"DETSEG_METRICS_EXPORTER": "prometheus", "DETSEG_METRICS_PORT": str(metrics_port)}
+    workers = _start(settings, tmp_path_factory.mktemp("workers"), 2, **env)
+    yield workers, metrics_port
+    _stop(workers)
 
 
 def _encode_image(channel: grpc.Channel, image: bytes) -> pb.EncodeImageResponse:
@@ -143,9 +167,8 @@ def _stages(response: pb.SegmentResponse) -> set[str]:
     return {t.stage for t in response.provenance.timings}
 
 
-def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(start_workers):
-    metrics_port = free_ports(1)[0]
-    w = start_workers(2, DETSEG_METRICS_EXPORTER="prometheus", DETSEG_METRICS_PORT=str(metrics_port))
+def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(two_workers):
+    w, metrics_port = two_workers
     assert len(w.pids()) == 2 and w.proc.pid not in w.pids()
     with ExitStack() as stack:
         (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
@@ -180,6 +203,24 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
     assert {s.labels["worker"] for s in durations} == {"0", "1"}
     counts = [s for s in durations if s.name.endswith("_count") and "Segment" in s.labels.get("rpc_method", "")]
     assert {s.labels["worker"] for s in counts} == {"0", "1"}, counts
+
+
+def test_no_worker_or_redis_server_outlives_a_killed_supervisor(two_workers):
+    w, _ = two_workers  # right after the test above (four workers at once would pass the memory budget): kills them
+    children = psutil.Process(w.proc.pid).children()
+    assert len(children) >= 3  # two workers and the redis-server (and multiprocessing's tracker)
+    # The redis-server's private folder: a killed supervisor cannot remove it (its unix socket goes with redis).
+    redis = [p for p in children if "redis-server" in p.name()]
+    assert len(redis) == 1, [p.name() for p in children]
+    sockets = {c.laddr for c in redis[0].net_connections(kind="unix") if c.laddr}
+    assert len(sockets) == 1, sockets
+    folder = Path(sockets.pop()).parent
+    w.proc.kill()
+    w.proc.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    assert not list(folder.iterdir())  # nothing of the tier's left on disk but the empty folder
+    folder.rmdir()
 
 
 HELD_BOXES = 120
@@ -291,21 +332,3 @@ def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
     assert "before serving: stopping" in done.stderr and "downloads are off" in done.stderr
     assert "Traceback" not in done.stderr
     assert _helpers() <= before  # no worker or redis-server left behind
-
-
-def test_no_worker_or_redis_server_outlives_a_killed_supervisor(start_workers):
-    w = start_workers(2)
-    children = psutil.Process(w.proc.pid).children()
-    assert len(children) >= 3  # two workers and the redis-server (and multiprocessing's tracker)
-    # The redis-server's private folder: a killed supervisor cannot remove it (its unix socket goes with redis).
-    redis = [p for p in children if "redis-server" in p.name()]
-    assert len(redis) == 1, [p.name() for p in children]
-    sockets = {c.laddr for c in redis[0].net_connections(kind="unix") if c.laddr}
-    assert len(sockets) == 1, sockets
-    folder = Path(sockets.pop()).parent
-    w.proc.kill()
-    w.proc.wait(30)
-    gone, alive = psutil.wait_procs(children, timeout=60)
-    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
-    assert not list(folder.iterdir())  # nothing of the tier's left on disk but the empty folder
-    folder.rmdir()
