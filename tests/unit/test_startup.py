@@ -142,9 +142,9 @@ def test_start_up_sets_the_gil_switch_interval_and_serve_refuses_none(tmp_path: 
     assert serve.stderr.strip().endswith("detseg: gil_switch_interval_ms must be above 0, got 0.0"), serve.stderr
 
 
-def test_the_command_line_and_its_client_commands_start_without_torch(tmp_path: Path):
-    """`detseg --help`, `segment`, `track`, `verify`... are clients: the server's modules (torch, ~5 s here) load only
-    in the handlers that serve (service/cli/__init__.py)."""
+def test_the_command_line_and_its_client_commands_start_without_torch():
+    """`detseg --help` and the client commands (`segment`, `track`, ...): the server's modules (torch, ~5 s here) load
+    only in the handlers that need them (service/cli/__init__.py)."""
     probe = (
         "import sys; from service.cli import build_parser; build_parser(); "
         "print(sorted(m for m in ('torch', 'ultralytics', 'sam2', 'service.app') if m in sys.modules))"
@@ -152,5 +152,7 @@ def test_the_command_line_and_its_client_commands_start_without_torch(tmp_path: 
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
-    helped = subprocess.run([sys.executable, "-m", "service.cli", "segment", "--help"], capture_output=True, text=True)
+    helped = subprocess.run(
+        [sys.executable, "-m", "service.cli", "segment", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert helped.returncode == 0 and "--target" in helped.stdout, helped.stdout + helped.stderr
