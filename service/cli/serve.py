@@ -90,13 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    # The server's modules load torch: imported by the handler, so that the other commands start without it.
-    from service.api.server import serve_forever
-    from service.app import create_server
-    from service.supervisor import run_workers
-
     settings = settings_from(args, SERVE_FLAGS)
-    if args.reexec_argv is not None:
+    if args.reexec_argv is not None:  # before importing the server's modules: the process is replaced
         reexec_for_allocator(settings.allocator, ["-m", "service.cli", *args.reexec_argv])
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers < 1:
@@ -104,7 +99,14 @@ def serve(args: argparse.Namespace) -> int:
     if settings.gil_switch_interval_ms <= 0:
         raise ConfigurationError(f"gil_switch_interval_ms must be above 0, got {settings.gil_switch_interval_ms}")
     if settings.workers > 1:
+        from service.supervisor import run_workers  # the supervisor loads no model: its workers do
+
         return run_workers(settings)
+    # The server's modules load torch: imported here, so that the other commands, the process that re-executes
+    # itself and a supervisor start without it.
+    from service.api.server import serve_forever
+    from service.app import create_server
+
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
 
     async def run() -> None:

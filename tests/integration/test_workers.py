@@ -146,8 +146,9 @@ def start_workers(settings, tmp_path) -> Iterator:
 
 @pytest.fixture(scope="module")
 def two_workers(settings, tmp_path_factory) -> Iterator[tuple[Workers, int]]:
-    """Two workers with one Prometheus endpoint (its port), shared by the two tests that follow each other: the
-    first leaves them as they are, the second kills their supervisor (one start less: each takes ~35 s in CI)."""
+    """Two workers with one Prometheus endpoint (its port), shared by the three tests that follow each other: the
+    first leaves them as they are, the second kills a worker (its replacement takes its place), the third kills
+    their supervisor (two starts less: each takes ~30 s)."""
     metrics_port = free_ports(1)[0]
     env = {"DETSEG_METRICS_EXPORTER": "prometheus", "DETSEG_METRICS_PORT": str(metrics_port)}
     workers = _start(settings, tmp_path_factory.mktemp("workers"), 2, **env)
@@ -205,8 +206,34 @@ def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encod
     assert {s.labels["worker"] for s in counts} == {"0", "1"}, counts
 
 
+def test_a_killed_worker_is_replaced_while_the_others_serve(two_workers):
+    w, _ = two_workers  # after the test above; the test below kills their supervisor, replacement included
+    with ExitStack() as stack:
+        (victim, a), (survivor, b) = w.channels_on_each_worker(stack).items()
+        handle = pb_grpc.SegmentationServiceStub(a).EncodeImage(
+            pb.EncodeImageRequest(image=pb.Image(encoded=_image(4)))
+        )
+        os.kill(victim, signal.SIGKILL)
+        # The survivor keeps serving, and health stays SERVING on the port.
+        for _ in range(3):
+            health = health_pb2_grpc.HealthStub(b).Check(HEALTH, timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert _segment(b, pb.Image(handle=handle.handle)).provenance.timings
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not [p for p in w.pids() if p != survivor and w.listening(p)]:
+        time.sleep(0.5)
+    (replacement,) = set(w.pids()) - {survivor}
+    assert replacement != victim
+    # The replacement binds the port only once its models are loaded; then it answers, handles included.
+    with ExitStack() as stack:
+        channels = w.channels_on_each_worker(stack)
+        via_new = _segment(channels[replacement], pb.Image(handle=handle.handle))
+        assert "encode" not in _stages(via_new)
+    assert "starting a replacement" in w.output()
+
+
 def test_no_worker_or_redis_server_outlives_a_killed_supervisor(two_workers):
-    w, _ = two_workers  # right after the test above (four workers at once would pass the memory budget): kills them
+    w, _ = two_workers  # right after the tests above (four workers at once would pass the memory budget): kills them
     children = psutil.Process(w.proc.pid).children()
     assert len(children) >= 3  # two workers and the redis-server (and multiprocessing's tracker)
     # The redis-server's private folder: a killed supervisor cannot remove it (its unix socket goes with redis).
@@ -284,34 +311,6 @@ def _in_flight(metrics_port: int) -> float:
         families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
     family = families.get("detseg_requests_in_flight")
     return sum(s.value for s in family.samples) if family is not None else 0.0
-
-
-def test_a_killed_worker_is_replaced_while_the_others_serve(start_workers):
-    w = start_workers(2)
-    with ExitStack() as stack:
-        (victim, a), (survivor, b) = w.channels_on_each_worker(stack).items()
-        handle = pb_grpc.SegmentationServiceStub(a).EncodeImage(
-            pb.EncodeImageRequest(image=pb.Image(encoded=_image(4)))
-        )
-        os.kill(victim, signal.SIGKILL)
-        # The survivor keeps serving, and health stays SERVING on the port.
-        for _ in range(3):
-            health = health_pb2_grpc.HealthStub(b).Check(HEALTH, timeout=30)
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
-            assert _segment(b, pb.Image(handle=handle.handle)).provenance.timings
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not [p for p in w.pids() if p != survivor and w.listening(p)]:
-        time.sleep(0.5)
-    (replacement,) = set(w.pids()) - {survivor}
-    assert replacement != victim
-    # The replacement binds the port only once its models are loaded; then it answers, handles included.
-    with ExitStack() as stack:
-        channels = w.channels_on_each_worker(stack)
-        via_new = _segment(channels[replacement], pb.Image(handle=handle.handle))
-        assert "encode" not in _stages(via_new)
-    assert "starting a replacement" in w.output()
-    w.proc.send_signal(signal.SIGTERM)
-    assert w.proc.wait(120) == 0, w.output()[-3000:]
 
 
 def _helpers() -> set[int]:
