@@ -40,7 +40,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colors as mpl_colors
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from service.pipeline.lru import LRU
 from service.pipeline.vocabulary import Embed
@@ -136,6 +135,11 @@ class PhraseReader:
         self._slot_words = {"shape": vocabulary.shapes, "size": vocabulary.sizes}
         self._slot_vectors: dict[str, np.ndarray] = {}
         self._words: LRU[str, tuple[str, str]] = LRU(_WORDS_KEPT)  # word → (slot, vocabulary word); ("", "") none
+        # scikit-learn's English stop words, imported by the reader that uses them: importing scikit-learn takes
+        # ~1.3 s, which every server's start-up paid before (readers exist for attribute vocabularies only).
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        self._stop_words = ENGLISH_STOP_WORDS
 
     @classmethod
     def for_vocabulary(cls, names: Sequence[str], embed: Embed) -> PhraseReader | None:
@@ -187,7 +191,7 @@ class PhraseReader:
             self._words.put(word, best)
 
     def _plain(self, word: str) -> bool:
-        return word in ENGLISH_STOP_WORDS or word in (GENERIC_NOUN, GENERIC_NOUN + "s", GENERIC_NOUN + "d")
+        return word in self._stop_words or word in (GENERIC_NOUN, GENERIC_NOUN + "s", GENERIC_NOUN + "d")
 
     def _read(self, tokens: list[str]) -> Reading:
         found: dict[str, set[str]] = {"size": set(), "colour": set(), "shape": set()}
