@@ -171,6 +171,8 @@ def _stages(response: pb.SegmentResponse) -> set[str]:
 def test_workers_share_the_port_and_a_handle_crosses_them_without_a_second_encoder_run(two_workers):
     w, metrics_port = two_workers
     assert len(w.pids()) == 2 and w.proc.pid not in w.pids()
+    # The supervisor loads no model code: torch is in its workers only (it held ~0.7 GB more when it imported it).
+    assert not [m.path for m in psutil.Process(w.proc.pid).memory_maps() if "libtorch" in m.path]
     with ExitStack() as stack:
         (pid_a, a), (pid_b, b) = w.channels_on_each_worker(stack).items()
         assert pid_a != pid_b  # two connections answered by two processes on one port
