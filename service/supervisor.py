@@ -2,11 +2,11 @@
 
 The supervisor (the ``detseg serve`` process) reserves the port (a socket bound with SO_REUSEPORT, never
 listening, so ``--port 0`` resolves once for all), starts the shared tier if none is configured, then starts N
-workers with the spawn start method. Each worker is a whole server (``service.app.create_server``: its own models,
-caches and event loop) bound to the port with SO_REUSEPORT, so the kernel spreads incoming connections over them.
-What the workers share (``service.api.workers.WorkerLink``): admission counts, readiness (one health status) and,
-through the shared tier, every image handle: a handle made by one worker is answered by any other without a second
-encoder run.
+workers with the spawn start method. The supervisor loads no model code (torch stays out of it); each worker is a
+whole server (``service.app.create_server``: its own models, caches and event loop) bound to the port with
+SO_REUSEPORT, so the kernel spreads incoming connections over them. What the workers share
+(``service.api.workers.WorkerLink``): admission counts, readiness (one health status) and, through the shared tier,
+every image handle: a handle made by one worker is answered by any other without a second encoder run.
 
 - **Shared tier**: ``redis_url`` when set; otherwise a ``redis-server`` (found on PATH, as Debian's
   ``redis-server`` package installs it) the supervisor starts on a unix socket in a private folder, no TCP port, no
