@@ -1,7 +1,8 @@
 """Embedding reuse: decoded images and their SAM features, by content hash, in a byte-bounded LRU with a TTL.
 
-A handle is ``"sha256:" + hex sha256 of the image bytes received``, so the same bytes always give the
-same handle, and a Segment request carrying bytes that were seen before hits the cache without one.
+A handle is ``"sha256:" + hex sha256 of the image bytes received`` (raw pixels: of their width, height and that
+digest, since the same bytes at another size are another image), so the same image always gives the same handle,
+and a Segment request carrying bytes that were seen before hits the cache without one.
 Entries hold the decoded image, the SAM image features and, once computed, the detector's raw outputs by
 vocabulary key: one for a closed detector (key None; classes only filter that output, so a new class prompt on
 a cached image skips the detector too), one per distinct vocabulary for an open-vocabulary detector.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -28,8 +30,13 @@ from service.pipeline.image import DecodedImage
 PREFIX = "sha256:"
 
 
-def handle_for(sha256_hex: str) -> str:
-    return PREFIX + sha256_hex
+def handle_for(sha256_hex: str, raw_size: tuple[int, int] | None = None) -> str:
+    """The handle of an image whose bytes hash to ``sha256_hex``: encoded bytes name their image alone; raw pixel
+    bytes (``raw_size`` their width and height) only with their size, so it is hashed in."""
+    if raw_size is None:
+        return PREFIX + sha256_hex
+    width, height = raw_size
+    return PREFIX + hashlib.sha256(f"raw {width}x{height} {sha256_hex}".encode()).hexdigest()
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """A request's images: the two cache tiers (this process's LRU, then the optional shared tier), decoding and
 validation, handles, and the exemplars' reference images.
 
-A handle is the content hash of the image's bytes (``service.pipeline.cache``), so bytes and their handle are
-the same image; a handle that is in neither tier is NOT_FOUND.
+A handle is the content hash of the image's bytes (``service.pipeline.cache``; raw pixels' with their size), so
+bytes and their handle are the same image; a handle that is in neither tier is NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from service.pipeline.stages import stage
 
 @dataclasses.dataclass(frozen=True)
 class Lookup:
-    """An image by its cache handle: the cached entry, or None when neither tier has it."""
+    """An image by its cache handle: the cached entry, or None when neither tier has it. ``sha256``: the hex sha256
+    of the bytes received (ImageInfo.sha256), None for an image given by its handle."""
 
     handle: str
     entry: CacheEntry | None
+    sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ class ImageStore:
         if found.entry is not None:
             return FoundImage(found.handle, found.entry, found.entry.image)
         with stage(timings, "decode_image", bytes=len(image_input.data)) as span:
-            image = await asyncio.to_thread(self.decode, image_input, found.handle)
+            image = await asyncio.to_thread(self.decode, image_input, found.sha256)
             span.set_attributes({"image.width": image.width, "image.height": image.height})
         return FoundImage(found.handle, None, image)
 
@@ -89,8 +91,9 @@ class ImageStore:
                     f"{self.cache.ttl:.0f} s after last use, fewer under memory pressure); send the image again"
                 )
             return Lookup(handle, entry)
-        handle = handle_for(hashlib.sha256(image.data).hexdigest())
-        return Lookup(handle, self.cached(handle))
+        digest = hashlib.sha256(image.data).hexdigest()
+        handle = handle_for(digest, image.raw_size)
+        return Lookup(handle, self.cached(handle), digest)
 
     def cached(self, handle: str) -> CacheEntry | None:
         """This replica's entry, else the shared tier's (then kept here too), else None."""
@@ -101,13 +104,12 @@ class ImageStore:
                 self.cache.put(handle, entry)
         return entry
 
-    def decode(self, image: ImageInput, handle: str, field: str = "image") -> DecodedImage:
-        """Decodes an image's bytes; ``handle`` carries their digest (hashed once, for the cache lookup)."""
-        digest = handle.removeprefix(PREFIX)
+    def decode(self, image: ImageInput, sha256: str | None, field: str = "image") -> DecodedImage:
+        """Decodes an image's bytes; ``sha256``: their hex digest when known (hashed once, for the cache lookup)."""
         if image.raw is not None:
-            return image_from_raw(image.raw, image.width, image.height, self.limits, digest, f"{field}.raw")
+            return image_from_raw(image.raw, image.width, image.height, self.limits, sha256, f"{field}.raw")
         return decode_image(
-            image.encoded or b"", self.limits, f"{field}.encoded", sha256=digest, jpeg_device=self.jpeg_device
+            image.encoded or b"", self.limits, f"{field}.encoded", sha256=sha256, jpeg_device=self.jpeg_device
         )
 
     def reference_images(self, exemplars: tuple[Exemplar, ...]) -> list[DecodedImage | None]:
@@ -123,7 +125,7 @@ class ImageStore:
             found = self.lookup(e.image, field)
             if found.handle not in decoded:
                 entry = found.entry
-                decoded[found.handle] = entry.image if entry is not None else self.decode(e.image, found.handle, field)
+                decoded[found.handle] = entry.image if entry is not None else self.decode(e.image, found.sha256, field)
             ref = decoded[found.handle]
             check_box_inside(e.box, ref.width, ref.height, f"exemplars[{i}].box")
             out.append(ref)

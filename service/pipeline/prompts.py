@@ -71,8 +71,13 @@ class ImageInput:
 
     @property
     def data(self) -> bytes:
-        """The bytes received (what ImageInfo.sha256 and the cache key hash)."""
+        """The bytes received (what ImageInfo.sha256 hashes; the cache handle hashes raw pixels with their size)."""
         return self.raw if self.raw is not None else self.encoded or b""
+
+    @property
+    def raw_size(self) -> tuple[int, int] | None:
+        """(width, height) of raw pixels; None for encoded bytes or a handle."""
+        return (self.width, self.height) if self.raw is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

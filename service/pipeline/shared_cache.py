@@ -225,7 +225,7 @@ class RedisTier:
         bad_fields: list[bytes] = []
         if blob is not None:
             try:
-                entry = self._entry_from_bytes(blob, sha)
+                entry = self._entry_from_bytes(blob, handle)
             except Exception as e:  # anything a foreign value raises while parsing: _Corrupt, zip, npz, json errors
                 self._corrupted("image entry", e)
             else:
@@ -266,7 +266,7 @@ class RedisTier:
             self._feature_shapes = _shapes(feats)
         try:
             with self._client.pipeline() as p:
-                p.set(self._image_key(sha), _entry_to_bytes(entry.image, feats), ex=_seconds(self.ttl))
+                p.set(self._image_key(sha), _entry_to_bytes(handle, entry.image, feats), ex=_seconds(self.ttl))
                 for key, output in entry.detector.items():
                     p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
                 if entry.detector:
@@ -345,14 +345,20 @@ class RedisTier:
             self._anchors = int(output.raw.shape[2])
         return _to_bytes(raw=output.raw)
 
-    def _entry_from_bytes(self, blob: bytes, sha: str) -> CacheEntry:
-        """An image entry as shared by a replica of this identity. Raises: _Corrupt (or a parser's error)."""
+    def _entry_from_bytes(self, blob: bytes, handle: str) -> CacheEntry:
+        """The image entry of ``handle`` as shared by a replica of this identity. Raises: _Corrupt (or a parser's
+        error)."""
         with _arrays(blob) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             count = sum(k.startswith("high_res_") for k in data.files)
             high_res = tuple(data[f"high_res_{i}"] for i in range(count))
             rgb, image_embed = np.ascontiguousarray(data["rgb"]), data["image_embed"]
-        if not isinstance(meta, dict) or meta.get("sha256") != sha or not isinstance(meta.get("format"), str):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("handle") != handle
+            or not isinstance(meta.get("sha256"), str)
+            or not isinstance(meta.get("format"), str)
+        ):
             raise _Corrupt("meta: not this image's")
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
             raise _Corrupt(f"rgb: {rgb.dtype} {rgb.shape}, expected uint8 (H, W, 3)")
@@ -368,7 +374,7 @@ class RedisTier:
             or (self._feature_shapes is not None and shapes != self._feature_shapes)
         ):
             raise _Corrupt(f"features: {shapes}, expected {self._feature_shapes or sides}")
-        return CacheEntry(DecodedImage(rgb=rgb, format=meta["format"], sha256=sha), features)
+        return CacheEntry(DecodedImage(rgb=rgb, format=meta["format"], sha256=meta["sha256"]), features)
 
     def _output_from_bytes(self, field: bytes, blob: bytes) -> _SharedOutput:
         """A detector output as shared by a replica of this identity. Raises: _Corrupt (or a parser's error)."""
@@ -422,8 +428,9 @@ def _arrays(blob: bytes) -> Any:
     return data
 
 
-def _entry_to_bytes(image: DecodedImage, feats: ImageFeatures) -> bytes:
-    """``feats``: on the host (numpy)."""
-    meta = json.dumps({"format": image.format, "sha256": image.sha256}).encode()
+def _entry_to_bytes(handle: str, image: DecodedImage, feats: ImageFeatures) -> bytes:
+    """``feats``: on the host (numpy). The handle is kept with the image's own sha256 (ImageInfo.sha256): they differ
+    for raw pixels, whose handle hashes their size too."""
+    meta = json.dumps({"handle": handle, "format": image.format, "sha256": image.sha256}).encode()
     high_res = {f"high_res_{i}": f for i, f in enumerate(feats.high_res_feats)}
     return _to_bytes(rgb=image.rgb, meta=np.frombuffer(meta, np.uint8), image_embed=feats.image_embed, **high_res)

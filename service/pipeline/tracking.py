@@ -46,7 +46,6 @@ from scipy.optimize import linear_sum_assignment
 
 from service.errors import InvalidInput
 from service.models.tensors import ImageFeatures, MemoryCorrection, TrackStep
-from service.pipeline.cache import handle_for
 from service.pipeline.image import DecodedImage
 from service.pipeline.pipeline import Pipeline, Vocabulary
 from service.pipeline.prompts import (
@@ -404,9 +403,9 @@ class TrackSession:
             )
 
     async def _decode(self, f: FrameQuery, timings: dict[str, float]) -> DecodedImage:
-        handle = handle_for(hashlib.sha256(f.image.data).hexdigest())
+        digest = hashlib.sha256(f.image.data).hexdigest()
         with stage(timings, "decode_image", bytes=len(f.image.data)):
-            image = await asyncio.to_thread(self.pipeline.images.decode, f.image, handle, "frame.image")
+            image = await asyncio.to_thread(self.pipeline.images.decode, f.image, digest, "frame.image")
         if self._size is not None and (image.width, image.height) != self._size:
             w, h = self._size
             raise InvalidInput(

@@ -67,6 +67,28 @@ def test_the_same_image_twice_skips_encoder_and_detector(stub, runner):
     assert runner.calls["detect"] == before.get("detect", 0)
 
 
+def test_the_same_raw_bytes_at_another_size_are_another_image(stub, runner):
+    """Raw pixels name their image only with their width and height: the handle hashes all three (the same bytes
+    as 24 x 32 and as 32 x 24 were one cache entry, so the second size was answered with the first's pixels)."""
+    pixels = synthetic_rgb(24, 32, seed=103).tobytes()
+    raw = lambda width, height: pb.Image(raw=pb.RawImage(data=pixels, width=width, height=height))  # noqa: E731
+    wide = stub.EncodeImage(pb.EncodeImageRequest(image=raw(32, 24)), timeout=60)
+    before = runner.calls["encode"]
+    tall = stub.EncodeImage(pb.EncodeImageRequest(image=raw(24, 32)), timeout=60)
+    assert tall.handle != wide.handle and not tall.cached and runner.calls["encode"] == before + 1
+    assert (tall.image.width, tall.image.height) == (24, 32) and (wide.image.width, wide.image.height) == (32, 24)
+    assert tall.image.sha256 == wide.image.sha256 == hashlib.sha256(pixels).hexdigest()  # the bytes received
+    answer = stub.Segment(pb.SegmentRequest(image=raw(24, 32), regions=regions((0, 0, 23, 31))), timeout=60)
+    assert (answer.image.width, answer.image.height) == (24, 32) and runner.calls["encode"] == before + 1
+    assert rle_mask(answer.instances[0].mask).shape == (32, 24)
+    again = stub.EncodeImage(pb.EncodeImageRequest(image=raw(32, 24)), timeout=60)
+    assert again.cached and again.handle == wide.handle
+    # A size the bytes cannot have is refused, cached bytes or not.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Segment(pb.SegmentRequest(image=raw(2**31 - 1, 2**31 - 1), regions=regions((0, 0, 9, 9))), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image.raw" in info.value.details()
+
+
 def test_unknown_and_malformed_handles(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.Segment(pb.SegmentRequest(image=pb.Image(handle="sha256:" + "0" * 64)), timeout=30)

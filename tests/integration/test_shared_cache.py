@@ -113,8 +113,17 @@ def test_a_handle_made_on_one_replica_is_answered_by_another_without_re_encoding
             via_a = stub_a.Segment(pb.SegmentRequest(image=pb.Image(encoded=image)), timeout=60)
             assert _runner(a).calls["detect"] == detect_a and _runner(b).calls["detect"] == detects + 1
             assert [i.label for i in via_a.instances] == [i.label for i in via_b.instances]
+            # Raw pixels too: their handle hashes their size with their bytes; ImageInfo.sha256 is the bytes' own.
+            pixels = np.random.default_rng(2).integers(0, 255, (90, 120, 3), dtype=np.uint8).tobytes()
+            raw = pb.Image(raw=pb.RawImage(data=pixels, width=120, height=90))
+            raw_handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=raw)).handle
+            encodes = _runner(b).calls["encode"]
+            raw_via_b = stub_b.Segment(pb.SegmentRequest(image=pb.Image(handle=raw_handle)), timeout=60)
+            assert _runner(b).calls["encode"] == encodes
+            assert raw_via_b.image.sha256 == hashlib.sha256(pixels).hexdigest() and raw_via_b.image.format == "raw"
+            assert (raw_via_b.image.width, raw_via_b.image.height) == (120, 90)
             tier = b.served.servicer.shared_tier
-            assert tier.hits >= 1 and tier.up
+            assert tier.hits >= 2 and tier.up
         figures["shared cache: handle from replica A answered by B, encoder runs on B"] = "0"
     finally:
         a.stop()
