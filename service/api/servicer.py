@@ -21,8 +21,8 @@ from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
 from service.pipeline.pipeline import Pipeline
-from service.pipeline.prompts import valid_request_id
-from service.pipeline.tracking import TrackLimits, TrackSession
+from service.pipeline.prompts import SegmentQuery, valid_request_id
+from service.pipeline.tracking import TrackLimits, TrackQuery, TrackSession
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.provenance import response as signing
@@ -95,9 +95,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def _segment(self, request: pb.SegmentRequest, request_id: str) -> pb.SegmentResponse:
         """``request_id``: the caller's when well-formed, else a fresh one (a malformed one is rejected below)."""
         pipeline = self.pipeline
-        query = convert.query_from_proto(request)
-        if valid_request_id(query.request_id) or not query.request_id:
-            query = dataclasses.replace(query, request_id=request_id)
+        query = _with_request_id(convert.query_from_proto(request), request_id)
         async with self.admission.slot(DEADLINE.get()):
             result = await _within_deadline(pipeline.segment(query))
         response = convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)
@@ -168,7 +166,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 raise InvalidInput("start: the first message of a Track call must be TrackRequest.start")
             query = convert.track_query_from_proto(first.start)
             request_id = _request_id(query.request_id)
-            session = TrackSession(pipeline, dataclasses.replace(query, request_id=request_id), self._track_limits)
+            session = TrackSession(pipeline, _with_request_id(query, request_id), self._track_limits)
             async with self.tracking.session(session):
                 await session.open()
                 while (message := await self._next_message(messages)) is not None:
@@ -311,6 +309,17 @@ def _request_id(given: str) -> str:
     """The id to log and echo: the caller's if well-formed, else a fresh one, so caller text never reaches a log
     line raw (a malformed id is then rejected as INVALID_ARGUMENT by the pipeline's checks)."""
     return given if valid_request_id(given) else uuid.uuid4().hex
+
+
+Query = TypeVar("Query", SegmentQuery, TrackQuery)
+
+
+def _with_request_id(query: Query, request_id: str) -> Query:
+    """``query`` with ``request_id`` (``_request_id``'s) in place of the caller's, unless the caller's is malformed:
+    that one stays, for the query's checks to reject (INVALID_ARGUMENT naming the field)."""
+    if query.request_id and not valid_request_id(query.request_id):
+        return query
+    return dataclasses.replace(query, request_id=request_id)
 
 
 async def _within_deadline(work: Awaitable[T]) -> T:

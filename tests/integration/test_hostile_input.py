@@ -184,6 +184,12 @@ def test_malformed_request_ids_are_rejected_and_never_written_to_the_log_raw(stu
         stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=good), request_id=request_id), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
     assert server_log.lines("detseg.access", within=5.0), "the rejection is logged"
+    # A Track call's start is held to the same rule (it replaced a malformed id with a fresh one and went on).
+    start = pb.TrackRequest(start=pb.TrackStart(request_id=request_id))
+    frame = pb.TrackRequest(frame=pb.TrackFrame(image=pb.Image(encoded=good)))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Track(iter([start, frame]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "start.request_id" in err.value.details()
     lines = server_log.out.getvalue().splitlines()
     assert not any(line.startswith("ERROR service.api.errors: request admin") for line in lines), lines
     assert all(request_id not in line for line in lines)
