@@ -103,7 +103,10 @@ class AccessLog(grpc.aio.ServerInterceptor):
 
         @contextlib.contextmanager
         def logged(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
-            start, error = time.perf_counter(), None
+            # The peer is read while the call is live: gRPC's core frees what ``peer()`` reads when a stream's
+            # connection drops, and a stream handler's ``finally`` may run after that (the server segfaulted when a
+            # client vanished mid-Track; test_hostile_input drops connections under live streams).
+            start, error, peer = time.perf_counter(), None, context.peer()
             try:
                 yield
             except BaseException as e:
@@ -115,7 +118,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
                     "method": method,
                     "status": code.name,
                     "duration_ms": round((time.perf_counter() - start) * 1000, 1),
-                    "peer": context.peer(),
+                    "peer": peer,
                 }
                 request_id = _request_id(request, header_id)
                 if request_id:
