@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     except RequestFailed as e:  # the server's own message (never a traceback)
         print(f"detseg: the server answered {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file named on the command line that cannot be read or written
+        if e.filename is None:
+            raise
+        print(f"detseg: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

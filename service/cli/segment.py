@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.overlay import render_overlay
-from service.client import DEFAULT_TARGET, Client, Exemplar, Region, RequestFailed
+from service.client import DEFAULT_TARGET, Client, Exemplar, Point, Region, RequestFailed
 from service.provenance.response import instance_content
 
 
@@ -18,11 +18,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("image", type=Path)
     g.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
     g.add_argument("--text", action="append", default=[], help="free-text prompt, e.g. 'round shape' (repeatable)")
-    g.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1[,label] region prompt (repeatable)")
+    g.add_argument(
+        "--box", action="append", default=[], type=_box, help="x0,y0,x1,y1[,label] region prompt (repeatable)"
+    )
+    g.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        type=_point,
+        help="x,y[,1|0]: a click on one object (1, the default: on it; 0: not on it); repeatable, the clicks are "
+        "one object, with the --box when there is exactly one",
+    )
     g.add_argument(
         "--exemplar",
         action="append",
         default=[],
+        type=_exemplar,
         help="x0,y0,x1,y1[,label][@reference.jpg]: find more of this object (open-vocabulary detectors; repeatable)",
     )
     g.add_argument("--score-threshold", type=float)
@@ -36,16 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def segment(args: argparse.Namespace) -> int:
     data = args.image.read_bytes()
-    regions = []
-    for spec in args.box:
-        parts = spec.split(",")
-        regions.append(Region(box=_xyxy(parts), label=parts[4] if len(parts) > 4 else ""))
-    exemplars = []
-    for spec in args.exemplar:
-        box_spec, _, reference = spec.partition("@")
-        parts = box_spec.split(",")
-        label = parts[4] if len(parts) > 4 else ""
-        exemplars.append(Exemplar(_xyxy(parts), label, Path(reference).read_bytes() if reference else None))
+    regions: list[Region] = list(args.box)
+    if args.point and len(regions) == 1:  # clicks on the boxed object
+        regions = [Region(box=regions[0].box, points=tuple(args.point), label=regions[0].label)]
+    elif args.point:
+        regions.append(Region(points=tuple(args.point)))
     with Client(args.target, timeout=args.timeout) as client:
         try:
             result = client.segment(
@@ -53,7 +59,7 @@ def segment(args: argparse.Namespace) -> int:
                 classes=[c.strip() for c in args.classes.split(",") if c.strip()],
                 texts=args.text,
                 regions=regions,
-                exemplars=exemplars,
+                exemplars=args.exemplar,
                 score_threshold=args.score_threshold,
                 max_instances=args.max_instances,
             )
@@ -81,9 +87,38 @@ def segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _xyxy(parts: list[str]) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = (float(v) for v in parts[:4])
-    return x0, y0, x1, y1
+def _numbers(text: str, count: int, form: str) -> list[float]:
+    """The first ``count`` comma-separated numbers of ``text``; argparse's error naming ``form`` otherwise."""
+    parts = text.split(",")
+    try:
+        if len(parts) < count:
+            raise ValueError
+        return [float(v) for v in parts[:count]]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+
+
+def _box(text: str) -> Region:
+    """--box x0,y0,x1,y1[,label]."""
+    x0, y0, x1, y1 = _numbers(text, 4, "x0,y0,x1,y1[,label]")
+    return Region(box=(x0, y0, x1, y1), label=text.split(",", 4)[4] if text.count(",") >= 4 else "")
+
+
+def _point(text: str) -> Point:
+    """--point x,y[,1|0]."""
+    x, y = _numbers(text, 2, "x,y[,1|0]")
+    flag = text.split(",")[2:]
+    if flag not in ([], ["1"], ["0"]):
+        raise argparse.ArgumentTypeError(f"expected x,y[,1|0] (1 = on the object, 0 = not on it), got {text!r}")
+    return Point(x, y, positive=flag != ["0"])
+
+
+def _exemplar(text: str) -> Exemplar:
+    """--exemplar x0,y0,x1,y1[,label][@reference.jpg] (the client reads the reference image's file)."""
+    box_spec, _, reference = text.partition("@")
+    x0, y0, x1, y1 = _numbers(box_spec, 4, "x0,y0,x1,y1[,label][@reference.jpg]")
+    label = box_spec.split(",", 4)[4] if box_spec.count(",") >= 4 else ""
+    return Exemplar((x0, y0, x1, y1), label, reference or None)
 
 
 def _image_dict(result: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.cli import main as cli_main
 from service.models.cpu import cpu_has_int8_dot_products
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
@@ -155,6 +156,45 @@ def test_table_output_and_models_listing(served, settings):
         [*DETSEG, "models", "--target", served], env=_env(settings), capture_output=True, text=True, timeout=60
     )
     assert "MODEL_ROLE_DETECTOR: test-yolo11n" in listing.stdout and "sha256" in listing.stdout
+
+
+def test_segment_with_clicks_alone_and_on_a_box(served, capsys):
+    """--point: clicks on one object (1 on it, 0 not on it), joined to the --box when there is one."""
+    zidane = str(ultralytics_asset("zidane.jpg"))
+    assert cli_main(["segment", zidane, "--point", "280,500", "--point", "20,20,0", "--json", "--target", served]) == 0
+    (clicked,) = json.loads(capsys.readouterr().out)["instances"]
+    assert clicked["source"] == "region_prompt" and clicked["label"] == "object"
+    boxed = ["--box", "400,400,560,700,tie", "--point", "280,500", "--json", "--target", served]
+    assert cli_main(["segment", zidane, *boxed]) == 0
+    (instance,) = json.loads(capsys.readouterr().out)["instances"]
+    assert instance["label"] == "tie" and instance["box"] == [400.0, 400.0, 560.0, 700.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--box", "1,2,3"], "argument --box: expected x0,y0,x1,y1[,label], got '1,2,3'"),
+        (["--box", "a,b,c,d"], "argument --box: expected x0,y0,x1,y1[,label], got 'a,b,c,d'"),
+        (["--point", "5,5,2"], "argument --point: expected x,y[,1|0]"),
+        (["--exemplar", "1,2@ref.jpg"], "argument --exemplar: expected x0,y0,x1,y1[,label][@reference.jpg]"),
+    ],
+)
+def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["segment", "image.jpg", *argv])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_segment_names_a_file_it_cannot_read_or_write_without_a_traceback(served, tmp_path: Path, capsys):
+    missing = str(tmp_path / "missing.jpg")
+    assert cli_main(["segment", missing, "--target", served]) == 1
+    assert capsys.readouterr().err == f"detseg: {missing}: No such file or directory\n"
+    zidane = str(ultralytics_asset("zidane.jpg"))
+    assert cli_main(["segment", zidane, "--exemplar", f"1,2,3,4@{missing}", "--target", served]) == 1
+    assert capsys.readouterr().err == f"detseg: {missing}: No such file or directory\n"
+    nowhere = str(tmp_path / "no-folder" / "overlay.png")
+    assert cli_main(["segment", zidane, "--box", "400,400,560,700", "--out", nowhere, "--target", served]) == 1
+    assert capsys.readouterr().err.endswith(f"detseg: {nowhere}: No such file or directory\n")
 
 
 def test_segment_reports_server_errors_cleanly(served, settings, tmp_path: Path):
