@@ -68,7 +68,11 @@ def _service(args: argparse.Namespace) -> Iterator[str]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    dataset = load_dataset(args.annotations, args.images, args.slices)
+    try:
+        dataset = load_dataset(args.annotations, args.images, args.slices)
+    except ValueError as e:  # what the files lack, named (as `label` and `adapt` print theirs)
+        print(f"detseg eval: {e}", file=sys.stderr)
+        return 2
     if args.limit:
         dataset = dataset.limit(args.limit)
     with _service(args) as target, Client(target, timeout=args.timeout) as client:

@@ -65,7 +65,10 @@ def _saved_response(path: Path) -> dict[str, Any] | None:
     """A `detseg segment --json` file's content, None for anything else (a manifest or an export folder)."""
     if path.is_dir():
         return None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise provenance.VerificationFailed(f"{path} is not a manifest or a saved response: not JSON ({e})") from None
     return data if isinstance(data, dict) and "instances" in data and "image" in data else None
 
 

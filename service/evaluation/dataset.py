@@ -59,13 +59,13 @@ class EvalDataset:
 
 def load_dataset(annotations: Path, images: Path | None = None, slices: Path | None = None) -> EvalDataset:
     """Reads a COCO JSON; ``images``: the folder its file_names are relative to (default: the JSON's folder,
-    or its ``images`` subfolder when that holds the first image). ValueError names what is missing."""
-    coco = json.loads(Path(annotations).read_text())
+    or its ``images`` subfolder when that holds the first image). ValueError names the file and what it lacks."""
+    coco = _json(Path(annotations))
     for key in ("images", "annotations", "categories"):
-        if key not in coco:
+        if not isinstance(coco, dict) or key not in coco:
             raise ValueError(f"{annotations}: not a COCO instances file (no {key!r})")
     folder = images if images is not None else _image_folder(Path(annotations), coco)
-    extra: dict[str, dict[str, Any]] = json.loads(Path(slices).read_text()) if slices is not None else {}
+    extra: dict[str, dict[str, Any]] = _json(Path(slices)) if slices is not None else {}
     out = []
     for entry in coco["images"]:
         path = folder / entry["file_name"]
@@ -84,6 +84,13 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
         )
     categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
     return EvalDataset(coco, tuple(out), categories)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
 
 
 def _image_folder(annotations: Path, coco: dict[str, Any]) -> Path:

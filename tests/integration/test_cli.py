@@ -197,6 +197,24 @@ def test_segment_names_a_file_it_cannot_read_or_write_without_a_traceback(served
     assert capsys.readouterr().err.endswith(f"detseg: {nowhere}: No such file or directory\n")
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("not json", "not a JSON file (Expecting value: line 1 column 1 (char 0))"),
+        ('{"images": []}', "not a COCO instances file (no 'annotations')"),
+    ],
+)
+def test_eval_and_verify_name_a_file_they_cannot_read(content, says, tmp_path: Path, capsys):
+    """One line naming the file and what is wrong, before any server is asked (they were tracebacks)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert cli_main(["eval", str(bad), "--target", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == f"detseg eval: {bad}: {says}\n"
+    if content == "not json":
+        assert cli_main(["verify", str(bad)]) == 1
+        assert capsys.readouterr().err.startswith(f"detseg verify: FAILED: {bad} is not a manifest or a saved response")
+
+
 def test_segment_reports_server_errors_cleanly(served, settings, tmp_path: Path):
     bad = tmp_path / "not-an-image.png"
     bad.write_bytes(b"GIF89a" + b"\x00" * 100)
