@@ -105,7 +105,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
         def logged(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
             # The peer is read while the call is live: gRPC's core frees what ``peer()`` reads when a stream's
             # connection drops, and a stream handler's ``finally`` may run after that (the server segfaulted when a
-            # client vanished mid-Track; test_hostile_input drops connections under live streams).
+            # client vanished mid-Track; test_cli resets connections under live streams).
             start, error, peer = time.perf_counter(), None, context.peer()
             try:
                 yield
