@@ -85,12 +85,15 @@ Progress = Callable[[str, float], None]  # (stage, fraction of it done)
 
 def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> AdaptResult:
     t = time.perf_counter()
+    # The data first: what is wrong with it is said before any folder is written or any model resolved (the
+    # official weights may be fetched).
+    dataset = load_dataset(job.annotations, job.images)
+    split = _split(job, dataset)
+    original = load_dataset(job.original) if job.original else None
     out = job.out
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     base = resolve_models(job.settings.replace(adapted=""), progress=False)
-    dataset = load_dataset(job.annotations, job.images)
-    split = _split(job, dataset)
     data = _data_identity(job, dataset, split.replay)
     key = sha256_hex(
         canonical_json(
@@ -110,7 +113,6 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     state = _State(work / STATE_NAME, key)
     # Which images were held out (file names as in the annotations): the figures' data, kept with the version.
     (out / HOLDOUT_NAME).write_text(json.dumps(split.holdout.coco))
-    original = load_dataset(job.original) if job.original else None
 
     before = state.get("before")
     if before is None:

@@ -167,3 +167,17 @@ def test_eval_asks_a_closed_detector_only_for_the_classes_it_knows(shifted):
     assert classes_to_ask(shifted, closed) == list(SHIFTED_CLASSES[:5])
     assert classes_to_ask(shifted, pb.ModelInfo(open_vocabulary=True)) == list(SHIFTED_CLASSES)
     assert classes_to_ask(shifted, None) == list(SHIFTED_CLASSES)
+
+
+def test_adapt_says_what_is_wrong_with_the_data_before_writing_or_resolving_anything(tmp_path):
+    """A dataset error comes first: no output folder, and no model resolved (official weights, offline and absent
+    here, were looked for first: ModelUnavailable instead of the data's error)."""
+    from service.adaptation.run import AdaptJob, adapt
+    from service.config import Settings
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": []}')
+    settings = Settings(models="official", offline=True, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="not a COCO instances file"):
+        adapt(AdaptJob(annotations=bad, out=tmp_path / "out", settings=settings))
+    assert not (tmp_path / "out").exists()
