@@ -98,10 +98,16 @@ def _numbers(text: str, count: int, form: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
 
 
+def _box_and_label(text: str, form: str) -> tuple[tuple[float, float, float, float], str]:
+    """``x0,y0,x1,y1[,label]``: the box and the label (everything after the fourth comma, commas included)."""
+    x0, y0, x1, y1 = _numbers(text, 4, form)
+    return (x0, y0, x1, y1), text.split(",", 4)[4] if text.count(",") >= 4 else ""
+
+
 def _box(text: str) -> Region:
     """--box x0,y0,x1,y1[,label]."""
-    x0, y0, x1, y1 = _numbers(text, 4, "x0,y0,x1,y1[,label]")
-    return Region(box=(x0, y0, x1, y1), label=text.split(",", 4)[4] if text.count(",") >= 4 else "")
+    box, label = _box_and_label(text, "x0,y0,x1,y1[,label]")
+    return Region(box=box, label=label)
 
 
 def _point(text: str) -> Point:
@@ -116,9 +122,8 @@ def _point(text: str) -> Point:
 def _exemplar(text: str) -> Exemplar:
     """--exemplar x0,y0,x1,y1[,label][@reference.jpg] (the client reads the reference image's file)."""
     box_spec, _, reference = text.partition("@")
-    x0, y0, x1, y1 = _numbers(box_spec, 4, "x0,y0,x1,y1[,label][@reference.jpg]")
-    label = box_spec.split(",", 4)[4] if box_spec.count(",") >= 4 else ""
-    return Exemplar((x0, y0, x1, y1), label, reference or None)
+    box, label = _box_and_label(box_spec, "x0,y0,x1,y1[,label][@reference.jpg]")
+    return Exemplar(box, label, reference or None)
 
 
 def _image_dict(result: Any) -> dict[str, Any]:

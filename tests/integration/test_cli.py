@@ -262,6 +262,8 @@ class _Vanishing:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     sock.shutdown(socket.SHUT_RDWR)  # wakes the relay threads, whose reads hold the socket open
                     sock.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone leaves it blocked)
         self._listener.close()
 
 
