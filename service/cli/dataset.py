@@ -94,6 +94,14 @@ def evaluate(args: argparse.Namespace) -> int:
         f"{noc.get('noc@90')}"
     )
     print(f"report: {args.out / 'report.html'}")
+    if figures["failed_images"]:
+        first = figures["failed_images"][0]
+        print(
+            f"detseg eval: {len(figures['failed_images'])} of {figures['images']} images failed and count as empty "
+            f"(the report lists them; first: {first['file_name']}: {first['error']})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -8,9 +8,12 @@ dict inside each COCO image entry (the file wins where both name an attribute).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +39,23 @@ class EvalDataset:
         key = name.strip().lower()
         return next((i for i, n in self.categories.items() if n.strip().lower() == key), None)
 
+    def image(self, image_id: int) -> EvalImage:
+        return self._images[image_id]
+
     def annotations(self, image_id: int) -> list[dict[str, Any]]:
-        return [a for a in self.coco["annotations"] if a["image_id"] == image_id]
+        return list(self._annotations.get(image_id, ()))
+
+    @functools.cached_property
+    def _images(self) -> dict[int, EvalImage]:
+        return {i.id: i for i in self.images}
+
+    @functools.cached_property
+    def _annotations(self) -> dict[int, list[dict[str, Any]]]:
+        """image id → its annotations, in dataset order (one pass, not one per image)."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        for a in self.coco["annotations"]:
+            out.setdefault(a["image_id"], []).append(a)
+        return out
 
     @property
     def slice_names(self) -> list[str]:
@@ -59,31 +77,148 @@ class EvalDataset:
 
 def load_dataset(annotations: Path, images: Path | None = None, slices: Path | None = None) -> EvalDataset:
     """Reads a COCO JSON; ``images``: the folder its file_names are relative to (default: the JSON's folder,
-    or its ``images`` subfolder when that holds the first image). ValueError names the file and what it lacks."""
-    coco = _json(Path(annotations))
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco, dict) or key not in coco:
-            raise ValueError(f"{annotations}: not a COCO instances file (no {key!r})")
+    or its ``images`` subfolder when that holds the first image). ValueError names the file, the entry and what is
+    wrong with it (``_checked``)."""
+    coco = _checked(_json(Path(annotations)), Path(annotations))
     folder = images if images is not None else _image_folder(Path(annotations), coco)
-    extra: dict[str, dict[str, Any]] = _json(Path(slices)) if slices is not None else {}
+    extra = _json(Path(slices)) if slices is not None else {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError(f"{slices}: not a slices file (an object: file_name or image id -> {{attribute: value}})")
     out = []
     for entry in coco["images"]:
         path = folder / entry["file_name"]
         if not path.is_file():
             raise ValueError(f"image {entry['file_name']!r} (id {entry['id']}) is not in {folder}")
-        attrs = {**entry.get("attributes", {}), **extra.get(entry["file_name"], extra.get(str(entry["id"]), {}))}
+        attrs = entry.get("attributes", {})
+        attrs = {
+            **(attrs if isinstance(attrs, dict) else {}),
+            **extra.get(entry["file_name"], extra.get(str(entry["id"]), {})),
+        }
         out.append(
             EvalImage(
-                int(entry["id"]),
+                entry["id"],
                 entry["file_name"],
                 path,
-                int(entry["width"]),
-                int(entry["height"]),
+                entry["width"],
+                entry["height"],
                 {str(k): str(v) for k, v in attrs.items()},
             )
         )
-    categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+    categories = {c["id"]: str(c["name"]) for c in coco["categories"]}
     return EvalDataset(coco, tuple(out), categories)
+
+
+def _checked(coco: Any, source: Path) -> dict[str, Any]:
+    """``coco`` with what COCOeval and the requests read checked, and with what COCO derives from an instance's
+    mask filled in where an annotation leaves it out: ``area`` (the mask's pixels), ``bbox`` (the mask's box) and
+    ``iscrowd`` (0). ValueError: ``{source}: images[3]: 'width' ...`` -- the entry and the field, never a
+    traceback later (pycocotools would raise KeyError, or silently skip an annotation of an unknown image)."""
+    from pycocotools import mask as mask_utils
+
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
+            raise ValueError(f"{source}: not a COCO instances file (no {key!r} list)")
+    if not coco["images"]:
+        raise ValueError(f"{source}: has no images")
+    sizes: dict[int, tuple[int, int]] = {}
+    images = []
+    for k, entry in enumerate(coco["images"]):
+        where = f"{source}: images[{k}]"
+        image_id = _id(entry, "id", where)
+        if image_id in sizes:
+            raise ValueError(f"{where}: id {image_id} is another image's id too")
+        if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+            raise ValueError(f"{where}: 'file_name' must be a non-empty string")
+        width, height = _size(entry, "width", where), _size(entry, "height", where)
+        sizes[image_id] = (height, width)
+        images.append({**entry, "width": width, "height": height})
+    categories: set[int] = set()
+    names: set[str] = set()
+    for k, entry in enumerate(coco["categories"]):
+        where = f"{source}: categories[{k}]"
+        category_id = _id(entry, "id", where)
+        if category_id in categories:
+            raise ValueError(f"{where}: id {category_id} is another category's id too")
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise ValueError(f"{where}: 'name' must be a non-empty string")
+        if entry["name"].strip().lower() in names:  # answers' labels are matched to names as `category_id` does
+            raise ValueError(f"{where}: name {entry['name']!r} is another category's name too (case and spaces aside)")
+        categories.add(category_id)
+        names.add(entry["name"].strip().lower())
+    annotations, ids = [], set()
+    for k, entry in enumerate(coco["annotations"]):
+        where = f"{source}: annotations[{k}]"
+        annotation_id = _id(entry, "id", where)
+        if annotation_id in ids:
+            raise ValueError(f"{where}: id {annotation_id} is another annotation's id too")
+        ids.add(annotation_id)
+        if _id(entry, "image_id", where) not in sizes:
+            raise ValueError(f"{where}: image_id {entry['image_id']} is not an image's id")
+        if _id(entry, "category_id", where) not in categories:
+            raise ValueError(f"{where}: category_id {entry['category_id']} is not a category's id")
+        rle = _rle(entry.get("segmentation"), sizes[entry["image_id"]], where)
+        filled = {"iscrowd": 0, **entry}
+        if "area" not in entry:
+            filled["area"] = float(mask_utils.area(rle()))
+        if "bbox" not in entry:
+            filled["bbox"] = [float(v) for v in mask_utils.toBbox(rle())]
+        elif not _box(entry["bbox"]):
+            raise ValueError(f"{where}: 'bbox' must be [x, y, width, height], finite, width and height >= 0")
+        annotations.append(filled)
+    return {**coco, "images": images, "annotations": annotations}
+
+
+def _id(entry: Any, key: str, where: str) -> int:
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), int) or isinstance(entry[key], bool):
+        raise ValueError(f"{where}: {key!r} must be an integer (COCO's ids are)")
+    return int(entry[key])
+
+
+def _size(entry: dict[str, Any], key: str, where: str) -> int:
+    value = entry.get(key)
+    if not _number(value) or value != int(value) or value < 1:
+        raise ValueError(f"{where}: {key!r} must be a whole number of pixels >= 1")
+    return int(value)
+
+
+def _box(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(_number(v) for v in value)
+        and value[2] >= 0
+        and value[3] >= 0
+    )
+
+
+def _rle(segmentation: Any, size: tuple[int, int], where: str) -> Callable[[], dict[str, Any]]:
+    """Checks an annotation's segmentation (polygons, uncompressed or compressed RLE at its image's size) and
+    returns what computes its compressed RLE (only called when a field must be derived from it)."""
+    from pycocotools import mask as mask_utils
+
+    height, width = size
+    if isinstance(segmentation, list):
+        if not segmentation or not all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_number(v) for v in p) for p in segmentation
+        ):
+            raise ValueError(f"{where}: 'segmentation' polygons must each be [x1, y1, x2, y2, ...], 3 points or more")
+        return lambda: mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
+        raise ValueError(f"{where}: 'segmentation' must be polygons or an RLE ({{'size': [h, w], 'counts': ...}})")
+    if segmentation["size"] != [height, width]:
+        raise ValueError(
+            f"{where}: the RLE's size {segmentation['size']} is not its image's [height, width] [{height}, {width}]"
+        )
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        return lambda: mask_utils.frPyObjects(segmentation, height, width)
+    if not isinstance(counts, str):
+        raise ValueError(f"{where}: an RLE's 'counts' must be a list of run lengths or a compressed string")
+    return lambda: {"size": [height, width], "counts": counts.encode()}
+
+
+def _number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json(path: Path) -> Any:

@@ -136,7 +136,7 @@ def dataset_rle(annotation: dict[str, Any], dataset: EvalDataset) -> dict[str, A
     pycocotools, as COCO.annToRLE does)."""
     from pycocotools import mask as mask_utils
 
-    image = next(i for i in dataset.images if i.id == annotation["image_id"])
+    image = dataset.image(annotation["image_id"])
     seg = annotation["segmentation"]
     if isinstance(seg, list):
         return mask_utils.merge(mask_utils.frPyObjects(seg, image.height, image.width))
@@ -179,7 +179,11 @@ def evaluate(
         "ground_truth": len(dataset.coco["annotations"]),
         "operating_threshold": operating_threshold,
         "good_iou": good_iou,
-        "failed_images": [p.image_id for p in predictions if p.error],
+        "failed_images": [
+            {"image_id": p.image_id, "file_name": dataset.image(p.image_id).file_name, "error": p.error}
+            for p in predictions
+            if p.error
+        ],
     }
     for iou_type, name in (("segm", "mask"), ("bbox", "box")):
         e = cocoeval(dataset, everything, iou_type)

@@ -117,6 +117,14 @@ def predict(
         if item.result is None:
             out.append(ImagePrediction(image.id, (), str(item.error)))
             continue
+        answered = (item.result.width, item.result.height)
+        if answered != (image.width, image.height):  # masks of another size match nothing: say so instead
+            error = (
+                f"the image is {answered[0]}x{answered[1]} as the server reads it (EXIF orientation applied), "
+                f"the dataset says {image.width}x{image.height}"
+            )
+            out.append(ImagePrediction(image.id, (), error))
+            continue
         found = tuple(Predicted(i, category_of(i, prompt, dataset)) for i in item.result.instances)
         out.append(ImagePrediction(image.id, found))
     return out

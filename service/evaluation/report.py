@@ -180,8 +180,14 @@ def _tables(figures: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
         ]
         for rule, r in figures["review"].items()
     ]
+    failed = [[f["file_name"], str(f["image_id"]), f["error"]] for f in figures.get("failed_images", [])]
     return [
         ("Summary", ["figure", "value"], summary),
+        *(
+            [("Failed images (each counts as an image with no predictions)", ["file", "id", "error"], failed)]
+            if failed
+            else []
+        ),
         ("Per class", [*head, "mask AP50"], per_class),
         ("Per slice", head, per_slice),
         (
@@ -201,6 +207,8 @@ def write_report(figures: dict[str, Any], out: Path, title: str) -> dict[str, Pa
         f"{figures['images']} images, {figures['ground_truth']} ground-truth instances, prompt "
         f"`{figures.get('prompt', '?')}`, operating threshold {figures['operating_threshold']}."
     )
+    if figures.get("failed_images"):
+        intro += f" {len(figures['failed_images'])} image(s) failed: listed below, counted as empty."
     _write_documents(out, "report", title, intro, _tables(figures), paths)
     return {"json": out / "figures.json", "markdown": out / "report.md", "html": out / "report.html", **paths}
 
@@ -303,7 +311,7 @@ def _write_documents(
     md = [f"# {title}", "", intro, ""]
     for name, head, rows in tables:
         md += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
     md += [f"![{name}]({p.name})" for name, p in paths.items()]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     parts = [

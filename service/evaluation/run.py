@@ -50,7 +50,9 @@ def run_eval(
     requests ask for (low, for AP); ``operating_threshold``: where instances are kept (default: the server's
     default score threshold, from ListModels). A closed detector is asked only for the categories it knows, an
     open-vocabulary one only for those its server accepts (``readable_classes``); the others are listed in the
-    figures' ``classes_not_asked`` and count as missed."""
+    figures' ``classes_not_asked`` and count as missed. An image whose request failed (or whose answer is not at
+    the dataset's size) counts as empty, is listed in the figures' ``failed_images`` with why, and is not clicked
+    on by the simulated annotator."""
     t = time.perf_counter()
     served = client.list_models()
     if operating_threshold is None:
@@ -67,7 +69,9 @@ def run_eval(
         {"role": pb.ModelRole.Name(m.role), "name": m.name, "version": m.version, "weights_sha256": m.weights_sha256}
         for m in served.models
     ]
-    efforts = effort(client, dataset, noc_instances) if noc_instances else []
+    failed = {f["image_id"] for f in figures["failed_images"]}
+    answered = dataset.subset({i.id for i in dataset.images if i.id not in failed})
+    efforts = effort(client, answered, noc_instances) if noc_instances else []
     figures["noc"] = summarize(efforts)
     figures["seconds"] = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)

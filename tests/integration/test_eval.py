@@ -166,3 +166,55 @@ def test_the_cli_evaluates_with_an_in_process_server(dataset, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 images: mask AP" in result.stdout and (tmp_path / "r" / "report.html").exists()
+
+
+def _copy(dataset, root, transpose=()):
+    """The dataset's images and JSON under ``root``; the images whose ids are in ``transpose`` stored transposed
+    (what a photo's EXIF rotation does to the size the server reads)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    for image in dataset.images:
+        pixels = Image.open(image.path)
+        if image.id in transpose:
+            pixels = pixels.transpose(Image.Transpose.TRANSPOSE)
+        pixels.save(root / image.file_name)
+    (root / "instances.json").write_text(json.dumps(dataset.coco))
+    return root / "instances.json"
+
+
+def test_an_image_read_at_another_size_fails_with_why_and_is_not_scored(demo_server, dataset, tmp_path):
+    """Its masks could match nothing (before: figures computed on them silently, then a numpy broadcast error in
+    the simulated annotator): it counts as empty, the CLI says which and exits 1, the report lists it."""
+    small = dataset.limit(3)
+    odd = small.images[0]
+    annotations = _copy(small, tmp_path / "data", transpose={odd.id})
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "eval", str(annotations), "--target", demo_server.target,
+         "--noc-instances", "4", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"1 of 3 images failed and count as empty (the report lists them; first: {odd.file_name}: the image " \
+        f"is {odd.height}x{odd.width} as the server reads it" in result.stderr  # fmt: skip
+    figures = json.loads((tmp_path / "r" / "figures.json").read_text())
+    assert [f["image_id"] for f in figures["failed_images"]] == [odd.id]
+    assert figures["noc"]["instances"] == 4  # clicked on the other images' instances only
+    assert f"| {odd.file_name} | {odd.id} | the image is" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_refused_request_is_listed_with_the_servers_message(client, dataset, tmp_path):
+    """A ground-truth box of width 0 is no region prompt: that image's request is refused (INVALID_ARGUMENT) and
+    the figures say so (before: it counted as an empty image without a word)."""
+    small = dataset.limit(2)
+    coco = json.loads(json.dumps(small.coco))
+    coco["annotations"][0]["bbox"][2] = 0
+    annotations = tmp_path / "zero.json"
+    annotations.write_text(json.dumps(coco))
+    figures = run_eval(client, load_dataset(annotations, small.images[0].path.parents[1]), tmp_path / "r",
+                       prompt=Prompt.BOXES, noc_instances=0)  # fmt: skip
+    [failed] = figures["failed_images"]
+    assert failed["image_id"] == coco["annotations"][0]["image_id"]
+    assert failed["error"].startswith("INVALID_ARGUMENT: regions[0].box: corners reversed or empty")
+    assert "1 image(s) failed" in (tmp_path / "r" / "report.md").read_text()
