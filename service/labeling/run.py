@@ -302,7 +302,7 @@ def write_manifest(
     A link among them that leads outside ``out`` is refused (ValueError), never skipped."""
     models = client.list_models()
     skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}
-    files = [p for p in provenance.files_under(out) if os.path.abspath(p) not in skip]
+    files = [p for p in provenance.files_under(out) if os.path.abspath(out / p) not in skip]
     base = provenance.manifest(
         kind=provenance.KIND_EXPORT,
         models=manifest_models(models.models),

@@ -191,14 +191,17 @@ def _file_problem(root: Path, name: str, sha256: str, size: int) -> str | None:
 
 
 def files_under(folder: Path) -> list[Path]:
-    """Every file under ``folder`` at any depth, sorted: what an export wrote there (links to files included; links
-    to folders are listed by ``os.walk`` as folders and not followed). Export manifests cover these, less the placed
-    source images; ``verify_path`` reports those it does not cover."""
-    return sorted(Path(dirpath) / name for dirpath, _dirs, names in os.walk(folder) for name in names)
+    """Every file under ``folder`` at any depth, sorted, relative to ``folder`` (as ``write_signed_export`` takes
+    them, wherever the working directory is): what an export wrote there (links to files included; links to folders
+    are listed by ``os.walk`` as folders and not followed). Export manifests cover these, less the placed source
+    images; ``verify_path`` reports those it does not cover."""
+    return sorted(
+        (Path(dirpath) / name).relative_to(folder) for dirpath, _dirs, names in os.walk(folder) for name in names
+    )
 
 
 def _files_under(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in files_under(root)]
+    return [p.as_posix() for p in files_under(root)]
 
 
 def verify_weights(weights: Sequence[Path], models: list[dict[str, Any]]) -> int:

@@ -4,6 +4,7 @@ their own tools, and a signed manifest over them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,14 +80,18 @@ def test_exports_load_back_and_the_signed_manifest_catches_tampering(demo_server
 
 
 def test_the_cli_labels_with_an_in_process_server(folder, tmp_path):
+    """Paths relative to the working directory, as the README gives them (before: the manifest looked for the
+    export's files relative to the export folder, a FileNotFoundError traceback after every image was labeled)."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "label", str(folder), "--out", str(tmp_path / "o"), "--models", "demo",
-         "--offline", "--classes", ",".join(CLASSES), "--formats", "coco,yolo", "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "service.cli", "label", os.path.relpath(folder, tmp_path), "--out", "o", "--models",
+         "demo", "--offline", "--classes", ",".join(CLASSES), "--formats", "coco,yolo", "--no-progress"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]  # one image failed: a non-zero exit says so
     assert "7 images: 6 labeled now, 0 already done, 1 failed" in result.stdout
     assert (tmp_path / "o" / "exports" / "yolo" / "data.yaml").exists()
+    report = provenance.verify_path(tmp_path / "o" / "exports" / provenance.MANIFEST_NAME, require_signature=False)
+    assert report.artifacts_checked >= 2
 
 
 @pytest.fixture

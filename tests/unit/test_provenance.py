@@ -491,3 +491,17 @@ def test_instances_digest_ignores_the_order_of_keys() -> None:
     assert list(reordered[0]) != list(_instances()[0])
     assert pv.instances_digest(reordered) == pv.instances_digest(_instances())
     assert pv.instances_digest(_instances()) == _sha(pv.canonical_json(_instances()))
+
+
+def test_files_under_a_relative_folder_sign_from_any_working_directory(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``files_under`` gives paths as ``write_signed_export`` reads them (relative to the folder): `detseg label
+    --out labels` and `detseg adapt --out adapted/v1` sign a folder named relative to the working directory
+    (before: FileNotFoundError, the file looked for under the folder twice)."""
+    monkeypatch.chdir(tmp_path)
+    folder = Path(export.name)
+    files = [p for p in pv.files_under(folder) if p.name != pv.MANIFEST_NAME]
+    assert [p.as_posix() for p in files] == ["annotations/instances.json", "classes.txt", "images/a.jpg"]
+    pv.write_signed_export(folder, files, _base_manifest())
+    assert pv.verify_path(folder, require_signature=False).artifacts_checked == 3
