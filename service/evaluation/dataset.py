@@ -88,7 +88,10 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
     for entry in coco["images"]:
         path = folder / entry["file_name"]
         if not path.is_file():
-            raise ValueError(f"image {entry['file_name']!r} (id {entry['id']}) is not in {folder}")
+            raise ValueError(
+                f"image {entry['file_name']!r} (id {entry['id']}) is not in {folder}; --images names the folder the "
+                "file_names are relative to"
+            )
         attrs = entry.get("attributes", {})
         attrs = {
             **(attrs if isinstance(attrs, dict) else {}),
