@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def generate_key(path: Path) -> Path:
     path = Path(path)
     pub_path = _pub_path(path)
     if pub_path.exists():
-        raise FileExistsError(f"{pub_path} exists; refusing to overwrite a key")
+        raise _exists(pub_path)
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -39,6 +40,11 @@ def generate_key(path: Path) -> Path:
     return path
 
 
+def _exists(path: Path) -> FileExistsError:
+    """With ``filename`` set, as the OS's own errors have it (the CLI prints ``path: reason``, one line)."""
+    return FileExistsError(errno.EEXIST, "exists; refusing to overwrite a key", str(path))
+
+
 def _pub_path(path: Path) -> Path:
     return path.with_name(path.name + ".pub")
 
@@ -47,7 +53,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a key") from None
+        raise _exists(path) from None
     try:
         os.fchmod(fd, mode)  # the umask may have removed bits from ``mode``
         with os.fdopen(fd, "wb") as f:

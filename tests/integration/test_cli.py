@@ -201,7 +201,7 @@ def test_segment_names_a_file_it_cannot_read_or_write_without_a_traceback(served
     ("content", "says"),
     [
         ("not json", "not a JSON file (Expecting value: line 1 column 1 (char 0))"),
-        ('{"images": []}', "not a COCO instances file (no 'annotations')"),
+        ('{"images": []}', "not a COCO instances file (no 'annotations' list)"),
     ],
 )
 def test_eval_and_verify_name_a_file_they_cannot_read(content, says, tmp_path: Path, capsys):
@@ -213,6 +213,18 @@ def test_eval_and_verify_name_a_file_they_cannot_read(content, says, tmp_path: P
     if content == "not json":
         assert cli_main(["verify", str(bad)]) == 1
         assert capsys.readouterr().err.startswith(f"detseg verify: FAILED: {bad} is not a manifest or a saved response")
+
+
+def test_keygen_never_overwrites_a_key_and_says_so_in_one_line(tmp_path: Path, capsys):
+    """(It was a FileExistsError traceback.)"""
+    key = tmp_path / "k.pem"
+    assert cli_main(["keygen", str(key)]) == 0
+    before = key.read_bytes()
+    assert cli_main(["keygen", str(key)]) == 1
+    assert capsys.readouterr().err == f"detseg: {key}.pub: exists; refusing to overwrite a key\n"
+    assert key.read_bytes() == before
+    assert cli_main(["keygen", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"detseg: {tmp_path}: exists; refusing to overwrite a key\n"
 
 
 def test_segment_reports_server_errors_cleanly(served, settings, tmp_path: Path):
