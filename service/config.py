@@ -14,7 +14,112 @@ from typing import Any
 
 import yaml
 
+from service.errors import ConfigurationError
+
 ENV_PREFIX = "DETSEG_"
+
+# The values a setting may take, in JSON Schema's words (minimum, maximum, exclusiveMinimum, multipleOf, pattern,
+# enum), checked whenever a Settings is built (ConfigurationError naming the setting, before anything starts). The
+# chart's values.schema.json says the same of every setting it does not set itself (tests/integration/test_helm.py
+# keeps them equal). The choice lists below are the ones the modules that act on them use.
+BACKENDS = ("auto", "torch", "onnx", "openvino", "triton")
+PRECISIONS = ("auto", "fp32", "int8")
+TEXT_ENCODERS = ("minilm", "none")
+TRACES_EXPORTERS = ("none", "console", "otlp")
+METRICS_EXPORTERS = ("none", "console", "otlp", "prometheus")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # any case
+ALLOCATOR_NAMES = ("tuned", "system")  # startup.ALLOCATORS holds each one's environment
+PROFILE_NAMES = ("auto", "official", "official-open", "demo", "demo-open", "test", "test-open")  # models.catalog
+_PORT = {"minimum": 0, "maximum": 65535}
+_DEVICE = {"pattern": "^(cpu|cuda(:[0-9]+)?)$"}
+_SHARE = {"minimum": 0, "maximum": 1}
+_POSITIVE = {"exclusiveMinimum": 0}
+_AT_LEAST_0 = {"minimum": 0}
+_AT_LEAST_1 = {"minimum": 1}
+CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "port": _PORT,
+    "workers": _AT_LEAST_1,
+    "grace_seconds": _POSITIVE,
+    "max_message_bytes": _AT_LEAST_1,
+    "max_concurrent_rpcs": _AT_LEAST_1,
+    "max_concurrent_streams": _AT_LEAST_1,
+    "keepalive_seconds": _POSITIVE,
+    "keepalive_timeout_seconds": _POSITIVE,
+    "max_in_flight": _AT_LEAST_1,
+    "max_queue": _AT_LEAST_0,
+    "default_deadline_seconds": _POSITIVE,
+    "log_level": {"enum": list(LOG_LEVELS)},
+    "log_format": {"enum": list(LOG_FORMATS)},
+    "allocator": {"enum": list(ALLOCATOR_NAMES)},
+    "health_port": _PORT,
+    "traces_exporter": {"enum": list(TRACES_EXPORTERS)},
+    "metrics_exporter": {"enum": list(METRICS_EXPORTERS)},
+    "metrics_port": _PORT,
+    "models": {"enum": list(PROFILE_NAMES)},
+    "device": _DEVICE,
+    "jpeg_device": _DEVICE,
+    "precision": {"enum": list(PRECISIONS)},
+    "int8_gate_min_iou": _SHARE,
+    "threads": _AT_LEAST_0,
+    "detector_imgsz": {"minimum": 0, "multipleOf": 32},
+    "text_encoder": {"enum": list(TEXT_ENCODERS)},
+    "text_match_threshold": _SHARE,
+    "text_cache_entries": _AT_LEAST_1,
+    "concept_imgsz": {"minimum": 0, "multipleOf": 14},
+    "batch_max_size": _AT_LEAST_1,
+    "batch_max_wait_ms": _AT_LEAST_0,
+    "batch_max_queue": _AT_LEAST_1,
+    "backend": {"enum": list(BACKENDS)},
+    "triton_max_message_bytes": _AT_LEAST_1,
+    "health_interval_seconds": _POSITIVE,
+    "triton_max_batch_size": _AT_LEAST_1,
+    "triton_max_queue_delay_us": _AT_LEAST_0,
+    "triton_max_queue_size": _AT_LEAST_1,
+    "triton_instances": _AT_LEAST_1,
+    "triton_http_port": _PORT,
+    "triton_metrics_port": _PORT,
+    "cache_max_bytes": _AT_LEAST_0,
+    "cache_ttl_seconds": _AT_LEAST_0,
+    "max_kept_masks": _AT_LEAST_0,
+    "redis_max_entry_bytes": _AT_LEAST_0,
+    "redis_timeout_seconds": _POSITIVE,
+    "redis_retry_seconds": _AT_LEAST_0,
+    "max_image_bytes": _AT_LEAST_1,
+    "max_image_pixels": _AT_LEAST_1,
+    "max_image_side": _AT_LEAST_1,
+    "max_class_prompts": _AT_LEAST_1,
+    "max_region_prompts": _AT_LEAST_1,
+    "max_points_per_region": _AT_LEAST_1,
+    "max_text_prompts": _AT_LEAST_1,
+    "max_text_chars": _AT_LEAST_1,
+    "max_exemplars": _AT_LEAST_1,
+    "exemplar_cache_entries": _AT_LEAST_1,
+    "max_instances": _AT_LEAST_1,
+    "max_batch_items": _AT_LEAST_1,
+    "max_stream_in_flight": _AT_LEAST_1,
+    "track_detect_every": {"minimum": 0, "maximum": 10000},
+    "track_lost_after": {"minimum": 1, "maximum": 10000},
+    "track_max_objects": _AT_LEAST_1,
+    "track_max_objects_limit": _AT_LEAST_1,
+    "track_match_iou": _SHARE,
+    "track_confirm_after": {"minimum": 1, "maximum": 10000},
+    "max_track_sessions": _AT_LEAST_1,
+    "track_idle_seconds": _POSITIVE,
+    "default_score_threshold": _SHARE,
+    "default_iou_threshold": _SHARE,
+    "default_max_instances": _AT_LEAST_1,
+    "mask_min_region_area": _AT_LEAST_0,
+    "mask_box_margin": _AT_LEAST_0,
+    "mask_threads": _AT_LEAST_0,
+    "gil_switch_interval_ms": _POSITIVE,
+    "review_score_below": _SHARE,
+    "review_mask_score_below": _SHARE,
+    "review_stability_below": _SHARE,
+    "review_min_mask_area": _AT_LEAST_0,
+    "review_max_mask_components": _AT_LEAST_0,
+    "review_text_similarity_below": _SHARE,
+}
 
 
 def _default_cache_dir() -> Path:
@@ -235,6 +340,11 @@ class Settings:
     review_max_mask_components: int = 3  # connected parts
     review_text_similarity_below: float = 0.6  # a free text's similarity to the class that answered it
 
+    def __post_init__(self) -> None:
+        problems = setting_problems(self)
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+
     @classmethod
     def load(
         cls,
@@ -245,9 +355,15 @@ class Settings:
         """Builds Settings from defaults < config file < env < overrides (None values are ignored)."""
         values: dict[str, Any] = {}
         if config_file is not None:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            try:
+                loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(e, "problem", None) or e
+                raise ConfigurationError(f"config file {config_file}: not YAML ({problem}{where})") from None
             if not isinstance(loaded, dict):
-                raise ValueError(f"config file {config_file} must hold a mapping")
+                raise ConfigurationError(f"config file {config_file} must hold a mapping of setting: value")
             values.update(loaded)
         if env is not None:
             for f in dataclasses.fields(cls):
@@ -259,12 +375,18 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
-        """Coerces strings to each field's type; unknown keys are an error."""
+        """Coerces strings to each field's type; an unknown key or a value that is not of its setting's type is a
+        ConfigurationError naming it."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
-        kwargs = {name: _coerce(fields[name].type, value) for name, value in values.items()}
+            raise ConfigurationError(f"unknown setting(s): {', '.join(map(str, unknown))}")
+        kwargs = {}
+        for name, value in values.items():
+            try:
+                kwargs[name] = _coerce(fields[name].type, value)
+            except (TypeError, ValueError) as e:
+                raise ConfigurationError(f"setting {name}: {e}") from None
         return cls(**kwargs)
 
     @classmethod
@@ -306,3 +428,16 @@ def _coerce(type_name: Any, value: Any) -> Any:
     if kind == "Path":
         return Path(value).expanduser()
     return str(value)
+
+
+def setting_problems(settings: Settings) -> list[str]:
+    """Each setting outside what CONSTRAINTS allows, as ``setting NAME: what is wrong`` (jsonschema's words)."""
+    from jsonschema import Draft7Validator
+
+    values = {name: getattr(settings, name) for name in CONSTRAINTS}
+    values["log_level"] = str(values["log_level"]).upper()
+    schema = {"type": "object", "properties": CONSTRAINTS}
+    return [
+        f"setting {'.'.join(map(str, e.path))}: {e.message}"
+        for e in sorted(Draft7Validator(schema).iter_errors(values), key=lambda e: list(e.path))
+    ]

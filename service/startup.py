@@ -43,7 +43,7 @@ import os
 import sys
 from typing import Any
 
-from service.config import Settings
+from service.config import LOG_FORMATS, Settings
 
 # Environment variables per ``Settings.allocator``. "tuned": no mmap'd blocks (large buffers come from the heap and
 # are reused), no trimming below 1 TiB, 256 MiB extra when the heap grows. glibc's MALLOC_*_ names, not
@@ -143,7 +143,7 @@ def configure_process(settings: Settings) -> None:
 
 def configure_logging(level: str, fmt: str) -> None:
     """Root logging to stderr: ``fmt`` "text" or "json"."""
-    if fmt not in ("text", "json"):
+    if fmt not in LOG_FORMATS:
         raise ValueError(f"log_format must be text or json, got {fmt!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else SafeTextFormatter(_TEXT_FORMAT))

@@ -8,9 +8,8 @@ import logging
 from pathlib import Path
 
 from service.cli.common import settings_from
-from service.config import Settings
-from service.errors import ConfigurationError
-from service.runners.factory import BACKENDS, PRECISIONS, load_runner, resolve_backend
+from service.config import BACKENDS, PRECISIONS, Settings
+from service.runners.factory import load_runner, resolve_backend
 from service.startup import ALLOCATORS, configure_logging, configure_process, reexec_for_allocator
 
 # serve's flags, as Settings field names.
@@ -94,10 +93,6 @@ def serve(args: argparse.Namespace) -> int:
     if args.reexec_argv is not None:  # before importing the server's modules: the process is replaced
         reexec_for_allocator(settings.allocator, ["-m", "service.cli", *args.reexec_argv])
     configure_logging(settings.log_level, settings.log_format)
-    if settings.workers < 1:
-        raise ConfigurationError(f"workers must be at least 1, got {settings.workers}")
-    if settings.gil_switch_interval_ms <= 0:
-        raise ConfigurationError(f"gil_switch_interval_ms must be above 0, got {settings.gil_switch_interval_ms}")
     if settings.workers > 1:
         from service.supervisor import run_workers  # the supervisor loads no model: its workers do
 

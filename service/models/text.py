@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.config import TEXT_ENCODERS
 from service.errors import ChecksumMismatch, ModelUnavailable
 from service.models.roles import ModelDescriptor, ModelRole
 from service.provenance import file_sha256
@@ -47,7 +48,6 @@ def model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-TEXT_ENCODERS = ("minilm", "none")
 # Text encoders of open-vocabulary detectors, by the name a checkpoint records (YOLOEModel.text_model):
 # "minilm-512:seed<N>" = all-MiniLM-L6-v2 followed by a fixed random projection 384 → 512 drawn from numpy's
 # default_rng(N) (entries N(0, 1/384)), the width YOLOE's head expects. Official checkpoints name

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 
-from service.config import Settings
+from service.config import BACKENDS, Settings
 from service.errors import InvalidInput, Unsupported
 from service.runners.base import Runner
-
-BACKENDS = ("auto", "torch", "onnx", "openvino", "triton")
-PRECISIONS = ("auto", "fp32", "int8")  # Settings.precision
 
 
 def resolve_backend(settings: Settings) -> str:
@@ -36,8 +33,6 @@ def load_runner(settings: Settings) -> Runner:
     settings = settings.replace(backend=resolve_backend(settings))
     if settings.concept_model and settings.backend != "torch":
         raise Unsupported(f"concept_model: SAM 3 runs with the torch backend only, not {settings.backend}")
-    if settings.precision not in PRECISIONS:
-        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
     if settings.precision == "int8" and settings.backend != "openvino":
         raise Unsupported(f"precision int8 (SAM's image encoder) needs backend openvino, not {settings.backend}")
     if settings.backend == "torch":

@@ -470,17 +470,17 @@ def test_models_lists_every_profile_one_line_each(settings, capsys):
     """`detseg models` lists every profile the server accepts (demo, demo-open and test-open were missing), one
     line each with what it serves, beside the catalog's weights."""
     from service.cli import main
-    from service.errors import ModelUnavailable
-    from service.models.profiles import resolve_models
+    from service.config import PROFILE_NAMES
+    from service.errors import ConfigurationError
+    from service.models.profiles import PROFILE_SUMMARIES
 
     assert main(["models", "--cache-dir", str(settings.cache_dir)]) == 0
     out = capsys.readouterr().out
     listing = out.split("profiles", 1)[1].split("catalog weights", 1)[0].splitlines()[1:]
     listed = {line.split()[0]: line.split(None, 1)[1] for line in listing if line.strip()}
-    with pytest.raises(ModelUnavailable) as unknown:
-        resolve_models(settings.replace(models="no-such-profile"))
-    accepted = unknown.value.args[0].split("known: ", 1)[1].split(", ")
-    assert list(listed) == accepted
+    with pytest.raises(ConfigurationError, match="setting models: 'no-such-profile' is not one of"):
+        settings.replace(models="no-such-profile")
+    assert list(listed) == list(PROFILE_SUMMARIES) == list(PROFILE_NAMES)  # what Settings accepts, each resolvable
     assert {"auto", "official", "official-open", "demo", "demo-open", "test", "test-open"} <= set(listed)
     assert all(len(summary) > 20 for summary in listed.values()), listed
     assert "yolo11n" in out and "sam2.1_hiera_tiny" in out  # the catalog's weights are still listed

@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import Settings
+from service.config import CONSTRAINTS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "detseg"
@@ -591,6 +591,12 @@ def test_schema_config_is_exactly_the_settings_the_chart_does_not_set():
     actual = {name: prop["type"] for name, prop in config["properties"].items()}
     message = "values.schema.json config.properties must list every Settings field the chart does not set, typed"
     assert actual == expected, message
+    # Its bounds, enums and patterns are the ones Settings itself enforces (service/config.py CONSTRAINTS).
+    bounds = {
+        name: {k: v for k, v in prop.items() if k not in ("type", "description")}
+        for name, prop in config["properties"].items()
+    }
+    assert bounds == {name: CONSTRAINTS.get(name, {}) for name in expected}
     # The service's own defaults pass the schema's bounds, enums and patterns.
     defaults = {f.name: getattr(Settings(), f.name) for f in fields}
     jsonschema.Draft7Validator(config).validate({k: str(v) if isinstance(v, Path) else v for k, v in defaults.items()})

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from service.config import ALLOCATOR_NAMES, CONSTRAINTS, PROFILE_NAMES, Settings, setting_problems
+from service.errors import ConfigurationError
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path):
@@ -16,8 +18,50 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path):
 
 
 def test_unknown_setting_is_an_error(tmp_path: Path):
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ConfigurationError, match="unknown setting"):
         Settings.load({"prot": 1})
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("file:batch_max_size: 0", "setting batch_max_size: 0 is less than the minimum of 1"),
+        ("file:review_score_below: 7", "setting review_score_below: 7.0 is greater than the maximum of 1"),
+        ("file:device: tpu", "setting device: 'tpu' does not match '^(cpu|cuda(:[0-9]+)?)$'"),
+        ("file:backend: tensorrt", "setting backend: 'tensorrt' is not one of ['auto', 'torch', 'onnx'"),
+        ("file:concept_imgsz: 1000", "setting concept_imgsz: 1000 is not a multiple of 14"),
+        ("file:a: [", "config file {file}: not YAML (expected the node content, but found '<stream end>' at line 2"),
+        ("file:- port", "config file {file} must hold a mapping of setting: value"),
+        ("env:DETSEG_MAX_QUEUE=-1", "setting max_queue: -1 is less than the minimum of 0"),
+        ("env:DETSEG_MAX_QUEUE=lots", "setting max_queue: invalid literal for int() with base 10: 'lots'"),
+        ("env:DETSEG_OFFLINE=maybe", "setting offline: not a boolean: 'maybe'"),
+        ("env:DETSEG_LOG_LEVEL=loud", "setting log_level: 'LOUD' is not one of ['DEBUG', 'INFO'"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_by_name(tmp_path: Path, source: str, says: str):
+    """Refused when Settings is built, before anything starts (they were tracebacks, a server started with a
+    negative cache, or a load-time message naming a request field: `options.review.score_below`)."""
+    kind, text = source.split(":", 1)
+    config = tmp_path / "detseg.yaml"
+    config.write_text(text + "\n" if kind == "file" else "")
+    env = dict([text.split("=", 1)]) if kind == "env" else {}
+    with pytest.raises(ConfigurationError) as e:
+        Settings.load(env=env, config_file=config)
+    assert str(e.value).startswith(says.format(file=config)), str(e.value)
+
+
+def test_every_numeric_and_choice_setting_states_its_range():
+    """A new number or choice among the settings must say what it may be (CONSTRAINTS); the choice lists are the ones
+    the modules acting on them hold; lower-case log levels are levels."""
+    from service.models.profiles import PROFILE_SUMMARIES
+    from service.startup import ALLOCATORS
+
+    numeric = {f.name for f in dataclasses.fields(Settings) if str(f.type) in {"int", "float", "float | None"}}
+    assert numeric - set(CONSTRAINTS) == set()
+    assert set(CONSTRAINTS) <= {f.name for f in dataclasses.fields(Settings)}
+    assert list(ALLOCATOR_NAMES) == list(ALLOCATORS) and list(PROFILE_NAMES) == list(PROFILE_SUMMARIES)
+    assert Settings.load(env={"DETSEG_LOG_LEVEL": "debug"}).log_level == "debug"
+    assert setting_problems(Settings()) == []
 
 
 def test_the_default_score_threshold_is_the_profiles_calibrated_one_unless_set(tmp_path: Path):
