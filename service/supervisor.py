@@ -233,13 +233,23 @@ class _WorkerMetrics:
 @contextlib.contextmanager
 def reserve_port(host: str, port: int) -> Iterator[int]:
     """Binds (never listens on) ``host:port`` with SO_REUSEPORT for the body, so the workers can bind it too and
-    ``port`` 0 names one free port for all of them. Yields the port."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+    ``port`` 0 names one free port for all of them. Yields the port.
+
+    The port is first bound without SO_REUSEPORT, which fails when any socket holds it: with SO_REUSEPORT alone, a
+    second ``detseg serve --workers N`` on the same port would share it with the first, each taking some of the
+    connections. ConfigurationError names the address when it is taken or not this machine's."""
     try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+            port = int(probe.getsockname()[1])
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        yield int(sock.getsockname()[1])
+        sock.bind((address[0], port, *address[2:]))
+    except OSError as e:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        yield port
     finally:
         sock.close()
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +25,7 @@ from service.api.security import TokenAuth, load_tokens, server_credentials
 from service.api.servicer import SegmentationServicer
 from service.api.workers import WorkerLink
 from service.config import Settings
-from service.errors import DetsegError, ModelUnavailable
+from service.errors import ConfigurationError, DetsegError, ModelUnavailable
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 
@@ -122,17 +123,32 @@ async def start_server(settings: Settings, link: WorkerLink | None = None) -> Se
     if settings.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    port = _bound(
+        address,
+        lambda: server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address),
+    )
+    health_server = None
+    if settings.health_port:  # Kubernetes' grpc probes cannot speak TLS: health alone, in plaintext, here
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(link is not None))])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_address = f"{settings.host}:{settings.health_port}"
+        _bound(health_address, lambda: health_server.add_insecure_port(health_address))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
-    served = Served(server, port, servicer, health_servicer)
-    if settings.health_port:  # Kubernetes' grpc probes cannot speak TLS: health alone, in plaintext, here
-        served.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(link is not None))])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, served.health_server)
-        served.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
-        await served.health_server.start()
-    return served
+    await server.start()  # both ports bound first: one that cannot be leaves nothing started
+    if health_server is not None:
+        await health_server.start()
+    return Served(server, port, servicer, health_servicer, health_server)
+
+
+def _bound(address: str, add_port: Callable[[], int]) -> int:
+    """``add_port()``'s port; gRPC's RuntimeError when it cannot bind as a ConfigurationError naming the address."""
+    try:
+        return add_port()
+    except RuntimeError:
+        raise ConfigurationError(
+            f"cannot listen on {address}: the port is in use, or the host is not an address of this machine"
+        ) from None
 
 
 async def serve_forever(served: Served, grace_seconds: float) -> None:

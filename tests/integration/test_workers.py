@@ -333,3 +333,24 @@ def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
     assert "before serving: stopping" in done.stderr and "downloads are off" in done.stderr
     assert "Traceback" not in done.stderr
     assert _helpers() <= before  # no worker or redis-server left behind
+
+
+def test_a_port_already_taken_is_refused_by_name_never_shared(tmp_path):
+    """With SO_REUSEPORT alone, a second `detseg serve --workers N` on a port another one holds bound it too and
+    took a share of the connections (seen: two supervisors, four listeners on one port); a single server's port in
+    use was a RuntimeError traceback. Both now stop at once, exit 2, one line naming the address."""
+    from service.errors import ConfigurationError
+    from service.supervisor import reserve_port
+
+    with reserve_port("127.0.0.1", 0) as port:
+        with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            with reserve_port("127.0.0.1", port):
+                pass
+        for workers in ("2", "1"):
+            result = subprocess.run(
+                [sys.executable, "-m", "service.cli", "serve", "--models", "test", "--offline", "--port", str(port),
+                 "--workers", workers, "--allocator", "system", "--cache-dir", str(tmp_path)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert result.stderr.strip().splitlines()[-1].startswith(f"detseg: cannot listen on 127.0.0.1:{port}: ")
