@@ -82,6 +82,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "cache_max_bytes": _AT_LEAST_0,
     "cache_ttl_seconds": _AT_LEAST_0,
     "max_kept_masks": _AT_LEAST_0,
+    "redis_url": {"pattern": "^((redis|rediss|unix)://.+)?$"},  # empty: no shared tier
     "redis_max_entry_bytes": _AT_LEAST_0,
     "redis_timeout_seconds": _POSITIVE,
     "redis_retry_seconds": _AT_LEAST_0,

@@ -48,6 +48,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from service import telemetry
 from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import ConfigurationError, DetsegError
@@ -195,11 +196,11 @@ def _worker_main(settings: Settings, link: WorkerLink) -> None:
 
 def _serve_metrics(settings: Settings, scrape_ports: Any) -> None:
     """The one Prometheus endpoint on ``metrics_port``: every worker's samples, each labelled with its worker."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_WorkerMetrics(scrape_ports))
-    start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    telemetry.scrape_endpoint(settings.host, settings.metrics_port, registry)
 
 
 class _WorkerMetrics:

@@ -34,6 +34,7 @@ import grpc
 from opentelemetry import metrics, trace
 
 from service.config import Settings
+from service.errors import ConfigurationError
 
 _sources: weakref.WeakSet[Any] = weakref.WeakSet()  # live servicers, read by the observable gauges
 _instruments: Instruments | None = None
@@ -45,6 +46,18 @@ _scrape_port: int | None = None  # the port this process's Prometheus endpoint i
 def scrape_port() -> int | None:
     """The port of this process's Prometheus scrape endpoint; None when it serves none."""
     return _scrape_port
+
+
+def scrape_endpoint(host: str, port: int, registry: Any = None) -> int:
+    """Starts prometheus_client's HTTP endpoint on ``host:port`` (``registry``: its default one when None); returns
+    the port. ConfigurationError names ``metrics_port`` and the address when it cannot listen there."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=registry if registry is not None else REGISTRY)
+    except OSError as e:
+        raise ConfigurationError(f"metrics_port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return int(httpd.server_port)
 
 
 def configure(settings: Settings, private_scrape: bool = False) -> None:
@@ -83,11 +96,9 @@ def configure(settings: Settings, private_scrape: bool = False) -> None:
         reader: MetricReader
         if settings.metrics_exporter == "prometheus":
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from prometheus_client import start_http_server
 
             address = ("127.0.0.1", 0) if private_scrape else (settings.host, settings.metrics_port)
-            httpd, _ = start_http_server(address[1], addr=address[0])
-            _scrape_port = int(httpd.server_port)
+            _scrape_port = scrape_endpoint(*address)
             reader = PrometheusMetricReader()
         elif settings.metrics_exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

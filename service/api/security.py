@@ -37,9 +37,36 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     if not (settings.tls_cert and settings.tls_key):
         raise ConfigurationError("tls_cert and tls_key: give both (PEM files) to serve TLS")
-    pair = (_read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert"))
+    key, cert = _read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert")
     ca = _read(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    _check_pem(key, cert, ca, settings)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _check_pem(key: bytes, cert: bytes, ca: bytes | None, settings: Settings) -> None:
+    """ConfigurationError naming the file that is not what TLS needs (gRPC would only fail to bind the port, or
+    fail every handshake): PEM certificates, an unencrypted PEM private key, the key of the first certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+    except ValueError:
+        raise ConfigurationError(f"tls_cert: {settings.tls_cert} holds no PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as e:  # TypeError: encrypted (gRPC cannot ask for a password)
+        raise ConfigurationError(f"tls_key: {settings.tls_key} holds no unencrypted PEM private key ({e})") from None
+    if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ConfigurationError(
+            f"tls_key: {settings.tls_key} is not the key of the certificate in {settings.tls_cert}"
+        )
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError:
+            raise ConfigurationError(f"tls_client_ca: {settings.tls_client_ca} holds no PEM certificate") from None
 
 
 def load_tokens(settings: Settings) -> tuple[bytes, ...]:

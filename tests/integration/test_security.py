@@ -166,6 +166,23 @@ def test_unusable_security_settings_stop_the_server_at_start(settings, security,
         _start(settings, **security)
 
 
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        (("server.key", "server.key", None), r"tls_cert: \S+server.key holds no PEM certificate"),
+        (("server.crt", "server.crt", None), r"tls_key: \S+server.crt holds no unencrypted PEM private key"),
+        (("server.crt", "client.key", None), r"tls_key: \S+client.key is not the key of the certificate in"),
+        (("server.crt", "server.key", "server.key"), r"tls_client_ca: \S+server.key holds no PEM certificate"),
+    ],
+)
+def test_tls_files_that_are_not_what_they_should_be_are_named_at_start(settings, pki, files, says):
+    """(Before: gRPC failed to bind the port, no file named, or every handshake failed later.)"""
+    cert, key, ca = files
+    security = {"tls_cert": str(pki / cert), "tls_key": str(pki / key)}
+    with pytest.raises(ConfigurationError, match=says):
+        _start(settings, **security, **({"tls_client_ca": str(pki / ca)} if ca else {}))
+
+
 def test_with_tls_a_plaintext_health_port_answers_probes_and_nothing_else(settings, pki):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -343,9 +343,9 @@ def test_a_port_already_taken_is_refused_by_name_never_shared(tmp_path):
     from service.supervisor import reserve_port
 
     with reserve_port("127.0.0.1", 0) as port:
-        with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
-            with reserve_port("127.0.0.1", port):
-                pass
+        taken = f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        with pytest.raises(ConfigurationError, match=taken), reserve_port("127.0.0.1", port):
+            pass
         for workers in ("2", "1"):
             result = subprocess.run(
                 [sys.executable, "-m", "service.cli", "serve", "--models", "test", "--offline", "--port", str(port),

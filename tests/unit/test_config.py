@@ -36,6 +36,7 @@ def test_unknown_setting_is_an_error(tmp_path: Path):
         ("env:DETSEG_MAX_QUEUE=lots", "setting max_queue: invalid literal for int() with base 10: 'lots'"),
         ("env:DETSEG_OFFLINE=maybe", "setting offline: not a boolean: 'maybe'"),
         ("env:DETSEG_LOG_LEVEL=loud", "setting log_level: 'LOUD' is not one of ['DEBUG', 'INFO'"),
+        ("env:DETSEG_REDIS_URL=redis-host:6379", "setting redis_url: 'redis-host:6379' does not match"),
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_by_name(tmp_path: Path, source: str, says: str):
@@ -84,3 +85,19 @@ def test_the_default_score_threshold_is_the_profiles_calibrated_one_unless_set(t
     chosen = Settings.load(config_file=config)
     assert request_limits(chosen, "demo-open").default_score_threshold == 0.25
     assert Settings.load(env={"DETSEG_DEFAULT_SCORE_THRESHOLD": "0.5"}).request_score_threshold(calibrated) == 0.5
+
+
+def test_a_metrics_port_in_use_is_named(tmp_path: Path):
+    """`metrics_exporter: prometheus` on a taken port stops the server with one line (it was an OSError traceback)."""
+    import socket
+
+    from service.telemetry import scrape_endpoint
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ConfigurationError, match=f"metrics_port: cannot listen on 127.0.0.1:{port}: Address already"
+        ):
+            scrape_endpoint("127.0.0.1", port)
