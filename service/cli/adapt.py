@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from service.adaptation.recipes import METHODS, DetectorRecipe, SegmenterRecipe
-from service.cli.common import MODEL_FLAGS, add_model_flags, settings_from
+from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from
 from service.startup import configure_process
 
 STAGES = ("before", "detector", "segmenter", "after")
@@ -28,23 +28,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--images", type=Path, help="folder the file_names are relative to (default: beside the JSON)")
     a.add_argument("--out", type=Path, required=True, help="the adapted version's folder (re-runs resume here)")
     a.add_argument("--holdout", type=Path, help="COCO JSON of held-out images (default: a share of the data)")
-    a.add_argument("--holdout-fraction", type=float, default=0.15, help="share held out when no --holdout")
+    a.add_argument(
+        "--holdout-fraction",
+        type=number(float, 0, 1, open_low=True, open_high=True),
+        default=0.15,
+        help="share held out when no --holdout",
+    )
     a.add_argument("--original", type=Path, help="COCO JSON of the base models' own domain: forgetting shows there")
     a.add_argument(
         "--replay", type=Path, help="COCO JSON of other images of that domain, trained beside the data: less forgetting"
     )
     a.add_argument("--version", default="", help="version string (default: base version + adapt. + a data hash)")
     a.add_argument("--segmenter-method", choices=METHODS, default=s.method, help=f"default {s.method}")
-    a.add_argument("--detector-minutes", type=float, default=d.minutes, help=f"default {d.minutes}")
-    a.add_argument("--segmenter-minutes", type=float, default=s.minutes, help=f"default {s.minutes}")
+    minutes = number(float, 0)
+    a.add_argument("--detector-minutes", type=minutes, default=d.minutes, help=f"default {d.minutes}")
+    a.add_argument("--segmenter-minutes", type=minutes, default=s.minutes, help=f"default {s.minutes}")
     a.add_argument(
         "--max-clicks",
-        type=int,
+        type=number(int, 0),
         default=s.max_clicks,
         help=f"SAM: longest simulated click sequence per instance and step (0: random clicks; default {s.max_clicks})",
     )
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--noc-instances", type=int, default=50, help="instances the simulated annotator clicks on")
+    a.add_argument("--seed", type=number(int, 0), default=0)
+    a.add_argument(
+        "--noc-instances", type=number(int, 0), default=50, help="instances the simulated annotator clicks on"
+    )
     a.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) that signs the folder's manifest")
     a.add_argument("--no-progress", dest="progress", action="store_false")
     add_model_flags(a)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from service.config import Settings
 
@@ -23,3 +25,29 @@ def settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
     """Settings with the flags ``names`` (None: not given) over DETSEG_* env, the --config file and defaults."""
     overrides = {n: getattr(args, n, None) for n in names}
     return Settings.from_environ(overrides, getattr(args, "config", None))
+
+
+def number(
+    kind: type[int] | type[float],
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Callable[[str], float]:
+    """An argparse ``type``: a ``kind`` (int or float) between ``low`` and ``high``, each bound included unless
+    open. argparse prints the flag and why (exit 2), as for any malformed flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        above_low = value > low if open_low else value >= low
+        below_high = value < high if open_high else value <= high
+        if not (above_low and below_high):  # NaN is neither
+            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+
+    return parse

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.cli.common import MODEL_FLAGS, add_model_flags, settings_from
+from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from
 from service.client import Client, RequestFailed
 from service.evaluation.dataset import load_dataset
 from service.evaluation.predict import Prompt
@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--slices", type=Path, help="JSON: file_name (or image id) -> {attribute: value}")
     v.add_argument("--prompt", choices=[k.value for k in Prompt], default=Prompt.CLASSES.value, help="default classes")
     v.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report)")
-    v.add_argument("--limit", type=int, help="the first N images only")
+    v.add_argument("--limit", type=number(int, 1), help="the first N images only")
     v.add_argument("--score-threshold", type=float, default=0.05, help="asked of the server (low, for AP)")
     v.add_argument("--operating-threshold", type=float, help="score instances are kept at (default: server's)")
-    v.add_argument("--noc-instances", type=int, default=100, help="instances the simulated annotator clicks on")
+    v.add_argument(
+        "--noc-instances", type=number(int, 0), default=100, help="instances the simulated annotator clicks on"
+    )
     _client_flags(v)
     v.set_defaults(func=evaluate)
 
@@ -50,7 +52,9 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     """--target, or the models of a server started in this process (as serve would load them)."""
     p.add_argument("--target", help="a running server; default: start one in this process with --models")
     add_model_flags(p)
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
+    p.add_argument(
+        "--timeout", type=number(float, 0, open_low=True), default=300.0, help="per-request deadline in seconds"
+    )
 
 
 @contextlib.contextmanager

@@ -185,6 +185,24 @@ def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["adapt", "d", "--out=o", "--holdout-fraction=1.5"], "argument --holdout-fraction: 1.5 is outside (0, 1)"),
+        (["adapt", "d", "--out=o", "--holdout-fraction=nan"], "argument --holdout-fraction: nan is outside (0, 1)"),
+        (["adapt", "d", "--out=o", "--detector-minutes=-1"], "argument --detector-minutes: -1 is outside [0, inf)"),
+        (["adapt", "d", "--out=o", "--seed=x"], "argument --seed: not an integer: 'x'"),
+        (["eval", "d.json", "--limit", "0"], "argument --limit: 0 is outside [1, inf)"),
+        (["label", "folder", "--timeout", "0"], "argument --timeout: 0 is outside (0, inf)"),
+    ],
+)  # fmt: skip
+def test_tools_refuse_a_number_out_of_range_by_its_flag(argv, says, capsys):
+    """(They were accepted: a held-out share of 1.5 or 0 quietly clamped, negative minutes and NoC counts run.)"""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_segment_names_a_file_it_cannot_read_or_write_without_a_traceback(served, tmp_path: Path, capsys):
     missing = str(tmp_path / "missing.jpg")
     assert cli_main(["segment", missing, "--target", served]) == 1
