@@ -245,8 +245,12 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
             probe.bind(address)
             port = int(probe.getsockname()[1])
         sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((address[0], port, *address[2:]))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address[0], port, *address[2:]))
+        except OSError:
+            sock.close()
+            raise
     except OSError as e:
         raise ConfigurationError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     try:
