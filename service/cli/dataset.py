@@ -15,7 +15,7 @@ from service.evaluation.dataset import load_dataset
 from service.evaluation.predict import Prompt
 from service.evaluation.run import run_eval
 from service.labeling.run import FORMATS as LABEL_FORMATS
-from service.labeling.run import Prompts, check_formats, check_prompts, label_folder
+from service.labeling.run import Prompts, check_formats, check_prompts, image_files, label_folder
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -119,6 +119,7 @@ def label(args: argparse.Namespace) -> int:
     try:
         check_prompts(prompts)  # InvalidInput (a DetsegError: reported by main) before any server starts
         check_formats(formats)
+        image_files(args.folder)  # ValueError: no such folder, or no image in it
         with _service(args) as target, Client(target, timeout=args.timeout) as client:
             summary = label_folder(
                 client,

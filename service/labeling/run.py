@@ -81,8 +81,14 @@ class LabelSummary:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image under ``folder``, sorted by relative path."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image under ``folder``, sorted by relative path. ValueError when ``folder`` is no folder or holds no
+    image (a mistyped or wrong folder: said, rather than empty exports written)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no images under it ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def read_records(out: Path) -> dict[str, LabeledImage]:
@@ -147,13 +153,14 @@ def label_folder(
     progress: bool = True,
 ) -> LabelSummary:
     """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports. Bad prompts
-    (InvalidInput) or formats (ValueError) are refused before anything is sent or written."""
+    (InvalidInput), formats, or a folder that is none or holds no image (ValueError) are refused before anything is
+    sent or written."""
     from tqdm import tqdm
 
     check_prompts(prompts)
     check_formats(formats)
-    out.mkdir(parents=True, exist_ok=True)
     files = image_files(folder)
+    out.mkdir(parents=True, exist_ok=True)
     done = read_records(out)
     for log in (out / RECORDS, out / ERRORS):
         _end_torn_line(log)

@@ -194,3 +194,17 @@ def test_unprintable_prompts_stop_the_label_command_before_anything_runs(demo_se
         image = sorted(folder.rglob("*.png"))[0].read_bytes()
         with pytest.raises(RequestFailed, match=r"INVALID_ARGUMENT: texts\[0\]: contains a format character"):
             client.segment(image, texts=["red\u200bstar"])
+
+
+def test_a_folder_that_is_none_or_holds_no_image_is_refused_before_anything_starts(tmp_path, capsys):
+    """(It labeled 0 images, wrote four empty exports and exited 0: a mistyped folder looked like success.)"""
+    from service.cli import main as cli_main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    for folder, says in (("missing", "no such folder"), ("empty", "no images under it (.jpg, .jpeg, .png, .webp)")):
+        out = tmp_path / f"out-{folder}"
+        argv = ["label", str(tmp_path / folder), "--out", str(out), "--classes", "circle", "--target", "127.0.0.1:1"]
+        assert cli_main(argv) == 2
+        assert capsys.readouterr().err == f"detseg label: {tmp_path / folder}: {says}\n"
+        assert not out.exists()
