@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.results import XYXY, ImageHandle
@@ -58,9 +58,15 @@ class Exemplar:
     image: ImageLike | None = None
 
 
+# Pillow modes a PNG holds as they are (the others are converted to RGB before sending).
+_PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
+
+
 def image_message(image: ImageLike) -> pb.Image:
     """Any ``ImageLike`` as the request's Image: file bytes as they are (the server decodes and hashes them),
-    arrays as raw RGB pixels, PIL images as PNG."""
+    arrays as raw RGB pixels, PIL images as PNG in their own mode where PNG holds it, turned upright by their EXIF
+    orientation first: the server then reads them as it reads a file (alpha over white, 16-bit scaled, the
+    displayed orientation), so ``Image.open(path)`` and ``path`` get the same answer."""
     if isinstance(image, ImageHandle):
         return pb.Image(handle=image.handle)
     if isinstance(image, bytes):
@@ -73,8 +79,11 @@ def image_message(image: ImageLike) -> pb.Image:
         h, w = image.shape[:2]
         return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), width=w, height=h))
     if hasattr(image, "save"):  # PIL.Image.Image
+        upright = ImageOps.exif_transpose(image) or image
+        if upright.mode not in _PNG_MODES:  # CMYK, YCbCr, 32-bit: RGB as the server would make them
+            upright = upright.convert("RGB")
         buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
+        upright.save(buffer, format="PNG")
         return pb.Image(encoded=buffer.getvalue())
     raise TypeError(f"unsupported image type {type(image).__name__}")
 

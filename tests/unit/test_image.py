@@ -149,3 +149,47 @@ def test_png_cut_inside_its_data_is_truncated_not_corrupt():
     data = encode(synthetic_rgb(200, 300), "PNG")
     with pytest.raises(InvalidImage, match=r"truncated PNG data: the image data holds \d+ of the 180200 bytes"):
         decode_image(data[: len(data) // 2], LIMITS)
+
+
+def _pil_modes():
+    rgb = synthetic_rgb(40, 60)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:8, :8, 3] = 0  # a transparent corner: over white, as the server composites it
+    wide = rgb[..., 0].astype(np.uint16) * 257  # 16-bit grey using the whole range
+    return {
+        "RGBA": Image.fromarray(rgba, "RGBA"),
+        "I;16": Image.fromarray(wide, "I;16"),
+        "L": Image.fromarray(rgb[..., 1]),
+        "P": Image.fromarray(rgb).convert("P"),
+        "CMYK": Image.fromarray(rgb).convert("CMYK"),
+    }
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "L", "P", "CMYK"])
+def test_a_pil_image_sent_by_the_client_reads_as_its_file_does(mode):
+    """``Client.segment(Image.open(path))`` and ``Client.segment(path)`` see the same pixels (before: the client
+    converted to RGB itself, dropping alpha to black where the server composites over white, and clipping 16-bit
+    values where the server scales them)."""
+    from service.client_requests import image_message
+
+    pil = _pil_modes()[mode]
+    sent = decode_image(image_message(pil).encoded, LIMITS).rgb
+    if mode == "CMYK":  # no format the server reads holds it: Pillow's own RGB
+        np.testing.assert_array_equal(sent, np.asarray(pil.convert("RGB")))
+        return
+    as_file = io.BytesIO()
+    pil.save(as_file, format="PNG")
+    np.testing.assert_array_equal(sent, decode_image(as_file.getvalue(), LIMITS).rgb)
+
+
+def test_a_pil_image_is_sent_in_its_displayed_orientation():
+    """An opened photo with EXIF orientation 6 is sent upright, as the server reads the file (before: sideways)."""
+    from service.client_requests import image_message
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_rgb(100, 200)).save(buf, format="PNG", exif=exif.tobytes())
+    sent = decode_image(image_message(Image.open(io.BytesIO(buf.getvalue()))).encoded, LIMITS).rgb
+    np.testing.assert_array_equal(sent, decode_image(buf.getvalue(), LIMITS).rgb)
+    assert sent.shape == (200, 100, 3)
