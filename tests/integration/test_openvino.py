@@ -72,11 +72,14 @@ def int8_files(cache_dir: Path) -> list[Path]:
 @pytest.fixture
 def taken_as(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Sets what the OpenVINO runner takes this CPU to have, for the precision policy under test (not the kernels:
-    the int8 encoder still runs on this CPU's): ``taken_as(int8_dot_products=True)``."""
+    the int8 encoder still runs on this CPU's): ``taken_as(int8_dot_products=True)``; ``native_bf16`` (None: as the
+    CPU has) decides whether SAM's decoder may run in bf16."""
     from service.runners import openvino as openvino_runner
 
-    def take(int8_dot_products: bool) -> None:
+    def take(int8_dot_products: bool, native_bf16: bool | None = None) -> None:
         monkeypatch.setattr(openvino_runner, "cpu_has_int8_dot_products", lambda: int8_dot_products)
+        if native_bf16 is not None:
+            monkeypatch.setattr(openvino_runner, "cpu_has_native_bf16", lambda: native_bf16)
 
     return take
 
@@ -179,9 +182,11 @@ def test_precision_auto_serves_fp32_without_building_int8_where_the_cpu_has_no_i
     settings, caplog, taken_as
 ):
     """Without VNNI or AMX, int8 measured no faster than fp32 and below its gate (service.models.cpu): precision
-    auto builds no int8 encoder, measures no gate, serves fp32 and says why in one INFO line, with no WARNING."""
+    auto builds no int8 encoder, measures no gate, serves fp32 and says why in one INFO line, with no WARNING. The CPU
+    is taken as one without bf16 dot products too: on one with them (AVX512-BF16, as some CI machines have) SAM's
+    decoder would run in bf16 behind its own gate (test_decoder_policy), which is not what is tested here."""
 
-    taken_as(int8_dot_products=False)
+    taken_as(int8_dot_products=False, native_bf16=False)
     before = {p: p.stat().st_mtime_ns for p in int8_files(settings.cache_dir)}
     auto = settings.replace(backend="openvino", precision="auto")
     with caplog.at_level("INFO", logger="service.runners.openvino"), serving(auto, timeout=900) as stub:
