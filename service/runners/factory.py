@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from service.config import BACKENDS, Settings
-from service.errors import InvalidInput, Unsupported
+from service.config import Settings
+from service.errors import Unsupported
 from service.runners.base import Runner
 
 
@@ -50,8 +50,6 @@ def load_runner(settings: Settings) -> Runner:
         from service.runners.openvino import OpenVinoRunner
 
         return OpenVinoRunner.load(resolve_models(settings), settings)
-    if settings.backend == "triton":
-        from service.runners.triton import TritonRunner
+    from service.runners.triton import TritonRunner  # the last of Settings' BACKENDS ("auto" is resolved above)
 
-        return TritonRunner(settings)
-    raise InvalidInput(f"backend must be one of {', '.join(BACKENDS)}, got {settings.backend!r}")
+    return TritonRunner(settings)
