@@ -152,6 +152,18 @@ def _item(r: pb.SegmentResult) -> ItemResult:
     return ItemResult(int(r.index), None, RequestFailed(_status(r.error.code), r.error.message))
 
 
+def _segment_requests(requests: Iterable[pb.SegmentRequest]) -> Iterator[pb.SegmentRequest]:
+    """``segment_many``'s items, each checked to be a SegmentRequest (gRPC would fail the call on another type
+    with INTERNAL "Exception serializing request!")."""
+    for index, request in enumerate(requests):
+        if not isinstance(request, pb.SegmentRequest):
+            raise TypeError(
+                f"segment_many: item {index} is a {type(request).__name__}, not a SegmentRequest "
+                "(build one with segment_request(image, ...))"
+            )
+        yield request
+
+
 def _status(value: int) -> grpc.StatusCode:
     """The grpc.StatusCode of a google.rpc.Code number."""
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
@@ -226,7 +238,7 @@ class _Channel:
         return next(self._stubs)
 
     def _budget(self, timeout: float | None) -> _Budget:
-        return _Budget(self.retry, time.monotonic() + (timeout or self.timeout), self._rng)
+        return _Budget(self.retry, time.monotonic() + (self.timeout if timeout is None else timeout), self._rng)
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
@@ -273,13 +285,19 @@ class Client(_Channel):
         self, requests: Iterable[pb.SegmentRequest], *, timeout: float | None = None
     ) -> Iterator[ItemResult]:
         """Many requests over one StreamSegment call (the server bounds how many are in flight): one
-        ItemResult per request, in request order; a failed item does not stop the others. ``timeout`` bounds
-        the whole stream (default: none beyond the server's own per-item deadlines)."""
+        ItemResult per request, in request order; a failed item does not stop the others. ``requests``: each a
+        SegmentRequest (``segment_request(image, ...)``), read as gRPC sends them. ``timeout`` bounds the whole stream
+        (default: none beyond the server's own per-item deadlines). An exception raised reading ``requests`` (a
+        missing file) or an item that is no SegmentRequest (TypeError) ends the stream there: it is raised after the
+        results of the requests sent before it."""
+        stream = RequestStream(_segment_requests(requests))
         try:
-            for r in self._stub.StreamSegment(iter(requests), timeout=timeout, metadata=self._metadata):
+            for r in self._stub.StreamSegment(stream, timeout=timeout, metadata=self._metadata):
                 yield _item(r)
         except grpc.RpcError as e:
-            raise RequestFailed.from_rpc(e) from None
+            raise stream.error or RequestFailed.from_rpc(e) from None
+        if stream.error is not None:
+            raise stream.error
 
     def track(
         self, frames: Iterable[ImageLike | TrackInput], *, timeout: float | None = None, **start: Any
@@ -349,11 +367,14 @@ class AsyncClient(_Channel):
     async def segment_many(
         self, requests: Iterable[pb.SegmentRequest], *, timeout: float | None = None
     ) -> AsyncIterator[ItemResult]:
+        stream = RequestStream(_segment_requests(requests))
         try:
-            async for r in self._stub.StreamSegment(iter(requests), timeout=timeout, metadata=self._metadata):
+            async for r in self._stub.StreamSegment(stream, timeout=timeout, metadata=self._metadata):
                 yield _item(r)
         except grpc.RpcError as e:
-            raise RequestFailed.from_rpc(e) from None
+            raise stream.error or RequestFailed.from_rpc(e) from None
+        if stream.error is not None:
+            raise stream.error
 
     async def track(
         self, frames: Iterable[ImageLike | TrackInput], *, timeout: float | None = None, **start: Any

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     # encoded bytes (JPEG/PNG/WebP), a file path, (H, W, 3) uint8 RGB, a PIL image, or a handle
     ImageLike = bytes | str | os.PathLike[str] | np.ndarray | ImageHandle | PILImage.Image
 
+T = TypeVar("T")
+
 
 @dataclasses.dataclass(frozen=True)
 class Point:
@@ -95,14 +97,42 @@ def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def _names(value: str | Iterable[str], keyword: str) -> list[str]:
+    """``classes`` or ``texts`` as the message's list: one string is one name or text (not its characters)."""
+    names = [value] if isinstance(value, str) else list(value)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"{keyword}[{i}]: a string, got {type(name).__name__} {name!r}")
+    return names
+
+
 def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
-    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    values = tuple(np.asarray(xyxy, dtype=float).reshape(-1)) if _is_sequence(xyxy) else ()
+    if len(values) != 4:
+        raise ValueError(f"a box is 4 numbers (x_min, y_min, x_max, y_max), original pixels; got {xyxy!r}")
+    x0, y0, x1, y1 = values
     return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+
+
+def _boxed(item: Any, keyword: str, kind: type[T]) -> T | Sequence[float]:
+    """One item of ``regions`` or ``exemplars``: a ``kind`` instance or a bare XYXY box; a number means the caller
+    gave one box where a list of them was expected."""
+    if isinstance(item, kind) or _is_sequence(item):
+        return item  # type: ignore[no-any-return]
+    raise TypeError(
+        f"{keyword}: each item is a {kind.__name__} or an (x_min, y_min, x_max, y_max) box, got "
+        f"{type(item).__name__} {item!r} (one box goes in a list: {keyword}=[(x_min, y_min, x_max, y_max)])"
+    )
 
 
 def _region(region: Region | XYXY) -> pb.RegionPrompt:
     """A Region, or a bare XYXY box, as the request's RegionPrompt."""
-    r = region if isinstance(region, Region) else Region(box=tuple(region))  # type: ignore[arg-type]
+    boxed = _boxed(region, "regions", Region)
+    r = boxed if isinstance(boxed, Region) else Region(box=tuple(boxed))  # type: ignore[arg-type]
     prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
     if r.box is not None:
         prompt.box.CopyFrom(_box(r.box))
@@ -111,7 +141,10 @@ def _region(region: Region | XYXY) -> pb.RegionPrompt:
     return prompt
 
 
-def _exemplar(e: Exemplar) -> pb.Exemplar:
+def _exemplar(item: Exemplar | XYXY) -> pb.Exemplar:
+    """An Exemplar, or a bare XYXY box on the request's image, as the request's Exemplar."""
+    boxed = _boxed(item, "exemplars", Exemplar)
+    e = boxed if isinstance(boxed, Exemplar) else Exemplar(box=tuple(boxed))  # type: ignore[arg-type]
     exemplar = pb.Exemplar(box=_box(e.box), label=e.label)
     if e.image is not None:
         exemplar.image.CopyFrom(image_message(e.image))
@@ -121,10 +154,10 @@ def _exemplar(e: Exemplar) -> pb.Exemplar:
 def segment_request(
     image: ImageLike,
     *,
-    classes: Iterable[str] = (),
-    texts: Iterable[str] = (),
+    classes: str | Iterable[str] = (),
+    texts: str | Iterable[str] = (),
     regions: Iterable[Region | XYXY] = (),
-    exemplars: Iterable[Exemplar] = (),
+    exemplars: Iterable[Exemplar | XYXY] = (),
     score_threshold: float | None = None,
     iou_threshold: float | None = None,
     max_instances: int | None = None,
@@ -133,12 +166,16 @@ def segment_request(
     request_id: str = "",
     keep_masks: bool = False,
 ) -> pb.SegmentRequest:
-    """The SegmentRequest for these prompts (masks as COCO RLE). A bare XYXY tuple in ``regions`` is a box
-    prompt. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
+    """The SegmentRequest for these prompts (masks as COCO RLE). ``classes``, ``texts``: lists of strings (one
+    string: one name or text). A bare XYXY box in ``regions`` is a box prompt, in ``exemplars`` an exemplar on the
+    request's image. Unset thresholds and review rules take the server's defaults (ListModels); ``multimask``: SAM picks
     the best of three candidate masks (helps a single click); ``keep_masks``: the server keeps each instance's
     low-res mask with the image and returns its ``mask_handle``, for a follow-up ``Region.previous_mask``."""
     request = pb.SegmentRequest(
-        image=image_message(image), classes=list(classes), texts=list(texts), request_id=request_id
+        image=image_message(image),
+        classes=_names(classes, "classes"),
+        texts=_names(texts, "texts"),
+        request_id=request_id,
     )
     request.regions.extend(_region(r) for r in regions)
     request.exemplars.extend(_exemplar(e) for e in exemplars)
@@ -196,13 +233,10 @@ def track_requests(
         placed = []
 
 
-T = TypeVar("T")
-
-
 def start_message(
     *,
-    classes: Iterable[str] = (),
-    texts: Iterable[str] = (),
+    classes: str | Iterable[str] = (),
+    texts: str | Iterable[str] = (),
     exemplars: Iterable[pb.Exemplar] = (),
     detect_every: int | None = None,
     lost_after: int | None = None,
@@ -214,7 +248,12 @@ def start_message(
     """A Track call's first message (masks as COCO RLE). Unset limits take the server's defaults (ListModels'
     defaults.track); classes, texts and exemplars all empty with ``detect_every`` unset: the detector never runs, and
     only the objects the frames place are followed."""
-    start = pb.TrackStart(classes=list(classes), texts=list(texts), exemplars=list(exemplars), request_id=request_id)
+    start = pb.TrackStart(
+        classes=_names(classes, "classes"),
+        texts=_names(texts, "texts"),
+        exemplars=list(exemplars),
+        request_id=request_id,
+    )
     start.options.mask_encoding = pb.MASK_ENCODING_COCO_RLE
     if score_threshold is not None:
         start.options.score_threshold = score_threshold

@@ -98,6 +98,38 @@ def test_segment_many_streams_results_in_order_and_reports_bad_items(demo_server
     assert items[0].result.labels == items[2].result.labels
 
 
+def _requests_then_a_missing_file(folder: Path):
+    from service.client import segment_request
+
+    yield segment_request(SAMPLE, classes=["circle"])
+    yield segment_request(folder / "missing.jpg")
+
+
+def test_segment_many_raises_a_failed_items_own_error_after_the_answers_before_it(demo_server, tmp_path):
+    answered = []
+    with Client(demo_server.target) as detseg:
+        with pytest.raises(FileNotFoundError, match="missing.jpg"):
+            for item in detseg.segment_many(_requests_then_a_missing_file(tmp_path)):
+                answered.append(item)
+        with pytest.raises(TypeError, match=r"item 1 is a ndarray, not a SegmentRequest"):
+            list(detseg.segment_many([pb.SegmentRequest(image=pb.Image(encoded=SAMPLE.read_bytes())), np.zeros(3)]))
+        assert detseg.segment(SAMPLE, classes=["circle"]).labels == answered[0].result.labels
+    assert [i.index for i in answered] == [0] and answered[0].result is not None and len(answered[0].result) > 0
+
+
+def test_the_asyncio_segment_many_raises_the_same_error_not_a_cancellation(demo_server, tmp_path):
+    async def main() -> list:
+        answered = []
+        async with AsyncClient(demo_server.target) as detseg:
+            with pytest.raises(FileNotFoundError, match="missing.jpg"):
+                async for item in detseg.segment_many(_requests_then_a_missing_file(tmp_path)):
+                    answered.append(item)
+        return answered
+
+    answered = asyncio.run(main())
+    assert [i.index for i in answered] == [0] and answered[0].result is not None
+
+
 def test_the_asyncio_client_answers_concurrent_calls(demo_server):
     async def main() -> list:
         async with AsyncClient(demo_server.target) as detseg:
@@ -119,6 +151,12 @@ def test_bad_requests_fail_at_once_with_the_servers_message(demo_server):
 def test_the_deadline_bounds_the_call(demo_server):
     with Client(demo_server.target, timeout=0.001) as detseg, pytest.raises(RequestFailed) as err:
         detseg.segment(SAMPLE, classes=["circle"])
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_timeout_of_zero_is_a_deadline_already_passed_not_the_default(demo_server):
+    with Client(demo_server.target, timeout=60) as detseg, pytest.raises(RequestFailed) as err:
+        detseg.segment(SAMPLE, classes=["circle"], timeout=0)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
