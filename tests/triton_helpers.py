@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import time
 import urllib.request
@@ -27,13 +26,6 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
-
-
-def copy_repository_sources(dst: Path) -> None:
-    """The committed part of model_repository/ (python-backend code), without generated files."""
-    shutil.copytree(
-        ROOT / "model_repository", dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.onnx", "__pycache__")
-    )
 
 
 def start_triton(repo: Path, state_dir: Path, models: tuple[str, ...] = MODEL_ROLES) -> LocalTriton:

@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,7 @@ class LocalTriton:
     config_name: str = ""  # --model-config-name (e.g. "onnxruntime" for the native configs; not runnable here)
     allocator: str = Settings.allocator  # malloc of the server and its python-backend stubs (startup.ALLOCATORS)
     process: subprocess.Popen[bytes] | None = None
+    log_start: int = 0  # where this process's output begins in ``log_path`` (the log is appended to)
 
     @property
     def url(self) -> str:
@@ -117,6 +119,7 @@ class LocalTriton:
         Python when detached (the CLI) and so that it and its python-backend stubs can be signalled together."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()
             self.process = subprocess.Popen(
                 self.command(),
                 stdout=log,
@@ -149,12 +152,29 @@ class LocalTriton:
                     ):
                         return
                 time.sleep(0.25)
-        raise ModelUnavailable(f"tritonserver did not become ready at {self.url}:\n{self.log_tail()}")
+        raise ModelUnavailable(
+            f"tritonserver did not become ready at {self.url} (log: {self.log_path}):\n{self.log_errors()}"
+        )
 
     def log_tail(self, lines: int = 25) -> str:
         if not self.log_path.exists():
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_errors(self, lines: int = 10, width: int = 400) -> str:
+        """This process's error lines in the log (``E...`` and ``error: ...``; a model that failed to load says why
+        there), each cut to ``width`` characters, at most ``lines`` of them; the log's tail when there is none."""
+        if not self.log_path.exists():
+            return "(no log)"
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_start)
+            text = log.read().decode(errors="replace")
+        errors = [
+            line if len(line) <= width else line[:width] + " ..."
+            for line in text.splitlines()
+            if re.match(r"E\d{4} |error: ", line)
+        ]
+        return "\n".join(errors[:lines]) if errors else self.log_tail()
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL to its process group after ``timeout`` seconds or once it has exited."""

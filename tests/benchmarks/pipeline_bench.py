@@ -53,7 +53,7 @@ from service.models.tensors import PromptBatch
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
-from tests.triton_helpers import DetsegWorkers, copy_repository_sources, free_ports, start_detseg, start_triton
+from tests.triton_helpers import DetsegWorkers, free_ports, start_detseg, start_triton
 
 THREADS = os.cpu_count() or 2
 SCORE = 0.25
@@ -445,7 +445,6 @@ def main() -> None:
         triton = None
         if "triton" in backends:
             repo = root / "repo"
-            copy_repository_sources(repo)
             triton_repo.write_repository(models, settings, repo)
             triton = start_triton(repo, root / "triton")
         servers = {

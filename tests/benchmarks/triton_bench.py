@@ -32,7 +32,7 @@ import numpy as np
 from service.config import Settings
 from service.models import export, triton_repo
 from service.models.profiles import resolve_models
-from tests.triton_helpers import copy_repository_sources, start_detseg, start_triton
+from tests.triton_helpers import start_detseg, start_triton
 
 ENCODER = "sam2_image_encoder"
 
@@ -56,11 +56,7 @@ def encoder_repository(root: Path, image_size: int, batching: bool) -> Path:
             hydra_overrides_extra=[f"++model.image_size={image_size}"],
         )  # fmt: skip
         export.export_encoder(sam, shared)
-    copy_repository_sources(repo)
-    for role in ("detector", "sam2_mask_decoder"):
-        import shutil
-
-        shutil.rmtree(repo / role)
+    triton_repo.write_backend_code(repo, [ENCODER])
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     if not onnx_path.exists():
         onnx_path.symlink_to(shared)
@@ -136,7 +132,6 @@ def bench_end_to_end(root: Path, profile: str, repeats: int) -> dict[str, Any]:
     # No embedding cache: every request of the same image runs the whole pipeline.
     settings = Settings(models=profile, cache_dir=root / "cache", port=0, offline=True, cache_max_bytes=0)
     repo = root / f"repo-{profile}"
-    copy_repository_sources(repo)
     triton_repo.write_repository(resolve_models(settings), settings, repo)
     server = start_triton(repo, root / "state")
     embedded = start_detseg(settings)

@@ -26,7 +26,7 @@ from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.dataset import scenes
 from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, mask_iou, rle_mask
-from tests.triton_helpers import ROOT, copy_repository_sources, metric, start_detseg, start_triton
+from tests.triton_helpers import ROOT, metric, start_detseg, start_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
 
@@ -41,7 +41,6 @@ def demo_settings(settings):
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, demo_settings):
     repo = tmp_path_factory.mktemp("model_repository")
-    copy_repository_sources(repo)
     reports = triton_repo.write_repository(resolve_models(demo_settings), demo_settings, repo)
     return repo, reports
 
@@ -89,10 +88,11 @@ def test_export_is_checked_against_torch_and_configs_fit_tritons_schema(reposito
             assert batched.dynamic_batching.default_queue_policy.max_queue_size == 32
         else:
             assert batched.max_batch_size == 0 and not batched.HasField("dynamic_batching")
-        # The committed configs are this very export of the demo profile.
-        assert (ROOT / "model_repository" / role / "config.pbtxt").read_text() == (
-            repo / role / "config.pbtxt"
-        ).read_text()
+        # The committed configs and entry points are this very export of the demo profile.
+        for committed in ("config.pbtxt", "1/model.py"):
+            assert (ROOT / "model_repository" / role / committed).read_text() == (repo / role / committed).read_text()
+    # The python backend's code is written with the export, so the repository serves wherever it is.
+    assert (repo / "ort_backend.py").read_text() == triton_repo.BACKEND_SOURCE.read_text()
 
 
 def test_triton_answers_as_the_embedded_path(triton_stub, demo_stub, figures):

@@ -12,7 +12,7 @@ import pytest
 
 from service.models.demo.profile import DEMO_DIR
 from tests.conftest import wait_serving
-from tests.triton_helpers import copy_repository_sources, free_ports
+from tests.triton_helpers import free_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
 
@@ -25,8 +25,7 @@ def run(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.Com
 
 def test_triton_up_serve_segment_down(settings, tmp_path):
     env = {**os.environ, "DETSEG_CACHE_DIR": str(tmp_path / "cache"), "DETSEG_THREADS": "2"}
-    repo = tmp_path / "model_repository"
-    copy_repository_sources(repo)
+    repo = tmp_path / "model_repository"  # empty: `triton up` writes all it needs (the python backend's code too)
     grpc_port, http_port, metrics_port, detseg_port = free_ports(4)
     ports = ["--port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
     up = run("triton", "up", "--models", "demo", "--repository", str(repo), *ports, env=env)

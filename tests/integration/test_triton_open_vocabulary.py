@@ -23,7 +23,7 @@ from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ultralytics_asset
 from tests.helpers import assert_same_instances, encode, synthetic_rgb
 from tests.integration.test_open_vocabulary import CONF, IOU, MAX_DET, mixed_prompt_requests
-from tests.triton_helpers import copy_repository_sources, start_detseg, start_triton
+from tests.triton_helpers import start_detseg, start_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]  # starts a real tritonserver
 
@@ -34,7 +34,6 @@ def repository_for(settings, tmp_path_factory):
     export = triton_repo.export_cache(models, settings)
     triton_repo.ensure_repository(models, settings, export)
     repo = tmp_path_factory.mktemp("open_repository")
-    copy_repository_sources(repo)
     shutil.copytree(export, repo, dirs_exist_ok=True)
     return repo
 
