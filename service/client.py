@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -170,10 +170,17 @@ def _status(value: int) -> grpc.StatusCode:
 
 
 class _Budget:
-    """One call's retry state: its deadline (time.monotonic() seconds), the attempts made, the last error."""
+    """One call's retry state: its deadline (time.monotonic() seconds), the attempts made, the last error;
+    ``on_retry``: told of each retry (the UNAVAILABLE as RequestFailed, and the seconds before the next attempt)."""
 
-    def __init__(self, retry: RetryPolicy, deadline: float, rng: random.Random) -> None:
-        self.retry, self.deadline, self.rng = retry, deadline, rng
+    def __init__(
+        self,
+        retry: RetryPolicy,
+        deadline: float,
+        rng: random.Random,
+        on_retry: Callable[[RequestFailed, float], None] | None = None,
+    ) -> None:
+        self.retry, self.deadline, self.rng, self.on_retry = retry, deadline, rng, on_retry
         self.attempts = 0
         self.error: grpc.RpcError | None = None
 
@@ -198,7 +205,10 @@ class _Budget:
         spent = self.retry.max_attempts is not None and self.attempts >= self.retry.max_attempts
         if error.code() != grpc.StatusCode.UNAVAILABLE or spent:  # type: ignore[attr-defined]
             raise RequestFailed.from_rpc(error, self.attempts)
-        return min(self.retry.backoff(self.attempts, self.rng), max(self.deadline - time.monotonic(), 0.0))
+        wait = min(self.retry.backoff(self.attempts, self.rng), max(self.deadline - time.monotonic(), 0.0))
+        if self.on_retry is not None:
+            self.on_retry(RequestFailed.from_rpc(error, self.attempts), wait)
+        return wait
 
 
 class _Channel:
@@ -219,6 +229,7 @@ class _Channel:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         connections: int = 1,
+        on_retry: Callable[[RequestFailed, float], None] | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError(f"connections must be at least 1, got {connections}")
@@ -231,6 +242,7 @@ class _Channel:
         self.timeout = timeout  # seconds, for calls that give none; bounds the call with its retries
         self._metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
         self._rng = random.Random()
+        self._on_retry = on_retry
 
     @property
     def _stub(self) -> pb_grpc.SegmentationServiceStub:
@@ -238,7 +250,8 @@ class _Channel:
         return next(self._stubs)
 
     def _budget(self, timeout: float | None) -> _Budget:
-        return _Budget(self.retry, time.monotonic() + (self.timeout if timeout is None else timeout), self._rng)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return _Budget(self.retry, deadline, self._rng, self._on_retry)
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
@@ -250,7 +263,9 @@ class Client(_Channel):
     Keywords: ``timeout`` (default deadline, s), ``retry`` (RetryPolicy), ``max_message_bytes``, ``credentials``
     (grpc.ssl_channel_credentials(...) for TLS and mutual TLS), ``metadata`` (extra call metadata), ``token`` (sent
     as "authorization: Bearer <token>" when the server requires one), ``connections`` (channels, each its own
-    connection, that calls take in turn: 1, or the worker count of `detseg serve --workers N` and more)."""
+    connection, that calls take in turn: 1, or the worker count of `detseg serve --workers N` and more),
+    ``on_retry`` (called before each retry of UNAVAILABLE with that error as RequestFailed and the seconds until the
+    next attempt: to tell a user that a server does not answer yet)."""
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:

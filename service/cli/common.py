@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 
+from service.client import RequestFailed
 from service.config import Settings
 
 # The flags of ``add_model_flags``, as Settings field names.
@@ -51,3 +53,21 @@ def number(
         return value
 
     return parse
+
+
+def waiting_for(target: str) -> Callable[[RequestFailed, float], None]:
+    """A client's ``on_retry`` for a command: says once on stderr that ``target`` does not answer yet and that the
+    call is retried until its deadline (``--timeout``), so a wrong address is not a silent wait."""
+    said = False
+
+    def notice(error: RequestFailed, wait_s: float) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            print(
+                f"detseg: {target} does not answer yet ({error.message}); retrying until the deadline (--timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return notice

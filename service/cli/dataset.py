@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from
+from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from, waiting_for
 from service.client import Client, RequestFailed
 from service.evaluation.dataset import load_dataset
 from service.evaluation.predict import Prompt
@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     if args.limit:
         dataset = dataset.limit(args.limit)
-    with _service(args) as target, Client(target, timeout=args.timeout) as client:
+    with _service(args) as target, Client(target, timeout=args.timeout, on_retry=waiting_for(target)) as client:
         figures = run_eval(
             client,
             dataset,
@@ -120,7 +120,7 @@ def label(args: argparse.Namespace) -> int:
         check_prompts(prompts)  # InvalidInput (a DetsegError: reported by main) before any server starts
         check_formats(formats)
         image_files(args.folder)  # ValueError: no such folder, or no image in it
-        with _service(args) as target, Client(target, timeout=args.timeout) as client:
+        with _service(args) as target, Client(target, timeout=args.timeout, on_retry=waiting_for(target)) as client:
             summary = label_folder(
                 client,
                 args.folder,

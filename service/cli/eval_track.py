@@ -7,9 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.cli.common import number, waiting_for
 from service.client import DEFAULT_TARGET, Client
+from service.evaluation.track_metrics import MAX_FRAMES
 from service.evaluation.tracking import MIN_VISIBLE, TrackOptions, evaluate_tracking, seeds_of, tables, write_report
+from service.shapes.video import MIN_SIDE
 from service.shapes.world import CLASSES
+
+# A video's largest side, pixels: what a rendered video holds in memory is bounded (every frame is kept until scored:
+# MAX_FRAMES frames of 1920 x 1920 RGB are 2.8 GB).
+MAX_SIDE = 1920
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,10 +24,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "eval-track", help="held-out shapes videos through Track and a no-memory baseline: HOTA, IDF1, IDSW, J&F"
     )
     e.add_argument("--split", choices=["val", "test"], default="val", help="held-out videos (default val)")
-    e.add_argument("--videos", type=int, default=20, help="how many videos (default 20)")
-    e.add_argument("--first", type=int, default=0, help="index of the first video in the split (default 0)")
-    e.add_argument("--frames", type=int, default=100, help="frames per video (default 100; at most 256)")
-    e.add_argument("--size", type=_size, default=(640, 480), help="WIDTHxHEIGHT (default 640x480)")
+    e.add_argument("--videos", type=number(int, 1), default=20, help="how many videos (default 20)")
+    e.add_argument("--first", type=number(int, 0), default=0, help="index of the first video in the split (default 0)")
+    e.add_argument(
+        "--frames",
+        type=number(int, 1, MAX_FRAMES),
+        default=100,
+        help=f"frames per video (default 100; at most {MAX_FRAMES}, what trackeval's J&F takes)",
+    )
+    e.add_argument(
+        "--size", type=_size, default=(640, 480), help=f"WIDTHxHEIGHT, each {MIN_SIDE} to {MAX_SIDE} (default 640x480)"
+    )
     e.add_argument(
         "--class",
         dest="classes",
@@ -34,18 +48,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--lost-after", type=int, help="a track unseen this many frames ends (both; default the server's)")
     e.add_argument("--max-objects", type=int, help="Track: most objects at once (default the server's)")
     e.add_argument("--match-iou", type=float, help="Track: detection-to-track mask IoU (default the server's)")
-    e.add_argument("--baseline-iou", type=float, default=0.3, help="baseline: least IoU of a match (default 0.3)")
+    e.add_argument(
+        "--baseline-iou", type=number(float, 0, 1), default=0.3, help="baseline: least IoU of a match (default 0.3)"
+    )
     e.add_argument("--no-baseline", dest="baseline", action="store_false", help="run the Track call only")
     e.add_argument(
         "--min-visible",
-        type=float,
+        type=number(float, 0, 1),
         default=MIN_VISIBLE,
         help=f"score an object on a frame when this share of its shape is visible there (default {MIN_VISIBLE})",
     )
-    e.add_argument("--jpeg", type=int, metavar="QUALITY", help="send JPEG frames at this quality (default raw RGB)")
+    e.add_argument(
+        "--jpeg", type=number(int, 0, 100), metavar="QUALITY", help="send JPEG frames at this quality (default raw RGB)"
+    )
     e.add_argument("--out", type=Path, default=Path("eval-track"), help="report folder (default eval-track)")
     e.add_argument("--target", default=DEFAULT_TARGET, help=f"a running server (default {DEFAULT_TARGET})")
-    e.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds (default 300)")
+    e.add_argument(
+        "--timeout",
+        type=number(float, 0, open_low=True),
+        default=300.0,
+        help="per-request deadline in seconds (default 300)",
+    )
     e.set_defaults(func=eval_track)
 
 
@@ -54,6 +77,8 @@ def _size(spec: str) -> tuple[int, int]:
         width, height = (int(v) for v in spec.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{spec!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"{spec!r}: each side from {MIN_SIDE} to {MAX_SIDE} pixels")
     return width, height
 
 
@@ -69,7 +94,8 @@ def eval_track(args: argparse.Namespace) -> int:
         match_iou=args.match_iou,
         baseline_iou=args.baseline_iou,
     )
-    with Client(args.target, timeout=args.timeout) as client:
+    args.out.mkdir(parents=True, exist_ok=True)  # before the videos: a folder that cannot be made fails at once
+    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target)) as client:
         figures = evaluate_tracking(
             client,
             seeds_of(args.split, args.videos, args.first),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli.common import number, waiting_for
 from service.cli.overlay import render_overlay
 from service.client import DEFAULT_TARGET, Client, Exemplar, Point, Region, RequestFailed
 from service.provenance.response import instance_content
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--score-threshold", type=float)
     g.add_argument("--max-instances", type=int)
     g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    g.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    g.add_argument("--timeout", type=number(float, 0, open_low=True), default=120.0, help="deadline in seconds")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g.add_argument("--out", type=Path, help="write an overlay PNG here")
     g.set_defaults(func=segment)
@@ -52,7 +53,7 @@ def segment(args: argparse.Namespace) -> int:
         regions = [Region(box=regions[0].box, points=tuple(args.point), label=regions[0].label)]
     elif args.point:
         regions.append(Region(points=tuple(args.point)))
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target)) as client:
         try:
             result = client.segment(
                 data,

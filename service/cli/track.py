@@ -22,6 +22,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from service.cli.common import number
 from service.cli.overlay import Drawn, draw_instances
 from service.client import DEFAULT_TARGET, Client, FrameResult, Region, TrackInput
 from service.client_requests import jpeg
@@ -52,7 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--mot", type=Path, help="write MOTChallenge results here (frame,id,left,top,width,height,conf)")
     g.add_argument("--json", action="store_true", help="print one JSON object per frame instead of a summary")
     g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-    g.add_argument("--timeout", type=float, help="deadline of the whole call in seconds (default none)")
+    g.add_argument(
+        "--timeout", type=number(float, 0, open_low=True), help="deadline of the whole call in seconds (default none)"
+    )
     g.set_defaults(func=track)
 
 

@@ -51,6 +51,7 @@ from service.shapes.world import CLASSES, _outline
 
 FRAMES = 120
 WIDTH, HEIGHT = 640, 480
+MIN_SIDE = 16  # a video's least width and height, pixels
 OBJECTS = (2, 6)  # alive at once (inclusive)
 FPS = 10
 SPEED = (1.5, 5.0)  # px/frame at 480 rows (scaled with min(width, height) / 480)
@@ -319,7 +320,7 @@ def make_video(
     """The video of ``seed``: same arguments, same pixels and ground truth, on any machine. Cheap (the plan and
     the background); frames render on demand."""
     lo, hi = objects
-    if not 1 <= lo <= hi or frames < 1 or width < 16 or height < 16:
+    if not 1 <= lo <= hi or frames < 1 or min(width, height) < MIN_SIDE:
         raise ValueError(f"bad video: frames={frames} size={width}x{height} objects={objects}")
     rng = np.random.default_rng(seed)
     background = np.ascontiguousarray(_background(rng, max(width, height))[:height, :width])

@@ -194,13 +194,36 @@ def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
         (["adapt", "d", "--out=o", "--seed=x"], "argument --seed: not an integer: 'x'"),
         (["eval", "d.json", "--limit", "0"], "argument --limit: 0 is outside [1, inf)"),
         (["label", "folder", "--timeout", "0"], "argument --timeout: 0 is outside (0, inf)"),
+        (["segment", "image.jpg", "--timeout", "-1"], "argument --timeout: -1 is outside (0, inf)"),
+        (["track", "video.mp4", "--timeout", "0"], "argument --timeout: 0 is outside (0, inf)"),
+        (["eval-track", "--videos", "0"], "argument --videos: 0 is outside [1, inf)"),
+        (["eval-track", "--frames", "1000"], "argument --frames: 1000 is outside [1, 256]"),
+        (["eval-track", "--size", "10x10"], "argument --size: '10x10': each side from 16 to 1920 pixels"),
+        (["eval-track", "--size", "100000x100000"], "each side from 16 to 1920 pixels"),
+        (["eval-track", "--jpeg", "101"], "argument --jpeg: 101 is outside [0, 100]"),
+        (["eval-track", "--min-visible", "-1"], "argument --min-visible: -1 is outside [0, 1]"),
+        (["eval-track", "--baseline-iou", "5"], "argument --baseline-iou: 5 is outside [0, 1]"),
     ],
 )  # fmt: skip
 def test_tools_refuse_a_number_out_of_range_by_its_flag(argv, says, capsys):
-    """(They were accepted: a held-out share of 1.5 or 0 quietly clamped, negative minutes and NoC counts run.)"""
+    """(They were accepted: a held-out share of 1.5 or 0 quietly clamped, negative minutes and NoC counts run;
+    eval-track's 0 videos and 0 frames were tracebacks, 1,000 frames ran the whole evaluation to fail in trackeval,
+    100000x100000 frames were rendered until the kernel killed the process.)"""
     with pytest.raises(SystemExit) as exit_:
         cli_main(argv)
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_command_whose_server_does_not_answer_says_so_while_it_retries(tmp_path: Path, capsys):
+    """(A wrong --target was a silent wait of the whole --timeout, 120 s for `segment`.)"""
+    port = _free_port()  # nothing listens there
+    image = str(ultralytics_asset("zidane.jpg"))
+    assert cli_main(["segment", image, "--target", f"127.0.0.1:{port}", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"detseg: 127.0.0.1:{port} does not answer yet (") and err[0].endswith(
+        "; retrying until the deadline (--timeout)"
+    )
+    assert len(err) == 2 and "DEADLINE_EXCEEDED" in err[1]
 
 
 def test_segment_names_a_file_it_cannot_read_or_write_without_a_traceback(served, tmp_path: Path, capsys):
