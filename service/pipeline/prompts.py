@@ -257,7 +257,8 @@ def check_box_inside(box: tuple[float, float, float, float], width: int, height:
     x0, y0, x1, y1 = box
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise InvalidInput(
-            f"{field}: [{x0}, {y0}, {x1}, {y1}] lies outside the {width}x{height} image (original-image pixels, XYXY)"
+            f"{field}: [{x0}, {y0}, {x1}, {y1}] is not within the {width}x{height} image: a box lies in "
+            f"x [0, {width}], y [0, {height}] (original-image pixels, XYXY)"
         )
 
 

@@ -69,7 +69,12 @@ CASES = {
     "unknown class": (_request(classes=["person", "unicorn"]), ["classes[1]", "unicorn", "person, bus, car"]),
     "box with NaN": (_request(regions=[_box(math.nan, 0, 10, 10)]), ["regions[0].box", "finite"]),
     "box reversed": (_request(regions=[_box(50, 10, 20, 40)]), ["regions[0].box", "reversed"]),
-    "box outside image": (_request(regions=[_box(10, 10, 500, 100)]), ["regions[0].box", "outside", "160x120"]),
+    # partly inside (it was "lies outside the image", untrue), and wholly outside
+    "box beyond image": (
+        _request(regions=[_box(10, 10, 500, 100)]),
+        ["regions[0].box", "is not within the 160x120 image: a box lies in x [0, 160], y [0, 120]"],
+    ),
+    "box outside image": (_request(regions=[_box(200, 10, 300, 100)]), ["regions[0].box", "not within the 160x120"]),
     "region without prompt": (_request(regions=[pb.RegionPrompt(label="x")]), ["regions[0]", "box, points"]),
     "point label 2": (
         _request(regions=[pb.RegionPrompt(points=[pb.Point(x=5, y=5, label=2)])]),

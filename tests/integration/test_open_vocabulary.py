@@ -316,7 +316,7 @@ def test_bad_exemplars_get_clear_errors_and_run_nothing(open_stub, open_runner, 
     small = pb.Image(encoded=encode(synthetic_rgb(50, 50, seed=22)))
     calls = {k: open_runner.calls[k] for k in ("detect", "encode", "decode", "embed_exemplars")}
     cases = (
-        (_exemplar(image=small), grpc.StatusCode.INVALID_ARGUMENT, ["exemplars[0].box", "outside the 50x50 image"]),
+        (_exemplar(image=small), grpc.StatusCode.INVALID_ARGUMENT, ["exemplars[0].box", "not within the 50x50 image"]),
         (_exemplar(box=(0, 0, 10, 10), image=pb.Image(handle="sha256:" + "1" * 64)), grpc.StatusCode.NOT_FOUND,
          ["exemplars[0].image.handle", "send the image again"]),
         (_exemplar(box=(10, 10, 5, 20)), grpc.StatusCode.INVALID_ARGUMENT, ["exemplars[0].box", "reversed"]),
