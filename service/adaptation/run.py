@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from service import __version__
 from service.adaptation import data as adapt_data
 from service.adaptation.detector import adapt_detector
@@ -90,6 +92,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     dataset = load_dataset(job.annotations, job.images)
     split = _split(job, dataset)
     original = load_dataset(job.original) if job.original else None
+    signing_key = load_private_key(job.signing_key) if job.signing_key else None  # ValueError before any training
     out = job.out
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +157,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     write_comparison(before, after, out, f"detseg adapt: {version}")
     shutil.rmtree(work)  # stage results live on in the card; a finished run has nothing to resume
-    _sign(out, job, base, card)
+    _sign(out, job, base, card, signing_key)
     return AdaptResult(out, version, card, time.perf_counter() - t)
 
 
@@ -359,8 +362,8 @@ def _card(
     }
 
 
-def _sign(out: Path, job: AdaptJob, base: ModelSet, card: dict[str, Any]) -> Path:
-    """The folder's manifest: every file, the base and adapted models, the data as inputs."""
+def _sign(out: Path, job: AdaptJob, base: ModelSet, card: dict[str, Any], key: Ed25519PrivateKey | None) -> Path:
+    """The folder's manifest: every file, the base and adapted models, the data as inputs; signed with ``key``."""
     files = [p for p in files_under(out) if p.name != MANIFEST_NAME]
     models = [
         *(
@@ -389,5 +392,4 @@ def _sign(out: Path, job: AdaptJob, base: ModelSet, card: dict[str, Any]) -> Pat
         artifacts=[],
         detseg_version=__version__,
     )
-    key = load_private_key(job.signing_key) if job.signing_key else None
     return write_signed_export(out, files, content, key=key)

@@ -286,8 +286,10 @@ def _signing_key(path: str) -> Any:
 
     try:
         return provenance.load_private_key(Path(path))
-    except (OSError, ValueError, TypeError) as e:
+    except OSError as e:
         raise ConfigurationError(f"signing_key: cannot read an Ed25519 private key from {path} ({e})") from None
+    except ValueError as e:  # names the file
+        raise ConfigurationError(f"signing_key: {e}") from None
 
 
 def _memory_frames(pipeline: Pipeline) -> int:

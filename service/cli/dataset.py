@@ -16,6 +16,7 @@ from service.evaluation.predict import Prompt
 from service.evaluation.run import run_eval
 from service.labeling.run import FORMATS as LABEL_FORMATS
 from service.labeling.run import Prompts, check_formats, check_prompts, image_files, label_folder
+from service.provenance import load_private_key
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,6 +121,8 @@ def label(args: argparse.Namespace) -> int:
         check_prompts(prompts)  # InvalidInput (a DetsegError: reported by main) before any server starts
         check_formats(formats)
         image_files(args.folder)  # ValueError: no such folder, or no image in it
+        if args.signing_key is not None:
+            load_private_key(args.signing_key)  # ValueError: no Ed25519 private key (checked again where it is used)
         with _service(args) as target, Client(target, timeout=args.timeout, on_retry=waiting_for(target)) as client:
             summary = label_folder(
                 client,

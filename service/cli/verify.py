@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def verify(args: argparse.Namespace) -> int:
     """An export folder's manifest, or a saved response (`detseg segment --json`) against its own manifest."""
-    keys = [provenance.load_public_key(k) for k in args.public_key]
+    try:
+        keys = [provenance.load_public_key(k) for k in args.public_key]
+    except ValueError as e:  # names the file; OSError (a missing file) is reported by main
+        print(f"detseg verify: --public-key {e}", file=sys.stderr)
+        return 2
     try:
         saved = _saved_response(args.manifest)
         if saved is not None:
@@ -44,6 +48,8 @@ def verify(args: argparse.Namespace) -> int:
             _check_weights(result.manifest, args.weights)
             signed = f"signed by key {result.key_id}" if result.signed else "not signed"
             print(f"OK: {signed}; {len(saved['instances'])} instance(s) and the image match the manifest")
+            if result.signed and not keys:
+                print(f"  {_ANY_SIGNER}")
             return 0
         report = provenance.verify_path(
             args.manifest, trusted_keys=keys, weights=args.weights, require_signature=not args.allow_unsigned
@@ -53,12 +59,18 @@ def verify(args: argparse.Namespace) -> int:
         return 1
     signed = f"signed by key {report.key_id}" if report.signed else "not signed"
     print(f"OK: {signed}; {report.artifacts_checked} file(s) and {report.weights_checked} weights file(s) match")
+    if report.signed and not keys:
+        print(f"  {_ANY_SIGNER}")
     if report.unlisted:
         print(
             f"  {len(report.unlisted)} file(s) not covered (e.g. linked images: the manifest lists their sha256 as "
             f"inputs): {', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}"
         )
     return 0
+
+
+# Said when a signed manifest was checked without --public-key: the signature then shows it is intact, not whose.
+_ANY_SIGNER = "no --public-key given: any key's signature passes; give the signer's public key to check who signed"
 
 
 def _saved_response(path: Path) -> dict[str, Any] | None:

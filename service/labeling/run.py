@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from service import __version__, provenance
 from service.client import Client, segment_request
 from service.errors import InvalidInput
@@ -153,13 +155,14 @@ def label_folder(
     progress: bool = True,
 ) -> LabelSummary:
     """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports. Bad prompts
-    (InvalidInput), formats, or a folder that is none or holds no image (ValueError) are refused before anything is
-    sent or written."""
+    (InvalidInput), formats, a folder that is none or holds no image, or a ``signing_key`` that is no Ed25519 private
+    key (ValueError) are refused before anything is sent or written."""
     from tqdm import tqdm
 
     check_prompts(prompts)
     check_formats(formats)
     files = image_files(folder)
+    key = provenance.load_private_key(signing_key) if signing_key is not None else None
     out.mkdir(parents=True, exist_ok=True)
     done = read_records(out)
     for log in (out / RECORDS, out / ERRORS):
@@ -204,7 +207,7 @@ def label_folder(
     bar.close()
     present = {path.relative_to(folder).as_posix() for path in files}
     images = [done[n] for n in sorted(done) if n in present]
-    exports = write_exports(client, images, folder, out / "exports", prompts, formats, image_url_prefix, signing_key)
+    exports = write_exports(client, images, folder, out / "exports", prompts, formats, image_url_prefix, key)
     return LabelSummary(
         images=len(files),
         labeled_now=len(todo) - failed,
@@ -232,7 +235,7 @@ def write_exports(
     prompts: Prompts,
     formats: Sequence[str],
     image_url_prefix: str,
-    signing_key: Path | None,
+    key: Ed25519PrivateKey | None,
 ) -> dict[str, Path]:
     """The asked formats under ``out/<format>/`` and the provenance manifest over every file written; returns each
     format's main file and the manifest (paths under ``out``).
@@ -263,7 +266,7 @@ def write_exports(
             else:
                 path = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
             written[fmt] = out / path.relative_to(stage)
-        manifest = write_manifest(client, images, stage, prompts, categories, signing_key, placed)
+        manifest = write_manifest(client, images, stage, prompts, categories, key, placed)
         written["manifest"] = out / manifest.relative_to(stage)
         _swap_in(stage, out)
     finally:
@@ -301,7 +304,7 @@ def write_manifest(
     out: Path,
     prompts: Prompts,
     categories: Sequence[str],
-    signing_key: Path | None,
+    key: Ed25519PrivateKey | None,
     placed: Sequence[Path] = (),
 ) -> Path:
     """``out/detseg-manifest.json`` over every file under ``out`` (walked: whatever the export wrote, at any depth,
@@ -324,5 +327,4 @@ def write_manifest(
         artifacts=[],
         detseg_version=__version__,
     )
-    key = provenance.load_private_key(signing_key) if signing_key is not None else None
     return provenance.write_signed_export(out, files, base, key=key)

@@ -67,9 +67,14 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in PEM file ``path`` (PKCS8, unencrypted, as :func:`generate_key` writes).
 
     Raises:
-        ValueError: the file holds no PEM private key, or one of another algorithm.
+        OSError: the file cannot be read.
+        ValueError: the file holds no unencrypted PEM private key, or one of another algorithm (the message names
+            the file).
     """
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (ValueError, TypeError) as e:  # TypeError: an encrypted key (no password given)
+        raise ValueError(f"{path}: not an unencrypted Ed25519 private key in PEM ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
     return key
@@ -79,12 +84,17 @@ def load_public_key(source: Path | str | bytes) -> Ed25519PublicKey:
     """The Ed25519 public key from a PEM file path, or from PEM bytes (SubjectPublicKeyInfo).
 
     Raises:
-        ValueError: not a PEM public key, or one of another algorithm.
+        OSError: the file cannot be read.
+        ValueError: not a PEM public key, or one of another algorithm (the message names the file, if one).
     """
+    named = "" if isinstance(source, bytes) else f"{source}: "
     pem = source if isinstance(source, bytes) else Path(source).read_bytes()
-    key = serialization.load_pem_public_key(pem)
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as e:
+        raise ValueError(f"{named}not an Ed25519 public key in PEM ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{type(key).__name__} given where an Ed25519 public key is needed")
+        raise ValueError(f"{named}{type(key).__name__} given where an Ed25519 public key is needed")
     return key
 
 

@@ -208,3 +208,19 @@ def test_a_folder_that_is_none_or_holds_no_image_is_refused_before_anything_star
         assert cli_main(argv) == 2
         assert capsys.readouterr().err == f"detseg label: {tmp_path / folder}: {says}\n"
         assert not out.exists()
+
+
+def test_a_signing_key_that_is_none_is_refused_before_any_image_is_labeled(demo_server, folder, tmp_path, capsys):
+    """(It was read when the manifest was written: after every image had been labeled.)"""
+    from service.cli import main as cli_main
+
+    public = provenance.generate_key(tmp_path / "key").with_name("key.pub")  # the public half given by mistake
+    out = tmp_path / "out"
+    argv = ["label", str(folder), "--out", str(out), "--signing-key", str(public), "--target", demo_server.target]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"detseg label: {public}: not an unencrypted Ed25519 private key in PEM (")
+    assert not out.exists()
+    with Client(demo_server.target) as client, pytest.raises(ValueError, match="key.pub: not an unencrypted"):
+        label_folder(client, folder, out, Prompts(classes=CLASSES), signing_key=public, progress=False)
+    assert not out.exists()

@@ -108,3 +108,18 @@ def test_detseg_verify_checks_a_saved_response_and_the_weights(signing_server, k
     path.write_text(json.dumps(data))
     tampered = _cli("verify", str(path), "--public-key", str(keys[1]))
     assert tampered.returncode == 1 and "tampered" in tampered.stderr
+    # A private key or a file that is no key where a public key is wanted: one line naming it (it was a traceback).
+    for not_public in (keys[0], SAMPLE):
+        refused = _cli("verify", str(path), "--public-key", str(not_public))
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith(f"detseg verify: --public-key {not_public}: not an Ed25519 public key in PEM")
+
+
+def test_detseg_verify_without_a_public_key_says_that_any_signer_passes(signing_server, tmp_path):
+    saved = _cli("segment", str(SAMPLE), "--classes", "circle", "--target", signing_server.target, "--json")
+    path = tmp_path / "response.json"
+    path.write_text(saved.stdout)
+    ok = _cli("verify", str(path))
+    assert ok.returncode == 0 and ok.stdout.splitlines()[1] == (
+        "  no --public-key given: any key's signature passes; give the signer's public key to check who signed"
+    )

@@ -181,3 +181,19 @@ def test_adapt_says_what_is_wrong_with_the_data_before_writing_or_resolving_anyt
     with pytest.raises(ValueError, match="not a COCO instances file"):
         adapt(AdaptJob(annotations=bad, out=tmp_path / "out", settings=settings))
     assert not (tmp_path / "out").exists()
+
+
+def test_adapt_refuses_a_signing_key_that_is_none_before_training(tmp_path):
+    """(It was read when the folder was signed, after the whole training and both evaluations.)"""
+    from service.adaptation.run import AdaptJob, adapt
+    from service.config import Settings
+    from service.shapes.dataset import write_coco_dataset
+
+    annotations = write_coco_dataset(tmp_path / "data", "train", 2)
+    public = tmp_path / "key.pub"
+    public.write_text("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n")
+    settings = Settings(models="official", offline=True, cache_dir=tmp_path / "cache")
+    job = AdaptJob(annotations=annotations, out=tmp_path / "out", settings=settings, signing_key=public)
+    with pytest.raises(ValueError, match=r"key.pub: not an unencrypted Ed25519 private key in PEM"):
+        adapt(job)
+    assert not (tmp_path / "out").exists()
