@@ -71,7 +71,14 @@ def track(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         stack.enter_context(container)
         stream = container.streams.video[0]
-        writer = stack.enter_context(_writer(args.out, stream.average_rate)) if args.out else None
+        writer = None
+        if args.out:
+            size = (stream.codec_context.width, stream.codec_context.height)
+            try:
+                writer = stack.enter_context(_writer(args.out, stream.average_rate, size))
+            except ValueError as e:  # before any frame is sent
+                print(f"detseg: {e}", file=sys.stderr)
+                return 2
         mot = stack.enter_context(args.mot.open("w")) if args.mot else None
         bar = stack.enter_context(tqdm(total=stream.frames or None, unit="frame", file=sys.stderr, disable=None))
         client = stack.enter_context(Client(args.target))
@@ -133,24 +140,31 @@ def _frames(container: Any, pending: deque[np.ndarray], *, raw: bool) -> Iterato
 
 
 @contextlib.contextmanager
-def _writer(path: Path, rate: Fraction | None) -> Iterator[Any]:
-    """A function that appends an (H, W, 3) uint8 RGB frame to an H.264 video at ``path`` (MPEG-4 Part 2 where FFmpeg
-    has no libx264), 4:2:0 unless a side is odd, which 4:2:0 cannot hold, then 4:4:4; flushed on exit."""
+def _writer(path: Path, rate: Fraction | None, size: tuple[int, int]) -> Iterator[Any]:
+    """A function that appends an (H, W, 3) uint8 RGB frame of ``size`` (W, H) to an H.264 video at ``path`` (MPEG-4
+    Part 2 where FFmpeg has no libx264), 4:2:0 unless a side is odd, which 4:2:0 cannot hold, then 4:4:4; flushed on
+    exit. The file is opened and its stream set up at once: a folder that is not there, a name FFmpeg has no format
+    for, or a format that cannot hold the codec raise ValueError (naming ``--out``) before any frame is sent."""
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as out:
-        stream: Any = None
+    width, height = size
+    try:
+        out = av.open(str(path), "w")
+    except (av.FFmpegError, ValueError) as e:
+        raise ValueError(f"--out {path}: cannot write a video there ({e})") from None
+    with out:
+        try:
+            stream: Any = out.add_stream(codec, rate=rate or DEFAULT_RATE)
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p" if height % 2 == width % 2 == 0 else "yuv444p"
+            out.start_encoding()
+        except (av.FFmpegError, ValueError) as e:
+            raise ValueError(f"--out {path}: cannot write a video there ({e})") from None
 
         def write(rgb: np.ndarray) -> None:
-            nonlocal stream
-            if stream is None:
-                stream = out.add_stream(codec, rate=rate or DEFAULT_RATE)
-                stream.height, stream.width = rgb.shape[:2]
-                stream.pix_fmt = "yuv420p" if rgb.shape[0] % 2 == rgb.shape[1] % 2 == 0 else "yuv444p"
             out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
 
         yield write
-        if stream is not None:
-            out.mux(stream.encode(None))
+        out.mux(stream.encode(None))
 
 
 def _overlay(rgb: np.ndarray, result: FrameResult) -> np.ndarray:

@@ -166,3 +166,23 @@ def test_detseg_track_writes_an_overlay_mot_lines_and_json_lines(  # type: ignor
     summary = capsys.readouterr().out.splitlines()
     assert summary[0] == f"{FRAMES} frame(s), 0 failed; 2 track(s) seen"
     assert summary[1].split()[:2] == ["1", "left"] and summary[2].split()[:2] == ["2", "object"]
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("missing-folder/overlay.mp4", "No such file or directory"),
+        ("overlay.gif", "'gif' format does not support"),
+        ("overlay", "Could not determine output format"),
+    ],
+)
+def test_detseg_track_refuses_an_overlay_it_cannot_write_before_sending_a_frame(  # type: ignore[no-untyped-def]
+    server, rgb_frames: list[np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, says: str
+) -> None:
+    """(An av traceback, after the call had started.)"""
+    video, overlay = tmp_path / "clip.mp4", tmp_path / name
+    _write_mp4(video, rgb_frames[:2])
+    assert main(["track", str(video), "--box", "10,10,120,100", "--out", str(overlay), "--target", server.target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"detseg: --out {overlay}: cannot write a video there (")
+    assert says in captured.err and "Traceback" not in captured.err
