@@ -22,8 +22,13 @@ def _colour(i: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5) -> bytes:
-    """Draws masks (alpha-blended), boxes and "label score" tags; returns PNG bytes.
+# Overlay image formats by file extension (Pillow's format names).
+OVERLAY_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5, format: str = "PNG") -> bytes:
+    """Draws masks (alpha-blended), boxes and "label score" tags; returns the image's bytes in ``format`` (one of
+    OVERLAY_FORMATS' values).
 
     ``instances`` are dicts with label, score, box [x0, y0, x1, y1] and rle {size, counts}; the image is
     shown EXIF-transposed, the frame the service answers in.
@@ -39,7 +44,7 @@ def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5
         for i, inst in enumerate(instances)
     ]
     buf = io.BytesIO()
-    draw_instances(np.asarray(img), drawn, alpha).save(buf, format="PNG")
+    draw_instances(np.asarray(img), drawn, alpha).save(buf, format=format)
     return buf.getvalue()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.common import number, waiting_for
-from service.cli.overlay import render_overlay
+from service.cli.overlay import OVERLAY_FORMATS, render_overlay
 from service.client import DEFAULT_TARGET, Client, Exemplar, Point, Region, RequestFailed
 from service.provenance.response import instance_content
 
@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
     g.add_argument("--timeout", type=number(float, 0, open_low=True), default=120.0, help="deadline in seconds")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    g.add_argument("--out", type=Path, help="write an overlay PNG here")
+    g.add_argument(
+        "--out", type=_overlay_path, help=f"write an overlay image here ({', '.join(OVERLAY_FORMATS)}: its format)"
+    )
     g.set_defaults(func=segment)
 
 
@@ -83,9 +85,18 @@ def segment(args: argparse.Namespace) -> int:
                 f"mask score {i.mask_score:.3f}{via}"
             )
     if args.out:
-        args.out.write_bytes(render_overlay(data, instances))
+        args.out.write_bytes(render_overlay(data, instances, format=OVERLAY_FORMATS[args.out.suffix.lower()]))
         print(f"overlay written to {args.out}", file=sys.stderr)
     return 0
+
+
+def _overlay_path(text: str) -> Path:
+    """``--out``: a file whose extension names one of OVERLAY_FORMATS (written in that format)."""
+    path = Path(text)
+    if path.suffix.lower() not in OVERLAY_FORMATS:
+        formats = ", ".join(OVERLAY_FORMATS)
+        raise argparse.ArgumentTypeError(f"{text!r}: name the image format by its extension: {formats}")
+    return path
 
 
 def _numbers(text: str, count: int, form: str) -> list[float]:

@@ -112,6 +112,10 @@ def test_segment_prints_labeled_instances_and_writes_an_overlay(served, settings
     drawn = np.asarray(Image.open(overlay).convert("RGB"))
     original = np.asarray(Image.open(image).convert("RGB"))
     assert drawn.shape == original.shape and (drawn != original).any()
+    assert Image.open(overlay).format == "PNG"
+    as_jpeg = tmp_path / "overlay.JPG"  # the extension names the format
+    assert cli_main(["segment", str(image), "--target", served, "--out", str(as_jpeg)]) == 0
+    assert Image.open(as_jpeg).format == "JPEG" and Image.open(as_jpeg).size == (810, 1080)
 
 
 def test_segment_with_free_text_prompts(served, settings):
@@ -177,6 +181,9 @@ def test_segment_with_clicks_alone_and_on_a_box(served, capsys):
         (["--box", "a,b,c,d"], "argument --box: expected x0,y0,x1,y1[,label], got 'a,b,c,d'"),
         (["--point", "5,5,2"], "argument --point: expected x,y[,1|0]"),
         (["--exemplar", "1,2@ref.jpg"], "argument --exemplar: expected x0,y0,x1,y1[,label][@reference.jpg]"),
+        # (a PNG was written whatever the name said: overlay.jpg held PNG bytes)
+        (["--out", "overlay.gif"], "argument --out: 'overlay.gif': name the image format by its extension: .png,"),
+        (["--out", "overlay"], "argument --out: 'overlay': name the image format by its extension"),
     ],
 )
 def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
