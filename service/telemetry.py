@@ -109,6 +109,14 @@ def configure(settings: Settings, private_scrape: bool = False) -> None:
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
 
 
+# detseg.rpc.duration's bucket bounds, seconds: OpenTelemetry's semantic conventions' for request durations
+# (5 ms to 10 s), and 30 s to 5 min for streams (a Track call lasts its video). The SDK's default bounds (0 to
+# 10,000) are made for milliseconds: in seconds every unary call fell in one bucket (le="5.0").
+DURATION_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+
+
 class Instruments:
     """The metric instruments, made once per process from the global meter provider."""
 
@@ -116,7 +124,12 @@ class Instruments:
         from opentelemetry.metrics import CallbackOptions, Observation
 
         meter = metrics.get_meter("detseg")
-        self.duration = meter.create_histogram("detseg.rpc.duration", unit="s", description="RPC latency")
+        self.duration = meter.create_histogram(
+            "detseg.rpc.duration",
+            unit="s",
+            description="RPC latency (a stream's: the whole call)",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+        )
         self.errors = meter.create_counter("detseg.rpc.errors", description="RPCs that ended with an error code")
 
         def gauge(read: Callable[[Any], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -19,6 +19,7 @@ import pytest
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.telemetry import DURATION_BUCKETS_S
 from tests.conftest import SPANS, metric_points, wait_serving
 
 SAMPLE = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
@@ -174,6 +175,14 @@ def test_a_prometheus_scrape_of_a_real_server(settings):
         line.startswith("detseg_rpc_duration_seconds_count{") and 'rpc_method="Segment"' in line
         and 'rpc_grpc_status_code="OK"' in line and line.endswith(" 1.0") for line in lines
     ), lines  # fmt: skip
+    # Latency buckets in seconds (the SDK's default bounds are for milliseconds: every call fell in le="5.0").
+    segment_ok = [
+        line for line in lines if line.startswith("detseg_rpc_duration_seconds_bucket{")
+        and 'rpc_method="Segment"' in line and 'rpc_grpc_status_code="OK"' in line
+    ]  # fmt: skip
+    bounds = [line.split('le="', 1)[1].split('"', 1)[0] for line in segment_ok]
+    assert bounds == [str(b) for b in DURATION_BUCKETS_S] + ["+Inf"], bounds
+    assert segment_ok[bounds.index("5.0")].endswith(" 1.0") and segment_ok[0].endswith(" 0.0")  # 5 ms < it <= 5 s
     assert any(line.startswith("detseg_requests_in_flight") for line in lines)
     assert any(line.startswith("detseg_cache_misses_total") for line in lines)
     # Requests per micro-batched pass, one request each here: the detector ran for the start-up warm-up and the
