@@ -29,7 +29,8 @@ DetectorPath = Callable[[SegmentQuery, FoundImage], Awaitable[SegmentResult]]
 class ConceptPath:
     """SAM 3 answers the texts (one pass for all) and the exemplars (one pass per label; boxes on the request's
     image only); classes and regions, if any, go through ``detector_path``. Instances: detections and concept
-    answers by score (at most max_instances), then regions. SAM 3's masks are its own (no refinement)."""
+    answers by score (at most max_instances per prompt: class, text or exemplar label; at most the server's
+    max_instances in all), then regions. SAM 3's masks are its own (no refinement)."""
 
     runner: Runner
     processing: ConceptProcessing
@@ -77,8 +78,9 @@ class ConceptPath:
                 hw=(h, w),
                 score_threshold=thresholds.score_threshold,
                 iou_threshold=thresholds.iou_threshold,
-                max_instances=thresholds.max_instances,
+                max_instances=thresholds.max_instances,  # per text and exemplar label
                 mask_encoding=query.options.mask_encoding,
+                max_total=self.limits.max_instances,
             )
         answers = []
         for box, score, k, mask in zip(concepts.boxes, concepts.scores, concepts.text_ids, concepts.masks, strict=True):
@@ -103,8 +105,10 @@ class ConceptPath:
                     review=flag,
                 )
             )
-        detected = sorted([i for i in instances if i.source != REGION] + answers, key=lambda i: i.score, reverse=True)[
-            : thresholds.max_instances
+        detected = sorted(
+            [i for i in instances if i.source != REGION] + answers, key=lambda i: i.score, reverse=True
+        )[
+            : self.limits.max_instances  # the request's bound, as the detector path's (each prompt has its own)
         ]
         regions = [i for i in instances if i.source == REGION]
         kept = drop_flagged(detected + regions) if query.options.review.drop_flagged else detected + regions

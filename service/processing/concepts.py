@@ -13,6 +13,7 @@ import dataclasses
 import cv2
 import numpy as np
 
+from service.processing.detection import first_per_class
 from service.processing.masks import EncodedMask, encode_masks
 
 _CLASS_OFFSET = 7680  # per-text NMS by offsetting boxes (ultralytics' max_wh), on boxes in fractions of the input
@@ -53,8 +54,11 @@ class ConceptProcessing:
         iou_threshold: float,
         max_instances: int,
         mask_encoding: str,
+        max_total: int | None = None,
     ) -> ConceptDetections:
-        """SAM 3's raw answer (``service.models.sam3.Grounding`` fields) → the kept detections of an H x W image."""
+        """SAM 3's raw answer (``service.models.sam3.Grounding`` fields) → the kept detections of an H x W image: at
+        most ``max_instances`` per text (or exemplar label), each text answered as if it were asked alone, then at most
+        ``max_total`` in all (None: no bound), highest scores first."""
         import torch
         import torch.nn.functional as F
         import torchvision
@@ -67,7 +71,7 @@ class ConceptProcessing:
         xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         scores, text_ids = scores[keep], text_ids[keep]
         order = torchvision.ops.nms(xyxy + text_ids[:, None].to(xyxy.dtype) * _CLASS_OFFSET, scores, iou_threshold)
-        order = order[:max_instances]
+        order = order[first_per_class(text_ids[order], max_instances)][:max_total]  # nms: highest score first
         height, width = hw
         xyxy = xyxy[order] * torch.tensor([width, height, width, height], dtype=xyxy.dtype)
         xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)

@@ -125,7 +125,7 @@ class DetectorProcessing:
                 max_det=anchors,
                 max_nms=anchors,
             )
-            det = det[_first_per_class(det[:, 5], max_instances)]
+            det = det[first_per_class(det[:, 5], max_instances)]
         det = det[torch.argsort(det[:, 4], descending=True, stable=True)[:max_total]]
         boxes = scale_boxes((self.spec.imgsz, self.spec.imgsz), det[:, :4].clone(), orig_hw)
         return Detections(
@@ -135,8 +135,8 @@ class DetectorProcessing:
         )
 
 
-def _first_per_class(class_ids: Any, count: int) -> Any:
-    """Indices of the first ``count`` rows of each class, in row order. class_ids: (N,) float tensor."""
+def first_per_class(class_ids: Any, count: int) -> Any:
+    """Indices of the first ``count`` rows of each class (or text), in row order. class_ids: (N,) tensor."""
     import torch
 
     seen: dict[int, int] = {}

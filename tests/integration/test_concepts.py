@@ -96,6 +96,16 @@ def test_texts_are_answered_by_sam3_as_ultralytics_predictor_answers_them(concep
     assert all(i.text_match.kind == pb.TEXT_MATCH_KIND_OPEN and i.class_id == -1 for i in ours)
     assert [i.label for i in ours] == [TEXTS[i.text_match.text_index] for i in ours]
     box, iou = _assert_matched(ours, ref, ref_masks, labels=TEXTS)
+    # max_instances bounds each prompt: 2 answers per text and 2 for the class, each text's as when asked alone
+    request.options.max_instances = 2
+    capped = concept_stub.Segment(request, timeout=600).instances
+    by_prompt = [i.label for i in capped]
+    assert sorted(by_prompt) == sorted([*TEXTS, *TEXTS, "person", "person"]), by_prompt
+    for text in TEXTS:
+        alone = pb.SegmentRequest(image=request.image, texts=[text], options=request.options)
+        scores = [i.score for i in concept_stub.Segment(alone, timeout=600).instances]
+        # (one pass for both texts or for one: float sums differ at 1e-7)
+        assert [i.score for i in capped if i.label == text] == pytest.approx(scores, abs=1e-5) and len(scores) == 2
     figures[f"SAM 3 concepts vs SAM3SemanticPredictor (seeded, {IMGSZ}², 2 texts)"] = (
         f"{len(ours)} instances, max box |Δ| {box:.2e} px, min mask IoU {iou:.6f}"
     )

@@ -12,6 +12,7 @@ import pytest
 
 from service.models.tensors import DetectorOutput, DetectorSpec
 from service.processing.detection import Detections, DetectorProcessing
+from service.processing.masks import RLE
 
 IMGSZ, ANCHORS, HW = 640, 600, (480, 640)
 
@@ -98,3 +99,42 @@ def test_max_total_keeps_the_highest_scores():
     capped = _post(p, raw, max_total=5)
     assert len(every) > 5 and capped.scores.tolist() == every.scores[:5].tolist()
     assert capped.class_ids.tolist() == every.class_ids[:5].tolist()
+
+
+def _concepts(texts: int, queries: int, seed: int) -> dict[str, np.ndarray]:
+    """SAM 3's raw answer for ``texts`` texts (``service.models.sam3.Grounding``'s fields): boxes (T, Q, 4) cxcywh in
+    fractions of the input, clustered so that NMS has work; logits (T, Q); presence (T,); mask logits (T, Q, 8, 8)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.15, 0.85, (6, 2))[rng.integers(0, 6, (texts, queries))]
+    centres = centres + rng.normal(0, 0.01, centres.shape)
+    sizes = rng.uniform(0.05, 0.2, (texts, queries, 2))
+    return {
+        "boxes": np.concatenate([centres, sizes], axis=-1).astype(np.float32),
+        "logits": rng.normal(0, 2, (texts, queries)).astype(np.float32),
+        "presence": rng.normal(2, 1, texts).astype(np.float32),
+        "mask_logits": rng.normal(0, 1, (texts, queries, 8, 8)).astype(np.float32),
+    }
+
+
+def _concept_rows(raw: dict[str, np.ndarray], max_instances: int, max_total: int | None = None) -> list[tuple]:
+    from service.processing.concepts import ConceptProcessing
+
+    d = ConceptProcessing(image_size=1008).postprocess(
+        **raw, hw=HW, score_threshold=0.1, iou_threshold=0.5, max_instances=max_instances, mask_encoding=RLE,
+        max_total=max_total,
+    )  # fmt: skip
+    return list(zip(d.text_ids.tolist(), map(tuple, d.boxes.tolist()), d.scores.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sam3_texts_are_each_answered_as_if_asked_alone_up_to_max_instances_each(seed):
+    """(The cap was shared: with max_instances 3 and several texts, the first text's answers took others' places,
+    where the proto promises each prompt its own max_instances.)"""
+    raw = _concepts(texts=3, queries=40, seed=seed)
+    together = _concept_rows(raw, max_instances=3)
+    for t in range(3):
+        alone = _concept_rows({k: v[t : t + 1] for k, v in raw.items()}, max_instances=3)
+        assert [row[1:] for row in together if row[0] == t] == [row[1:] for row in alone] and len(alone) == 3
+    scores = [row[2] for row in together]
+    assert scores == sorted(scores, reverse=True)
+    assert _concept_rows(raw, max_instances=3, max_total=4) == together[:4]  # the request's bound, by score
