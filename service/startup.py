@@ -8,8 +8,9 @@ by them:
   import to decide whether it is online (``YOLO_OFFLINE``), and write its settings file under ``$HOME``
   (``YOLO_CONFIG_DIR``). detseg turns auto-install off and marks it offline for the whole process, always: a
   serving process must never install, download or start a subprocess. Its settings live under
-  ``<cache_dir>/ultralytics``. If ultralytics was imported before this runs (its env vars are read at import),
-  the same switches are set on its modules.
+  ``<cache_dir>/ultralytics``. Its INFO lines (on stdout, by its own handler) are off unless ``YOLO_VERBOSE`` is
+  set. If ultralytics was imported before this runs (its env vars are read at import), the same switches are set
+  on its modules.
 - **Hugging Face** libraries (the text encoder's sentence-transformers) are kept offline (``HF_HUB_OFFLINE``).
 - **NNCF** (the openvino backend's int8 quantisation) and OpenVINO's converter would send usage telemetry (and
   fork to do it): ``block_telemetry`` makes their telemetry package unimportable, so both use their stubs.
@@ -117,6 +118,9 @@ def configure_process(settings: Settings) -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "False"
     os.environ["YOLO_OFFLINE"] = "True"
+    # ultralytics' INFO lines go to stdout (its own handler), e.g. "Creating new Ultralytics Settings ... file" on the
+    # first run with a cache folder: they were the first line of `detseg eval`'s output. Errors only, unless set.
+    os.environ.setdefault("YOLO_VERBOSE", "False")
     # Progress bars are terminal text on stderr, not log records (they broke JSON logs): transformers' "Loading
     # weights" when the text encoder loads. Modules imported already read the variable then: switch them too.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -61,9 +60,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args, MODEL_FLAGS)
-    configure_process(settings)  # ultralytics offline, no auto-install: before its trainer is imported
-    # ultralytics' trainer prints a progress bar per epoch and validation: quiet unless asked (read at its import).
-    os.environ.setdefault("YOLO_VERBOSE", "False")
+    # ultralytics offline, no auto-install, quiet unless asked (its trainer prints a progress bar per epoch and
+    # validation): before its trainer is imported
+    configure_process(settings)
     # Imported here: it loads torch (see the package's docstring).
     from service.adaptation.run import AdaptJob, adapt
 

@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--prompt", choices=[k.value for k in Prompt], default=Prompt.CLASSES.value, help="default classes")
     v.add_argument("--out", type=Path, default=Path("eval-report"), help="report folder (default eval-report)")
     v.add_argument("--limit", type=number(int, 1), help="the first N images only")
-    v.add_argument("--score-threshold", type=float, default=0.05, help="asked of the server (low, for AP)")
-    v.add_argument("--operating-threshold", type=float, help="score instances are kept at (default: server's)")
+    v.add_argument(
+        "--score-threshold", type=number(float, 0, 1), default=0.05, help="asked of the server (low, for AP)"
+    )
+    v.add_argument(
+        "--operating-threshold", type=number(float, 0, 1), help="score instances are kept at (default: server's)"
+    )
     v.add_argument(
         "--noc-instances", type=number(int, 0), default=100, help="instances the simulated annotator clicks on"
     )
@@ -40,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab.add_argument("--out", type=Path, required=True, help="records, errors, exports/ (re-runs resume here)")
     lab.add_argument("--classes", default="", help="comma-separated class names")
     lab.add_argument("--text", action="append", default=[], help="free-text prompt (repeatable)")
-    lab.add_argument("--score-threshold", type=float)
+    lab.add_argument("--score-threshold", type=number(float, 0, 1))
     lab.add_argument("--formats", default=",".join(LABEL_FORMATS), help=f"default {','.join(LABEL_FORMATS)}")
     lab.add_argument("--image-url-prefix", default="/data/local-files/?d=", help="Label Studio image URL prefix")
     lab.add_argument("--signing-key", type=Path, help="Ed25519 private key (PEM) that signs the manifest")
@@ -93,10 +97,10 @@ def evaluate(args: argparse.Namespace) -> int:
         )
     o, noc = figures["overall"], figures["noc"]
     print(
-        f"{figures['images']} images: mask AP {figures['mask_ap']:.3f} AP50 {figures['mask_ap50']:.3f}, box AP "
-        f"{figures['box_ap']:.3f} AP50 {figures['box_ap50']:.3f}; recall {o['recall']}, mean mask IoU "
-        f"{o['mean_mask_iou']}, FP/image {o['false_positives_per_image']}; NoC@85 {noc.get('noc@85')}, NoC@90 "
-        f"{noc.get('noc@90')}"
+        f"{figures['images']} images: mask AP {_fig(figures['mask_ap'])} AP50 {_fig(figures['mask_ap50'])}, box AP "
+        f"{_fig(figures['box_ap'])} AP50 {_fig(figures['box_ap50'])}; recall {_fig(o['recall'])}, mean mask IoU "
+        f"{_fig(o['mean_mask_iou'])}, FP/image {_fig(o['false_positives_per_image'], 2)}; NoC@85 "
+        f"{_fig(noc.get('noc@85'), 1)}, NoC@90 {_fig(noc.get('noc@90'), 1)}"
     )
     print(f"report: {args.out / 'report.html'}")
     if figures["failed_images"]:
@@ -145,3 +149,8 @@ def label(args: argparse.Namespace) -> int:
     for name, path in summary.exports.items():
         print(f"  {name:<13} {path}")
     return 1 if summary.failed else 0
+
+
+def _fig(value: float | None, decimals: int = 3) -> str:
+    """A figure of the summary line; "–" where there is none (nothing matched, no annotator run)."""
+    return "–" if value is None else f"{value:.{decimals}f}"

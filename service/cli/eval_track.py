@@ -43,11 +43,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"class to find (repeatable; default the shapes' {', '.join(CLASSES)})",
     )
     e.add_argument("--text", action="append", default=[], help="free-text prompt to find (repeatable)")
-    e.add_argument("--score-threshold", type=float, help="default the server's")
-    e.add_argument("--detect-every", type=int, help="Track: run the detector every K frames (default the server's)")
-    e.add_argument("--lost-after", type=int, help="a track unseen this many frames ends (both; default the server's)")
-    e.add_argument("--max-objects", type=int, help="Track: most objects at once (default the server's)")
-    e.add_argument("--match-iou", type=float, help="Track: detection-to-track mask IoU (default the server's)")
+    e.add_argument("--score-threshold", type=number(float, 0, 1), help="default the server's")
+    e.add_argument(
+        "--detect-every", type=number(int, 0), help="Track: run the detector every K frames (default the server's)"
+    )
+    e.add_argument(
+        "--lost-after", type=number(int, 1), help="a track unseen this many frames ends (both; default the server's)"
+    )
+    e.add_argument("--max-objects", type=number(int, 1), help="Track: most objects at once (default the server's)")
+    e.add_argument(
+        "--match-iou", type=number(float, 0, 1), help="Track: detection-to-track mask IoU (default the server's)"
+    )
     e.add_argument(
         "--baseline-iou", type=number(float, 0, 1), default=0.3, help="baseline: least IoU of a match (default 0.3)"
     )

@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_exemplar,
         help="x0,y0,x1,y1[,label][@reference.jpg]: find more of this object (open-vocabulary detectors; repeatable)",
     )
-    g.add_argument("--score-threshold", type=float)
-    g.add_argument("--max-instances", type=int)
+    g.add_argument("--score-threshold", type=number(float, 0, 1))
+    g.add_argument("--max-instances", type=number(int, 1))
     g.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
     g.add_argument("--timeout", type=number(float, 0, open_low=True), default=120.0, help="deadline in seconds")
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")

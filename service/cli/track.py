@@ -45,9 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_box_region,
         help="x0,y0,x1,y1[:label]: an object to follow from the first frame (repeatable)",
     )
-    g.add_argument("--detect-every", type=int, help="run the detector every K frames (0: never; default the server's)")
-    g.add_argument("--max-objects", type=int, help="most objects followed at once (default the server's)")
-    g.add_argument("--score-threshold", type=float)
+    g.add_argument(
+        "--detect-every", type=number(int, 0), help="run the detector every K frames (0: never; default the server's)"
+    )
+    g.add_argument("--max-objects", type=number(int, 1), help="most objects followed at once (default the server's)")
+    g.add_argument("--score-threshold", type=number(float, 0, 1))
     g.add_argument("--raw", action="store_true", help="send raw RGB frames (default JPEG, quality 90)")
     g.add_argument("--out", type=Path, help="write an overlay video here (H.264; masks tinted per track id)")
     g.add_argument("--mot", type=Path, help="write MOTChallenge results here (frame,id,left,top,width,height,conf)")

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli.common import MODEL_FLAGS, add_model_flags, settings_from
+from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from
 from service.config import Settings
 from service.runners.triton_local import LocalTriton, read_state, server_status, stop_detached
 
@@ -23,10 +23,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = tsub.add_parser("up", help="export the profile's models if needed, start tritonserver, wait until ready")
     add_model_flags(up)
     up.add_argument("--repository", type=Path, help="model repository (default model_repository)")
-    up.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001)")
-    up.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
-    up.add_argument("--metrics-port", type=int, help="metrics port (default 8002)")
-    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models")
+    up.add_argument("--port", type=number(int, 1, 65535), default=8001, help="gRPC port (default 8001)")
+    up.add_argument("--http-port", type=number(int, 1, 65535), help="HTTP port (default 8000)")
+    up.add_argument("--metrics-port", type=number(int, 1, 65535), help="metrics port (default 8002)")
+    up.add_argument(
+        "--timeout", type=number(float, 0, open_low=True), default=300.0, help="seconds to wait for the models"
+    )
     up.set_defaults(func=triton_up)
     down = tsub.add_parser("down", help="stop the server `triton up` started")
     down.add_argument("--cache-dir")

@@ -210,6 +210,14 @@ def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
         (["eval-track", "--jpeg", "101"], "argument --jpeg: 101 is outside [0, 100]"),
         (["eval-track", "--min-visible", "-1"], "argument --min-visible: -1 is outside [0, 1]"),
         (["eval-track", "--baseline-iou", "5"], "argument --baseline-iou: 5 is outside [0, 1]"),
+        (["eval-track", "--match-iou", "2"], "argument --match-iou: 2 is outside [0, 1]"),
+        # (eval ran every image to have each refused by the server, or scored at a threshold of 5 or NaN)
+        (["eval", "d.json", "--score-threshold", "2"], "argument --score-threshold: 2 is outside [0, 1]"),
+        (["eval", "d.json", "--operating-threshold", "nan"], "argument --operating-threshold: nan is outside [0, 1]"),
+        (["label", "folder", "--out", "o", "--score-threshold", "-0.5"], "argument --score-threshold: -0.5 is outside"),
+        (["segment", "image.jpg", "--max-instances", "0"], "argument --max-instances: 0 is outside [1, inf)"),
+        (["track", "video.mp4", "--max-objects", "0"], "argument --max-objects: 0 is outside [1, inf)"),
+        (["triton", "up", "--port", "-1"], "argument --port: -1 is outside [1, 65535]"),
     ],
 )  # fmt: skip
 def test_tools_refuse_a_number_out_of_range_by_its_flag(argv, says, capsys):

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,13 @@ def test_the_cli_evaluates_with_an_in_process_server(dataset, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 images: mask AP" in result.stdout and (tmp_path / "r" / "report.html").exists()
+    # every figure of the summary as the report rounds it (recall and NoC were printed to 16 digits)
+    summary = result.stdout.splitlines()[0]
+    assert re.fullmatch(
+        r"3 images: mask AP \d\.\d{3} AP50 \d\.\d{3}, box AP \d\.\d{3} AP50 \d\.\d{3}; recall \d\.\d{3}, "
+        r"mean mask IoU (\d\.\d{3}|–), FP/image \d+\.\d{2}; NoC@85 \d+\.\d, NoC@90 \d+\.\d",
+        summary,
+    ), summary
 
 
 def _copy(dataset, root, transpose=()):
