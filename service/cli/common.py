@@ -6,9 +6,12 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from service.client import RequestFailed
 from service.config import Settings
+from service.errors import ConfigurationError
 
 # The flags of ``add_model_flags``, as Settings field names.
 MODEL_FLAGS = ("models", "detector", "segmenter", "adapted", "cache_dir", "offline")
@@ -71,3 +74,43 @@ def waiting_for(target: str) -> Callable[[RequestFailed, float], None]:
             )
 
     return notice
+
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """How a client command reaches a server that requires TLS, mutual TLS or a bearer token (Settings tls_cert,
+    tls_client_ca, auth_tokens_file); see ``connection``."""
+    g = p.add_argument_group("connection (a server with TLS or tokens)")
+    g.add_argument("--tls", action="store_true", help="TLS, trusting the system's root certificates")
+    g.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA certificate (PEM) instead")
+    g.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS, with --tls-key")
+    g.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    g.add_argument("--token-file", type=Path, help="a file whose first line is the bearer token to send")
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """``Client`` keywords (credentials, token) from ``add_connection_flags``' flags; ConfigurationError for a client
+    certificate without its key (or the reverse), or an empty token file; OSError (naming it) for a file that cannot
+    be read. No flag: a plaintext channel, no token."""
+    import grpc
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigurationError("--tls-cert and --tls-key go together (a client certificate and its key)")
+    options: dict[str, Any] = {}
+    if args.tls or args.tls_ca or args.tls_cert:
+        options["credentials"] = grpc.ssl_channel_credentials(
+            args.tls_ca.read_bytes() if args.tls_ca else None,
+            args.tls_key.read_bytes() if args.tls_key else None,
+            args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+    if args.token_file:
+        lines = [line.strip() for line in args.token_file.read_text().splitlines()]
+        token = next((line for line in lines if line and not line.startswith("#")), "")
+        if not token:
+            raise ConfigurationError(f"{args.token_file}: no token in it (its first line not empty nor a # comment)")
+        options["token"] = token
+    return options
+
+
+def connects(args: argparse.Namespace) -> bool:
+    """Whether any of ``add_connection_flags``' flags was given."""
+    return bool(args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.token_file)

@@ -9,8 +9,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from, waiting_for
+from service.cli.common import (
+    MODEL_FLAGS,
+    add_connection_flags,
+    add_model_flags,
+    connection,
+    connects,
+    number,
+    settings_from,
+    waiting_for,
+)
 from service.client import Client, RequestFailed
+from service.errors import ConfigurationError
 from service.evaluation.dataset import load_dataset
 from service.evaluation.predict import Prompt
 from service.evaluation.run import run_eval
@@ -60,20 +70,27 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=number(float, 0, open_low=True), default=300.0, help="per-request deadline in seconds"
     )
+    add_connection_flags(p)
 
 
 @contextlib.contextmanager
-def _service(args: argparse.Namespace) -> Iterator[str]:
-    """The target to talk to: --target, or an in-process server (free loopback port) for the model flags."""
+def _client(args: argparse.Namespace) -> Iterator[Client]:
+    """The client of the server to talk to: --target (with the connection flags), or an in-process server (free
+    loopback port, plaintext) for the model flags."""
     if args.target:
-        yield args.target
+        options = connection(args)
+        with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **options) as client:
+            yield client
         return
+    if connects(args):
+        raise ConfigurationError("--tls, --tls-ca, --tls-cert, --tls-key and --token-file reach a --target server")
     from service.app import InProcessServer  # loads torch: only when this process serves
 
     settings = settings_from(args, MODEL_FLAGS).replace(host="127.0.0.1", port=0)
     with InProcessServer(settings) as server:
         server.wait_serving()
-        yield server.target
+        with Client(server.target, timeout=args.timeout) as client:
+            yield client
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -84,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     if args.limit:
         dataset = dataset.limit(args.limit)
-    with _service(args) as target, Client(target, timeout=args.timeout, on_retry=waiting_for(target)) as client:
+    with _client(args) as client:
         figures = run_eval(
             client,
             dataset,
@@ -127,7 +144,7 @@ def label(args: argparse.Namespace) -> int:
         image_files(args.folder)  # ValueError: no such folder, or no image in it
         if args.signing_key is not None:
             load_private_key(args.signing_key)  # ValueError: no Ed25519 private key (checked again where it is used)
-        with _service(args) as target, Client(target, timeout=args.timeout, on_retry=waiting_for(target)) as client:
+        with _client(args) as client:
             summary = label_folder(
                 client,
                 args.folder,

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli.common import number, waiting_for
+from service.cli.common import add_connection_flags, connection, number, waiting_for
 from service.client import DEFAULT_TARGET, Client
 from service.evaluation.track_metrics import MAX_FRAMES
 from service.evaluation.tracking import MIN_VISIBLE, TrackOptions, evaluate_tracking, seeds_of, tables, write_report
@@ -75,6 +75,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=300.0,
         help="per-request deadline in seconds (default 300)",
     )
+    add_connection_flags(e)
     e.set_defaults(func=eval_track)
 
 
@@ -101,7 +102,7 @@ def eval_track(args: argparse.Namespace) -> int:
         baseline_iou=args.baseline_iou,
     )
     args.out.mkdir(parents=True, exist_ok=True)  # before the videos: a folder that cannot be made fails at once
-    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target)) as client:
+    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **connection(args)) as client:
         figures = evaluate_tracking(
             client,
             seeds_of(args.split, args.videos, args.first),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli.common import settings_from
+from service.cli.common import add_connection_flags, connection, settings_from
 from service.client import Client, RetryPolicy
 from service.config import Settings
 from service.models.catalog import CATALOG
@@ -17,12 +17,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     m.add_argument("--target", help="ask a running server (ListModels) instead of the local catalog")
     m.add_argument("--cache-dir")
+    add_connection_flags(m)
     m.set_defaults(func=models)
 
 
 def models(args: argparse.Namespace) -> int:
     if args.target:
-        return _server_models(args.target)
+        return _server_models(args)
     # Imported here: it loads torch (see the package's docstring).
     from service.models.profiles import PROFILE_SUMMARIES
 
@@ -38,9 +39,9 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_models(target: str) -> int:
+def _server_models(args: argparse.Namespace) -> int:
     # One call with a 30 s deadline (no retries of UNAVAILABLE): a wrong --target fails at once.
-    with Client(target, timeout=30, retry=RetryPolicy(max_attempts=1)) as client:
+    with Client(args.target, timeout=30, retry=RetryPolicy(max_attempts=1), **connection(args)) as client:
         response = client.list_models()
     print(f"profile {response.profile}, backend {response.backend}")
     for m in response.models:

@@ -22,7 +22,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from service.cli.common import number
+from service.cli.common import add_connection_flags, connection, number
 from service.cli.overlay import Drawn, draw_instances
 from service.client import DEFAULT_TARGET, Client, FrameResult, Region, TrackInput
 from service.client_requests import jpeg
@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument(
         "--timeout", type=number(float, 0, open_low=True), help="deadline of the whole call in seconds (default none)"
     )
+    add_connection_flags(g)
     g.set_defaults(func=track)
 
 
@@ -83,7 +84,7 @@ def track(args: argparse.Namespace) -> int:
                 return 2
         mot = stack.enter_context(args.mot.open("w")) if args.mot else None
         bar = stack.enter_context(tqdm(total=stream.frames or None, unit="frame", file=sys.stderr, disable=None))
-        client = stack.enter_context(Client(args.target))
+        client = stack.enter_context(Client(args.target, **connection(args)))
         answers = client.track(
             _frames(container, pending, raw=args.raw),
             classes=args.classes,

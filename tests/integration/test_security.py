@@ -153,6 +153,41 @@ def test_tokens_are_required_except_for_health(settings, tmp_path):
         srv.stop()
 
 
+def test_the_client_commands_reach_a_server_with_mutual_tls_and_tokens(settings, pki, tmp_path, capsys):
+    """(The CLI had no way to: `detseg segment --target` to a secured server could only fail.)"""
+    from service.cli import main as cli_main
+
+    tokens, token = tmp_path / "tokens", tmp_path / "my-token"
+    tokens.write_text("alpha-0123456789\n")
+    token.write_text("# mine\nalpha-0123456789\n")
+    srv = _start(settings, tls_cert=str(pki / "server.crt"), tls_key=str(pki / "server.key"),
+                 tls_client_ca=str(pki / "ca.crt"), auth_tokens_file=str(tokens))  # fmt: skip
+    image = Path(__file__).resolve().parents[2] / "service" / "models" / "demo" / "sample.jpg"
+    secure = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"), "--tls-key",
+              str(pki / "client.key"), "--token-file", str(token)]  # fmt: skip
+    try:
+        _wait(srv, _channel_credentials(pki, "client"))
+        assert cli_main(["models", "--target", srv.target, *secure]) == 0
+        assert capsys.readouterr().out.startswith("profile test, backend ")
+        assert cli_main(["segment", str(image), "--target", srv.target, "--json", *secure]) == 0
+        assert '"instances"' in capsys.readouterr().out
+        without_token = secure[:-2]
+        assert cli_main(["models", "--target", srv.target, *without_token]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert cli_main(["models", "--target", srv.target, *secure[:4], "--token-file", str(token)]) == 2
+        assert (
+            capsys.readouterr().err
+            == "detseg: --tls-cert and --tls-key go together (a client certificate and its key)\n"
+        )
+        from service.shapes.dataset import write_coco_dataset
+
+        annotations = write_coco_dataset(tmp_path / "data", "test", 1)
+        assert cli_main(["eval", str(annotations), *secure]) == 2  # no --target: an in-process, plaintext server
+        assert "reach a --target server" in capsys.readouterr().err
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize(
     ("security", "says"),
     [
