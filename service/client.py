@@ -354,6 +354,13 @@ class AsyncClient(_Channel):
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # its channels would bind to another loop: "attached to a different loop" at the call
+            raise RuntimeError(
+                "AsyncClient: create it inside a running event loop (in an async function: "
+                "`async with AsyncClient(target) as detseg:`); outside one, use Client"
+            ) from None
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=options)
         return grpc.aio.secure_channel(target, credentials, options=options)

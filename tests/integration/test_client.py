@@ -130,6 +130,12 @@ def test_the_asyncio_segment_many_raises_the_same_error_not_a_cancellation(demo_
     assert [i.index for i in answered] == [0] and answered[0].result is not None
 
 
+def test_the_asyncio_client_made_outside_an_event_loop_says_where_to_make_it():
+    """(Made there, its first call failed with "... attached to a different loop".)"""
+    with pytest.raises(RuntimeError, match="AsyncClient: create it inside a running event loop"):
+        AsyncClient("127.0.0.1:1")
+
+
 def test_the_asyncio_client_answers_concurrent_calls(demo_server):
     async def main() -> list:
         async with AsyncClient(demo_server.target) as detseg:
