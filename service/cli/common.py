@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from service.client import RequestFailed
 from service.config import Settings
 from service.errors import ConfigurationError
@@ -91,8 +93,6 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     """``Client`` keywords (credentials, token) from ``add_connection_flags``' flags; ConfigurationError for a client
     certificate without its key (or the reverse), or an empty token file; OSError (naming it) for a file that cannot
     be read. No flag: a plaintext channel, no token."""
-    import grpc
-
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together (a client certificate and its key)")
     options: dict[str, Any] = {}
