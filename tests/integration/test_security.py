@@ -10,10 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.cli import main as cli_main
 from service.client import Client, RequestFailed, RetryPolicy
 from service.errors import ConfigurationError
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+from service.shapes.dataset import write_coco_dataset
 from tests.conftest import ServerThread, wait_serving
 
 ONE_TRY = RetryPolicy(max_attempts=1)
@@ -155,8 +157,6 @@ def test_tokens_are_required_except_for_health(settings, tmp_path):
 
 def test_the_client_commands_reach_a_server_with_mutual_tls_and_tokens(settings, pki, tmp_path, capsys):
     """(The CLI had no way to: `detseg segment --target` to a secured server could only fail.)"""
-    from service.cli import main as cli_main
-
     tokens, token = tmp_path / "tokens", tmp_path / "my-token"
     tokens.write_text("alpha-0123456789\n")
     token.write_text("# mine\nalpha-0123456789\n")
@@ -179,8 +179,6 @@ def test_the_client_commands_reach_a_server_with_mutual_tls_and_tokens(settings,
             capsys.readouterr().err
             == "detseg: --tls-cert and --tls-key go together (a client certificate and its key)\n"
         )
-        from service.shapes.dataset import write_coco_dataset
-
         annotations = write_coco_dataset(tmp_path / "data", "test", 1)
         assert cli_main(["eval", str(annotations), *secure]) == 2  # no --target: an in-process, plaintext server
         assert "reach a --target server" in capsys.readouterr().err
