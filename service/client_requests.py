@@ -107,10 +107,12 @@ def _names(value: str | Iterable[str], keyword: str) -> list[str]:
 
 
 def _box(xyxy: Sequence[float]) -> pb.BoundingBox:
-    values = tuple(np.asarray(xyxy, dtype=float).reshape(-1)) if _is_sequence(xyxy) else ()
-    if len(values) != 4:
-        raise ValueError(f"a box is 4 numbers (x_min, y_min, x_max, y_max), original pixels; got {xyxy!r}")
-    x0, y0, x1, y1 = values
+    try:
+        if not _is_sequence(xyxy):
+            raise TypeError
+        x0, y0, x1, y1 = (float(v) for v in xyxy)
+    except (TypeError, ValueError):
+        raise ValueError(f"a box is 4 numbers (x_min, y_min, x_max, y_max), original pixels; got {xyxy!r}") from None
     return pb.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
 
 
@@ -118,11 +120,13 @@ def _is_sequence(value: object) -> bool:
     return isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
 
 
-def _boxed(item: Any, keyword: str, kind: type[T]) -> T | Sequence[float]:
-    """One item of ``regions`` or ``exemplars``: a ``kind`` instance or a bare XYXY box; a number means the caller
-    gave one box where a list of them was expected."""
-    if isinstance(item, kind) or _is_sequence(item):
-        return item  # type: ignore[no-any-return]
+def _boxed(item: Any, keyword: str, kind: type[T]) -> T:
+    """One item of ``regions`` or ``exemplars`` as a ``kind`` (Region or Exemplar): itself, or a bare XYXY box made
+    one; a number means the caller gave one box where a list of them was expected."""
+    if isinstance(item, kind):
+        return item
+    if _is_sequence(item):
+        return kind(box=tuple(item))  # type: ignore[call-arg]
     raise TypeError(
         f"{keyword}: each item is a {kind.__name__} or an (x_min, y_min, x_max, y_max) box, got "
         f"{type(item).__name__} {item!r} (one box goes in a list: {keyword}=[(x_min, y_min, x_max, y_max)])"
@@ -131,8 +135,7 @@ def _boxed(item: Any, keyword: str, kind: type[T]) -> T | Sequence[float]:
 
 def _region(region: Region | XYXY) -> pb.RegionPrompt:
     """A Region, or a bare XYXY box, as the request's RegionPrompt."""
-    boxed = _boxed(region, "regions", Region)
-    r = boxed if isinstance(boxed, Region) else Region(box=tuple(boxed))  # type: ignore[arg-type]
+    r = _boxed(region, "regions", Region)
     prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
     if r.box is not None:
         prompt.box.CopyFrom(_box(r.box))
@@ -143,8 +146,7 @@ def _region(region: Region | XYXY) -> pb.RegionPrompt:
 
 def _exemplar(item: Exemplar | XYXY) -> pb.Exemplar:
     """An Exemplar, or a bare XYXY box on the request's image, as the request's Exemplar."""
-    boxed = _boxed(item, "exemplars", Exemplar)
-    e = boxed if isinstance(boxed, Exemplar) else Exemplar(box=tuple(boxed))  # type: ignore[arg-type]
+    e = _boxed(item, "exemplars", Exemplar)
     exemplar = pb.Exemplar(box=_box(e.box), label=e.label)
     if e.image is not None:
         exemplar.image.CopyFrom(image_message(e.image))

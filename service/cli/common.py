@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from service.client import RequestFailed
+from service.client import Client, RequestFailed
 from service.config import Settings
 from service.errors import ConfigurationError
 
@@ -109,6 +109,12 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigurationError(f"{args.token_file}: no token in it (its first line not empty nor a # comment)")
         options["token"] = token
     return options
+
+
+def target_client(args: argparse.Namespace) -> Client:
+    """The client of a command's ``--target``: its ``--timeout`` as the deadline, retrying a server that does not
+    answer yet (and saying so), over the connection its flags ask for."""
+    return Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **connection(args))
 
 
 def connects(args: argparse.Namespace) -> bool:

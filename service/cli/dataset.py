@@ -13,11 +13,10 @@ from service.cli.common import (
     MODEL_FLAGS,
     add_connection_flags,
     add_model_flags,
-    connection,
     connects,
     number,
     settings_from,
-    waiting_for,
+    target_client,
 )
 from service.client import Client, RequestFailed
 from service.errors import ConfigurationError
@@ -78,8 +77,7 @@ def _client(args: argparse.Namespace) -> Iterator[Client]:
     """The client of the server to talk to: --target (with the connection flags), or an in-process server (free
     loopback port, plaintext) for the model flags."""
     if args.target:
-        options = connection(args)
-        with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **options) as client:
+        with target_client(args) as client:
             yield client
         return
     if connects(args):

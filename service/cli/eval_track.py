@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from service.cli.common import add_connection_flags, connection, number, waiting_for
-from service.client import DEFAULT_TARGET, Client
+from service.cli.common import add_connection_flags, number, target_client
+from service.client import DEFAULT_TARGET
 from service.evaluation.track_metrics import MAX_FRAMES
 from service.evaluation.tracking import MIN_VISIBLE, TrackOptions, evaluate_tracking, seeds_of, tables, write_report
 from service.shapes.video import MIN_SIDE
@@ -102,7 +102,7 @@ def eval_track(args: argparse.Namespace) -> int:
         baseline_iou=args.baseline_iou,
     )
     args.out.mkdir(parents=True, exist_ok=True)  # before the videos: a folder that cannot be made fails at once
-    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **connection(args)) as client:
+    with target_client(args) as client:
         figures = evaluate_tracking(
             client,
             seeds_of(args.split, args.videos, args.first),

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli.common import add_connection_flags, connection, number, waiting_for
+from service.cli.common import add_connection_flags, number, target_client
 from service.cli.overlay import OVERLAY_FORMATS, render_overlay
-from service.client import DEFAULT_TARGET, Client, Exemplar, Point, Region, RequestFailed
+from service.client import DEFAULT_TARGET, Exemplar, Point, Region, RequestFailed
 from service.provenance.response import instance_content
 
 
@@ -56,7 +56,7 @@ def segment(args: argparse.Namespace) -> int:
         regions = [Region(box=regions[0].box, points=tuple(args.point), label=regions[0].label)]
     elif args.point:
         regions.append(Region(points=tuple(args.point)))
-    with Client(args.target, timeout=args.timeout, on_retry=waiting_for(args.target), **connection(args)) as client:
+    with target_client(args) as client:
         try:
             result = client.segment(
                 data,
