@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,12 +58,16 @@ class SegmenterProcessing:
 
         self._torch = torch
         self.spec = spec
-        self._transforms = SAM2Transforms(
-            resolution=spec.image_size,
-            mask_threshold=MASK_THRESHOLD,
-            max_hole_area=0.0,
-            max_sprinkle_area=0.0,
-        )
+        with warnings.catch_warnings():
+            # sam2 scripts its transforms with torch.jit.script, which torch 2.9+ deprecates: a FutureWarning in
+            # every server's start-up log that no user can act on.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            self._transforms = SAM2Transforms(
+                resolution=spec.image_size,
+                mask_threshold=MASK_THRESHOLD,
+                max_hole_area=0.0,
+                max_sprinkle_area=0.0,
+            )
 
     def preprocess(self, rgb: np.ndarray) -> Any:
         """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised: numpy, or with the spec's
