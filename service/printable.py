@@ -1,5 +1,6 @@
-"""The one rule for text that becomes a label (class names, free texts, region and exemplar labels, export
-categories): printable characters only.
+"""The rules for text that becomes a label (class names, free texts, region and exemplar labels, export
+categories): printable characters only (``check_printable``), and when two names are one class
+(``normalise_class_name``).
 
 Refused: Unicode control characters (category Cc: C0 and C1 controls, DEL, NUL, ESC, newline, tab), format characters
 (Cf: zero-width space and joiners, bidirectional overrides, the byte order mark), surrogates (Cs: only a lone one can
@@ -8,8 +9,9 @@ points of every plane, e.g. U+FFFF). Everything else stays: ordinary spaces, pun
 ("café", "红色"), emoji. Text that passes is echoed safely in a terminal and a log line, and every character of it is
 allowed in XML 1.0 (CVAT, Label Studio configs), JSON and YAML.
 
-Pure and dependency-free: the server validates requests with it (``service.pipeline.prompts.check_query``) and the
-client side (``detseg label``, the export writers) checks with the same rule before anything is sent or written.
+Pure and dependency-free: the server validates and matches requests with them (``service.pipeline.prompts``) and
+the client side (``detseg label``, its exports' categories, ``detseg eval``'s datasets) checks and matches with the
+same rules.
 """
 
 from __future__ import annotations
@@ -50,3 +52,9 @@ def check_printable(text: str, field: str) -> None:
     problem = unprintable(text)
     if problem is not None:
         raise InvalidInput(f"{field}: contains {problem}; labels must be printable text")
+
+
+def normalise_class_name(name: str) -> str:
+    """Case, runs of spaces, "_" and "-" do not distinguish class names: "Traffic_light" and "traffic light" are one
+    class to the server, and so to every tool that names its answers' categories."""
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from service.printable import normalise_class_name
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalImage:
@@ -35,9 +37,10 @@ class EvalDataset:
     categories: dict[int, str]
 
     def category_id(self, name: str) -> int | None:
-        """The id of a category name (case- and space-insensitive), None when unknown."""
-        key = name.strip().lower()
-        return next((i for i, n in self.categories.items() if n.strip().lower() == key), None)
+        """The id of a category name, compared as the server compares class names (``normalise_class_name``: case,
+        spaces, "_" and "-" aside), None when unknown."""
+        key = normalise_class_name(name)
+        return next((i for i, n in self.categories.items() if normalise_class_name(n) == key), None)
 
     def image(self, image_id: int) -> EvalImage:
         return self._images[image_id]
@@ -144,10 +147,12 @@ def _checked(coco: Any, source: Path) -> dict[str, Any]:
             raise ValueError(f"{where}: id {category_id} is another category's id too")
         if not isinstance(entry.get("name"), str) or not entry["name"].strip():
             raise ValueError(f"{where}: 'name' must be a non-empty string")
-        if entry["name"].strip().lower() in names:  # answers' labels are matched to names as `category_id` does
-            raise ValueError(f"{where}: name {entry['name']!r} is another category's name too (case and spaces aside)")
+        if normalise_class_name(entry["name"]) in names:  # answers' labels are matched as `category_id` does
+            raise ValueError(
+                f"{where}: name {entry['name']!r} is another category's name too (case, spaces, '_' and '-' aside)"
+            )
         categories.add(category_id)
-        names.add(entry["name"].strip().lower())
+        names.add(normalise_class_name(entry["name"]))
     annotations, ids = [], set()
     for k, entry in enumerate(coco["annotations"]):
         where = f"{source}: annotations[{k}]"

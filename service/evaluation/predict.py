@@ -20,6 +20,7 @@ import grpc
 
 from service.client import Client, Instance, Region, RequestFailed, segment_request
 from service.evaluation.dataset import EvalDataset
+from service.printable import normalise_class_name
 from service.proto.detseg.v1 import detseg_pb2 as pb
 
 
@@ -46,13 +47,13 @@ class ImagePrediction:
 
 def classes_to_ask(dataset: EvalDataset, detector: pb.ModelInfo | None) -> list[str]:
     """The dataset's category names a ``classes`` request asks for: all of them of an open-vocabulary detector (or
-    a server without a detector), else those in the detector's vocabulary (compared case- and space-insensitively,
-    as the server does)."""
+    a server without a detector), else those in the detector's vocabulary (compared as the server compares them,
+    ``normalise_class_name``)."""
     names = list(dataset.categories.values())
     if detector is None or detector.open_vocabulary:
         return names
-    known = {v.strip().lower() for v in detector.vocabulary}
-    return [n for n in names if n.strip().lower() in known]
+    known = {normalise_class_name(v) for v in detector.vocabulary}
+    return [n for n in names if normalise_class_name(n) in known]
 
 
 def readable_classes(client: Client, dataset: EvalDataset, asked: list[str]) -> list[str]:

@@ -33,7 +33,8 @@ from service import __version__, provenance
 from service.client import Client, segment_request
 from service.errors import InvalidInput
 from service.labeling.records import LabeledImage, LabeledInstance
-from service.printable import check_printable
+from service.printable import check_printable, normalise_class_name
+from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.provenance import file_sha256
 from service.provenance.response import manifest_models
 from service.results import Result
@@ -219,12 +220,20 @@ def label_folder(
     )
 
 
-def categories_of(images: Sequence[LabeledImage], prompts: Prompts) -> list[str]:
-    """Every asked name (request order: category ids stay the same run after run, found or not), then any other
-    label answered (sorted; e.g. a closed detector's class for a free text)."""
-    asked = list(dict.fromkeys([*prompts.classes, *prompts.texts]))
-    seen = {inst.label for image in images for inst in image.instances}
-    return asked + sorted(seen - set(asked))
+def categories_of(images: Sequence[LabeledImage], prompts: Prompts, vocabulary: Sequence[str] = ()) -> list[str]:
+    """Every asked name as the server labels its answers (request order: category ids stay the same run after run,
+    found or not), then any other label answered (sorted; e.g. a closed detector's class for a free text).
+
+    Names the server takes as one class (``normalise_class_name``: "Car", "car", "car_") are one category: a class of
+    the closed detector's ``vocabulary`` in the vocabulary's spelling, which its answers carry; any other name in its
+    first spelling, stripped, as an open-vocabulary server keeps it."""
+    canonical = {normalise_class_name(v): v for v in vocabulary}
+    names: dict[str, str] = {}
+    for name in (*prompts.classes, *prompts.texts):
+        key = normalise_class_name(name)
+        names.setdefault(key, canonical.get(key, name.strip()))
+    seen = {normalise_class_name(inst.label): inst.label for image in images for inst in image.instances}
+    return list(names.values()) + sorted(label for key, label in seen.items() if key not in names)
 
 
 def write_exports(
@@ -247,7 +256,10 @@ def write_exports(
     from service.labeling import exports
 
     check_formats(formats)
-    categories = categories_of(images, prompts)
+    models = client.list_models()
+    detector = next((m for m in models.models if m.role == pb.MODEL_ROLE_DETECTOR), None)
+    closed = () if detector is None or detector.open_vocabulary else tuple(detector.vocabulary)
+    categories = categories_of(images, prompts, closed)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = _new_sibling(out, "partial")
     try:
@@ -266,7 +278,7 @@ def write_exports(
             else:
                 path = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
             written[fmt] = out / path.relative_to(stage)
-        manifest = write_manifest(client, images, stage, prompts, categories, key, placed)
+        manifest = write_manifest(models, images, stage, prompts, categories, key, placed)
         written["manifest"] = out / manifest.relative_to(stage)
         _swap_in(stage, out)
     finally:
@@ -299,7 +311,7 @@ def _swap_in(stage: Path, out: Path) -> None:
 
 
 def write_manifest(
-    client: Client,
+    models: pb.ListModelsResponse,
     images: Sequence[LabeledImage],
     out: Path,
     prompts: Prompts,
@@ -309,8 +321,8 @@ def write_manifest(
 ) -> Path:
     """``out/detseg-manifest.json`` over every file under ``out`` (walked: whatever the export wrote, at any depth,
     links included) except the placed source images ``placed`` (exact paths under ``out``) and the manifest itself.
-    A link among them that leads outside ``out`` is refused (ValueError), never skipped."""
-    models = client.list_models()
+    A link among them that leads outside ``out`` is refused (ValueError), never skipped. ``models``: the server's
+    ListModels answer."""
     skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}
     files = [p for p in provenance.files_under(out) if os.path.abspath(out / p) not in skip]
     base = provenance.manifest(

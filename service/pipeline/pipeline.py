@@ -50,10 +50,10 @@ from service.pipeline.vocabulary import (
     EmbeddingLRU,
     TextMatch,
     VocabularyMatcher,
-    normalise_class_name,
     open_matches,
     request_vocabulary,
 )
+from service.printable import normalise_class_name
 from service.processing.concepts import ConceptProcessing
 from service.processing.detection import Detections
 from service.processing.masks import EncodedMask

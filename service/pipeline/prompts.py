@@ -16,8 +16,8 @@ import numpy as np
 from service.errors import InvalidInput
 from service.pipeline.refine import Refinement
 from service.pipeline.review import ReviewOptions, ReviewRules, resolve_review
-from service.pipeline.vocabulary import TextMatch, normalise_class_name
-from service.printable import check_printable
+from service.pipeline.vocabulary import TextMatch
+from service.printable import check_printable, normalise_class_name
 from service.processing.masks import ENCODINGS, RLE
 from service.processing.segmentation import SamPrompt
 

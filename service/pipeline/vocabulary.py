@@ -17,6 +17,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.pipeline.lru import LRU
+from service.printable import normalise_class_name
 
 Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]  # strings → (N, D) float32
 EXACT, EMBEDDING, OPEN = "exact", "embedding", "open"  # how a text was matched
@@ -40,11 +41,6 @@ class TextMatch:
     similarity: float
     kind: str
     read_as: str = ""
-
-
-def normalise_class_name(name: str) -> str:
-    """Case, runs of spaces, "_" and "-" do not distinguish class names."""
-    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
 class EmbeddingLRU:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from service import provenance
@@ -224,3 +225,24 @@ def test_a_signing_key_that_is_none_is_refused_before_any_image_is_labeled(demo_
     with Client(demo_server.target) as client, pytest.raises(ValueError, match="key.pub: not an unencrypted"):
         label_folder(client, folder, out, Prompts(classes=CLASSES), signing_key=public, progress=False)
     assert not out.exists()
+
+
+def test_names_the_server_takes_as_one_class_are_one_category_spelled_as_its_answers(demo_server, folder, tmp_path):
+    """ "Circle", "star_" and a text "circle" asked of the closed demo detector: the answers are labeled "circle" and
+    "star", and so are the categories (they were "Circle", "star_", "circle", "star": two empty categories, YOLO's
+    class indices shifted, and a COCO export `detseg eval` refused as naming one class twice)."""
+    from service.evaluation.dataset import load_dataset
+
+    out = tmp_path / "out"
+    prompts = Prompts(classes=("Circle", "star_", " SQUARE"), texts=("circle",))
+    with Client(demo_server.target) as client:
+        summary = label_folder(client, folder, out, prompts, formats=("coco", "yolo"), progress=False)
+    coco = json.loads(summary.exports["coco"].read_text())
+    assert [c["name"] for c in coco["categories"]] == ["circle", "star", "square"]
+    records = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
+    labels = {i["label"] for r in records for i in r["instances"]}
+    assert "circle" in labels and labels <= {"circle", "star", "square"}, labels
+    dataset = load_dataset(summary.exports["coco"], folder)
+    assert sorted(dataset.categories.values()) == ["circle", "square", "star"]
+    names = yaml.safe_load(summary.exports["yolo"].read_text())["names"]
+    assert names == {0: "circle", 1: "star", 2: "square"}

@@ -116,3 +116,30 @@ def test_a_slices_file_that_is_not_an_object_of_objects_is_refused(written, tmp_
     path.write_text(json.dumps(["rain"]))
     with pytest.raises(ValueError, match="not a slices file"):
         load_dataset(written[0], slices=path)
+
+
+def test_category_names_match_labels_as_the_server_matches_class_names(written, tmp_path):
+    """A category "Traffic_Light" is the class the server answers as "traffic light" ("_", "-", case and runs of spaces
+    aside, as ``normalise_class_name`` says); it was compared by case and outer spaces only, so such a class was never
+    asked of a closed detector and its answers counted as no category's."""
+    from service.evaluation.predict import classes_to_ask
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+
+    def rename(coco):
+        coco["categories"][0]["name"] = "Traffic_Light"
+        coco["categories"][1]["name"] = "fire-hydrant "
+
+    dataset = _load(written, tmp_path, rename)
+    first, second = (c["id"] for c in written[1]["categories"][:2])
+    assert dataset.category_id("traffic light") == first and dataset.category_id("Fire  Hydrant") == second
+    detector = pb.ModelInfo(vocabulary=["person", "traffic light", "fire hydrant"], open_vocabulary=False)
+    assert classes_to_ask(dataset, detector) == ["Traffic_Light", "fire-hydrant "]
+
+
+def test_two_category_names_the_server_takes_as_one_class_are_refused(written, tmp_path):
+    def clash(coco):
+        coco["categories"][0]["name"] = "star_"
+        coco["categories"][1]["name"] = "Star"
+
+    with pytest.raises(ValueError, match=r"categories\[1\]: name 'Star' is another category's name too"):
+        _load(written, tmp_path, clash)
