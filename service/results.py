@@ -17,6 +17,7 @@ COCO RLE the server sends only when asked for (``Instance.mask``, ``Result.masks
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self
@@ -52,14 +53,28 @@ def _rle(inst: pb.Instance) -> dict[str, Any]:
     return {"size": list(inst.mask.coco_rle.size), "counts": inst.mask.coco_rle.counts.decode("ascii")}
 
 
+def _mask(inst: pb.Instance) -> dict[str, Any]:
+    """The mask as sent, under its encoding's key: "rle" (COCO RLE, the default and what a response without a mask
+    shows), "polygons" ({"size": [H, W], "polygons": [[x0, y0, ...], ...]}) or "png" ({"size": [H, W], "sha256": of
+    the PNG's bytes})."""
+    mask, which = inst.mask, inst.mask.WhichOneof("data")
+    if which == "polygons":
+        polygons = [list(p.coordinates) for p in mask.polygons.polygons]
+        return {"polygons": {"size": [mask.height, mask.width], "polygons": polygons}}
+    if which == "png":
+        return {"png": {"size": [mask.height, mask.width], "sha256": hashlib.sha256(mask.png).hexdigest()}}
+    return {"rle": _rle(inst)}
+
+
 def _reasons(inst: pb.Instance) -> list[str]:
     return [enum_name(pb.ReviewReason, r) for r in inst.review.reasons]
 
 
 def instance_content(inst: pb.Instance) -> dict[str, Any]:
     """What a response says about one instance, as plain JSON: what a response's manifest signs (its digest) and
-    ``detseg segment --json`` prints. Built from the protobuf values as sent (float32 scores widened to Python
-    floats), so the server that signs and a client that verifies build the same content."""
+    ``detseg segment --json`` prints. Built from the protobuf values as sent (float32 scores and coordinates widened
+    to Python floats), so the server that signs and a client that verifies build the same content. The mask is in
+    the encoding sent (``_mask``: "rle", "polygons" or "png"), so a changed mask fails verification in every one."""
     return {
         "label": inst.label,
         "class_id": inst.class_id,
@@ -70,7 +85,7 @@ def instance_content(inst: pb.Instance) -> dict[str, Any]:
         "region_index": inst.region_index,
         "text": inst.text_match.text,
         "similarity": inst.text_match.similarity,
-        "rle": _rle(inst),
+        **_mask(inst),
         "review": {"needed": inst.review.needed, "reasons": _reasons(inst), "stability": inst.review.stability_score},
     }
 

@@ -72,6 +72,44 @@ def test_a_tampered_label_mask_or_key_fails(signing_server, keys):
         verify_response(response, trusted_keys=[other])
 
 
+def _nudge(coordinates):
+    coordinates[0] += 1
+
+
+@pytest.mark.parametrize(
+    ("encoding", "tamper"),
+    [
+        ("POLYGON", lambda m: _nudge(m.polygons.polygons[0].coordinates)),
+        ("POLYGON", lambda m: m.polygons.polygons.add().coordinates.extend([0, 0, 5, 0, 5, 5])),
+        ("PNG", lambda m: setattr(m, "png", m.png[:-1] + bytes([m.png[-1] ^ 1]))),
+        ("PNG", lambda m: setattr(m, "height", m.height + 1)),
+    ],
+)  # fmt: skip
+def test_a_tampered_polygon_or_png_mask_fails(signing_server, keys, encoding, tamper):
+    """The signed content holds the mask in the encoding sent; it held only the COCO RLE, empty in a polygon or PNG
+    answer, so any change to such a mask verified."""
+    import grpc
+
+    from service.client_requests import segment_request
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
+
+    trusted = provenance.load_public_key(keys[1])
+    request = segment_request(SAMPLE, classes=["circle", "star"])
+    request.options.mask_encoding = getattr(pb, f"MASK_ENCODING_{encoding}")
+    with grpc.insecure_channel(signing_server.target) as channel:
+        response = pb_grpc.SegmentationServiceStub(channel).Segment(request, timeout=60)
+    assert response.instances and response.instances[0].mask.WhichOneof("data") == encoding.lower().replace(
+        "polygon", "polygons"
+    )
+    verify_response(response, trusted_keys=[trusted])
+    bad = type(response)()
+    bad.CopyFrom(response)
+    tamper(bad.instances[0].mask)
+    with pytest.raises(provenance.VerificationFailed):
+        verify_response(bad, trusted_keys=[trusted])
+
+
 def test_without_a_key_the_manifest_is_there_but_unsigned(demo_server):
     with Client(demo_server.target) as detseg:
         result = detseg.segment(SAMPLE, classes=["circle"])
