@@ -57,6 +57,50 @@ def test_equal_largest_islands_keep_sams_choice_in_either_memory_order(order):
     assert np.array_equal(got, expected) and got[3, 21] and not got[11, 4]
 
 
+def _random_mask(rng: np.random.Generator) -> np.ndarray:
+    """Speckle, blobs or a few small rectangles in a frame of 1 to 60 pixels a side: masks touching the frame's edges,
+    covering nearly all of it, or made of equally large islands."""
+    h, w = (int(v) for v in rng.integers(1, 60, 2))
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return rng.random((h, w)) < rng.uniform(0.05, 0.95)
+    if kind == 1:
+        noise = cv2.GaussianBlur(rng.normal(size=(h, w)).astype(np.float32), (0, 0), sigmaX=rng.uniform(0.5, 3))
+        return noise > np.quantile(noise, rng.uniform(0.1, 0.9))
+    mask = np.zeros((h, w), bool)
+    for _ in range(rng.integers(1, 6)):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        mask[y : y + rng.integers(1, 4), x : x + rng.integers(1, 4)] = True
+    return mask
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_cleanup_equals_sam2_on_any_mask_the_frames_edges_included(order):
+    """SAM labels the whole frame: background between the mask and the frame's edge is a hole when small (a notch, a
+    corner the mask leaves), and so is all of it when the frame is small. The window refined here used to be padded
+    as if the frame went on beyond it (937 of these 1,998 non-empty masks came out otherwise than SAM's); ties among
+    all small islands follow OpenCV's numbering of the whole frame (it labels 2 x 2 blocks from the frame's origin).
+    An empty mask stays empty (SAM fills a frame smaller than the area: "all of it is a small hole")."""
+    rng = np.random.default_rng(5)
+    for case in range(2000):
+        mask, area = _random_mask(rng), int(rng.choice([1, 3, 10, 50, 200, 5000]))
+        expected, _ = remove_small_regions(mask, area, mode="holes")
+        expected, _ = remove_small_regions(expected, area, mode="islands")
+        got = np.array(mask, order=order)
+        refine_mask(got, None, Refinement(min_region_area=area))
+        assert np.array_equal(got, expected) or not mask.any(), (case, mask.shape, area)
+
+
+def test_small_background_at_the_frames_edge_is_a_hole():
+    notch = np.ones((6, 6), bool)
+    notch[0, 2] = False  # between the mask and the frame's top edge
+    corner = np.ones((20, 20), bool)
+    corner[:3, :3] = False  # the 9 px the mask leaves at the frame's corner
+    for mask in (notch, corner):
+        refine_mask(mask, None, Refinement(min_region_area=100))
+        assert mask.all()
+
+
 def test_clipping_keeps_box_plus_margin_and_drops_the_rest():
     mask = np.ones((100, 200), bool)
     refine_mask(mask, np.array([50, 20, 150, 60], np.float32), Refinement(box_margin=0.1))
