@@ -306,6 +306,7 @@ class TrackSession:
         self._check_frame(f)
         image = await self._decode(f, timings)
         p = self._plan(f, image)
+        self._size = (image.width, image.height)  # the first frame answered sets the session's size
         features = await self.pipeline.features(image, timings)
         index = f.frame_index
 
@@ -412,8 +413,6 @@ class TrackSession:
                 f"frame.image: {image.width}x{image.height} differs from the session's {w}x{h}; every frame of a "
                 "session has the first frame's size"
             )
-        if self._size is None:
-            self._size = (image.width, image.height)
         return image
 
     def _plan(self, f: FrameQuery, image: DecodedImage) -> Plan:

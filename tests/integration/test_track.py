@@ -183,6 +183,16 @@ def test_a_bad_frame_is_its_own_error_and_the_session_goes_on(stub, frames: list
             assert np.array_equal(_masks(a)[k], m)
 
 
+def test_a_first_frame_refused_sets_no_size(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """A first frame answered with an error leaves the session as before it: the next frame, of another size, is the
+    first (its size was refused as differing from the failed frame's)."""
+    small = _jpeg(np.zeros((120, 160, 3), np.uint8))
+    got = _track(stub, [_start(), _frame(small, 0, prompts=[_box(0, 0, 300, 100)]), _frame(frames[0], 0)])
+    assert got[0].error.message.startswith("frame.prompts[0].region.box"), got[0].error.message
+    assert not got[1].HasField("error"), got[1].error.message
+    assert (got[1].image.width, got[1].image.height) == (320, 240)
+
+
 @pytest.mark.parametrize(
     ("start", "field"),
     [
