@@ -348,6 +348,8 @@ class TrackSession:
             logits.extend(more_logits)
             scores.extend(more_scores)
         for t in rows:
+            if t.track_id in corrections:  # the caller showed where it is: seen, its memory anchored there
+                t.confirmed, t.drifted = True, False
             self._tracks[t.track_id] = t
 
         answered = await self._answer(image, p, rows, logits, scores, ended, index, timings)
@@ -487,7 +489,10 @@ class TrackSession:
             firsts.setdefault(c.mask_index, k)
         starts = [candidates.instances[k] for k in firsts.values()]
         prompts = [candidates.prompts[c.mask_index] for c in starts]
-        if not prompts:
+        detector_started = [t for t, track in enumerate(order) if track.source != REGION]
+        if not prompts:  # the detector missed every track (a correction shows its own: below)
+            for t in detector_started:
+                order[t].confirmed = order[t].track_id in corrected
             return _Detected([], {}, set())
         with stage(timings, "decode_masks", prompts=len(prompts)):
             low = await pipeline.masks.decode(features, prompts, image, False)
@@ -518,9 +523,8 @@ class TrackSession:
                 order[t].score = starts[d].score
                 order[t].hits += 1
         confirmed = set(matched.values())
-        detector_started = [t for t, track in enumerate(order) if track.source != REGION]
         for t in detector_started:
-            order[t].confirmed = t in confirmed
+            order[t].confirmed = t in confirmed or order[t].track_id in corrected
         for t in _duplicates(_mask_iou(masks, masks), confirmed, detector_started, threshold):
             order[t].drifted = True
         fresh = _new_objects(to_tracks, among, set(matched), threshold)

@@ -301,3 +301,37 @@ def test_a_runner_without_a_memory_path_says_so(settings, frames: list[bytes]) -
     with serving(demo, lambda: runner) as stub, pytest.raises(grpc.RpcError) as e:
         _track(stub, [_start(), _frame(frames[0], 0, prompts=[_box(10, 10, 120, 100)])])
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "memory" in e.value.details()
+
+
+def test_a_correction_shows_a_detector_started_track_the_detector_missed(demo_stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """The caller's correction says where the object is: the track answers with it (TRACKED, its mask), though the
+    last detection frame missed it. It stayed LOST with an empty mask: a detector-started track was shown only once
+    a detection matched it again."""
+    black = _jpeg(np.zeros((240, 320, 3), np.uint8))
+    first = _track(demo_stub, [_start(detect_every=0), _frame(frames[0], 0, detect=True)])[0]
+    assert first.instances, "the demo detector finds the shapes of the first frame"
+    t = first.instances[0]
+    box = t.instance.box
+    fix = pb.TrackPrompt(
+        region=pb.RegionPrompt(box=pb.BoundingBox(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)),
+        track_id=t.track_id,
+    )
+    got = _track(
+        demo_stub,
+        [
+            _start(detect_every=0),
+            _frame(frames[0], 0, detect=True),
+            _frame(black, 1, detect=True),  # nothing to detect: every track LOST
+            _frame(frames[0], 2, prompts=[fix]),  # the object shown again, by the caller
+        ],
+    )
+    assert all(r.instances and not r.HasField("error") for r in got)
+    assert {i.track_id: i.state for i in got[1].instances}[t.track_id] == pb.TRACK_STATE_LOST
+    corrected = {i.track_id: i for i in got[2].instances}[t.track_id]
+    assert corrected.state == pb.TRACK_STATE_TRACKED
+    assert (
+        mask_utils.area(
+            {"size": list(corrected.instance.mask.coco_rle.size), "counts": corrected.instance.mask.coco_rle.counts}
+        )
+        > 0
+    )
