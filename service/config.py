@@ -289,7 +289,8 @@ class Settings:
     # track_max_objects_limit); a detection continues a track when its mask's IoU with the track's (or with where the
     # track's motion expects it) reaches track_match_iou. A track the detector starts is tentative, not answered,
     # until detection frames have shown it track_confirm_after times in a row (1: at once; tracks started on a
-    # session's first frame are answered at once); a detection frame that misses it before then ends it unseen.
+    # session's first frame, or with detect_every 0, are answered at once); a detection frame that misses it before
+    # then ends it unseen.
     # track_lost_after 90 rather than 30: a LOST track can be re-found that long, and objects hidden 20-55 frames
     # came back under new ids (measured on the demo: SHAPES_SAM2_VIDEO.md, History, session 25).
     track_detect_every: int = 1

@@ -376,9 +376,10 @@ class TrackSession:
                 f"frame.frame_index: {f.frame_index} is not after the previous frame's {self._last_index}; "
                 "send frames in order"
             )
-        if f.detect and not self.settled.detects and self.pipeline.runner.detector.open_vocabulary:
+        if f.detect and not self.settled.detects:  # its start said the detector never runs
             raise InvalidInput(
-                "frame.detect: this session names nothing to detect; give start.classes, texts or exemplars"
+                "frame.detect: this session names nothing to detect; give start.classes, texts or exemplars (or "
+                "start.detect_every, 0 for frames that ask, to detect every class of a fixed vocabulary)"
             )
         if f.image.handle is not None:
             raise InvalidInput("frame.image: send encoded bytes or raw pixels (a handle is not a video frame)")
@@ -556,7 +557,9 @@ class TrackSession:
             c = starts[d]
             track = self._new_track(c.label, c.class_id, c.source, c.text_match, c.score, index)
             track.sighted(detections[d], index, colours[d])
-            if self._frames == 0:  # the session's first frame: every track it starts is answered at once
+            if self._frames == 0 or self.settled.detect_every == 0:
+                # answered at once: the session's first frame, and any frame when the detector runs only on frames
+                # that ask (no later detection frame may come to confirm a tentative track, which would stay hidden)
                 track.hits = self.settled.confirm_after
             new.append((track, prompts[d]))
             room -= 1

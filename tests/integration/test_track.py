@@ -335,3 +335,31 @@ def test_a_correction_shows_a_detector_started_track_the_detector_missed(demo_st
         )
         > 0
     )
+
+
+def test_with_detect_every_0_the_tracks_a_detection_starts_are_answered_at_once(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """The detector runs only on frames that ask: no later detection frame may come to confirm a tentative track, so
+    the tracks frame 1's detection starts are answered on it (they stayed hidden for good, each a SAM step every
+    frame and a place among max_objects)."""
+    got = _track(
+        stub,
+        [
+            _start(classes=["person", "car"], detect_every=0, max_objects=3),
+            _frame(frames[0], 0),
+            _frame(frames[1], 1, detect=True),
+            _frame(frames[2], 2),
+        ],
+    )
+    assert not got[0].instances and got[1].detected
+    assert got[1].instances and all(t.state == pb.TRACK_STATE_NEW for t in got[1].instances)
+    assert {t.track_id for t in got[2].instances} == {t.track_id for t in got[1].instances}
+
+
+def test_detect_in_a_session_that_names_nothing_is_the_frames_error(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """The start named nothing to detect and left detect_every unset: its detector never runs (the proto says so), so
+    a frame asking for it is refused (the closed test detector ran over every class and started tracks)."""
+    got = _track(
+        stub, [_start(), _frame(frames[0], 0, detect=True), _frame(frames[1], 1, prompts=[_box(10, 10, 90, 90)])]
+    )
+    assert got[0].error.message.startswith("frame.detect: this session names nothing to detect"), got[0]
+    assert not got[1].HasField("error") and [t.track_id for t in got[1].instances] == [1]
