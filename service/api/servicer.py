@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -19,7 +20,7 @@ from service.api.errors import describe, guarded, status_details
 from service.api.sessions import TrackSessions
 from service.api.workers import WorkerLink
 from service.config import Settings
-from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable
+from service.errors import ConfigurationError, DeadlineExceeded, InvalidInput, ModelUnavailable, Overloaded
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.prompts import SegmentQuery, valid_request_id
 from service.pipeline.tracking import TrackLimits, TrackQuery, TrackSession
@@ -188,26 +189,23 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             ) from None
 
     async def _track_frame(self, session: TrackSession, message: pb.TrackRequest) -> pb.TrackResponse:
-        """One frame's answer, or its own error (InvalidInput: the session is as before it); other failures end the
-        call."""
+        """One frame's answer, or its own error where the session is as before it: the frame is refused
+        (InvalidInput), or admission has no room for it now (Overloaded; DeadlineExceeded waiting for a slot: sent
+        again, it is answered as if first sent then). Failures once the frame runs end the call."""
         frame = message.frame
         DEADLINE.set(time.monotonic() + self._settings.default_deadline_seconds)
         try:
             if message.WhichOneof("message") != "frame":
                 raise InvalidInput("start: a Track call has one start message, the first; send frames after it")
             query = convert.frame_from_proto(frame)
-            async with self.admission.slot(DEADLINE.get()):
+            async with contextlib.AsyncExitStack() as admitted:
+                try:
+                    await admitted.enter_async_context(self.admission.slot(DEADLINE.get()))
+                except (Overloaded, DeadlineExceeded) as e:
+                    return _frame_error(frame, session.request_id, e)
                 result = await _within_deadline(session.frame(query))
         except InvalidInput as e:
-            failure = describe(e, session.request_id)
-            response = pb.TrackResponse(
-                frame_index=frame.frame_index,
-                request_id=session.request_id,
-                error=pb.ItemError(code=failure.code.value[0], message=failure.message),
-            )
-            if frame.HasField("timestamp"):
-                response.timestamp.CopyFrom(frame.timestamp)
-            return response
+            return _frame_error(frame, session.request_id, e)
         self.tracking.answered()
         return convert.track_response_to_proto(result, frame, session.request_id)
 
@@ -305,6 +303,19 @@ def _prompt_kinds(pipeline: Pipeline) -> list[pb.PromptKind]:
     if pipeline.runner.detector.visual_prompts or pipeline.concept_processing is not None:
         kinds.append(pb.PROMPT_KIND_EXEMPLARS)
     return kinds
+
+
+def _frame_error(frame: pb.TrackFrame, request_id: str, error: Exception) -> pb.TrackResponse:
+    """A frame's answer that is its own error (``describe``: code and message as the call's would be)."""
+    failure = describe(error, request_id)
+    response = pb.TrackResponse(
+        frame_index=frame.frame_index,
+        request_id=request_id,
+        error=pb.ItemError(code=failure.code.value[0], message=failure.message),
+    )
+    if frame.HasField("timestamp"):
+        response.timestamp.CopyFrom(frame.timestamp)
+    return response
 
 
 def _request_id(given: str) -> str:

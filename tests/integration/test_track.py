@@ -16,8 +16,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.proto.detseg.v1 import detseg_pb2 as pb
+from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from service.shapes.video import make_video
-from tests.conftest import serving
+from tests.conftest import ServerThread, serving, wait_serving
 
 FRAMES = 8
 
@@ -363,3 +364,42 @@ def test_detect_in_a_session_that_names_nothing_is_the_frames_error(stub, frames
     )
     assert got[0].error.message.startswith("frame.detect: this session names nothing to detect"), got[0]
     assert not got[1].HasField("error") and [t.track_id for t in got[1].instances] == [1]
+
+
+def test_a_frame_admission_has_no_room_for_is_its_own_error_and_the_session_goes_on(
+    settings, runner, frames: list[bytes]
+) -> None:  # type: ignore[no-untyped-def]
+    """Every running and queued slot taken (max_in_flight + max_queue): the frame is answered RESOURCE_EXHAUSTED and
+    the session is as before it, so the frame sent again is answered (the whole call ended, its tracks lost)."""
+    import queue
+
+    held: queue.Queue[pb.TrackRequest | None] = queue.Queue()
+
+    def messages() -> Iterator[pb.TrackRequest]:
+        while (m := held.get()) is not None:
+            yield m
+
+    srv = ServerThread(settings, lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            answers = pb_grpc.SegmentationServiceStub(channel).Track(messages(), timeout=120)
+            held.put(_start())
+            held.put(_frame(frames[0], 0, prompts=[_box(10, 10, 120, 100)]))
+            assert [t.track_id for t in next(answers).instances] == [1]
+            admission = srv.served.servicer.admission
+            limits = admission.max_in_flight, admission.max_queue
+            admission.max_in_flight, admission.max_queue = 0, 0  # as if other calls held every slot
+            held.put(_frame(frames[1], 1))
+            busy = next(answers)
+            admission.max_in_flight, admission.max_queue = limits
+            assert (
+                busy.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "server busy" in busy.error.message
+            )
+            held.put(_frame(frames[1], 1))
+            again = next(answers)
+            held.put(None)
+            assert not again.HasField("error") and [t.track_id for t in again.instances] == [1]
+            assert again.instances[0].state == pb.TRACK_STATE_TRACKED
+    finally:
+        srv.stop()
