@@ -28,8 +28,9 @@ class TrackSessions:
 
     @property
     def objects(self) -> int:
-        """Tracks live in the open sessions."""
-        return sum(s.tracks for s in self._open)
+        """Tracks live in the open sessions. Read by the metrics' thread while the event loop opens and closes
+        sessions: the set is copied first (one C call under the GIL), never iterated while it may change size."""
+        return sum(s.tracks for s in list(self._open))
 
     @contextlib.asynccontextmanager
     async def session(self, session: TrackSession) -> AsyncIterator[None]:
