@@ -432,14 +432,26 @@ def _coerce(type_name: Any, value: Any) -> Any:
     return str(value)
 
 
+# A default a request or session takes when it names none, and the most one may name: the default within it.
+DEFAULTS_WITHIN = {"default_max_instances": "max_instances", "track_max_objects": "track_max_objects_limit"}
+
+
 def setting_problems(settings: Settings) -> list[str]:
-    """Each setting outside what CONSTRAINTS allows, as ``setting NAME: what is wrong`` (jsonschema's words)."""
+    """Each setting outside what CONSTRAINTS allows, as ``setting NAME: what is wrong`` (jsonschema's words), then
+    each default above the limit it falls under (``DEFAULTS_WITHIN``)."""
     from jsonschema import Draft7Validator
 
     values = {name: getattr(settings, name) for name in CONSTRAINTS}
     values["log_level"] = str(values["log_level"]).upper()
     schema = {"type": "object", "properties": CONSTRAINTS}
-    return [
+    problems = [
         f"setting {'.'.join(map(str, e.path))}: {e.message}"
         for e in sorted(Draft7Validator(schema).iter_errors(values), key=lambda e: list(e.path))
     ]
+    for default, limit in DEFAULTS_WITHIN.items():
+        if getattr(settings, default) > getattr(settings, limit):
+            problems.append(
+                f"setting {default}: {getattr(settings, default)} is above {limit} ({getattr(settings, limit)}), "
+                "the most a request may ask"
+            )
+    return problems

@@ -282,16 +282,21 @@ def response_to_proto(
     )
 
 
+def duration(seconds: float) -> Duration:
+    """Seconds as a protobuf Duration, to the nanosecond (0.5 s is 0.5 s, not 0)."""
+    out = Duration()
+    out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
 def encode_response_to_proto(
     result: EncodeResult, request_id: str, ttl_seconds: float, models: list[pb.ModelInfo], profile: str, backend: str
 ) -> pb.EncodeImageResponse:
-    ttl = Duration()
-    ttl.FromNanoseconds(int(ttl_seconds * 1e9))
     return pb.EncodeImageResponse(
         handle=result.handle,
         image=image_info(result.image),
         cached=result.cached,
-        ttl=ttl,
+        ttl=duration(ttl_seconds),
         provenance=provenance(request_id, result.timings, models, profile, backend),
     )
 
@@ -303,11 +308,7 @@ def image_info(image: DecodedImage) -> pb.ImageInfo:
 def provenance(
     request_id: str, stage_seconds: dict[str, float], models: list[pb.ModelInfo], profile: str, backend: str
 ) -> pb.Provenance:
-    timings = []
-    for stage, seconds in stage_seconds.items():
-        d = Duration()
-        d.FromNanoseconds(int(seconds * 1e9))
-        timings.append(pb.StageTiming(stage=stage, duration=d))
+    timings = [pb.StageTiming(stage=stage, duration=duration(seconds)) for stage, seconds in stage_seconds.items()]
     return pb.Provenance(
         request_id=request_id,
         profile=profile,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from service.api import convert
 from service.api.admission import Admission
@@ -268,7 +267,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 track=pb.TrackDefaults(
                     **dataclasses.asdict(self._track_limits),  # what sessions run with
                     max_sessions=self.tracking.max_sessions,
-                    idle_timeout=Duration(seconds=int(s.track_idle_seconds)),
+                    idle_timeout=convert.duration(s.track_idle_seconds),
                     memory_frames=_memory_frames(pipeline),
                 ),
             ),

@@ -262,7 +262,7 @@ def test_concurrent_sessions_never_see_each_other(stub, frames: list[bytes]) -> 
 
 @pytest.fixture(scope="module")
 def limited(settings, runner) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    with serving(settings.replace(max_track_sessions=1, track_idle_seconds=1.0), lambda: runner) as stub:
+    with serving(settings.replace(max_track_sessions=1, track_idle_seconds=1.5), lambda: runner) as stub:
         yield stub
 
 
@@ -276,6 +276,8 @@ def test_sessions_beyond_the_limit_are_refused_and_idle_ones_closed(limited, fra
         while (m := held.get()) is not None:
             yield m
 
+    defaults = limited.ListModels(pb.ListModelsRequest(), timeout=30).defaults.track
+    assert (defaults.max_sessions, defaults.idle_timeout.ToNanoseconds()) == (1, 1_500_000_000)  # was 1 s: truncated
     held.put(_start())
     held.put(_frame(frames[0], 0, prompts=[_box(10, 10, 120, 100)]))
     first = limited.Track(messages(), timeout=60)

@@ -37,6 +37,8 @@ def test_unknown_setting_is_an_error(tmp_path: Path):
         ("env:DETSEG_OFFLINE=maybe", "setting offline: not a boolean: 'maybe'"),
         ("env:DETSEG_LOG_LEVEL=loud", "setting log_level: 'LOUD' is not one of ['DEBUG', 'INFO'"),
         ("env:DETSEG_REDIS_URL=redis-host:6379", "setting redis_url: 'redis-host:6379' does not match"),
+        ("file:track_max_objects: 200", "setting track_max_objects: 200 is above track_max_objects_limit (100)"),
+        ("env:DETSEG_DEFAULT_MAX_INSTANCES=400", "setting default_max_instances: 400 is above max_instances (300)"),
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_by_name(tmp_path: Path, source: str, says: str):
