@@ -56,7 +56,8 @@ _ROLES = {
 }
 
 
-def image_from_proto(message: pb.Image) -> ImageInput:
+def image_from_proto(message: pb.Image, field: str = "image") -> ImageInput:
+    """``field``: the message's path in the request, which an error names."""
     source = message.WhichOneof("source")
     if source == "raw":
         return ImageInput(raw=message.raw.data, width=message.raw.width, height=message.raw.height)
@@ -64,7 +65,9 @@ def image_from_proto(message: pb.Image) -> ImageInput:
         return ImageInput(encoded=message.encoded)
     if source == "handle":
         return ImageInput(handle=message.handle)
-    raise InvalidInput("image: missing; set image.encoded (JPEG, PNG, WebP bytes), image.raw or image.handle")
+    raise InvalidInput(
+        f"{field}: missing; set {field}.encoded (JPEG, PNG, WebP bytes), {field}.raw or {field}.handle", field=field
+    )
 
 
 def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
@@ -75,7 +78,7 @@ def query_from_proto(request: pb.SegmentRequest) -> SegmentQuery:
         options=options_from_proto(request.options),
         request_id=request.request_id,
         texts=tuple(request.texts),
-        exemplars=tuple(exemplar_from_proto(e) for e in request.exemplars),
+        exemplars=tuple(exemplar_from_proto(e, f"exemplars[{i}]") for i, e in enumerate(request.exemplars)),
     )
 
 
@@ -88,11 +91,12 @@ def region_from_proto(r: pb.RegionPrompt) -> Region:
     )
 
 
-def exemplar_from_proto(e: pb.Exemplar) -> Exemplar:
+def exemplar_from_proto(e: pb.Exemplar, field: str) -> Exemplar:
+    """``field``: the exemplar's path in the request (``exemplars[2]``), which an error names."""
     return Exemplar(
         box=(e.box.x_min, e.box.y_min, e.box.x_max, e.box.y_max),
         label=e.label,
-        image=image_from_proto(e.image) if e.HasField("image") else None,
+        image=image_from_proto(e.image, f"{field}.image") if e.HasField("image") else None,
     )
 
 
@@ -123,7 +127,7 @@ def track_query_from_proto(start: pb.TrackStart) -> TrackQuery:
     return TrackQuery(
         classes=tuple(start.classes),
         texts=tuple(start.texts),
-        exemplars=tuple(exemplar_from_proto(e) for e in start.exemplars),
+        exemplars=tuple(exemplar_from_proto(e, f"start.exemplars[{i}]") for i, e in enumerate(start.exemplars)),
         detect_every=start.detect_every if start.HasField("detect_every") else None,
         lost_after=start.lost_after if start.HasField("lost_after") else None,
         max_objects=start.max_objects if start.HasField("max_objects") else None,

@@ -280,7 +280,7 @@ class TrackSession:
                 plan(query, self.pipeline.limits, v.names, 1, 1, v.texts, open_vocabulary)  # class names, here
                 self._references = await asyncio.to_thread(self.pipeline.images.reference_images, q.exemplars)
         except InvalidInput as e:
-            raise InvalidInput(f"start.{e}") from None
+            raise InvalidInput(f"start.{e}", field=f"start.{e.field}" if e.field else None) from None
         self.pipeline.runner.track_memory()  # Unsupported (FAILED_PRECONDITION) where the runner cannot track
 
     def close(self) -> None:

@@ -49,6 +49,10 @@ _JPEG = ultralytics_asset("bus.jpg").read_bytes()
 
 CASES = {
     "no image": (pb.SegmentRequest(), ["image", "missing"]),
+    "an exemplar's image with no source": (
+        _request(exemplars=[pb.Exemplar(box=pb.BoundingBox(x_max=4, y_max=4), image=pb.Image())]),
+        ["exemplars[0].image: missing; set exemplars[0].image.encoded"],
+    ),
     "empty bytes": (_request(pb.Image(encoded=b"")), ["image.encoded", "empty"]),
     "random bytes": (
         _request(pb.Image(encoded=np.random.default_rng(0).bytes(4096))),

@@ -203,6 +203,10 @@ def test_a_first_frame_refused_sets_no_size(stub, frames: list[bytes]) -> None: 
         (pb.TrackStart(options=pb.SegmentOptions(keep_masks=True)), "start.options.keep_masks"),
         (pb.TrackStart(classes=["no such class"]), "start.classes"),
         (pb.TrackStart(exemplars=[pb.Exemplar(box=pb.BoundingBox(x_max=4, y_max=4))]), "start.exemplars[0].image"),
+        (
+            pb.TrackStart(exemplars=[pb.Exemplar(box=pb.BoundingBox(x_max=4, y_max=4), image=pb.Image())]),
+            "start.exemplars[0].image: missing; set start.exemplars[0].image.encoded",
+        ),
     ],
 )
 def test_a_bad_start_ends_the_call_naming_the_field(
