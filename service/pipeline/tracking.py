@@ -521,7 +521,8 @@ class TrackSession:
         for d, t in zip(*linear_sum_assignment(-gain), strict=True):
             if to_tracks[d, t] >= threshold:
                 matched[int(d)] = int(t)
-                order[t].score = starts[d].score
+                if order[t].source != REGION:  # the caller's own objects score 1 (the proto's TrackedInstance)
+                    order[t].score = starts[d].score
                 order[t].hits += 1
         confirmed = set(matched.values())
         for t in detector_started:

@@ -409,3 +409,23 @@ def test_a_frame_admission_has_no_room_for_is_its_own_error_and_the_session_goes
             assert again.instances[0].state == pb.TRACK_STATE_TRACKED
     finally:
         srv.stop()
+
+
+def test_a_caller_placed_track_a_detection_matches_keeps_score_1(demo_stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """The proto: a track's score is the detection's that started or last matched it, 1 for prompts. A detection
+    matching the caller's own object (so that it starts no second track) gave it the detection's score."""
+    found = _track(demo_stub, [_start(detect_every=0), _frame(frames[0], 0, detect=True)])[0].instances[0]
+    b = found.instance.box
+    got = _track(
+        demo_stub,
+        [
+            _start(classes=[found.instance.label], detect_every=1),
+            _frame(frames[0], 0, prompts=[_box(b.x_min, b.y_min, b.x_max, b.y_max, "mine")]),
+            _frame(frames[1], 1),
+            _frame(frames[2], 2),
+        ],
+    )
+    assert all(r.detected for r in got)
+    mine = [t for r in got for t in r.instances if t.instance.label == "mine"]
+    assert len(mine) == 3 and {t.track_id for t in mine} == {1}
+    assert [t.instance.score for t in mine] == [1.0, 1.0, 1.0]
