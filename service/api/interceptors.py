@@ -15,6 +15,7 @@ reaches a log line raw); absent otherwise. Health checks (probes every few secon
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -55,13 +56,20 @@ def observe_calls(handler: grpc.RpcMethodHandler, observer: CallObserver) -> grp
         return make(unary, **kwargs)
 
     inner_stream = handler.unary_stream or handler.stream_stream
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    if not inspect.isasyncgenfunction(inner_stream):  # it writes its answers (context.write) and returns None
+
+        async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
+            with observer(request, context):
+                await inner_stream(request, context)
+
+        return make(writing, **kwargs)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         with observer(request, context):
             async for response in inner_stream(request, context):
                 yield response
 
-    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
     return make(streaming, **kwargs)
 
 

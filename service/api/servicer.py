@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -29,6 +30,7 @@ from service.provenance import response as signing
 from service.runners.base import DEADLINE
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +151,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 if leftover is not None:
                     leftover.cancel()
 
-    async def Track(
-        self, request_iterator: AsyncIterator[pb.TrackRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.TrackResponse]:
+    async def Track(self, request_iterator: AsyncIterator[pb.TrackRequest], context: grpc.aio.ServicerContext) -> None:
         """One tracking session per call: its start, then one answer per frame, in order (module
-        ``service.pipeline.tracking``). A frame's own error is its answer; the start's, a limit, an idle stream or a
-        failing model end the call. The session's state is released however the call ends."""
+        ``service.pipeline.tracking``). A frame's own error is its answer; the start's, a limit, an idle stream (no
+        message, or no answer read, for track_idle_seconds) or a failing model end the call. The session's state is
+        released however the call ends. Answers are written (``_write``), not yielded, so that a write a client
+        never reads ends within the call's own task."""
         _set_deadline(context, None)
         messages = aiter(request_iterator)
         request_id = "track-" + uuid.uuid4().hex
@@ -170,7 +172,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             async with self.tracking.session(session):
                 await session.open()
                 while (message := await self._next_message(messages)) is not None:
-                    yield await self._track_frame(session, message)
+                    await self._write(context, await self._track_frame(session, message))
         except Exception as e:
             failure = describe(e, request_id)
             await context.abort(failure.code, failure.message, status_details(failure))
@@ -186,6 +188,18 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             raise DeadlineExceeded(
                 f"no message for {self._settings.track_idle_seconds:g} s (track_idle_seconds): the session is closed"
             ) from None
+
+    async def _write(self, context: grpc.aio.ServicerContext, response: pb.TrackResponse) -> None:
+        """Sends one answer. A client that reads none for track_idle_seconds has its call cancelled, as an idle stream
+        is closed: gRPC's flow control holds a write once the client's window is full, and the session held its place
+        among max_track_sessions for as long as the client stayed connected. Cancelled, not aborted: a status cannot
+        be sent while the write is pending (gRPC's core refuses it), and the client reads nothing anyway."""
+        try:
+            await asyncio.wait_for(context.write(response), self._settings.track_idle_seconds)
+        except TimeoutError:
+            idle = self._settings.track_idle_seconds
+            log.info("a Track call's client read no answer for %g s (track_idle_seconds): the call is cancelled", idle)
+            raise asyncio.CancelledError from None
 
     async def _track_frame(self, session: TrackSession, message: pb.TrackRequest) -> pb.TrackResponse:
         """One frame's answer, or its own error where the session is as before it: the frame is refused

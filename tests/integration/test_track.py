@@ -429,3 +429,31 @@ def test_a_caller_placed_track_a_detection_matches_keeps_score_1(demo_stub, fram
     mine = [t for r in got for t in r.instances if t.instance.label == "mine"]
     assert len(mine) == 3 and {t.track_id for t in mine} == {1}
     assert [t.instance.score for t in mine] == [1.0, 1.0, 1.0]
+
+
+def test_a_client_that_reads_no_answer_is_cancelled_after_the_idle_time(settings, runner, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """gRPC's flow control holds the server's write once the client's window is full (here one frame's answers: its
+    window kept at 64 KiB). Past track_idle_seconds the call is cancelled and its session's place among
+    max_track_sessions is free again; it was held for as long as the client stayed connected."""
+    import time
+
+    srv = ServerThread(settings.replace(max_track_sessions=1, track_idle_seconds=1.0), lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            many = [_box(8 * k, 8, 8 * k + 150, 200) for k in range(20)]
+            unread = stub.Track(iter([_start(), _frame(frames[0], 0, prompts=many), *(
+                _frame(frames[t], t) for t in range(1, FRAMES))]), timeout=120)  # fmt: skip
+            deadline, opened = time.monotonic() + 60, None
+            while opened is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                try:
+                    opened = _track(stub, [_start(), _frame(frames[0], 0)], timeout=30)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e  # the unread session holds the place
+            assert opened is not None and not opened[0].HasField("error"), "the unread session was never closed"
+            assert srv.served.servicer.tracking.open == 0
+            unread.cancel()
+    finally:
+        srv.stop()
