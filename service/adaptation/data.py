@@ -65,10 +65,15 @@ def write_yolo(split: Split, root: Path) -> Path:
                 if a.get("iscrowd"):
                     continue
                 x, y, w, h = a["bbox"]
-                cx, cy = (x + w / 2) / image.width, (y + h / 2) / image.height
-                lines.append(
-                    f"{index[a['category_id']]} {cx:.6f} {cy:.6f} {w / image.width:.6f} {h / image.height:.6f}"
-                )
+                # within the image (a box may reach beyond it: ultralytics refuses a whole image as corrupt when a
+                # label's coordinates pass 1)
+                x0, y0 = min(max(x, 0.0), image.width), min(max(y, 0.0), image.height)
+                x1, y1 = min(max(x + w, 0.0), image.width), min(max(y + h, 0.0), image.height)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                cx, cy = (x0 + x1) / 2 / image.width, (y0 + y1) / 2 / image.height
+                bw, bh = (x1 - x0) / image.width, (y1 - y0) / image.height
+                lines.append(f"{index[a['category_id']]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
             (root / "labels" / part / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
     names_yaml = "".join(f"  {k}: {_yaml_string(n)}\n" for k, n in enumerate(names))
     data_yaml = root / "data.yaml"

@@ -111,7 +111,10 @@ def read_records(out: Path) -> dict[str, LabeledImage]:
 
 def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
     """The record of one answer, read through ``service.results`` (the client's ``Result``): sources, review reasons
-    and RLE spelled as every reader spells them."""
+    and RLE spelled as every reader spells them. An object answered once per prompt that found it under the same
+    label (a class and a text read as that class: the same label, box and mask) is one instance, the first answered:
+    a dataset holds one annotation per object and label."""
+    unique = {(i.label, i.box, i.rle["counts"]): i for i in reversed(result.instances)}  # the first of each stays
     instances = tuple(
         LabeledInstance(
             label=i.label,
@@ -124,6 +127,7 @@ def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
             review_reasons=i.review_reasons,
         )
         for i in result.instances
+        if unique[(i.label, i.box, i.rle["counts"])] is i
     )
     return LabeledImage(file_name, result.width, result.height, sha256, instances)
 

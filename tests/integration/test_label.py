@@ -246,3 +246,20 @@ def test_names_the_server_takes_as_one_class_are_one_category_spelled_as_its_ans
     assert sorted(dataset.categories.values()) == ["circle", "square", "star"]
     names = yaml.safe_load(summary.exports["yolo"].read_text())["names"]
     assert names == {0: "circle", 1: "star", 2: "square"}
+
+
+def test_an_object_a_class_and_a_text_both_find_is_one_annotation(demo_server, folder, tmp_path):
+    """The server answers once per prompt ("circle" as a class and as a text: two instances, one box, one mask); a
+    dataset holds one annotation per object and label (each circle was two identical annotations)."""
+    with Client(demo_server.target) as client:
+        once = label_folder(
+            client, folder, tmp_path / "a", Prompts(classes=("circle",)), formats=("coco",), progress=False
+        )
+        both = Prompts(classes=("circle",), texts=("circle",))
+        twice = label_folder(client, folder, tmp_path / "b", both, formats=("coco",), progress=False)
+        answered = sum(
+            len(client.segment(p, classes=["circle"], texts=["circle"])) for p in sorted(folder.rglob("*.png"))
+        )
+    assert once.instances > 0 and answered == 2 * once.instances
+    assert twice.instances == once.instances
+    assert len(json.loads(twice.exports["coco"].read_text())["annotations"]) == once.instances

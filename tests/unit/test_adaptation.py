@@ -62,6 +62,31 @@ def test_yolo_files_carry_the_coco_boxes_and_class_names(shifted, tmp_path):
     assert np.array_equal(np.asarray(Image.open(linked)), np.asarray(Image.open(image.path)))
 
 
+def test_boxes_reaching_beyond_the_image_are_clipped_so_ultralytics_keeps_the_image(shifted, tmp_path):
+    """A COCO box may reach beyond its image (a corrected label, an object cut by the edge): its YOLO line had a
+    centre past 1 and ultralytics' own check (verify_image_label) refused the whole image as corrupt. A box wholly
+    outside gives no line."""
+    from ultralytics.data.utils import verify_image_label
+
+    split = adapt_data.split(shifted, 0.25, 0)
+    image = split.train.images[0]
+    first, second = split.train.annotations(image.id)[:2]
+    first["bbox"] = [image.width - 10.0, 5.0, 60.0, 20.0]  # mostly beyond the right edge
+    second["bbox"] = [image.width + 5.0, 5.0, 10.0, 10.0]  # wholly beyond it
+    adapt_data.write_yolo(split, tmp_path)
+    label = tmp_path / "labels" / "train" / f"{image.id}.txt"
+    lines = label.read_text().splitlines()
+    assert len(lines) == len(split.train.annotations(image.id)) - 1
+    k, cx, cy, w, h = (float(v) for v in lines[0].split())
+    assert (cx, w) == (
+        pytest.approx((image.width - 5) / image.width, abs=1e-6),
+        pytest.approx(10 / image.width, abs=1e-6),
+    )
+    linked = tmp_path / "images" / "train" / f"{image.id}.png"
+    checked = verify_image_label((str(linked), str(label), "", False, len(SHIFTED_CLASSES), 0, 0, False))
+    assert checked[0] is not None and len(checked[1]) == len(lines), checked[-1]
+
+
 def test_replayed_images_train_beside_the_data_with_classes_matched_by_name(shifted, tmp_path):
     """A replay set of the base's own domain (the plain world: its classes a subset of the shifted world's, listed
     in another order with other ids) joins the training part only; its labels take the adapted classes' ids by

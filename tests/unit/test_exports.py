@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -337,6 +338,19 @@ def test_label_studio_predictions_decode_to_the_exact_masks(sample: Sample, tmp_
             assert result["value"]["brushlabels"] == [inst.label] and result["score"] == inst.score
             decoded = decode_rle(result["value"]["rle"]).reshape(image.height, image.width, 4)[:, :, 3]
             np.testing.assert_array_equal(decoded > 0, mask)
+
+
+@pytest.mark.parametrize("name", ["R&D/shelf 1.jpg", "a#1+b.png", "100%/café.webp", "plain/x.jpg"])
+def test_label_studio_image_urls_carry_any_file_name_to_label_studios_file_server(name: str) -> None:
+    """Label Studio's local-files server reads the path from the ``d`` query parameter: a raw "&" cut it, "#" ended
+    the URL, "+" became a space and "%" was decoded. Cloud storage URIs keep their object key as written."""
+    from service.labeling.exports.label_studio import image_url
+
+    url = image_url("/data/local-files/?d=labeled/", name)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(url).query) == {"d": [f"labeled/{name}"]}
+    web = urllib.parse.urlsplit(image_url("https://images.example.com/shelf/", name))
+    assert urllib.parse.unquote(web.path) == f"/shelf/{name}" and not web.fragment
+    assert image_url("s3://bucket/dir/", name) == f"s3://bucket/dir/{name}"
 
 
 def test_label_studio_converter_exports_accepted_predictions_as_the_exact_masks(sample: Sample, tmp_path: Path) -> None:

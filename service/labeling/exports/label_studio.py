@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,15 @@ def label_studio_config(categories: Sequence[str]) -> str:
     return config
 
 
+def image_url(prefix: str, file_name: str) -> str:
+    """``prefix + file_name``, the name percent-encoded ("/" kept) where the prefix is a web address or a path Label
+    Studio serves: in ``/data/local-files/?d=`` a name's "&", "#", "+" or "%" otherwise cut or changed the path
+    (Label Studio's local-files storage quotes it so itself). A cloud storage URI (``s3://``, ``gs://``,
+    ``azure-blob://``) takes its object key as written."""
+    scheme = urllib.parse.urlsplit(prefix).scheme
+    return prefix + (urllib.parse.quote(file_name, safe="/") if scheme in ("", "http", "https") else file_name)
+
+
 def write_label_studio(
     images: Sequence[LabeledImage],
     categories: Sequence[str],
@@ -56,8 +66,8 @@ def write_label_studio(
     """Writes ``out/tasks.json`` (Label Studio tasks to import as pre-annotations) and ``out/labeling_config.xml``
     (``label_studio_config(categories)``); returns both paths.
 
-    One task per image: ``data.image`` = ``image_url_prefix + file_name`` (the prefix is whatever Label Studio resolves:
-    a URL, ``s3://bucket/dir/``, or ``/data/local-files/?d=<dir>/`` for local file serving; nothing is escaped) and
+    One task per image: ``data.image`` = ``image_url_prefix + file_name`` (``image_url``: the prefix is whatever Label
+    Studio resolves: a URL, ``s3://bucket/dir/``, or ``/data/local-files/?d=<dir>/`` for local file serving) and
     ``predictions`` with one prediction (``model_version``; ``score`` the lowest instance score, so sorting tasks by
     prediction score surfaces the least certain first; left out when the image has no instance). Its ``result`` holds
     one ``brushlabels`` region per instance: ``value`` {``format``: "rle", ``rle``: label-studio-sdk's own encoding of
@@ -98,7 +108,7 @@ def write_label_studio(
             prediction["score"] = min(inst.score for inst, _ in instances)
         reasons = sorted({reason for inst, _ in instances for reason in inst.review_reasons})
         data = {
-            LABEL_STUDIO_IMAGE: image_url_prefix + image.file_name,
+            LABEL_STUDIO_IMAGE: image_url(image_url_prefix, image.file_name),
             "needs_review": any(inst.needs_review for inst, _ in instances),
             "review_reasons": reasons,
         }
