@@ -96,7 +96,8 @@ def cocoeval(dataset: EvalDataset, results: list[dict], iou_type: str) -> Any:
 
 def outcomes(dataset: EvalDataset, e: Any, results: list[dict]) -> tuple[list[Outcome], set[int]]:
     """Each result's match at IoU 0.5 (area "all", most detections) in COCOeval ``e`` over ``results``, and the
-    set of matched ground-truth ids."""
+    set of matched ground-truth ids. A result COCOeval ignores (matched to a crowd region: ``dtIgnore``) is left
+    out, as COCO leaves it out of AP: neither a match nor a false positive."""
     from pycocotools import mask as mask_utils
 
     gts = {a["id"]: a for a in dataset.coco["annotations"]}
@@ -104,13 +105,18 @@ def outcomes(dataset: EvalDataset, e: Any, results: list[dict]) -> tuple[list[Ou
     t = 0  # iouThrs[0] == 0.5
     assert e.params.iouThrs[t] == 0.5
     matched: dict[int, int] = {}
+    ignored: set[int] = set()
     for ev in e.evalImgs:
         if ev is None or ev["aRng"] != e.params.areaRng[0] or ev["maxDet"] != e.params.maxDets[-1]:
             continue
-        for d, g in zip(ev["dtIds"], ev["dtMatches"][t], strict=True):
+        for d, g, skip in zip(ev["dtIds"], ev["dtMatches"][t], ev["dtIgnore"][t], strict=True):
             matched[int(d)] = int(g)
+            if skip:
+                ignored.add(int(d))
     out = []
     for d, r in by_id.items():
+        if d in ignored:
+            continue
         g = matched.get(d, 0)
         iou = 0.0
         if g:
@@ -174,9 +180,10 @@ def evaluate(
     """Every figure of the module docstring, as a JSON-ready dict (None where a figure has no data)."""
     everything = coco_results(dataset, predictions)
     kept = coco_results(dataset, predictions, operating_threshold)
+    all_gt = [a["id"] for a in dataset.coco["annotations"] if not a.get("iscrowd")]
     figures: dict[str, Any] = {
         "images": len(dataset.images),
-        "ground_truth": len(dataset.coco["annotations"]),
+        "ground_truth": len(all_gt),  # crowd regions are not instances to find (COCO ignores them)
         "operating_threshold": operating_threshold,
         "good_iou": good_iou,
         "failed_images": [
@@ -187,17 +194,13 @@ def evaluate(
     }
     for iou_type, name in (("segm", "mask"), ("bbox", "box")):
         e = cocoeval(dataset, everything, iou_type)
-        figures[f"{name}_ap"] = float(e.stats[0]) if e is not None else 0.0
-        figures[f"{name}_ap50"] = float(e.stats[1]) if e is not None else 0.0
+        figures[f"{name}_ap"] = _ap(e, 0, bool(all_gt))
+        figures[f"{name}_ap50"] = _ap(e, 1, bool(all_gt))
         if name == "mask":
             figures["pr_curves"] = _pr_curves(dataset, e)
-            per_class = _ap50_per_class(e, dataset)
-            figures["ap50_per_class"] = {
-                c["name"]: v for c, v in zip(dataset.coco["categories"], per_class, strict=True)
-            }
+            figures["ap50_per_class"] = _ap50_per_class(e, dataset)
     e = cocoeval(dataset, kept, "segm")
     outs, matched = outcomes(dataset, e, kept) if e is not None else ([], set())
-    all_gt = [a["id"] for a in dataset.coco["annotations"] if not a.get("iscrowd")]
     figures["overall"] = _group(outs, all_gt, matched, len(dataset.images))
     figures["matched_mask_ious"] = [o.mask_iou for o in outs if o.gt_id]
     figures["per_class"] = {
@@ -281,20 +284,40 @@ def _review_tradeoff(
     return table
 
 
-def _ap50_per_class(e: Any, dataset: EvalDataset) -> list[float | None]:
-    """AP at IoU 0.5 per category (area all, 100 detections), None where a category has no ground truth."""
+def _ap(e: Any, stat: int, any_ground_truth: bool) -> float | None:
+    """``e.stats[stat]`` (0: AP, 1: AP50); 0 with no results; None where it has no data (no ground truth instance:
+    pycocotools' -1)."""
+    if not any_ground_truth:
+        return None
     if e is None:
-        return [None] * len(dataset.coco["categories"])
+        return 0.0
+    value = float(e.stats[stat])
+    return None if value < 0 else value
+
+
+def _precision_by_category(e: Any) -> dict[int, np.ndarray]:
+    """Mask precision at COCOeval's 101 recall thresholds, IoU 0.5 (area all, 100 detections), by category id:
+    COCOeval's category axis follows ``params.catIds`` (sorted ids), not the dataset's order of categories."""
     precision = e.eval["precision"][0, :, :, 0, -1]  # (recall thresholds, categories)
-    return [float(precision[:, k].mean()) if (precision[:, k] > -1).any() else None for k in range(precision.shape[1])]
+    return {int(cid): precision[:, k] for k, cid in enumerate(e.params.catIds)}
+
+
+def _ap50_per_class(e: Any, dataset: EvalDataset) -> dict[str, float | None]:
+    """AP at IoU 0.5 per category name (area all, 100 detections), None where a category has no ground truth."""
+    by_id = _precision_by_category(e) if e is not None else {}
+    out: dict[str, float | None] = {}
+    for cid, name in dataset.categories.items():
+        p = by_id.get(cid)
+        out[name] = float(p.mean()) if p is not None and (p > -1).any() else None
+    return out
 
 
 def _pr_curves(dataset: EvalDataset, e: Any) -> dict[str, list[float]]:
-    """Mask precision at COCOeval's 101 recall thresholds, IoU 0.5, per category (-1: no data)."""
+    """Mask precision at COCOeval's 101 recall thresholds, IoU 0.5, per category name (-1: no data)."""
     if e is None:
         return {}
-    precision = e.eval["precision"][0, :, :, 0, -1]
+    by_id = _precision_by_category(e)
     out = {"recall": [float(r) for r in e.params.recThrs]}
-    for k, c in enumerate(dataset.coco["categories"]):
-        out[c["name"]] = [float(v) for v in precision[:, k]]
+    for cid, name in dataset.categories.items():
+        out[name] = [float(v) for v in by_id[cid]]
     return out

@@ -102,7 +102,10 @@ def summarize(efforts: Sequence[InstanceEffort], thresholds: Sequence[float] = T
     for t in thresholds:
         nocs = [e.noc(t) for e in efforts]
         out[f"noc@{round(t * 100)}"] = float(np.mean(nocs)) if nocs else None
-        out[f"failed@{round(t * 100)}"] = (sum(e.ious[-1] < t for e in efforts) / len(efforts)) if efforts else None
+        # never reached within MAX_CLICKS (RITM's NoF): an instance past t once and below it later reached it
+        out[f"failed@{round(t * 100)}"] = (
+            (sum(all(iou < t for iou in e.ious) for e in efforts) / len(efforts)) if efforts else None
+        )
     curve = [[(e.ious[min(n, len(e.ious) - 1)]) for e in efforts] for n in range(MAX_CLICKS)]
     out["mean_iou_per_click"] = [float(np.mean(c)) for c in curve] if efforts else []
     return out
