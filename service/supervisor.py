@@ -157,7 +157,9 @@ class _Signals:
 
 
 def _start(ctx: Any, settings: Settings, link: WorkerLink) -> BaseProcess:
-    p: BaseProcess = ctx.Process(target=_worker_main, args=(settings, link), name=f"detseg-worker-{link.index}")
+    p: BaseProcess = ctx.Process(
+        target=_worker_main, args=(settings, link, os.getpid()), name=f"detseg-worker-{link.index}"
+    )
     p.start()
     return p
 
@@ -169,11 +171,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _worker_main(settings: Settings, link: WorkerLink) -> None:
-    """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load."""
+def _worker_main(settings: Settings, link: WorkerLink, supervisor: int) -> None:
+    """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load.
+    ``supervisor``: the PID of the process that started it."""
     _die_with_parent()
-    if os.getppid() == 1:  # the supervisor died before the line above took effect
-        return
+    if os.getppid() != supervisor:  # the supervisor died before the line above took effect (its PID may be 1: the
+        return  # container's entrypoint, where a worker's parent was taken for init and every worker quit at once)
     configure_logging(settings.log_level, settings.log_format)
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
     # The server's modules load torch: imported here, in the worker, so that the supervisor never loads it

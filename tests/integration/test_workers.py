@@ -91,8 +91,9 @@ class Workers:
             return f.read()
 
 
-def _start(settings, folder: Path, n: int = 2, **env: str) -> Workers:
-    """`detseg serve --models test --workers n` on a free port (``env`` over the environment), once it is SERVING."""
+def _start(settings, folder: Path, n: int = 2, launcher: tuple[str, ...] = (), **env: str) -> Workers:
+    """`detseg serve --models test --workers n` on a free port (``env`` over the environment), once it is SERVING;
+    ``launcher``: a command it runs under."""
     port = free_ports(1)[0]
     log = str(folder / f"serve-{port}.log")
     environ = {
@@ -104,7 +105,7 @@ def _start(settings, folder: Path, n: int = 2, **env: str) -> Workers:
     }
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [*DETSEG, "serve", "--models", "test", "--workers", str(n), "--port", str(port)],
+            [*launcher, *DETSEG, "serve", "--models", "test", "--workers", str(n), "--port", str(port)],
             env=environ,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -354,3 +355,17 @@ def test_a_port_already_taken_is_refused_by_name_never_shared(tmp_path):
             )  # fmt: skip
             assert result.returncode == 2, result.stderr[-2000:]
             assert result.stderr.strip().splitlines()[-1].startswith(f"detseg: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_workers_start_when_the_supervisor_is_pid_1(settings, tmp_path) -> None:
+    """A container's entrypoint (the image's `detseg serve`, no init) is PID 1: every worker took its parent for init,
+    as if the supervisor had died, and quit; the supervisor then stopped (exit 1) and the pod crash-looped. Here the
+    supervisor runs as PID 1 of a new PID namespace (util-linux unshare, as root: this suite's machines)."""
+    launcher = ("unshare", "--pid", "--fork", "--kill-child=SIGTERM")
+    workers = _start(settings, tmp_path, 2, launcher)
+    try:
+        with Client(workers.target) as client:
+            assert client.segment(_image(1), classes=["person"]).width == 160
+        assert "all 2 workers serving" in workers.output(), workers.output()[-2000:]
+    finally:
+        _stop(workers)
