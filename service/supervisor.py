@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -241,12 +242,12 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 
     The port is first bound without SO_REUSEPORT, which fails when any socket holds it: with SO_REUSEPORT alone, a
     second ``detseg serve --workers N`` on the same port would share it with the first, each taking some of the
-    connections. ConfigurationError names the address when it is taken or not this machine's."""
+    connections. ConfigurationError names the address when it is taken or not this machine's. A port held only by
+    the closing connections of a server just stopped (TIME_WAIT, which gRPC's own SO_REUSEADDR binds through) is
+    waited for, up to TIME_WAIT_SECONDS: a restart right after a stop failed with "Address already in use"."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.bind(address)
-            port = int(probe.getsockname()[1])
+        port = _probe(family, kind, proto, address, host)
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -260,6 +261,44 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
         yield port
     finally:
         sock.close()
+
+
+TIME_WAIT_SECONDS = 65  # Linux keeps a closed connection's port in TIME_WAIT for 60 s
+
+
+def _probe(family: int, kind: int, proto: int, address: Any, host: str) -> int:
+    """Binds ``address`` with no reuse option and returns the port bound; while only TIME_WAIT holds it (a bind with
+    SO_REUSEADDR, which no listening socket allows, succeeds), tries again each second up to TIME_WAIT_SECONDS."""
+    deadline, said = time.monotonic() + TIME_WAIT_SECONDS, False
+    while True:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+                return int(probe.getsockname()[1])
+        except OSError as e:
+            if (
+                e.errno != errno.EADDRINUSE
+                or time.monotonic() > deadline
+                or not _only_closing(family, kind, proto, address)
+            ):
+                raise
+            if not said:
+                log.info("%s:%s is held by connections closing (TIME_WAIT): waiting up to %d s", host, address[1],
+                         TIME_WAIT_SECONDS)  # fmt: skip
+                said = True
+            time.sleep(1.0)
+
+
+def _only_closing(family: int, kind: int, proto: int, address: Any) -> bool:
+    """Whether ``address`` can be bound with SO_REUSEADDR: nothing listens on it (TIME_WAIT holds it, or a socket
+    bound with SO_REUSEADDR too)."""
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError:
+            return False
+        return True
 
 
 @contextlib.contextmanager

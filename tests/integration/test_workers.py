@@ -357,6 +357,36 @@ def test_a_port_already_taken_is_refused_by_name_never_shared(tmp_path):
             assert result.stderr.strip().splitlines()[-1].startswith(f"detseg: cannot listen on 127.0.0.1:{port}: ")
 
 
+def test_a_port_held_only_by_closing_connections_is_waited_for_not_refused() -> None:
+    """A server just stopped leaves its side of the connections it closed in TIME_WAIT for 60 s: a `detseg serve
+    --workers N` restarted then failed with "Address already in use" (a single server, binding as gRPC does with
+    SO_REUSEADDR, did not). The supervisor now waits for the port; another server's port is still refused at once."""
+    import socket
+
+    from service.errors import ConfigurationError
+    from service.supervisor import TIME_WAIT_SECONDS, reserve_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first: its end of the connection stays in TIME_WAIT
+    time.sleep(0.2)
+    client.close()
+    listener.close()
+    start = time.monotonic()
+    with reserve_port("127.0.0.1", port) as reserved:
+        waited = time.monotonic() - start
+        assert reserved == port and waited < TIME_WAIT_SECONDS
+        refused = time.monotonic()
+        with pytest.raises(ConfigurationError, match="Address already in use"), reserve_port("127.0.0.1", port):
+            pass
+        assert time.monotonic() - refused < 5
+
+
 def test_workers_start_when_the_supervisor_is_pid_1(settings, tmp_path) -> None:
     """A container's entrypoint (the image's `detseg serve`, no init) is PID 1: every worker took its parent for init,
     as if the supervisor had died, and quit; the supervisor then stopped (exit 1) and the pod crash-looped. Here the
