@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import http.client
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -136,6 +137,7 @@ def _supervise(ctx: Any, settings: Settings, shared: _Shared, procs: list[BasePr
             with shared.admitted.get_lock():
                 shared.admitted[i] = 0  # what it had admitted died with it
             shared.ready[i] = 0
+            shared.scrape_ports[i] = 0  # not scraped until its replacement serves its own (the port may be reused)
             if not shared.started.is_set() or not served:
                 log.error("worker %d (pid %d) exited with status %d before serving: stopping", i, p.pid, code)
                 return code if code > 0 else 1
@@ -226,9 +228,12 @@ class _WorkerMetrics:
             try:  # loopback only, to this server's own workers
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=_SCRAPE_SECONDS) as reply:
                     text = reply.read().decode()
-            except OSError:
-                continue  # a worker restarting: its samples are missing from this scrape
-            for family in text_string_to_metric_families(text):
+                families = list(text_string_to_metric_families(text))
+            except (OSError, http.client.HTTPException, ValueError):
+                # a worker dying or restarting (refused, cut short mid-reply, or another process's answer on its
+                # port): its samples are missing from this scrape, never every worker's
+                continue
+            for family in families:
                 into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
                 for sample in family.samples:
                     into.samples.append(sample._replace(labels={**sample.labels, "worker": str(index)}))
