@@ -122,13 +122,20 @@ class EmbeddingCache:
             self.evictions += 1
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
-        """Remembers the detector's raw output for vocabulary ``key`` of a cached image (if it is still cached)."""
+        """Remembers the detector's raw output for vocabulary ``key`` of a cached image (if it is still cached), never
+        so many that the entry outgrows the cache (the oldest vocabularies' dropped first); then least recently used
+        images make room. (An open-vocabulary detector's output per distinct vocabulary was added uncounted against
+        ``max_bytes``: one image asked with ever new classes grew without bound.)"""
         with self._lock:
             entry = self._entries.get(handle)
             if entry is None or key in entry.detector:
                 return
             entry.detector[key] = output
             self._bytes += output.raw.nbytes
+            while len(entry.detector) > 1 and entry.nbytes > self.max_bytes:
+                self._bytes -= entry.detector.pop(next(iter(entry.detector))).raw.nbytes
+            self._entries.move_to_end(handle)
+            self._fit()
 
     def add_masks(self, handle: str, masks: dict[str, np.ndarray], limit: int) -> None:
         """Keeps low-res masks with a cached image (if it is still cached): at most ``limit``, and never so many that

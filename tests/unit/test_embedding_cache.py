@@ -86,3 +86,20 @@ def test_kept_masks_are_bounded_per_image_counted_in_bytes_and_fit_the_budget():
     assert cache.mask(a, "mask:1") is None and cache.mask(a, "mask:2") is None
     assert cache.mask(a, "mask:3") is not None and cache.mask(a, "mask:4") is not None
     assert cache.get(b) is None and cache.evictions == 1 and cache.nbytes == 1024 + 12 + 2 * 1024
+
+
+def test_detector_outputs_of_ever_new_vocabularies_stay_within_the_budget():
+    """An open-vocabulary detector keeps one output per vocabulary asked of an image: they were added uncounted by
+    the budget (nothing evicted however many came). Now the oldest vocabularies' go first when the entry would outgrow
+    the cache, and other images make room as for any growth."""
+    cache = EmbeddingCache(max_bytes=3 * 1024 + 100, ttl=60, clock=Clock())
+    a, b = handle_for("a"), handle_for("b")
+    cache.put(a, entry(1))
+    cache.put(b, entry(1))
+    for k in range(6):  # 512 bytes each
+        cache.add_detector_output(a, DetectorOutput(np.zeros((1, 128), np.float32)), key=("vocabulary", k))
+    kept = cache.get(a)
+    assert kept is not None and cache.nbytes <= cache.max_bytes
+    assert list(kept.detector) == [("vocabulary", k) for k in range(2, 6)]  # the newest four fit beside a's image
+    assert cache.get(b) is None and cache.evictions == 1  # b made room first
+    assert cache.nbytes == kept.nbytes == 1024 + 12 + 4 * 512
