@@ -101,9 +101,10 @@ class DetectStage:
         """(len(classes), class_dim) float32: each exemplar class's visual-prompt embedding, averaged over the
         images its boxes are on (one detector pass per image) and L2-normalised. ``batch``: ``image``
         letterboxed; ``references``: each exemplar's own image (None: the request's)."""
-        by_image: dict[str, list[int]] = {}
+        # An image is its bytes' hash and its size (raw pixels: the same bytes at another size are another image).
+        by_image: dict[tuple[str, int, int] | None, list[int]] = {}
         for i, ref in enumerate(references):
-            by_image.setdefault(ref.sha256 if ref is not None else "", []).append(i)
+            by_image.setdefault((ref.sha256, ref.width, ref.height) if ref is not None else None, []).append(i)
         total = np.zeros((len(classes), self.runner.detector.class_dim), np.float32)
         for source, indices in by_image.items():
             ref = references[indices[0]] or image
@@ -111,10 +112,10 @@ class DetectStage:
             local = list(dict.fromkeys(names))
             boxes = np.array([exemplars[i].box for i in indices], np.float32)
             ids = np.array([local.index(n) for n in names])
-            key = (ref.sha256, boxes.tobytes(), ids.tobytes(), len(local))
+            key = (ref.sha256, ref.width, ref.height, boxes.tobytes(), ids.tobytes(), len(local))
             embedded = self.exemplar_embeddings.get(key)
             if embedded is None:  # a catalog photo's exemplar is embedded once, then reused
-                ref_batch = batch if not source else await asyncio.to_thread(self.processing.preprocess, ref.rgb)
+                ref_batch = batch if source is None else await asyncio.to_thread(self.processing.preprocess, ref.rgb)
                 visuals = self.processing.exemplar_visuals(boxes, ids, (ref.height, ref.width))
                 embedded = await self.runner.embed_exemplars(ref_batch, visuals)
                 self.exemplar_embeddings.put(key, embedded)

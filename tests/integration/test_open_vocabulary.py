@@ -456,3 +456,24 @@ def test_official_text_encoders_load_from_verified_torchscript_files(
         reference = _reference_text_predict(path, vocabulary, rgb, features)
     figure = f"official text-encoder path ({text_model}, seeded ViT-B/32 TorchScript): boxes, max |Δ| px"
     _assert_same_as_reference(response, reference, vocabulary, figures, figure)
+
+
+def test_an_exemplar_on_raw_pixels_is_embedded_per_size_not_per_bytes(open_stub, open_runner):
+    """The same raw bytes declared 32x24 and then 24x32 are two images: the second exemplar reused the first's cached
+    embedding (its key was the bytes' hash alone) and found what the first found. It now answers as the same pixels
+    sent as a PNG do."""
+    target = pb.Image(encoded=encode(synthetic_rgb(120, 160, seed=31)))
+    data = synthetic_rgb(24, 32, seed=32).tobytes()
+    tall = synthetic_rgb(24, 32, seed=32).reshape(32, 24, 3)  # the same bytes read as 24 wide, 32 high
+
+    def found(image: pb.Image) -> list[tuple[float, ...]]:
+        exemplar = pb.Exemplar(box=pb.BoundingBox(x_min=2, y_min=2, x_max=20, y_max=20), label="thing", image=image)
+        request = pb.SegmentRequest(image=target, exemplars=[exemplar], options=pb.SegmentOptions(score_threshold=0.01))
+        response = open_stub.Segment(request, timeout=120)
+        return [(round(i.score, 4), i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max) for i in response.instances]
+
+    wide = found(pb.Image(raw=pb.RawImage(data=data, width=32, height=24)))
+    embedded = open_runner.calls["embed_exemplars"]
+    as_tall = found(pb.Image(raw=pb.RawImage(data=data, width=24, height=32)))
+    assert open_runner.calls["embed_exemplars"] == embedded + 1  # embedded anew, not the wide image's
+    assert as_tall == found(pb.Image(encoded=encode(tall))) and as_tall != wide
