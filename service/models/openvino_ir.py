@@ -278,11 +278,17 @@ def _quiet_build() -> Iterator[None]:
 
 
 def _cached(folder: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The metadata of the build in ``folder`` if it is complete and was built for ``key``, else None."""
+    """The metadata of the build in ``folder`` if it is complete and was built for ``key``, else None: a build whose
+    metadata does not parse, or that lacks its weights, is a miss (built again, replacing it), never an error."""
     meta_path = folder / _META
-    if not (meta_path.exists() and (folder / _XML).exists()):
+    if not (meta_path.exists() and (folder / _XML).exists() and (folder / _XML).with_suffix(".bin").exists()):
         return None
-    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
     return meta if {k: meta.get(k) for k in key} == key else None
 
 

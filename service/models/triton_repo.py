@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -251,11 +252,22 @@ def ensure_repository(models: ModelSet, settings: Settings, out: Path) -> bool:
         "options": dataclasses.asdict(RepositoryOptions.from_settings(settings)),
     }
     path = out / STAMP
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = _stamp(path)
     roles = previous.get("roles", MODEL_ROLES)
     if {k: previous.get(k) for k in stamp} == stamp and all((out / r / "1" / "model.onnx").exists() for r in roles):
         write_backend_code(out, roles)  # this package's, also over an export an older one made
         return False
     reports = write_repository(models, settings, out)
-    path.write_text(json.dumps({**stamp, "roles": [r.role for r in reports]}, indent=1))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({**stamp, "roles": [r.role for r in reports]}, indent=1))
+    os.replace(partial, path)  # whole or absent: a stamp cut short by a crash is not read as another export's
     return True
+
+
+def _stamp(path: Path) -> dict[str, Any]:
+    """What an export's stamp says; {} (export again) when there is none or it does not parse."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
