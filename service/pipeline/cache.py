@@ -70,6 +70,8 @@ class SharedTier(Protocol):
 
     def mask(self, handle: str, mask_handle: str) -> np.ndarray | None: ...
 
+    def touch(self, handle: str) -> None: ...
+
 
 class EmbeddingCache:
     """Thread-safe LRU of CacheEntry, bounded by ``max_bytes`` in total and ``ttl`` seconds since last use.

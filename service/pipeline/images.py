@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import threading
+import time
 from collections.abc import Hashable, Iterator
 
 import numpy as np
@@ -19,8 +21,11 @@ from service.errors import InvalidInput, NotFound
 from service.models.tensors import DetectorOutput
 from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
+from service.pipeline.lru import LRU
 from service.pipeline.prompts import Exemplar, ImageInput, check_box_inside
 from service.pipeline.stages import stage
+
+TOUCHED_KEPT = 4096  # images whose last shared-TTL restart is remembered (the least recently used forgotten)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,9 @@ class ImageStore:
         self.cache = cache if cache is not None else EmbeddingCache(0, 0.0)
         self.shared = shared
         self.max_kept_masks = max_kept_masks
+        # handle -> when its shared values' TTL was last restarted here (lookups run in worker threads)
+        self._touched: LRU[str, float] = LRU(TOUCHED_KEPT)
+        self._touch_lock = threading.Lock()
 
     async def find(self, image_input: ImageInput, timings: dict[str, float]) -> FoundImage:
         """The request's image: from the cache (bytes or handle), else decoded (timed as "decode_image")."""
@@ -96,12 +104,27 @@ class ImageStore:
         return Lookup(handle, self.cached(handle), digest)
 
     def cached(self, handle: str) -> CacheEntry | None:
-        """This replica's entry, else the shared tier's (then kept here too), else None."""
+        """This replica's entry, else the shared tier's (then kept here too), else None. A hit here restarts the
+        shared entry's TTL too (at most every quarter TTL per image): a handle used on one worker only expired from
+        the shared tier meanwhile, and the next call that reached another worker was NOT_FOUND."""
         entry = self.cache.get(handle)
-        if entry is None and self.shared is not None:
-            entry = self.shared.get(handle)
+        if self.shared is None:
+            return entry
+        now = time.monotonic()
+        if entry is None:
+            entry = self.shared.get(handle)  # a good read restarts its TTL
             if entry is not None:
                 self.cache.put(handle, entry)
+                with self._touch_lock:
+                    self._touched.put(handle, now)
+            return entry
+        with self._touch_lock:
+            last = self._touched.get(handle)
+            due = last is None or now - last >= self.cache.ttl / 4
+            if due:
+                self._touched.put(handle, now)
+        if due:
+            self.shared.touch(handle)
         return entry
 
     def decode(self, image: ImageInput, sha256: str | None, field: str = "image") -> DecodedImage:

@@ -247,8 +247,8 @@ class RedisTier:
                     if entry is None:
                         p.delete(image_key)
                     else:
-                        p.expire(image_key, _seconds(self.ttl))
-                        p.expire(detector_key, _seconds(self.ttl))
+                        for key in (image_key, detector_key, self._masks_key(sha)):
+                            p.expire(key, _seconds(self.ttl))
                     if bad_fields:
                         p.hdel(detector_key, *bad_fields)
                     p.execute()
@@ -276,6 +276,22 @@ class RedisTier:
             self._failed(e)
             return
         self.writes += 1
+        self._succeeded()
+
+    def touch(self, handle: str) -> None:
+        """Restarts the TTL of an image's shared values (entry, detector outputs, kept masks) as a read of them
+        would: a replica that keeps using its own copy keeps the shared one alive for the others."""
+        if not self._available():
+            return
+        sha = handle.removeprefix(PREFIX)
+        try:
+            with self._client.pipeline() as p:
+                for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
+                    p.expire(key, _seconds(self.ttl))
+                p.execute()
+        except self._errors_type as e:
+            self._failed(e)
+            return
         self._succeeded()
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:

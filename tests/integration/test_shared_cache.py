@@ -361,3 +361,24 @@ def test_a_mask_kept_on_one_replica_is_the_previous_mask_on_another(settings, re
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_handle_used_on_one_replica_stays_alive_for_the_others(settings, redis_server):
+    """Calls with a handle that keep reaching replica A hit A's own copy: the shared entry's TTL was never restarted,
+    it expired from Redis while the handle was in use, and the next call that reached B was NOT_FOUND."""
+    a = _replica(settings, redis_server.url, cache_ttl_seconds=2.0)
+    b = _replica(settings, redis_server.url, cache_ttl_seconds=2.0)
+    try:
+        with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+            stub_a, stub_b = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cb)
+            handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(31)))).handle
+            until = time.monotonic() + 3.5  # past the TTL, in use on A all along
+            while time.monotonic() < until:
+                stub_a.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60)
+                time.sleep(0.3)
+            (key,) = _keys(redis_server.client, "img", handle)
+            assert redis_server.client.ttl(key) > 0
+            assert stub_b.Segment(pb.SegmentRequest(image=pb.Image(handle=handle)), timeout=60).image.width == 160
+    finally:
+        a.stop()
+        b.stop()
