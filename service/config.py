@@ -260,11 +260,13 @@ class Settings:
     # float32 logits, 256 KiB each at 1024², counted in cache_max_bytes; the oldest are dropped first.
     max_kept_masks: int = 64
     # The shared second tier (service.pipeline.shared_cache): Redis at redis_url (e.g. redis://redis:6379/0;
-    # empty = none); entries expire cache_ttl_seconds after last use; larger entries are not shared; each Redis
-    # call may take redis_timeout_seconds; after a failure Redis is left alone for redis_retry_seconds (requests
-    # never fail).
+    # empty = none); entries expire cache_ttl_seconds after last use; entries larger than redis_max_entry_bytes are
+    # not shared (their handles work on their own replica only): 160 MiB holds a max_image_pixels (40 MP) image's
+    # pixels (120 MB) and SAM's features (~17 MB at 1024²), so every handle EncodeImage gives crosses replicas (at
+    # 64 MiB, images over ~16 MP did not); each Redis call may take redis_timeout_seconds; after a failure Redis is
+    # left alone for redis_retry_seconds (requests never fail).
     redis_url: str = ""
-    redis_max_entry_bytes: int = 64 * 1024 * 1024
+    redis_max_entry_bytes: int = 160 * 1024 * 1024
     redis_timeout_seconds: float = 0.5
     redis_retry_seconds: float = 5.0
 

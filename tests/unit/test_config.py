@@ -103,3 +103,12 @@ def test_a_metrics_port_in_use_is_named(tmp_path: Path):
             ConfigurationError, match=f"metrics_port: cannot listen on 127.0.0.1:{port}: Address already"
         ):
             scrape_endpoint("127.0.0.1", port)
+
+
+def test_the_shared_tier_takes_an_entry_of_the_largest_image_by_default():
+    """A handle from EncodeImage works on every replica only if its entry is shared: the largest image allowed
+    (max_image_pixels, RGB) with SAM 2's features at 1024² (image embedding 256x64x64 and high-res features 32x256x256
+    and 64x128x128, float32) must fit redis_max_entry_bytes (64 MiB held images up to ~16 MP)."""
+    s = Settings()
+    features = 4 * (256 * 64 * 64 + 32 * 256 * 256 + 64 * 128 * 128)
+    assert s.redis_max_entry_bytes >= 3 * s.max_image_pixels + features
