@@ -149,6 +149,19 @@ async def create_server(
     return served, served.port
 
 
+LOAD_THREAD = "detseg-load"
+
+
+def exit_if_loading() -> None:
+    """For a server process whose server has stopped: when its models are still loading (SIGTERM came during the
+    load: nothing was in flight), exits at once with status 0. Waiting meant the whole download, export or int8
+    build (an executor's thread is joined at exit); a normal exit under the running load aborts in torch's C++ code
+    ("terminate called without an active exception"). What a load writes lands whole or not at all."""
+    if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        os._exit(0)
+
+
 class _Loaded(NamedTuple):
     runner: Runner
     pipeline: Pipeline
@@ -156,12 +169,18 @@ class _Loaded(NamedTuple):
 
 async def _prepare(settings: Settings, load_runner: RunnerFactory) -> _Loaded:
     """Loads the models on a thread that ends with the loading (its torch threads with it:
-    ``service.runners.local.torch_thread``), starts the runner and warms the pipeline up."""
-    loading = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load")
-    try:
-        runner = await asyncio.wrap_future(loading.submit(load_runner))
-    finally:
-        loading.shutdown(wait=False)  # the thread ends when the loading does, without holding up the event loop
+    ``service.runners.local.torch_thread``; named LOAD_THREAD, a daemon: ``exit_if_loading``), starts the runner and
+    warms the pipeline up."""
+    loading: concurrent.futures.Future[Runner] = concurrent.futures.Future()
+
+    def load() -> None:
+        try:
+            loading.set_result(load_runner())
+        except BaseException as e:  # the caller's to handle
+            loading.set_exception(e)
+
+    threading.Thread(target=load, name=LOAD_THREAD, daemon=True).start()
+    runner = await asyncio.wrap_future(loading)
     await runner.start()
     pipeline = build_pipeline(runner, settings)
     await _warm_up(pipeline)

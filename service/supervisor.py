@@ -113,9 +113,11 @@ def run_workers(settings: Settings) -> int:
 
 
 def worker_threads(settings: Settings) -> int:
-    """Each worker's intra-op threads: ``settings.threads`` when set, else the cores shared out (at least 1), so N
-    workers do not run N × cores threads on the cores."""
-    return settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    """Each worker's intra-op threads: ``settings.threads`` when set, else the cores this process may run on (its CPU
+    affinity: a container's cpuset, not the host's cores) shared out (at least 1), so N workers do not run N × cores
+    threads on the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return settings.threads or max(1, cores // settings.workers)
 
 
 def _supervise(ctx: Any, settings: Settings, shared: _Shared, procs: list[BaseProcess], stopping: _Signals) -> int:
@@ -174,9 +176,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _exit_before_serving(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def _worker_main(settings: Settings, link: WorkerLink, supervisor: int) -> None:
     """A worker process: one whole server on the shared port until SIGTERM. Exit 2 when its models cannot load.
     ``supervisor``: the PID of the process that started it."""
+    # SIGTERM before the server's own handler (serve_forever's drain) is in place, while torch imports and the
+    # models load: nothing to drain, so exit 0 at once (Python's default, death by the signal, made the supervisor
+    # report a failed worker and exit 1).
+    signal.signal(signal.SIGTERM, _exit_before_serving)
     _die_with_parent()
     if os.getppid() != supervisor:  # the supervisor died before the line above took effect (its PID may be 1: the
         return  # container's entrypoint, where a worker's parent was taken for init and every worker quit at once)
@@ -186,7 +196,7 @@ def _worker_main(settings: Settings, link: WorkerLink, supervisor: int) -> None:
     # (measured with 2 workers of the test models: the supervisor holds 118 MB instead of 843, and they serve
     # 27 s after the start instead of 37).
     from service.api.server import serve_forever
-    from service.app import create_server
+    from service.app import create_server, exit_if_loading
     from service.runners.factory import load_runner
 
     async def run() -> None:
@@ -198,6 +208,7 @@ def _worker_main(settings: Settings, link: WorkerLink, supervisor: int) -> None:
     except DetsegError as e:
         log.error("worker %d: %s", link.index, e)
         sys.exit(2)
+    exit_if_loading()
 
 
 def _serve_metrics(settings: Settings, scrape_ports: Any) -> None:

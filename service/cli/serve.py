@@ -100,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     # The server's modules load torch: imported here, so that the other commands, the process that re-executes
     # itself and a supervisor start without it.
     from service.api.server import serve_forever
-    from service.app import create_server
+    from service.app import create_server, exit_if_loading
 
     configure_process(settings)  # before anything imports ultralytics (its switches are read at import)
 
@@ -112,4 +112,5 @@ def serve(args: argparse.Namespace) -> int:
         await serve_forever(server, settings.grace_seconds)
 
     asyncio.run(run())
+    exit_if_loading()
     return 0
