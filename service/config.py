@@ -144,7 +144,9 @@ class Settings:
     workers: int = 1
     grace_seconds: float = 5.0  # graceful-shutdown budget on SIGTERM
     max_message_bytes: int = 32 * 1024 * 1024  # gRPC max receive/send message size
-    max_concurrent_rpcs: int = 64  # gRPC's own cap on open RPCs (streams included): beyond it RESOURCE_EXHAUSTED
+    # gRPC's own cap on open RPCs (streams included): beyond it RESOURCE_EXHAUSTED; per server process (each of
+    # --workers N has it: max_in_flight + max_queue are what all workers share)
+    max_concurrent_rpcs: int = 64
     max_concurrent_streams: int = 100  # HTTP/2 streams per client connection (more wait for a free one)
     # Keepalive: the server pings an idle connection every keepalive_seconds and drops it when no answer comes
     # within keepalive_timeout_seconds (dead clients and half-open connections behind load balancers).
