@@ -50,8 +50,10 @@ class CacheEntry:
 
     @property
     def nbytes(self) -> int:
-        det = sum(o.raw.nbytes for o in self.detector.values())
-        kept = sum(m.nbytes for m in self.masks.values())
+        # copies of the values (one C call each under the GIL): the shared tier reads this in a worker thread while
+        # the event loop may add an output or a mask
+        det = sum(o.raw.nbytes for o in list(self.detector.values()))
+        kept = sum(m.nbytes for m in list(self.masks.values()))
         return int(self.image.rgb.nbytes + self.features.nbytes + det + kept)
 
 

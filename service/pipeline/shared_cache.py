@@ -267,7 +267,9 @@ class RedisTier:
         try:
             with self._client.pipeline() as p:
                 p.set(self._image_key(sha), _entry_to_bytes(handle, entry.image, feats), ex=_seconds(self.ttl))
-                for key, output in entry.detector.items():
+                # a copy (one C call under the GIL): the event loop may add an output to this entry meanwhile, and
+                # iterating the dict itself raised "dictionary changed size during iteration", failing the request
+                for key, output in list(entry.detector.items()):
                     p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
                 if entry.detector:
                     p.expire(self._detector_key(sha), _seconds(self.ttl))
