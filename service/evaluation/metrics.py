@@ -50,7 +50,9 @@ class Outcome:
 
 def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], min_score: float = 0.0) -> list[dict]:
     """COCO results (segmentation RLE, bbox XYWH, score) of the predictions with a dataset category and
-    ``score >= min_score``; each carries ``review_reasons`` (ignored by pycocotools)."""
+    ``score >= min_score``; each carries ``review_reasons`` (ignored by pycocotools). A caller's region (``--prompt
+    boxes``) scores 1 as an instance: its result is ranked by its mask score (SAM's predicted IoU) instead, as SAM's
+    own evaluations rank masks; with every score 1, AP followed the order of the ground truth in the file."""
     out = []
     for image in predictions:
         for p in image.instances:
@@ -62,7 +64,7 @@ def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], m
                 {
                     "image_id": image.image_id,
                     "category_id": p.category_id,
-                    "score": float(i.score),
+                    "score": float(i.mask_score if i.source == "region_prompt" else i.score),
                     "segmentation": {"size": list(i.rle["size"]), "counts": i.rle["counts"]},
                     "bbox": [x0, y0, x1 - x0, y1 - y0],
                     "review_reasons": list(i.review_reasons),

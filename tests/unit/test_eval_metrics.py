@@ -109,3 +109,23 @@ def test_the_never_reached_share_counts_instances_that_never_reached_the_thresho
     figures = summarize([dipped, never])
     assert figures["noc@85"] == (2 + MAX_CLICKS) / 2
     assert figures["failed@85"] == 0.5 and figures["failed@90"] == 1.0
+
+
+def test_caller_boxes_are_ranked_by_mask_score_not_by_the_order_of_the_ground_truth() -> None:
+    """`--prompt boxes`: every instance is a caller's region, score 1; COCOeval then ranked them in the order they
+    came (the ground truth's in the file), and the same masks scored AP50 0.505 or 0.2525 by that order alone."""
+    good_gt, bad_gt = _rle(0, 0, 10, 10), _rle(20, 20, 30, 30)
+    good, bad = _rle(0, 0, 10, 9), _rle(20, 20, 24, 24)  # IoU 0.9 and 0.16 with their ground truth
+
+    def region(rle: dict, mask_score: float) -> Predicted:
+        x, y, w, h = mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()})
+        box = (x, y, x + w, y + h)
+        return Predicted(Instance("a", -1, 1.0, box, mask_score, "region_prompt", 0, "", 0.0, rle), 1)
+
+    found = (region(good, 0.95), region(bad, 0.3))
+    ap50 = set()
+    for order in ((0, 1), (1, 0)):
+        truth = [_annotation(k + 1, 1, (good_gt, bad_gt)[i]) for k, i in enumerate(order)]
+        predicted = ImagePrediction(1, tuple(found[i] for i in order))
+        ap50.add(round(metrics.evaluate(_dataset(truth, [{"id": 1, "name": "a"}]), [predicted], 0.5)["mask_ap50"], 4))
+    assert ap50 == {0.505}  # the confident good mask first, whatever the order
