@@ -286,40 +286,47 @@ class RedisTier:
         if not self._available():
             return
         sha = handle.removeprefix(PREFIX)
-        try:
-            with self._client.pipeline() as p:
-                for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
-                    p.expire(key, _seconds(self.ttl))
-                p.execute()
-        except self._errors_type as e:
-            self._failed(e)
-            return
-        self._succeeded()
+
+        def expire(p: Any) -> None:
+            for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
+                p.expire(key, _seconds(self.ttl))
+
+        self._pipelined(expire)
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Shares one more detector output of an image already shared."""
         if not self._available() or output.raw.nbytes > self.max_entry_bytes:
             return
-        sha = handle.removeprefix(PREFIX)
-        try:
-            with self._client.pipeline() as p:
-                p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
-                p.expire(self._detector_key(sha), _seconds(self.ttl))
-                p.execute()
-        except self._errors_type as e:
-            self._failed(e)
-            return
-        self._succeeded()
+        field, value, hash_key = (
+            _key_text(key),
+            self._output_to_bytes(output),
+            self._detector_key(handle.removeprefix(PREFIX)),
+        )
+
+        def store(p: Any) -> None:
+            p.hset(hash_key, field, value)
+            p.expire(hash_key, _seconds(self.ttl))
+
+        self._pipelined(store)
 
     def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None:
         """Shares kept low-res masks of an image (float32 bytes under ``detseg:msk:<segmenter identity>:<sha>``)."""
         if not self._available():
             return
         key = self._masks_key(handle.removeprefix(PREFIX))
+        mapping = {k: np.ascontiguousarray(m, np.float32).tobytes() for k, m in masks.items()}
+
+        def store(p: Any) -> None:
+            p.hset(key, mapping=mapping)
+            p.expire(key, _seconds(self.ttl))
+
+        self._pipelined(store)
+
+    def _pipelined(self, commands: Callable[[Any], None]) -> None:
+        """Runs ``commands`` on one Redis pipeline; a failure is the tier's own business (``_failed``)."""
         try:
             with self._client.pipeline() as p:
-                p.hset(key, mapping={k: np.ascontiguousarray(m, np.float32).tobytes() for k, m in masks.items()})
-                p.expire(key, _seconds(self.ttl))
+                commands(p)
                 p.execute()
         except self._errors_type as e:
             self._failed(e)
