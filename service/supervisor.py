@@ -177,7 +177,10 @@ def _die_with_parent() -> None:
 
 
 def _exit_before_serving(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+    """Exits at once, 0: nothing is in flight yet, and a replacement's models may be loading on a thread (a normal
+    exit under it can abort in torch's C++ code; ``service.app.exit_if_loading``)."""
+    logging.shutdown()
+    os._exit(0)
 
 
 def _worker_main(settings: Settings, link: WorkerLink, supervisor: int) -> None:
