@@ -106,13 +106,17 @@ class EmbeddingCache:
             return entry
 
     def put(self, handle: str, entry: CacheEntry) -> None:
-        """Stores ``entry`` (replacing one with the same handle), then evicts least recently used to fit."""
+        """Stores ``entry`` (replacing one with the same handle: its detector outputs and kept masks that ``entry``
+        lacks carry over, so a request that computed the same image meanwhile loses nothing another kept, e.g. the
+        mask handle it answered), then evicts least recently used to fit."""
         with self._lock:
             if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
                 return
             old = self._entries.pop(handle, None)
             if old is not None:
                 self._bytes -= old.nbytes
+                entry.detector = {**old.detector, **entry.detector}
+                entry.masks = {**old.masks, **entry.masks}
             entry.last_used = self._clock()
             self._entries[handle] = entry
             self._bytes += entry.nbytes

@@ -103,3 +103,17 @@ def test_detector_outputs_of_ever_new_vocabularies_stay_within_the_budget():
     assert list(kept.detector) == [("vocabulary", k) for k in range(2, 6)]  # the newest four fit beside a's image
     assert cache.get(b) is None and cache.evictions == 1  # b made room first
     assert cache.nbytes == kept.nbytes == 1024 + 12 + 4 * 512
+
+
+def test_an_entry_put_again_keeps_what_the_first_one_gathered():
+    """Two requests on the same image, both missing (BatchSegment items run at once): the second's put replaced the
+    first's entry, dropping the mask the first had kept and answered a handle for (NOT_FOUND on its next click)."""
+    cache = EmbeddingCache(max_bytes=1 << 20, ttl=60, clock=Clock())
+    h = handle_for("same")
+    cache.put(h, entry(1))
+    cache.add_masks(h, {"mask:first": np.ones((8, 8), np.float32)}, limit=4)
+    cache.add_detector_output(h, DetectorOutput(np.zeros((1, 9, 100), np.float32)))
+    cache.put(h, entry(1))  # the second request's entry, computed meanwhile
+    kept = cache.get(h)
+    assert kept is not None and cache.mask(h, "mask:first") is not None and None in kept.detector
+    assert cache.nbytes == kept.nbytes == 1024 + 12 + 256 + 3600
