@@ -37,7 +37,7 @@ from service.printable import check_printable, normalise_class_name
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.provenance import file_sha256
 from service.provenance.response import manifest_models
-from service.results import Result
+from service.results import Instance, Result
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
@@ -114,7 +114,9 @@ def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
     and RLE spelled as every reader spells them. An object answered once per prompt that found it under the same
     label (a class and a text read as that class: the same label, box and mask) is one instance, the first answered:
     a dataset holds one annotation per object and label."""
-    unique = {(i.label, i.box, i.rle["counts"]): i for i in reversed(result.instances)}  # the first of each stays
+    firsts: dict[tuple[Any, ...], Instance] = {}
+    for i in result.instances:
+        firsts.setdefault((i.label, i.box, i.rle["counts"]), i)
     instances = tuple(
         LabeledInstance(
             label=i.label,
@@ -126,8 +128,7 @@ def labeled_image(file_name: str, sha256: str, result: Result) -> LabeledImage:
             needs_review=i.needs_review,
             review_reasons=i.review_reasons,
         )
-        for i in result.instances
-        if unique[(i.label, i.box, i.rle["counts"])] is i
+        for i in firsts.values()
     )
     return LabeledImage(file_name, result.width, result.height, sha256, instances)
 

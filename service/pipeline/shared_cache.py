@@ -247,8 +247,7 @@ class RedisTier:
                     if entry is None:
                         p.delete(image_key)
                     else:
-                        for key in (image_key, detector_key, self._masks_key(sha)):
-                            p.expire(key, _seconds(self.ttl))
+                        self._restart_ttl(p, sha)
                     if bad_fields:
                         p.hdel(detector_key, *bad_fields)
                     p.execute()
@@ -286,12 +285,12 @@ class RedisTier:
         if not self._available():
             return
         sha = handle.removeprefix(PREFIX)
+        self._pipelined(lambda p: self._restart_ttl(p, sha))
 
-        def expire(p: Any) -> None:
-            for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
-                p.expire(key, _seconds(self.ttl))
-
-        self._pipelined(expire)
+    def _restart_ttl(self, p: Any, sha: str) -> None:
+        """Queues on pipeline ``p`` the TTL restart of every shared value of image ``sha``."""
+        for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
+            p.expire(key, _seconds(self.ttl))
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Shares one more detector output of an image already shared."""
