@@ -2,7 +2,11 @@
 
 - Detectors: ultralytics checkpoints are pickles of the model object. We never unpickle them freely:
   ``torch.load(weights_only=True)`` runs with an allowlist of exactly the classes an ultralytics
-  checkpoint may name (``torch.nn`` modules and ``ultralytics.nn`` modules); anything else is refused.
+  checkpoint may name (``torch.nn`` modules, ``ultralytics.nn.modules`` layers and ``ultralytics.nn.tasks``
+  models); anything else is refused. A pickle may only *rebuild* such a class (``NEWOBJ``: ``cls.__new__``,
+  then its state), never *call* it (``REDUCE``): ``weights_only`` would run the constructor with the pickle's
+  arguments, and constructors read files or download (ultralytics' ``TorchVision`` layer fetches weights;
+  ``AutoBackend`` unpickles another file freely). ``_called_classes`` reads the pickle's opcodes first.
 - Segmenters: SAM 2 checkpoints are state dicts; sam2's own ``build_sam2`` loads them with
   ``weights_only=True`` into the architecture its hydra config describes (official or our own overrides).
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +29,8 @@ from service.models import open_vocabulary
 
 log = logging.getLogger(__name__)
 
-# Module prefixes whose nn.Module subclasses an ultralytics detector checkpoint may instantiate.
-_ALLOWED_MODULE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.")
+# Modules whose nn.Module subclasses (defined there, not imported) an ultralytics detector checkpoint may rebuild.
+_ALLOWED_MODULE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.modules.", "ultralytics.nn.tasks")
 _ALLOWED_EXTRA = frozenset({"ultralytics.utils.IterableSimpleNamespace", "types.SimpleNamespace"})
 
 
@@ -37,9 +43,70 @@ def _resolve_allowed(name: str) -> Any | None:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError):
         return None
-    if name in _ALLOWED_EXTRA or (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+    if name in _ALLOWED_EXTRA:
+        return obj
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and f"{obj.__module__}.{obj.__qualname__}" == name:
         return obj
     return None
+
+
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _called_classes(path: Path, classes: set[str]) -> set[str]:
+    """The names in ``classes`` that the checkpoint's pickle calls (``REDUCE``) rather than rebuilds.
+
+    Follows the unpickler's stack through the opcodes, tracking only which entries are global names
+    (``GLOBAL``, ``STACK_GLOBAL`` of pushed strings) and string constants; memo gets return what was put.
+    """
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[Any, Any] = {}
+    called: set[str] = set()
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        if name in _PUT_OPS:
+            memo[arg] = stack[-1]
+            continue
+        if name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+            continue
+        if name in _GET_OPS:
+            stack.append(memo.get(arg))
+            continue
+        if name == "DUP":
+            stack.append(stack[-1])
+            continue
+        if name == "REDUCE" and isinstance(stack[-2], _Global) and stack[-2].name in classes:
+            called.add(stack[-2].name)
+        if name == "GLOBAL":
+            pushed: Any = _Global(str(arg).replace(" ", "."))
+        elif name == "STACK_GLOBAL":
+            pushed = _Global(f"{stack[-2]}.{stack[-1]}")
+        elif isinstance(arg, str) and op.stack_after == [pickletools.pyunicode]:
+            pushed = arg
+        else:
+            pushed = None
+        for before in reversed(op.stack_before):
+            if before is pickletools.stackslice:
+                continue
+            if before is pickletools.markobject:
+                del stack[marks.pop() :]
+            else:
+                stack.pop()
+        stack.extend(pushed for _ in op.stack_after)
+    return called
+
+
+@dataclasses.dataclass(frozen=True)
+class _Global:
+    name: str
 
 
 def safe_load_ultralytics(path: Path) -> dict[str, Any]:
@@ -64,6 +131,14 @@ def safe_load_ultralytics(path: Path) -> dict[str, Any]:
     if refused:
         raise UnsafeCheckpoint(
             f"{path.name}: refused, it would unpickle objects outside the allowlist: {', '.join(sorted(refused))}"
+        )
+    try:
+        called = _called_classes(path, set(names))
+    except Exception as e:  # a pickle the scan cannot follow is not loaded
+        raise UnsafeCheckpoint(f"{path.name}: refused, its pickle could not be read ({type(e).__name__})") from None
+    if called:
+        raise UnsafeCheckpoint(
+            f"{path.name}: refused, it would call (not rebuild) these classes: {', '.join(sorted(called))}"
         )
     with torch.serialization.safe_globals(allowed):
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)

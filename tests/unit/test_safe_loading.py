@@ -43,3 +43,38 @@ def test_seeded_test_detector_loads_through_the_safe_path(settings):
     model = load_detector_module(det_path).module
     assert [model.names[i] for i in range(len(model.names))] == list(TEST_VOCABULARY)
     assert not model.training
+
+
+class CallsAllowlistedClass:
+    """A pickle that *calls* an allowlisted layer class with its own arguments (REDUCE): weights_only would run
+    the constructor, and constructors read files or download (ultralytics' TorchVision layer fetches weights)."""
+
+    def __reduce__(self):
+        from ultralytics.nn.modules.conv import Conv
+
+        return (Conv, (3, 8, 3))
+
+
+class CallsAutoBackend:
+    """AutoBackend is an nn.Module under ultralytics.nn whose constructor unpickles another file freely."""
+
+    def __reduce__(self):
+        from ultralytics.nn.autobackend import AutoBackend
+
+        return (AutoBackend, ("inner.pt",))
+
+
+def test_a_checkpoint_calling_an_allowlisted_class_is_refused(tmp_path: Path):
+    path = tmp_path / "calls.pt"
+    torch.save({"model": CallsAllowlistedClass()}, path)
+    with pytest.raises(
+        UnsafeCheckpoint, match=r"calls.pt: refused, it would call .*ultralytics\.nn\.modules\.conv\.Conv"
+    ):
+        safe_load_ultralytics(path)
+
+
+def test_a_checkpoint_naming_autobackend_is_refused(tmp_path: Path):
+    path = tmp_path / "backend.pt"
+    torch.save({"model": CallsAutoBackend()}, path)
+    with pytest.raises(UnsafeCheckpoint, match=r"backend.pt: refused.*ultralytics\.nn\.autobackend\.AutoBackend"):
+        safe_load_ultralytics(path)
