@@ -140,7 +140,7 @@ def decode_image(
             img = _OPENERS[pil_format](io.BytesIO(data))
     except Image.DecompressionBombError:
         raise InvalidImage(f"{field}: declared size exceeds the limit of {limits.max_pixels} pixels") from None
-    except (OSError, SyntaxError, ValueError, IndexError, struct.error, EOFError):
+    except _CORRUPT:
         raise InvalidImage(f"{field}: corrupt {ours.upper()} header") from None
     _check_size(img.width, img.height, limits, field)  # from the header, before decoding
     try:
@@ -148,9 +148,25 @@ def decode_image(
         if rgb is None:
             img.load()
             rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+    except (*_CORRUPT, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
     return DecodedImage(rgb=rgb, format=ours, sha256=sha256 or hashlib.sha256(data).hexdigest())
+
+
+# What Pillow raises on bytes it cannot read: its image plugins raise OSError, SyntaxError or ValueError, but its EXIF
+# reader (TiffImagePlugin, run by exif_transpose and the orientation check) raises whatever the bad entry causes
+# (struct.error, TypeError for a tag of another type, KeyError, ZeroDivisionError for a rational of 0/0).
+_CORRUPT = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
 
 
 def declared_size(data: bytes, pil_format: str) -> tuple[int, int] | None:
@@ -294,13 +310,14 @@ def _xmp_orientation(header: Image.Image) -> bool:
 def _to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode → (H, W, 3) uint8. Alpha is composited over white; 16-bit is scaled, not clipped."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return np.array(img, dtype=np.uint8)
     if mode.startswith("I;16") or mode == "I":
         wide = np.asarray(img).astype(np.int64)
         gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    # A tRNS colour key (palette, RGB and L PNGs) is alpha too: Pillow reads those pixels as transparent.
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from service.errors import InvalidImage
 from service.pipeline.image import (
@@ -193,3 +193,36 @@ def test_a_pil_image_is_sent_in_its_displayed_orientation():
     sent = decode_image(image_message(Image.open(io.BytesIO(buf.getvalue()))).encoded, LIMITS).rgb
     np.testing.assert_array_equal(sent, decode_image(buf.getvalue(), LIMITS).rgb)
     assert sent.shape == (200, 100, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_an_exif_entry_of_a_bad_type_is_a_corrupt_image(fmt):
+    # The Make tag (0x010f) renamed ImageWidth (0x0100), a number holding text: Pillow's EXIF writer, run by
+    # exif_transpose, raised struct.error, which reached the client as INTERNAL instead of INVALID_ARGUMENT
+    # (found by fuzzing the header bytes).
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Make] = "cam"
+    raw = bytearray(exif.tobytes())
+    assert raw[16:20] == b"\x01\x0f\x00\x02"  # the first entry: Make, ASCII
+    raw[17] = 0
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_rgb(24, 32)).save(buf, format=fmt, exif=bytes(raw))
+    with pytest.raises(InvalidImage, match=f"image.encoded: corrupt or truncated {fmt} data"):
+        decode_image(buf.getvalue(), LIMITS)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
+def test_a_png_colour_key_is_composited_over_white_in_every_mode(mode):
+    # A tRNS colour key in an RGB or L PNG was ignored (only palette images were composited), so one picture saved
+    # two ways reached the models as different pixels.
+    rgb = synthetic_rgb(8, 8)
+    rgb[0, 0] = (10, 20, 30) if mode != "L" else (18, 18, 18)
+    img = Image.fromarray(rgb).convert(mode)
+    key = {"RGB": (10, 20, 30), "L": 18, "P": img.getpixel((0, 0))}[mode]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=key)
+    decoded = decode_image(buf.getvalue(), LIMITS).rgb
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+    expected = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), Image.open(buf).convert("RGBA"))
+    assert np.array_equal(decoded, np.array(expected.convert("RGB")))
