@@ -85,6 +85,7 @@ def instance_content(inst: pb.Instance) -> dict[str, Any]:
         "region_index": inst.region_index,
         "text": inst.text_match.text,
         "similarity": inst.text_match.similarity,
+        "read_as": inst.text_match.read_as,
         **_mask(inst),
         "review": {"needed": inst.review.needed, "reasons": _reasons(inst), "stability": inst.review.stability_score},
     }

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from service import provenance
+from service.provenance.canonical import strict_json
 from service.provenance.response import verify_content
 
 
@@ -38,10 +38,21 @@ def verify(args: argparse.Namespace) -> int:
         if saved is not None:
             if saved.get("manifest") is None:
                 raise provenance.VerificationFailed("the saved response carries no manifest")
+            image, instances = saved["image"], saved["instances"]
+            if (
+                not isinstance(image, dict)
+                or not isinstance(instances, list)
+                or not isinstance(saved["manifest"], dict)
+            ):
+                raise provenance.VerificationFailed(
+                    f"{args.manifest}: not a saved response (its image and manifest are objects, its instances a list)"
+                )
+            fields = ("request_id", "profile", "backend")
             result = verify_content(
                 saved["manifest"],
-                saved["instances"],
-                saved["image"]["sha256"],
+                instances,
+                {k: v for k, v in image.items() if k not in fields},
+                provenance={k: image[k] for k in fields if k in image},
                 trusted_keys=keys,
                 require_signature=not args.allow_unsigned,
             )
@@ -78,8 +89,8 @@ def _saved_response(path: Path) -> dict[str, Any] | None:
     if path.is_dir():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = strict_json(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
         raise provenance.VerificationFailed(f"{path} is not a manifest or a saved response: not JSON ({e})") from None
     return data if isinstance(data, dict) and "instances" in data and "image" in data else None
 

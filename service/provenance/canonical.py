@@ -87,3 +87,22 @@ def content_artifact(name: str, content: Any) -> dict[str, Any]:
     ``sha256`` and ``bytes`` are those of ``canonical_json(content)``."""
     data = canonical_json(content)
     return {"name": name, "sha256": sha256_hex(data), "bytes": len(data)}
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` refusing what makes one text two readings: a key given twice (readers may keep either value)
+    and the NaN / Infinity constants (not JSON). Raises ValueError naming which."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} (ambiguous: readers may keep either value)")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service.provenance.canonical import file_sha256
+from service.provenance.canonical import file_sha256, strict_json
 from service.provenance.manifests import KIND_EXPORT, MANIFEST_NAME, _checked_manifest, _path_problem, _schema_problems
 from service.provenance.signatures import VerificationFailed, envelope, verify_envelope
 
@@ -137,25 +137,12 @@ def _read_envelope(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise VerificationFailed(f"{path}: cannot be read ({type(e).__name__})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+        data = strict_json(text)
     except ValueError as e:
         raise VerificationFailed(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise VerificationFailed(f"{path}: not a manifest envelope (a JSON object is expected)")
     return data
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r} (ambiguous: readers may keep either value)")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _verify_artifacts(folder: Path, artifacts: list[dict[str, Any]]) -> tuple[int, tuple[str, ...]]:

@@ -72,6 +72,82 @@ def test_a_tampered_label_mask_or_key_fails(signing_server, keys):
         verify_response(response, trusted_keys=[other])
 
 
+def _set_model(r):
+    r.provenance.models[0].name = "evil"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _set_model,
+        lambda r: setattr(r.provenance.models[0], "weights_sha256", "f" * 64),
+        lambda r: setattr(r.provenance, "request_id", "someone-else"),
+        lambda r: setattr(r.provenance, "profile", "official"),
+        lambda r: setattr(r.provenance, "backend", "triton"),
+        lambda r: setattr(r.image, "width", 999),
+        lambda r: setattr(r.image, "format", "png"),
+        lambda r: setattr(r.instances[0].text_match, "read_as", "red star"),
+    ],
+)
+def test_a_tampered_model_request_or_image_field_fails(signing_server, keys, tamper):
+    """Only the instances' digest and the image's sha256 were compared: a response naming other models, another
+    request id, profile, backend or image size verified with the trusted key."""
+    trusted = provenance.load_public_key(keys[1])
+    with Client(signing_server.target) as detseg:
+        response = detseg.segment(SAMPLE, classes=["circle", "star"]).response
+    bad = type(response)()
+    bad.CopyFrom(response)
+    tamper(bad)
+    with pytest.raises(provenance.VerificationFailed, match="differs from the signed manifest"):
+        verify_response(bad, trusted_keys=[trusted])
+
+
+def test_a_manifest_with_a_duplicate_key_or_unreadable_content_fails_as_verification(signing_server, keys):
+    """A manifest naming "models" twice verified (json.loads keeps the last; another reader the first); a manifest
+    that is not JSON or RLE counts that are not ASCII raised JSONDecodeError / UnicodeDecodeError."""
+    trusted = provenance.load_public_key(keys[1])
+    with Client(signing_server.target) as detseg:
+        response = detseg.segment(SAMPLE, classes=["circle", "star"]).response
+    envelope = json.loads(response.provenance.manifest)
+    text = json.dumps(envelope, sort_keys=True)
+    inner = '"manifest": {'
+    assert inner in text
+    for tamper, message in (
+        (lambda r: setattr(r.provenance, "manifest", text.replace(inner, inner + '"models": ["EVIL"], ', 1)), "dup"),
+        (lambda r: setattr(r.provenance, "manifest", text[:-1]), "JSON"),
+        (lambda r: setattr(r.instances[0].mask.coco_rle, "counts", b"\xff"), "Unicode"),
+    ):  # fmt: skip
+        bad = type(response)()
+        bad.CopyFrom(response)
+        tamper(bad)
+        with pytest.raises(provenance.VerificationFailed, match=message):
+            verify_response(bad, trusted_keys=[trusted])
+
+
+def test_exemplar_reference_images_and_raw_sizes_are_in_the_manifest():
+    """Two requests whose exemplars' reference images differed (and so their answers) had equal manifests: the
+    exemplar entry said only "image": true."""
+    from service.proto.detseg.v1 import detseg_pb2 as pb
+    from service.provenance.response import response_manifest
+
+    def manifest_of(exemplar_image: pb.Image, raw_size=(4, 2)) -> dict:
+        request = pb.SegmentRequest(
+            exemplars=[pb.Exemplar(box=pb.BoundingBox(x_max=1, y_max=1), label="sku", image=exemplar_image)]
+        )
+        response = pb.SegmentResponse(
+            image=pb.ImageInfo(width=raw_size[0], height=raw_size[1], sha256="0" * 64, format="raw")
+        )
+        m = response_manifest(request, response)
+        return {k: m[k] for k in ("inputs", "prompts", "parameters")}
+
+    a, b = manifest_of(pb.Image(encoded=b"one")), manifest_of(pb.Image(encoded=b"two"))
+    assert a != b and a["inputs"][1]["name"] == "exemplars[0].image"
+    raw = pb.Image(raw=pb.RawImage(data=bytes(24), width=4, height=2))
+    flipped = pb.Image(raw=pb.RawImage(data=bytes(24), width=2, height=4))
+    assert manifest_of(raw) != manifest_of(flipped)
+    assert manifest_of(raw, (4, 2))["parameters"]["image"] != manifest_of(raw, (2, 4))["parameters"]["image"]
+
+
 def _nudge(coordinates):
     coordinates[0] += 1
 
