@@ -21,7 +21,9 @@ embedded, and says why of every text it cannot read (the server refuses those):
   six-sided figure" → white hexagon).
 - **What it cannot read** has no phrase (``Reading.phrase`` None, ``Reading.why`` says what stopped it): two
   values for one slot ("red or blue star"), an unread word while the colour or the shape is missing ("pearl
-  square", "a red ball", "dog": the unread word may name it), or no phrase of the grammar ("large red"). The
+  square", "a red ball", "dog": the unread word may name it; words of any script are words, "红色的 star"), a
+  negation ("a star that is not red", "non-red star": the grammar has none, and read without it the text says
+  the opposite), a count that names no shape ("6-pointed star"), or no phrase of the grammar ("large red"). The
   server refuses such a text (INVALID_ARGUMENT naming it): embedded as sent, a text outside the grammar the
   detector was trained on is answered with whatever its words happen to score, e.g. "something round" with
   small yellow squares at 0.67 (measured on the demo's test scenes), which is a wrong answer and not an error.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,6 +53,12 @@ GENERIC_NOUN = "shape"  # the training grammar's noun for "any shape" ("red shap
 NUMBERS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 SIDE_WORDS = frozenset("side sided sides edge edged edges corner cornered corners angle angled angles".split())
 POINT_WORDS = frozenset("point pointed points pointy".split())
+# Words that turn what follows into its opposite or an exception (several are English stop words, which the reader
+# otherwise skips): the grammar cannot say "not red", and reading the text without them answers the opposite.
+NEGATIONS = frozenset(
+    "not no nor non never neither none nothing without except excluding but unlike "
+    "isn aren wasn weren don doesn didn hasn haven hadn cannot".split()
+)
 SIDES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
 POINTS = {"star": 5}
 # A word is read as a shape or size word by sentence embedding when its cosine to the nearest one is at least
@@ -194,6 +203,9 @@ class PhraseReader:
         return word in self._stop_words or word in (GENERIC_NOUN, GENERIC_NOUN + "s", GENERIC_NOUN + "d")
 
     def _read(self, tokens: list[str]) -> Reading:
+        negation = next((t for t in tokens if t in NEGATIONS), None)
+        if negation is not None:
+            return Reading(None, f"a negation ({negation!r}): the grammar has none; send what to find")
         found: dict[str, set[str]] = {"size": set(), "colour": set(), "shape": set()}
         used = [False] * len(tokens)
         for n in range(self._longest_colour, 0, -1):  # colour names, longest first
@@ -209,11 +221,14 @@ class PhraseReader:
             if count is None:
                 continue
             for j in range(i + 1, min(i + 4, len(tokens))):
+                if tokens[j] not in SIDE_WORDS | POINT_WORDS:
+                    continue
                 named = _shape_by_count(count, tokens[j], self.vocabulary.shapes)
-                if named is not None:
-                    found["shape"].add(named)
-                    used[i] = used[j] = True
-                    break
+                if named is None:
+                    return Reading(None, f"no shape of the grammar has {count} {tokens[j]}")
+                found["shape"].add(named)
+                used[i] = used[j] = True
+                break
         unread: list[str] = []
         for i, token in enumerate(tokens):
             if used[i] or self._plain(token) or token in NUMBERS or token.isdigit():
@@ -243,8 +258,9 @@ class PhraseReader:
 
 
 def _tokens(text: str) -> list[str]:
-    """Lower-case words and numbers; hyphenated compounds split ("blood-red" → blood, red)."""
-    return re.findall(r"[a-z]+|[0-9]+", text.lower())
+    """Lower-case words (of any script, full-width letters as their plain forms) and numbers; hyphenated compounds
+    split ("blood-red" → blood, red)."""
+    return re.findall(r"[^\W\d_]+|\d+", unicodedata.normalize("NFKC", text).lower())
 
 
 def _singular(word: str, vocabulary: AttributeVocabulary) -> str | None:

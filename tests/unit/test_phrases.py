@@ -138,3 +138,29 @@ def test_shared_detector_outputs_are_keyed_by_the_reader_too(reader):
     )
     plain, read = ModelIdentity.of(runner), ModelIdentity.of(runner, reader)
     assert plain.segmenter == read.segmenter and plain.detector != read.detector
+
+
+def test_a_negation_is_refused_not_read_as_its_opposite(reader):
+    """Negations are English stop words, which the reader skips: "a star that is not red" read as "red star" and was
+    answered with red stars."""
+    texts = ["a star that is not red", "no red star", "a star without red", "any star except red ones"]
+    texts += ["non-red star", "a star which isn't red"]
+    readings = asyncio.run(reader.read(texts))
+    assert [r.phrase for r in readings] == [None] * len(texts)
+    assert all(r.why.startswith("a negation (") for r in readings)
+
+
+def test_words_of_other_scripts_are_words(reader):
+    """Only [a-z] made words: "赤い star" lost its colour word and was answered as "star" (every star); full-width
+    letters vanished too."""
+    assert read(reader, "ｒｅｄ star") == ["red star"]
+    readings = asyncio.run(reader.read(["赤い star", "rød star"]))
+    assert [r.phrase for r in readings] == [None, None]
+    assert [r.why for r in readings] == ["not words of the grammar: '赤い'", "not words of the grammar: 'rød'"]
+
+
+def test_a_count_that_names_no_shape_is_refused(reader):
+    """ "red 6-pointed star" read as the 5-pointed red star: the count was dropped."""
+    readings = asyncio.run(reader.read(["red 6-pointed star", "a 7-sided shape"]))
+    assert [r.why for r in readings] == ["no shape of the grammar has 6 pointed", "no shape of the grammar has 7 sided"]
+    assert read(reader, "red 5-pointed shape", "blue 6-sided shape") == ["red star", "blue hexagon"]
