@@ -7,6 +7,7 @@ Built once (by the CLI or a test) and passed down; no other module reads the env
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -389,6 +390,8 @@ class Settings:
             raise ConfigurationError(f"unknown setting(s): {', '.join(map(str, unknown))}")
         kwargs = {}
         for name, value in values.items():
+            if value is None:  # YAML's null ("detector:" with nothing after it): unset, the default stays
+                continue
             try:
                 kwargs[name] = _coerce(fields[name].type, value)
             except (TypeError, ValueError) as e:
@@ -427,14 +430,24 @@ def _coerce(type_name: Any, value: Any) -> Any:
         if text in {"0", "false", "no", "off"}:
             return False
         raise ValueError(f"not a boolean: {value!r}")
+    if isinstance(value, bool | dict | list):  # YAML's true, or a mapping, is no number or text
+        raise ValueError(f"{value!r} is not of type {kind}")
     if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not a whole number: {value!r}")
         return int(value)
     if kind == "float":
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):  # NaN passes every range check (each comparison is false)
+            raise ValueError(f"not a finite number: {value!r}")
+        return number
     if kind == "Path":
         return Path(value).expanduser()
     return str(value)
 
+
+# Settings whose value may hold a secret (a Redis URL's password): a problem names their expected shape, not the value.
+SECRET_SHAPES = {"redis_url": "must be empty or start with redis://, rediss:// or unix:// (the value is not shown)"}
 
 # A default a request or session takes when it names none, and the most one may name: the default within it.
 DEFAULTS_WITHIN = {"default_max_instances": "max_instances", "track_max_objects": "track_max_objects_limit"}
@@ -449,9 +462,15 @@ def setting_problems(settings: Settings) -> list[str]:
     values["log_level"] = str(values["log_level"]).upper()
     schema = {"type": "object", "properties": CONSTRAINTS}
     problems = [
-        f"setting {'.'.join(map(str, e.path))}: {e.message}"
+        f"setting {'.'.join(map(str, e.path))}: "
+        + (SECRET_SHAPES[e.path[0]] if e.path and e.path[0] in SECRET_SHAPES else e.message)
         for e in sorted(Draft7Validator(schema).iter_errors(values), key=lambda e: list(e.path))
     ]
+    for other in ("health_port", "metrics_port"):
+        if other == "metrics_port" and settings.metrics_exporter != "prometheus":
+            continue
+        if settings.port and getattr(settings, other) == settings.port:
+            problems.append(f"setting {other}: {settings.port} is the API's port; it needs its own")
     for default, limit in DEFAULTS_WITHIN.items():
         if getattr(settings, default) > getattr(settings, limit):
             problems.append(

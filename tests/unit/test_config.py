@@ -36,7 +36,15 @@ def test_unknown_setting_is_an_error(tmp_path: Path):
         ("env:DETSEG_MAX_QUEUE=lots", "setting max_queue: invalid literal for int() with base 10: 'lots'"),
         ("env:DETSEG_OFFLINE=maybe", "setting offline: not a boolean: 'maybe'"),
         ("env:DETSEG_LOG_LEVEL=loud", "setting log_level: 'LOUD' is not one of ['DEBUG', 'INFO'"),
-        ("env:DETSEG_REDIS_URL=redis-host:6379", "setting redis_url: 'redis-host:6379' does not match"),
+        ("env:DETSEG_REDIS_URL=redis-host:6379", "setting redis_url: must be empty or start with redis://"),
+        ("env:DETSEG_DEFAULT_DEADLINE_SECONDS=nan", "setting default_deadline_seconds: not a finite number: 'nan'"),
+        ("env:DETSEG_KEEPALIVE_SECONDS=inf", "setting keepalive_seconds: not a finite number: 'inf'"),
+        ("file:text_match_threshold: .nan", "setting text_match_threshold: not a finite number: nan"),
+        ("file:max_in_flight: 8.9", "setting max_in_flight: not a whole number: 8.9"),
+        ("file:workers: true", "setting workers: True is not of type int"),
+        ("file:models: [demo]", "setting models: ['demo'] is not of type str"),
+        ("file:port: 7000\nhealth_port: 7000", "setting health_port: 7000 is the API's port; it needs its own"),
+        ("env:DETSEG_METRICS_EXPORTER=prometheus\nDETSEG_METRICS_PORT=50051", "setting metrics_port: 50051 is the API"),
         ("file:track_max_objects: 200", "setting track_max_objects: 200 is above track_max_objects_limit (100)"),
         ("env:DETSEG_DEFAULT_MAX_INSTANCES=400", "setting default_max_instances: 400 is above max_instances (300)"),
     ],
@@ -47,7 +55,7 @@ def test_a_setting_out_of_its_range_is_refused_by_name(tmp_path: Path, source: s
     kind, text = source.split(":", 1)
     config = tmp_path / "detseg.yaml"
     config.write_text(text + "\n" if kind == "file" else "")
-    env = dict([text.split("=", 1)]) if kind == "env" else {}
+    env = dict(line.split("=", 1) for line in text.split("\n")) if kind == "env" else {}
     with pytest.raises(ConfigurationError) as e:
         Settings.load(env=env, config_file=config)
     assert str(e.value).startswith(says.format(file=config)), str(e.value)
@@ -112,3 +120,17 @@ def test_the_shared_tier_takes_an_entry_of_the_largest_image_by_default():
     s = Settings()
     features = 4 * (256 * 64 * 64 + 32 * 256 * 256 + 64 * 128 * 128)
     assert s.redis_max_entry_bytes >= 3 * s.max_image_pixels + features
+
+
+def test_a_yaml_null_leaves_the_default_and_a_secret_is_not_printed(tmp_path: Path):
+    """A setting written with no value ("detector:") became the string "None" (a checkpoint path, a TLS file, an OTLP
+    endpoint named None); a Redis URL's password was printed in the refusal."""
+    config = tmp_path / "detseg.yaml"
+    config.write_text("detector:\ntls_cert: ~\notlp_endpoint:\nmax_in_flight: 8.0\n")
+    s = Settings.load(config_file=config)
+    default = Settings()
+    assert (s.detector, s.tls_cert, s.otlp_endpoint) == (default.detector, default.tls_cert, default.otlp_endpoint)
+    assert s.max_in_flight == 8
+    with pytest.raises(ConfigurationError) as e:
+        Settings.load(env={"DETSEG_REDIS_URL": "valkey://:hunter2@redis:6379/0"})
+    assert "hunter2" not in str(e.value) and str(e.value).startswith("setting redis_url: must be empty")
