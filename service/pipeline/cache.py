@@ -145,13 +145,14 @@ class EmbeddingCache:
             self._entries.move_to_end(handle)
             self._fit()
 
-    def add_masks(self, handle: str, masks: dict[str, np.ndarray], limit: int) -> None:
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray], limit: int) -> set[str]:
         """Keeps low-res masks with a cached image (if it is still cached): at most ``limit``, and never so many that
-        the entry outgrows the cache (oldest dropped first); then least recently used images make room."""
+        the entry outgrows the cache (oldest dropped first); then least recently used images make room. Returns
+        the keys of ``masks`` kept."""
         with self._lock:
             entry = self._entries.get(handle)
             if entry is None:
-                return
+                return set()
             for key, logits in masks.items():
                 old = entry.masks.pop(key, None)
                 self._bytes += logits.nbytes - (old.nbytes if old is not None else 0)
@@ -160,6 +161,7 @@ class EmbeddingCache:
                 self._bytes -= entry.masks.pop(next(iter(entry.masks))).nbytes
             self._entries.move_to_end(handle)
             self._fit()
+            return set(masks) & set(entry.masks) if self._entries.get(handle) is entry else set()
 
     def mask(self, handle: str, mask_handle: str) -> np.ndarray | None:
         """A kept low-res mask of a cached image, or None."""

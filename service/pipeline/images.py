@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -24,6 +25,8 @@ from service.pipeline.image import DecodedImage, ImageLimits, decode_image, imag
 from service.pipeline.lru import LRU
 from service.pipeline.prompts import Exemplar, ImageInput, check_box_inside
 from service.pipeline.stages import stage
+
+_HANDLE = re.compile(re.escape(PREFIX) + "[0-9a-f]{64}")  # EncodeImage's handle: lower-case hex
 
 TOUCHED_KEPT = 4096  # images whose last shared-TTL restart is remembered (the least recently used forgotten)
 
@@ -88,7 +91,7 @@ class ImageStore:
         is NOT_FOUND. Looks in the shared tier (blocking) after a miss in this replica's cache."""
         handle = image.handle
         if handle is not None:
-            if not handle.startswith(PREFIX) or len(handle) != len(PREFIX) + 64:
+            if _HANDLE.fullmatch(handle) is None:
                 raise InvalidInput(
                     f"{field}.handle: not a handle from EncodeImage (expected 'sha256:' + 64 hex digits)"
                 )
@@ -167,11 +170,15 @@ class ImageStore:
         if self.shared is not None:
             await asyncio.to_thread(self.shared.add_detector_output, handle, output, key)
 
-    async def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None:
-        """Keeps low-res masks with a cached image (options.keep_masks), in both tiers."""
-        self.cache.add_masks(handle, masks, self.max_kept_masks)
+    async def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> set[str]:
+        """Keeps low-res masks with a cached image (options.keep_masks), in both tiers: the first
+        ``max_kept_masks`` of ``masks`` (in order). Returns the keys kept (none when the image is not cached)."""
+        first = dict(list(masks.items())[: self.max_kept_masks])
+        kept = self.cache.add_masks(handle, first, self.max_kept_masks)
         if self.shared is not None:
-            await asyncio.to_thread(self.shared.add_masks, handle, masks)
+            await asyncio.to_thread(self.shared.add_masks, handle, first)
+            kept = set(first)
+        return kept
 
     async def kept_mask(self, handle: str, mask_handle: str, field: str) -> np.ndarray:
         """A kept low-res mask of the image ``handle`` names (this replica's, else the shared tier's), or NotFound

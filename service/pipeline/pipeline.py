@@ -272,11 +272,13 @@ class Pipeline:
         return dataclasses.replace(p, regions=regions)
 
     async def _keep_masks(self, handle: str, prompts: list[SamPrompt], logits: Any, p: Plan) -> list[str]:
-        """Keeps each prompt's low-res mask with the cached image (options.keep_masks); their handles, in order."""
+        """Keeps each prompt's low-res mask with the cached image (options.keep_masks); their handles, in order ("" for
+        a mask not kept: past max_kept_masks, or the image not cached). Logits clamped to [-32, 32] as
+        SAM2ImagePredictor returns them, so a follow-up's mask input is the predictor's."""
         host = logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
         handles = [kept_mask_handle(handle, prompt, p.multimask) for prompt in prompts]
-        await self.images.add_masks(handle, {h: np.array(host[k]) for k, h in enumerate(handles)})
-        return handles
+        kept = await self.images.add_masks(handle, {h: np.clip(host[k], -32.0, 32.0) for k, h in enumerate(handles)})
+        return [h if h in kept else "" for h in handles]
 
     async def vocabulary(self, query: SegmentQuery, timings: dict[str, float]) -> Vocabulary:
         """The request's vocabulary, its texts' matches and (open vocabulary) class embeddings; before the image is

@@ -116,7 +116,10 @@ class MicroBatcher:
             for item in batch:
                 stop = start + len(item.array)
                 if not item.future.done():  # a caller that gave up (deadline) is skipped
-                    item.future.set_result(tuple(o[start:stop] for o in outputs))
+                    rows = (o[start:stop] for o in outputs)
+                    # Each caller owns its rows: a view would keep the whole pass's arrays alive as long as any
+                    # caller caches its part (cache_max_bytes counts the part).
+                    item.future.set_result(tuple(rows) if len(batch) == 1 else tuple(_own(r) for r in rows))
                 start = stop
 
     def _rows(self) -> int:
@@ -148,3 +151,8 @@ def _concatenate(arrays: list[Any]) -> Any:
     import torch  # only a device-resident torch runner submits tensors
 
     return torch.cat(arrays)
+
+
+def _own(rows: Any) -> Any:
+    """A copy of a slice of a pass's output (numpy array or torch tensor) that holds no reference to the rest."""
+    return rows.clone() if hasattr(rows, "clone") else np.array(rows, copy=True)

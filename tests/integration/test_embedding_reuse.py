@@ -94,9 +94,11 @@ def test_unknown_and_malformed_handles(stub):
         stub.Segment(pb.SegmentRequest(image=pb.Image(handle="sha256:" + "0" * 64)), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "unknown or expired" in info.value.details() and "send the image again" in info.value.details()
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Segment(pb.SegmentRequest(image=pb.Image(handle="../etc/passwd")), timeout=30)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image.handle" in info.value.details()
+    # Not lower-case hex ("A" * 64 was NOT_FOUND, "send the image again", as if it had been a handle once).
+    for bad in ("../etc/passwd", "sha256:" + "A" * 64, "sha256:" + "g" * 63 + " "):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Segment(pb.SegmentRequest(image=pb.Image(handle=bad)), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image.handle" in info.value.details()
 
 
 @pytest.mark.slow  # its own server, and waits out a TTL
@@ -116,3 +118,23 @@ def test_handle_expires_after_its_ttl(settings, runner):
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         srv.stop()
+
+
+def test_keep_masks_names_only_the_masks_it_kept(stub):
+    """With more instances than max_kept_masks (64), every instance got a handle and the first ones were dropped at
+    once: instance 0's handle was NOT_FOUND on the next call. Now the first 64 are kept and named, the rest have none;
+    kept logits are clamped to [-32, 32] as SAM2ImagePredictor returns them."""
+    image = encode(synthetic_rgb(96, 128))
+    boxes = [(x, y, x + 20, y + 20) for x in range(0, 100, 10) for y in range(0, 70, 10)][:66]
+    response = stub.Segment(
+        pb.SegmentRequest(
+            image=pb.Image(encoded=image), regions=regions(*boxes), options=pb.SegmentOptions(keep_masks=True)
+        ),
+        timeout=120,
+    )
+    handles = [i.mask_handle for i in response.instances]
+    assert len(handles) == 66 and all(handles[:64]) and handles[64:] == ["", ""]
+    for k in (0, 63):
+        follow_up = pb.RegionPrompt(box=regions(boxes[k])[0].box, previous_mask=handles[k])
+        again = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=image), regions=[follow_up]), timeout=60)
+        assert len(again.instances) == 1

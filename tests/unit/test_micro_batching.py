@@ -124,3 +124,20 @@ def test_tensors_of_a_device_resident_runner_share_passes_as_arrays_do():
     for x, (doubled,) in zip(inputs, asyncio.run(main()), strict=True):
         assert isinstance(doubled, torch.Tensor) and torch.equal(doubled, x * 2)
     assert sum(seen) == 5 and max(seen) > 1
+
+
+def test_callers_of_a_shared_pass_hold_only_their_own_rows():
+    """Each caller got a view of the whole pass's output: a cached part kept the whole batch alive, so an embedding
+    cache held up to max_batch times the bytes it counted."""
+    batcher, seen = make(max_batch=4)
+    inputs = [np.full((1, 2, 3), float(i), np.float32) for i in range(5)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    outputs = asyncio.run(main())
+    assert max(seen) > 1  # some pass was shared
+    for doubled, sums in outputs:
+        for rows in (doubled, sums):
+            owner = rows if rows.base is None else rows.base
+            assert owner.shape[0] == rows.shape[0]
