@@ -12,6 +12,7 @@ import numpy as np
 
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import dataset_rle
+from service.printable import normalise_class_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,11 @@ def class_names(split: Split) -> list[str]:
     then the replay's names the data lacks."""
     names = [split.train.categories[k] for k in sorted(split.train.categories)]
     if split.replay is not None:
-        names += [n for k in sorted(split.replay.categories) if (n := split.replay.categories[k]) not in names]
+        known = {normalise_class_name(n) for n in names}
+        for k in sorted(split.replay.categories):
+            if normalise_class_name(name := split.replay.categories[k]) not in known:
+                names.append(name)
+                known.add(normalise_class_name(name))
     return names
 
 
@@ -48,11 +53,12 @@ def write_yolo(split: Split, root: Path) -> Path:
     """ultralytics' detection layout under ``root`` (images linked, not copied; labels from the COCO boxes) with
     ``data.yaml``; returns its path."""
     names = class_names(split)
+    classes = {normalise_class_name(n): k for k, n in enumerate(names)}  # a replay's "traffic_light" is "Traffic light"
     parts = [("train", "", split.train), ("val", "", split.holdout)]
     if split.replay is not None:
         parts.append(("train", "replay-", split.replay))
     for part, prefix, data in parts:
-        index = {cid: names.index(name) for cid, name in data.categories.items()}
+        index = {cid: classes[normalise_class_name(name)] for cid, name in data.categories.items()}
         (root / "images" / part).mkdir(parents=True, exist_ok=True)
         (root / "labels" / part).mkdir(parents=True, exist_ok=True)
         for image in data.images:

@@ -31,6 +31,7 @@ from service.adaptation.recipes import DetectorRecipe
 from service.models.loading import safe_load_ultralytics
 from service.models.open_vocabulary import is_open_vocabulary, text_model_name
 from service.models.text import ClassTextEncoder, SentenceEncoder
+from service.printable import normalise_class_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +57,21 @@ def start_checkpoint(base: Path, names: Sequence[str], out: Path) -> tuple[tuple
     if type(old).__name__ != "DetectionModel":
         raise ValueError(f"{base.name}: adaptation takes a closed-vocabulary YOLO detector, not a {type(old).__name__}")
     old_names = [old.names[k] for k in sorted(old.names)]
-    old_index = {n.strip().lower(): k for k, n in enumerate(old_names)}
-    mapping = {k: old_index.get(n.strip().lower()) for k, n in enumerate(names)}
+    old_index = {normalise_class_name(n): k for k, n in enumerate(old_names)}
+    mapping = {k: old_index.get(normalise_class_name(n)) for k, n in enumerate(names)}
     torch.manual_seed(0)
     new = DetectionModel(old.yaml, nc=len(names), verbose=False)
     state, old_state = new.state_dict(), old.state_dict()
-    head = f"model.{len(old.model) - 1}."
+    # The classification outputs: each of the head's cv3 branches ends in a 1x1 conv with one output channel (row)
+    # per class. Only those rows are classes: the branch's hidden layers are as wide as the class count when it
+    # lies between the first feature width and 100 (80 classes on yolo11n's 64), and are copied whole.
+    head = len(old.model) - 1
+    class_convs = tuple(f"model.{head}.cv3.{i}.{len(branch) - 1}." for i, branch in enumerate(old.model[-1].cv3))
     for key, value in state.items():
         source = old_state.get(key)
         if source is None:
             continue
-        # The classification outputs: the head's cv3 branches end in one row (output channel) per class.
-        class_rows = key.startswith(head) and "cv3." in key and source.ndim >= 1 and source.shape[0] == len(old_names)
+        class_rows = key.startswith(class_convs) and source.shape[0] == len(old_names)
         if class_rows and value.shape[1:] == source.shape[1:]:
             rows = value.clone()  # the base's row where it knows the name, the architecture's initialisation else
             for k, j in mapping.items():
@@ -181,8 +185,8 @@ def open_start_checkpoint(base: Path, out: Path) -> str | None:
 def _known_names(base: Path, names: Sequence[str]) -> tuple[str, ...]:
     """The names an open-vocabulary base was trained with (its ``names``), among ``names``."""
     model = safe_load_ultralytics(base)["model"]
-    known = {str(n).strip().lower() for n in dict(getattr(model, "names", {}) or {}).values()}
-    return tuple(n for n in names if n.strip().lower() in known)
+    known = {normalise_class_name(str(n)) for n in dict(getattr(model, "names", {}) or {}).values()}
+    return tuple(n for n in names if normalise_class_name(n) in known)
 
 
 def open_trainer_class(text_model: str) -> type:
