@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import grpc
@@ -26,7 +27,9 @@ from service.api.server import SERVICE_NAME, Served, start_server
 from service.api.workers import WorkerLink
 from service.config import Settings
 from service.errors import DetsegError
+from service.models.adapted import read_adapted
 from service.models.catalog import PROFILE_SCORE_THRESHOLDS
+from service.models.profiles import ADAPTED_PROFILE
 from service.pipeline.cache import EmbeddingCache
 from service.pipeline.image import ImageLimits, check_jpeg_device
 from service.pipeline.images import ImageStore
@@ -63,9 +66,13 @@ def review_rules(settings: Settings) -> ReviewRules:
 
 def request_limits(settings: Settings, profile: str) -> Limits:
     """What a request may ask and its defaults (the Settings fields of the same names), with the review rules; the
-    default score threshold is the one ``profile``'s detector was calibrated to answer at unless the settings name
-    one (``Settings.request_score_threshold``)."""
-    threshold = settings.request_score_threshold(PROFILE_SCORE_THRESHOLDS.get(profile))
+    default score threshold is the one ``profile``'s detector was calibrated to answer at (an adapted folder's: its
+    card's, its base's) unless the settings name one (``Settings.request_score_threshold``)."""
+    if profile == ADAPTED_PROFILE and settings.adapted:
+        calibrated = read_adapted(Path(settings.adapted)).score_threshold
+    else:
+        calibrated = PROFILE_SCORE_THRESHOLDS.get(profile)
+    threshold = settings.request_score_threshold(calibrated)
     return _from_settings(Limits, settings, review=review_rules(settings), default_score_threshold=threshold)
 
 

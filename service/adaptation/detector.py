@@ -157,7 +157,8 @@ def adapt_detector(
     out = work / "detector.pt"
     shutil.copyfile(best, out)
     strip_optimizer(str(out))
-    metrics = _best_metrics(Path(trainer.csv))
+    stopper = getattr(trainer, "stopper", None)
+    metrics = _best_metrics(Path(trainer.csv), getattr(stopper, "best_epoch", None))
     return out, DetectorResult(
         epochs=int(trainer.epoch) + 1,
         best_epoch=int(metrics.get("epoch", 0)),
@@ -237,8 +238,10 @@ def open_trainer_class(text_model: str) -> type:
     return TextTrainer
 
 
-def _best_metrics(csv: Path) -> dict[str, float]:
-    """The row of ultralytics' results.csv with the best fitness (0.1 mAP50 + 0.9 mAP50-95), as it keeps best.pt."""
+def _best_metrics(csv: Path, best_epoch: int | None = None) -> dict[str, float]:
+    """The row of ultralytics' results.csv of the epoch it kept as best.pt: ``best_epoch`` (its early stopper's, from
+    0) when given, else the last row of the highest fitness (box mAP50-95 in this ultralytics: a later epoch that
+    ties is saved again)."""
     import csv as csv_module
 
     if not csv.exists():
@@ -249,4 +252,9 @@ def _best_metrics(csv: Path) -> dict[str, float]:
         ]
     if not rows:
         return {}
-    return max(rows, key=lambda r: 0.1 * r.get("metrics/mAP50(B)", 0) + 0.9 * r.get("metrics/mAP50-95(B)", 0))
+    if best_epoch is not None:
+        row = next((r for r in rows if r.get("epoch") == best_epoch + 1), None)
+        if row is not None:
+            return row
+    best = max(r.get("metrics/mAP50-95(B)", 0) for r in rows)
+    return [r for r in rows if r.get("metrics/mAP50-95(B)", 0) == best][-1]

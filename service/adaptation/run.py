@@ -42,6 +42,7 @@ from service.evaluation.dataset import EvalDataset, load_dataset
 from service.evaluation.report import write_comparison
 from service.evaluation.run import run_eval
 from service.models.adapted import CARD_NAME, CARD_SCHEMA
+from service.models.catalog import PROFILE_SCORE_THRESHOLDS
 from service.models.profiles import ModelSet, resolve_models
 from service.provenance import canonical_json, file_sha256, load_private_key, manifest, sha256_hex
 from service.provenance.exports import files_under, write_signed_export
@@ -90,13 +91,17 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     # The data first: what is wrong with it is said before any folder is written or any model resolved (the
     # official weights may be fetched).
     dataset = load_dataset(job.annotations, job.images)
-    split = _split(job, dataset)
     original = load_dataset(job.original) if job.original else None
+    split = _split(job, dataset, original)
     signing_key = load_private_key(job.signing_key) if job.signing_key else None  # ValueError before any training
     out = job.out
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     base = resolve_models(job.settings.replace(adapted=""), progress=False)
+    # Both evaluations at one operating point: the base detector's calibrated default score threshold (or the
+    # settings'), which the card carries to every server of the folder.
+    calibrated = PROFILE_SCORE_THRESHOLDS.get(base.profile)
+    measured = job.settings.replace(default_score_threshold=job.settings.request_score_threshold(calibrated))
     data = _data_identity(job, dataset, split.replay)
     key = sha256_hex(
         canonical_json(
@@ -109,6 +114,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
                 "detector": dataclasses.asdict(job.detector),
                 "segmenter": dataclasses.asdict(job.segmenter),
                 "noc_instances": job.noc_instances,
+                "score_threshold": measured.default_score_threshold,
             }
         )
     )
@@ -119,7 +125,8 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
 
     before = state.get("before")
     if before is None:
-        before = _evaluate(job.settings, split.holdout, original, out / "eval" / "before", job, progress, "before")
+        settings = measured.replace(adapted="")  # the base models, as resolved above
+        before = _evaluate(settings, split.holdout, original, out / "eval" / "before", job, progress, "before")
         state.put("before", before)
 
     detector = state.get("detector")
@@ -146,10 +153,12 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
         state.put("segmenter", segmenter)
 
     card = _card(job, base, version, data, split, detector, segmenter, key)
+    card["score_threshold"] = calibrated
+    card["evaluation"] = {"score_threshold": measured.default_score_threshold, "noc_instances": job.noc_instances}
     (out / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     after = state.get("after")
     if after is None:
-        settings = job.settings.replace(adapted=str(out))
+        settings = measured.replace(adapted=str(out))
         after = _evaluate(settings, split.holdout, original, out / "eval" / "after", job, progress, "after")
         state.put("after", after)
     card["metrics"] = {"before": before, "after": after}
@@ -195,7 +204,10 @@ class _State:
         tmp.replace(self.path)
 
 
-def _split(job: AdaptJob, dataset: EvalDataset) -> adapt_data.Split:
+def _split(job: AdaptJob, dataset: EvalDataset, original: EvalDataset | None) -> adapt_data.Split:
+    """The training, held-out and replay sets. No image measured is trained on, compared by content (sha256), not
+    by name or id: an image of the data listed twice, a given ``--holdout``'s images (a subset of the data, say),
+    and replay images that are held out or in ``--original`` are left out of training."""
     if job.holdout is None:
         split = adapt_data.split(dataset, job.holdout_fraction, job.segmenter.seed)
     else:
@@ -203,11 +215,25 @@ def _split(job: AdaptJob, dataset: EvalDataset) -> adapt_data.Split:
         if holdout.categories != dataset.categories:
             raise ValueError(f"{job.holdout}: its categories differ from {job.annotations}'s")
         split = adapt_data.Split(dataset, holdout)
+    measured = _contents(split.holdout) | (_contents(original) if original is not None else set())
+    train = _without(split.train, measured)
+    if not train.images:
+        raise ValueError(f"{job.annotations}: every image is also held out or in --original; nothing to train on")
+    split = dataclasses.replace(split, train=train)
     if job.replay is None:
         return split
     if job.original is not None and job.replay.resolve() == job.original.resolve():
         raise ValueError("--replay and --original are one file: forgetting must be measured on images not trained on")
-    return dataclasses.replace(split, replay=load_dataset(job.replay))
+    return dataclasses.replace(split, replay=_without(load_dataset(job.replay), measured))
+
+
+def _contents(dataset: EvalDataset) -> set[str]:
+    return {file_sha256(i.path) for i in dataset.images}
+
+
+def _without(dataset: EvalDataset, contents: set[str]) -> EvalDataset:
+    """``dataset`` without its images whose sha256 is in ``contents``."""
+    return dataset.subset({i.id for i in dataset.images if file_sha256(i.path) not in contents})
 
 
 def _data_identity(job: AdaptJob, dataset: EvalDataset, replay: EvalDataset | None) -> dict[str, Any]:

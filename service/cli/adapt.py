@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     a.add_argument("--version", default="", help="version string (default: base version + adapt. + a data hash)")
     a.add_argument("--segmenter-method", choices=METHODS, default=s.method, help=f"default {s.method}")
-    minutes = number(float, 0)
+    minutes = number(float, 0, open_low=True)  # ultralytics reads a time of 0 as no limit (1,000 epochs)
     a.add_argument("--detector-minutes", type=minutes, default=d.minutes, help=f"default {d.minutes}")
     a.add_argument("--segmenter-minutes", type=minutes, default=s.minutes, help=f"default {s.minutes}")
     a.add_argument(

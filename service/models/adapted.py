@@ -48,6 +48,9 @@ class AdaptedSet:
     encoder_changed: bool
     base_segmenter_sha256: str
     card: dict[str, Any]
+    # The default score threshold the base detector was calibrated to answer at (None: it names none), which the
+    # card's figures were measured at and a server of the folder answers at unless its settings name one.
+    score_threshold: float | None = None
 
 
 def read_adapted(folder: Path) -> AdaptedSet:
@@ -70,6 +73,7 @@ def read_adapted(folder: Path) -> AdaptedSet:
             encoder_changed=bool(card["segmenter"]["encoder_changed"]),
             base_segmenter_sha256=str(base_segmenter),
             card=card,
+            score_threshold=None if card.get("score_threshold") is None else float(card["score_threshold"]),
         )
     except (KeyError, TypeError, StopIteration, ValueError) as e:
         raise ModelUnavailable(f"{card_path}: not a valid adaptation card ({type(e).__name__}: {e})") from None

@@ -14,7 +14,7 @@ from service.models.adapted import read_adapted
 from service.models.catalog import CATALOG, PROFILES, CatalogEntry
 from service.models.download import ensure_weights
 from service.models.roles import ModelRole
-from service.provenance import file_sha256
+from service.provenance import MANIFEST_NAME, VerificationFailed, file_sha256, verify_path
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,15 @@ def _demo_refs(open_vocabulary: bool = False) -> DemoRefs:
 def _adapted_refs(
     folder: Path, base_segmenter: WeightsRef | None, base_tracker: WeightsRef | None
 ) -> tuple[WeightsRef, WeightsRef, WeightsRef | None]:
-    """The detector and segmenter of a ``detseg adapt`` folder, their files checked against the card's sha256; the
+    """The detector and segmenter of a ``detseg adapt`` folder, their files checked against the card's sha256 (and
+    every file against the folder's manifest, when it has one: a file changed since it was signed is refused); the
     profile's tracker stays when it was built on the segmenter the set was adapted from and the image encoder was
     not adapted (the demo tracker shares its image encoder with the segmenter), else None."""
+    if (folder / MANIFEST_NAME).exists():  # signed by `detseg adapt`: served only as signed
+        try:
+            verify_path(folder, require_signature=False)
+        except VerificationFailed as e:
+            raise ModelUnavailable(f"{folder}: changed since `detseg adapt` signed it ({e})") from None
     adapted = read_adapted(folder)
     refs = []
     for role, model in ((ModelRole.DETECTOR, adapted.detector), (ModelRole.SEGMENTER, adapted.segmenter)):

@@ -131,6 +131,8 @@ def test_the_card_names_data_base_models_and_the_new_class(adapted):
     assert card["detector"]["training"]["new_classes"] == ["cross"]
     assert card["detector"]["training"]["kept_classes"] == list(OLD_CLASSES)
     assert card["segmenter"]["method"] == "encoder-lora" and card["segmenter"]["encoder_changed"] is True
+    assert card["score_threshold"] is None  # the demo detector names no calibrated threshold
+    assert card["evaluation"] == {"score_threshold": 0.25, "noc_instances": NOC}
     assert card["data"]["images"] == 14 and card["data"]["train_images"] + card["data"]["holdout_images"] == 14
     assert card["data"]["annotations_sha256"] == provenance.file_sha256(adapted["images"] / "corrected.json")
     base = {b["role"]: b["sha256"] for b in card["base"]}
@@ -201,6 +203,13 @@ def test_the_signed_folder_verifies_and_a_flipped_byte_fails(adapted, tmp_path):
     assert main(["verify", str(copy), "--public-key", public]) == 1
     # The server refuses it too: the card's sha256 no longer matches.
     with pytest.raises(ModelUnavailable, match="changed since"):
+        resolve_models(adapted["settings"].replace(adapted=str(copy)))
+    # Also with the card edited to the changed file's sha256 (the card alone agreed, and it served): the signed
+    # manifest covers the card and both weights files.
+    card = json.loads((copy / CARD_NAME).read_text())
+    card["segmenter"]["sha256"] = provenance.file_sha256(copy / "segmenter.pt")
+    (copy / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    with pytest.raises(ModelUnavailable, match="changed since `detseg adapt` signed it"):
         resolve_models(adapted["settings"].replace(adapted=str(copy)))
 
 

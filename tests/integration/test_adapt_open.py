@@ -80,6 +80,10 @@ def test_the_served_version_answers_texts_and_the_new_class_by_name(adapted):
             texts = client.segment(image, texts=["a star", "a cross shape"], score_threshold=0.01)
     detector = {m.role: m for m in listed.models}[pb.MODEL_ROLE_DETECTOR]
     assert listed.profile == "adapted" and detector.version == "open-v1"
+    # The folder answers at its base's calibrated threshold, as its card's figures were measured (it answered at
+    # 0.25 while "before" was measured at the base's 0.35)
+    assert card["score_threshold"] == card["evaluation"]["score_threshold"] == 0.35
+    assert listed.defaults.score_threshold == pytest.approx(0.35)
     assert detector.weights_sha256 == card["detector"]["sha256"]
     assert detector.open_vocabulary
     for result in (named, texts):

@@ -197,7 +197,8 @@ def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
     [
         (["adapt", "d", "--out=o", "--holdout-fraction=1.5"], "argument --holdout-fraction: 1.5 is outside (0, 1)"),
         (["adapt", "d", "--out=o", "--holdout-fraction=nan"], "argument --holdout-fraction: nan is outside (0, 1)"),
-        (["adapt", "d", "--out=o", "--detector-minutes=-1"], "argument --detector-minutes: -1 is outside [0, inf)"),
+        (["adapt", "d", "--out=o", "--detector-minutes=-1"], "argument --detector-minutes: -1 is outside (0, inf)"),
+        (["adapt", "d", "--out=o", "--detector-minutes=0"], "argument --detector-minutes: 0 is outside (0, inf)"),
         (["adapt", "d", "--out=o", "--seed=x"], "argument --seed: not an integer: 'x'"),
         (["eval", "d.json", "--limit", "0"], "argument --limit: 0 is outside [1, inf)"),
         (["label", "folder", "--timeout", "0"], "argument --timeout: 0 is outside (0, inf)"),

@@ -251,3 +251,65 @@ def test_adapt_refuses_a_signing_key_that_is_none_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"key.pub: not an unencrypted Ed25519 private key in PEM"):
         adapt(job)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cards_best_epoch_is_the_one_ultralytics_kept(tmp_path):
+    """The card re-derived the best epoch as 0.1 mAP50 + 0.9 mAP50-95; this ultralytics keeps best.pt by mAP50-95
+    alone (its early stopper's best_epoch), so the card could name another epoch's figures than the weights'."""
+    from service.adaptation.detector import _best_metrics
+
+    csv = tmp_path / "results.csv"
+    csv.write_text(
+        "epoch,metrics/mAP50(B),metrics/mAP50-95(B)\n1,0.90,0.500\n2,0.70,0.510\n3,0.60,0.510\n4,0.95,0.400\n"
+    )
+    assert _best_metrics(csv)["epoch"] == 3  # the highest mAP50-95; a tie is saved again
+    assert _best_metrics(csv, best_epoch=1)["epoch"] == 2  # the stopper's (from 0) when ultralytics gives it
+
+
+def test_no_image_measured_is_trained_on(tmp_path):
+    """A given --holdout that is a subset of the data trained on its own images; the same image listed twice could
+    fall on both sides; a --replay holding held-out images trained on them."""
+    from PIL import Image
+
+    from service.adaptation.recipes import SegmenterRecipe
+    from service.adaptation.run import AdaptJob, _split
+    from service.config import Settings
+    from service.evaluation.dataset import load_dataset
+
+    images, annotations = [], []
+    for k in range(6):
+        Image.fromarray(np.full((32, 32, 3), k * 40, np.uint8)).save(tmp_path / f"{k}.png")
+        images.append({"id": k + 1, "file_name": f"{k}.png", "width": 32, "height": 32})
+        box = {"bbox": [4, 4, 10, 10], "area": 100, "iscrowd": 0, "segmentation": [[4, 4, 14, 4, 14, 14, 4, 14]]}
+        annotations.append({"id": k + 1, "image_id": k + 1, "category_id": 1, **box})
+    categories = [{"id": 1, "name": "square"}]
+    copy = {**images[0], "id": 7}  # 0.png listed again under another id
+    files = {
+        "all": {"images": images, "annotations": annotations, "categories": categories},
+        "hold": {"images": images[:2], "annotations": annotations[:2], "categories": categories},
+        "dup": {"images": [*images, copy], "annotations": [*annotations, {**annotations[0], "id": 7, "image_id": 7}]},
+    }
+    files["dup"]["categories"] = categories
+    for name, coco in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+
+    def trained_and_held(**paths) -> tuple[set[str], set[str]]:
+        job = AdaptJob(out=tmp_path / "out", settings=Settings(models="demo"), **paths)
+        original = load_dataset(job.original) if job.original else None
+        split = _split(job, load_dataset(job.annotations), original)
+        trained = {i.file_name for i in split.train.images}
+        trained |= {i.file_name for i in split.replay.images} if split.replay else set()
+        return trained, {i.file_name for i in split.holdout.images}
+
+    trained, held = trained_and_held(annotations=tmp_path / "all.json", holdout=tmp_path / "hold.json")
+    assert held == {"0.png", "1.png"} and trained == {"2.png", "3.png", "4.png", "5.png"}
+    for seed in range(10):  # the split's seed is the segmenter recipe's
+        recipe = SegmenterRecipe(seed=seed)
+        trained, held = trained_and_held(annotations=tmp_path / "dup.json", holdout_fraction=0.3, segmenter=recipe)
+        assert not trained & held, seed
+    trained, held = trained_and_held(annotations=tmp_path / "all.json", replay=tmp_path / "all.json")
+    assert held and not trained & held
+    with pytest.raises(ValueError, match="every image is also held out or in --original; nothing to train on"):
+        trained_and_held(
+            annotations=tmp_path / "all.json", holdout=tmp_path / "hold.json", original=tmp_path / "dup.json"
+        )
