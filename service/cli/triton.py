@@ -41,12 +41,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def export(args: argparse.Namespace) -> int:
     # Imported here, as in triton_up: these load torch (see the package's docstring).
     from service.models.profiles import resolve_models
-    from service.models.triton_repo import write_repository
+    from service.models.triton_repo import export_repository
 
     settings = settings_from(args, MODEL_FLAGS)
     out = args.out or settings.triton_repository
     models = resolve_models(settings)
-    reports = write_repository(models, settings, out)
+    reports = export_repository(models, settings, out)  # stamped: `triton up` serves it only if it is the same
     print(f"profile {models.profile}: {models.detector.name} + {models.segmenter.name} -> {out}")
     for r in reports:
         size = r.path.stat().st_size / 1e6

@@ -17,10 +17,12 @@ needs to pre/post-process (class names, input sizes, model identity) from the ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,25 +245,90 @@ def export_cache(models: ModelSet, settings: Settings) -> Path:
     return settings.cache_dir / "onnx" / key
 
 
+def cache_settings(settings: Settings) -> Settings:
+    """``settings`` with the serving knobs a repository's configs hold (``RepositoryOptions``) at their defaults: the
+    ONNX and OpenVINO runners read only the graphs and their parameters from the cache, so `serve` and `serve
+    --workers N` (whose workers get fewer threads each) share one export instead of re-exporting in turn."""
+    defaults = Settings()
+    return settings.replace(**{name: getattr(defaults, name) for name in _OPTION_SETTINGS})
+
+
+_OPTION_SETTINGS = (
+    "triton_max_batch_size",
+    "triton_max_queue_delay_us",
+    "triton_max_queue_size",
+    "triton_instances",
+    "threads",
+)
+
+
 def ensure_repository(models: ModelSet, settings: Settings, out: Path) -> bool:
-    """Exports into ``out`` unless it already holds this exact export (same weights and options); True if it did."""
-    stamp = {
+    """Exports into ``out`` unless it already holds this exact export (same weights, export code and library
+    versions, and options); True if it did. One process at a time per folder (a lock file in it)."""
+    path = out / STAMP
+    stamp = _export_stamp(models, settings)
+    with _locked(out):
+        previous = _stamp(path)
+        roles = previous.get("roles", MODEL_ROLES)
+        if {k: previous.get(k) for k in stamp} == stamp and all((out / r / "1" / "model.onnx").exists() for r in roles):
+            write_backend_code(out, roles)  # this package's, also over an export an older one made
+            return False
+        _export(models, settings, out, stamp)
+    return True
+
+
+def export_repository(models: ModelSet, settings: Settings, out: Path) -> list[Any]:
+    """Exports into ``out`` whatever it holds (``detseg export``), stamped as ensure_repository stamps; the reports."""
+    with _locked(out):
+        return _export(models, settings, out, _export_stamp(models, settings))
+
+
+def _export_stamp(models: ModelSet, settings: Settings) -> dict[str, Any]:
+    """What an export is: the weights, what computed the graphs (export code, opset, decoder, libraries) and the
+    configs' options."""
+    import onnx
+    import torch
+    import ultralytics
+
+    from service.models import export, sam_ops
+
+    return {
         "detector": models.detector.sha256,
         "segmenter": models.segmenter.sha256,
+        "segmenter_overrides": list(models.segmenter.overrides),
         "detector_imgsz": settings.detector_imgsz,
+        "graphs": {
+            "opset": export.OPSET,
+            "decoder": sam_ops.DECODER_VERSION,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "ultralytics": ultralytics.__version__,
+        },
         "options": dataclasses.asdict(RepositoryOptions.from_settings(settings)),
     }
+
+
+def _export(models: ModelSet, settings: Settings, out: Path, stamp: dict[str, Any]) -> list[Any]:
     path = out / STAMP
-    previous = _stamp(path)
-    roles = previous.get("roles", MODEL_ROLES)
-    if {k: previous.get(k) for k in stamp} == stamp and all((out / r / "1" / "model.onnx").exists() for r in roles):
-        write_backend_code(out, roles)  # this package's, also over an export an older one made
-        return False
+    path.unlink(missing_ok=True)  # the graphs are rewritten in place: no stamp vouches for them until they are whole
     reports = write_repository(models, settings, out)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps({**stamp, "roles": [r.role for r in reports]}, indent=1))
     os.replace(partial, path)  # whole or absent: a stamp cut short by a crash is not read as another export's
-    return True
+    return reports
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Holds ``out``'s export lock (flock, released if the process dies): two processes exporting one folder (front
+    ends sharing a cache volume, Triton's export init containers) take turns; the second finds the first's export."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".detseg-export.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _stamp(path: Path) -> dict[str, Any]:

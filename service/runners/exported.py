@@ -37,10 +37,10 @@ class Export:
 def load_export(models: ModelSet, settings: Settings) -> Export:
     """Exports ``models`` (and checks them against torch) into ``<cache_dir>/onnx/<weights>/`` unless that folder
     already holds this export, then reads the graphs' ``detseg_*`` parameters back."""
-    from service.models.triton_repo import ensure_repository, export_cache, parse_config
+    from service.models.triton_repo import cache_settings, ensure_repository, export_cache, parse_config
 
     repo = export_cache(models, settings)
-    if ensure_repository(models, settings, repo):
+    if ensure_repository(models, cache_settings(settings), repo):
         log.info("exported %s + %s to ONNX (once per weights)", models.detector.name, models.segmenter.name)
     served = graphs.read_parameters(
         {

@@ -37,3 +37,70 @@ def test_an_export_stamp_that_does_not_parse_means_export_again(tmp_path: Path, 
     stamp.write_text(text)
     assert triton_repo._stamp(stamp) == {}
     assert triton_repo._stamp(tmp_path / "absent.json") == {}
+
+
+class _Reports:
+    """write_repository as ensure_repository sees it: writes each role's model.onnx, or dies halfway (a crash)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.crash = False
+
+    def __call__(self, models, settings, out: Path) -> list:
+        from types import SimpleNamespace
+
+        from service.models.roles import MODEL_ROLES
+
+        self.calls += 1
+        reports = []
+        for n, role in enumerate(MODEL_ROLES):
+            if self.crash and n == 1:
+                raise KeyboardInterrupt  # killed while writing the second graph
+            graph = out / role / "1" / "model.onnx"
+            graph.parent.mkdir(parents=True, exist_ok=True)
+            graph.write_bytes(b"graph")
+            reports.append(SimpleNamespace(role=role))
+        return reports
+
+
+def _models(segmenter_sha: str = "b" * 64):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        detector=SimpleNamespace(sha256="a" * 64), segmenter=SimpleNamespace(sha256=segmenter_sha, overrides=())
+    )
+
+
+def test_the_onnx_cache_is_one_export_whatever_the_serving_knobs(tmp_path: Path, monkeypatch) -> None:
+    """The stamp held the threads and Triton's knobs, so `serve` and `serve --workers 2` (1 thread per worker)
+    re-exported every graph in turn; the runners read only the graphs and their parameters from the cache."""
+    from service.config import Settings
+
+    export = _Reports()
+    monkeypatch.setattr(triton_repo, "write_repository", export)
+    for threads in (0, 1, 2):
+        settings = triton_repo.cache_settings(Settings(threads=threads, triton_instances=3))
+        triton_repo.ensure_repository(_models(), settings, tmp_path)
+    assert export.calls == 1
+
+
+def test_an_export_killed_midway_is_exported_again(tmp_path: Path, monkeypatch) -> None:
+    """A re-export rewrote the graphs in place under the old stamp: killed halfway, the next start found a matching
+    stamp and loaded a graph cut short (ORT: InvalidProtobuf), for good."""
+    from service.config import Settings
+
+    export = _Reports()
+    monkeypatch.setattr(triton_repo, "write_repository", export)
+    settings = Settings()
+    assert triton_repo.ensure_repository(_models(), settings, tmp_path)
+    export.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        triton_repo.ensure_repository(_models("c" * 64), settings, tmp_path)  # other weights: export again, killed
+    export.crash = False
+    assert not (tmp_path / triton_repo.STAMP).exists()
+    assert triton_repo.ensure_repository(_models(), settings, tmp_path)  # the first weights again: not trusted
+    assert export.calls == 3
+    # `detseg export` stamps what it writes: a later `triton up` of other weights exports again, of these does not
+    triton_repo.export_repository(_models("d" * 64), settings, tmp_path)
+    assert triton_repo.ensure_repository(_models(), settings, tmp_path)
+    assert not triton_repo.ensure_repository(_models(), settings, tmp_path)
