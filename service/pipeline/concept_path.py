@@ -15,7 +15,7 @@ from service.errors import Unsupported
 from service.pipeline.images import FoundImage, ImageStore
 from service.pipeline.prompts import Limits, SegmentQuery, check_box_inside, resolve_thresholds
 from service.pipeline.results import CONCEPT, REGION, InstanceResult, SegmentResult, drop_flagged
-from service.pipeline.review import resolve_review, review
+from service.pipeline.review import MaskStats, resolve_review, review
 from service.pipeline.stages import stage
 from service.pipeline.vocabulary import OPEN, TextMatch
 from service.processing.concepts import ConceptProcessing
@@ -83,14 +83,18 @@ class ConceptPath:
                 max_total=self.limits.max_instances,
             )
         answers = []
-        for box, score, k, mask in zip(concepts.boxes, concepts.scores, concepts.text_ids, concepts.masks, strict=True):
+        answered = zip(concepts.boxes, concepts.scores, concepts.text_ids, concepts.masks, strict=True)
+        for n, (box, score, k, mask) in enumerate(answered):
             if k < len(query.texts):
                 text = query.texts[k]
                 label = text
                 match = TextMatch(text_index=int(k), text=text, class_id=-1, class_name=text, similarity=1.0, kind=OPEN)
             else:
                 label, match = labels[k - len(query.texts)], None
-            flag = review(p_review, score=float(score), mask_score=None, stats=None, text_match=match)
+            # The mask rules on SAM 3's own masks: area and parts; no mask score of its own (mask_score is the
+            # answer's score, which score_below reads) and no stability (1).
+            stats = MaskStats(stability=1.0, area=int(concepts.areas[n]), components=int(concepts.parts[n]))
+            flag = review(p_review, score=float(score), mask_score=None, stats=stats, text_match=match)
             answers.append(
                 InstanceResult(
                     label=label,

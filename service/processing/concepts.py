@@ -23,12 +23,15 @@ _MASK_CHUNK = 16  # masks upsampled at a time: bounds memory to 16 x H x W float
 @dataclasses.dataclass(frozen=True)
 class ConceptDetections:
     """N answers, highest score first. boxes: (N, 4) float32 original-image pixels XYXY, clipped to the image;
-    scores: (N,) float32 in [0, 1]; text_ids: (N,) int64 index of the text each answers; masks: N encoded."""
+    scores: (N,) float32 in [0, 1]; text_ids: (N,) int64 index of the text each answers; masks: N encoded;
+    areas, parts: (N,) int64 each mask's pixels and 8-connected parts (what the review rules read)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     text_ids: np.ndarray
     masks: list[EncodedMask]
+    areas: np.ndarray
+    parts: np.ndarray
 
 
 class ConceptProcessing:
@@ -78,12 +81,19 @@ class ConceptProcessing:
         xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
         kept_masks = torch.from_numpy(mask_logits)[keep][order]
         encoded: list[EncodedMask] = []
+        areas, parts = np.zeros(len(order), np.int64), np.zeros(len(order), np.int64)
         for i in range(0, len(order), _MASK_CHUNK):
             up = F.interpolate(kept_masks[i : i + _MASK_CHUNK][None], (height, width), mode="bilinear")[0]
-            encoded.extend(encode_masks((up > self.mask_threshold).numpy(), mask_encoding))
+            binary = (up > self.mask_threshold).numpy()
+            encoded.extend(encode_masks(binary, mask_encoding))
+            for k, mask in enumerate(binary, start=i):
+                areas[k] = np.count_nonzero(mask)
+                parts[k] = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)[0] - 1 if areas[k] else 0
         return ConceptDetections(
             boxes=xyxy.numpy().astype(np.float32),
             scores=scores[order].numpy().astype(np.float32),
             text_ids=text_ids[order].numpy().astype(np.int64),
             masks=encoded,
+            areas=areas,
+            parts=parts,
         )

@@ -138,3 +138,26 @@ def test_sam3_texts_are_each_answered_as_if_asked_alone_up_to_max_instances_each
     scores = [row[2] for row in together]
     assert scores == sorted(scores, reverse=True)
     assert _concept_rows(raw, max_instances=3, max_total=4) == together[:4]  # the request's bound, by score
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sam3_answers_carry_their_masks_area_and_parts_for_review(seed):
+    """Concept answers skipped the mask review rules (an empty SAM 3 mask passed min_mask_area with drop_flagged):
+    each answer now carries its mask's area and 8-connected parts, equal to pycocotools' area and OpenCV's count on
+    the decoded mask."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    from service.processing.concepts import ConceptProcessing
+
+    raw = _concepts(texts=2, queries=30, seed=seed)
+    raw["mask_logits"][0, :5] = -5.0  # some empty masks
+    d = ConceptProcessing(image_size=1008).postprocess(
+        **raw, hw=HW, score_threshold=0.05, iou_threshold=0.5, max_instances=20, mask_encoding=RLE
+    )
+    assert len(d.masks) > 3 and len(d.areas) == len(d.parts) == len(d.masks)
+    for mask, area, parts in zip(d.masks, d.areas, d.parts, strict=True):
+        rle = {"size": [mask.height, mask.width], "counts": mask.rle_counts}
+        assert area == int(mask_utils.area(rle))
+        decoded = np.ascontiguousarray(mask_utils.decode(rle))
+        assert parts == (cv2.connectedComponents(decoded, connectivity=8)[0] - 1 if area else 0)
