@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from service.pipeline.prompts import valid_request_id
 from service.telemetry import record_rpc, rpc_status
@@ -86,7 +86,12 @@ class RpcTelemetry(grpc.aio.ServerInterceptor):
 
         @contextlib.contextmanager
         def traced(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
-            with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER) as span:
+            # The caller's trace (W3C traceparent metadata) is the parent; no exception event: record_rpc sets the
+            # status, and a traceback (server paths, the caller's text in messages) is not a span's to carry.
+            parent = propagate.extract({k: v for k, v in details.invocation_metadata or () if isinstance(v, str)})
+            with _tracer.start_as_current_span(
+                name, context=parent, kind=trace.SpanKind.SERVER, record_exception=False, set_status_on_exception=False
+            ) as span:
                 start, code = time.perf_counter(), grpc.StatusCode.OK
                 try:
                     yield

@@ -106,12 +106,18 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(EXEMPT_PREFIXES):
+        if details.method.startswith(EXEMPT_PREFIXES):
             return handler
         problem = self._check(details.invocation_metadata)  # type: ignore[arg-type]
         if problem is None:
             return handler
-        return _refusing(handler, problem)
+        # An unknown method is refused as a known one is: UNIMPLEMENTED would tell a caller without a token which
+        # methods exist.
+        return _refusing(handler or grpc.unary_unary_rpc_method_handler(_unknown), problem)
+
+
+def _unknown(request: Any, context: grpc.aio.ServicerContext) -> None:  # never called: _refusing aborts first
+    raise NotImplementedError
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -455,6 +455,10 @@ def test_config_checksum_rolls_the_pods_when_a_setting_changes(render):
     demo_front, demo_triton = annotations({"config": {"models": "demo"}})
     assert demo_front["checksum/config"] != front["checksum/config"]
     assert demo_triton["checksum/export"] != triton["checksum/export"]
+    # What the export also reads: an adapted folder's models, and the ORT threads in the configs (both left the
+    # Triton pods serving the old export).
+    for changed in ({"adapted": "/var/cache/detseg/adapted/v2"}, {"threads": 2}):
+        assert annotations({"config": changed})[1]["checksum/export"] != triton["checksum/export"], changed
     more_front, _ = annotations({"replicaCount": 5})
     assert more_front["checksum/config"] == front["checksum/config"]
     with_tokens = annotations({"auth": {"enabled": True, "tokens": ["0123456789abcdef0123"]}})[0]

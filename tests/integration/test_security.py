@@ -151,6 +151,15 @@ def test_tokens_are_required_except_for_health(settings, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.StreamSegment(iter([pb.SegmentRequest()]), metadata=[("authorization", "Basic abc")]))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # An unknown method is refused as a known one (it was UNIMPLEMENTED: a caller without a token could list
+            # the API); with a token it is UNIMPLEMENTED.
+            unknown = channel.unary_unary("/detseg.v1.SegmentationService/NoSuchMethod")
+            with pytest.raises(grpc.RpcError) as err:
+                unknown(b"")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                unknown(b"", metadata=[("authorization", "Bearer alpha-0123456789")])
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         srv.stop()
 

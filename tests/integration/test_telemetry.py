@@ -65,6 +65,23 @@ def test_a_request_is_one_trace_rpc_span_with_a_child_per_stage(demo_stub):
     assert timed <= set(stages)
 
 
+def test_an_rpc_span_joins_the_callers_trace_and_carries_no_traceback(demo_stub):
+    """The caller's W3C traceparent was ignored (every RPC a new root trace), and a failed RPC's span carried an
+    exception event with the server's traceback and the caller's text."""
+    SPANS.clear()
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = [("traceparent", f"00-{caller}-00f067aa0ba902b7-01")]
+    demo_stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+    (rpc,) = [s for s in _finished("/ListModels") if s.name.endswith("/ListModels")]
+    assert f"{rpc.context.trace_id:032x}" == caller and rpc.parent.span_id == 0x00F067AA0BA902B7
+    SPANS.clear()
+    with pytest.raises(grpc.RpcError):
+        demo_stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=b"not an image")), metadata=metadata)
+    (rpc,) = [s for s in _finished("/Segment") if s.name.endswith("/Segment")]
+    assert rpc.attributes["rpc.grpc.status_code"] == "INVALID_ARGUMENT"
+    assert not [e for e in rpc.events if e.name == "exception"]
+
+
 def test_rpc_latency_errors_in_flight_and_cache_metrics(demo_stub):
     def count(name, method, code):
         return sum(

@@ -92,7 +92,7 @@ What `detseg export` reads (the Triton pod's init container): its checksum re-ex
 and only then (a front-end setting such as log_level leaves the GPU pods alone).
 */}}
 {{- define "detseg.exportInputs" -}}
-{{- $config := pick .Values.config "models" "detector" "segmenter" "detector_imgsz" "text_encoder" "offline" "triton_max_batch_size" "triton_max_queue_delay_us" "triton_max_queue_size" "triton_instances" -}}
+{{- $config := pick .Values.config "models" "adapted" "detector" "segmenter" "detector_imgsz" "text_encoder" "offline" "threads" "triton_max_batch_size" "triton_max_queue_delay_us" "triton_max_queue_size" "triton_instances" -}}
 {{- toYaml (dict "config" $config "image" .Values.image "modelRepository" .Values.triton.modelRepository) -}}
 {{- end -}}
 
