@@ -15,6 +15,7 @@ reaches a log line raw); absent otherwise. Health checks (probes every few secon
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -30,6 +31,8 @@ from service.telemetry import record_rpc, rpc_status
 
 LOGGER = "detseg.access"
 REQUEST_ID_HEADER = "x-request-id"
+# The id the servicer answered a unary call with (the caller's, else one it made): what its access record names.
+CALL_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("detseg_call_request_id", default="")
 EXEMPT_PREFIXES = (f"/{health.SERVICE_NAME}/",)  # kubelet and load-balancer probes: noise, not traffic
 UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and API browsing: no spans, no metrics
 
@@ -112,7 +115,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(EXEMPT_PREFIXES):
             return handler
         method = details.method.lstrip("/")
-        header_id = _header_request_id(details.invocation_metadata)  # type: ignore[arg-type]
+        header_id = header_request_id(details.invocation_metadata)  # type: ignore[arg-type]
 
         @contextlib.contextmanager
         def logged(request: Any, context: grpc.aio.ServicerContext) -> Iterator[None]:
@@ -133,7 +136,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
                     "duration_ms": round((time.perf_counter() - start) * 1000, 1),
                     "peer": peer,
                 }
-                request_id = _request_id(request, header_id)
+                request_id = CALL_REQUEST_ID.get() or _request_id(request, header_id)
                 if request_id:
                     fields["request_id"] = request_id
                 log.info("%s %s %.1f ms", method, code.name, fields["duration_ms"], extra=fields)
@@ -149,7 +152,7 @@ def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
-def _header_request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+def header_request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The well-formed ``x-request-id`` metadata value, else ""."""
     for key, value in metadata or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and valid_request_id(value):

@@ -17,6 +17,7 @@ import grpc
 from service.api import convert
 from service.api.admission import Admission
 from service.api.errors import describe, guarded, status_details
+from service.api.interceptors import CALL_REQUEST_ID, header_request_id
 from service.api.sessions import TrackSessions
 from service.api.workers import WorkerLink
 from service.config import Settings
@@ -90,7 +91,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         return self._pipeline
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
-        request_id = _request_id(request.request_id)
+        request_id = _call_request_id(request.request_id, context)
         _set_deadline(context, self._settings.default_deadline_seconds)
         return await guarded(context, request_id, self._segment(request, request_id))
 
@@ -238,7 +239,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def EncodeImage(
         self, request: pb.EncodeImageRequest, context: grpc.aio.ServicerContext
     ) -> pb.EncodeImageResponse:
-        request_id = uuid.uuid4().hex
+        request_id = _call_request_id("", context)
         _set_deadline(context, self._settings.default_deadline_seconds)
         return await guarded(context, request_id, self._encode_image(request, request_id))
 
@@ -329,6 +330,16 @@ def _frame_error(frame: pb.TrackFrame, request_id: str, error: Exception) -> pb.
     if frame.HasField("timestamp"):
         response.timestamp.CopyFrom(frame.timestamp)
     return response
+
+
+def _call_request_id(given: str, context: grpc.aio.ServicerContext) -> str:
+    """A unary call's id: the request's field, else the ``x-request-id`` metadata, when well-formed, else a fresh
+    one; the access log's record of the call names the same (``CALL_REQUEST_ID``)."""
+    header = header_request_id(context.invocation_metadata())
+    request_id = given if valid_request_id(given) or not header else header
+    request_id = _request_id(request_id)
+    CALL_REQUEST_ID.set(request_id)
+    return request_id
 
 
 def _request_id(given: str) -> str:

@@ -61,6 +61,9 @@ def test_json_logs_of_a_serving_process_hold_only_json_and_one_access_record_per
                 stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=b"junk"), request_id="req-json-bad"), timeout=60)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             stub.ListModels(pb.ListModelsRequest(), metadata=[("x-request-id", "hdr-json-1")], timeout=60)
+            for metadata in ([("x-request-id", "hdr-json-2")], []):  # the id from metadata, and none at all
+                with pytest.raises(grpc.RpcError):
+                    stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=b"junk")), metadata=metadata, timeout=60)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=120)
@@ -86,7 +89,14 @@ def test_json_logs_of_a_serving_process_hold_only_json_and_one_access_record_per
         assert record["level"] == "INFO" and record["duration_ms"] > 0
         assert re.fullmatch(r"ipv[46]:.+:\d+", record["peer"]), record["peer"]
     assert ok["duration_ms"] > failed["duration_ms"], "the segmented request ran the models; the junk one did not"
-    assert len(access) == 3, f"one record per RPC, health checks not logged: {access}"
+    assert len(access) == 5, f"one record per RPC, health checks not logged: {access}"
+    # One id per call in every record of it: the servicer took x-request-id too (its error record had a fresh id
+    # while the access record had the header's), and a call without any id is logged under the one it was given
+    # (the access record had none).
+    errors = [r for r in records if r["logger"] == "service.api.errors"]
+    assert "hdr-json-2" in by_id and "hdr-json-2" in {r.get("request_id") for r in errors}
+    made = access[-1]["request_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made) and made in {r.get("request_id") for r in errors}
 
 
 class _Records(logging.Handler):
