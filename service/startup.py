@@ -59,9 +59,14 @@ ALLOCATORS: dict[str, dict[str, str]] = {
 def allocator_environment(allocator: str, environ: dict[str, str]) -> dict[str, str] | None:
     """The environment to run under for ``allocator`` (see ALLOCATORS), or None when ``environ`` needs no change:
     the allocator is "system", or any MALLOC_*_ variable or glibc.malloc tunable is set already (an operator's own
-    choice wins, and a re-executed process does not re-execute again). Raises ValueError for an unknown allocator."""
+    choice wins, and a re-executed process does not re-execute again). "system" under exactly the tuned variables
+    (the image sets them, to start without a re-exec) drops them: else allocator=system did nothing in the image.
+    Raises ValueError for an unknown allocator."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
+    tuned = ALLOCATORS["tuned"]
+    if allocator == "system" and tuned.items() <= environ.items():
+        return {k: v for k, v in environ.items() if k not in tuned}
     wanted = ALLOCATORS[allocator]
     own = any(k.startswith("MALLOC_") for k in environ) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
     if not wanted or own:

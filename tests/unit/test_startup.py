@@ -79,6 +79,9 @@ def test_allocator_environment_tuned_system_and_the_operators_own():
     assert allocator_environment("tuned", {"MALLOC_ARENA_MAX": "2"}) is None
     assert allocator_environment("tuned", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None
     assert allocator_environment("system", {"PATH": "/bin"}) is None
+    # In the image (its ENV holds the tuned variables), system drops them: it did nothing there.
+    assert allocator_environment("system", {"PATH": "/bin", **ALLOCATORS["tuned"]}) == {"PATH": "/bin"}
+    assert allocator_environment("system", {"MALLOC_ARENA_MAX": "2"}) is None  # an operator's own stays
     with pytest.raises(ValueError, match="allocator must be one of tuned, system"):
         allocator_environment("jemalloc", {})
 
