@@ -130,7 +130,7 @@ def build_pipeline(runner: Runner, settings: Settings) -> Pipeline:
         class_embeddings=EmbeddingLRU(runner.embed_classes, settings.text_cache_entries) if open_vocabulary else None,
         phrase_reader=reader,
         exemplar_embeddings=LRU(settings.exemplar_cache_entries),
-        mask_threads=settings.mask_threads or min(8, os.cpu_count() or 1),
+        mask_threads=settings.mask_threads or min(8, settings.threads or len(os.sched_getaffinity(0))),
     )
 
 

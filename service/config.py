@@ -324,7 +324,8 @@ class Settings:
     # this fraction of its width / height: SAM may spill onto neighbouring objects, which a labeled mask must not.
     mask_clip_to_box: bool = True
     mask_box_margin: float = 0.1
-    # Threads that refine and encode one request's masks at a time (OpenCV releases the GIL): 0 = the cores, at most 8.
+    # Threads that refine and encode one request's masks at a time (OpenCV releases the GIL): 0 = `threads`, or the
+    # cores this process may use (its CPU affinity; a worker's share with --workers), at most 8.
     mask_threads: int = 0
     # Python's GIL switch interval (sys.setswitchinterval), milliseconds; Python's own default is 5. A thread that
     # runs a model's torch ops drops the GIL at every op and, while another thread runs Python code, waits up to

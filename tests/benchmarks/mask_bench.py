@@ -65,7 +65,7 @@ POINTS = ((12.0, 200), (1.0, 13))  # (megapixels, box prompts)
 QUICK_POINTS = ((4.0, 50), (1.0, 13))
 SAM_SIZE = 1024
 REFINEMENT = Refinement(min_region_area=Settings.mask_min_region_area, box_margin=Settings.mask_box_margin)
-MASK_THREADS = Settings.mask_threads or min(8, os.cpu_count() or 1)  # as service.app sets the pool
+MASK_THREADS = Settings.mask_threads or min(8, len(os.sched_getaffinity(0)))  # as service.app sets the pool
 
 
 # --- the reference: the mask stage as it was before issue 22 (verbatim but for names) -------------------------------
