@@ -154,6 +154,7 @@ def encoder_ir(
         "calibration": calibration_name if precision == "int8" else "",
         "float_types": list(FLOAT_TYPES) if precision == "int8" else [],
         "float_patterns": list(FLOAT_PATTERNS) if precision == "int8" else [],
+        "libraries": _library_versions(precision),  # what converts and quantises it (their rounding is the IR's)
     }
     folder = onnx_path.parent.parent / "openvino" / f"{precision}-{source[:16]}-r{RECIPE_VERSION}"
     cached = _cached(folder, key)
@@ -187,8 +188,17 @@ def int8_gate(ir: EncoderIR, key: dict[str, Any], measure: Callable[[], tuple[in
 
 
 def int8_identity(ir: EncoderIR) -> dict[str, Any]:
-    """What identifies the int8 build ``ir`` in a gate's key: its source graph, recipe, calibration and input size."""
-    return {k: ir.meta.get(k) for k in ("source_sha256", "recipe", "calibration", "image_size")}
+    """What identifies the int8 build ``ir`` in a gate's key: its source graph, recipe, calibration, input size and
+    the library versions that built it."""
+    return {k: ir.meta.get(k) for k in ("source_sha256", "recipe", "calibration", "image_size", "libraries")}
+
+
+def _library_versions(precision: str) -> dict[str, str]:
+    """OpenVINO's version (it converts every IR and runs it) and, for int8, NNCF's (it quantises)."""
+    from importlib.metadata import version
+
+    names = ("openvino", "nncf") if precision == "int8" else ("openvino",)
+    return {name: version(name) for name in names}
 
 
 def measured_gate(

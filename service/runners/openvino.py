@@ -208,6 +208,8 @@ class OpenVinoRunner(OnnxRunner):
                 {
                     "held_out_set": held_out,
                     "reference": "openvino-fp32",
+                    "decoder": sam_ops.DECODER_VERSION,  # measured through the torch decoder, as the bf16 gate is
+                    "torch": torch.__version__,
                     "decoder_weights_sha256": segmenter_sha256,
                     "cpu_int8_dot_products": int8_dots,  # its int8 kernels, whose rounding the figures measure
                 },

@@ -104,3 +104,27 @@ def test_an_export_killed_midway_is_exported_again(tmp_path: Path, monkeypatch) 
     triton_repo.export_repository(_models("d" * 64), settings, tmp_path)
     assert triton_repo.ensure_repository(_models(), settings, tmp_path)
     assert not triton_repo.ensure_repository(_models(), settings, tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_ir_is_keyed_by_the_libraries_that_built_it(tmp_path: Path, monkeypatch, precision: str) -> None:
+    """The IR's key (and the int8 gate's, through int8_identity) named no OpenVINO or NNCF version, though their
+    conversion and quantisation rounding is what the int8 gate measures: an upgrade kept trusting old figures."""
+    from importlib.metadata import version
+
+    graph = tmp_path / "sam2_image_encoder" / "1" / "model.onnx"
+    graph.parent.mkdir(parents=True)
+    graph.write_bytes(b"graph")
+    keys: list[dict] = []
+    monkeypatch.setattr(openvino_ir, "_cached", lambda folder, key: keys.append(key))  # a miss, key recorded
+
+    def build(*args):
+        raise RuntimeError("would build")
+
+    monkeypatch.setattr(openvino_ir, "read_encoder", build)
+    with pytest.raises(RuntimeError, match="would build"):
+        openvino_ir.encoder_ir(None, graph, 256, precision, list, "held-out")
+    expected = {"openvino": version("openvino")} | ({"nncf": version("nncf")} if precision == "int8" else {})
+    assert keys[0]["libraries"] == expected
+    ir = openvino_ir.EncoderIR(tmp_path / "x.xml", precision, dict(keys[0]), built=False)
+    assert openvino_ir.int8_identity(ir)["libraries"] == expected
