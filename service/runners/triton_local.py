@@ -197,6 +197,7 @@ class LocalTriton:
         assert self.process is not None
         state = {
             "pid": self.process.pid,
+            "started": process_start(self.process.pid),  # with the pid, names this process and no later one
             "repository": str(self.repository.resolve()),
             "grpc_port": self.grpc_port,
             "http_port": self.http_port,
@@ -238,8 +239,30 @@ def server_status(url: str, models: tuple[str, ...] = MODEL_ROLES, timeout: floa
 
 
 def read_state(state_dir: Path) -> dict | None:
+    """The state ``triton up`` saved, or None: none saved, or a stale one (removed): unreadable, or its process gone
+    (a reboot or a crash left the file; its pid may be another process's now, which must not be signalled)."""
     path = state_dir / "local.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        state = json.loads(path.read_text())
+        pid, started = int(state["pid"]), state.get("started")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        path.unlink(missing_ok=True)
+        return None
+    if process_start(pid) is None or (started is not None and process_start(pid) != started):
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat's 22nd field), None if there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # fields[0] is the 3rd field (state)
 
 
 def stop_detached(state_dir: Path, timeout: float = 30.0) -> bool:
