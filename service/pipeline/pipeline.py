@@ -47,6 +47,7 @@ from service.pipeline.results import (
 from service.pipeline.review import Review, review
 from service.pipeline.stages import stage
 from service.pipeline.vocabulary import (
+    OPEN,
     EmbeddingLRU,
     TextMatch,
     VocabularyMatcher,
@@ -377,8 +378,10 @@ class Pipeline:
                     out.append(_Candidate(k, label, cid, float(score), EXEMPLAR))
                 elif p.class_prompt is None or cid in p.class_prompt:
                     out.append(_Candidate(k, label, cid, float(score), DETECTOR))
-                out.extend(
-                    _Candidate(k, label, cid, float(score), TEXT, text_match=m) for m in p.texts if m.class_id == cid
+                out.extend(  # an open-vocabulary text's label is the text (another prompt may spell its class)
+                    _Candidate(k, m.text.strip() if m.kind == OPEN else label, cid, float(score), TEXT, text_match=m)
+                    for m in p.texts
+                    if m.class_id == cid
                 )
         for i, (prompt, label) in enumerate(zip(p.regions, p.region_labels, strict=True)):
             out.append(_Candidate(len(prompts), label, -1, 1.0, REGION, region_index=i))

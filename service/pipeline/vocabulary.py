@@ -128,6 +128,7 @@ def open_matches(texts: Sequence[str], vocabulary: Sequence[str], readings: Sequ
     out = []
     for i, text in enumerate(texts):
         cid = index[normalise_class_name(text)]
-        read_as = readings[cid] if readings[cid] != vocabulary[cid] else ""
+        # as the entry is embedded, whichever prompt spelled it ("Red Star" and "red star" are one entry)
+        read_as = readings[cid] if normalise_class_name(readings[cid]) != normalise_class_name(vocabulary[cid]) else ""
         out.append(TextMatch(i, text, cid, vocabulary[cid], 1.0, OPEN, read_as))
     return out

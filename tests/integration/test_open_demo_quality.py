@@ -138,6 +138,13 @@ def test_paraphrases_never_trained_on_are_read_into_the_trained_words(open_demo_
     # answered as "blue star" alone is: the same boxes, scores within float error
     assert [i.box for i in read.instances] == [i.box for i in plain]
     assert [i.score for i in read.instances] == pytest.approx([i.score for i in plain], abs=1e-5)
+    # A text's label and read_as are its own whatever else the request asks: with the class "Blue Star" (the same
+    # entry) the text "blue star" was labelled "Blue Star" and read as "blue star"; alone, "blue star" and "".
+    request = pb.SegmentRequest(image=pb.Image(encoded=encode(scene.image)), classes=["Blue Star"], texts=["blue star"])
+    mixed = open_demo_stub.Segment(request, timeout=300).instances
+    texts = [i for i in mixed if i.source == pb.INSTANCE_SOURCE_TEXT]
+    assert texts and {(i.label, i.text_match.read_as) for i in texts} == {("blue star", "")}
+    assert {i.label for i in mixed if i.source == pb.INSTANCE_SOURCE_DETECTOR} == {"Blue Star"}
 
 
 def test_every_absent_phrase_finds_almost_nothing_at_the_served_default(open_demo_stub, held_out, figures):
