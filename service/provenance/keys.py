@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from service.provenance.canonical import sha256_hex
+
+log = logging.getLogger(__name__)
 
 
 def generate_key(path: Path) -> Path:
@@ -77,6 +80,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise ValueError(f"{path}: not an unencrypted Ed25519 private key in PEM ({e})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+    mode = os.stat(path).st_mode
+    if mode & 0o007:  # other users (a group, as a Kubernetes secret mounted 0440 with fsGroup, is the owner's choice)
+        log.warning("signing key %s is readable by every user (mode %04o): chmod 600 it", path, mode & 0o777)
     return key
 
 

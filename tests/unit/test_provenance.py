@@ -505,3 +505,17 @@ def test_files_under_a_relative_folder_sign_from_any_working_directory(
     assert [p.as_posix() for p in files] == ["annotations/instances.json", "classes.txt", "images/a.jpg"]
     pv.write_signed_export(folder, files, _base_manifest())
     assert pv.verify_path(folder, require_signature=False).artifacts_checked == 3
+
+
+def test_a_signing_key_every_user_can_read_is_loaded_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = pv.generate_key(tmp_path / "server.key")
+    with caplog.at_level("WARNING", logger="service.provenance.keys"):
+        pv.load_private_key(path)  # 0600
+        os.chmod(path, 0o640)  # a group (a Kubernetes secret with fsGroup): the owner's choice
+        pv.load_private_key(path)
+        assert not caplog.records
+        os.chmod(path, 0o644)
+        pv.load_private_key(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"signing key {path} is readable by every user (mode 0644): chmod 600 it"
+    ]
