@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Hashable
 
 import numpy as np
 
+from service.errors import InvalidInput
 from service.models.tensors import ClassPrompts, DetectorOutput
 from service.pipeline.cache import CacheEntry
 from service.pipeline.image import DecodedImage
@@ -117,8 +119,23 @@ class DetectStage:
             if embedded is None:  # a catalog photo's exemplar is embedded once, then reused
                 ref_batch = batch if source is None else await asyncio.to_thread(self.processing.preprocess, ref.rgb)
                 visuals = self.processing.exemplar_visuals(boxes, ids, (ref.height, ref.width))
+                _check_visuals(visuals, ids, indices, self.processing.spec.imgsz, ref)
                 embedded = await self.runner.embed_exemplars(ref_batch, visuals)
                 self.exemplar_embeddings.put(key, embedded)
             for k, name in enumerate(local):
                 total[classes.index(name)] += embedded[k]
         return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+
+def _check_visuals(visuals: np.ndarray, ids: np.ndarray, indices: list[int], imgsz: int, image: DecodedImage) -> None:
+    """Refuses an exemplar class whose boxes cover no cell of the detector's visual-prompt grid (a box under about
+    one cell: 8 pixels of the letterboxed input): its embedding would be the same whatever the box holds, and the
+    request answered with whatever that scores."""
+    for k in range(visuals.shape[1]):
+        if not visuals[0, k].any():
+            i = indices[int(np.flatnonzero(ids == k)[0])]
+            side = math.ceil(8 * max(image.width, image.height) / imgsz)
+            raise InvalidInput(
+                f"exemplars[{i}].box: too small to embed on its {image.width}x{image.height} image (the detector "
+                f"sees it at {imgsz} px: a box needs about {side} px per side, more where it straddles its grid)"
+            )

@@ -334,6 +334,23 @@ def test_bad_exemplars_get_clear_errors_and_run_nothing(open_stub, open_runner, 
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "exemplars" in err.value.details()
 
 
+def test_an_exemplar_box_too_small_to_embed_is_refused(open_stub, open_runner):
+    """A box under one cell of the visual-prompt grid made an empty prompt mask: every such box, wherever it lay,
+    got one constant embedding, and the request was answered with whatever that scored."""
+    target = encode(synthetic_rgb(480, 640, seed=23))
+    embedded = open_runner.calls["embed_exemplars"]
+    for box in ((300, 200, 304, 204), (1, 1, 5, 5)):
+        with pytest.raises(grpc.RpcError) as err:
+            open_stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[_exemplar(box=box)]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exemplars[0].box: too small to embed on its 640x480 image" in err.value.details()
+    assert open_runner.calls["embed_exemplars"] == embedded
+    answered = open_stub.Segment(
+        pb.SegmentRequest(image=pb.Image(encoded=target), exemplars=[_exemplar(box=(100, 100, 180, 160))])
+    )
+    assert answered.image.width == 640
+
+
 def _reference_world_predict(path, vocabulary: tuple[str, ...], rgb: np.ndarray, features=None):
     """ultralytics' own YOLO-World prediction with the same weights and class embeddings (set as its
     ``set_classes`` sets them; that method itself would load CLIP). ``features``: (1, N, D) text features
