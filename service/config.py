@@ -281,7 +281,9 @@ class Settings:
     max_region_prompts: int = 256
     max_points_per_region: int = 64
     max_text_prompts: int = 64
-    max_text_chars: int = 256  # the encoder reads at most 256 tokens anyway
+    # Each encoder reads a text's first tokens only: MiniLM 256, CLIP and MobileCLIP 77, SAM 3 32 (about 25 words);
+    # the rest of a longer text is not read.
+    max_text_chars: int = 256
     max_exemplars: int = 32
     exemplar_cache_entries: int = 256  # exemplar embeddings kept (by image, boxes and labels), LRU
     max_instances: int = 300  # hard cap on instances per response
