@@ -7,6 +7,7 @@ Built once (by the CLI or a test) and passed down; no other module reads the env
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -403,8 +404,16 @@ class Settings:
 
     @classmethod
     def from_environ(cls, overrides: Mapping[str, Any] | None = None, config_file: Path | None = None) -> Settings:
-        """For the CLI: reads ``os.environ`` once; the config file is ``config_file`` or ``DETSEG_CONFIG``."""
+        """For the CLI: reads ``os.environ`` once; the config file is ``config_file`` or ``DETSEG_CONFIG``. A
+        ``DETSEG_*`` variable that names no setting is a WARNING (a misspelt one would otherwise change nothing
+        unseen; a config file's unknown keys are refused)."""
         config = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+        known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls)} | {ENV_PREFIX + "CONFIG"}
+        unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known | _OTHER_VARIABLES)
+        if unknown:
+            logging.getLogger(__name__).warning(
+                "ignored: %s names no setting (settings: DETSEG_ + a Settings field in upper case)", ", ".join(unknown)
+            )
         return cls.load(overrides, os.environ, Path(config) if config else None)
 
     def request_score_threshold(self, calibrated: float | None) -> float:
@@ -416,6 +425,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+# DETSEG_ variables that are not settings: the test suite's own.
+_OTHER_VARIABLES = frozenset(
+    ENV_PREFIX + "TEST_" + n for n in ("DEVICE", "TEXT_ENCODER", "PRECISION", "MEMORY_LOG", "MEMORY_BUDGET_GIB")
+)
 
 
 def _coerce(type_name: Any, value: Any) -> Any:

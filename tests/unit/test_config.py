@@ -134,3 +134,15 @@ def test_a_yaml_null_leaves_the_default_and_a_secret_is_not_printed(tmp_path: Pa
     with pytest.raises(ConfigurationError) as e:
         Settings.load(env={"DETSEG_REDIS_URL": "valkey://:hunter2@redis:6379/0"})
     assert "hunter2" not in str(e.value) and str(e.value).startswith("setting redis_url: must be empty")
+
+
+def test_a_detseg_variable_that_names_no_setting_is_a_warning(monkeypatch, caplog):
+    """DETSEG_THREDS=2 was ignored without a word (a config file's unknown keys are refused)."""
+    monkeypatch.setenv("DETSEG_THREDS", "2")
+    monkeypatch.setenv("DETSEG_THREADS", "1")
+    with caplog.at_level("WARNING", logger="service.config"):
+        settings = Settings.from_environ()
+    assert settings.threads == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignored: DETSEG_THREDS names no setting (settings: DETSEG_ + a Settings field in upper case)"
+    ]
