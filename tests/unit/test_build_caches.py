@@ -128,3 +128,24 @@ def test_an_ir_is_keyed_by_the_libraries_that_built_it(tmp_path: Path, monkeypat
     assert keys[0]["libraries"] == expected
     ir = openvino_ir.EncoderIR(tmp_path / "x.xml", precision, dict(keys[0]), built=False)
     assert openvino_ir.int8_identity(ir)["libraries"] == expected
+
+
+def test_an_export_that_differs_from_torch_is_not_served() -> None:
+    """Each export measured its graph against torch (max_abs_diff) but nothing enforced it: a graph answering NaN
+    or far from torch was stamped and served by the onnx, openvino and Triton backends."""
+    from types import SimpleNamespace
+
+    from service.errors import ModelUnavailable
+    from service.models.roles import Role
+
+    good = [
+        SimpleNamespace(role=Role.DETECTOR, max_abs_diff=0.4),
+        SimpleNamespace(role=Role.SAM2_MASK_DECODER, max_abs_diff=2e-5),
+    ]
+    triton_repo.check_parity(good)
+    for bad in (
+        SimpleNamespace(role=Role.SAM2_IMAGE_ENCODER, max_abs_diff=float("nan")),
+        SimpleNamespace(role=Role.DETECTOR, max_abs_diff=7.0),
+    ):
+        with pytest.raises(ModelUnavailable, match=f"the exported {bad.role} graph differs from torch by"):
+            triton_repo.check_parity([*good, bad])
