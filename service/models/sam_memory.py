@@ -158,13 +158,16 @@ class MemoryTracker:
     ) -> ObjectStep:
         """Prompts an object on frame ``index`` (a conditioning frame). points (P, 2) float32 in SAM input pixels,
         box corners first with labels 2, 3; labels (P,) int32. ``memory``: a new bank, or the object's own to
-        re-prompt it (then decoded from its memory, as sam2 corrects a tracked frame)."""
+        re-prompt it: then decoded from its memory with the mask it has on this frame as SAM's mask input (clamped
+        to [-32, 32]), as sam2's predictor corrects a frame it has tracked (its propagation reached the frame
+        before the click; here the frame is tracked first, without a memory of its own)."""
         device = self._sam.no_mem_embed.device
         point_inputs = {
             "point_coords": torch.as_tensor(points, dtype=torch.float32, device=device)[None],
             "point_labels": torch.as_tensor(labels, dtype=torch.int32, device=device)[None],
         }
         initial = not memory.started
+        previous = None if initial else torch.clamp(self._tracked_mask(frame, index, memory), -32.0, 32.0)
         out = self._sam.track_step(
             frame_idx=index,
             is_init_cond_frame=initial,
@@ -176,6 +179,7 @@ class MemoryTracker:
             output_dict=memory.frames,
             num_frames=_STREAM_LENGTH,
             run_mem_encoder=False,
+            prev_sam_mask_logits=previous,
         )
         masks = fill_holes(out["pred_masks"])
         features, pos_enc = self._encode_memory(frame, masks, out["object_score_logits"])
@@ -183,6 +187,27 @@ class MemoryTracker:
         memory.frames["cond_frame_outputs"][index] = _compact(out, masks, features, pos_enc)
         self._bound(memory, index)
         return ObjectStep(masks, float(out["object_score_logits"].item()))
+
+    def _tracked_mask(self, frame: FrameFeatures, index: int, memory: ObjectMemory) -> torch.Tensor:
+        """The object's (1, 1, S/4, S/4) mask logits on frame ``index``: its output there if it has one, else
+        tracked from its memory (nothing stored: the frame's memory is the correction's)."""
+        for kind in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            entry = memory.frames[kind].get(index)
+            if entry is not None:
+                return entry["pred_masks"]
+        out = self._sam.track_step(
+            frame_idx=index,
+            is_init_cond_frame=False,
+            current_vision_feats=list(frame.vision_feats),
+            current_vision_pos_embeds=[None, None, frame.pos],
+            feat_sizes=list(frame.sizes),
+            point_inputs=None,
+            mask_inputs=None,
+            output_dict=memory.frames,
+            num_frames=_STREAM_LENGTH,
+            run_mem_encoder=False,
+        )
+        return fill_holes(out["pred_masks"])
 
     @torch.inference_mode()
     def track(self, frame: FrameFeatures, index: int, memory: ObjectMemory) -> ObjectStep:
