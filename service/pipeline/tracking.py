@@ -309,12 +309,15 @@ class TrackSession:
         self._size = (image.width, image.height)  # the first frame answered sets the session's size
         features = await self.pipeline.features(image, timings)
         index = f.frame_index
+        # SAM 2's memory steps once per frame answered, whatever the caller's frame_index gaps: it attends exactly
+        # the frames before by its own count (memories 1-6 back, pointers 1-15), so indices 8 apart left it none.
+        step = self._frames
 
         # Every live track steps onto the frame (from its memory, or with the frame's correction); prompts start tracks.
         corrections = {tp.track_id: p.regions[i] for i, tp in enumerate(f.prompts) if tp.track_id}
         ended = [self._tracks.pop(t) for t in f.end_tracks]
         rows = list(self._tracks.values())
-        steps = [self._step(t.memory, index, corrections.get(t.track_id)) for t in rows]
+        steps = [self._step(t.memory, step, corrections.get(t.track_id)) for t in rows]
         for i, tp in enumerate(f.prompts):
             if tp.track_id:
                 if tp.region.label:
@@ -322,7 +325,7 @@ class TrackSession:
                 continue
             track = self._new_track(p.region_labels[i], -1, REGION, None, 1.0, index)
             rows.append(track)
-            steps.append(self._step(track.memory, index, p.regions[i]))
+            steps.append(self._step(track.memory, step, p.regions[i]))
         logits, scores = await self._track(features, steps, timings)
 
         detected = f.detect or (
@@ -336,13 +339,13 @@ class TrackSession:
             seen = {row_of[k]: mask for k, mask in found.seen.items()}
             new = found.new
             if seen:  # matched tracks remember the frame as its detection showed it, and answer with that mask
-                remembered = [MemoryCorrection(rows[k].memory, index, mask) for k, mask in seen.items()]
+                remembered = [MemoryCorrection(rows[k].memory, step, mask) for k, mask in seen.items()]
                 with stage(timings, "remember", objects=len(remembered)):
                     await self.pipeline.runner.remember(features, remembered)
                 for k, mask in seen.items():
                     logits[k] = mask
             more_logits, more_scores = await self._track(
-                features, [self._step(t.memory, index, box) for t, box in new], timings
+                features, [self._step(t.memory, step, box) for t, box in new], timings
             )
             rows.extend(t for t, _ in new)
             logits.extend(more_logits)
@@ -431,7 +434,8 @@ class TrackSession:
             raise InvalidInput(_REGION_FIELD.sub(r"frame.prompts[\1].region", str(e))) from None
 
     def _step(self, memory: object, index: int, prompt: SamPrompt | None) -> TrackStep:
-        """A track's step onto frame ``index``: from its memory, or prompted (its box and clicks in SAM's frame)."""
+        """A track's step onto the frame the memory counts as ``index`` (frames answered before it): from its memory,
+        or prompted (its box and clicks in SAM's frame)."""
         if prompt is None:
             return TrackStep(memory, index)
         assert self._size is not None

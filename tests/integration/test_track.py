@@ -89,6 +89,26 @@ def test_region_prompts_become_tracks_with_stable_ids(stub, frames: list[bytes])
     assert not any(r.detected for r in responses)  # nothing to detect: prompts only
 
 
+def test_gaps_in_the_frame_index_leave_the_memory_as_it_is(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """SAM 2 attends exactly the memories 1-6 and pointers 1-15 frames back by index, so frames sent 8 apart left it
+    no recent memory at all (tracked from the prompted frame alone). The memory counts frames sent: the same frames
+    with any gaps are tracked alike."""
+    answers = []
+    for gap in (1, 8, 1000):
+        messages = [
+            _start(),
+            _frame(frames[0], 0, prompts=[_box(10, 10, 120, 100), _box(160, 60, 300, 200)]),
+            *(_frame(frames[t], t * gap) for t in range(1, FRAMES)),
+        ]
+        responses = _track(stub, messages)
+        assert not any(r.HasField("error") for r in responses)
+        answers.append([(_masks(r), [t.instance.mask_score for t in r.instances]) for r in responses])
+    for other in answers[1:]:
+        for (masks, scores), (their_masks, their_scores) in zip(answers[0], other, strict=True):
+            assert masks.keys() == their_masks.keys() and scores == pytest.approx(their_scores, abs=1e-5)
+            assert all(np.array_equal(masks[k], their_masks[k]) for k in masks)
+
+
 def test_detector_runs_every_k_frames_and_starts_tracks(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
     messages = [
         _start(
