@@ -42,6 +42,7 @@ from service.models.tensors import ImageFeatures
 # memory encoder, and background holes up to this many low-res pixels are filled.
 FILL_HOLE_AREA = 8
 # A stream has no known length; sam2 only compares frame indices with it.
+_PRESENT = 1e-3  # an object score logit above 0: sam2 encodes a memory as of an object present (no no-object embed)
 _STREAM_LENGTH = 2**62
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -237,13 +238,16 @@ class MemoryTracker:
     def remember(self, frame: FrameFeatures, index: int, memory: ObjectMemory, mask: np.ndarray) -> None:
         """Re-encodes an object's memory of frame ``index``, on which it was just tracked, from ``mask`` (S/4, S/4)
         float32 logits (the frame's detection of it, matched) instead of its propagated mask: what later frames
-        read of this one is then what the frame showed. A frame the object was prompted on stays as prompted."""
+        read of this one is then what the frame showed. A frame the object was prompted on stays as prompted. The
+        detection showed the object: it is encoded as present (without SAM's no-object embedding) whatever SAM's own
+        object score said; the frame's object pointer stays the one SAM computed."""
         entry = memory.frames["non_cond_frame_outputs"].get(index)
         if entry is None:
             return
         device = self._sam.no_mem_embed.device
         masks = torch.as_tensor(mask, dtype=torch.float32, device=device)[None, None]
-        features, pos_enc = self._encode_memory(frame, masks, entry["object_score_logits"])
+        present = entry["object_score_logits"].clamp(min=_PRESENT)
+        features, pos_enc = self._encode_memory(frame, masks, present)
         memory.frames["non_cond_frame_outputs"][index] = _compact(entry, masks, features, pos_enc)
 
     def _encode_memory(self, frame: FrameFeatures, masks: torch.Tensor, object_scores: torch.Tensor) -> Any:

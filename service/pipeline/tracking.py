@@ -312,6 +312,7 @@ class TrackSession:
         # SAM 2's memory steps once per frame answered, whatever the caller's frame_index gaps: it attends exactly
         # the frames before by its own count (memories 1-6 back, pointers 1-15), so indices 8 apart left it none.
         step = self._frames
+        matched: set[int] = set()  # tracks a detection matched on this frame: visible whatever SAM's object score
 
         # Every live track steps onto the frame (from its memory, or with the frame's correction); prompts start tracks.
         corrections = {tp.track_id: p.regions[i] for i, tp in enumerate(f.prompts) if tp.track_id}
@@ -344,6 +345,7 @@ class TrackSession:
                     await self.pipeline.runner.remember(features, remembered)
                 for k, mask in seen.items():
                     logits[k] = mask
+                    matched.add(rows[k].track_id)
             more_logits, more_scores = await self._track(
                 features, [self._step(t.memory, step, box) for t, box in new], timings
             )
@@ -355,7 +357,7 @@ class TrackSession:
                 t.confirmed, t.drifted = True, False
             self._tracks[t.track_id] = t
 
-        answered = await self._answer(image, p, rows, logits, scores, ended, index, timings)
+        answered = await self._answer(image, p, rows, logits, scores, matched, ended, index, timings)
         self._frames += 1
         self._last_index = index
         timings["total"] = time.perf_counter() - start
@@ -583,19 +585,22 @@ class TrackSession:
         rows: list[_Track],
         logits: list[np.ndarray],
         scores: list[float],
+        matched: set[int],
         ended: list[_Track],
         index: int,
         timings: dict[str, float],
     ) -> list[TrackedInstance]:
-        """Each track's state and finished mask on this frame (by track id): unseen tracks are LOST with an empty
-        mask and end after lost_after such frames; tracks the caller ended are answered once more, ENDED; tentative
-        tracks are not answered (``_tentative``)."""
+        """Each track's state and finished mask on this frame (by track id): unseen tracks (SAM's object score at
+        most 0, and no detection of the frame ``matched`` it) are LOST with an empty mask and end after lost_after such
+        frames; tracks the caller ended are answered once more, ENDED; tentative tracks are not answered
+        (``_tentative``)."""
         hidden, dropped = _tentative(rows, self.settled.confirm_after)
         for k in dropped:
             self._tracks.pop(rows[k].track_id, None)
         kept = [k for k in range(len(rows)) if k not in hidden]
         rows, logits, scores = [rows[k] for k in kept], [logits[k] for k in kept], [scores[k] for k in kept]
-        visible = [s > 0 and t.confirmed for s, t in zip(scores, rows, strict=True)] + [False] * len(ended)
+        visible = [(s > 0 or t.track_id in matched) and t.confirmed for s, t in zip(scores, rows, strict=True)]
+        visible += [False] * len(ended)
         side = self.pipeline.runner.segmenter.image_size // 4
         absent = np.full((side, side), -1.0, np.float32)
         shown = [lg if v else absent for lg, v in zip(logits, visible, strict=False)] + [absent] * len(ended)
