@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.api import convert
 from service.api.admission import Admission
@@ -132,19 +133,30 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         started: asyncio.Queue[asyncio.Task[pb.SegmentResult] | None] = asyncio.Queue()
 
         async def read() -> None:
-            index = 0
-            async for item in request_iterator:
-                await slots.acquire()  # not reading on: the client's sends block on gRPC flow control
-                await started.put(asyncio.create_task(self._item(index, item)))
-                index += 1
-            await started.put(None)
+            index, items = 0, aiter(request_iterator)
+            try:
+                while True:
+                    await slots.acquire()  # a slot before the next read: unread items wait in gRPC's flow control
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        return
+                    await started.put(asyncio.create_task(self._item(index, item)))
+                    index += 1
+            finally:  # also when reading fails (a message that does not parse): the answers end, then its error
+                started.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (task := await started.get()) is not None:
                 yield await task
                 slots.release()
-            await reader
+            try:
+                await reader  # the stream's own error, if reading it failed
+            except DecodeError:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "a stream message does not parse as a detseg.v1.SegmentRequest"
+                )
         finally:
             reader.cancel()
             while not started.empty():

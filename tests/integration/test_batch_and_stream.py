@@ -98,3 +98,20 @@ def test_stream_holds_the_client_back_when_items_are_in_flight(stub, settings, f
     line = f"{max(ahead)} of {n} (in-flight limit {settings.max_stream_in_flight})"
     figures["StreamSegment: most 4 MB requests sent ahead of answers"] = line
     assert max(ahead) < n - 4, line
+
+
+def test_a_stream_message_that_does_not_parse_ends_the_stream_with_its_error(stub, channel):
+    """The reader task died on the message without telling the stream: the call hung (holding its RPC) until the
+    client's deadline. Now the items before it are answered, then INVALID_ARGUMENT."""
+    good = pb.SegmentRequest(image=image(5)).SerializeToString()
+    raw = channel.stream_stream(  # bytes as sent, not a message
+        "/detseg.v1.SegmentationService/StreamSegment",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.SegmentResult.FromString,
+    )
+    answers = []
+    with pytest.raises(grpc.RpcError) as err:
+        for result in raw(iter([good, b"\xff\xff\xff\xff", good]), timeout=60):
+            answers.append(result.index)
+    assert answers == [0]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not parse" in err.value.details()
