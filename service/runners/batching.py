@@ -77,6 +77,8 @@ class MicroBatcher:
     async def submit(self, array: Any, context: Any = None, key: Hashable = None) -> Outputs:
         """``array`` (n, ...) → this caller's rows of every output. Calls share a pass only with equal ``key``;
         ``context`` goes to ``run`` with the pass."""
+        if len(self._queue) >= self.max_queue:  # callers that gave up (a deadline) leave, then it is counted again
+            self._queue = collections.deque(i for i in self._queue if not i.future.done())
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"the {self.name} queue is full ({self.max_queue} waiting); retry with backoff")
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()

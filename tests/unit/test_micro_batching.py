@@ -141,3 +141,24 @@ def test_callers_of_a_shared_pass_hold_only_their_own_rows():
         for rows in (doubled, sums):
             owner = rows if rows.base is None else rows.base
             assert owner.shape[0] == rows.shape[0]
+
+
+def test_callers_that_gave_up_leave_the_queue_to_new_ones():
+    """Cancelled callers stayed in the queue until the running pass ended: new callers were refused as over
+    max_queue while nobody was waiting."""
+    batcher, _ = make(max_batch=1, max_queue=2)
+
+    async def main():
+        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1, 1), np.float32)))
+        await asyncio.sleep(0.001)  # its pass has started
+        waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 1, 1), np.float32))) for _ in range(2)]
+        await asyncio.sleep(0)
+        for w in waiting:
+            w.cancel()
+        await asyncio.sleep(0)
+        late = await batcher.submit(np.full((1, 1, 1), 3.0, np.float32))  # room again: answered
+        await running
+        return late
+
+    doubled, _ = asyncio.run(main())
+    assert float(doubled[0, 0, 0]) == 6.0
