@@ -231,12 +231,20 @@ def _names(runner: Runner) -> str:
     return ", ".join(m.name for m in runner.models)
 
 
+def _warm_up_size(limits: ImageLimits) -> tuple[int, int]:
+    """(height, width) of the warm-up image: 64 x 96, or as much of it as the server's image limits take (a server
+    whose max_image_pixels was under 6,144 failed its warm-up and never served)."""
+    scale = min(1.0, limits.max_side / 96, (limits.max_pixels / 6144) ** 0.5, (limits.max_bytes / (3 * 6144)) ** 0.5)
+    return max(1, int(64 * scale)), max(1, int(96 * scale))
+
+
 async def _warm_up(pipeline: Pipeline) -> None:
     """One full request on a small synthetic image, so the first caller pays no first-call costs (and one text
     for a concept segmenter). Without the shared tier: every replica warms up on the same image, and its own
     models must run (nothing is read from, or left in, Redis)."""
-    rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    image = ImageInput(raw=rgb.tobytes(), width=96, height=64)
+    h, w = _warm_up_size(pipeline.images.limits)
+    rgb = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    image = ImageInput(raw=rgb.tobytes(), width=w, height=h)
     detector = pipeline.runner.detector
     # an open-vocabulary detector has no classes of its own: one of its checkpoint's names (a phrase reader reads
     # it, where one would refuse other words) or any word

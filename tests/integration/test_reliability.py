@@ -209,3 +209,20 @@ def test_sigterm_drains_twenty_requests_in_flight_refuses_new_ones_and_exits_zer
     figures["SIGTERM with 20 requests sent: in flight at the signal, all OK, drained and exited after"] = (
         f"{in_flight}, {drained:.1f} s"
     )
+
+
+def test_a_server_with_small_image_limits_warms_up_and_serves(settings):
+    """The warm-up sent a 96x64 image whatever the limits: with max_image_pixels under 6,144 it was refused, the
+    load failed and the server never served."""
+    srv = ServerThread(settings.replace(max_image_pixels=500, max_image_side=30))
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            rgb = bytes(range(256)) * 5  # 20 x 20 x 3 = 1,200 bytes
+            request = pb.SegmentRequest(
+                image=pb.Image(raw=pb.RawImage(data=rgb[:1200], width=20, height=20)),
+                regions=[pb.RegionPrompt(box=pb.BoundingBox(x_min=2, y_min=2, x_max=15, y_max=18))],
+            )
+            assert len(pb_grpc.SegmentationServiceStub(channel).Segment(request, timeout=60).instances) == 1
+    finally:
+        srv.stop()
