@@ -100,6 +100,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         """``request_id``: the caller's when well-formed, else a fresh one (a malformed one is rejected below)."""
         pipeline = self.pipeline
         query = _with_request_id(convert.query_from_proto(request), request_id)
+        pipeline.check(query)
         async with self.admission.slot(DEADLINE.get()):
             result = await _within_deadline(pipeline.segment(query))
         response = convert.response_to_proto(result, self._models, self._profile, pipeline.runner.backend)

@@ -33,6 +33,7 @@ from service.pipeline.prompts import (
     check_query,
     kept_mask_handle,
     plan,
+    resolve_classes,
 )
 from service.pipeline.results import (
     DETECTOR,
@@ -164,6 +165,14 @@ class Pipeline:
         )
         self.segmentation = SegmenterProcessing(runner.segmenter)
         self.masks = Masks(runner, self.segmentation, mask_threads)
+
+    def check(self, query: SegmentQuery) -> None:
+        """What a request can be refused for without its pixels or a model (counts, ranges, names; a closed
+        detector's class names), before it takes an admission slot: bad input is INVALID_ARGUMENT however busy the
+        server is, never RESOURCE_EXHAUSTED that a client would retry."""
+        check_query(query, self.limits)
+        if query.classes and not self.runner.detector.open_vocabulary:
+            resolve_classes(query.classes, self.runner.detector.names)
 
     async def segment(self, query: SegmentQuery) -> SegmentResult:
         """With a concept segmenter (SAM 3) the texts and exemplars go to it, the rest of the request to the

@@ -226,3 +226,22 @@ def test_a_server_with_small_image_limits_warms_up_and_serves(settings):
             assert len(pb_grpc.SegmentationServiceStub(channel).Segment(request, timeout=60).instances) == 1
     finally:
         srv.stop()
+
+
+def test_bad_input_is_refused_as_such_however_busy_the_server(slow_server):
+    """Checks that need no pixels ran inside the admission slot: with the server busy, a request for an unknown class
+    or a score threshold of 5 got RESOURCE_EXHAUSTED, which a client retries with backoff, for good."""
+    srv, slow = slow_server(max_in_flight=1, max_queue=0)
+    slow.delay = 2.0
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        busy = stub.Segment.future(_request(), timeout=30)
+        time.sleep(0.5)  # it holds the one slot
+        bad = [_request(), _request()]
+        bad[0].classes.append("zebra")
+        bad[1].options.score_threshold = 5
+        for request in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Segment(request, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert busy.code() == grpc.StatusCode.OK
