@@ -358,7 +358,14 @@ class Pipeline:
             return EncodeResult(handle=handle, image=image, cached=True, timings=timings)
         features = await self.features(image, timings)
         # before answering: the handle must work on every replica at once
-        await self.images.put(handle, CacheEntry(image, features))
+        entry = CacheEntry(image, features)
+        await self.images.put(handle, entry)
+        if self.images.shared is None and self.images.cache.get(handle) is None:
+            raise Unsupported(  # a handle that names nothing would be NOT_FOUND on its first use
+                f"image: its features ({entry.nbytes} bytes) do not fit this server's embedding cache "
+                f"(cache_max_bytes {self.images.cache.max_bytes}): it has no handle to give; send the image with "
+                "each request"
+            )
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle=handle, image=image, cached=False, timings=timings)
 

@@ -138,3 +138,22 @@ def test_keep_masks_names_only_the_masks_it_kept(stub):
         follow_up = pb.RegionPrompt(box=regions(boxes[k])[0].box, previous_mask=handles[k])
         again = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=image), regions=[follow_up]), timeout=60)
         assert len(again.instances) == 1
+
+
+def test_an_image_the_cache_cannot_hold_gets_no_handle(settings, runner):
+    """With caching off (or features larger than the cache) EncodeImage answered a handle and a 600 s TTL for an
+    image it had not kept: the first Segment by that handle was NOT_FOUND."""
+    srv = ServerThread(settings.replace(cache_max_bytes=0), lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            data = encode(synthetic_rgb(64, 64, seed=104))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "do not fit this server's embedding cache (cache_max_bytes 0)" in info.value.details()
+            # Segment by bytes still answers (the cache is only skipped)
+            assert stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((1, 1, 30, 30))))
+    finally:
+        srv.stop()
