@@ -118,7 +118,15 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         limit = self._settings.max_batch_items
         if not 1 <= len(request.requests) <= limit:
             raise InvalidInput(f"requests: {len(request.requests)} given, need 1 to {limit}")
-        results = await asyncio.gather(*(self._item(i, r) for i, r in enumerate(request.requests)))
+        # At most max_in_flight items at a time ask for admission: the rest wait their turn within the batch, rather
+        # than filling the admission queue and being refused as over it because of their own batch.
+        turns = asyncio.Semaphore(self._settings.max_in_flight)
+
+        async def item(index: int, r: pb.SegmentRequest) -> pb.SegmentResult:
+            async with turns:
+                return await self._item(index, r)
+
+        results = await asyncio.gather(*(item(i, r) for i, r in enumerate(request.requests)))
         return pb.BatchSegmentResponse(results=results)
 
     async def StreamSegment(

@@ -245,3 +245,19 @@ def test_bad_input_is_refused_as_such_however_busy_the_server(slow_server):
                 stub.Segment(request, timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert busy.code() == grpc.StatusCode.OK
+
+
+def test_a_batch_is_not_refused_by_its_own_items(slow_server):
+    """Each item took its own admission place at once: with max_in_flight 1 and max_queue 1, a batch of four on an
+    idle server had two good items refused as 'server busy' by the batch's other items."""
+    srv, slow = slow_server(max_in_flight=1, max_queue=1, max_batch_items=4)
+    slow.delay = 0.2
+    items = [_request() for _ in range(4)]
+    items[1].classes.append("zebra")
+    with grpc.insecure_channel(srv.target) as channel:
+        response = pb_grpc.SegmentationServiceStub(channel).BatchSegment(
+            pb.BatchSegmentRequest(requests=items), timeout=60
+        )
+    kinds = [r.WhichOneof("result") for r in response.results]
+    assert kinds == ["response", "error", "response", "response"], [r.error.message for r in response.results]
+    assert response.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
