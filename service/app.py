@@ -314,17 +314,22 @@ class InProcessServer:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        failed = asyncio.run_coroutine_threadsafe(self.served.failed.wait(), self.loop)
         with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+            call = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=timeout)
+            # A failed load sends no new health status (NOT_SERVING already): it ends the watch itself.
+            failed.add_done_callback(lambda _: call.cancel())
             try:
-                for response in stub.Watch(request, timeout=timeout):
+                for response in call:
                     if response.status == health_pb2.HealthCheckResponse.SERVING:
                         return
-                    if self._served is not None and self._served.failed.is_set():
-                        break
             except grpc.RpcError as e:
-                raise RuntimeError(f"the in-process server never reported SERVING ({e.code().name})") from None
-        raise RuntimeError("the in-process server's models failed to load (see the log)")
+                if not self.served.failed.is_set():
+                    raise RuntimeError(f"the in-process server never reported SERVING ({e.code().name})") from None
+            finally:
+                failed.cancel()
+        error = self.served.error
+        raise RuntimeError(f"the in-process server's models failed to load: {error or 'see the log'}")
 
     def stop(self) -> None:
         if self._served is not None:

@@ -261,3 +261,20 @@ def test_a_batch_is_not_refused_by_its_own_items(slow_server):
     kinds = [r.WhichOneof("result") for r in response.results]
     assert kinds == ["response", "error", "response", "response"], [r.error.message for r in response.results]
     assert response.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_wait_serving_ends_at_once_when_the_models_fail_to_load(settings):
+    """A failed load sends no new health status, so wait_serving (detseg eval and label without --target) waited its
+    whole timeout and then blamed the deadline."""
+    from service.app import InProcessServer
+    from service.errors import ModelUnavailable
+
+    def broken():
+        time.sleep(1.0)  # fails once the watch is open, as a real load does
+        raise ModelUnavailable("no such weights")
+
+    with InProcessServer(settings, broken) as srv:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="models failed to load: no such weights"):
+            srv.wait_serving(timeout=60)
+        assert time.monotonic() - start < 10
