@@ -169,19 +169,7 @@ class MemoryTracker:
         }
         initial = not memory.started
         previous = None if initial else torch.clamp(self._tracked_mask(frame, index, memory), -32.0, 32.0)
-        out = self._sam.track_step(
-            frame_idx=index,
-            is_init_cond_frame=initial,
-            current_vision_feats=list(frame.vision_feats),
-            current_vision_pos_embeds=[None, None, frame.pos],
-            feat_sizes=list(frame.sizes),
-            point_inputs=point_inputs,
-            mask_inputs=None,
-            output_dict=memory.frames,
-            num_frames=_STREAM_LENGTH,
-            run_mem_encoder=False,
-            prev_sam_mask_logits=previous,
-        )
+        out = self._step(frame, index, memory, initial=initial, points=point_inputs, previous=previous)
         masks = fill_holes(out["pred_masks"])
         features, pos_enc = self._encode_memory(frame, masks, out["object_score_logits"])
         memory.frames["non_cond_frame_outputs"].pop(index, None)
@@ -196,37 +184,41 @@ class MemoryTracker:
             entry = memory.frames[kind].get(index)
             if entry is not None:
                 return entry["pred_masks"]
-        out = self._sam.track_step(
+        return fill_holes(self._step(frame, index, memory)["pred_masks"])
+
+    def _step(
+        self,
+        frame: FrameFeatures,
+        index: int,
+        memory: ObjectMemory,
+        *,
+        initial: bool = False,
+        points: dict[str, torch.Tensor] | None = None,
+        previous: torch.Tensor | None = None,
+        encode: bool = False,
+    ) -> dict[str, Any]:
+        """sam2's ``track_step`` of one object on frame ``index`` with its memory bank: prompted by ``points`` (with
+        ``previous`` mask logits as SAM's mask input) or from its memory; ``encode``: run the memory encoder too."""
+        return self._sam.track_step(
             frame_idx=index,
-            is_init_cond_frame=False,
+            is_init_cond_frame=initial,
             current_vision_feats=list(frame.vision_feats),
             current_vision_pos_embeds=[None, None, frame.pos],
             feat_sizes=list(frame.sizes),
-            point_inputs=None,
+            point_inputs=points,
             mask_inputs=None,
             output_dict=memory.frames,
             num_frames=_STREAM_LENGTH,
-            run_mem_encoder=False,
+            run_mem_encoder=encode,
+            prev_sam_mask_logits=previous,
         )
-        return fill_holes(out["pred_masks"])
 
     @torch.inference_mode()
     def track(self, frame: FrameFeatures, index: int, memory: ObjectMemory) -> ObjectStep:
         """Tracks a started object onto frame ``index`` (after every frame it has been tracked on) from its memory."""
         if not memory.started:
             raise ValueError("track: the object has no prompted frame yet")
-        out = self._sam.track_step(
-            frame_idx=index,
-            is_init_cond_frame=False,
-            current_vision_feats=list(frame.vision_feats),
-            current_vision_pos_embeds=[None, None, frame.pos],
-            feat_sizes=list(frame.sizes),
-            point_inputs=None,
-            mask_inputs=None,
-            output_dict=memory.frames,
-            num_frames=_STREAM_LENGTH,
-            run_mem_encoder=True,
-        )
+        out = self._step(frame, index, memory, encode=True)
         masks = fill_holes(out["pred_masks"])
         memory.frames["non_cond_frame_outputs"][index] = _compact(
             out, masks, out["maskmem_features"], out["maskmem_pos_enc"]
