@@ -43,7 +43,6 @@ from service.pipeline.results import (
     EncodeResult,
     InstanceResult,
     SegmentResult,
-    drop_flagged,
 )
 from service.pipeline.review import Review, review
 from service.pipeline.stages import stage
@@ -234,7 +233,7 @@ class Pipeline:
                 low_res = await self.masks.decode(features, prompts, image, p.multimask)
             with stage(timings, "encode_masks", masks=len(prompts)):
                 final = await asyncio.to_thread(self.masks.finish, low_res.logits, image, p, prompts)
-            kept = await self._keep_masks(handle, prompts, low_res.logits, p) if query.options.keep_masks else None
+            sources = []  # each instance's SAM prompt, in the instances' order
             for c in candidates.instances:
                 prompt, k = prompts[c.mask_index], c.mask_index
                 box = prompt.box
@@ -249,17 +248,18 @@ class Pipeline:
                     stats=final.stats[k],
                     text_match=c.text_match,
                 )
-                instances.append(
-                    c.instance(
-                        box=box,
-                        mask=final.encoded[k],
-                        mask_score=mask_score,
-                        review=flag,
-                        mask_handle=kept[k] if kept is not None else "",
-                    )
-                )
+                instances.append(c.instance(box=box, mask=final.encoded[k], mask_score=mask_score, review=flag))
+                sources.append(k)
             if p.drop_flagged:
-                instances = drop_flagged(instances)
+                answered = [(i, k) for i, k in zip(instances, sources, strict=True) if not i.review.needed]
+                instances, sources = [i for i, _ in answered], [k for _, k in answered]
+            if query.options.keep_masks:  # of the instances answered only, so max_kept_masks goes to those
+                order = list(dict.fromkeys(sources))
+                handles = await self._keep_masks(handle, [prompts[k] for k in order], low_res.logits[order], p)
+                named = dict(zip(order, handles, strict=True))
+                instances = [
+                    dataclasses.replace(i, mask_handle=named[k]) for i, k in zip(instances, sources, strict=True)
+                ]
         timings["total"] = time.perf_counter() - start
         return SegmentResult(
             request_id=query.request_id or uuid.uuid4().hex,

@@ -157,3 +157,26 @@ def test_an_image_the_cache_cannot_hold_gets_no_handle(settings, runner):
             assert stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((1, 1, 30, 30))))
     finally:
         srv.stop()
+
+
+def test_with_drop_flagged_the_kept_masks_go_to_the_instances_answered(settings, runner):
+    """Masks were kept for every prompt before the flagged instances were dropped: with max_kept_masks 1 the one
+    place went to a dropped instance, and no instance answered had a handle."""
+    srv = ServerThread(settings.replace(max_kept_masks=1), lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            data = encode(synthetic_rgb(200, 300, seed=3))
+            prompts = regions((10, 10, 150, 120), (0, 0, 300, 200), (120, 40, 290, 190))
+            off = {"score_below": 0, "stability_below": 0, "min_mask_area": 0, "max_mask_components": 0}
+            options = pb.SegmentOptions(keep_masks=True, review=pb.ReviewRules(mask_score_below=1.0, **off))
+            flagged = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
+            scores = sorted(i.mask_score for i in flagged.instances)
+            options.review.mask_score_below = (scores[0] + scores[1]) / 2  # flags the lowest-scored one only
+            options.review.drop_flagged = True
+            kept = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
+            assert len(kept.instances) == 2 and not any(i.review.needed for i in kept.instances)
+            assert kept.instances[0].mask_handle and not kept.instances[1].mask_handle  # the first answered
+    finally:
+        srv.stop()

@@ -92,9 +92,9 @@ def test_region_prompts_become_tracks_with_stable_ids(stub, frames: list[bytes])
 def test_gaps_in_the_frame_index_leave_the_memory_as_it_is(stub, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
     """SAM 2 attends exactly the memories 1-6 and pointers 1-15 frames back by index, so frames sent 8 apart left it
     no recent memory at all (tracked from the prompted frame alone). The memory counts frames sent: the same frames
-    with any gaps are tracked alike."""
+    with any gaps are tracked alike (8 apart: none of the 6 memories left)."""
     answers = []
-    for gap in (1, 8, 1000):
+    for gap in (1, 8):
         messages = [
             _start(),
             _frame(frames[0], 0, prompts=[_box(10, 10, 120, 100), _box(160, 60, 300, 200)]),
