@@ -92,7 +92,8 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     # official weights may be fetched).
     dataset = load_dataset(job.annotations, job.images)
     original = load_dataset(job.original) if job.original else None
-    split = _split(job, dataset, original)
+    digests: dict[Path, str] = {}  # each image's sha256, read once for the split and the data's identity
+    split = _split(job, dataset, original, digests)
     signing_key = load_private_key(job.signing_key) if job.signing_key else None  # ValueError before any training
     out = job.out
     work = out / "work"
@@ -102,7 +103,7 @@ def adapt(job: AdaptJob, progress: Progress = lambda stage, fraction: None) -> A
     # settings'), which the card carries to every server of the folder.
     calibrated = PROFILE_SCORE_THRESHOLDS.get(base.profile)
     measured = job.settings.replace(default_score_threshold=job.settings.request_score_threshold(calibrated))
-    data = _data_identity(job, dataset, split.replay)
+    data = _data_identity(job, dataset, split.replay, digests)
     key = sha256_hex(
         canonical_json(
             {
@@ -204,7 +205,9 @@ class _State:
         tmp.replace(self.path)
 
 
-def _split(job: AdaptJob, dataset: EvalDataset, original: EvalDataset | None) -> adapt_data.Split:
+def _split(
+    job: AdaptJob, dataset: EvalDataset, original: EvalDataset | None, digests: dict[Path, str] | None = None
+) -> adapt_data.Split:
     """The training, held-out and replay sets. No image measured is trained on, compared by content (sha256), not
     by name or id: an image of the data listed twice, a given ``--holdout``'s images (a subset of the data, say),
     and replay images that are held out or in ``--original`` are left out of training."""
@@ -215,8 +218,9 @@ def _split(job: AdaptJob, dataset: EvalDataset, original: EvalDataset | None) ->
         if holdout.categories != dataset.categories:
             raise ValueError(f"{job.holdout}: its categories differ from {job.annotations}'s")
         split = adapt_data.Split(dataset, holdout)
-    measured = _contents(split.holdout) | (_contents(original) if original is not None else set())
-    train = _without(split.train, measured)
+    digests = {} if digests is None else digests
+    measured = _contents(split.holdout, digests) | (_contents(original, digests) if original is not None else set())
+    train = _without(split.train, measured, digests)
     if not train.images:
         raise ValueError(f"{job.annotations}: every image is also held out or in --original; nothing to train on")
     split = dataclasses.replace(split, train=train)
@@ -224,31 +228,40 @@ def _split(job: AdaptJob, dataset: EvalDataset, original: EvalDataset | None) ->
         return split
     if job.original is not None and job.replay.resolve() == job.original.resolve():
         raise ValueError("--replay and --original are one file: forgetting must be measured on images not trained on")
-    return dataclasses.replace(split, replay=_without(load_dataset(job.replay), measured))
+    return dataclasses.replace(split, replay=_without(load_dataset(job.replay), measured, digests))
 
 
-def _contents(dataset: EvalDataset) -> set[str]:
-    return {file_sha256(i.path) for i in dataset.images}
+def _digest(path: Path, digests: dict[Path, str]) -> str:
+    """``path``'s sha256, read once per run (``digests``: the run's, by path)."""
+    if path not in digests:
+        digests[path] = file_sha256(path)
+    return digests[path]
 
 
-def _without(dataset: EvalDataset, contents: set[str]) -> EvalDataset:
+def _contents(dataset: EvalDataset, digests: dict[Path, str]) -> set[str]:
+    return {_digest(i.path, digests) for i in dataset.images}
+
+
+def _without(dataset: EvalDataset, contents: set[str], digests: dict[Path, str]) -> EvalDataset:
     """``dataset`` without its images whose sha256 is in ``contents``."""
-    return dataset.subset({i.id for i in dataset.images if file_sha256(i.path) not in contents})
+    return dataset.subset({i.id for i in dataset.images if _digest(i.path, digests) not in contents})
 
 
-def _data_identity(job: AdaptJob, dataset: EvalDataset, replay: EvalDataset | None) -> dict[str, Any]:
+def _data_identity(
+    job: AdaptJob, dataset: EvalDataset, replay: EvalDataset | None, digests: dict[Path, str]
+) -> dict[str, Any]:
     """The data's sha256 (``_files_identity``), its categories, and the same for the replay set."""
     return {
-        **_files_identity(job.annotations, dataset),
+        **_files_identity(job.annotations, dataset, digests),
         "holdout_sha256": file_sha256(job.holdout) if job.holdout else None,
         "categories": [dataset.categories[k] for k in sorted(dataset.categories)],
-        "replay": None if replay is None or job.replay is None else _files_identity(job.replay, replay),
+        "replay": None if replay is None or job.replay is None else _files_identity(job.replay, replay, digests),
     }
 
 
-def _files_identity(annotations: Path, dataset: EvalDataset) -> dict[str, Any]:
+def _files_identity(annotations: Path, dataset: EvalDataset, digests: dict[Path, str]) -> dict[str, Any]:
     """A COCO file's name and sha256, and one sha256 over every image's (file name, sha256) in order."""
-    images = [[i.file_name, file_sha256(i.path)] for i in dataset.images]
+    images = [[i.file_name, _digest(i.path, digests)] for i in dataset.images]
     return {
         "annotations": annotations.name,
         "annotations_sha256": file_sha256(annotations),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -13,6 +15,18 @@ from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.proto.detseg.v1 import detseg_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, wait_serving
 from tests.helpers import encode, rle_mask, synthetic_rgb
+
+
+@contextlib.contextmanager
+def _server(settings, runner, **changes) -> Iterator[pb_grpc.SegmentationServiceStub]:  # type: ignore[no-untyped-def]
+    """A server of its own on the shared runner, with ``changes`` to the settings; its stub once it serves."""
+    srv = ServerThread(settings.replace(**changes), lambda: runner)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            wait_serving(channel)
+            yield pb_grpc.SegmentationServiceStub(channel)
+    finally:
+        srv.stop()
 
 
 def regions(*boxes: tuple[float, float, float, float]) -> list[pb.RegionPrompt]:
@@ -103,21 +117,15 @@ def test_unknown_and_malformed_handles(stub):
 
 @pytest.mark.slow  # its own server, and waits out a TTL
 def test_handle_expires_after_its_ttl(settings, runner):
-    srv = ServerThread(settings.replace(cache_ttl_seconds=0.5), lambda: runner)
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            wait_serving(channel)
-            stub = pb_grpc.SegmentationServiceStub(channel)
-            data = encode(synthetic_rgb(64, 64, seed=103))
-            handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60).handle
-            request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=regions((1, 1, 30, 30)))
-            assert stub.Segment(request, timeout=60).instances
-            time.sleep(1.0)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Segment(request, timeout=60)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        srv.stop()
+    with _server(settings, runner, cache_ttl_seconds=0.5) as stub:
+        data = encode(synthetic_rgb(64, 64, seed=103))
+        handle = stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60).handle
+        request = pb.SegmentRequest(image=pb.Image(handle=handle), regions=regions((1, 1, 30, 30)))
+        assert stub.Segment(request, timeout=60).instances
+        time.sleep(1.0)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Segment(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_keep_masks_names_only_the_masks_it_kept(stub):
@@ -143,40 +151,28 @@ def test_keep_masks_names_only_the_masks_it_kept(stub):
 def test_an_image_the_cache_cannot_hold_gets_no_handle(settings, runner):
     """With caching off (or features larger than the cache) EncodeImage answered a handle and a 600 s TTL for an
     image it had not kept: the first Segment by that handle was NOT_FOUND."""
-    srv = ServerThread(settings.replace(cache_max_bytes=0), lambda: runner)
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            wait_serving(channel)
-            stub = pb_grpc.SegmentationServiceStub(channel)
-            data = encode(synthetic_rgb(64, 64, seed=104))
-            with pytest.raises(grpc.RpcError) as info:
-                stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60)
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "do not fit this server's embedding cache (cache_max_bytes 0)" in info.value.details()
-            # Segment by bytes still answers (the cache is only skipped)
-            assert stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((1, 1, 30, 30))))
-    finally:
-        srv.stop()
+    with _server(settings, runner, cache_max_bytes=0) as stub:
+        data = encode(synthetic_rgb(64, 64, seed=104))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=data)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "do not fit this server's embedding cache (cache_max_bytes 0)" in info.value.details()
+        # Segment by bytes still answers (the cache is only skipped)
+        assert stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((1, 1, 30, 30))))
 
 
 def test_with_drop_flagged_the_kept_masks_go_to_the_instances_answered(settings, runner):
     """Masks were kept for every prompt before the flagged instances were dropped: with max_kept_masks 1 the one
     place went to a dropped instance, and no instance answered had a handle."""
-    srv = ServerThread(settings.replace(max_kept_masks=1), lambda: runner)
-    try:
-        with grpc.insecure_channel(srv.target) as channel:
-            wait_serving(channel)
-            stub = pb_grpc.SegmentationServiceStub(channel)
-            data = encode(synthetic_rgb(200, 300, seed=3))
-            prompts = regions((10, 10, 150, 120), (0, 0, 300, 200), (120, 40, 290, 190))
-            off = {"score_below": 0, "stability_below": 0, "min_mask_area": 0, "max_mask_components": 0}
-            options = pb.SegmentOptions(keep_masks=True, review=pb.ReviewRules(mask_score_below=1.0, **off))
-            flagged = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
-            scores = sorted(i.mask_score for i in flagged.instances)
-            options.review.mask_score_below = (scores[0] + scores[1]) / 2  # flags the lowest-scored one only
-            options.review.drop_flagged = True
-            kept = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
-            assert len(kept.instances) == 2 and not any(i.review.needed for i in kept.instances)
-            assert kept.instances[0].mask_handle and not kept.instances[1].mask_handle  # the first answered
-    finally:
-        srv.stop()
+    with _server(settings, runner, max_kept_masks=1) as stub:
+        data = encode(synthetic_rgb(200, 300, seed=3))
+        prompts = regions((10, 10, 150, 120), (0, 0, 300, 200), (120, 40, 290, 190))
+        off = {"score_below": 0, "stability_below": 0, "min_mask_area": 0, "max_mask_components": 0}
+        options = pb.SegmentOptions(keep_masks=True, review=pb.ReviewRules(mask_score_below=1.0, **off))
+        flagged = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
+        scores = sorted(i.mask_score for i in flagged.instances)
+        options.review.mask_score_below = (scores[0] + scores[1]) / 2  # flags the lowest-scored one only
+        options.review.drop_flagged = True
+        kept = stub.Segment(pb.SegmentRequest(image=pb.Image(encoded=data), regions=prompts, options=options))
+        assert len(kept.instances) == 2 and not any(i.review.needed for i in kept.instances)
+        assert kept.instances[0].mask_handle and not kept.instances[1].mask_handle  # the first answered
