@@ -30,6 +30,18 @@ class Detected:
     key: Hashable
 
 
+@dataclasses.dataclass(frozen=True)
+class ExemplarGroup:
+    """A request's exemplars on one image, ready for the detector: ``image`` their own (None: the request's),
+    ``classes`` theirs in order of first appearance, ``visuals`` the detector's visual prompts made from their boxes
+    ((1, len(classes), imgsz/8, imgsz/8) float32) and ``key`` the embedding's cache key (image, boxes, classes)."""
+
+    image: DecodedImage | None
+    classes: tuple[str, ...]
+    visuals: np.ndarray
+    key: tuple[object, ...]
+
+
 class DetectStage:
     """Runs the detector for a request's plan. ``exemplar_embeddings``: exemplar embeddings by (image, boxes,
     classes), reused while the same exemplars come back (None: none kept)."""
@@ -45,6 +57,30 @@ class DetectStage:
         self.processing = DetectorProcessing(runner.detector)
         self.exemplar_embeddings = exemplar_embeddings if exemplar_embeddings is not None else LRU(0)
 
+    def exemplar_groups(
+        self, exemplars: tuple[Exemplar, ...], image: DecodedImage | None, references: list[DecodedImage | None]
+    ) -> list[ExemplarGroup]:
+        """The exemplars grouped by the image their boxes are on, with the detector's visual prompts made: InvalidInput
+        naming the box for an exemplar class too small to embed, before any model runs. ``image``: the request's
+        (None: every exemplar has its own); ``references``: each exemplar's own image (None: the request's)."""
+        # An image is its bytes' hash and its size (raw pixels: the same bytes at another size are another image).
+        by_image: dict[tuple[str, int, int] | None, list[int]] = {}
+        for i, ref in enumerate(references):
+            by_image.setdefault((ref.sha256, ref.width, ref.height) if ref is not None else None, []).append(i)
+        groups = []
+        for source, indices in by_image.items():
+            ref = references[indices[0]] if source is not None else image
+            assert ref is not None, "exemplars on the request's image need the request's image"
+            names = [exemplars[i].class_name for i in indices]
+            local = tuple(dict.fromkeys(names))
+            boxes = np.array([exemplars[i].box for i in indices], np.float32)
+            ids = np.array([local.index(n) for n in names])
+            visuals = self.processing.exemplar_visuals(boxes, ids, (ref.height, ref.width))
+            _check_visuals(visuals, ids, indices, self.processing.spec.imgsz, ref)
+            key = (ref.sha256, ref.width, ref.height, boxes.tobytes(), ids.tobytes(), len(local))
+            groups.append(ExemplarGroup(ref if source is not None else None, local, visuals, key))
+        return groups
+
     async def detect(
         self,
         image: DecodedImage,
@@ -53,22 +89,21 @@ class DetectStage:
         *,
         entry: CacheEntry | None,
         text_embeddings: np.ndarray | None,
-        exemplars: tuple[Exemplar, ...],
-        references: list[DecodedImage | None],
+        exemplars: list[ExemplarGroup],
     ) -> Detected:
         """Detections for the plan's classes, the detector's raw output (from the cache when there: per
         vocabulary for an open-vocabulary detector) and its cache key. ``text_embeddings``: the open-vocabulary
-        text classes' embeddings (None for a closed detector); exemplars are embedded here."""
+        text classes' embeddings (None for a closed detector); ``exemplars`` (``exemplar_groups``) are embedded
+        here."""
         with stage(timings, "detect") as span:
             batch = None
             classes = None
             if text_embeddings is not None:
                 embeddings = text_embeddings
                 if exemplars:
-                    with stage(timings, "embed_exemplars", exemplars=len(exemplars)):
+                    with stage(timings, "embed_exemplars", exemplars=sum(len(g.classes) for g in exemplars)):
                         batch = await asyncio.to_thread(self.processing.preprocess, image.rgb)
-                        exemplar_classes = p.names[p.exemplar_start :]
-                        visual = await self._exemplar_embeddings(exemplars, exemplar_classes, image, batch, references)
+                        visual = await self._exemplar_embeddings(exemplars, p.names[p.exemplar_start :], batch)
                     embeddings = np.concatenate([text_embeddings, visual])
                 classes = ClassPrompts(p.names, embeddings)
             key = classes.key if classes is not None else None
@@ -93,36 +128,23 @@ class DetectStage:
         return Detected(detections, output, key)
 
     async def _exemplar_embeddings(
-        self,
-        exemplars: tuple[Exemplar, ...],
-        classes: tuple[str, ...],
-        image: DecodedImage,
-        batch: np.ndarray,
-        references: list[DecodedImage | None],
+        self, groups: list[ExemplarGroup], classes: tuple[str, ...], batch: np.ndarray
     ) -> np.ndarray:
         """(len(classes), class_dim) float32: each exemplar class's visual-prompt embedding, averaged over the
-        images its boxes are on (one detector pass per image) and L2-normalised. ``batch``: ``image``
-        letterboxed; ``references``: each exemplar's own image (None: the request's)."""
-        # An image is its bytes' hash and its size (raw pixels: the same bytes at another size are another image).
-        by_image: dict[tuple[str, int, int] | None, list[int]] = {}
-        for i, ref in enumerate(references):
-            by_image.setdefault((ref.sha256, ref.width, ref.height) if ref is not None else None, []).append(i)
+        images its boxes are on (one detector pass per image) and L2-normalised. ``batch``: the request's image
+        letterboxed."""
         total = np.zeros((len(classes), self.runner.detector.class_dim), np.float32)
-        for source, indices in by_image.items():
-            ref = references[indices[0]] or image
-            names = [exemplars[i].class_name for i in indices]
-            local = list(dict.fromkeys(names))
-            boxes = np.array([exemplars[i].box for i in indices], np.float32)
-            ids = np.array([local.index(n) for n in names])
-            key = (ref.sha256, ref.width, ref.height, boxes.tobytes(), ids.tobytes(), len(local))
-            embedded = self.exemplar_embeddings.get(key)
+        for group in groups:
+            embedded = self.exemplar_embeddings.get(group.key)
             if embedded is None:  # a catalog photo's exemplar is embedded once, then reused
-                ref_batch = batch if source is None else await asyncio.to_thread(self.processing.preprocess, ref.rgb)
-                visuals = self.processing.exemplar_visuals(boxes, ids, (ref.height, ref.width))
-                _check_visuals(visuals, ids, indices, self.processing.spec.imgsz, ref)
-                embedded = await self.runner.embed_exemplars(ref_batch, visuals)
-                self.exemplar_embeddings.put(key, embedded)
-            for k, name in enumerate(local):
+                ref_batch = (
+                    batch
+                    if group.image is None
+                    else await asyncio.to_thread(self.processing.preprocess, group.image.rgb)
+                )
+                embedded = await self.runner.embed_exemplars(ref_batch, group.visuals)
+                self.exemplar_embeddings.put(group.key, embedded)
+            for k, name in enumerate(group.classes):
                 total[classes.index(name)] += embedded[k]
         return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
 

@@ -267,18 +267,31 @@ def _exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e.class_name for e in exemplars))
 
 
+def check_inside(query: SegmentQuery, width: int, height: int) -> None:
+    """The request's regions (boxes and clicks) and its exemplar boxes on the request's own image lie within the
+    ``width`` x ``height`` image: checked once the image is decoded, before any model (a text encoder included)
+    runs."""
+    for i, r in enumerate(query.regions):
+        if r.box is not None:
+            check_box_inside(r.box, width, height, f"regions[{i}].box")
+        for j, (x, y, _) in enumerate(r.points):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise InvalidInput(f"regions[{i}].points[{j}]: ({x}, {y}) lies outside the {width}x{height} image")
+    for i, e in enumerate(query.exemplars):
+        if e.image is None:
+            check_box_inside(e.box, width, height, f"exemplars[{i}].box")
+
+
 def plan(
     query: SegmentQuery,
     limits: Limits,
     vocabulary: Sequence[str],
-    width: int,
-    height: int,
     texts: Sequence[TextMatch] = (),
     open_vocabulary: bool = False,
 ) -> Plan:
-    """Validates against the image frame and the vocabulary; resolves defaults. ``texts``: the matches of
-    ``query.texts``. ``open_vocabulary``: ``vocabulary`` is the request's own (``vocabulary.open_vocabulary``)
-    and any class name is valid."""
+    """Validates against the vocabulary (the image frame is ``check_inside``'s, checked before); resolves defaults.
+    ``texts``: the matches of ``query.texts``. ``open_vocabulary``: ``vocabulary`` is the request's own
+    (``vocabulary.open_vocabulary``) and any class name is valid."""
     class_ids: list[int] | None
     if open_vocabulary:
         class_prompt: frozenset[int] | None = _open_class_prompt(query, vocabulary)
@@ -289,23 +302,13 @@ def plan(
             class_prompt = frozenset()  # texts alone: only what they match
         class_ids = None if class_prompt is None else sorted(class_prompt | {m.class_id for m in texts})
     prompts: list[SamPrompt] = []
-    for i, r in enumerate(query.regions):
-        field = f"regions[{i}]"
-        box = None
-        if r.box is not None:
-            check_box_inside(r.box, width, height, f"{field}.box")
-            box = np.asarray(r.box, dtype=np.float32)
-        for j, (x, y, _) in enumerate(r.points):
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise InvalidInput(f"{field}.points[{j}]: ({x}, {y}) lies outside the {width}x{height} image")
+    for r in query.regions:
+        box = np.asarray(r.box, dtype=np.float32) if r.box is not None else None
         points = np.asarray([(x, y) for x, y, _ in r.points], dtype=np.float32).reshape(-1, 2)
         labels = np.asarray([lab for _, _, lab in r.points], dtype=np.int32)
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
     thresholds = resolve_thresholds(o, limits)
-    for i, e in enumerate(query.exemplars):
-        if e.image is None:
-            check_box_inside(e.box, width, height, f"exemplars[{i}].box")
     exemplars = _exemplar_classes(query.exemplars)
     return Plan(
         names=(*vocabulary, *exemplars),

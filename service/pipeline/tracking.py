@@ -46,6 +46,7 @@ from scipy.optimize import linear_sum_assignment
 
 from service.errors import InvalidInput
 from service.models.tensors import ImageFeatures, MemoryCorrection, TrackStep
+from service.pipeline.detect import ExemplarGroup
 from service.pipeline.image import DecodedImage
 from service.pipeline.pipeline import Pipeline, Vocabulary
 from service.pipeline.prompts import (
@@ -56,6 +57,7 @@ from service.pipeline.prompts import (
     Region,
     SamPrompt,
     SegmentQuery,
+    check_inside,
     check_query,
     plan,
 )
@@ -258,7 +260,7 @@ class TrackSession:
         self._last_index: int | None = None
         self._size: tuple[int, int] | None = None
         self._vocabulary: Vocabulary | None = None
-        self._references: list[DecodedImage | None] = []
+        self._exemplars: list[ExemplarGroup] = []  # the start message's exemplars, checked at open
 
     @property
     def tracks(self) -> int:
@@ -277,8 +279,9 @@ class TrackSession:
             if self.settled.detects:
                 v = self._vocabulary = await self.pipeline.vocabulary(query, {})
                 open_vocabulary = self.pipeline.runner.detector.open_vocabulary
-                plan(query, self.pipeline.limits, v.names, 1, 1, v.texts, open_vocabulary)  # class names, here
-                self._references = await asyncio.to_thread(self.pipeline.images.reference_images, q.exemplars)
+                plan(query, self.pipeline.limits, v.names, v.texts, open_vocabulary)  # class names, here
+                references = await asyncio.to_thread(self.pipeline.images.reference_images, q.exemplars)
+                self._exemplars = self.pipeline.detector.exemplar_groups(q.exemplars, None, references)
         except InvalidInput as e:
             raise InvalidInput(f"start.{e}", field=f"start.{e.field}" if e.field else None) from None
         self.pipeline.runner.track_memory()  # Unsupported (FAILED_PRECONDITION) where the runner cannot track
@@ -307,7 +310,7 @@ class TrackSession:
         image = await self._decode(f, timings)
         p = self._plan(f, image)
         self._size = (image.width, image.height)  # the first frame answered sets the session's size
-        features = await self.pipeline.features(image, timings)
+        features = await self.pipeline.features(image, timings, frame=True)
         index = f.frame_index
         # SAM 2's memory steps once per frame answered, whatever the caller's frame_index gaps: it attends exactly
         # the frames before by its own count (memories 1-6 back, pointers 1-15), so indices 8 apart left it none.
@@ -431,7 +434,8 @@ class TrackSession:
         open_vocabulary = self.pipeline.runner.detector.open_vocabulary and v is not None
         try:
             check_query(q, self.pipeline.limits)
-            return plan(q, self.pipeline.limits, names, image.width, image.height, texts, open_vocabulary)
+            check_inside(q, image.width, image.height)
+            return plan(q, self.pipeline.limits, names, texts, open_vocabulary)
         except InvalidInput as e:  # the frame's prompts are its regions: name them as the caller sent them
             raise InvalidInput(_REGION_FIELD.sub(r"frame.prompts[\1].region", str(e))) from None
 
@@ -486,8 +490,7 @@ class TrackSession:
             timings,
             entry=None,
             text_embeddings=v.embeddings if v is not None else None,
-            exemplars=self.query.exemplars,
-            references=self._references,
+            exemplars=self._exemplars,
         )
         # one candidate per distinct box (the first: a box answering a class and a text is one object, one track)
         candidates = pipeline.candidates(detected.detections, dataclasses.replace(p, regions=[], region_labels=[]))

@@ -27,6 +27,8 @@ from service.processing.upsampling import MASK_THRESHOLD, UpsampledMasks, upsamp
 # costs per box what a pass does.
 MAX_PROMPTS_PER_CALL = 64
 _BOX_LABELS = np.array([2, 3], dtype=np.int32)
+# SAM2VideoPredictor's frame normalisation (sam2.utils.misc.load_video_frames' defaults).
+_VIDEO_MEAN, _VIDEO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,8 @@ class SegmenterProcessing:
                 max_hole_area=0.0,
                 max_sprinkle_area=0.0,
             )
+        self._video_mean = torch.tensor(_VIDEO_MEAN, dtype=torch.float32)[:, None, None]
+        self._video_std = torch.tensor(_VIDEO_STD, dtype=torch.float32)[:, None, None]
 
     def preprocess(self, rgb: np.ndarray) -> Any:
         """(H, W, 3) uint8 RGB → (1, 3, S, S) float32, resized and ImageNet-normalised: numpy, or with the spec's
@@ -79,6 +83,23 @@ class SegmenterProcessing:
                 return self._transforms(rgb)[None].numpy()
             pixels = torch.from_numpy(rgb).to(self.spec.input_device, non_blocking=True)
             return self._transforms.transforms(pixels.permute(2, 0, 1).float().div(255))[None]
+
+    def preprocess_frame(self, rgb: np.ndarray) -> Any:
+        """A video frame, (H, W, 3) uint8 RGB → (1, 3, S, S) float32, as ``SAM2VideoPredictor`` loads a video's
+        frames (``sam2.utils.misc.load_video_frames``): Pillow's resize to S x S (its default filter, bicubic), divided
+        by 255 in float64, then float32 and ImageNet-normalised. ``preprocess`` (the image predictor's: a bilinear
+        resize) gave tracked frames other features than sam2's video predictor computes. With the spec's
+        ``input_device``: a tensor there."""
+        from PIL import Image
+
+        torch, side = self._torch, self.spec.image_size
+        with torch.inference_mode():
+            resized = np.asarray(Image.fromarray(rgb).resize((side, side)))
+            frame = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float()
+            frame = ((frame - self._video_mean) / self._video_std)[None]
+            if self.spec.input_device is None:
+                return frame.numpy()
+            return frame.to(self.spec.input_device, non_blocking=True)
 
     def prompt_batches(
         self, prompts: list[SamPrompt], orig_hw: tuple[int, int], multimask: bool

@@ -79,6 +79,15 @@ CASES = {
         ["regions[0].box", "is not within the 160x120 image: a box lies in x [0, 160], y [0, 120]"],
     ),
     "box outside image": (_request(regions=[_box(200, 10, 300, 100)]), ["regions[0].box", "not within the 160x120"]),
+    # checked before the text encoder reads the texts (each text here is sent by no other test: not cached)
+    "box outside image, with a text": (
+        _request(texts=["purple delivery van"], regions=[_box(200, 10, 300, 100)]),
+        ["regions[0].box", "not within the 160x120"],
+    ),
+    "point outside, with a text": (
+        _request(texts=["orange taxi cab"], regions=[pb.RegionPrompt(points=[pb.Point(x=500, y=5, label=1)])]),
+        ["regions[0].points[0]", "outside"],
+    ),
     "region without prompt": (_request(regions=[pb.RegionPrompt(label="x")]), ["regions[0]", "box, points"]),
     "point label 2": (
         _request(regions=[pb.RegionPrompt(points=[pb.Point(x=5, y=5, label=2)])]),

@@ -177,6 +177,19 @@ def test_list_models_reports_weights_sha256_and_vocabulary(stub, settings):
     assert list(by_role[pb.MODEL_ROLE_DETECTOR].vocabulary) == list(TEST_VOCABULARY)
     assert by_role[pb.MODEL_ROLE_SEGMENTER].input_size == 256
     assert response.defaults.max_instances_limit == settings.max_instances
+    # every request limit a client can run into is listed (these were not, before ServerDefaults 14-21)
+    d = response.defaults
+    listed = (d.max_image_side, d.max_class_prompts, d.max_region_prompts, d.max_points_per_region, d.max_batch_items)
+    s = settings
+    assert listed == (
+        s.max_image_side,
+        s.max_class_prompts,
+        s.max_region_prompts,
+        s.max_points_per_region,
+        s.max_batch_items,
+    )
+    assert (d.max_stream_in_flight, d.max_kept_masks) == (s.max_stream_in_flight, s.max_kept_masks)
+    assert d.cache_ttl.ToNanoseconds() == int(s.cache_ttl_seconds * 1e9)
 
 
 def test_reflection_lists_the_service(channel):

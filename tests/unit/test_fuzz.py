@@ -18,7 +18,17 @@ from PIL import Image
 
 from service.errors import InvalidImage, InvalidInput
 from service.pipeline.image import ImageLimits, decode_image
-from service.pipeline.prompts import Exemplar, ImageInput, Limits, Options, Region, SegmentQuery, check_query, plan
+from service.pipeline.prompts import (
+    Exemplar,
+    ImageInput,
+    Limits,
+    Options,
+    Region,
+    SegmentQuery,
+    check_inside,
+    check_query,
+    plan,
+)
 from service.pipeline.review import ReviewOptions, ReviewRules
 
 LIMITS = ImageLimits(max_bytes=20 << 20, max_pixels=40_000_000, max_side=16384)
@@ -117,7 +127,8 @@ def test_request_validation_accepts_or_names_the_field(query, open_vocabulary):
     try:
         check_query(query, REQUEST_LIMITS)
         vocabulary = request_vocabulary(query.classes, query.texts) if open_vocabulary else ("person", "car", "dog")
-        plan(query, REQUEST_LIMITS, vocabulary, 640, 480, open_vocabulary=open_vocabulary)
+        check_inside(query, 640, 480)
+        plan(query, REQUEST_LIMITS, vocabulary, open_vocabulary=open_vocabulary)
     except InvalidInput as e:
         assert str(e) and ":" in str(e)  # "<field>: what is wrong"
     assert time.perf_counter() - start < 2.0

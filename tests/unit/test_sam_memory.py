@@ -49,6 +49,34 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _frames(video: Path, size: int) -> list[torch.Tensor]:
+    """The video's JPEG frames as the server pre-processes a tracked frame: decoded by its image decoder, then
+    ``SegmenterProcessing.preprocess_frame``; (1, 3, size, size) float32 each."""
+    from service.models.tensors import SegmenterSpec
+    from service.pipeline.image import ImageLimits, decode_image
+    from service.processing.segmentation import SegmenterProcessing
+
+    processing = SegmenterProcessing(SegmenterSpec(image_size=size))
+    limits = ImageLimits(max_bytes=1 << 24, max_pixels=1 << 24, max_side=4096)
+    return [
+        torch.from_numpy(processing.preprocess_frame(decode_image(path.read_bytes(), limits, "frame").rgb))
+        for path in sorted(video.glob("*.jpg"))
+    ]
+
+
+def test_a_tracked_frame_is_preprocessed_as_sam2s_video_predictor_loads_it(video: Path, segmenter: Path) -> None:
+    """Byte-equal to the frames ``SAM2VideoPredictor.init_state`` loads (Pillow's bicubic resize); the image
+    predictor's bilinear pre-processing, used for tracked frames before, was not (up to 0.55 apart, normalised)."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    reference = build_sam2_video_predictor(
+        TEST_SEGMENTER_CONFIG, str(segmenter), device="cpu", hydra_overrides_extra=list(TEST_SEGMENTER_OVERRIDES)
+    )
+    state = reference.init_state(str(video))
+    ours = _frames(video, reference.image_size)
+    assert len(ours) == FRAMES and all(torch.equal(ours[t][0], state["images"][t]) for t in range(FRAMES))
+
+
 @pytest.fixture(scope="module")
 def segmenter(cache_dir: Path) -> Path:
     return make_test_models(cache_dir / "test-models").segmenter  # the test profile's, as its servers find them
@@ -70,7 +98,7 @@ def test_streamed_tracking_equals_sam2s_video_predictor(
     reference.add_new_points_or_box(state, 0, len(BOXES), points=CLICK[0], labels=CLICK[1])
     expected = {t: logits[:, 0] for t, _, logits in reference.propagate_in_video(state)}
 
-    # Ours: the image path's module and features (what a runner returns), the same preprocessed frames.
+    # Ours: the image path's module and features (what a runner returns), the frames as the server pre-processes them.
     sam = load_segmenter_module(TEST_SEGMENTER_CONFIG, segmenter, TEST_SEGMENTER_OVERRIDES)
     tracker = sam_memory.MemoryTracker(sam)
     scale = np.array([tracker.image_size / W, tracker.image_size / H], np.float32)
@@ -79,9 +107,10 @@ def test_streamed_tracking_equals_sam2s_video_predictor(
     ]
     memories = [sam_memory.ObjectMemory() for _ in prompts]
     worst, fractions = 1.0, []
+    images = _frames(video, tracker.image_size)
     for t in range(FRAMES):
         with torch.inference_mode():
-            embed, hr0, hr1 = sam_ops.image_features(sam, state["images"][t][None].float())
+            embed, hr0, hr1 = sam_ops.image_features(sam, images[t])
         frame = tracker.frame_features(ImageFeatures(embed.numpy(), (hr0.numpy(), hr1.numpy())))
         if t == 0:
             steps = [tracker.start(frame, t, *prompt, memory) for prompt, memory in zip(prompts, memories, strict=True)]
@@ -132,9 +161,10 @@ def test_a_correction_on_a_tracked_frame_equals_sam2s_video_predictor(
     tracker = sam_memory.MemoryTracker(sam)
     scale = np.array([tracker.image_size / W, tracker.image_size / H], np.float32)
     memory = sam_memory.ObjectMemory()
+    images = _frames(video, tracker.image_size)
     for t in range(frames):
         with torch.inference_mode():
-            embed, hr0, hr1 = sam_ops.image_features(sam, state["images"][t][None].float())
+            embed, hr0, hr1 = sam_ops.image_features(sam, images[t])
         frame = tracker.frame_features(ImageFeatures(embed.numpy(), (hr0.numpy(), hr1.numpy())))
         if t == 0:
             step = tracker.start(frame, t, BOXES[0].reshape(2, 2) * scale, np.array([2, 3], np.int32), memory)
