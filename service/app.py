@@ -89,11 +89,12 @@ def shared_tier(settings: Settings, runner: Runner, reader: PhraseReader | None 
         return None
     tier = RedisTier(
         url=settings.redis_url,
-        identity=ModelIdentity.of(runner, reader, settings.jpeg_device),
+        identity=ModelIdentity.of(runner, reader, settings.jpeg_device, settings.device),
         ttl=settings.cache_ttl_seconds,
         max_entry_bytes=settings.redis_max_entry_bytes,
         timeout=settings.redis_timeout_seconds,
         retry_after=settings.redis_retry_seconds,
+        max_masks=settings.max_kept_masks,
     )
     tier.ping()
     return tier

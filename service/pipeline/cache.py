@@ -57,22 +57,28 @@ class CacheEntry:
         return int(self.image.rgb.nbytes + self.features.nbytes + det + kept)
 
 
+# A replica that keeps answering an image from its own tier restarts the shared values' TTL at most once per this
+# fraction of the TTL; the shared tier keeps values this much longer than the TTL, so a use on one replica keeps
+# them alive for every other for the whole TTL.
+SHARED_TOUCH_FRACTION = 0.25
+
+
 class SharedTier(Protocol):
     """A second cache tier behind the in-process one, shared by replicas (``service.pipeline.shared_cache.RedisTier``).
     Blocking calls (the pipeline runs them in worker threads); failures are the tier's own business: a get that
-    cannot reach it is a miss, a put that cannot is skipped."""
+    cannot reach it is a miss, a put that cannot is skipped (``put`` and ``add_masks`` say whether they stored)."""
 
     def get(self, handle: str) -> CacheEntry | None: ...
 
-    def put(self, handle: str, entry: CacheEntry) -> None: ...
+    def put(self, handle: str, entry: CacheEntry) -> bool: ...
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None: ...
 
-    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None: ...
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> bool: ...
 
     def mask(self, handle: str, mask_handle: str) -> np.ndarray | None: ...
 
-    def touch(self, handle: str) -> None: ...
+    def touch(self, handle: str, entry: CacheEntry) -> None: ...
 
 
 class EmbeddingCache:
@@ -105,13 +111,13 @@ class EmbeddingCache:
             self._entries.move_to_end(handle)
             return entry
 
-    def put(self, handle: str, entry: CacheEntry) -> None:
+    def put(self, handle: str, entry: CacheEntry) -> bool:
         """Stores ``entry`` (replacing one with the same handle: its detector outputs and kept masks that ``entry``
         lacks carry over, so a request that computed the same image meanwhile loses nothing another kept, e.g. the
-        mask handle it answered), then evicts least recently used to fit."""
+        mask handle it answered), then evicts least recently used to fit. False when it does not fit at all."""
         with self._lock:
             if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
-                return
+                return False
             old = self._entries.pop(handle, None)
             if old is not None:
                 self._bytes -= old.nbytes
@@ -121,6 +127,7 @@ class EmbeddingCache:
             self._entries[handle] = entry
             self._bytes += entry.nbytes
             self._fit()
+            return True
 
     def _fit(self) -> None:
         """Evicts least recently used entries until the total fits ``max_bytes`` (the lock held)."""
@@ -142,6 +149,7 @@ class EmbeddingCache:
             self._bytes += output.raw.nbytes
             while len(entry.detector) > 1 and entry.nbytes > self.max_bytes:
                 self._bytes -= entry.detector.pop(next(iter(entry.detector))).raw.nbytes
+            entry.last_used = self._clock()  # a use: the entry moves to the young end, so its TTL restarts
             self._entries.move_to_end(handle)
             self._fit()
 
@@ -159,13 +167,15 @@ class EmbeddingCache:
                 entry.masks[key] = logits
             while entry.masks and (len(entry.masks) > limit or entry.nbytes > self.max_bytes):
                 self._bytes -= entry.masks.pop(next(iter(entry.masks))).nbytes
+            entry.last_used = self._clock()  # as add_detector_output
             self._entries.move_to_end(handle)
             self._fit()
             return set(masks) & set(entry.masks) if self._entries.get(handle) is entry else set()
 
     def mask(self, handle: str, mask_handle: str) -> np.ndarray | None:
-        """A kept low-res mask of a cached image, or None."""
+        """A kept low-res mask of a cached image (a live one), or None."""
         with self._lock:
+            self._expire()
             entry = self._entries.get(handle)
             return entry.masks.get(mask_handle) if entry is not None else None
 
@@ -191,3 +201,9 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, handle: object) -> bool:
+        """Whether a live entry is kept for ``handle`` (counted neither as a hit nor as a miss)."""
+        with self._lock:
+            self._expire()
+            return handle in self._entries

@@ -20,7 +20,14 @@ import numpy as np
 
 from service.errors import InvalidInput, NotFound
 from service.models.tensors import DetectorOutput
-from service.pipeline.cache import PREFIX, CacheEntry, EmbeddingCache, SharedTier, handle_for
+from service.pipeline.cache import (
+    PREFIX,
+    SHARED_TOUCH_FRACTION,
+    CacheEntry,
+    EmbeddingCache,
+    SharedTier,
+    handle_for,
+)
 from service.pipeline.image import DecodedImage, ImageLimits, decode_image, image_from_raw
 from service.pipeline.lru import LRU
 from service.pipeline.prompts import Exemplar, ImageInput, check_box_inside
@@ -108,8 +115,9 @@ class ImageStore:
 
     def cached(self, handle: str) -> CacheEntry | None:
         """This replica's entry, else the shared tier's (then kept here too), else None. A hit here restarts the
-        shared entry's TTL too (at most every quarter TTL per image): a handle used on one worker only expired from
-        the shared tier meanwhile, and the next call that reached another worker was NOT_FOUND."""
+        shared entry's TTL too (at most every SHARED_TOUCH_FRACTION of the TTL per image), sharing the entry again
+        where the shared tier lost it (evicted, or Redis restarted): a handle used on one worker only expired from the
+        shared tier meanwhile, and the next call that reached another worker was NOT_FOUND."""
         entry = self.cache.get(handle)
         if self.shared is None:
             return entry
@@ -123,11 +131,11 @@ class ImageStore:
             return entry
         with self._touch_lock:
             last = self._touched.get(handle)
-            due = last is None or now - last >= self.cache.ttl / 4
+            due = last is None or now - last >= self.cache.ttl * SHARED_TOUCH_FRACTION
             if due:
                 self._touched.put(handle, now)
         if due:
-            self.shared.touch(handle)
+            self.shared.touch(handle, entry)
         return entry
 
     def decode(self, image: ImageInput, sha256: str | None, field: str = "image") -> DecodedImage:
@@ -157,12 +165,13 @@ class ImageStore:
             out.append(ref)
         return out
 
-    async def put(self, handle: str, entry: CacheEntry) -> None:
+    async def put(self, handle: str, entry: CacheEntry) -> bool:
         """Keeps a new entry in both tiers (the shared one before returning: a handle must work on every replica
-        at once)."""
-        self.cache.put(handle, entry)
+        at once). False when neither tier kept it (too large for both, or the shared one unreachable)."""
+        kept = self.cache.put(handle, entry)
         if self.shared is not None:
-            await asyncio.to_thread(self.shared.put, handle, entry)
+            kept = await asyncio.to_thread(self.shared.put, handle, entry) or kept
+        return kept
 
     async def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable) -> None:
         """Adds a detector output to a cached image's entry, in both tiers."""
@@ -175,8 +184,7 @@ class ImageStore:
         ``max_kept_masks`` of ``masks`` (in order). Returns the keys kept (none when the image is not cached)."""
         first = dict(list(masks.items())[: self.max_kept_masks])
         kept = self.cache.add_masks(handle, first, self.max_kept_masks)
-        if self.shared is not None:
-            await asyncio.to_thread(self.shared.add_masks, handle, first)
+        if self.shared is not None and await asyncio.to_thread(self.shared.add_masks, handle, first):
             kept = set(first)
         return kept
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 import uuid
 from typing import Any
@@ -30,6 +31,7 @@ from service.pipeline.prompts import (
     Plan,
     SamPrompt,
     SegmentQuery,
+    check_inside,
     check_query,
     kept_mask_handle,
     plan,
@@ -164,6 +166,7 @@ class Pipeline:
         )
         self.segmentation = SegmenterProcessing(runner.segmenter)
         self.masks = Masks(runner, self.segmentation, mask_threads)
+        self._encoding: dict[str, asyncio.Future[ImageFeatures]] = {}  # handle -> its features being computed
 
     def check(self, query: SegmentQuery) -> None:
         """What a request can be refused for without its pixels or a model (counts, ranges, names; a closed
@@ -186,15 +189,16 @@ class Pipeline:
         looked it up (and decoded it) already."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        vocabulary = await self.vocabulary(query, timings)
         if found is None:
             found = await self.images.find(query.image, timings)
         handle, entry, image = found.handle, found.entry, found.image
-        open_vocabulary = self.runner.detector.open_vocabulary
-        p = plan(query, self.limits, vocabulary.names, image.width, image.height, vocabulary.texts, open_vocabulary)
+        check_inside(query, image.width, image.height)  # before the text encoder runs
+        vocabulary = await self.vocabulary(query, timings)
+        p = plan(query, self.limits, vocabulary.names, vocabulary.texts, self.runner.detector.open_vocabulary)
         p = await self._with_previous_masks(query, handle, p)  # NOT_FOUND before any model runs
 
-        references = await asyncio.to_thread(self.images.reference_images, query.exemplars)  # checked before models
+        references = await asyncio.to_thread(self.images.reference_images, query.exemplars)
+        exemplars = self.detector.exemplar_groups(query.exemplars, image, references)  # checked before models
         detections_task = (
             asyncio.ensure_future(
                 self.detector.detect(
@@ -203,14 +207,13 @@ class Pipeline:
                     timings,
                     entry=entry,
                     text_embeddings=vocabulary.embeddings,
-                    exemplars=query.exemplars,
-                    references=references,
+                    exemplars=exemplars,
                 )
             )
             if p.run_detector
             else None
         )
-        features_task = asyncio.ensure_future(self.features(image, timings)) if entry is None else None
+        features_task = asyncio.ensure_future(self._features_once(handle, image, timings)) if entry is None else None
         try:
             detected = await detections_task if detections_task else None
             features = await features_task if features_task else entry.features  # type: ignore[union-attr]
@@ -291,8 +294,7 @@ class Pipeline:
         return [h if h in kept else "" for h in handles]
 
     async def vocabulary(self, query: SegmentQuery, timings: dict[str, float]) -> Vocabulary:
-        """The request's vocabulary, its texts' matches and (open vocabulary) class embeddings; before the image is
-        decoded."""
+        """The request's vocabulary, its texts' matches and (open vocabulary) class embeddings."""
         if not self.runner.detector.open_vocabulary:
             if query.exemplars:
                 raise Unsupported(
@@ -356,22 +358,47 @@ class Pipeline:
         if found.entry is not None:
             timings["total"] = time.perf_counter() - start
             return EncodeResult(handle=handle, image=image, cached=True, timings=timings)
-        features = await self.features(image, timings)
+        features = await self._features_once(handle, image, timings)
         # before answering: the handle must work on every replica at once
         entry = CacheEntry(image, features)
-        await self.images.put(handle, entry)
-        if self.images.shared is None and self.images.cache.get(handle) is None:
+        if not await self.images.put(handle, entry):
+            shared = "" if self.images.shared is None else ", nor does the shared cache take them now"
             raise Unsupported(  # a handle that names nothing would be NOT_FOUND on its first use
                 f"image: its features ({entry.nbytes} bytes) do not fit this server's embedding cache "
-                f"(cache_max_bytes {self.images.cache.max_bytes}): it has no handle to give; send the image with "
-                "each request"
+                f"(cache_max_bytes {self.images.cache.max_bytes}){shared}: it has no handle to give; send the image "
+                "with each request"
             )
         timings["total"] = time.perf_counter() - start
         return EncodeResult(handle=handle, image=image, cached=False, timings=timings)
 
-    async def features(self, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
+    async def _features_once(self, handle: str, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
+        """SAM's features of a request's image, computed once for the requests that ask for the same image while
+        they are being computed (two calls with the same new image ran the encoder twice); where that computation
+        fails (e.g. past its first caller's deadline), a waiting caller computes its own."""
+        running = self._encoding.get(handle)
+        if running is not None:
+            try:
+                with stage(timings, "encode", shared=True):
+                    return await asyncio.shield(running)
+            except Exception:
+                return await self.features(image, timings)
+        task = self._encoding[handle] = asyncio.ensure_future(self.features(image, timings))
+        task.add_done_callback(functools.partial(self._encoded, handle))
+        return await asyncio.shield(task)  # the first caller gone, the others still get it
+
+    def _encoded(self, handle: str, task: asyncio.Future[ImageFeatures]) -> None:
+        """A computation of ``_features_once`` ended: forgotten, its error retrieved (whoever awaited it)."""
+        if self._encoding.get(handle) is task:
+            del self._encoding[handle]
+        if not task.cancelled():
+            task.exception()
+
+    async def features(self, image: DecodedImage, timings: dict[str, float], *, frame: bool = False) -> ImageFeatures:
+        """SAM's features of an image, pre-processed as SAM2ImagePredictor does, or (``frame``: a tracked video
+        frame) as SAM2VideoPredictor does (``SegmenterProcessing.preprocess_frame``)."""
+        preprocess = self.segmentation.preprocess_frame if frame else self.segmentation.preprocess
         with stage(timings, "encode"):
-            batch = await asyncio.to_thread(self.segmentation.preprocess, image.rgb)
+            batch = await asyncio.to_thread(preprocess, image.rgb)
             features = await self.runner.encode(batch)
         return features
 

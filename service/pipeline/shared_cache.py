@@ -8,15 +8,22 @@ handle clients see is the same on every replica, only these keys carry the model
 - ``detseg:img:<segmenter identity>:<sha>``: the image and its SAM features, one ``.npz`` (numpy's format, loaded
   with ``allow_pickle=False``: nothing from Redis is ever unpickled);
 - ``detseg:msk:<segmenter identity>:<sha>``: a hash of the image's kept low-res masks (options.keep_masks), field =
-  mask handle, value = its float32 logits;
+  mask handle, value = its float32 logits; at most ``max_masks`` of them, the longest kept dropped first (as the
+  replica's own tier keeps them);
 - ``detseg:det:<detector identity>:<sha>``: a hash, field = the detector-output key as JSON (``null`` for a closed
-  detector, the vocabulary and its embeddings' sha256 for an open one), value = the raw output as ``.npz``.
-The identities (``ModelIdentity``) are digests of the weights sha256, name, version, input size, precision and
-backend of the model that computed the value, and ``PREPROCESSING_VERSION``: replicas of other weights (a rolling
-upgrade) or another numerical variant miss each other's entries; replicas that differ only in their detector
-share images and features, not detections.
-Both expire ``ttl`` seconds after their last good read or write. Entries over ``max_entry_bytes`` are not shared;
-Redis's own ``maxmemory`` + ``allkeys-lru`` bounds the whole (the chart configures it).
+  detector, the vocabulary and its embeddings' sha256 for an open one), value = the raw output as ``.npz``; at most
+  ``max_entry_bytes`` of them, the longest kept dropped first (one image asked with ever new vocabularies grew
+  without bound, and every read of it loaded them all);
+- beside each hash, ``<its key>:order``: its fields by when each was stored (a sorted set), for those bounds.
+The identities (``ModelIdentity``) are digests of the weights sha256, name, version, input size, precision, backend
+and (torch) device kind of the model that computed the value, and ``PREPROCESSING_VERSION``: replicas of other
+weights (a rolling upgrade) or another numerical variant miss each other's entries; replicas that differ only in
+their detector share images and features, not detections.
+All expire ``ttl`` (plus ``SHARED_TOUCH_FRACTION`` of it: a replica answering from its own copy restarts them at most
+that often) after their last good read or write; a replica that finds them gone when it restarts them (evicted, or
+Redis restarted) shares its copy again. Entries over ``max_entry_bytes`` are not shared; Redis's own ``maxmemory`` +
+``allkeys-lru`` bounds the whole (the chart configures it). A write Redis refuses (over its ``maxmemory``) leaves
+that value unshared and the tier up.
 
 A value that does not parse (garbage, a truncated ``.npz``, arrays of the wrong dtype or shape for these models) is
 a miss: it is deleted (its TTL is not refreshed), counted in ``corrupt`` (metric ``detseg.cache.shared.corrupt``)
@@ -34,6 +41,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -43,7 +51,7 @@ import numpy as np
 
 from service.models.roles import ModelDescriptor, ModelRole
 from service.models.tensors import DetectorOutput, ImageFeatures
-from service.pipeline.cache import PREFIX, CacheEntry
+from service.pipeline.cache import PREFIX, SHARED_TOUCH_FRACTION, CacheEntry
 from service.pipeline.image import DecodedImage
 from service.pipeline.phrases import PhraseReader
 from service.runners.base import Runner
@@ -52,7 +60,26 @@ log = logging.getLogger(__name__)
 
 # Bump when image decoding or the models' pre-processing change what an image's cached values are, or when this
 # module's value layout changes: every key then names a new namespace and older entries are never read.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: the ``:order`` sets beside the hashes
+
+# Stores field/value pairs in a hash and keeps only its newest ARGV[1] fields (by the sorted set beside it), both
+# expiring ARGV[2] milliseconds from now.
+_KEEP_NEWEST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], now + (i - 3) / 2, ARGV[i])
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[1])
+if over > 0 then
+  redis.call('HDEL', KEYS[1], unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +87,8 @@ class ModelIdentity:
     """What computed the shared values; part of every key.
 
     ``segmenter``: hex digest naming the decoded images and SAM features (segmenter weights sha256, name, version,
-    input size, precision, backend, PREPROCESSING_VERSION); ``detector``: the same for the detector's raw outputs
-    (its vocabulary too). ``image_size``: the segmenter's square input side S, pixels (features are checked
+    input size, precision, backend, device kind, PREPROCESSING_VERSION); ``detector``: the same for the detector's
+    raw outputs (its vocabulary too). ``image_size``: the segmenter's square input side S, pixels (features are checked
     against it); ``num_classes``: a closed detector's vocabulary size (0 for an open vocabulary, whose outputs are
     checked against their key's names).
     """
@@ -72,16 +99,21 @@ class ModelIdentity:
     num_classes: int
 
     @classmethod
-    def of(cls, runner: Runner, reader: PhraseReader | None = None, jpeg_device: str = "cpu") -> ModelIdentity:
+    def of(
+        cls, runner: Runner, reader: PhraseReader | None = None, jpeg_device: str = "cpu", device: str = "cpu"
+    ) -> ModelIdentity:
         """The identity of a loaded runner's detector and segmenter (computed once, where the tier is built); the
         detector's names the phrase ``reader`` too (it changes what a text's detections are), and both name nvJPEG
-        when JPEGs are decoded on a GPU (``jpeg_device``: its pixels are its own; the host's are Pillow's)."""
+        when JPEGs are decoded on a GPU (``jpeg_device``: its pixels are its own; the host's are Pillow's) and the
+        kind of device the torch backend computes on (``device``: a GPU's fp32 is not the CPU's, e.g. TF32)."""
         by_role = {m.role: m for m in runner.models}
         detector, segmenter = by_role[ModelRole.DETECTOR], by_role[ModelRole.SEGMENTER]
         jpeg = "" if jpeg_device == "cpu" else "nvjpeg"
+        kind = device.split(":")[0] if runner.backend == "torch" else "cpu"
+        backend = runner.backend if kind == "cpu" else f"{runner.backend}@{kind}"
         return cls(
-            segmenter=_digest(segmenter, runner.backend, jpeg=jpeg),
-            detector=_digest(detector, runner.backend, reader.name if reader is not None else "", jpeg),
+            segmenter=_digest(segmenter, backend, jpeg=jpeg),
+            detector=_digest(detector, backend, reader.name if reader is not None else "", jpeg),
             image_size=runner.segmenter.image_size,
             num_classes=0 if runner.detector.open_vocabulary else len(runner.detector.names),
         )
@@ -134,15 +166,20 @@ class RedisTier:
         max_entry_bytes: int,
         timeout: float,
         retry_after: float,
+        max_masks: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         import redis
 
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors_type: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._refused_type: type[BaseException] = redis.ResponseError  # Redis answered: no to this write
+        self._keep_newest = self._client.register_script(_KEEP_NEWEST)
         self.identity = identity
         self.ttl = ttl
+        self._expire_ms = max(1, math.ceil(ttl * (1 + SHARED_TOUCH_FRACTION) * 1000))
         self.max_entry_bytes = max_entry_bytes
+        self.max_masks = max_masks
         self.retry_after = retry_after
         self._clock = clock
         self._down_until = 0.0
@@ -157,6 +194,7 @@ class RedisTier:
         self.errors = 0
         self.writes = 0
         self.corrupt = 0
+        self.refused = 0  # writes Redis refused (over its maxmemory): those values stay unshared
 
     # -- availability ---------------------------------------------------------------------------------------
 
@@ -255,82 +293,98 @@ class RedisTier:
                 self._failed(e)
         return entry
 
-    def put(self, handle: str, entry: CacheEntry) -> None:
-        """Shares an entry (its detector outputs too), unless it is larger than ``max_entry_bytes``."""
+    def put(self, handle: str, entry: CacheEntry) -> bool:
+        """Shares an entry (its detector outputs and kept masks too), unless it is larger than ``max_entry_bytes``;
+        whether it did."""
         if not self._available() or entry.nbytes > self.max_entry_bytes:
-            return
+            return False
         sha = handle.removeprefix(PREFIX)
         feats = entry.features.on_host()  # device-resident features spill to the host only here
         if self._feature_shapes is None:
             self._feature_shapes = _shapes(feats)
-        try:
-            with self._client.pipeline() as p:
-                p.set(self._image_key(sha), _entry_to_bytes(handle, entry.image, feats), ex=_seconds(self.ttl))
-                # a copy (one C call under the GIL): the event loop may add an output to this entry meanwhile, and
-                # iterating the dict itself raised "dictionary changed size during iteration", failing the request
-                for key, output in list(entry.detector.items()):
-                    p.hset(self._detector_key(sha), _key_text(key), self._output_to_bytes(output))
-                if entry.detector:
-                    p.expire(self._detector_key(sha), _seconds(self.ttl))
-                p.execute()
-        except self._errors_type as e:
-            self._failed(e)
-            return
-        self.writes += 1
-        self._succeeded()
+        # copies (one C call under the GIL): the event loop may add an output or a mask to this entry meanwhile, and
+        # iterating the dict itself raised "dictionary changed size during iteration", failing the request
+        outputs, masks = list(entry.detector.items()), list(entry.masks.items())
+        blob = _entry_to_bytes(handle, entry.image, feats)
 
-    def touch(self, handle: str) -> None:
+        def store(p: Any) -> None:
+            p.set(self._image_key(sha), blob, px=self._expire_ms)
+            if outputs:
+                self._keep_outputs(p, sha, [(_key_text(k), self._output_to_bytes(o)) for k, o in outputs])
+            if masks:
+                self._keep_masks(p, sha, masks)
+
+        if not self._pipelined(store):
+            return False
+        self.writes += 1
+        return True
+
+    def touch(self, handle: str, entry: CacheEntry) -> None:
         """Restarts the TTL of an image's shared values (entry, detector outputs, kept masks) as a read of them
-        would: a replica that keeps using its own copy keeps the shared one alive for the others."""
+        would: a replica that keeps using its own copy (``entry``) keeps the shared one alive for the others, and
+        shares it again when the shared one is gone (evicted, or Redis restarted: the handle worked only on the
+        replica that kept its own copy)."""
         if not self._available():
             return
         sha = handle.removeprefix(PREFIX)
-        self._pipelined(lambda p: self._restart_ttl(p, sha))
+        restarted: list[Any] = []
+        if self._pipelined(lambda p: self._restart_ttl(p, sha), restarted) and not restarted[0]:
+            self.put(handle, entry)
 
     def _restart_ttl(self, p: Any, sha: str) -> None:
-        """Queues on pipeline ``p`` the TTL restart of every shared value of image ``sha``."""
+        """Queues on pipeline ``p`` the TTL restart of every shared value of image ``sha`` (the image's first)."""
         for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
-            p.expire(key, _seconds(self.ttl))
+            p.pexpire(key, self._expire_ms)
+            if key != self._image_key(sha):
+                p.pexpire(f"{key}:order", self._expire_ms)
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Shares one more detector output of an image already shared."""
         if not self._available() or output.raw.nbytes > self.max_entry_bytes:
             return
-        field, value, hash_key = (
-            _key_text(key),
-            self._output_to_bytes(output),
-            self._detector_key(handle.removeprefix(PREFIX)),
-        )
+        field, value, sha = _key_text(key), self._output_to_bytes(output), handle.removeprefix(PREFIX)
+        self._pipelined(lambda p: self._keep_outputs(p, sha, [(field, value)]))
 
-        def store(p: Any) -> None:
-            p.hset(hash_key, field, value)
-            p.expire(hash_key, _seconds(self.ttl))
-
-        self._pipelined(store)
-
-    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> None:
-        """Shares kept low-res masks of an image (float32 bytes under ``detseg:msk:<segmenter identity>:<sha>``)."""
+    def add_masks(self, handle: str, masks: dict[str, np.ndarray]) -> bool:
+        """Shares kept low-res masks of an image (float32 bytes under ``detseg:msk:<segmenter identity>:<sha>``);
+        whether it did."""
         if not self._available():
-            return
-        key = self._masks_key(handle.removeprefix(PREFIX))
-        mapping = {k: np.ascontiguousarray(m, np.float32).tobytes() for k, m in masks.items()}
+            return False
+        sha = handle.removeprefix(PREFIX)
+        return self._pipelined(lambda p: self._keep_masks(p, sha, list(masks.items())))
 
-        def store(p: Any) -> None:
-            p.hset(key, mapping=mapping)
-            p.expire(key, _seconds(self.ttl))
+    def _keep_outputs(self, p: Any, sha: str, fields: list[tuple[str, bytes]]) -> None:
+        """Queues detector outputs (field, value) of image ``sha``, the newest kept within ``max_entry_bytes``."""
+        key = self._detector_key(sha)
+        most = max(1, self.max_entry_bytes // max(len(v) for _, v in fields))
+        self._keep_newest(keys=[key, f"{key}:order"], args=[most, self._expire_ms, *_flat(fields)], client=p)
 
-        self._pipelined(store)
+    def _keep_masks(self, p: Any, sha: str, masks: list[tuple[str, np.ndarray]]) -> None:
+        """Queues kept masks of image ``sha``, the newest ``max_masks`` kept."""
+        key = self._masks_key(sha)
+        fields = [(k, np.ascontiguousarray(m, np.float32).tobytes()) for k, m in masks]
+        self._keep_newest(keys=[key, f"{key}:order"], args=[self.max_masks, self._expire_ms, *_flat(fields)], client=p)
 
-    def _pipelined(self, commands: Callable[[Any], None]) -> None:
-        """Runs ``commands`` on one Redis pipeline; a failure is the tier's own business (``_failed``)."""
+    def _pipelined(self, commands: Callable[[Any], None], replies: list[Any] | None = None) -> bool:
+        """Runs ``commands`` on one Redis pipeline (their replies appended to ``replies``); whether they ran. A write
+        Redis refuses (over its maxmemory) is counted and leaves the tier up; any other failure is the tier's own
+        business (``_failed``)."""
         try:
             with self._client.pipeline() as p:
                 commands(p)
-                p.execute()
+                answered = p.execute()
+        except self._refused_type as e:
+            with self._lock:
+                self.refused += 1
+            log.debug("shared cache (Redis) refused a write: %s", e)
+            return False
         except self._errors_type as e:
             self._failed(e)
-            return
+            return False
         self._succeeded()
+        if replies is not None:
+            replies.extend(answered)
+        return True
 
     def mask(self, handle: str, mask_handle: str) -> np.ndarray | None:
         """A kept low-res mask, (S/4, S/4) float32, or None; one of the wrong size is corrupt: deleted, a miss."""
@@ -416,8 +470,8 @@ class RedisTier:
         return _SharedOutput(key, DetectorOutput(raw=raw))
 
 
-def _seconds(ttl: float) -> int:
-    return max(1, int(round(ttl)))
+def _flat(fields: list[tuple[str, bytes]]) -> list[str | bytes]:
+    return [x for pair in fields for x in pair]
 
 
 def _shapes(features: ImageFeatures) -> tuple[tuple[int, ...], ...]:

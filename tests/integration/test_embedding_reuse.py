@@ -60,6 +60,22 @@ def test_encode_image_then_segment_by_handle_skips_the_encoder(stub, runner):
     assert again.cached and again.handle == encoded.handle
 
 
+def test_calls_with_the_same_new_image_at_once_run_the_encoder_once(stub, runner):
+    """Each of them missed the cache and ran SAM's encoder (4 calls at once: 2 to 4 runs)."""
+    import concurrent.futures
+
+    data = encode(synthetic_rgb(480, 640, seed=107))
+    before = runner.calls["encode"]
+    request = pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((10, 10, 120, 100)))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(stub.Segment, request, timeout=120) for _ in range(2)]
+        calls += [pool.submit(stub.EncodeImage, pb.EncodeImageRequest(image=request.image), timeout=120)]
+        calls += [pool.submit(stub.EncodeImage, pb.EncodeImageRequest(image=request.image), timeout=120)]
+        answers = [c.result() for c in calls]
+    assert runner.calls["encode"] == before + 1
+    assert rle_mask(answers[0].instances[0].mask).tobytes() == rle_mask(answers[1].instances[0].mask).tobytes()
+
+
 def test_the_same_image_twice_skips_encoder_and_detector(stub, runner):
     data = encode(synthetic_rgb(200, 260, seed=102))
     request = pb.SegmentRequest(image=pb.Image(encoded=data), options=pb.SegmentOptions(score_threshold=0.01))

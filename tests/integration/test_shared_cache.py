@@ -165,7 +165,7 @@ def test_shared_entries_expire_and_large_ones_are_not_shared(settings, redis_ser
             stub_a, stub_small = pb_grpc.SegmentationServiceStub(ca), pb_grpc.SegmentationServiceStub(cs)
             handle = stub_a.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(8)))).handle
             (key,) = _keys(redis_server.client, "img", handle)
-            assert 0 < redis_server.client.ttl(key) <= 1
+            assert 0 < redis_server.client.pttl(key) <= 1250  # the TTL and a quarter (the touch interval)
             time.sleep(2.1)
             assert not redis_server.client.exists(key)  # expired in Redis
             big = stub_small.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(9)))).handle
@@ -351,7 +351,7 @@ def test_a_mask_kept_on_one_replica_is_the_previous_mask_on_another(settings, re
             )
             on_b, on_a = stub_b.Segment(follow_up, timeout=60), stub_a.Segment(follow_up, timeout=60)
             assert _answer(on_b) == _answer(on_a)
-            key = next(redis_server.client.scan_iter("detseg:msk:*"))
+            key = next(k for k in redis_server.client.scan_iter("detseg:msk:*") if not k.endswith(b":order"))
             redis_server.client.hset(key, kept.mask_handle, b"garbage")
             b.served.servicer.pipeline.images.cache.clear()
             with pytest.raises(grpc.RpcError) as missing:
@@ -382,3 +382,94 @@ def test_a_handle_used_on_one_replica_stays_alive_for_the_others(settings, redis
     finally:
         a.stop()
         b.stop()
+
+
+# --- the tier itself, against the real redis-server ---------------------------------------------------------------
+
+
+def _tier(redis_server, **changes):  # type: ignore[no-untyped-def]
+    from service.pipeline.shared_cache import ModelIdentity, RedisTier
+
+    fields = {"url": redis_server.url, "identity": ModelIdentity("seg", "det", 64, 0), "ttl": 8.0}
+    fields |= {"max_entry_bytes": 1 << 20, "timeout": 1.0, "retry_after": 5.0, "max_masks": 3}
+    return RedisTier(**(fields | changes))
+
+
+def _entry(nbytes: int = 0):  # type: ignore[no-untyped-def]
+    """A cache entry with features of the tier's 64² SAM (and ``nbytes`` more bytes of pixels)."""
+    from service.models.tensors import ImageFeatures
+    from service.pipeline.cache import CacheEntry
+    from service.pipeline.image import DecodedImage
+
+    rgb = np.zeros((32, 48 + nbytes // 96, 3), np.uint8)
+    features = ImageFeatures(
+        np.zeros((1, 8, 4, 4), np.float32), (np.zeros((1, 2, 16, 16), np.float32), np.zeros((1, 4, 8, 8), np.float32))
+    )
+    return CacheEntry(DecodedImage(rgb=rgb, format="png", sha256="0" * 64), features)
+
+
+def test_the_shared_tier_keeps_the_newest_kept_masks_and_detector_outputs_within_its_bounds(redis_server):
+    """Kept masks and an open vocabulary's detector outputs were added to an image's hashes and never dropped:
+    max_kept_masks held in each replica only, and one image asked with ever new vocabularies grew without bound
+    (every read of it loading them all)."""
+    from service.models.tensors import DetectorOutput
+
+    tier, handle, client = _tier(redis_server), "sha256:" + "a" * 64, redis_server.client
+    stored = len(tier._output_to_bytes(DetectorOutput(np.zeros((1, 5, 50), np.float32))))  # as Redis holds one
+    tier.max_entry_bytes = 2 * stored + stored // 2  # room for two outputs
+    for k in range(10):
+        assert tier.add_masks(handle, {f"m{k}": np.full((16, 16), k, np.float32)})
+        tier.add_detector_output(handle, DetectorOutput(np.full((1, 5, 50), k, np.float32)), ((f"v{k}",), "0" * 64))
+    masks, outputs = f"detseg:msk:seg:{'a' * 64}", f"detseg:det:det:{'a' * 64}"
+    assert sorted(client.hkeys(masks)) == [b"m7", b"m8", b"m9"]  # max_masks 3, the newest
+    assert [tier.mask(handle, f"m{k}") is not None for k in (6, 9)] == [False, True]
+    assert sorted(client.hkeys(outputs)) == [b'[["v8"], "' + b"0" * 64 + b'"]', b'[["v9"], "' + b"0" * 64 + b'"]']
+    assert client.zcard(f"{masks}:order") == 3 and 9000 < client.pttl(f"{masks}:order") <= 10000
+
+
+def test_a_shared_entry_lost_is_shared_again_by_the_replica_that_still_uses_it(redis_server):
+    """Its TTL restarts (touch) ran EXPIRE on keys no longer there (evicted, or Redis restarted): the handle then
+    worked only on the replica that kept its own copy. Shared values also live a touch interval past the TTL (a
+    replica restarts them at most every quarter TTL), so a handle in use never expires from the shared tier."""
+    tier, handle, client = _tier(redis_server), "sha256:" + "b" * 64, redis_server.client
+    entry = _entry()
+    assert tier.put(handle, entry)
+    key = f"detseg:img:seg:{'b' * 64}"
+    assert 9000 < client.pttl(key) <= 10000  # ttl 8 and a quarter of it
+    client.flushall()
+    tier.touch(handle, entry)
+    assert client.exists(key) and 9000 < client.pttl(key) <= 10000
+    assert tier.get(handle) is not None
+
+
+def test_a_write_redis_refuses_leaves_the_tier_up_and_the_value_unshared(redis_server):
+    """Redis over its maxmemory refuses a write (OOM): that was taken for an outage, every read and write of the
+    replica skipped for redis_retry_seconds and a WARNING said Redis was unavailable."""
+    client = redis_server.client
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(client.info("memory")["used_memory"] + (1 << 20)))
+    tier = _tier(redis_server, max_entry_bytes=64 << 20)
+    assert not tier.put("sha256:" + "c" * 64, _entry(nbytes=8 << 20))
+    assert tier.up and tier.refused == 1 and tier.errors == 0
+    assert tier.put("sha256:" + "d" * 64, _entry()) and client.exists(f"detseg:img:seg:{'d' * 64}")
+
+
+def test_a_handle_or_mask_handle_no_tier_holds_is_never_given(settings, redis_server):
+    """With a shared tier, EncodeImage answered a handle for features neither tier took (over both size bounds),
+    NOT_FOUND on first use; with Redis down, keep_masks answered mask handles kept nowhere."""
+    srv = _replica(settings, redis_server.url, cache_max_bytes=1, redis_max_entry_bytes=1)
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.SegmentationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.EncodeImage(pb.EncodeImageRequest(image=pb.Image(encoded=_image(41))), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "nor does the shared cache take them now" in refused.value.details()
+            redis_server.kill()
+            box = pb.RegionPrompt(box=pb.BoundingBox(x_min=20, y_min=20, x_max=120, y_max=100))
+            request = pb.SegmentRequest(
+                image=pb.Image(encoded=_image(42)), regions=[box], options=pb.SegmentOptions(keep_masks=True)
+            )
+            assert stub.Segment(request, timeout=60).instances[0].mask_handle == ""
+    finally:
+        srv.stop()

@@ -51,6 +51,23 @@ def test_ttl_counts_from_last_use():
     assert cache.get("h1") is None and len(cache) == 0 and cache.nbytes == 0
 
 
+def test_keeping_a_mask_or_an_output_is_a_use_and_an_expired_entry_is_never_read():
+    """Adding a kept mask or a detector output moved the entry to the young end without restarting its TTL: the LRU's
+    order no longer followed the entries' ages, and (expiry only looks at the oldest end) an entry dead by its own
+    last use was served behind a younger one; a kept mask was read from an expired entry."""
+    clock = Clock()
+    cache = EmbeddingCache(max_bytes=1 << 20, ttl=10, clock=clock)
+    cache.put("a", entry(1))
+    clock.now = 5
+    cache.put("b", entry(1))
+    clock.now = 6
+    assert cache.add_masks("a", {"m": np.zeros((4, 4), np.float32)}, limit=4) == {"m"}  # a use of a, at 6
+    clock.now = 15.5  # b (last used at 5) has expired; a (at 6) has not
+    assert cache.get("b") is None and cache.get("a") is not None
+    clock.now = 26
+    assert cache.mask("a", "m") is None and len(cache) == 0
+
+
 def test_detector_output_joins_a_cached_entry_and_counts_its_bytes():
     cache = EmbeddingCache(max_bytes=1 << 20, ttl=10, clock=Clock())
     cache.put("h", entry(1))
