@@ -144,7 +144,25 @@ def _start_options(o: pb.SegmentOptions) -> Options:
         raise InvalidInput(f"start.{e}") from None
 
 
+_MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range: about 10,000 years either way
+
+
+def valid_duration(d: Duration) -> bool:
+    """A Duration as protobuf defines one: seconds within its range, nanos under a second, both of one sign."""
+    return (
+        abs(d.seconds) <= _MAX_DURATION_SECONDS
+        and abs(d.nanos) <= 999_999_999
+        and not (d.seconds > 0 > d.nanos or d.seconds < 0 < d.nanos)
+    )
+
+
 def frame_from_proto(frame: pb.TrackFrame) -> FrameQuery:
+    if frame.HasField("timestamp") and not valid_duration(frame.timestamp):
+        t = frame.timestamp
+        raise InvalidInput(
+            f"frame.timestamp: seconds={t.seconds}, nanos={t.nanos} is not a Duration: seconds within "
+            f"±{_MAX_DURATION_SECONDS}, nanos within ±999,999,999 and of the seconds' sign"
+        )
     try:
         image = image_from_proto(frame.image)
     except InvalidInput:

@@ -299,6 +299,14 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 max_text_chars=s.max_text_chars,
                 text_match_threshold=s.text_match_threshold,
                 max_exemplars=s.max_exemplars,
+                max_image_side=s.max_image_side,
+                max_class_prompts=s.max_class_prompts,
+                max_region_prompts=s.max_region_prompts,
+                max_points_per_region=s.max_points_per_region,
+                max_batch_items=s.max_batch_items,
+                max_stream_in_flight=s.max_stream_in_flight,
+                cache_ttl=convert.duration(pipeline.images.cache.ttl),
+                max_kept_masks=s.max_kept_masks,
                 review=convert.review_rules_to_proto(pipeline.limits.review),
                 track=pb.TrackDefaults(
                     **dataclasses.asdict(self._track_limits),  # what sessions run with
@@ -348,7 +356,7 @@ def _frame_error(frame: pb.TrackFrame, request_id: str, error: Exception) -> pb.
         request_id=request_id,
         error=pb.ItemError(code=failure.code.value[0], message=failure.message),
     )
-    if frame.HasField("timestamp"):
+    if frame.HasField("timestamp") and convert.valid_duration(frame.timestamp):  # echoed when it is one
         response.timestamp.CopyFrom(frame.timestamp)
     return response
 

@@ -2,14 +2,19 @@
 JSON object per frame.
 
 The video is decoded with PyAV frame by frame as gRPC sends the frames (JPEG, or raw RGB with ``--raw``), so it is
-never held whole; each decoded frame waits in a queue for its answer, which the overlay is drawn on. Frame indices
-are the decode order from 0 (MOTChallenge frames from 1); boxes are original pixels.
+never held whole; each decoded frame waits in a queue for its answer, which the overlay is drawn on. Frames are
+turned upright first (the stream's display rotation, as FFmpeg's players apply it), so boxes are pixels of the video as
+it plays; frame indices are the decode order from 0 (MOTChallenge frames from 1). The overlay keeps each frame's
+presentation time (a variable frame rate stays in step with the source). A frame FFmpeg cannot decode ends the run
+after the answers to the frames before it, with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import json
 import sys
 from collections import deque
@@ -29,6 +34,21 @@ from service.client_requests import jpeg
 from service.results import instance_content
 
 DEFAULT_RATE = Fraction(25)  # frames/s of the overlay when the video does not say
+# The overlay's time base: fine enough for any source's frame times, within MPEG-4 Part 2's limit (65,535).
+OVERLAY_TIME_BASE = Fraction(1, 60000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """A decoded frame: ``rgb`` (H, W, 3) uint8, upright; ``time`` its presentation time in seconds (None: the
+    container gives none)."""
+
+    rgb: np.ndarray
+    time: float | None
+
+
+class VideoUnreadable(Exception):
+    """A frame FFmpeg cannot decode; the message names it."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,17 +88,27 @@ def track(args: argparse.Namespace) -> int:
     except av.FFmpegError as e:
         print(f"detseg: cannot read {args.video}: {e}", file=sys.stderr)
         return 2
-    pending: deque[np.ndarray] = deque()  # decoded frames waiting for their answers, in order
+    pending: deque[Decoded] = deque()  # decoded frames waiting for their answers, in order
     seen: dict[int, tuple[str, int, int, int]] = {}  # track id: label, first and last frame seen, frames seen
     answered = failed = 0
+    unreadable: VideoUnreadable | None = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(container)
+        if not container.streams.video:
+            print(f"detseg: {args.video}: no video stream", file=sys.stderr)
+            return 2
         stream = container.streams.video[0]
+        decoded = _decoded(container)
+        try:  # the first frame before anything is sent: its upright size is the overlay's
+            first: list[Decoded] = list(itertools.islice(decoded, 1))
+        except VideoUnreadable as e:
+            print(f"detseg: {args.video}: {e}", file=sys.stderr)
+            return 2
         writer = None
         if args.out:
-            size = (stream.codec_context.width, stream.codec_context.height)
+            h, w = first[0].rgb.shape[:2] if first else (stream.codec_context.height, stream.codec_context.width)
             try:
-                writer = stack.enter_context(_writer(args.out, stream.average_rate, size))
+                writer = stack.enter_context(_writer(args.out, stream.average_rate, (w, h)))
             except ValueError as e:  # before any frame is sent
                 print(f"detseg: {e}", file=sys.stderr)
                 return 2
@@ -86,7 +116,7 @@ def track(args: argparse.Namespace) -> int:
         bar = stack.enter_context(tqdm(total=stream.frames or None, unit="frame", file=sys.stderr, disable=None))
         client = stack.enter_context(Client(args.target, **connection(args)))
         answers = client.track(
-            _frames(container, pending, raw=args.raw),
+            _frames(itertools.chain(first, decoded), pending, raw=args.raw),
             classes=args.classes,
             texts=args.text,
             regions=args.box,
@@ -95,30 +125,34 @@ def track(args: argparse.Namespace) -> int:
             score_threshold=args.score_threshold,
             timeout=args.timeout,
         )
-        for result in answers:
-            rgb = pending.popleft()
-            answered += 1
-            bar.update()
-            if args.json:
-                print(json.dumps(_frame_json(result)), flush=True)
-            if result.error is not None:
-                failed += 1
-                print(f"detseg: frame {result.frame_index}: {result.error.message}", file=sys.stderr)
-            for t in result.visible:
-                _, first, _, count = seen.get(t.track_id, ("", result.frame_index, 0, 0))
-                seen[t.track_id] = (t.instance.label, first, result.frame_index, count + 1)
-            if mot is not None:
-                _write_mot(mot, result)
-            if writer is not None:
-                writer(_overlay(rgb, result))
+        try:
+            for result in answers:
+                frame = pending.popleft()
+                answered += 1
+                bar.update()
+                if args.json:
+                    print(json.dumps(_frame_json(result)), flush=True)
+                if result.error is not None:
+                    failed += 1
+                    print(f"detseg: frame {result.frame_index}: {result.error.message}", file=sys.stderr)
+                for t in result.visible:
+                    _, start, _, count = seen.get(t.track_id, ("", result.frame_index, 0, 0))
+                    seen[t.track_id] = (t.instance.label, start, result.frame_index, count + 1)
+                if mot is not None:
+                    _write_mot(mot, result)
+                if writer is not None:
+                    writer(_overlay(frame.rgb, result), frame.time)
+        except VideoUnreadable as e:  # the frames before it are answered, and the overlay holds them
+            unreadable = e
+            print(f"detseg: {args.video}: {e}", file=sys.stderr)
     if not args.json:
         print(f"{answered} frame(s), {failed} failed; {len(seen)} track(s) seen")
-        for track_id, (label, first, last, count) in sorted(seen.items()):
-            print(f"{track_id:4d}  {label:<16} frames {first}..{last}  seen on {count}")
+        for track_id, (label, start, end, count) in sorted(seen.items()):
+            print(f"{track_id:4d}  {label:<16} frames {start}..{end}  seen on {count}")
     for path, what in ((args.out, "overlay"), (args.mot, "MOT results")):
         if path:
             print(f"{what} written to {path}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or unreadable else 0
 
 
 def _box_region(spec: str) -> Region:
@@ -134,22 +168,44 @@ def _box_region(spec: str) -> Region:
     return Region(box=(x0, y0, x1, y1), label=label)
 
 
-def _frames(container: Any, pending: deque[np.ndarray], *, raw: bool) -> Iterator[TrackInput]:
+def _decoded(container: Any) -> Iterator[Decoded]:
+    """The first video stream's frames in decode order, upright; VideoUnreadable naming the frame FFmpeg cannot
+    decode."""
+    frames = container.decode(video=0)
+    for index in itertools.count():
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:
+            raise VideoUnreadable(f"frame {index}: cannot decode it ({e})") from None
+        yield Decoded(_upright(frame.to_ndarray(format="rgb24"), frame.rotation), frame.time)
+
+
+def _upright(rgb: np.ndarray, rotation: float) -> np.ndarray:
+    """The frame as it plays: ``rotation`` is the display matrix's counter-clockwise angle in degrees (PyAV's
+    ``VideoFrame.rotation``; -90 for a phone held upright: turned 90 degrees clockwise to play)."""
+    turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _frames(decoded: Iterator[Decoded], pending: deque[Decoded], *, raw: bool) -> Iterator[TrackInput]:
     """The video's frames in decode order (index: the running count), each queued in ``pending`` for its answer."""
-    for frame in container.decode(video=0):
-        rgb = frame.to_ndarray(format="rgb24")
-        pending.append(rgb)
-        yield TrackInput(rgb if raw else jpeg(rgb), timestamp=frame.time)
+    for frame in decoded:
+        pending.append(frame)
+        yield TrackInput(frame.rgb if raw else jpeg(frame.rgb), timestamp=frame.time)
 
 
 @contextlib.contextmanager
 def _writer(path: Path, rate: Fraction | None, size: tuple[int, int]) -> Iterator[Any]:
-    """A function that appends an (H, W, 3) uint8 RGB frame of ``size`` (W, H) to an H.264 video at ``path`` (MPEG-4
-    Part 2 where FFmpeg has no libx264), 4:2:0 unless a side is odd, which 4:2:0 cannot hold, then 4:4:4; flushed on
-    exit. The file is opened and its stream set up at once: a folder that is not there, a name FFmpeg has no format
-    for, or a format that cannot hold the codec raise ValueError (naming ``--out``) before any frame is sent."""
+    """A function that appends an (H, W, 3) uint8 RGB frame of ``size`` (W, H) shown at a time in seconds (None:
+    one ``rate`` frame after the one before) to an H.264 video at ``path`` (MPEG-4 Part 2 where FFmpeg has no
+    libx264), 4:2:0 unless a side is odd, which 4:2:0 cannot hold, then 4:4:4; flushed on exit. The file is opened
+    and its stream set up at once: a folder that is not there, a name FFmpeg has no format for, or a format that
+    cannot hold the codec raise ValueError (naming ``--out``) before any frame is sent."""
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     width, height = size
+    step = round(1 / (OVERLAY_TIME_BASE * (rate or DEFAULT_RATE)))  # one frame at the stream's rate, in ticks
     try:
         out = av.open(str(path), "w")
     except (av.FFmpegError, ValueError) as e:
@@ -159,12 +215,19 @@ def _writer(path: Path, rate: Fraction | None, size: tuple[int, int]) -> Iterato
             stream: Any = out.add_stream(codec, rate=rate or DEFAULT_RATE)
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p" if height % 2 == width % 2 == 0 else "yuv444p"
+            stream.codec_context.time_base = OVERLAY_TIME_BASE
             out.start_encoding()
         except (av.FFmpegError, ValueError) as e:
             raise ValueError(f"--out {path}: cannot write a video there ({e})") from None
+        last: int | None = None
 
-        def write(rgb: np.ndarray) -> None:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        def write(rgb: np.ndarray, time: float | None) -> None:
+            nonlocal last
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            pts = round(time / OVERLAY_TIME_BASE) if time is not None else (last + step if last is not None else 0)
+            frame.pts = last = pts if last is None else max(pts, last + 1)  # strictly increasing, as encoders need
+            frame.time_base = OVERLAY_TIME_BASE
+            out.mux(stream.encode(frame))
 
         yield write
         out.mux(stream.encode(None))

@@ -211,9 +211,10 @@ def _metrics() -> dict[str, Any]:
 
 def evaluate_sequence(data: dict[str, Any], *, j_and_f: bool = True) -> dict[str, dict[str, Any]]:
     """trackeval's results for one video: {"HOTA"|"CLEAR"|"Identity"|"JAndF": that metric's ``eval_sequence``}.
-    JAndF pads the mask lists it is given, so it gets copies of them."""
+    JAndF pads the mask lists it is given, so it gets copies of them. A video with no ground-truth object has no
+    J&F (trackeval's is NaN there, or IndexError with two tracker ids or more): left out, and out of the pool."""
     metrics = _metrics()
-    if not j_and_f:
+    if not j_and_f or not data["num_gt_ids"]:
         metrics.pop("JAndF")
     out = {}
     for name, metric in metrics.items():
@@ -230,10 +231,15 @@ def evaluate_sequence(data: dict[str, Any], *, j_and_f: bool = True) -> dict[str
 
 
 def combine(results: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Videos' ``evaluate_sequence`` results pooled by each metric's own ``combine_sequences``."""
+    """Videos' ``evaluate_sequence`` results pooled by each metric's own ``combine_sequences``; J&F over the videos
+    that have one (none: no J&F)."""
     metrics = _metrics()
-    names = [n for n in metrics if all(n in r for r in results)]
-    return {n: metrics[n].combine_sequences({str(i): r[n] for i, r in enumerate(results)}) for n in names}
+    out = {}
+    for name, metric in metrics.items():
+        having = {str(i): r[name] for i, r in enumerate(results) if name in r}
+        if having and (name == "JAndF" or len(having) == len(results)):
+            out[name] = metric.combine_sequences(having)
+    return out
 
 
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, float | int | None]:

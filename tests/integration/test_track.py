@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -172,6 +173,8 @@ def test_a_bad_frame_is_its_own_error_and_the_session_goes_on(stub, frames: list
         ),
         _frame(frames[1], 1, prompts=[_box(0, 0, 400, 100)]),  # outside the frame
         _frame(frames[1], 1, end_tracks=[9]),
+        _frame(frames[1], 1, timestamp=Duration(seconds=1, nanos=-3)),  # not a Duration: signs differ
+        _frame(frames[1], 1, timestamp=Duration(seconds=10**12)),  # not a Duration: beyond its range
         good[2],
         _start(),  # a second start
         good[3],
@@ -179,7 +182,8 @@ def test_a_bad_frame_is_its_own_error_and_the_session_goes_on(stub, frames: list
     expected = _track(stub, good)
     got = _track(stub, bad)
     errors = [r for r in got if r.HasField("error")]
-    assert [e.error.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 7
+    assert [e.error.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 9
+    assert [e.HasField("timestamp") for e in errors[6:8]] == [False, False]  # not echoed: it is no Duration
     messages = [e.error.message for e in errors]
     for needle, message in zip(
         [
@@ -189,6 +193,8 @@ def test_a_bad_frame_is_its_own_error_and_the_session_goes_on(stub, frames: list
             "frame.prompts[0].track_id",
             "frame.prompts[0].region.box",
             "frame.end_tracks[0]",
+            "frame.timestamp: seconds=1, nanos=-3",
+            "frame.timestamp: seconds=1000000000000",
             "start",
         ],
         messages,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -186,3 +188,95 @@ def test_detseg_track_refuses_an_overlay_it_cannot_write_before_sending_a_frame(
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"detseg: --out {overlay}: cannot write a video there (")
     assert says in captured.err and "Traceback" not in captured.err
+
+
+def _write_video(path: Path, rgb_frames: list[np.ndarray], codec: str = "libx264", times_ms: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """Frames encoded at their ``times_ms`` (a variable frame rate; default 10 frames/s)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for k, rgb in enumerate(rgb_frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = (times_ms[k] if times_ms else 100 * k), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def _rotated(path: Path) -> None:
+    """The MP4 with its track's display matrix set to [0 1; -1 0]: played turned 90 degrees clockwise, as a phone
+    held upright records (PyAV reads rotation -90; the pixels stored are as before)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd") - 4
+    offset = at + 8 + 4 + (32 if data[at + 8] == 1 else 20) + 16
+    identity = struct.pack(">9i", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    assert data[offset : offset + 36] == identity
+    data[offset : offset + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(data)
+
+
+def test_detseg_track_plays_frames_upright_and_keeps_their_times(  # type: ignore[no-untyped-def]
+    server, rgb_frames: list[np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rotated, variable-frame-rate video: the stored pixels were sent sideways and the overlay played sideways,
+    at a constant rate (0.48 s long for a 2 s source, out of step with it)."""
+    from service.cli.track import _decoded
+
+    video, overlay = tmp_path / "phone.mp4", tmp_path / "overlay.mp4"
+    times = [0, 40, 80, 500, 540, 2000]
+    _write_video(video, rgb_frames, times_ms=times)
+    with av.open(str(video)) as container:
+        stored = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    _rotated(video)
+    with av.open(str(video)) as container:
+        upright = [d.rgb for d in _decoded(container)]
+    assert [u.shape for u in upright] == [(WIDTH, HEIGHT, 3)] * FRAMES
+    assert all(np.array_equal(u, np.rot90(s, -1)) for u, s in zip(upright, stored, strict=True))  # clockwise
+
+    argv = ["track", str(video), "--box", "10,10,200,100", "--out", str(overlay), "--json", "--target", server.target]
+    assert main([*argv, "--timeout", "300"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["width"], r["height"]) for r in records] == [(HEIGHT, WIDTH)] * FRAMES
+    with av.open(str(overlay)) as container:
+        played = [(f.width, f.height, round(f.time * 1000)) for f in container.decode(video=0)]
+    assert played == [(HEIGHT, WIDTH, t) for t in times]
+
+
+def test_detseg_track_answers_the_frames_before_one_it_cannot_decode(  # type: ignore[no-untyped-def]
+    server, rgb_frames: list[np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(A traceback, and an overlay without its trailer: no video stream in it.)"""
+    video, overlay = tmp_path / "damaged.mkv", tmp_path / "overlay.mp4"
+    _write_video(video, rgb_frames, codec="ffv1")  # every frame coded on its own
+    data = bytearray(video.read_bytes())
+    at = len(data) * 7 // 10  # into the fifth frame's packet
+    data[at : at + 4000] = (bytes(range(256)) * 16)[:4000]
+    video.write_bytes(data)
+    with av.open(str(video)) as container, pytest.raises(av.FFmpegError):
+        readable = 0
+        for _ in container.decode(video=0):
+            readable += 1
+    assert 0 < readable < FRAMES
+
+    argv = ["track", str(video), "--box", "10,10,120,100", "--out", str(overlay), "--target", server.target]
+    assert main([*argv, "--timeout", "300"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{readable} frame(s), 0 failed")
+    assert f"detseg: {video}: frame {readable}: cannot decode it (" in captured.err and "Traceback" not in captured.err
+    with av.open(str(overlay)) as container:
+        assert len(list(container.decode(video=0))) == readable
+
+
+def test_detseg_track_says_a_file_without_a_video_stream_has_none(  # type: ignore[no-untyped-def]
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(IndexError: tuple index out of range, a traceback.)"""
+    sound = tmp_path / "sound.wav"
+    with av.open(str(sound), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    assert main(["track", str(sound), "--box", "1,1,5,5", "--target", server.target]) == 2
+    assert capsys.readouterr().err == f"detseg: {sound}: no video stream\n"

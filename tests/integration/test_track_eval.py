@@ -70,6 +70,20 @@ def test_videos_pool_by_trackeval_combine_sequences() -> None:
     assert f["idf1"] == pytest.approx(2 * 3 * T / (4 * T + 3 * T))
 
 
+def test_a_video_with_no_ground_truth_object_has_no_j_and_f_and_pools_without_one() -> None:
+    """trackeval's J&F is NaN on a video with no ground-truth object (the pooled J&F was NaN then, and the report's
+    JSON held a bare NaN), and raises IndexError when the tracker answered two ids or more there."""
+    perfect = tm.evaluate_sequence(_data(GT, [[(1, A[t]), (2, B[t])] for t in range(T)]))
+    empty = [[] for _ in range(T)]
+    for tracker in (empty, [[(1, A[t]), (2, B[t])] for t in range(T)]):  # nothing answered; two false tracks
+        alone = tm.evaluate_sequence(_data(empty, tracker))
+        assert "JAndF" not in alone and tm.summary(alone)["j_and_f"] is None
+        pooled = tm.summary(tm.combine([perfect, alone]))
+        assert pooled["j_and_f"] == pytest.approx(1.0)
+        assert json.loads(json.dumps(pooled, allow_nan=False)) == pooled
+    assert tm.summary(tm.combine([tm.evaluate_sequence(_data(empty, empty))]))["j_and_f"] is None
+
+
 def test_an_object_not_scored_on_a_frame_is_an_ignore_region_there() -> None:
     """B is too hidden to score on frames 0-4: neither a miss, nor, where a tracker follows it, a false positive (its
     mask lies inside the ignore region); a tracker mask elsewhere is a false positive all the same."""
