@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+_MAX_EXPONENT = 64  # backoff growth steps counted: past any cap a policy names (2 ** 64 times its first wait)
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """Retries of UNAVAILABLE, until the call's deadline: before retry n the client sleeps a uniform random time in
@@ -78,7 +82,9 @@ class RetryPolicy:
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
-        return rng.uniform(0.0, min(self.initial_backoff_s * self.multiplier ** (retry - 1), self.max_backoff_s))
+        # the exponent stops where the cap is reached: 2.0 ** 1024 overflows (OverflowError at retry 1025)
+        grown = self.initial_backoff_s * self.multiplier ** min(retry - 1, _MAX_EXPONENT)
+        return rng.uniform(0.0, min(grown, self.max_backoff_s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +217,14 @@ class _Budget:
         return wait
 
 
+def _timeout(seconds: float) -> float:
+    """A call's timeout: finite seconds, 0 or more (0: a deadline already passed). ValueError otherwise (gRPC answered
+    an infinite one DEADLINE_EXCEEDED at once, before the call left)."""
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"timeout: {seconds!r}; give a finite number of seconds, 0 or more")
+    return float(seconds)
+
+
 class _Channel:
     """What both clients share: the channels (options from ``channel_options``), their stubs, deadlines, metadata.
 
@@ -239,7 +253,7 @@ class _Channel:
             options = [*options, ("grpc.use_local_subchannel_pool", 1)]
         self._channels = [self._open(target, credentials, options) for _ in range(connections)]
         self._stubs = itertools.cycle([pb_grpc.SegmentationServiceStub(c) for c in self._channels])
-        self.timeout = timeout  # seconds, for calls that give none; bounds the call with its retries
+        self.timeout = _timeout(timeout)  # seconds, for calls that give none; bounds the call with its retries
         self._metadata = (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
         self._rng = random.Random()
         self._on_retry = on_retry
@@ -250,8 +264,8 @@ class _Channel:
         return next(self._stubs)
 
     def _budget(self, timeout: float | None) -> _Budget:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        return _Budget(self.retry, deadline, self._rng, self._on_retry)
+        seconds = self.timeout if timeout is None else _timeout(timeout)
+        return _Budget(self.retry, time.monotonic() + seconds, self._rng, self._on_retry)
 
     @staticmethod
     def _open(target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
@@ -328,7 +342,9 @@ class Client(_Channel):
         missing file) is raised as itself, after the answers to the frames sent before it. Never retried: a session
         lives as long as its call and cannot be resumed. Stopping early (``break``) cancels the call."""
         requests = RequestStream(track_requests(frames, **start))
-        call = self._stub.Track(requests, timeout=timeout, metadata=self._metadata)
+        call = self._stub.Track(
+            requests, timeout=None if timeout is None else _timeout(timeout), metadata=self._metadata
+        )
         try:
             for response in call:
                 yield FrameResult.from_proto(response)
@@ -402,7 +418,9 @@ class AsyncClient(_Channel):
         self, frames: Iterable[ImageLike | TrackInput], *, timeout: float | None = None, **start: Any
     ) -> AsyncIterator[FrameResult]:
         requests = RequestStream(track_requests(frames, **start))
-        call = self._stub.Track(requests, timeout=timeout, metadata=self._metadata)
+        call = self._stub.Track(
+            requests, timeout=None if timeout is None else _timeout(timeout), metadata=self._metadata
+        )
         try:
             async for response in call:
                 yield FrameResult.from_proto(response)

@@ -136,6 +136,8 @@ def _boxed(item: Any, keyword: str, kind: type[T]) -> T:
 def _region(region: Region | XYXY) -> pb.RegionPrompt:
     """A Region, or a bare XYXY box, as the request's RegionPrompt."""
     r = _boxed(region, "regions", Region)
+    if isinstance(r.points, Point) or not all(isinstance(p, Point) for p in r.points):
+        raise TypeError(f"regions: points are a sequence of Point(x, y[, positive]), got {r.points!r}")
     prompt = pb.RegionPrompt(label=r.label, previous_mask=r.previous_mask)
     if r.box is not None:
         prompt.box.CopyFrom(_box(r.box))
@@ -224,6 +226,11 @@ def track_requests(
     detect_every, lost_after, max_objects, match_iou, score_threshold, request_id), then one frame per item of
     ``frames``, an image or a ``TrackInput``. ``regions``: objects placed on the first frame (new tracks), before its
     own."""
+    if isinstance(frames, str | bytes | os.PathLike | np.ndarray | Image.Image):
+        raise TypeError(
+            f"frames: an iterable of frames (paths, bytes, arrays, PIL images or TrackInputs), not one "
+            f"{type(frames).__name__}; for a video file, `detseg track` decodes it"
+        )
     yield start_message(exemplars=[_exemplar(e) for e in exemplars], **start)
     index, placed = -1, [(0, _region(r)) for r in regions]
     for item in frames:

@@ -51,8 +51,8 @@ def number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
         above_low = value > low if open_low else value >= low
-        below_high = value < high if open_high else value <= high
-        if not (above_low and below_high):  # NaN is neither
+        below_high = value < high if open_high or high == math.inf else value <= high
+        if not (above_low and below_high):  # NaN is neither; inf only below an infinite bound, never reached
             bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
         return value

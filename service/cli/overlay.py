@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from pycocotools import mask as mask_utils
 
+from service.pixels import to_rgb
+
 
 def decode_rle(size: list[int], counts: bytes) -> np.ndarray:
     """COCO RLE → (H, W) bool."""
@@ -31,9 +33,12 @@ def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5
     OVERLAY_FORMATS' values).
 
     ``instances`` are dicts with label, score, box [x0, y0, x1, y1] and rle {size, counts}; the image is
-    shown EXIF-transposed, the frame the service answers in.
+    shown EXIF-transposed, the frame the service answers in, and converted to RGB as the server converts it
+    (``service.pixels.to_rgb``: 16-bit scaled, alpha over white; a plain conversion drew a 16-bit grey image white
+    and a transparent one black).
     """
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
+    opened = Image.open(io.BytesIO(image_bytes))
+    rgb = to_rgb(ImageOps.exif_transpose(opened) or opened)
     drawn = [
         Drawn(
             colour=i,
@@ -44,7 +49,7 @@ def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5
         for i, inst in enumerate(instances)
     ]
     buf = io.BytesIO()
-    draw_instances(np.asarray(img), drawn, alpha).save(buf, format=format)
+    draw_instances(rgb, drawn, alpha).save(buf, format=format)
     return buf.getvalue()
 
 

@@ -34,6 +34,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, PngImageP
 from torchcodec.decoders import decode_jpeg
 
 from service.errors import ConfigurationError, InvalidImage
+from service.pixels import to_rgb
 
 # Allowed formats: (magic-byte test, PIL format name, our name).
 _ALLOWED = (
@@ -147,7 +148,7 @@ def decode_image(
         rgb = _torchcodec_pixels(data, img, jpeg_device) if pil_format == "JPEG" else None
         if rgb is None:
             img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img) or img)
+            rgb = to_rgb(ImageOps.exif_transpose(img) or img)
     except (*_CORRUPT, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
     return DecodedImage(rgb=rgb, format=ours, sha256=sha256 or hashlib.sha256(data).hexdigest())
@@ -305,21 +306,3 @@ def _xmp_orientation(header: Image.Image) -> bool:
     exif = Image.Exif()
     exif.load(header.info.get("exif", b""))
     return header.getexif().get(ExifTags.Base.Orientation) != exif.get(ExifTags.Base.Orientation)
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any PIL mode → (H, W, 3) uint8. Alpha is composited over white; 16-bit is scaled, not clipped."""
-    mode = img.mode
-    if mode == "RGB" and "transparency" not in img.info:
-        return np.array(img, dtype=np.uint8)
-    if mode.startswith("I;16") or mode == "I":
-        wide = np.asarray(img).astype(np.int64)
-        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
-    # A tRNS colour key (palette, RGB and L PNGs) is alpha too: Pillow reads those pixels as transparent.
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return np.array(img.convert("RGB"), dtype=np.uint8)

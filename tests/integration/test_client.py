@@ -4,6 +4,7 @@ asyncio client, streams, cached handles, deadlines, and retries of UNAVAILABLE w
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from pathlib import Path
@@ -164,6 +165,25 @@ def test_a_timeout_of_zero_is_a_deadline_already_passed_not_the_default(demo_ser
     with Client(demo_server.target, timeout=60) as detseg, pytest.raises(RequestFailed) as err:
         detseg.segment(SAMPLE, classes=["circle"], timeout=0)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_timeout_must_be_finite_and_the_backoff_never_overflows(demo_server):
+    """An infinite timeout was sent on to gRPC, which answered DEADLINE_EXCEEDED at once (`--timeout inf` too, which
+    the command line took); past retry 1024 the backoff's growth overflowed (OverflowError, not a retry)."""
+    import argparse
+    import random
+
+    from service.cli.common import number
+
+    for bad in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="timeout: .* finite number of seconds, 0 or more"):
+            Client(demo_server.target, timeout=bad)
+        with Client(demo_server.target) as detseg, pytest.raises(ValueError, match="timeout: "):
+            detseg.segment(SAMPLE, classes=["circle"], timeout=bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="inf is outside"):
+        number(float, 0, open_low=True)("inf")
+    waits = [RetryPolicy().backoff(retry, random.Random(0)) for retry in (1, 30, 1025, 10**6)]
+    assert all(0 <= w <= 5.0 for w in waits)
 
 
 def test_unavailable_while_the_server_loads_is_retried_until_it_answers(settings):

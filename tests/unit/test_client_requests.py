@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.client_requests import Exemplar, Region, segment_request, start_message, track_requests
+from service.client_requests import Exemplar, Point, Region, segment_request, start_message, track_requests
 from service.proto.detseg.v1 import detseg_pb2 as pb
 
 IMAGE = b"\xff\xd8 not decoded here"
@@ -60,3 +60,17 @@ def test_track_frames_take_one_string_and_bare_boxes_too():
     start, frame = list(track_requests([IMAGE], classes="circle", regions=[(1, 2, 3, 4)]))
     assert list(start.start.classes) == ["circle"]
     assert isinstance(frame, pb.TrackRequest) and frame.frame.prompts[0].region.box.x_max == 3
+
+
+@pytest.mark.parametrize("points", [((1, 2),), Point(1, 2)])
+def test_points_other_than_a_sequence_of_point_are_refused_saying_what_points_are(points):
+    """(AttributeError: 'tuple' object has no attribute 'x'; TypeError: 'Point' object is not iterable.)"""
+    with pytest.raises(TypeError, match=r"regions: points are a sequence of Point\(x, y\[, positive\]\)"):
+        segment_request(IMAGE, regions=[Region(box=(1, 2, 30, 40), points=points)])
+
+
+@pytest.mark.parametrize("frames", ["clip.mp4", b"\xff\xd8", np.zeros((4, 4, 3), np.uint8)])
+def test_one_frame_where_frames_are_expected_is_refused_saying_what_frames_are(frames):
+    """A path string was taken for frames named by its characters ("c": FileNotFoundError), an array for its rows."""
+    with pytest.raises(TypeError, match=r"frames: an iterable of frames .*`detseg track` decodes it"):
+        list(track_requests(frames, classes="circle"))

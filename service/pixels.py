@@ -1,0 +1,24 @@
+"""Pixels as detseg reads them, for the server and the client-side tools alike: any Pillow image → 8-bit RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode → (H, W, 3) uint8. Alpha is composited over white; 16-bit is scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return np.array(img, dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    # A tRNS colour key (palette, RGB and L PNGs) is alpha too: Pillow reads those pixels as transparent.
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
