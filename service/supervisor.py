@@ -96,9 +96,11 @@ def run_workers(settings: Settings) -> int:
         procs = [_start(ctx, worker_settings, shared.link(0, n, replacement=False))]
         log.info("listening on %s:%d with %d workers; loading models", settings.host, port, n)
         status = _supervise(ctx, worker_settings, shared, procs, stopping)
+        terminated = set()
         for p in procs:
             if p.is_alive():
                 p.terminate()  # SIGTERM: each drains its in-flight calls
+                terminated.add(p.pid)
         deadline = time.monotonic() + settings.grace_seconds + 30.0
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -106,10 +108,20 @@ def run_workers(settings: Settings) -> int:
                 log.error("worker pid %d did not stop in time; killing it", p.pid)
                 p.kill()
                 p.join()
-            if status == 0 and p.exitcode != 0:
-                status = p.exitcode if p.exitcode and p.exitcode > 0 else 1
+            if status == 0:
+                status = worker_status(p.exitcode, stopped=stopping.received or p.pid in terminated)
         log.info("all workers stopped")
         return status
+
+
+def worker_status(exitcode: int | None, *, stopped: bool) -> int:
+    """The server's exit status for a worker that ended with ``exitcode`` (multiprocessing's: -N for signal N);
+    ``stopped``: the server was told to stop (SIGTERM, sent on to the worker). A worker that SIGTERM ended by its
+    default action had not yet set its handler, so it was still starting, with nothing in flight: a clean stop (it was
+    status 1, a failed stop for systemd or Kubernetes, when SIGTERM came in a worker's first half second)."""
+    if exitcode == 0 or (stopped and exitcode == -signal.SIGTERM):
+        return 0
+    return exitcode if exitcode and exitcode > 0 else 1
 
 
 def worker_threads(settings: Settings) -> int:

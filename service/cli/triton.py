@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -79,15 +80,22 @@ def triton_up(args: argparse.Namespace) -> int:
         allocator=settings.allocator,
     )
     server.start()
-    try:
+    interrupted = signal.signal(signal.SIGTERM, _stop_waiting)
+    try:  # stopped however the wait ends badly (Ctrl-C and SIGTERM too): it left an orphan no `down` could stop
         server.wait_ready(args.timeout)
-    except Exception:
+    except BaseException:
         server.stop()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, interrupted)
     server.save_state()
     print(f"Triton ready at {server.url} (log: {server.log_path}); serve with:")
     print(f"  detseg serve --backend triton --triton-url {server.url}")
     return 0
+
+
+def _stop_waiting(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def triton_down(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ class TritonRunner:
         self._tokenizer: SentenceEncoder | None = None
         self.models: tuple[ModelDescriptor, ...] = ()
         self.profile = ""
+        self._params: dict[Role, dict[str, str]] = {}  # each role's detseg_* parameters, as read by ``start``
+        self._replaced = False  # Triton serves other models than ``start`` read (logged once per change)
 
     @property
     def detector(self) -> DetectorSpec:
@@ -127,6 +129,7 @@ class TritonRunner:
         encoder, decoder = params[Role.SAM2_IMAGE_ENCODER], params[Role.SAM2_MASK_DECODER]
         if encoder.get("detseg_sha256") != decoder.get("detseg_sha256"):
             raise ModelUnavailable("Triton's SAM encoder and decoder come from different checkpoints")
+        self._params = params
 
     async def _wait_ready(self) -> None:
         waited = 0.0
@@ -144,6 +147,9 @@ class TritonRunner:
         return params
 
     async def ready(self) -> bool:
+        """Triton and every model ready, and (once ``start`` has read them) the same models: a Triton restarted with
+        other models (their detseg_* parameters differ) is not ready for this server, whose names, provenance and
+        cache keys are the first ones' (an ERROR says so, once; serving them needs a restart)."""
         if self._client is None:
             return False
         try:
@@ -152,6 +158,19 @@ class TritonRunner:
             for role in self._roles:
                 if not await self._client.is_model_ready(role, client_timeout=1.0):
                     return False
+            if self._params:
+                now = {role: await self._parameters(role) for role in self._params}
+                if now != self._params:
+                    if not self._replaced:
+                        changed = ", ".join(role for role in self._params if now[role] != self._params[role])
+                        log.error(
+                            "Triton now serves other models (%s) than this server loaded; not serving them: restart "
+                            "detseg to serve what Triton has",
+                            changed,
+                        )
+                    self._replaced = True
+                    return False
+                self._replaced = False
             return True
         except Exception:
             return False
@@ -261,5 +280,7 @@ def _domain_error(role: str, error: Any) -> Exception:
         return DeadlineExceeded(f"the deadline passed while {role} ran on the inference server")
     if status.endswith(("UNAVAILABLE", "CANCELLED")) or "not ready" in message or "unknown model" in message:
         return ModelUnavailable("the inference server is unavailable; retry shortly")
+    if "Stub process" in message and "not healthy" in message:  # a python-backend model's process died: restarting
+        return ModelUnavailable(f"the inference server is restarting {role}; retry shortly")
     log.error("Triton %s failed: %s %s", role, status, message)
     return RuntimeError(f"Triton {role} failed: {status}")

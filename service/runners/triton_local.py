@@ -23,13 +23,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from service.config import Settings
-from service.errors import ModelUnavailable
+from service.errors import ConfigurationError, ModelUnavailable
 from service.models.roles import MODEL_ROLES
 from service.startup import allocator_environment
 
@@ -116,7 +117,19 @@ class LocalTriton:
 
     def start(self) -> None:
         """Starts the process (output to ``log_path``) in a session of its own, so that it outlives this
-        Python when detached (the CLI) and so that it and its python-backend stubs can be signalled together."""
+        Python when detached (the CLI) and so that it and its python-backend stubs can be signalled together.
+        ConfigurationError, before anything starts, when another program listens on one of its ports (its answers
+        were taken for this server's: ``wait_ready`` passed while this one still loaded, or had already failed)."""
+        for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise ConfigurationError(
+                        f"Triton's {name} port {port} is in use on 127.0.0.1 (another Triton? `detseg triton status`); "
+                        "stop it or choose other ports"
+                    ) from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.log_start = log.tell()

@@ -7,6 +7,7 @@ port), so the tests pick channels on different workers on purpose instead of hop
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
@@ -316,24 +317,31 @@ def _in_flight(metrics_port: int) -> float:
     return sum(s.value for s in family.samples) if family is not None else 0.0
 
 
-def _helpers() -> set[int]:
-    """Worker and redis-server processes alive now."""
+def _helpers(mark: str) -> set[int]:
+    """Worker and redis-server processes alive now that a server started with ``mark`` in its environment started
+    (other servers on the machine are not this test's: another one's redis-server failed it once)."""
     marks = ("spawn_main", "redis-server")
-    return {
-        p.pid for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)
-    }
+    found = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if any(m in " ".join(p.info["cmdline"] or []) for m in marks):
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get(_MARK) == mark:
+                    found.add(p.pid)
+    return found
+
+
+_MARK = "TEST_WORKERS_RUN"
 
 
 def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
     empty = tmp_path / "empty-cache"
-    env = {**os.environ, "DETSEG_THREADS": "1"}
+    env = {**os.environ, "DETSEG_THREADS": "1", _MARK: str(tmp_path)}
     command = [*DETSEG, "serve", "--models", "official", "--offline", "--cache-dir", str(empty), "--workers", "2"]
-    before = _helpers()
     done = subprocess.run([*command, "--port", "0"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "before serving: stopping" in done.stderr and "downloads are off" in done.stderr
     assert "Traceback" not in done.stderr
-    assert _helpers() <= before  # no worker or redis-server left behind
+    assert not _helpers(str(tmp_path))  # no worker or redis-server left behind
 
 
 def test_a_port_already_taken_is_refused_by_name_never_shared(tmp_path):

@@ -20,6 +20,9 @@ from service.runners.triton import _domain_error
          "UNAVAILABLE"),
         ("StatusCode.UNAVAILABLE", "Request for unknown model: 'detector' is not found", ModelUnavailable,
          "UNAVAILABLE"),
+        # a python-backend model whose process died (Triton restarts it): was INTERNAL, which clients do not retry
+        ("StatusCode.INTERNAL", "Failed to process the request(s) for model instance 'detector_0_0', message: Stub "
+         "process 'detector_0_0' is not healthy.", ModelUnavailable, "UNAVAILABLE"),
     ],
 )  # fmt: skip
 def test_triton_errors_map_to_domain_errors(status, message, kind, code):
@@ -59,3 +62,57 @@ def test_a_local_triton_that_fails_to_start_is_reported_by_this_runs_error_lines
         server.log_start = log.tell()
         log.write("I1207 nothing went wrong yet\n")
     assert server.log_errors() == server.log_tail()  # no error line: the tail
+
+
+class _Triton:
+    """What ``TritonRunner.ready`` asks of tritonclient's aio client, answering from ``configs`` (role: params)."""
+
+    def __init__(self, configs: dict[str, dict[str, str]]) -> None:
+        self.configs = configs
+
+    async def is_server_ready(self, client_timeout: float) -> bool:
+        return True
+
+    async def is_model_ready(self, role: str, client_timeout: float) -> bool:
+        return role in self.configs
+
+    async def get_model_config(self, role: str, as_json: bool, client_timeout: float) -> dict:
+        params = {k: {"string_value": v} for k, v in self.configs[role].items()}
+        return {"config": {"parameters": params}}
+
+
+async def test_a_triton_restarted_with_other_models_is_not_ready_for_this_server(caplog):
+    """Names, input sizes and the models' identity (provenance, cache keys) are read once, at start: a Triton that came
+    back with other models was served under the first ones' names and sha256 (health SERVING again)."""
+    from service.config import Settings
+    from service.models.roles import MODEL_ROLES
+    from service.runners.triton import TritonRunner
+
+    loaded = {role: {"detseg_input_size": "320", "detseg_sha256": "a" * 64} for role in MODEL_ROLES}
+    runner = TritonRunner(Settings(text_encoder="none"))
+    runner._client, runner._params = _Triton(loaded), loaded
+    assert await runner.ready()
+    replaced = {role: {**params, "detseg_sha256": "b" * 64} for role, params in loaded.items()}
+    runner._client = _Triton(replaced)
+    assert not await runner.ready() and not await runner.ready()
+    assert caplog.text.count("Triton now serves other models") == 1
+    runner._client = _Triton(loaded)  # the same models again
+    assert await runner.ready()
+
+
+def test_a_local_triton_refuses_to_start_on_a_port_another_program_listens_on(tmp_path):
+    """Another Triton on the port answered ``wait_ready`` for this one (`triton up` said ready, saved a pid that
+    then died, and `status`/`down` knew no Triton)."""
+    import socket
+
+    from service.errors import ConfigurationError
+    from service.runners.triton_local import LocalTriton
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        server = LocalTriton(tmp_path / "repo", tmp_path / "state", grpc_port=port)
+        with pytest.raises(ConfigurationError, match=f"Triton's gRPC port {port} is in use on 127.0.0.1"):
+            server.start()
+    assert server.process is None and not server.state_dir.exists()
