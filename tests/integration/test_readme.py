@@ -36,6 +36,10 @@ def test_readme_python_client_example_runs(demo_server):
     labels = [line.split()[0] for line in lines[:-1]]
     assert "circle" in labels and "star" in labels and set(labels) <= {"circle", "star"}
     assert any(line.split()[-2:] == ["round", "shape"] for line in lines[:-1])  # the text's answer says so
+    # the lines the README shows are what it prints (it showed others, in another order and with other areas)
+    text = " ".join(README.read_text().split())
+    shown = re.search(r"It prints one line per instance, highest score first \(`(.*?)`, then `(.*?)`\)", text)
+    assert shown is not None and [" ".join(line.split()) for line in lines[:2]] == list(shown.groups())
 
 
 def readme_sessions() -> list[tuple[str, str]]:
