@@ -62,7 +62,10 @@ class Admission:
         self.queued += 1
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait_for(self._slots.acquire(), timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an acquire that completed as the caller
+            # was cancelled, swallowing the cancellation (a cancelled stream's queued item then ran for no one)
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed while the request waited for a free slot") from None
         finally:

@@ -14,15 +14,17 @@ reaches a log line raw); absent otherwise. Health checks (probes every few secon
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc
 from grpc_health.v1 import health
 from opentelemetry import propagate, trace
 
@@ -36,6 +38,9 @@ CALL_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("detseg_ca
 EXEMPT_PREFIXES = (f"/{health.SERVICE_NAME}/",)  # kubelet and load-balancer probes: noise, not traffic
 UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and API browsing: no spans, no metrics
 
+# What a stream's context.write raises when the client went away while the write waited (gRPC's own class, in its
+# private module: passed on, gRPC logged it at ERROR and the call's status was UNKNOWN).
+_WRITE_FAILED = cygrpc.ExecuteBatchError
 log = logging.getLogger(LOGGER)
 _tracer = trace.get_tracer("detseg.api")
 
@@ -68,10 +73,17 @@ def observe_calls(handler: grpc.RpcMethodHandler, observer: CallObserver) -> grp
 
         return make(writing, **kwargs)
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
+        # Written here, not yielded to gRPC: gRPC sends a generator's answers outside it, so a client gone while a send
+        # waited left the generators paused, closed later by the event loop's finaliser in another task (the
+        # observers then saw GeneratorExit: status UNKNOWN, and OpenTelemetry's context detach failed at ERROR).
         with observer(request, context):
-            async for response in inner_stream(request, context):
-                yield response
+            async with contextlib.aclosing(inner_stream(request, context)) as answers:
+                async for response in answers:
+                    try:
+                        await context.write(response)
+                    except _WRITE_FAILED:  # the client went away while the write waited: a cancellation
+                        raise asyncio.CancelledError from None
 
     return make(streaming, **kwargs)
 

@@ -205,7 +205,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def _next_message(self, messages: AsyncIterator[pb.TrackRequest]) -> pb.TrackRequest | None:
         """The stream's next message, None at its end; DeadlineExceeded when none comes within track_idle_seconds."""
         try:
-            return await asyncio.wait_for(anext(messages, None), self._settings.track_idle_seconds)
+            async with asyncio.timeout(self._settings.track_idle_seconds):  # as Admission: not wait_for
+                return await anext(messages, None)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no message for {self._settings.track_idle_seconds:g} s (track_idle_seconds): the session is closed"
@@ -217,7 +218,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         among max_track_sessions for as long as the client stayed connected. Cancelled, not aborted: a status cannot
         be sent while the write is pending (gRPC's core refuses it), and the client reads nothing anyway."""
         try:
-            await asyncio.wait_for(context.write(response), self._settings.track_idle_seconds)
+            async with asyncio.timeout(self._settings.track_idle_seconds):
+                await context.write(response)
         except TimeoutError:
             idle = self._settings.track_idle_seconds
             log.info("a Track call's client read no answer for %g s (track_idle_seconds): the call is cancelled", idle)
@@ -395,7 +397,8 @@ async def _within_deadline(work: Awaitable[T]) -> T:
     if deadline is None:
         return await work
     try:
-        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # as Admission: not wait_for
+            return await work
     except TimeoutError:
         raise DeadlineExceeded("the deadline passed while the request was being answered") from None
 

@@ -114,6 +114,14 @@ class Vocabulary:
     embeddings: np.ndarray | None
 
 
+@dataclasses.dataclass
+class _Flight:
+    """An image's SAM features being computed (``Pipeline._features_once``) and how many requests wait for them."""
+
+    task: asyncio.Future[ImageFeatures]
+    waiters: int = 0
+
+
 class Pipeline:
     """Validates, runs detector and encoder concurrently, decodes all prompts of the image in one batch.
 
@@ -166,7 +174,7 @@ class Pipeline:
         )
         self.segmentation = SegmenterProcessing(runner.segmenter)
         self.masks = Masks(runner, self.segmentation, mask_threads)
-        self._encoding: dict[str, asyncio.Future[ImageFeatures]] = {}  # handle -> its features being computed
+        self._encoding: dict[str, _Flight] = {}  # handle -> its features being computed
 
     def check(self, query: SegmentQuery) -> None:
         """What a request can be refused for without its pixels or a model (counts, ranges, names; a closed
@@ -373,22 +381,34 @@ class Pipeline:
 
     async def _features_once(self, handle: str, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         """SAM's features of a request's image, computed once for the requests that ask for the same image while
-        they are being computed (two calls with the same new image ran the encoder twice); where that computation
-        fails (e.g. past its first caller's deadline), a waiting caller computes its own."""
-        running = self._encoding.get(handle)
-        if running is not None:
+        they are being computed (two calls with the same new image ran the encoder twice). The computation goes on
+        while any of them waits (cancelled when none does); where it fails (e.g. past its first caller's deadline), a
+        waiting caller computes its own."""
+        flight = self._encoding.get(handle)
+        own = flight is None
+        if flight is None:
+            flight = self._encoding[handle] = _Flight(asyncio.ensure_future(self.features(image, timings)))
+            flight.task.add_done_callback(functools.partial(self._encoded, handle))
+        flight.waiters += 1
+        try:
+            if own:
+                return await asyncio.shield(flight.task)
             try:
                 with stage(timings, "encode", shared=True):
-                    return await asyncio.shield(running)
+                    return await asyncio.shield(flight.task)
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 return await self.features(image, timings)
-        task = self._encoding[handle] = asyncio.ensure_future(self.features(image, timings))
-        task.add_done_callback(functools.partial(self._encoded, handle))
-        return await asyncio.shield(task)  # the first caller gone, the others still get it
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters:
+                flight.task.cancel()  # no one waits for it any more (a no-op once it is done)
 
     def _encoded(self, handle: str, task: asyncio.Future[ImageFeatures]) -> None:
         """A computation of ``_features_once`` ended: forgotten, its error retrieved (whoever awaited it)."""
-        if self._encoding.get(handle) is task:
+        flight = self._encoding.get(handle)
+        if flight is not None and flight.task is task:
             del self._encoding[handle]
         if not task.cancelled():
             task.exception()

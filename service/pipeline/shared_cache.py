@@ -62,14 +62,19 @@ log = logging.getLogger(__name__)
 # module's value layout changes: every key then names a new namespace and older entries are never read.
 PREPROCESSING_VERSION = 2  # 2: the ``:order`` sets beside the hashes
 
-# Stores field/value pairs in a hash and keeps only its newest ARGV[1] fields (by the sorted set beside it), both
-# expiring ARGV[2] milliseconds from now.
+# Stores field/value pairs in a hash and keeps only its newest ARGV[1] fields (by the sorted set beside it; fields the
+# set lost, evicted alone, are dropped), both expiring ARGV[2] milliseconds from now.
 _KEEP_NEWEST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 3, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[2], now + (i - 3) / 2, ARGV[i])
+end
+if redis.call('HLEN', KEYS[1]) > redis.call('ZCARD', KEYS[2]) then  -- the order set was lost (evicted): unbounded
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if not redis.call('ZSCORE', KEYS[2], field) then redis.call('HDEL', KEYS[1], field) end
+  end
 end
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[1])
 if over > 0 then
@@ -173,7 +178,8 @@ class RedisTier:
 
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors_type: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._refused_type: type[BaseException] = redis.ResponseError  # Redis answered: no to this write
+        self._oom_types: tuple[type[BaseException], ...] = (redis.exceptions.OutOfMemoryError,)
+        self._abort_type: type[BaseException] = redis.exceptions.ExecAbortError
         self._keep_newest = self._client.register_script(_KEEP_NEWEST)
         self.identity = identity
         self.ttl = ttl
@@ -194,7 +200,7 @@ class RedisTier:
         self.errors = 0
         self.writes = 0
         self.corrupt = 0
-        self.refused = 0  # writes Redis refused (over its maxmemory): those values stay unshared
+        self.refused = 0  # calls Redis refused for want of memory (over its maxmemory): unshared values, misses
 
     # -- availability ---------------------------------------------------------------------------------------
 
@@ -215,6 +221,19 @@ class RedisTier:
                 if not self.up:
                     log.info("shared cache (Redis) reachable again")
                 self.up = True
+
+    def _refused(self, error: BaseException) -> bool:
+        """Whether ``error`` is Redis refusing for want of memory (over its maxmemory: OOM, or a transaction aborted
+        for it): counted (``refused``), the tier left up, that value unshared or read as a miss. Any other error (a
+        read-only replica, a misconfiguration) is an outage (``_failed``: a WARNING, ``up`` 0)."""
+        if not isinstance(error, self._oom_types) and not (
+            isinstance(error, self._abort_type) and "maxmemory" in str(error)
+        ):
+            return False
+        with self._lock:
+            self.refused += 1
+        log.debug("shared cache (Redis) refused for want of memory: %s", error)
+        return True
 
     def ping(self) -> bool:
         """Checks Redis now (also after an outage, regardless of ``retry_after``); returns ``up``."""
@@ -250,13 +269,14 @@ class RedisTier:
             return None
         sha = handle.removeprefix(PREFIX)
         image_key, detector_key = self._image_key(sha), self._detector_key(sha)
-        try:
-            with self._client.pipeline() as p:
+        try:  # no MULTI (not needed for reads): Redis over its maxmemory refuses every command queued in one
+            with self._client.pipeline(transaction=False) as p:
                 p.get(image_key)
                 p.hgetall(detector_key)
                 blob, outputs = p.execute()
         except self._errors_type as e:
-            self._failed(e)
+            if not self._refused(e):
+                self._failed(e)
             return None
         self._succeeded()
         entry: CacheEntry | None = None
@@ -281,7 +301,7 @@ class RedisTier:
             self.hits += 1
         if blob is not None:
             try:
-                with self._client.pipeline() as p:
+                with self._client.pipeline(transaction=False) as p:
                     if entry is None:
                         p.delete(image_key)
                     else:
@@ -290,7 +310,8 @@ class RedisTier:
                         p.hdel(detector_key, *bad_fields)
                     p.execute()
             except self._errors_type as e:
-                self._failed(e)
+                if not self._refused(e):
+                    self._failed(e)
         return entry
 
     def put(self, handle: str, entry: CacheEntry) -> bool:
@@ -328,7 +349,7 @@ class RedisTier:
             return
         sha = handle.removeprefix(PREFIX)
         restarted: list[Any] = []
-        if self._pipelined(lambda p: self._restart_ttl(p, sha), restarted) and not restarted[0]:
+        if self._pipelined(lambda p: self._restart_ttl(p, sha), restarted, transaction=False) and not restarted[0]:
             self.put(handle, entry)
 
     def _restart_ttl(self, p: Any, sha: str) -> None:
@@ -365,21 +386,19 @@ class RedisTier:
         fields = [(k, np.ascontiguousarray(m, np.float32).tobytes()) for k, m in masks]
         self._keep_newest(keys=[key, f"{key}:order"], args=[self.max_masks, self._expire_ms, *_flat(fields)], client=p)
 
-    def _pipelined(self, commands: Callable[[Any], None], replies: list[Any] | None = None) -> bool:
+    def _pipelined(
+        self, commands: Callable[[Any], None], replies: list[Any] | None = None, *, transaction: bool = True
+    ) -> bool:
         """Runs ``commands`` on one Redis pipeline (their replies appended to ``replies``); whether they ran. A write
         Redis refuses (over its maxmemory) is counted and leaves the tier up; any other failure is the tier's own
         business (``_failed``)."""
         try:
-            with self._client.pipeline() as p:
+            with self._client.pipeline(transaction=transaction) as p:
                 commands(p)
                 answered = p.execute()
-        except self._refused_type as e:
-            with self._lock:
-                self.refused += 1
-            log.debug("shared cache (Redis) refused a write: %s", e)
-            return False
         except self._errors_type as e:
-            self._failed(e)
+            if not self._refused(e):
+                self._failed(e)
             return False
         self._succeeded()
         if replies is not None:

@@ -179,6 +179,8 @@ class TritonRunner:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+        if self._replaced:  # health said NOT_SERVING; a caller that does not watch it must not get other models
+            raise ModelUnavailable("the inference server now serves other models than this server loaded")
         left = time_left()
         if left is not None and left <= 0:
             raise DeadlineExceeded("the request's deadline passed before the models ran")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
+import logging
 import time
 
 import grpc
@@ -278,3 +280,75 @@ def test_wait_serving_ends_at_once_when_the_models_fail_to_load(settings):
         with pytest.raises(RuntimeError, match="models failed to load: no such weights"):
             srv.wait_serving(timeout=60)
         assert time.monotonic() - start < 10
+
+
+def _access(caplog, method: str) -> list[str]:
+    return [r.status for r in caplog.records if r.name == "detseg.access" and r.method.endswith(method)]
+
+
+def test_a_cancelled_stream_starts_no_queued_item_and_is_logged_cancelled(slow_server, caplog):
+    """Python 3.11's wait_for handed a queued item the slot a cancelled item freed and swallowed its cancellation:
+    it ran the whole pipeline for a client that was gone."""
+    srv, slow = slow_server(max_in_flight=2, max_queue=8, max_stream_in_flight=4)
+    slow.delay, before = 1.5, slow.calls  # (the warm-up's)
+    caplog.set_level(logging.INFO, logger="detseg.access")
+    with grpc.insecure_channel(srv.target) as channel:
+        call = pb_grpc.SegmentationServiceStub(channel).StreamSegment(iter([_request()] * 4))
+        time.sleep(0.6)
+        started = slow.calls
+        call.cancel()
+        time.sleep(2.5)
+    assert started - before == 2 and slow.calls == started  # two admitted; none started after the cancel
+    assert (_admission(srv).in_flight, _admission(srv).queued) == (0, 0)
+    assert _access(caplog, "StreamSegment") == ["CANCELLED"]
+
+
+def test_a_stream_past_its_deadline_is_logged_deadline_exceeded_as_its_client_sees(slow_server, caplog):
+    """gRPC cancels a stream at its deadline: the access log and metrics said CANCELLED, the client saw
+    DEADLINE_EXCEEDED (a Track call: its frames run under the server's own deadline, so gRPC's comes first)."""
+    srv, slow = slow_server()
+    slow.delay = 3.0
+    caplog.set_level(logging.INFO, logger="detseg.access")
+    start = pb.TrackRequest(start=pb.TrackStart(classes=["person"]))
+    frame = pb.TrackRequest(frame=pb.TrackFrame(image=_request().image, frame_index=0))
+    with grpc.insecure_channel(srv.target) as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            list(pb_grpc.SegmentationServiceStub(channel).Track(iter([start, frame]), timeout=1.0))
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(2.5)
+    assert _access(caplog, "Track") == ["DEADLINE_EXCEEDED"]
+
+
+def test_a_client_gone_while_a_stream_answer_waits_to_be_sent_is_a_cancellation_and_no_error(slow_server, caplog):
+    """The answers were yielded to gRPC, which sent them outside our handler: the client gone while a send waited
+    (flow control), the handler's generators were closed later by the event loop, in another task: status UNKNOWN,
+    gRPC's ExecuteBatchError and OpenTelemetry's "Failed to detach context" logged at ERROR."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gc.collect()  # what earlier tests' stopped servers left (their pending tasks log as they are collected)
+    srv, _ = slow_server(max_stream_in_flight=4)
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(buf, format="PNG")
+    boxes = [
+        pb.RegionPrompt(box=pb.BoundingBox(x_min=i, y_min=i, x_max=511 - i, y_max=511 - i)) for i in range(0, 128, 16)
+    ]
+    big = pb.SegmentRequest(
+        image=pb.Image(encoded=buf.getvalue()),
+        regions=boxes,
+        options=pb.SegmentOptions(mask_encoding=pb.MASK_ENCODING_PNG),
+    )  # about 94 KB an answer
+    with grpc.insecure_channel(srv.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        call = pb_grpc.SegmentationServiceStub(channel).StreamSegment(iter([big] * 30))  # none of it read
+        time.sleep(4)
+        call.cancel()
+        time.sleep(1.5)
+    gc.collect()
+    time.sleep(0.5)
+    assert _access(caplog, "StreamSegment") == ["CANCELLED"]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (_admission(srv).in_flight, _admission(srv).queued) == (0, 0)

@@ -425,6 +425,9 @@ def test_the_shared_tier_keeps_the_newest_kept_masks_and_detector_outputs_within
     assert [tier.mask(handle, f"m{k}") is not None for k in (6, 9)] == [False, True]
     assert sorted(client.hkeys(outputs)) == [b'[["v8"], "' + b"0" * 64 + b'"]', b'[["v9"], "' + b"0" * 64 + b'"]']
     assert client.zcard(f"{masks}:order") == 3 and 9000 < client.pttl(f"{masks}:order") <= 10000
+    client.delete(f"{masks}:order")  # evicted alone (mask reads touch the hash only): the bound held no more
+    tier.add_masks(handle, {"m10": np.zeros((16, 16), np.float32)})
+    assert sorted(client.hkeys(masks)) == [b"m10"]
 
 
 def test_a_shared_entry_lost_is_shared_again_by_the_replica_that_still_uses_it(redis_server):
@@ -452,6 +455,11 @@ def test_a_write_redis_refuses_leaves_the_tier_up_and_the_value_unshared(redis_s
     assert not tier.put("sha256:" + "c" * 64, _entry(nbytes=8 << 20))
     assert tier.up and tier.refused == 1 and tier.errors == 0
     assert tier.put("sha256:" + "d" * 64, _entry()) and client.exists(f"detseg:img:seg:{'d' * 64}")
+    client.config_set("maxmemory", "1")  # over it: every write refused, and every command in a MULTI (reads too)
+    assert tier.get("sha256:" + "d" * 64) is not None and tier.up and tier.errors == 0
+    client.config_set("maxmemory", "0")
+    client.config_set("min-replicas-to-write", "1")  # any other refusal (NOREPLICAS here, READONLY...) is an outage
+    assert not tier.put("sha256:" + "e" * 64, _entry()) and not tier.up and tier.errors == 1
 
 
 def test_a_handle_or_mask_handle_no_tier_holds_is_never_given(settings, redis_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -96,6 +97,8 @@ async def test_a_triton_restarted_with_other_models_is_not_ready_for_this_server
     runner._client = _Triton(replaced)
     assert not await runner.ready() and not await runner.ready()
     assert caplog.text.count("Triton now serves other models") == 1
+    with pytest.raises(ModelUnavailable, match="now serves other models"):  # not only health: no answer from them
+        await runner.encode(np.zeros((1, 3, 320, 320), np.float32))
     runner._client = _Triton(loaded)  # the same models again
     assert await runner.ready()
 
