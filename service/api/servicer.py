@@ -180,6 +180,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         released however the call ends. Answers are written (``_write``), not yielded, so that a write a client
         never reads ends within the call's own task."""
         _set_deadline(context, None)
+        call_deadline = DEADLINE.get()  # the caller's, if any: no frame runs past it
         messages = aiter(request_iterator)
         request_id = "track-" + uuid.uuid4().hex
         session: TrackSession | None = None
@@ -194,7 +195,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             async with self.tracking.session(session):
                 await session.open()
                 while (message := await self._next_message(messages)) is not None:
-                    await self._write(context, await self._track_frame(session, message))
+                    await self._write(context, await self._track_frame(session, message, call_deadline))
         except Exception as e:
             failure = describe(e, request_id)
             await context.abort(failure.code, failure.message, status_details(failure))
@@ -225,12 +226,17 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             log.info("a Track call's client read no answer for %g s (track_idle_seconds): the call is cancelled", idle)
             raise asyncio.CancelledError from None
 
-    async def _track_frame(self, session: TrackSession, message: pb.TrackRequest) -> pb.TrackResponse:
+    async def _track_frame(
+        self, session: TrackSession, message: pb.TrackRequest, call_deadline: float | None
+    ) -> pb.TrackResponse:
         """One frame's answer, or its own error where the session is as before it: the frame is refused
         (InvalidInput), or admission has no room for it now (Overloaded; DeadlineExceeded waiting for a slot: sent
-        again, it is answered as if first sent then). Failures once the frame runs end the call."""
+        again, it is answered as if first sent then). Failures once the frame runs end the call. A frame has
+        default_deadline_seconds, within the call's deadline (``call_deadline``, None: none): each frame's was a
+        fresh default, so admission and Triton were told of time the call did not have."""
         frame = message.frame
-        DEADLINE.set(time.monotonic() + self._settings.default_deadline_seconds)
+        own = time.monotonic() + self._settings.default_deadline_seconds
+        DEADLINE.set(own if call_deadline is None else min(own, call_deadline))
         try:
             if message.WhichOneof("message") != "frame":
                 raise InvalidInput("start: a Track call has one start message, the first; send frames after it")

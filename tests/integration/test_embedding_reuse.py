@@ -68,9 +68,9 @@ def test_calls_with_the_same_new_image_at_once_run_the_encoder_once(stub, runner
     before = runner.calls["encode"]
     request = pb.SegmentRequest(image=pb.Image(encoded=data), regions=regions((10, 10, 120, 100)))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        encode_image = pb.EncodeImageRequest(image=request.image)
         calls = [pool.submit(stub.Segment, request, timeout=120) for _ in range(2)]
-        calls += [pool.submit(stub.EncodeImage, pb.EncodeImageRequest(image=request.image), timeout=120)]
-        calls += [pool.submit(stub.EncodeImage, pb.EncodeImageRequest(image=request.image), timeout=120)]
+        calls += [pool.submit(stub.EncodeImage, encode_image, timeout=120) for _ in range(2)]
         answers = [c.result() for c in calls]
     assert runner.calls["encode"] == before + 1
     assert rle_mask(answers[0].instances[0].mask).tobytes() == rle_mask(answers[1].instances[0].mask).tobytes()

@@ -19,11 +19,13 @@ from tests.helpers import encode
 
 
 class Slow:
-    """Wraps a runner's detect with an adjustable delay (0 while the server warms up) and counts the calls."""
+    """Wraps a runner's detect with an adjustable delay (0 while the server warms up), counts the calls and keeps
+    the time each call had left (``service.runners.base.time_left``: what admission and Triton are told)."""
 
     def __init__(self) -> None:
         self.delay = 0.0
         self.calls = 0
+        self.time_left: list[float | None] = []
 
     def factory(self, settings):
         from service.runners.factory import load_runner
@@ -33,7 +35,10 @@ class Slow:
             detect = runner.detect
 
             async def slow_detect(*args, **kwargs):
+                from service.runners.base import time_left
+
                 self.calls += 1
+                self.time_left.append(time_left())
                 await asyncio.sleep(self.delay)
                 return await detect(*args, **kwargs)
 
@@ -305,7 +310,7 @@ def test_a_cancelled_stream_starts_no_queued_item_and_is_logged_cancelled(slow_s
 
 def test_a_stream_past_its_deadline_is_logged_deadline_exceeded_as_its_client_sees(slow_server, caplog):
     """gRPC cancels a stream at its deadline: the access log and metrics said CANCELLED, the client saw
-    DEADLINE_EXCEEDED (a Track call: its frames run under the server's own deadline, so gRPC's comes first)."""
+    DEADLINE_EXCEEDED. Its frame runs within the call's deadline too."""
     srv, slow = slow_server()
     slow.delay = 3.0
     caplog.set_level(logging.INFO, logger="detseg.access")
@@ -317,6 +322,7 @@ def test_a_stream_past_its_deadline_is_logged_deadline_exceeded_as_its_client_se
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(2.5)
     assert _access(caplog, "Track") == ["DEADLINE_EXCEEDED"]
+    assert slow.time_left[-1] is not None and slow.time_left[-1] <= 1.0  # the frame's deadline was a fresh 30 s
 
 
 def test_a_client_gone_while_a_stream_answer_waits_to_be_sent_is_a_cancellation_and_no_error(slow_server, caplog):
