@@ -354,10 +354,10 @@ class RedisTier:
 
     def _restart_ttl(self, p: Any, sha: str) -> None:
         """Queues on pipeline ``p`` the TTL restart of every shared value of image ``sha`` (the image's first)."""
-        for key in (self._image_key(sha), self._detector_key(sha), self._masks_key(sha)):
+        p.pexpire(self._image_key(sha), self._expire_ms)
+        for key in (self._detector_key(sha), self._masks_key(sha)):  # each hash and its order set
             p.pexpire(key, self._expire_ms)
-            if key != self._image_key(sha):
-                p.pexpire(f"{key}:order", self._expire_ms)
+            p.pexpire(f"{key}:order", self._expire_ms)
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Shares one more detector output of an image already shared."""

@@ -317,6 +317,9 @@ def _in_flight(metrics_port: int) -> float:
     return sum(s.value for s in family.samples) if family is not None else 0.0
 
 
+_MARK = "TEST_WORKERS_RUN"  # in the environment of a server a test starts, and so of its workers and redis-server
+
+
 def _helpers(mark: str) -> set[int]:
     """Worker and redis-server processes alive now that a server started with ``mark`` in its environment started
     (other servers on the machine are not this test's: another one's redis-server failed it once)."""
@@ -328,9 +331,6 @@ def _helpers(mark: str) -> set[int]:
                 if p.environ().get(_MARK) == mark:
                     found.add(p.pid)
     return found
-
-
-_MARK = "TEST_WORKERS_RUN"
 
 
 def test_a_worker_that_cannot_load_stops_the_whole_server(tmp_path):
