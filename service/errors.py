@@ -6,6 +6,8 @@ Messages are written for the caller: brief, actionable, and free of paths, trace
 
 from __future__ import annotations
 
+import re
+
 
 class DetsegError(Exception):
     """Base class of every error detseg reports to a caller."""
@@ -14,14 +16,20 @@ class DetsegError(Exception):
 class InvalidInput(DetsegError):
     """The request is malformed or exceeds a limit (→ INVALID_ARGUMENT).
 
-    The message names the offending field (e.g. ``image.encoded``) and, where one applies, the limit. ``field``,
-    where given, is that field's path for programs (``classes[2]``): a unary call's status carries it as a
-    ``google.rpc.BadRequest`` field violation (``service.api.errors``).
+    The message names the offending field first (``regions[0].box: ...``) and, where one applies, the limit.
+    ``field`` is that field's path for programs (``classes[2]``), read from the message's start where not given: a
+    unary call's status carries it as a ``google.rpc.BadRequest`` field violation (``service.api.errors``); without
+    it, a client could not tell which class was refused (it was given for one message of fifty).
     """
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        named = _FIELD_FIRST.match(message) if field is None else None
+        self.field = named.group(1) if named is not None else field
+
+
+# A message's leading field path and ": " (``frame.prompts[2].region.box: ...``).
+_FIELD_FIRST = re.compile(r"([a-z_][a-z0-9_]*(?:\[\d+\])*(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])*)*): ")
 
 
 class InvalidImage(InvalidInput):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -22,3 +22,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def upright_rgb(img: Image.Image) -> np.ndarray:
+    """An image file's pixels as they are displayed (EXIF orientation applied) → (H, W, 3) uint8, as ``to_rgb``."""
+    return to_rgb(ImageOps.exif_transpose(img) or img)

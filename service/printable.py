@@ -3,11 +3,12 @@ categories): printable characters only (``check_printable``), and when two names
 (``normalise_class_name``).
 
 Refused: Unicode control characters (category Cc: C0 and C1 controls, DEL, NUL, ESC, newline, tab), format characters
-(Cf: zero-width space and joiners, bidirectional overrides, the byte order mark), surrogates (Cs: only a lone one can
-reach a Python str), line and paragraph separators (Zl, Zp) and noncharacters (U+FDD0..U+FDEF and the last two code
-points of every plane, e.g. U+FFFF). Everything else stays: ordinary spaces, punctuation, letters of any script
-("café", "红色"), emoji. Text that passes is echoed safely in a terminal and a log line, and every character of it is
-allowed in XML 1.0 (CVAT, Label Studio configs), JSON and YAML.
+(Cf: zero-width space, bidirectional overrides, the byte order mark) but the zero-width non-joiner and joiner
+(U+200C, U+200D: Persian and other scripts spell words with them, emoji sequences join with them), surrogates (Cs:
+only a lone one can reach a Python str), line and paragraph separators (Zl, Zp) and noncharacters (U+FDD0..U+FDEF
+and the last two code points of every plane, e.g. U+FFFF). Everything else stays: ordinary spaces, punctuation,
+letters of any script ("café", "红色"), emoji. Text that passes is echoed safely in a terminal and a log line, and
+every character of it is allowed in XML 1.0 (CVAT, Label Studio configs), JSON and YAML.
 
 Pure and dependency-free: the server validates and matches requests with them (``service.pipeline.prompts``) and
 the client side (``detseg label``, its exports' categories, ``detseg eval``'s datasets) checks and matches with the
@@ -29,6 +30,9 @@ _KINDS = {
 }
 
 
+_JOINERS = frozenset("\u200c\u200d")  # format characters that words and emoji are spelled with
+
+
 def _is_noncharacter(code: int) -> bool:
     return 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
 
@@ -38,7 +42,7 @@ def unprintable(text: str) -> str | None:
     (U+0000)"); None when every character is printable."""
     for char in text:
         code = ord(char)
-        kind = _KINDS.get(unicodedata.category(char))
+        kind = None if char in _JOINERS else _KINDS.get(unicodedata.category(char))
         if kind is None and _is_noncharacter(code):
             kind = "a noncharacter"
         if kind is not None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import dataset_rle
+from service.pixels import upright_rgb
 from service.printable import normalise_class_name
 
 
@@ -103,8 +104,10 @@ class SamExample:
 
 
 def sam_examples(dataset: EvalDataset, side: int) -> list[SamExample]:
-    """Every image with at least one non-crowd instance, resized to ``side`` × ``side`` as the service's SAM
-    pre-processing does (service.processing.segmentation), with its instance masks and boxes in that frame."""
+    """Every image with at least one non-crowd instance, read as the server reads it (EXIF orientation applied: the
+    frame of the masks; a phone photo's stored pixels were paired with its upright masks) and resized to ``side`` ×
+    ``side`` as the service's SAM pre-processing does (service.processing.segmentation), with its instance masks and
+    boxes in that frame."""
     import cv2
     from PIL import Image
     from pycocotools import mask as mask_utils
@@ -118,7 +121,8 @@ def sam_examples(dataset: EvalDataset, side: int) -> list[SamExample]:
         anns = [a for a in dataset.annotations(image.id) if not a.get("iscrowd")]
         if not anns:
             continue
-        rgb = np.asarray(Image.open(image.path).convert("RGB"))
+        with Image.open(image.path) as opened:
+            rgb = upright_rgb(opened)  # as the server reads it: the frame of the masks
         masks, boxes = [], []
         for a in anns:
             full = mask_utils.decode(dataset_rle(a, dataset)).astype(np.float32)

@@ -223,6 +223,13 @@ def _split(
     train = _without(split.train, measured, digests)
     if not train.images:
         raise ValueError(f"{job.annotations}: every image is also held out or in --original; nothing to train on")
+    annotations = train.coco["annotations"]
+    if annotations and all(a.get("iscrowd") for a in annotations):  # nothing to train on, said rather than done
+        raise ValueError(
+            f"{job.annotations}: every annotation of the training images is a crowd region (iscrowd 1), which is "
+            "not trained on (COCO's meaning: a group, no instance); CVAT's COCO export (datumaro) writes its masks so: "
+            "set iscrowd to 0 for instances"
+        )
     split = dataclasses.replace(split, train=train)
     if job.replay is None:
         return split

@@ -8,10 +8,10 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from service.pixels import to_rgb
+from service.pixels import upright_rgb
 
 
 def decode_rle(size: list[int], counts: bytes) -> np.ndarray:
@@ -34,11 +34,11 @@ def render_overlay(image_bytes: bytes, instances: list[dict], alpha: float = 0.5
 
     ``instances`` are dicts with label, score, box [x0, y0, x1, y1] and rle {size, counts}; the image is
     shown EXIF-transposed, the frame the service answers in, and converted to RGB as the server converts it
-    (``service.pixels.to_rgb``: 16-bit scaled, alpha over white; a plain conversion drew a 16-bit grey image white
+    (``service.pixels.upright_rgb``: 16-bit scaled, alpha over white; a plain conversion drew a 16-bit grey image white
     and a transparent one black).
     """
     opened = Image.open(io.BytesIO(image_bytes))
-    rgb = to_rgb(ImageOps.exif_transpose(opened) or opened)
+    rgb = upright_rgb(opened)
     drawn = [
         Drawn(
             colour=i,

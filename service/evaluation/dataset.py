@@ -87,6 +87,13 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
     extra = _json(Path(slices)) if slices is not None else {}
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError(f"{slices}: not a slices file (an object: file_name or image id -> {{attribute: value}})")
+    named = {e["file_name"] for e in coco["images"]} | {str(e["id"]) for e in coco["images"]}
+    unknown = [k for k in extra if k not in named]
+    if unknown:  # e.g. "a.png" where the file_name is "images/a.png": its slices were dropped without a word
+        raise ValueError(
+            f"{slices}: {len(unknown)} key(s) name no image of {annotations} (keys are file_names as written there, "
+            f"or image ids): {', '.join(repr(k) for k in unknown[:3])}"
+        )
     out = []
     for entry in coco["images"]:
         path = folder / entry["file_name"]
@@ -107,7 +114,7 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
                 path,
                 entry["width"],
                 entry["height"],
-                {str(k): str(v) for k, v in attrs.items()},
+                {str(k): str(v) for k, v in attrs.items() if v is not None},  # null: the image has no value
             )
         )
     categories = {c["id"]: str(c["name"]) for c in coco["categories"]}
@@ -117,8 +124,10 @@ def load_dataset(annotations: Path, images: Path | None = None, slices: Path | N
 def _checked(coco: Any, source: Path) -> dict[str, Any]:
     """``coco`` with what COCOeval and the requests read checked, and with what COCO derives from an instance's
     mask filled in where an annotation leaves it out: ``area`` (the mask's pixels), ``bbox`` (the mask's box) and
-    ``iscrowd`` (0). ValueError: ``{source}: images[3]: 'width' ...`` -- the entry and the field, never a
-    traceback later (pycocotools would raise KeyError, or silently skip an annotation of an unknown image)."""
+    ``iscrowd`` (0). An annotation id 0 (Label Studio's and Roboflow's exports number annotations from 0) becomes the
+    largest id + 1: COCOeval takes a match to id 0 for no match. ValueError: ``{source}: images[3]: 'width' ...``
+    -- the entry and the field, never a traceback later (pycocotools would raise KeyError, or silently skip an
+    annotation of an unknown image)."""
     from pycocotools import mask as mask_utils
 
     for key in ("images", "annotations", "categories"):
@@ -173,6 +182,10 @@ def _checked(coco: Any, source: Path) -> dict[str, Any]:
         elif not _box(entry["bbox"]):
             raise ValueError(f"{where}: 'bbox' must be [x, y, width, height], finite, width and height >= 0")
         annotations.append(filled)
+    if 0 in ids:  # COCOeval records a match as the ground truth's id, 0 meaning none: a match to id 0 was a miss
+        for a in annotations:
+            if a["id"] == 0:
+                a["id"] = max(ids) + 1
     return {**coco, "images": images, "annotations": annotations}
 
 

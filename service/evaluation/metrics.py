@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -75,8 +76,11 @@ def coco_results(dataset: EvalDataset, predictions: Sequence[ImagePrediction], m
     return out
 
 
-def cocoeval(dataset: EvalDataset, results: list[dict], iou_type: str) -> Any:
-    """A COCOeval (``iou_type`` "segm" or "bbox") evaluated and accumulated, or None with no results."""
+def cocoeval(dataset: EvalDataset, results: list[dict], iou_type: str, *, every_result: bool = False) -> Any:
+    """A COCOeval (``iou_type`` "segm" or "bbox") evaluated and accumulated, or None with no results.
+    ``every_result``: its largest ``maxDets`` raised from COCO's 100 to the most results of one image and category,
+    so that every result is matched (the operating threshold's figures: COCOeval leaves the results past 100 out,
+    and they counted as false positives, their ground truth as missed); AP and AP50 keep COCO's 100."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -90,6 +94,9 @@ def cocoeval(dataset: EvalDataset, results: list[dict], iou_type: str) -> Any:
         gt.dataset = dataset.coco
         gt.createIndex()
         e = COCOeval(gt, gt.loadRes([{k: v for k, v in r.items() if k != drop} for r in results]), iou_type)
+        if every_result:
+            most = max(collections.Counter((r["image_id"], r["category_id"]) for r in results).values())
+            e.params.maxDets = [*e.params.maxDets[:-1], max(most, e.params.maxDets[-1])]
         e.evaluate()
         e.accumulate()
         e.summarize()
@@ -201,7 +208,7 @@ def evaluate(
         if name == "mask":
             figures["pr_curves"] = _pr_curves(dataset, e)
             figures["ap50_per_class"] = _ap50_per_class(e, dataset)
-    e = cocoeval(dataset, kept, "segm")
+    e = cocoeval(dataset, kept, "segm", every_result=True)
     outs, matched = outcomes(dataset, e, kept) if e is not None else ([], set())
     figures["overall"] = _group(outs, all_gt, matched, len(dataset.images))
     figures["matched_mask_ious"] = [o.mask_iou for o in outs if o.gt_id]
@@ -305,12 +312,17 @@ def _precision_by_category(e: Any) -> dict[int, np.ndarray]:
 
 
 def _ap50_per_class(e: Any, dataset: EvalDataset) -> dict[str, float | None]:
-    """AP at IoU 0.5 per category name (area all, 100 detections), None where a category has no ground truth."""
+    """AP at IoU 0.5 per category name (area all, 100 detections), None where a category has no ground truth; 0
+    where it has some and there are no results at all (as COCOeval says once any category has a result)."""
     by_id = _precision_by_category(e) if e is not None else {}
+    found = {a["category_id"] for a in dataset.coco["annotations"] if not a.get("iscrowd")}
     out: dict[str, float | None] = {}
     for cid, name in dataset.categories.items():
         p = by_id.get(cid)
-        out[name] = float(p.mean()) if p is not None and (p > -1).any() else None
+        if p is None:
+            out[name] = 0.0 if e is None and cid in found else None
+        else:
+            out[name] = float(p.mean()) if (p > -1).any() else None
     return out
 
 

@@ -2,13 +2,15 @@
 0.85 / 0.90 with the ground truth (at most ``MAX_CLICKS``; an instance that never gets there counts as
 ``MAX_CLICKS``), the standard figure of interactive segmentation (e.g. RITM, SimpleClick).
 
-The annotator (deterministic): the first click is positive, at the point of the object farthest from its
-boundary; every next click goes to the largest error region of the current mask, at its point farthest from
-the region's boundary (OpenCV's exact L2 distance transform; ties to the first pixel in row-major order):
-positive when the region is a miss (object not covered), negative when it is a spill. All clicks so far go to
-the service as one region prompt on the image's cached handle (EncodeImage: the encoder runs once per image),
-SAM choosing among three candidate masks while there is a single click (``multimask``), as SAM's own
-interactive demo does. Clicking stops once IoU reaches the highest threshold; the IoU-per-click curve carries
+The annotator (deterministic) is RITM's (``isegm/inference/clicker.py``, ``Clicker._get_next_click``), which
+SimpleClick and later work evaluate with: over the whole miss (object not covered) and the whole spill (covered,
+not object) of the current mask, each pixel's distance to the nearest pixel outside it (the exact L2 distance
+transform, exact, the image edge counting as outside), pixels clicked before excluded; the click goes to the farthest
+pixel (the first in row-major order), positive when the miss's farthest is farther than the spill's, else negative.
+The first click (no mask yet) is thus positive, at the point of the object farthest from its boundary.
+All clicks so far go to the service as one region prompt on the image's cached handle (EncodeImage: the encoder runs
+once per image), SAM choosing among three candidate masks while there is a single click (``multimask``), as SAM's
+own interactive demo does. Clicking stops once IoU reaches the highest threshold; the IoU-per-click curve carries
 the last IoU forward to ``MAX_CLICKS``.
 """
 
@@ -17,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
+from scipy import ndimage
 
 from service.client import Client, ImageHandle, Point, Region
 
@@ -56,28 +58,35 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def interior_point(region: np.ndarray) -> tuple[int, int]:
     """(x, y) of the pixel of ``region`` (H, W) bool farthest from its boundary (the image edge counts as
     boundary); the first such pixel in row-major order."""
-    padded = np.pad(region.astype(np.uint8), 1)
-    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    distance = _distance(region)
     y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return int(x), int(y)
 
 
-def next_click(gt: np.ndarray, mask: np.ndarray) -> Click:
-    """The click at the centre of the largest error region of ``mask`` against ``gt`` (both (H, W) bool)."""
-    best: tuple[int, np.ndarray, bool] | None = None
-    for region, positive in ((gt & ~mask, True), (mask & ~gt, False)):
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(region.view(np.uint8), connectivity=8)
-        if count <= 1:
-            continue
-        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        area = int(stats[k, cv2.CC_STAT_AREA])
-        if best is None or area > best[0]:
-            best = (area, labels == k, positive)
-    if best is None:  # the mask is perfect already: a confirming click on the object
+def next_click(gt: np.ndarray, mask: np.ndarray, previous: Sequence[Click] = ()) -> Click:
+    """RITM's next click on ``mask`` against ``gt`` (both (H, W) bool), never on a pixel of the ``previous`` clicks
+    (the module docstring). Where nothing is left to click (the mask is perfect, or every error pixel was clicked), a
+    confirming click on the object."""
+    clicked = np.ones(gt.shape, np.float32)  # RITM's not_clicked_map
+    for c in previous:
+        clicked[int(c.y), int(c.x)] = 0.0
+    miss = _distance(gt & ~mask) * clicked
+    spill = _distance(mask & ~gt) * clicked
+    farthest_miss, farthest_spill = float(miss.max(initial=0.0)), float(spill.max(initial=0.0))
+    if farthest_miss == farthest_spill == 0.0:
         x, y = interior_point(gt)
         return Click(x + 0.5, y + 0.5, True)
-    x, y = interior_point(best[1])
-    return Click(x + 0.5, y + 0.5, best[2])
+    positive = farthest_miss > farthest_spill
+    distance = miss if positive else spill
+    row, column = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return Click(int(column) + 0.5, int(row) + 0.5, positive)
+
+
+def _distance(region: np.ndarray) -> np.ndarray:
+    """Each pixel of ``region`` (H, W) bool: its L2 distance to the nearest pixel outside it, the image edge counting
+    as outside (0 outside the region). SciPy's exact transform: OpenCV's (RITM's) differs by float rounding from run
+    to run (its threads), which decided between pixels at equal distances."""
+    return np.asarray(ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1], np.float64)
 
 
 def annotate(
@@ -88,7 +97,7 @@ def annotate(
     ious: list[float] = []
     mask = np.zeros_like(gt)
     while len(clicks) < MAX_CLICKS and (not ious or ious[-1] < max(thresholds)):
-        clicks.append(next_click(gt, mask))
+        clicks.append(next_click(gt, mask, clicks))
         points = tuple(Point(c.x, c.y, c.positive) for c in clicks)
         result = client.segment(handle, regions=[Region(points=points)], multimask=len(clicks) == 1)
         mask = result.instances[0].mask

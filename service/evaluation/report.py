@@ -4,8 +4,10 @@ inlined as PNG data URIs) and the plots as PNG files beside them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,26 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def write_plots(figures: dict[str, Any], out: Path) -> dict[str, Path]:
-    """The plots as PNGs in ``out``; returns name → path."""
+@contextlib.contextmanager
+def _pyplot() -> Iterator[Any]:
+    """matplotlib's pyplot (Agg) with TeX-like math off: a class name or slice value with two "$" (a price band) was
+    read as math and failed the whole report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield plt
+
+
+def write_plots(figures: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The plots as PNGs in ``out``; returns name → path."""
+    with _pyplot() as plt:
+        return _plots(plt, figures, out)
+
+
+def _plots(plt: Any, figures: dict[str, Any], out: Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
 
     def save(fig: Any, name: str) -> None:
@@ -272,11 +287,11 @@ def _delta(before: Any, after: Any) -> str:
 
 def _slice_delta_plot(before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
     """Change of recall and matched mask IoU per slice, one panel per dataset."""
-    import matplotlib
+    with _pyplot() as plt:
+        return _slice_delta(plt, before, after, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _slice_delta(plt: Any, before: dict[str, Any], after: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(after), figsize=(6 * len(after), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], after, strict=True):
         labels, d_recall, d_iou = [], [], []
@@ -299,6 +314,12 @@ def _slice_delta_plot(before: dict[str, Any], after: dict[str, Any], path: Path)
     return path
 
 
+def _md_cell(text: str) -> str:
+    """A markdown table cell showing ``text`` as written: a class name's "<b>" or line break is text, not markup or a
+    new row."""
+    return " ".join(html.escape(text, quote=False).splitlines()).replace("|", "\\|")
+
+
 def _write_documents(
     out: Path,
     stem: str,
@@ -311,7 +332,7 @@ def _write_documents(
     md = [f"# {title}", "", intro, ""]
     for name, head, rows in tables:
         md += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
+        md += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""]
     md += [f"![{name}]({p.name})" for name, p in paths.items()]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     parts = [

@@ -11,7 +11,7 @@ from service.client import Client
 from service.evaluation.dataset import EvalDataset
 from service.evaluation.metrics import coco_results, dataset_rle, evaluate
 from service.evaluation.noc import InstanceEffort, annotate, summarize
-from service.evaluation.predict import Prompt, classes_to_ask, predict, readable_classes
+from service.evaluation.predict import Prompt, classes_to_ask, predict, readable_names
 from service.evaluation.report import write_report
 from service.proto.detseg.v1 import detseg_pb2 as pb
 
@@ -48,9 +48,10 @@ def run_eval(
 ) -> dict[str, Any]:
     """Runs everything and writes the report into ``out``; returns the figures. ``score_threshold``: what the
     requests ask for (low, for AP); ``operating_threshold``: where instances are kept (default: the server's
-    default score threshold, from ListModels). A closed detector is asked only for the categories it knows, an
-    open-vocabulary one only for those its server accepts (``readable_classes``); the others are listed in the
-    figures' ``classes_not_asked`` and count as missed. An image whose request failed (or whose answer is not at
+    default score threshold, from ListModels). With ``classes``, a closed detector is asked only for the categories it
+    knows, an open-vocabulary one only for those its server accepts; with ``texts``, only the names the server
+    accepts as texts (``readable_names``); the others are listed in the figures' ``classes_not_asked`` and count as
+    missed (``boxes`` asks every category). An image whose request failed (or whose answer is not at
     the dataset's size) counts as empty, is listed in the figures' ``failed_images`` with why, and is not clicked
     on by the simulated annotator."""
     t = time.perf_counter()
@@ -58,9 +59,14 @@ def run_eval(
     if operating_threshold is None:
         operating_threshold = float(served.defaults.score_threshold)
     detector = next((m for m in served.models if m.role == pb.MODEL_ROLE_DETECTOR), None)
-    asked = classes_to_ask(dataset, detector)
-    if prompt is Prompt.CLASSES and detector is not None and detector.open_vocabulary:
-        asked = readable_classes(client, dataset, asked)
+    if prompt is Prompt.BOXES:  # every category labels its boxes
+        asked = list(dataset.categories.values())
+    elif prompt is Prompt.TEXTS:
+        asked = readable_names(client, dataset, list(dataset.categories.values()), "texts")
+    else:
+        asked = classes_to_ask(dataset, detector)
+        if detector is not None and detector.open_vocabulary:
+            asked = readable_names(client, dataset, asked, "classes")
     predictions = predict(client, dataset, prompt, score_threshold, asked)
     figures = evaluate(dataset, predictions, operating_threshold)
     figures["prompt"] = prompt.value

@@ -4,11 +4,16 @@
 - Requests go over StreamSegment (``Client.segment_many``): the server keeps at most its
   ``max_stream_in_flight`` in flight, so concurrency is bounded without threads here.
 - Resumable: each answer is appended to ``records.jsonl`` (one JSON object per line, flushed and fsynced)
-  as soon as it arrives; a re-run skips images whose relative path and sha256 are there. A killed run loses
-  nothing written (a torn last line is ignored). Failed images go to ``errors.jsonl`` with the server's
-  message and are retried by the next run; they never stop this one.
-- Prompts are checked before anything is sent (``check_prompts``: not blank, printable text), so a label the server
-  would refuse for every image stops the run at once.
+  as soon as it arrives; a re-run skips images whose relative path and sha256 are there (a record of an image
+  changed since is dropped, whether or not the image is labeled again). A killed run loses nothing written (a torn
+  last line is ignored). Failed images go to ``errors.jsonl`` with the server's message and are retried by the
+  next run; they never stop this one. ``run.json`` holds what made the records (``run_identity``: the server's
+  models and backend, the prompts, the score threshold): a re-run into the same folder with anything else is
+  refused, since the manifest names one set of models and prompts for every record.
+- Prompts are checked before anything is sent (``check_prompts``: not blank, printable text), and then asked of the
+  server on the first image to label (at score threshold 1): a label it refuses (an unknown class, a text that
+  matches no class) would be refused for every image, so the run stops at once. File names are checked then too
+  (``check_file_names``), so no export fails after every image was labeled.
 - At the end, the exports (``service.labeling.exports``) are written from all records under ``exports/``,
   with a provenance manifest (models, weights sha256, inputs sha256, prompts, parameters, time, and the sha256 of
   every file the export wrote but the placed source images) beside them, signed when a key is given
@@ -21,19 +26,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service import __version__, provenance
-from service.client import Client, segment_request
+from service.client import Client, RequestFailed, segment_request
 from service.errors import InvalidInput
 from service.labeling.records import LabeledImage, LabeledInstance
-from service.printable import check_printable, normalise_class_name
+from service.printable import check_printable, normalise_class_name, unprintable
 from service.proto.detseg.v1 import detseg_pb2 as pb
 from service.provenance import file_sha256
 from service.provenance.response import manifest_models
@@ -42,6 +49,7 @@ from service.results import Instance, Result
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
 ERRORS = "errors.jsonl"
+RUN = "run.json"
 FORMATS = ("coco", "yolo", "cvat", "label-studio")
 
 
@@ -83,15 +91,86 @@ class LabelSummary:
     exports: dict[str, Path]
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every image under ``folder``, sorted by relative path. ValueError when ``folder`` is no folder or holds no
-    image (a mistyped or wrong folder: said, rather than empty exports written)."""
+def image_files(folder: Path, out: Path | None = None) -> list[Path]:
+    """Every image under ``folder`` but those under ``out`` (the run's own folder, where the exports place the
+    images: inside ``folder``, each re-run labeled them as new images), sorted by relative path. ValueError when
+    ``folder`` is no folder or holds no image (a mistyped or wrong folder: said, rather than empty exports
+    written)."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    skip = os.path.abspath(out) if out is not None else None
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and (skip is None or os.path.commonpath([skip, os.path.abspath(p)]) != skip)
+    )
     if not files:
         raise ValueError(f"{folder}: no images under it ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def check_file_names(names: Sequence[str], formats: Sequence[str]) -> None:
+    """ValueError for a file name the exports cannot carry (not printable text, ``service.printable``) or, with
+    ``yolo``, two images that would share one YOLO label file (``a.jpg``, ``a.png``): said before any image is sent,
+    not once every image is labeled."""
+    from service.labeling import exports
+
+    for name in names:
+        problem = unprintable(name)
+        if problem is not None:
+            raise ValueError(f"file_name {name!r}: contains {problem}; file names must be printable text")
+    if "yolo" in formats:
+        exports.check_label_paths(names)
+
+
+def run_identity(models: pb.ListModelsResponse, prompts: Prompts) -> dict[str, Any]:
+    """What makes a run's records: the server's models (``manifest_models``) and backend, the prompts, and the score
+    threshold in force (the server's default where the run gives none)."""
+    threshold = prompts.score_threshold
+    return {
+        "models": manifest_models(models.models),
+        "backend": models.backend,
+        "classes": list(prompts.classes),
+        "texts": list(prompts.texts),
+        "score_threshold": float(models.defaults.score_threshold if threshold is None else threshold),
+    }
+
+
+def check_same_run(out: Path, identity: dict[str, Any]) -> None:
+    """ValueError naming what differs when ``out`` holds records of a run with another ``run_identity``."""
+    path = out / RUN
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    differs = [k for k in identity if earlier.get(k) != identity[k]] if isinstance(earlier, dict) else list(identity)
+    if differs:
+        raise ValueError(
+            f"{out} holds the records of another run (its {', '.join(differs)} differed; {path} says what made "
+            "them): label into a new --out, or remove that folder to label again"
+        )
+
+
+def check_served_prompts(client: Client, image: Path, prompts: Prompts) -> None:
+    """Asks the prompts of the server on one image at score threshold 1 (nothing is segmented): RequestFailed when it
+    refuses a prompt itself (INVALID_ARGUMENT naming ``classes[i]`` or ``texts[i]``: a class the detector does not
+    know, a text that matches none of its classes), which every image would get. Any other refusal is that image's
+    (it fails again in the run and is recorded)."""
+    try:
+        client.segment(
+            image.read_bytes(),
+            classes=prompts.classes,
+            texts=prompts.texts,
+            score_threshold=1.0,
+            request_id="label-prompts",
+        )
+    except RequestFailed as e:
+        if e.code == grpc.StatusCode.INVALID_ARGUMENT and re.fullmatch(r"(classes|texts)\[\d+\]", e.field or ""):
+            raise
 
 
 def read_records(out: Path) -> dict[str, LabeledImage]:
@@ -161,24 +240,33 @@ def label_folder(
     progress: bool = True,
 ) -> LabelSummary:
     """Labels every image of ``folder`` not labeled yet into ``out``, then writes the exports. Bad prompts
-    (InvalidInput), formats, a folder that is none or holds no image, or a ``signing_key`` that is no Ed25519 private
-    key (ValueError) are refused before anything is sent or written."""
+    (InvalidInput, or RequestFailed where the server refuses them), formats, file names, a folder that is none or
+    holds no image, an ``out`` of another run, or a ``signing_key`` that is no Ed25519 private key (ValueError) are
+    refused before anything is written."""
     from tqdm import tqdm
 
     check_prompts(prompts)
     check_formats(formats)
-    files = image_files(folder)
+    files = image_files(folder, out)
+    check_file_names([path.relative_to(folder).as_posix() for path in files], formats)
     key = provenance.load_private_key(signing_key) if signing_key is not None else None
-    out.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(client.list_models(), prompts)
+    check_same_run(out, identity)
     done = read_records(out)
-    for log in (out / RECORDS, out / ERRORS):
-        _end_torn_line(log)
     todo: list[tuple[str, Path, str]] = []
     for path in files:
         name = path.relative_to(folder).as_posix()
         digest = file_sha256(path)
-        if name not in done or done[name].sha256 != digest:
+        if name in done and done[name].sha256 != digest:
+            del done[name]  # its labels are another image's, whether or not this run labels it
+        if name not in done:
             todo.append((name, path, digest))
+    if todo:
+        check_served_prompts(client, todo[0][1], prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN).write_text(json.dumps(identity, indent=2) + "\n")
+    for log in (out / RECORDS, out / ERRORS):
+        _end_torn_line(log)
 
     def requests() -> Iterator[Any]:
         for _, path, digest in todo:
@@ -256,8 +344,8 @@ def write_exports(
 
     Everything is written into a temporary sibling of ``out`` first and renamed into place only when complete (an
     earlier export there is replaced as a whole); on any failure the sibling is removed and ``out`` is left as it
-    was. The manifest lists every file written except the placed source images (``exports.placed_images``, by exact
-    path; links to, or copies of, the inputs whose sha256 the manifest records)."""
+    was. The manifest lists every file written as an artifact, but the placed source images (links to, or copies
+    of, the inputs whose sha256 the manifest records): their folders are its ``provenance.PLACED_INPUTS``."""
     from service.labeling import exports
 
     check_formats(formats)
@@ -269,17 +357,17 @@ def write_exports(
     stage = _new_sibling(out, "partial")
     try:
         written: dict[str, Path] = {}
-        placed: list[Path] = []
+        placed: list[str] = []  # the folders holding the source images (links or copies), relative to ``out``
         for fmt in formats:
             target, final = stage / fmt, out / fmt
             if fmt == "coco":
                 path = exports.write_coco(images, categories, target)
             elif fmt == "yolo":
                 path = exports.write_yolo_seg(images, categories, target, folder, dataset_root=final)
-                placed += exports.placed_images(images, target)
+                placed.append(f"{fmt}/{exports.IMAGES_DIR}")
             elif fmt == "cvat":
                 path = exports.write_cvat(images, categories, target, folder)
-                placed += exports.placed_images(images, target)
+                placed.append(f"{fmt}/{exports.IMAGES_DIR}")
             else:
                 path = exports.write_label_studio(images, categories, target, image_url_prefix).tasks
             written[fmt] = out / path.relative_to(stage)
@@ -322,14 +410,15 @@ def write_manifest(
     prompts: Prompts,
     categories: Sequence[str],
     key: Ed25519PrivateKey | None,
-    placed: Sequence[Path] = (),
+    placed: Sequence[str] = (),
 ) -> Path:
     """``out/detseg-manifest.json`` over every file under ``out`` (walked: whatever the export wrote, at any depth,
-    links included) except the placed source images ``placed`` (exact paths under ``out``) and the manifest itself.
-    A link among them that leads outside ``out`` is refused (ValueError), never skipped. ``models``: the server's
-    ListModels answer."""
-    skip = {os.path.abspath(p) for p in placed} | {os.path.abspath(out / provenance.MANIFEST_NAME)}
-    files = [p for p in provenance.files_under(out) if os.path.abspath(out / p) not in skip]
+    links included) but the manifest itself and the input images placed in the folders ``placed`` (relative to
+    ``out``, each holding every image under its file_name: the manifest's ``provenance.PLACED_INPUTS``, verified
+    against the inputs' sha256). A link among the others that leads outside ``out`` is refused (ValueError), never
+    skipped. ``models``: the server's ListModels answer."""
+    skip = {f"{folder}/{i.file_name}" for folder in placed for i in images} | {provenance.MANIFEST_NAME}
+    files = [p for p in provenance.files_under(out) if p.as_posix() not in skip]
     base = provenance.manifest(
         kind=provenance.KIND_EXPORT,
         models=manifest_models(models.models),
@@ -340,6 +429,7 @@ def write_manifest(
             "categories": list(categories),
             "profile": models.profile,
             "backend": models.backend,
+            provenance.PLACED_INPUTS: list(placed),
         },
         artifacts=[],
         detseg_version=__version__,

@@ -30,11 +30,11 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from torchcodec.decoders import decode_jpeg
 
 from service.errors import ConfigurationError, InvalidImage
-from service.pixels import to_rgb
+from service.pixels import upright_rgb
 
 # Allowed formats: (magic-byte test, PIL format name, our name).
 _ALLOWED = (
@@ -148,7 +148,7 @@ def decode_image(
         rgb = _torchcodec_pixels(data, img, jpeg_device) if pil_format == "JPEG" else None
         if rgb is None:
             img.load()
-            rgb = to_rgb(ImageOps.exif_transpose(img) or img)
+            rgb = upright_rgb(img)
     except (*_CORRUPT, Image.DecompressionBombError):
         raise InvalidImage(f"{field}: corrupt or truncated {ours.upper()} data") from None
     return DecodedImage(rgb=rgb, format=ours, sha256=sha256 or hashlib.sha256(data).hexdigest())

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from service.provenance.canonical import canonical_json, content_artifact, file_sha256, instances_digest, sha256_hex
 from service.provenance.exports import (
+    PLACED_INPUTS,
     VerifyReport,
     files_under,
     verify_path,
@@ -59,6 +60,7 @@ __all__ = [
     "KIND_EXPORT",
     "KIND_RESPONSE",
     "MANIFEST_NAME",
+    "PLACED_INPUTS",
     "SCHEMA",
     "VerificationFailed",
     "VerifyReport",

@@ -23,8 +23,8 @@ class VerifyReport:
     """A manifest file whose envelope, artifacts and given weights verified.
 
     ``artifacts_checked``: files whose size and sha256 matched (0 for a ``response`` manifest);
-    ``weights_checked``: weights files whose sha256 matched a model of the manifest; ``unlisted``: files under an
-    export folder that the manifest does not cover (relative POSIX paths, sorted; reported, not a failure).
+    ``inputs_checked``: input images placed in the export (``PLACED_INPUTS``) whose sha256 matched their input's;
+    ``weights_checked``: weights files whose sha256 matched a model of the manifest.
     """
 
     signed: bool
@@ -32,7 +32,13 @@ class VerifyReport:
     artifacts_checked: int
     weights_checked: int
     manifest: dict[str, Any]
-    unlisted: tuple[str, ...] = ()
+    inputs_checked: int = 0
+
+
+# An export manifest's parameter: the folders (relative POSIX paths) that hold every input under its own name, as
+# links to the source images or copies of them (``detseg label``'s YOLO and CVAT images). The manifest lists their
+# sha256 as inputs, not as artifacts (a link leads out of the folder); verify checks them against those.
+PLACED_INPUTS = "placed_inputs"
 
 
 def write_envelope(path: Path, envelope: Mapping[str, Any]) -> Path:
@@ -103,7 +109,9 @@ def verify_path(
 
     Checks the envelope (:func:`verify_envelope`); for an ``export`` manifest, that every artifact exists under the
     manifest's folder (never outside it: absolute paths, '..' and symlinks out are refused) with its size and
-    sha256; and that each of ``weights`` has the ``weights_sha256`` of some model in the manifest.
+    sha256, that every input placed in it (``PLACED_INPUTS``) is there with its input's sha256, and that the folder
+    holds no other file (an image and label added to a YOLO dataset are trained on); and that each of ``weights``
+    has the ``weights_sha256`` of some model in the manifest.
 
     Raises:
         VerificationFailed: the message names the file and what failed; when several artifacts fail, all are
@@ -115,9 +123,9 @@ def verify_path(
         _read_envelope(manifest_path), trusted_keys=trusted_keys, require_signature=require_signature
     )
     content = result.manifest
-    checked: tuple[int, tuple[str, ...]] = (0, ())
+    checked = (0, 0)
     if content["kind"] == KIND_EXPORT:
-        checked = _verify_artifacts(manifest_path.parent, content["artifacts"])
+        checked = _verify_files(manifest_path.parent, content)
     weights_checked = verify_weights(weights, content["models"])
     return VerifyReport(
         signed=result.signed,
@@ -125,7 +133,7 @@ def verify_path(
         artifacts_checked=checked[0],
         weights_checked=weights_checked,
         manifest=content,
-        unlisted=checked[1],
+        inputs_checked=checked[1],
     )
 
 
@@ -145,19 +153,52 @@ def _read_envelope(path: Path) -> dict[str, Any]:
     return data
 
 
-def _verify_artifacts(folder: Path, artifacts: list[dict[str, Any]]) -> tuple[int, tuple[str, ...]]:
+def _verify_files(folder: Path, content: dict[str, Any]) -> tuple[int, int]:
+    """An export's artifacts and placed inputs checked, and nothing else under ``folder``: (artifacts, inputs)."""
     root = folder.resolve()
     problems = []
-    for artifact in artifacts:
+    for artifact in content["artifacts"]:
         name = artifact["name"]
         problem = _path_problem(name) or _file_problem(root, name, artifact["sha256"], artifact["bytes"])
         if problem:
             problems.append(problem)
+    placed = _placed_inputs(content)
+    for name, sha256 in placed.items():
+        problem = _path_problem(name) or _input_problem(root, name, sha256)
+        if problem:
+            problems.append(problem)
+    covered = {a["name"] for a in content["artifacts"]} | set(placed) | {MANIFEST_NAME}
+    added = sorted(set(_files_under(root)) - covered)
+    if added:
+        problems.append(
+            f"{len(added)} file(s) the manifest does not cover (added): {', '.join(added[:3])}"
+            f"{' ...' if len(added) > 3 else ''}"
+        )
     if problems:
-        message = problems[0] if len(problems) == 1 else f"{len(problems)} artifacts failed: " + "; ".join(problems)
+        message = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
         raise VerificationFailed(message, problems)
-    listed = {a["name"] for a in artifacts} | {MANIFEST_NAME}
-    return len(artifacts), tuple(sorted(set(_files_under(root)) - listed))
+    return len(content["artifacts"]), len(placed)
+
+
+def _placed_inputs(content: dict[str, Any]) -> dict[str, str]:
+    """Relative path → sha256 of every input placed in the export (``PLACED_INPUTS``)."""
+    folders = content["parameters"].get(PLACED_INPUTS, [])
+    if not isinstance(folders, list) or not all(isinstance(f, str) and f for f in folders):
+        raise VerificationFailed(f"the manifest's parameters.{PLACED_INPUTS} must be a list of folder names")
+    return {f"{folder}/{i['name']}": i["sha256"] for folder in folders for i in content["inputs"]}
+
+
+def _input_problem(root: Path, name: str, sha256: str) -> str | None:
+    """A placed input (a link to its source image, which lies outside the folder, or a copy of it), by content."""
+    full = root / name
+    if not full.exists():
+        return f"{name}: missing (deleted or moved, or its source image is)"
+    if not full.is_file():
+        return f"{name}: not a regular file"
+    actual = file_sha256(full)
+    if actual != sha256:
+        return f"{name}: not the image that was labeled (sha256 {actual}, the manifest's input {sha256})"
+    return None
 
 
 def _file_problem(root: Path, name: str, sha256: str, size: int) -> str | None:
@@ -180,8 +221,8 @@ def _file_problem(root: Path, name: str, sha256: str, size: int) -> str | None:
 def files_under(folder: Path) -> list[Path]:
     """Every file under ``folder`` at any depth, sorted, relative to ``folder`` (as ``write_signed_export`` takes
     them, wherever the working directory is): what an export wrote there (links to files included; links to folders
-    are listed by ``os.walk`` as folders and not followed). Export manifests cover these, less the placed source
-    images; ``verify_path`` reports those it does not cover."""
+    are listed by ``os.walk`` as folders and not followed). Export manifests cover these: as artifacts, or as placed
+    inputs (``PLACED_INPUTS``)."""
     return sorted(
         (Path(dirpath) / name).relative_to(folder) for dirpath, _dirs, names in os.walk(folder) for name in names
     )

@@ -23,7 +23,7 @@ class VerificationFailed(Exception):
     """A manifest, its signature, an artifact or a weights file did not verify.
 
     The message names what failed (e.g. ``"instances.json: sha256 mismatch (tampered or replaced)"``);
-    ``problems`` holds one line per failure when several artifacts failed at once.
+    ``problems`` holds one line per failure when several files failed at once.
     """
 
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:

@@ -196,7 +196,7 @@ def evaluate_clicks(model: Any, count: int = 30) -> dict:
                 clicks: list[noc.Click] = []
                 ious: list[float] = []
                 while len(clicks) < noc.MAX_CLICKS and (not ious or ious[-1] < max(noc.THRESHOLDS)):
-                    clicks.append(noc.next_click(gt, mask))
+                    clicks.append(noc.next_click(gt, mask, clicks))
                     masks, scores, _ = predictor.predict(
                         point_coords=np.array([[c.x, c.y] for c in clicks], np.float32),
                         point_labels=np.array([int(c.positive) for c in clicks], np.int32),

@@ -213,16 +213,49 @@ def test_an_image_read_at_another_size_fails_with_why_and_is_not_scored(demo_ser
 
 
 def test_a_refused_request_is_listed_with_the_servers_message(client, dataset, tmp_path):
-    """A ground-truth box of width 0 is no region prompt: that image's request is refused (INVALID_ARGUMENT) and
-    the figures say so (before: it counted as an empty image without a word)."""
+    """An image the server cannot decode is refused (INVALID_ARGUMENT): it counts as an empty image and the figures
+    say so (before: it counted as an empty image without a word)."""
     small = dataset.limit(2)
-    coco = json.loads(json.dumps(small.coco))
-    coco["annotations"][0]["bbox"][2] = 0
-    annotations = tmp_path / "zero.json"
-    annotations.write_text(json.dumps(coco))
-    figures = run_eval(client, load_dataset(annotations, small.images[0].path.parents[1]), tmp_path / "r",
-                       prompt=Prompt.BOXES, noc_instances=0)  # fmt: skip
+    annotations = _copy(small, tmp_path / "data")
+    (tmp_path / "data" / small.images[0].file_name).write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    figures = run_eval(client, load_dataset(annotations), tmp_path / "r", prompt=Prompt.BOXES, noc_instances=0)
     [failed] = figures["failed_images"]
-    assert failed["image_id"] == coco["annotations"][0]["image_id"]
-    assert failed["error"].startswith("INVALID_ARGUMENT: regions[0].box: corners reversed or empty")
+    assert failed["image_id"] == small.images[0].id
+    assert failed["error"].startswith("INVALID_ARGUMENT: image.encoded")
     assert "1 image(s) failed" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_boxes_prompt_sends_what_the_server_takes_and_no_request_for_an_image_without_ground_truth(client, dataset):
+    """`--prompt boxes`: a box of width 0, or drawn half a pixel past the image's edge (both loadable COCO), failed
+    the whole image's request (each instance then missed); an image without ground truth was sent with no regions,
+    so the detector ran and its answers counted as false positives."""
+    small = dataset.limit(3)
+    coco = json.loads(json.dumps(small.coco))
+    first, second, empty = small.images
+    [a, b, *_] = [x for x in coco["annotations"] if x["image_id"] == first.id]
+    a["bbox"][2] = 0
+    b["bbox"][2] = first.width - b["bbox"][0] + 0.5
+    coco["annotations"] = [x for x in coco["annotations"] if x["image_id"] != empty.id]
+    edited = dataclasses.replace(small, coco=coco)
+    predictions = predict(client, edited, Prompt.BOXES)
+    assert [p.error for p in predictions] == [None] * 3
+    answered = {p.image_id: p.instances for p in predictions}
+    assert len(answered[first.id]) == len(edited.annotations(first.id)) - 1  # all but the empty box
+    assert len(answered[second.id]) == len(edited.annotations(second.id))
+    assert answered[empty.id] == ()
+    assert all(p.instance.source == "region_prompt" for p in answered[first.id] + answered[second.id])
+
+
+def test_texts_prompt_leaves_out_a_category_the_server_cannot_match(client, dataset, tmp_path):
+    """`--prompt texts` sent every category name as a text: one the detector's classes cannot match ("dog") was
+    INVALID_ARGUMENT for every image (mask AP 0, every image failed); it is left out and counts as missed, as with
+    `--prompt classes`. ``classes_not_asked`` listed the detector's unknown classes whatever the prompt (``boxes``
+    asks every category)."""
+    small = dataset.limit(2)
+    coco = {**small.coco, "categories": [*small.coco["categories"], {"id": 99, "name": "dog"}]}
+    more = dataclasses.replace(small, coco=coco, categories={**small.categories, 99: "dog"})
+    texts = run_eval(client, more, tmp_path / "t", prompt=Prompt.TEXTS, noc_instances=0)
+    assert texts["failed_images"] == [] and texts["classes_not_asked"] == ["dog"]
+    assert texts["mask_ap50"] > 0.5
+    boxes = run_eval(client, more, tmp_path / "b", prompt=Prompt.BOXES, noc_instances=0)
+    assert boxes["classes_not_asked"] == [] and boxes["failed_images"] == []

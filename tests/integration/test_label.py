@@ -15,7 +15,7 @@ from PIL import Image
 
 from service import provenance
 from service.client import Client
-from service.labeling.run import ERRORS, RECORDS, Prompts, label_folder
+from service.labeling.run import ERRORS, RECORDS, RUN, Prompts, label_folder
 from service.shapes.dataset import scenes
 
 CLASSES = ("circle", "square", "triangle", "star", "hexagon")
@@ -107,11 +107,13 @@ def nested_folder(tmp_path):
     return root
 
 
-def test_a_byte_flip_in_any_exported_file_fails_verify_and_only_the_linked_images_are_left_out(
+def test_a_byte_flip_in_any_exported_file_fails_verify_and_the_linked_images_are_checked_as_inputs(
     demo_server, nested_folder, tmp_path
 ):
+    """Every file the export wrote is an artifact, but the linked source images, which are checked against the
+    manifest's inputs: an image swapped, replaced or deleted, or a file added (an image and its label that YOLO
+    trains on) passed verify before."""
     from service.cli import main
-    from service.labeling.exports import placed_images
     from service.labeling.run import read_records
 
     key = provenance.generate_key(tmp_path / "key.pem")
@@ -120,9 +122,7 @@ def test_a_byte_flip_in_any_exported_file_fails_verify_and_only_the_linked_image
                                progress=False)  # fmt: skip
     exports = summary.exports["manifest"].parent
     images = list(read_records(tmp_path / "out").values())
-    linked = {
-        p.relative_to(exports).as_posix() for fmt in ("yolo", "cvat") for p in placed_images(images, exports / fmt)
-    }
+    linked = {f"{fmt}/images/{i.file_name}" for fmt in ("yolo", "cvat") for i in images}
     everything = {p.relative_to(exports).as_posix() for p in exports.rglob("*") if p.is_file()}
     assert all((exports / name).is_symlink() for name in linked) and linked < everything
     public = f"{key}.pub"
@@ -130,7 +130,7 @@ def test_a_byte_flip_in_any_exported_file_fails_verify_and_only_the_linked_image
     report = provenance.verify_path(exports, trusted_keys=[provenance.load_public_key(Path(public))])
     covered = {a["name"] for a in report.manifest["artifacts"]}
     assert covered == everything - linked - {provenance.MANIFEST_NAME}
-    assert set(report.unlisted) == linked
+    assert report.inputs_checked == len(linked) == 2 * len(images)
     yolo_labels = {name for name in covered if name.startswith("yolo/images/labels/")}
     assert len(yolo_labels) == 2, covered  # the files the old "images" path filter left out
     main_files = ("yolo/data.yaml", "cvat/annotations.xml", "coco/instances.json", "label-studio/tasks.json")
@@ -147,6 +147,23 @@ def test_a_byte_flip_in_any_exported_file_fails_verify_and_only_the_linked_image
         assert main(verify) == 1, name
         path.write_bytes(original)
     assert main(verify) == 0
+    first, second = sorted(nested_folder.rglob("*.png"))[:2]
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b), second.write_bytes(a)  # two source images swapped: each label file now on another image
+    with pytest.raises(provenance.VerificationFailed, match="not the image that was labeled"):
+        provenance.verify_path(exports)
+    first.write_bytes(a), second.write_bytes(b)
+    linked_one = exports / sorted(linked)[0]
+    target = linked_one.readlink()
+    linked_one.unlink()
+    with pytest.raises(provenance.VerificationFailed, match=f"{sorted(linked)[0]}: missing"):
+        provenance.verify_path(exports)
+    linked_one.symlink_to(target)
+    (exports / "yolo" / "images" / "extra.png").write_bytes(b"an image added")
+    with pytest.raises(provenance.VerificationFailed, match=r"1 file\(s\) the manifest does not cover .*extra.png"):
+        provenance.verify_path(exports)
+    (exports / "yolo" / "images" / "extra.png").unlink()
+    assert main(verify) == 0
 
 
 def test_a_failed_export_leaves_the_previous_one_whole_and_a_first_one_absent(demo_server, folder, tmp_path):
@@ -157,15 +174,17 @@ def test_a_failed_export_leaves_the_previous_one_whole_and_a_first_one_absent(de
         exports = summary.exports["manifest"].parent
         before = _snapshot(exports)
         images = sorted(read_records(tmp_path / "out").values(), key=lambda i: i.file_name)
+        removed = (folder / images[-1].file_name).read_bytes()
         (folder / images[-1].file_name).unlink()  # COCO needs no image, YOLO does: it fails after COCO is written
         other = Prompts(classes=CLASSES[::-1])  # another category order: a COCO file that differs
         for out in (exports, tmp_path / "first"):
             with pytest.raises(FileNotFoundError, match=images[-1].file_name):
                 write_exports(client, images, folder, out, other, FORMATS, "/x/", None)
     assert _snapshot(exports) == before
+    (folder / images[-1].file_name).write_bytes(removed)  # the export links to it
     provenance.verify_path(exports, require_signature=False)
     assert not (tmp_path / "first").exists()
-    assert sorted(p.name for p in exports.parent.iterdir()) == sorted(["exports", RECORDS, ERRORS])  # no leftovers
+    assert sorted(p.name for p in exports.parent.iterdir()) == sorted(["exports", RECORDS, ERRORS, RUN])  # no leftovers
 
 
 def _snapshot(folder):
@@ -263,3 +282,64 @@ def test_an_object_a_class_and_a_text_both_find_is_one_annotation(demo_server, f
     assert once.instances > 0 and answered == 2 * once.instances
     assert twice.instances == once.instances
     assert len(json.loads(twice.exports["coco"].read_text())["annotations"]) == once.instances
+
+
+def test_a_changed_image_that_then_fails_keeps_no_labels_of_the_image_it_replaced(demo_server, folder, tmp_path):
+    """Its old record stayed and was exported (and signed, with the old sha256) on the new file."""
+    from service.labeling.run import read_records
+
+    out = tmp_path / "out"
+    changed = sorted(folder.rglob("*.png"))[0]
+    name = changed.relative_to(folder).as_posix()
+    with Client(demo_server.target) as client:
+        label_folder(client, folder, out, Prompts(classes=CLASSES), formats=("coco",), progress=False)
+        changed.write_bytes(changed.read_bytes()[:200])  # truncated: the server refuses it
+        again = label_folder(client, folder, out, Prompts(classes=CLASSES), formats=("coco",), progress=False)
+    assert (again.labeled_now, again.failed) == (0, 2)  # it and broken.jpg
+    coco = json.loads(again.exports["coco"].read_text())
+    assert name not in {i["file_name"] for i in coco["images"]}
+    manifest = provenance.verify_path(again.exports["manifest"], require_signature=False).manifest
+    assert name not in {i["name"] for i in manifest["inputs"]}
+    assert name in read_records(out)  # the log keeps what was answered; only the exports leave it out
+
+
+def test_a_rerun_with_other_prompts_is_refused_and_the_runs_own_folder_is_not_labeled(demo_server, folder, tmp_path):
+    """A re-run into the same --out with another threshold kept the first run's records and signed them all as made
+    at the new one (and with other models, by those); an --out inside the folder labeled the export's own copies
+    of the images as new images on every re-run."""
+    out = folder / "labels"  # inside the folder labeled
+    with Client(demo_server.target) as client:
+        first = label_folder(client, folder, out, Prompts(classes=CLASSES), formats=("yolo",), progress=False)
+        again = label_folder(client, folder, out, Prompts(classes=CLASSES), formats=("yolo",), progress=False)
+        before = (out / RECORDS).read_bytes()
+        default = client.list_models().defaults.score_threshold
+        other = Prompts(classes=CLASSES, score_threshold=0.9)
+        with pytest.raises(ValueError, match=r"holds the records of another run \(its score_threshold differed"):
+            label_folder(client, folder, out, other, formats=("yolo",), progress=False)
+    assert first.images == again.images == 7 and (again.labeled_now, again.skipped) == (0, 6)
+    assert (out / RECORDS).read_bytes() == before
+    assert json.loads((out / RUN).read_text())["score_threshold"] == pytest.approx(default)
+
+
+def test_file_names_and_prompts_every_image_would_fail_on_are_refused_before_any_is_labeled(demo_server, tmp_path):
+    """Names the exports refuse (a YOLO label file two images would share) were found after every image was labeled,
+    and no export was written; a class the closed detector does not know was sent with every image (each refused)
+    and an empty export signed. A Persian name spelled with a zero-width non-joiner is a name like any other."""
+    from service.client import RequestFailed
+
+    root = tmp_path / "images"
+    root.mkdir()
+    scene = next(iter(scenes("test", 1)))
+    Image.fromarray(scene.image).save(root / "نامه\u200cها.png")
+    with Client(demo_server.target) as client:
+        labeled = label_folder(client, root, tmp_path / "ok", Prompts(classes=CLASSES), progress=False)
+        assert labeled.labeled_now == 1 and "yolo" in labeled.exports
+        Image.fromarray(scene.image).save(root / "photo.png")
+        Image.fromarray(scene.image).save(root / "photo.jpg")
+        with pytest.raises(ValueError, match="'photo.jpg' and 'photo.png' would share one YOLO label file"):
+            label_folder(client, root, tmp_path / "stems", Prompts(classes=CLASSES), progress=False)
+        assert not (tmp_path / "stems").exists()
+        with pytest.raises(RequestFailed, match=r"INVALID_ARGUMENT: classes\[1\]: unknown class 'cirlce'"):
+            label_folder(client, root, tmp_path / "typo", Prompts(classes=("circle", "cirlce")), formats=("coco",),
+                         progress=False)  # fmt: skip
+        assert not (tmp_path / "typo").exists()

@@ -313,3 +313,29 @@ def test_no_image_measured_is_trained_on(tmp_path):
         trained_and_held(
             annotations=tmp_path / "all.json", holdout=tmp_path / "hold.json", original=tmp_path / "dup.json"
         )
+    # CVAT's COCO export (datumaro) writes every mask as a crowd region: adapt trained on nothing without a word
+    crowd = {**files["all"], "annotations": [{**a, "iscrowd": 1} for a in annotations]}
+    (tmp_path / "crowd.json").write_text(json.dumps(crowd))
+    with pytest.raises(ValueError, match=r"every annotation of the training images is a crowd region \(iscrowd 1\)"):
+        trained_and_held(annotations=tmp_path / "crowd.json", holdout=tmp_path / "hold.json")
+
+
+def test_sam_examples_read_an_exif_rotated_photo_upright_as_its_masks_are(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation; the server, `detseg label` and COCO's
+    masks are in the upright frame, and the SAM examples paired the stored pixels with those masks."""
+    upright = np.zeros((40, 24, 3), np.uint8)  # (H, W): taller than wide once upright
+    upright[:10, :, 0] = 255  # a red band along the top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # sideways: what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: undoes ROTATE_90 (counter-clockwise)
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    polygon = [[0, 0, 24, 0, 24, 10, 0, 10]]  # the band, upright
+    coco = {
+        "images": [{"id": 1, "file_name": "photo.jpg", "width": 24, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": polygon, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "band"}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    (example,) = adapt_data.sam_examples(load_dataset(tmp_path / "c.json"), 32)
+    red = example.image[0] > example.image[2] + 1.0  # normalised: red well above blue
+    assert red[example.masks[0] > 0].mean() > 0.9 and red[example.masks[0] == 0].mean() < 0.1

@@ -118,6 +118,20 @@ def test_a_slices_file_that_is_not_an_object_of_objects_is_refused(written, tmp_
         load_dataset(written[0], slices=path)
 
 
+def test_a_slices_key_naming_no_image_is_refused_and_a_null_value_is_no_value(written, tmp_path):
+    """A key that is not a file_name as written in the JSON (e.g. without its folder) dropped that image's slices
+    without a word; an attribute set to null became its own slice "None"."""
+    path, coco = written
+    first, second = coco["images"][0], coco["images"][1]
+    slices = tmp_path / "slices.json"
+    slices.write_text(json.dumps({first["file_name"].rsplit("/", 1)[-1] + ".x": {"weather": "rain"}}))
+    with pytest.raises(ValueError, match=r"1 key\(s\) name no image .*'[^']+\.x'"):
+        load_dataset(path, slices=slices)
+    slices.write_text(json.dumps({first["file_name"]: {"weather": "rain"}, str(second["id"]): {"weather": None}}))
+    loaded = load_dataset(path, slices=slices)
+    assert [i.slices.get("weather", "-") for i in loaded.images[:2]] == ["rain", "-"]
+
+
 def test_category_names_match_labels_as_the_server_matches_class_names(written, tmp_path):
     """A category "Traffic_Light" is the class the server answers as "traffic light" ("_", "-", case and runs of spaces
     aside, as ``normalise_class_name`` says); it was compared by case and outer spaces only, so such a class was never

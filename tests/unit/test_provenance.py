@@ -330,7 +330,7 @@ def test_a_signed_export_verifies_from_its_folder_or_its_manifest_file(export: P
     for target in (export, export / "detseg-manifest.json"):
         report = pv.verify_path(target, trusted_keys=[key.public_key()])
         assert (report.signed, report.key_id) == (True, pv.key_id(key.public_key()))
-        assert (report.artifacts_checked, report.weights_checked, report.unlisted) == (3, 0, ())
+        assert (report.artifacts_checked, report.weights_checked, report.inputs_checked) == (3, 0, 0)
         assert report.manifest["prompts"]["classes"] == ["person", "chat noir"]
 
 
@@ -353,7 +353,7 @@ def test_a_changed_size_or_a_deleted_file_fails_and_every_failing_file_is_listed
         "classes.txt: size 14 bytes, expected 10 (tampered or replaced)",
         "images/a.jpg: missing (deleted or moved)",
     )
-    assert str(info.value).startswith("2 artifacts failed")
+    assert str(info.value).startswith("2 problems: ")
 
 
 def test_an_edited_manifest_file_fails_its_signature(export: Path) -> None:
@@ -419,17 +419,21 @@ def test_weights_must_match_a_model_of_the_manifest(export: Path, weights: dict[
     assert f"segmenter sam2.1_t 2.1 {_sha(SEGMENTER_WEIGHTS)}" in message
 
 
-def test_files_the_manifest_does_not_cover_are_reported_not_failed(export: Path) -> None:
+def test_a_file_the_manifest_does_not_cover_fails(export: Path) -> None:
+    """An export's folder is what was signed: a file added there (an image and its label, which YOLO trains on) was
+    only reported."""
     (export / "images" / "b.jpg").write_bytes(b"extra")
-    assert pv.verify_path(export).unlisted == ("images/b.jpg",)
+    with pytest.raises(VerificationFailed, match=r"1 file\(s\) the manifest does not cover \(added\): images/b.jpg"):
+        pv.verify_path(export)
 
 
 def test_an_unsigned_export_verifies_only_when_no_signature_is_required(export: Path, tmp_path: Path) -> None:
-    pv.write_signed_export(export, [Path("classes.txt")], _base_manifest())
+    files = [Path("annotations/instances.json"), Path("classes.txt"), Path("images/a.jpg")]
+    pv.write_signed_export(export, files, _base_manifest())
     with pytest.raises(VerificationFailed, match="not signed"):
         pv.verify_path(export)
     report = pv.verify_path(export, require_signature=False)
-    assert (report.signed, report.key_id, report.artifacts_checked) == (False, None, 1)
+    assert (report.signed, report.key_id, report.artifacts_checked) == (False, None, 3)
     with pytest.raises(VerificationFailed, match="no such manifest file"):
         pv.verify_path(tmp_path)
 

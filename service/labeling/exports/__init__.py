@@ -28,7 +28,7 @@ XML well-formedness, atomic writes). Every public name is importable from here.
 """
 
 from service.labeling.exports.coco import COCO_FILE, write_coco
-from service.labeling.exports.common import IMAGES_DIR, ImageMode, placed_images
+from service.labeling.exports.common import IMAGES_DIR, ImageMode
 from service.labeling.exports.cvat import CVAT_FILE, CvatMaskRle, write_cvat
 from service.labeling.exports.label_studio import (
     LABEL_STUDIO_BRUSH,
@@ -39,7 +39,7 @@ from service.labeling.exports.label_studio import (
     label_studio_config,
     write_label_studio,
 )
-from service.labeling.exports.yolo import YOLO_DATA_FILE, write_yolo_seg
+from service.labeling.exports.yolo import YOLO_DATA_FILE, check_label_paths, write_yolo_seg
 
 __all__ = [
     "COCO_FILE",
@@ -53,8 +53,8 @@ __all__ = [
     "CvatMaskRle",
     "ImageMode",
     "LabelStudioExport",
+    "check_label_paths",
     "label_studio_config",
-    "placed_images",
     "write_coco",
     "write_cvat",
     "write_label_studio",

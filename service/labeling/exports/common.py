@@ -1,5 +1,5 @@
 """What every export writer shares: the checks of the inputs (``category_ids``, ``check_categories``), where the
-formats that carry images place them (``IMAGES_DIR``, ``place_images``, ``placed_images``), XML serialisation
+formats that carry images place them (``IMAGES_DIR``, ``place_images``), XML serialisation
 checked for well-formedness (``xml_bytes``, ``check_well_formed``) and atomic file writing (``write_files``). See
 ``service.labeling.exports`` for the conventions."""
 
@@ -60,12 +60,6 @@ def category_ids(images: Sequence[LabeledImage], categories: Sequence[str]) -> d
 
 def _contains(problem: str | None) -> str | None:
     return None if problem is None else f"contains {problem}"
-
-
-def placed_images(images: Sequence[LabeledImage], out: Path) -> list[Path]:
-    """Where ``write_yolo_seg`` and ``write_cvat`` into ``out`` place the source images (links or copies): the
-    exact paths a manifest of the export leaves out."""
-    return [out / IMAGES_DIR / image.file_name for image in images]
 
 
 def xml_bytes(root: ET.Element, name: str) -> bytes:

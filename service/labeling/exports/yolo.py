@@ -47,7 +47,7 @@ def write_yolo_seg(
     from ultralytics.data.utils import img2label_paths
 
     ids = category_ids(images, categories)
-    _check_label_paths_unique(images)
+    check_label_paths([image.file_name for image in images])
     files: dict[Path, bytes] = {}
     for image in images:
         lines = []
@@ -82,11 +82,14 @@ def _yolo_polygon(mask: np.ndarray) -> np.ndarray | None:
     return np.concatenate(merge_multi_segment([p.ravel().tolist() for p in parts])).astype(np.float64)
 
 
-def _check_label_paths_unique(images: Sequence[LabeledImage]) -> None:
+def check_label_paths(file_names: Sequence[str]) -> None:
     """ValueError when two images would share a YOLO label file (same path but for the suffix: a.jpg, a.png)."""
     seen: dict[str, str] = {}
-    for image in images:
-        key = str(Path(image.file_name).with_suffix(""))
+    for name in file_names:
+        key = str(Path(name).with_suffix(""))
         if key in seen:
-            raise ValueError(f"images {seen[key]!r} and {image.file_name!r} would share one YOLO label file")
-        seen[key] = image.file_name
+            raise ValueError(
+                f"images {seen[key]!r} and {name!r} would share one YOLO label file: rename one, or leave yolo out of "
+                "the formats"
+            )
+        seen[key] = name
