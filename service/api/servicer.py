@@ -118,16 +118,16 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         limit = self._settings.max_batch_items
         if not 1 <= len(request.requests) <= limit:
             raise InvalidInput(f"requests: {len(request.requests)} given, need 1 to {limit}")
-        # At most max_in_flight items at a time ask for admission: the rest wait their turn within the batch, rather
-        # than filling the admission queue and being refused as over it because of their own batch.
-        turns = asyncio.Semaphore(self._settings.max_in_flight)
-
-        async def item(index: int, r: pb.SegmentRequest) -> pb.SegmentResult:
-            async with turns:
-                return await self._item(index, r)
-
-        results = await asyncio.gather(*(item(i, r) for i, r in enumerate(request.requests)))
+        turns = self._turns()
+        results = await asyncio.gather(*(self._item(i, r, turns) for i, r in enumerate(request.requests)))
         return pb.BatchSegmentResponse(results=results)
+
+    def _turns(self) -> asyncio.Semaphore:
+        """One call's turns at admission (BatchSegment, StreamSegment): at most max_in_flight of its items ask at a
+        time, the rest wait their turn within the call, rather than filling the admission queue and being refused as
+        over it because of their own call (a lone stream refused its own items RESOURCE_EXHAUSTED where max_in_flight
+        + max_queue < max_stream_in_flight)."""
+        return asyncio.Semaphore(self._settings.max_in_flight)
 
     async def StreamSegment(
         self, request_iterator: AsyncIterator[pb.SegmentRequest], context: grpc.aio.ServicerContext
@@ -139,6 +139,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         except ModelUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         slots = asyncio.Semaphore(self._settings.max_stream_in_flight)
+        turns = self._turns()
         started: asyncio.Queue[asyncio.Task[pb.SegmentResult] | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -150,7 +151,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                         item = await anext(items)
                     except StopAsyncIteration:
                         return
-                    await started.put(asyncio.create_task(self._item(index, item)))
+                    await started.put(asyncio.create_task(self._item(index, item, turns)))
                     index += 1
             finally:  # also when reading fails (a message that does not parse): the answers end, then its error
                 started.put_nowait(None)
@@ -252,13 +253,15 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self.tracking.answered()
         return convert.track_response_to_proto(result, frame, session.request_id)
 
-    async def _item(self, index: int, request: pb.SegmentRequest) -> pb.SegmentResult:
-        """One batch/stream item: its response, or its own error (the others go on)."""
+    async def _item(self, index: int, request: pb.SegmentRequest, turns: asyncio.Semaphore) -> pb.SegmentResult:
+        """One batch/stream item: its response, or its own error (the others go on); run in its turn (``_turns``)."""
         request_id = _request_id(request.request_id)
         if DEADLINE.get() is None:  # a stream item without the caller's deadline (this task's own context)
             DEADLINE.set(time.monotonic() + self._settings.default_deadline_seconds)
         try:
-            return pb.SegmentResult(index=index, response=await self._segment(request, request_id))
+            async with turns:
+                response = await self._segment(request, request_id)
+            return pb.SegmentResult(index=index, response=response)
         except Exception as e:
             failure = describe(e, request_id)
             return pb.SegmentResult(

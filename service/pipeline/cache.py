@@ -138,16 +138,18 @@ class EmbeddingCache:
 
     def add_detector_output(self, handle: str, output: DetectorOutput, key: Hashable = None) -> None:
         """Remembers the detector's raw output for vocabulary ``key`` of a cached image (if it is still cached), never
-        so many that the entry outgrows the cache (the oldest vocabularies' dropped first); then least recently used
-        images make room. (An open-vocabulary detector's output per distinct vocabulary was added uncounted against
-        ``max_bytes``: one image asked with ever new classes grew without bound.)"""
+        so many that the entry outgrows the cache (the oldest vocabularies' dropped first, this one too where the image
+        and its kept masks leave no room for it); then least recently used images make room. (An open-vocabulary
+        detector's output per distinct vocabulary was added uncounted against ``max_bytes``: one image asked with ever
+        new classes grew without bound; and an entry that the one new output made outgrow the cache evicted itself,
+        its handle and kept masks NOT_FOUND at their next use.)"""
         with self._lock:
             entry = self._entries.get(handle)
             if entry is None or key in entry.detector:
                 return
             entry.detector[key] = output
             self._bytes += output.raw.nbytes
-            while len(entry.detector) > 1 and entry.nbytes > self.max_bytes:
+            while entry.detector and entry.nbytes > self.max_bytes:
                 self._bytes -= entry.detector.pop(next(iter(entry.detector))).raw.nbytes
             entry.last_used = self._clock()  # a use: the entry moves to the young end, so its TTL restarts
             self._entries.move_to_end(handle)
@@ -155,8 +157,9 @@ class EmbeddingCache:
 
     def add_masks(self, handle: str, masks: dict[str, np.ndarray], limit: int) -> set[str]:
         """Keeps low-res masks with a cached image (if it is still cached): at most ``limit``, and never so many that
-        the entry outgrows the cache (oldest dropped first); then least recently used images make room. Returns
-        the keys of ``masks`` kept."""
+        the entry outgrows the cache: earlier calls' masks are dropped first (oldest first), then the last of
+        ``masks`` (a response's first instances keep theirs, as with ``limit``); then least recently used images
+        make room. Returns the keys of ``masks`` kept."""
         with self._lock:
             entry = self._entries.get(handle)
             if entry is None:
@@ -165,8 +168,10 @@ class EmbeddingCache:
                 old = entry.masks.pop(key, None)
                 self._bytes += logits.nbytes - (old.nbytes if old is not None else 0)
                 entry.masks[key] = logits
+            newest = [key for key in masks if key in entry.masks]
             while entry.masks and (len(entry.masks) > limit or entry.nbytes > self.max_bytes):
-                self._bytes -= entry.masks.pop(next(iter(entry.masks))).nbytes
+                older = next((key for key in entry.masks if key not in masks), None)
+                self._bytes -= entry.masks.pop(older if older is not None else newest.pop()).nbytes
             entry.last_used = self._clock()  # as add_detector_output
             self._entries.move_to_end(handle)
             self._fit()

@@ -170,20 +170,28 @@ class PhraseReader:
     async def read(self, texts: Sequence[str]) -> list[Reading]:
         """Each text's phrase in the vocabulary's grammar (``Reading.phrase`` None when it cannot be read)."""
         tokens = [_tokens(t) for t in texts]
-        await self._learn([w for ts in tokens for w in ts])
-        return [self._read(ts) for ts in tokens]
+        learned = await self._learn([w for ts in tokens for w in ts])
+        return [self._read(ts, learned) for ts in tokens]
 
-    async def _learn(self, words: Sequence[str]) -> None:
-        """Slots by sentence embedding of the words neither the tables, counting nor the vocabulary read."""
-        unknown = [
-            w
-            for w in dict.fromkeys(words)
-            if self._words.get(w) is None
-            and not (self._plain(w) or w in NUMBERS or w.isdigit() or w in self._colours)
-            and _singular(w, self.vocabulary) is None
-        ]
+    async def _learn(self, words: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The slot of each of ``words`` that neither the tables, counting nor the vocabulary read: remembered, or by
+        sentence embedding (then remembered). Returned, held for this request: a concurrent request may evict
+        entries from the bounded memory while this one awaits the encoder (another's 4,096 new words made a word
+        known here unread, and changed or refused this request's reading)."""
+        slots: dict[str, tuple[str, str]] = {}
+        unknown = []
+        for w in dict.fromkeys(words):
+            if self._plain(w) or w in NUMBERS or w.isdigit() or w in self._colours:
+                continue
+            if _singular(w, self.vocabulary) is not None:
+                continue
+            slot = self._words.get(w)
+            if slot is None:
+                unknown.append(w)
+            else:
+                slots[w] = slot
         if not unknown:
-            return
+            return slots
         if not self._slot_vectors:
             for slot, words_of_slot in self._slot_words.items():
                 self._slot_vectors[slot] = await self._embed(list(words_of_slot))
@@ -198,11 +206,14 @@ class PhraseReader:
                 if top >= SIMILAR[slot] and top - runner_up >= MARGIN and top > best_similarity:
                     best, best_similarity = (slot, self._slot_words[slot][int(order[0])]), top
             self._words.put(word, best)
+            slots[word] = best
+        return slots
 
     def _plain(self, word: str) -> bool:
         return word in self._stop_words or word in (GENERIC_NOUN, GENERIC_NOUN + "s", GENERIC_NOUN + "d")
 
-    def _read(self, tokens: list[str]) -> Reading:
+    def _read(self, tokens: list[str], learned: dict[str, tuple[str, str]]) -> Reading:
+        """``tokens`` read in the grammar; ``learned``: ``_learn``'s slots of the request's words."""
         negation = next((t for t in tokens if t in NEGATIONS), None)
         if negation is not None:
             return Reading(None, f"a negation ({negation!r}): the grammar has none; send what to find")
@@ -237,8 +248,8 @@ class PhraseReader:
             if word is not None:
                 found["size" if word in self.vocabulary.sizes else "shape"].add(word)
                 continue
-            slot = self._words.get(token)
-            if slot is None or not slot[0]:  # not read (or dropped from the bounded memory since _learn)
+            slot = learned.get(token)
+            if slot is None or not slot[0]:  # not read
                 unread.append(token)
             else:
                 found[slot[0]].add(slot[1])

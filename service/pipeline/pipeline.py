@@ -381,12 +381,16 @@ class Pipeline:
 
     async def _features_once(self, handle: str, image: DecodedImage, timings: dict[str, float]) -> ImageFeatures:
         """SAM's features of a request's image, computed once for the requests that ask for the same image while
-        they are being computed (two calls with the same new image ran the encoder twice). The computation goes on
-        while any of them waits (cancelled when none does); where it fails (e.g. past its first caller's deadline), a
-        waiting caller computes its own."""
+        they are being computed (two calls with the same new image ran the encoder twice), or cached meanwhile (by a
+        computation that ended after this request looked). The computation goes on while any of them waits (cancelled
+        and forgotten when none does: a request arriving then starts its own); where it fails (e.g. past its first
+        caller's deadline), a waiting caller computes its own."""
         flight = self._encoding.get(handle)
         own = flight is None
         if flight is None:
+            cached = self.images.cache.get(handle)
+            if cached is not None:
+                return cached.features
             flight = self._encoding[handle] = _Flight(asyncio.ensure_future(self.features(image, timings)))
             flight.task.add_done_callback(functools.partial(self._encoded, handle))
         flight.waiters += 1
@@ -404,6 +408,8 @@ class Pipeline:
             flight.waiters -= 1
             if not flight.waiters:
                 flight.task.cancel()  # no one waits for it any more (a no-op once it is done)
+                if self._encoding.get(handle) is flight:  # a caller arriving before its callback ran joined it
+                    del self._encoding[handle]
 
     def _encoded(self, handle: str, task: asyncio.Future[ImageFeatures]) -> None:
         """A computation of ``_features_once`` ended: forgotten, its error retrieved (whoever awaited it)."""

@@ -76,6 +76,47 @@ def test_calls_with_the_same_new_image_at_once_run_the_encoder_once(stub, runner
     assert rle_mask(answers[0].instances[0].mask).tobytes() == rle_mask(answers[1].instances[0].mask).tobytes()
 
 
+def test_the_single_flight_joins_the_cache_and_a_late_caller_never_joins_a_cancelled_flight(settings, runner):
+    """Driven on the server's own loop: (1) a request that looked in the cache before another's computation ended
+    and asks for the features after its result was cached ran the encoder again; (2) a request arriving after the
+    only waiter left (its computation cancelled, its callback not yet run) joined the cancelled computation and got a
+    CancelledError it never asked for (a unary call CANCELLED, a stream ended)."""
+    import asyncio
+
+    from service.pipeline.cache import CacheEntry
+    from service.pipeline.image import DecodedImage
+
+    srv = ServerThread(settings, lambda: runner)
+    try:
+        srv.wait_serving()
+        pipeline = srv.served.servicer._pipeline
+        rgb = synthetic_rgb(120, 160, seed=109)
+        image = DecodedImage(rgb=rgb, format="raw", sha256="9" * 64)
+        handle = "sha256:" + "9" * 64
+
+        async def cached_meanwhile() -> int:
+            features = await pipeline.features(image, {})
+            await pipeline.images.put(handle, CacheEntry(image, features))
+            before = runner.calls["encode"]
+            await pipeline._features_once(handle, image, {})
+            return runner.calls["encode"] - before
+
+        async def late_caller() -> tuple[int, bool]:
+            other = "sha256:" + "8" * 64
+            first = asyncio.ensure_future(pipeline._features_once(other, image, {}))
+            await asyncio.sleep(0)  # its computation starts
+            first.cancel()  # its only waiter leaves
+            await asyncio.sleep(0)
+            before = runner.calls["encode"]
+            features = await pipeline._features_once(other, image, {})  # before the cancelled one is forgotten
+            return runner.calls["encode"] - before, features is not None
+
+        assert asyncio.run_coroutine_threadsafe(cached_meanwhile(), srv.loop).result(60) == 0
+        assert asyncio.run_coroutine_threadsafe(late_caller(), srv.loop).result(60) == (1, True)
+    finally:
+        srv.stop()
+
+
 def test_the_same_image_twice_skips_encoder_and_detector(stub, runner):
     data = encode(synthetic_rgb(200, 260, seed=102))
     request = pb.SegmentRequest(image=pb.Image(encoded=data), options=pb.SegmentOptions(score_threshold=0.01))

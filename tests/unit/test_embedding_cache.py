@@ -93,14 +93,14 @@ def test_kept_masks_are_bounded_per_image_counted_in_bytes_and_fit_the_budget():
     cache.put(a, entry(1))
     cache.put(b, entry(1))
     mask = np.zeros((8, 8), np.float32)  # 256 bytes
-    cache.add_masks(a, {f"mask:{k}": mask + k for k in range(3)}, limit=2)  # the oldest of the three is dropped
-    assert cache.mask(a, "mask:0") is None and cache.mask(a, "mask:2")[0, 0] == 2
+    cache.add_masks(a, {f"mask:{k}": mask + k for k in range(3)}, limit=2)  # the last of the three is dropped
+    assert cache.mask(a, "mask:2") is None and cache.mask(a, "mask:1")[0, 0] == 1
     assert cache.nbytes == 2 * (1024 + 12) + 2 * 256
     cache.add_masks(handle_for("absent"), {"mask:9": mask}, limit=2)  # an image no longer cached: nothing kept
     assert cache.nbytes == 2 * (1024 + 12) + 2 * 256
     cache.add_masks(a, {f"mask:{k}": np.zeros((16, 16), np.float32) for k in range(3, 5)}, limit=4)
-    # a alone would outgrow the cache with all four: its oldest masks go first, then b makes room.
-    assert cache.mask(a, "mask:1") is None and cache.mask(a, "mask:2") is None
+    # a alone would outgrow the cache with all four: its earlier masks go first, then b makes room.
+    assert cache.mask(a, "mask:0") is None and cache.mask(a, "mask:1") is None
     assert cache.mask(a, "mask:3") is not None and cache.mask(a, "mask:4") is not None
     assert cache.get(b) is None and cache.evictions == 1 and cache.nbytes == 1024 + 12 + 2 * 1024
 
@@ -134,3 +134,27 @@ def test_an_entry_put_again_keeps_what_the_first_one_gathered():
     kept = cache.get(h)
     assert kept is not None and cache.mask(h, "mask:first") is not None and None in kept.detector
     assert cache.nbytes == kept.nbytes == 1024 + 12 + 256 + 3600
+
+
+def test_an_output_the_entry_has_no_room_for_is_not_kept_and_the_entry_stays():
+    """An image whose kept masks fill the cache, then asked for classes: the detector output made the entry outgrow
+    the cache and it evicted itself (and every other image), so its handle and masks were NOT_FOUND at next use."""
+    cache = EmbeddingCache(max_bytes=2 * 1024 + 100, ttl=60, clock=Clock())
+    a = handle_for("a")
+    cache.put(a, entry(1))
+    cache.add_masks(a, {"mask:0": np.zeros((16, 16), np.float32)}, limit=8)  # 1 KiB: the entry nearly fills it
+    cache.add_detector_output(a, DetectorOutput(np.zeros((1, 128), np.float32)), key=("vocabulary", 0))
+    kept = cache.get(a)
+    assert kept is not None and cache.mask(a, "mask:0") is not None and cache.evictions == 0
+    assert kept.detector == {} and cache.nbytes == kept.nbytes <= cache.max_bytes
+
+
+def test_a_responses_first_masks_keep_their_handles_when_bytes_run_short():
+    """Past the cache's bytes the response's first masks were dropped (oldest inserted first), where the count limit
+    keeps the first ones (the proto: the first max_kept_masks, in response order): the best instances lost theirs."""
+    cache = EmbeddingCache(max_bytes=1024 + 12 + 3 * 256, ttl=60, clock=Clock())
+    a = handle_for("a")
+    cache.put(a, entry(1))
+    cache.add_masks(a, {"earlier": np.zeros((8, 8), np.float32)}, limit=8)
+    kept = cache.add_masks(a, {f"mask:{k}": np.zeros((8, 8), np.float32) for k in range(5)}, limit=8)
+    assert kept == {"mask:0", "mask:1", "mask:2"} and cache.mask(a, "earlier") is None

@@ -164,3 +164,31 @@ def test_a_count_that_names_no_shape_is_refused(reader):
     readings = asyncio.run(reader.read(["red 6-pointed star", "a 7-sided shape"]))
     assert [r.why for r in readings] == ["no shape of the grammar has 6 pointed", "no shape of the grammar has 7 sided"]
     assert read(reader, "red 5-pointed shape", "blue 6-sided shape") == ["red star", "blue hexagon"]
+
+
+def test_a_concurrent_request_evicting_the_word_memory_changes_no_reading(monkeypatch):
+    """A request waiting for the encoder to learn a new word had its known words read from the bounded memory after
+    the wait: another request's new words evicted "tiny" meanwhile, and "tiny red star" was read "red star"."""
+    from service.pipeline import phrases
+
+    encoder = SentenceEncoder.load()
+    gate = asyncio.Event()
+
+    async def embed(texts):
+        if "wobbly" in texts:
+            await gate.wait()  # the encoder busy with this request's new word
+        return encoder.encode(texts)
+
+    monkeypatch.setattr(phrases, "_WORDS_KEPT", 4)
+    reader = PhraseReader.for_vocabulary(FINE_NAMES, embed)
+    assert reader is not None
+
+    async def race() -> list[str | None]:
+        assert [r.phrase for r in await reader.read(["tiny red star"])] == ["small red star"]  # "tiny" learned
+        waiting = asyncio.ensure_future(reader.read(["tiny red star", "wobbly"]))
+        await asyncio.sleep(0.05)
+        await reader.read(["alpha beta gamma delta epsilon"])  # five new words: "tiny" evicted
+        gate.set()
+        return [r.phrase for r in await waiting]
+
+    assert asyncio.run(race())[0] == "small red star"
