@@ -185,11 +185,11 @@ class PhraseReader:
                 continue
             if _singular(w, self.vocabulary) is not None:
                 continue
-            slot = self._words.get(w)
-            if slot is None:
+            known = self._words.get(w)
+            if known is None:
                 unknown.append(w)
             else:
-                slots[w] = slot
+                slots[w] = known
         if not unknown:
             return slots
         if not self._slot_vectors:
