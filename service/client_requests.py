@@ -62,13 +62,18 @@ class Exemplar:
 
 # Pillow modes a PNG holds as they are (the others are converted to RGB before sending).
 _PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
+# An array larger than this raw (16 MiB: a 5.6 MP image) is sent as PNG: the server's max_image_bytes (20 MiB by
+# default) bounds raw pixels as it bounds encoded ones, and its max_message_bytes (32 MiB) refused a 12 MP array in
+# gRPC itself (RESOURCE_EXHAUSTED, naming no field or limit).
+RAW_MAX_BYTES = 16 * 1024 * 1024
 
 
 def image_message(image: ImageLike) -> pb.Image:
     """Any ``ImageLike`` as the request's Image: file bytes as they are (the server decodes and hashes them),
-    arrays as raw RGB pixels, PIL images as PNG in their own mode where PNG holds it, turned upright by their EXIF
-    orientation first: the server then reads them as it reads a file (alpha over white, 16-bit scaled, the
-    displayed orientation), so ``Image.open(path)`` and ``path`` get the same answer."""
+    arrays as raw RGB pixels (as lossless PNG past ``RAW_MAX_BYTES``), PIL images as PNG in their own mode where
+    PNG holds it, turned upright by their EXIF orientation first: the server then reads them as it reads a file
+    (alpha over white, 16-bit scaled, the displayed orientation), so ``Image.open(path)`` and ``path`` get the same
+    answer."""
     if isinstance(image, ImageHandle):
         return pb.Image(handle=image.handle)
     if isinstance(image, bytes):
@@ -79,6 +84,10 @@ def image_message(image: ImageLike) -> pb.Image:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image array must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         h, w = image.shape[:2]
+        if image.nbytes > RAW_MAX_BYTES:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+            return pb.Image(encoded=buffer.getvalue())
         return pb.Image(raw=pb.RawImage(data=np.ascontiguousarray(image).tobytes(), width=w, height=h))
     if hasattr(image, "save"):  # PIL.Image.Image
         upright = ImageOps.exif_transpose(image) or image

@@ -162,7 +162,7 @@ class Settings:
     default_deadline_seconds: float = 120.0
     log_level: str = "INFO"
     log_format: str = "text"  # text (one escaped line per record) | json (one object per line, request_id a key)
-    # One INFO record per RPC on the "detseg.access" logger (service.api.access_log): method, status, duration_ms,
+    # One INFO record per RPC on the "detseg.access" logger (service.api.interceptors): method, status, duration_ms,
     # request_id (the caller's, from the request or x-request-id metadata), peer. Health checks are not logged.
     access_log: bool = True
     # Memory allocator of `detseg serve` and of the Triton it starts (service.startup.ALLOCATORS): "tuned" keeps

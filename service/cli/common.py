@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from service.client import Client, RequestFailed
+from service.client import Client, Region, RequestFailed
 from service.config import Settings
 from service.errors import ConfigurationError
 
@@ -120,3 +120,38 @@ def target_client(args: argparse.Namespace) -> Client:
 def connects(args: argparse.Namespace) -> bool:
     """Whether any of ``add_connection_flags``' flags was given."""
     return bool(args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.token_file)
+
+
+# A box on the command line (`detseg segment --box`, `detseg track --box`), as its help says.
+BOX_FORM = "x0,y0,x1,y1[,label] (or x0,y0,x1,y1:label)"
+
+
+def numbers(text: str, count: int, form: str) -> list[float]:
+    """The first ``count`` comma-separated numbers of ``text``; argparse's error naming ``form`` otherwise."""
+    parts = text.split(",")
+    try:
+        if len(parts) < count:
+            raise ValueError
+        return [float(v) for v in parts[:count]]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+
+
+def box_and_label(text: str, form: str = BOX_FORM) -> tuple[tuple[float, float, float, float], str]:
+    """``x0,y0,x1,y1[,label]`` (the label: everything after the fourth comma, commas and colons included) or
+    ``x0,y0,x1,y1:label``: the box and the label. (``segment`` and ``track`` each read one form of two, and refused
+    labels the other took.)"""
+    parts = text.split(",", 4)
+    if len(parts) == 4 and ":" in parts[3]:
+        last, label = parts[3].split(":", 1)
+        text = ",".join([*parts[:3], last])
+    else:
+        label = parts[4] if len(parts) == 5 else ""
+    x0, y0, x1, y1 = numbers(text, 4, form)
+    return (x0, y0, x1, y1), label
+
+
+def box_region(text: str) -> Region:
+    """A ``--box`` (``BOX_FORM``) as a region prompt."""
+    box, label = box_and_label(text)
+    return Region(box=box, label=label)

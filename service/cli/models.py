@@ -36,6 +36,7 @@ def models(args: argparse.Namespace) -> int:
     for entry in CATALOG.values():
         cached = "cached" if (settings.cache_dir / entry.filename).exists() else "-"
         print(f"  {entry.name:<24} {entry.role:<10} {entry.size_bytes / 1e6:7.1f} MB  {cached:<7} {entry.url}")
+        print(f"  {'':<24} sha256 {entry.sha256}")  # what a file fetched by hand must match
     return 0
 
 
@@ -45,6 +46,12 @@ def _server_models(args: argparse.Namespace) -> int:
         response = client.list_models()
     print(f"profile {response.profile}, backend {response.backend}")
     for m in response.models:
-        vocab = f", {len(m.vocabulary)} classes" if m.vocabulary else ""
-        print(f"  {pb.ModelRole.Name(m.role)}: {m.name} ({m.architecture}) sha256 {m.weights_sha256}{vocab}")
+        print(f"  {pb.ModelRole.Name(m.role)}: {m.name} ({m.architecture}) sha256 {m.weights_sha256}")
+        if m.vocabulary:
+            shown = ", ".join(m.vocabulary[:_SHOWN_CLASSES])
+            more = f", ... ({len(m.vocabulary) - _SHOWN_CLASSES} more: ListModels has them all)"
+            print(f"    {len(m.vocabulary)} classes: {shown}{more if len(m.vocabulary) > _SHOWN_CLASSES else ''}")
     return 0
+
+
+_SHOWN_CLASSES = 40  # a closed detector's vocabulary, as far as a terminal shows it (COCO's 80: the first 40)

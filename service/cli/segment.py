@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli.common import add_connection_flags, number, target_client
+from service.cli.common import BOX_FORM, add_connection_flags, box_and_label, box_region, number, numbers, target_client
 from service.cli.overlay import OVERLAY_FORMATS, render_overlay
 from service.client import DEFAULT_TARGET, Exemplar, Point, Region, RequestFailed
 from service.provenance.response import instance_content
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--classes", default="", help="comma-separated class names (default: every class)")
     g.add_argument("--text", action="append", default=[], help="free-text prompt, e.g. 'round shape' (repeatable)")
     g.add_argument(
-        "--box", action="append", default=[], type=_box, help="x0,y0,x1,y1[,label] region prompt (repeatable)"
+        "--box", action="append", default=[], type=box_region, help=f"{BOX_FORM}: a region prompt (repeatable)"
     )
     g.add_argument(
         "--point",
@@ -100,32 +100,9 @@ def _overlay_path(text: str) -> Path:
     return path
 
 
-def _numbers(text: str, count: int, form: str) -> list[float]:
-    """The first ``count`` comma-separated numbers of ``text``; argparse's error naming ``form`` otherwise."""
-    parts = text.split(",")
-    try:
-        if len(parts) < count:
-            raise ValueError
-        return [float(v) for v in parts[:count]]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
-
-
-def _box_and_label(text: str, form: str) -> tuple[tuple[float, float, float, float], str]:
-    """``x0,y0,x1,y1[,label]``: the box and the label (everything after the fourth comma, commas included)."""
-    x0, y0, x1, y1 = _numbers(text, 4, form)
-    return (x0, y0, x1, y1), text.split(",", 4)[4] if text.count(",") >= 4 else ""
-
-
-def _box(text: str) -> Region:
-    """--box x0,y0,x1,y1[,label]."""
-    box, label = _box_and_label(text, "x0,y0,x1,y1[,label]")
-    return Region(box=box, label=label)
-
-
 def _point(text: str) -> Point:
     """--point x,y[,1|0]."""
-    x, y = _numbers(text, 2, "x,y[,1|0]")
+    x, y = numbers(text, 2, "x,y[,1|0]")
     flag = text.split(",")[2:]
     if flag not in ([], ["1"], ["0"]):
         raise argparse.ArgumentTypeError(f"expected x,y[,1|0] (1 = on the object, 0 = not on it), got {text!r}")
@@ -135,7 +112,7 @@ def _point(text: str) -> Point:
 def _exemplar(text: str) -> Exemplar:
     """--exemplar x0,y0,x1,y1[,label][@reference.jpg] (the client reads the reference image's file)."""
     box_spec, _, reference = text.partition("@")
-    box, label = _box_and_label(box_spec, "x0,y0,x1,y1[,label][@reference.jpg]")
+    box, label = box_and_label(box_spec, "x0,y0,x1,y1[,label][@reference.jpg]")
     return Exemplar(box, label, reference or None)
 
 

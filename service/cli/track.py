@@ -27,9 +27,9 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from service.cli.common import add_connection_flags, connection, number
+from service.cli.common import BOX_FORM, add_connection_flags, box_region, connection, number
 from service.cli.overlay import Drawn, draw_instances
-from service.client import DEFAULT_TARGET, Client, FrameResult, Region, TrackInput
+from service.client import DEFAULT_TARGET, Client, FrameResult, TrackInput
 from service.client_requests import jpeg
 from service.results import instance_content
 
@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--box",
         action="append",
         default=[],
-        type=_box_region,
-        help="x0,y0,x1,y1[:label]: an object to follow from the first frame (repeatable)",
+        type=box_region,
+        help=f"{BOX_FORM}: an object to follow from the first frame (repeatable)",
     )
     g.add_argument(
         "--detect-every", type=number(int, 0), help="run the detector every K frames (0: never; default the server's)"
@@ -153,19 +153,6 @@ def track(args: argparse.Namespace) -> int:
         if path:
             print(f"{what} written to {path}", file=sys.stderr)
     return 1 if failed or unreadable else 0
-
-
-def _box_region(spec: str) -> Region:
-    """``x0,y0,x1,y1[:label]`` (or ``,label``, as ``detseg segment --box``) as a Region."""
-    box, _, label = spec.partition(":")
-    parts = box.split(",")
-    if len(parts) == 5 and not label:
-        parts, label = parts[:4], parts[4]
-    try:
-        x0, y0, x1, y1 = (float(v) for v in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected x0,y0,x1,y1[:label]") from None
-    return Region(box=(x0, y0, x1, y1), label=label)
 
 
 def _decoded(container: Any) -> Iterator[Decoded]:

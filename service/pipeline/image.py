@@ -256,7 +256,13 @@ def check_png_complete(data: bytes, field: str = "image.encoded") -> None:
 def image_from_raw(
     data: bytes, width: int, height: int, limits: ImageLimits, sha256: str | None = None, field: str = "image.raw"
 ) -> DecodedImage:
-    """Validates raw interleaved RGB bytes (row-major, width * height * 3) and wraps them."""
+    """Validates raw interleaved RGB bytes (row-major, width * height * 3; at most ``max_bytes``, as encoded bytes
+    are) and wraps them."""
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(
+            f"{field}.data: {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes (max_image_bytes); send "
+            "the image encoded (PNG is lossless)"
+        )
     _check_size(width, height, limits, field)
     expected = width * height * 3
     if len(data) != expected:
@@ -284,7 +290,7 @@ def check_jpeg_device(device: str) -> str:
 def _torchcodec_pixels(data: bytes, header: Image.Image, device: str) -> np.ndarray | None:
     """A JPEG's pixels through TorchCodec (``_jpeg_pixels``), or None where Pillow decodes it: a colour mode or an
     orientation TorchCodec does not read, or damage it refuses that Pillow may decode (with libjpeg's warning)."""
-    if header.mode not in _TORCHCODEC_MODES or _xmp_orientation(header):
+    if header.mode not in _TORCHCODEC_MODES or _orientation(header) != _first_app1_orientation(data):
         return None
     try:
         return _jpeg_pixels(data, device)
@@ -301,8 +307,30 @@ def _jpeg_pixels(data: bytes, device: str) -> np.ndarray:
     return np.ascontiguousarray(chw.permute(1, 2, 0).cpu().numpy())
 
 
-def _xmp_orientation(header: Image.Image) -> bool:
-    """Whether Pillow reads a JPEG's orientation from its XMP (no EXIF orientation tag): TorchCodec reads EXIF's."""
-    exif = Image.Exif()
-    exif.load(header.info.get("exif", b""))
-    return header.getexif().get(ExifTags.Base.Orientation) != exif.get(ExifTags.Base.Orientation)
+def _orientation(header: Image.Image) -> int:
+    """The orientation Pillow reads (``exif_transpose`` applies): its EXIF's (the first APP1 segment that is EXIF),
+    else its XMP's; 1 where none."""
+    return int(header.getexif().get(ExifTags.Base.Orientation) or 1)
+
+
+def _first_app1_orientation(data: bytes) -> int:
+    """The orientation TorchCodec applies, as libjpeg reads a JPEG's metadata: the EXIF orientation of the first APP1
+    segment when that one is EXIF (an XMP segment before it hides it), else 1."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no more metadata
+            break
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xE1:
+            payload = data[i + 4 : i + 2 + length]
+            if not payload.startswith(b"Exif\x00\x00"):
+                break
+            exif = Image.Exif()
+            exif.load(payload)
+            return int(exif.get(ExifTags.Base.Orientation) or 1)
+        i += 2 + length
+    return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -160,6 +161,7 @@ def test_table_output_and_models_listing(served, settings):
         [*DETSEG, "models", "--target", served], env=_env(settings), capture_output=True, text=True, timeout=60
     )
     assert "MODEL_ROLE_DETECTOR: test-yolo11n" in listing.stdout and "sha256" in listing.stdout
+    assert re.search(r"\n    6 classes: \w+, \w+", listing.stdout), listing.stdout  # the vocabulary, as the README says
 
 
 def test_segment_with_clicks_alone_and_on_a_box(served, capsys):
@@ -174,11 +176,24 @@ def test_segment_with_clicks_alone_and_on_a_box(served, capsys):
     assert instance["label"] == "tie" and instance["box"] == [400.0, 400.0, 560.0, 700.0]
 
 
+@pytest.mark.parametrize("command", ["segment", "track"])
+def test_segment_and_track_read_a_box_and_its_label_alike(command):
+    """`segment --box` read `x0,y0,x1,y1,label` and refused `x0,y0,x1,y1:label`, which `track --box` documented;
+    `track` refused a label with a comma or colon that `segment` took."""
+    from service.cli import build_parser
+
+    for given, label in (("10,20,200,300,sku:123", "sku:123"), ("10,20,200,300,a,b", "a,b"),
+                         ("10,20,200,300:sku-123", "sku-123"), ("10,20,200,300", "")):  # fmt: skip
+        args = build_parser().parse_args([command, "input", "--box", given])
+        (region,) = args.box
+        assert (region.box, region.label) == ((10.0, 20.0, 200.0, 300.0), label), (command, given)
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["--box", "1,2,3"], "argument --box: expected x0,y0,x1,y1[,label], got '1,2,3'"),
-        (["--box", "a,b,c,d"], "argument --box: expected x0,y0,x1,y1[,label], got 'a,b,c,d'"),
+        (["--box", "1,2,3"], "argument --box: expected x0,y0,x1,y1[,label] (or x0,y0,x1,y1:label), got '1,2,3'"),
+        (["--box", "a,b,c,d"], "argument --box: expected x0,y0,x1,y1[,label] (or x0,y0,x1,y1:label), got 'a,b,c,d'"),
         (["--point", "5,5,2"], "argument --point: expected x,y[,1|0]"),
         (["--exemplar", "1,2@ref.jpg"], "argument --exemplar: expected x0,y0,x1,y1[,label][@reference.jpg]"),
         # (a PNG was written whatever the name said: overlay.jpg held PNG bytes)
@@ -187,6 +202,7 @@ def test_segment_with_clicks_alone_and_on_a_box(served, capsys):
     ],
 )
 def test_segment_refuses_a_malformed_prompt_by_its_flag(argv, says, capsys):
+    """(The exemplar's form is its own: x0,y0,x1,y1[,label][@reference.jpg].)"""
     with pytest.raises(SystemExit) as exit_:
         cli_main(["segment", "image.jpg", *argv])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
@@ -529,6 +545,7 @@ def test_models_lists_every_profile_one_line_each(settings, capsys):
     from service.cli import main
     from service.config import PROFILE_NAMES
     from service.errors import ConfigurationError
+    from service.models.catalog import CATALOG
     from service.models.profiles import PROFILE_SUMMARIES
 
     assert main(["models", "--cache-dir", str(settings.cache_dir)]) == 0
@@ -541,6 +558,7 @@ def test_models_lists_every_profile_one_line_each(settings, capsys):
     assert {"auto", "official", "official-open", "demo", "demo-open", "test", "test-open"} <= set(listed)
     assert all(len(summary) > 20 for summary in listed.values()), listed
     assert "yolo11n" in out and "sam2.1_hiera_tiny" in out  # the catalog's weights are still listed
+    assert all(f"sha256 {entry.sha256}" in out for entry in CATALOG.values())  # to check a file fetched by hand
 
 
 def test_serve_with_onnx_runtime_resolves_and_connects_to_nothing(settings, tmp_path: Path):

@@ -96,6 +96,22 @@ def test_raw_rgb_round_trips_and_hashes_its_bytes():
     assert np.array_equal(image.rgb, rgb) and image.format == "raw" and len(image.sha256) == 64
 
 
+def test_raw_pixels_are_bounded_as_encoded_bytes_are_and_a_large_array_is_sent_as_png(monkeypatch):
+    """Raw pixels passed max_image_bytes unchecked; a 12 MP array from the client (36 MB raw) was refused by gRPC's
+    message limit, RESOURCE_EXHAUSTED naming nothing. Past RAW_MAX_BYTES the client sends lossless PNG."""
+    from service import client_requests
+    from service.client_requests import image_message
+
+    small = ImageLimits(max_bytes=599, max_pixels=4_000_000, max_side=4096)
+    rgb = synthetic_rgb(10, 20)  # 600 bytes raw
+    with pytest.raises(InvalidImage, match=r"image.raw.data: 600 bytes exceeds the limit of 599 bytes"):
+        image_from_raw(rgb.tobytes(), 20, 10, small)
+    assert image_message(rgb).WhichOneof("source") == "raw"
+    monkeypatch.setattr(client_requests, "RAW_MAX_BYTES", 599)
+    sent = image_message(rgb)
+    assert sent.WhichOneof("source") == "encoded" and np.array_equal(decode_image(sent.encoded, LIMITS).rgb, rgb)
+
+
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     import struct
     import zlib
@@ -226,3 +242,27 @@ def test_a_png_colour_key_is_composited_over_white_in_every_mode(mode):
     assert tuple(decoded[0, 0]) == (255, 255, 255)
     expected = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), Image.open(buf).convert("RGBA"))
     assert np.array_equal(decoded, np.array(expected.convert("RGB")))
+
+
+def _png16(values: np.ndarray, key: tuple[int, ...]) -> bytes:
+    """A 16-bit grey (H, W) or RGB (H, W, 3) PNG of ``values`` with tRNS colour ``key`` (Pillow writes neither)."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    colour = 0 if values.ndim == 2 else 2
+    rows = values.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    trns = b"".join(struct.pack(">H", v) for v in key)
+    body = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"tRNS", trns) + _png_chunk(b"IDAT", zlib.compress(raw))
+    return b"\x89PNG\r\n\x1a\n" + body + _png_chunk(b"IEND", b"")
+
+
+def test_a_16_bit_png_colour_key_is_composited_over_white():
+    """A 16-bit grey PNG's key was ignored (the key pixel kept its grey); a 16-bit RGB PNG's key was matched on its
+    low byte by Pillow (the key pixel stayed grey, an opaque black one went white)."""
+    grey = np.array([[32768, 0]], np.uint16)
+    assert decode_image(_png16(grey, (32768,)), LIMITS).rgb.tolist() == [[[255] * 3, [0] * 3]]
+    rgb = np.array([[[32768] * 3, [0] * 3]], np.uint16)
+    assert decode_image(_png16(rgb, (32768,) * 3), LIMITS).rgb.tolist() == [[[255] * 3, [0] * 3]]

@@ -198,3 +198,19 @@ def test_threads_decoding_at_once_get_each_images_own_pixels():
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         decoded = list(pool.map(lambda data: decode_image(data, LIMITS).rgb, images * 4))
     assert all(np.array_equal(d, expected[k % 16]) for k, d in enumerate(decoded))
+
+
+@pytest.mark.parametrize("first", [b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>", b""])
+def test_an_exif_orientation_after_another_app1_segment_is_applied(first, monkeypatch):
+    """Pillow reads the first APP1 segment that is EXIF, TorchCodec (libjpeg) the first APP1 segment only: a JPEG with
+    XMP (or any APP1) before its EXIF was served unrotated, while its CMYK twin, and the same file given to the client
+    as a PIL image, were rotated."""
+    calls = through_torchcodec(monkeypatch)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = jpeg(synthetic_rgb(30, 52, seed=3), exif=exif.tobytes(), quality=95)
+    segment = b"\xff\xe1" + (len(first) + 2).to_bytes(2, "big") + first
+    data = data[:2] + segment + data[2:]  # right after SOI, before the EXIF segment
+    decoded = decode_image(data, LIMITS).rgb
+    assert decoded.shape == (52, 30, 3) and np.array_equal(decoded, pillow(data))
+    assert calls == []  # left to Pillow
