@@ -405,5 +405,10 @@ def test_workers_start_when_the_supervisor_is_pid_1(settings, tmp_path) -> None:
         with Client(workers.target) as client:
             assert client.segment(_image(1), classes=["person"]).width == 160
         assert "all 2 workers serving" in workers.output(), workers.output()[-2000:]
+        # unshare ignores SIGTERM while it waits (the test waited 60 s for it, then killed it): the supervisor is
+        # told, as a container runtime tells its PID 1, and unshare exits with its status
+        (supervisor,) = psutil.Process(workers.proc.pid).children()
+        supervisor.send_signal(signal.SIGTERM)
+        assert workers.proc.wait(60) == 0, workers.output()[-2000:]
     finally:
         _stop(workers)
