@@ -45,7 +45,7 @@ from service.models.adapted import CARD_NAME, CARD_SCHEMA
 from service.models.catalog import PROFILE_SCORE_THRESHOLDS
 from service.models.profiles import ModelSet, resolve_models
 from service.provenance import canonical_json, file_sha256, load_private_key, manifest, sha256_hex
-from service.provenance.exports import files_under, write_signed_export
+from service.provenance.exports import PLACED_INPUTS, files_under, write_signed_export
 from service.provenance.manifests import KIND_EXPORT, MANIFEST_NAME
 
 STATE_NAME = "state.json"
@@ -434,7 +434,12 @@ def _sign(out: Path, job: AdaptJob, base: ModelSet, card: dict[str, Any], key: E
             {"name": "images", "sha256": card["data"]["images_sha256"]},
         ],
         prompts={"classes": card["data"]["categories"]},
-        parameters={"adapted": card["version"], "recipe": card["recipe"], "base_profile": base.profile},
+        parameters={
+            "adapted": card["version"],
+            "recipe": card["recipe"],
+            "base_profile": base.profile,
+            PLACED_INPUTS: [],  # no input is placed in the folder: verify fails on any file it does not cover
+        },
         artifacts=[],
         detseg_version=__version__,
     )

@@ -74,6 +74,11 @@ def verify(args: argparse.Namespace) -> int:
     print(f"OK: {signed}; {report.artifacts_checked} file(s){placed} and {weights} match")
     if report.signed and not keys:
         print(f"  {_ANY_SIGNER}")
+    if report.unlisted:  # a manifest from before placed inputs were checked
+        print(
+            f"  {len(report.unlisted)} file(s) not covered (a manifest written before placed images were checked): "
+            f"{', '.join(report.unlisted[:3])}{' ...' if len(report.unlisted) > 3 else ''}"
+        )
     return 0
 
 

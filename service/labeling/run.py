@@ -50,6 +50,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORDS = "records.jsonl"
 ERRORS = "errors.jsonl"
 RUN = "run.json"
+EXPORTS = "exports"
 FORMATS = ("coco", "yolo", "cvat", "label-studio")
 
 
@@ -92,23 +93,27 @@ class LabelSummary:
 
 
 def image_files(folder: Path, out: Path | None = None) -> list[Path]:
-    """Every image under ``folder`` but those under ``out`` (the run's own folder, where the exports place the
-    images: inside ``folder``, each re-run labeled them as new images), sorted by relative path. ValueError when
+    """Every image under ``folder`` but those in ``out``'s exports (where they place the images: with ``out`` inside
+    ``folder``, each re-run labeled them as new images), sorted by relative path. ValueError when
     ``folder`` is no folder or holds no image (a mistyped or wrong folder: said, rather than empty exports
     written)."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
-    skip = os.path.abspath(out) if out is not None else None
     files = sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and (skip is None or os.path.commonpath([skip, os.path.abspath(p)]) != skip)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and (out is None or not _exported(p, out))
     )
     if not files:
         raise ValueError(f"{folder}: no images under it ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def _exported(path: Path, out: Path) -> bool:
+    """Whether ``path`` lies in ``out``'s exports (or an export being written beside them): where the images are
+    placed (``out`` itself may hold the labeled folder: only its exports are left out)."""
+    first = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).parts[0]
+    return first == EXPORTS or first.startswith(f".{EXPORTS}.")
 
 
 def check_file_names(names: Sequence[str], formats: Sequence[str]) -> None:
@@ -142,6 +147,11 @@ def check_same_run(out: Path, identity: dict[str, Any]) -> None:
     """ValueError naming what differs when ``out`` holds records of a run with another ``run_identity``."""
     path = out / RUN
     if not path.exists():
+        if (out / RECORDS).exists():  # written before run.json existed: what made them cannot be told
+            raise ValueError(
+                f"{out} holds records of a run that did not say what made them (no {RUN}: written by an earlier "
+                "detseg): label into a new --out, or remove that folder to label again"
+            )
         return
     try:
         earlier = json.loads(path.read_text())
@@ -301,7 +311,7 @@ def label_folder(
     bar.close()
     present = {path.relative_to(folder).as_posix() for path in files}
     images = [done[n] for n in sorted(done) if n in present]
-    exports = write_exports(client, images, folder, out / "exports", prompts, formats, image_url_prefix, key)
+    exports = write_exports(client, images, folder, out / EXPORTS, prompts, formats, image_url_prefix, key)
     return LabelSummary(
         images=len(files),
         labeled_now=len(todo) - failed,

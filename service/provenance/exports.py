@@ -24,7 +24,9 @@ class VerifyReport:
 
     ``artifacts_checked``: files whose size and sha256 matched (0 for a ``response`` manifest);
     ``inputs_checked``: input images placed in the export (``PLACED_INPUTS``) whose sha256 matched their input's;
-    ``weights_checked``: weights files whose sha256 matched a model of the manifest.
+    ``weights_checked``: weights files whose sha256 matched a model of the manifest; ``unlisted``: of a manifest
+    written before ``PLACED_INPUTS`` existed, the files it does not cover (its placed images among them: reported,
+    not a failure, as they were then).
     """
 
     signed: bool
@@ -33,6 +35,7 @@ class VerifyReport:
     weights_checked: int
     manifest: dict[str, Any]
     inputs_checked: int = 0
+    unlisted: tuple[str, ...] = ()
 
 
 # An export manifest's parameter: the folders (relative POSIX paths) that hold every input under its own name, as
@@ -123,7 +126,7 @@ def verify_path(
         _read_envelope(manifest_path), trusted_keys=trusted_keys, require_signature=require_signature
     )
     content = result.manifest
-    checked = (0, 0)
+    checked: tuple[int, int, tuple[str, ...]] = (0, 0, ())
     if content["kind"] == KIND_EXPORT:
         checked = _verify_files(manifest_path.parent, content)
     weights_checked = verify_weights(weights, content["models"])
@@ -134,6 +137,7 @@ def verify_path(
         weights_checked=weights_checked,
         manifest=content,
         inputs_checked=checked[1],
+        unlisted=checked[2],
     )
 
 
@@ -153,8 +157,10 @@ def _read_envelope(path: Path) -> dict[str, Any]:
     return data
 
 
-def _verify_files(folder: Path, content: dict[str, Any]) -> tuple[int, int]:
-    """An export's artifacts and placed inputs checked, and nothing else under ``folder``: (artifacts, inputs)."""
+def _verify_files(folder: Path, content: dict[str, Any]) -> tuple[int, int, tuple[str, ...]]:
+    """An export's artifacts and placed inputs checked, and nothing else under ``folder``: (artifacts, inputs, files
+    not covered). A manifest written before ``PLACED_INPUTS`` existed left its placed images out: the files it does
+    not cover are reported, as then (an export that verified then verifies now)."""
     root = folder.resolve()
     problems = []
     for artifact in content["artifacts"]:
@@ -169,7 +175,8 @@ def _verify_files(folder: Path, content: dict[str, Any]) -> tuple[int, int]:
             problems.append(problem)
     covered = {a["name"] for a in content["artifacts"]} | set(placed) | {MANIFEST_NAME}
     added = sorted(set(_files_under(root)) - covered)
-    if added:
+    earlier = PLACED_INPUTS not in content["parameters"]
+    if added and not earlier:
         problems.append(
             f"{len(added)} file(s) the manifest does not cover (added): {', '.join(added[:3])}"
             f"{' ...' if len(added) > 3 else ''}"
@@ -177,7 +184,7 @@ def _verify_files(folder: Path, content: dict[str, Any]) -> tuple[int, int]:
     if problems:
         message = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
         raise VerificationFailed(message, problems)
-    return len(content["artifacts"]), len(placed)
+    return len(content["artifacts"]), len(placed), tuple(added) if earlier else ()
 
 
 def _placed_inputs(content: dict[str, Any]) -> dict[str, str]:

@@ -343,3 +343,32 @@ def test_file_names_and_prompts_every_image_would_fail_on_are_refused_before_any
             label_folder(client, root, tmp_path / "typo", Prompts(classes=("circle", "cirlce")), formats=("coco",),
                          progress=False)  # fmt: skip
         assert not (tmp_path / "typo").exists()
+
+
+def test_only_the_runs_own_exports_are_left_out_of_the_images_to_label(tmp_path):
+    """The export's placed copies inside the labeled folder were labeled again as new images on every re-run; the
+    first fix left out everything under --out, and so every image where --out was the folder or above it."""
+    from service.labeling.run import image_files
+
+    folder = tmp_path / "data" / "imgs"
+    (folder / "labels" / "exports" / "yolo" / "images").mkdir(parents=True)
+    (folder / "labels" / ".exports.0a1b.partial").mkdir()
+    for path in (folder / "a.png", folder / "labels" / "exports" / "yolo" / "images" / "a.png",
+                 folder / "labels" / ".exports.0a1b.partial" / "a.png"):  # fmt: skip
+        Image.new("RGB", (4, 4)).save(path)
+    for out in (folder / "labels", folder, tmp_path / "data", None):
+        assert [p.relative_to(folder).as_posix() for p in image_files(folder, out)] == (
+            ["a.png"] if out == folder / "labels" else
+            ["a.png", "labels/.exports.0a1b.partial/a.png", "labels/exports/yolo/images/a.png"]
+        ), out  # fmt: skip
+
+
+def test_records_that_do_not_say_what_made_them_are_not_taken_for_this_runs(tmp_path):
+    """A --out written before run.json existed was resumed by any models and prompts, and its records signed as
+    theirs."""
+    from service.labeling.run import check_same_run
+
+    check_same_run(tmp_path, {"models": []})  # a new folder
+    (tmp_path / RECORDS).write_text("")
+    with pytest.raises(ValueError, match="holds records of a run that did not say what made them"):
+        check_same_run(tmp_path, {"models": []})
