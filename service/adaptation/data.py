@@ -71,13 +71,11 @@ def write_yolo(split: Split, root: Path) -> Path:
             for a in data.annotations(image.id):
                 if a.get("iscrowd"):
                     continue
-                x, y, w, h = a["bbox"]
-                # within the image (a box may reach beyond it: ultralytics refuses a whole image as corrupt when a
-                # label's coordinates pass 1)
-                x0, y0 = min(max(x, 0.0), image.width), min(max(y, 0.0), image.height)
-                x1, y1 = min(max(x + w, 0.0), image.width), min(max(y + h, 0.0), image.height)
-                if x1 <= x0 or y1 <= y0:
+                # within the image: ultralytics refuses a whole image as corrupt when a label's coordinates pass 1
+                box = image.clipped_box(a["bbox"])
+                if box is None:
                     continue
+                x0, y0, x1, y1 = box
                 cx, cy = (x0 + x1) / 2 / image.width, (y0 + y1) / 2 / image.height
                 bw, bh = (x1 - x0) / image.width, (y1 - y0) / image.height
                 lines.append(f"{index[a['category_id']]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")

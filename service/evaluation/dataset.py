@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -26,6 +26,14 @@ class EvalImage:
     width: int
     height: int
     slices: dict[str, str]
+
+    def clipped_box(self, bbox: Sequence[float]) -> tuple[float, float, float, float] | None:
+        """A COCO ``bbox`` (x, y, w, h) as XYXY clipped to the image (annotators draw past the edge: the server and
+        ultralytics refuse such a box), None when nothing of it is left inside."""
+        x, y, w, h = bbox
+        x0, y0 = min(max(x, 0.0), self.width), min(max(y, 0.0), self.height)
+        x1, y1 = min(max(x + w, 0.0), self.width), min(max(y + h, 0.0), self.height)
+        return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
 @dataclasses.dataclass(frozen=True)

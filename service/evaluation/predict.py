@@ -96,11 +96,9 @@ def _boxes(dataset: EvalDataset, image: EvalImage) -> list[Region]:
     instance counts as missed)."""
     out = []
     for a in dataset.annotations(image.id):
-        x, y, w, h = a["bbox"]
-        x0, y0 = min(max(x, 0.0), image.width), min(max(y, 0.0), image.height)
-        x1, y1 = min(max(x + w, 0.0), image.width), min(max(y + h, 0.0), image.height)
-        if x1 > x0 and y1 > y0:
-            out.append(Region(box=(x0, y0, x1, y1), label=dataset.categories[a["category_id"]]))
+        box = image.clipped_box(a["bbox"])
+        if box is not None:
+            out.append(Region(box=box, label=dataset.categories[a["category_id"]]))
     return out
 
 
