@@ -12,7 +12,10 @@
 
 ultralytics' trainer then fine-tunes every layer at the base's input size, validating on the held-out split after
 each epoch, keeping the best epoch (its fitness: 0.1 mAP50 + 0.9 mAP50-95) and stopping after ``patience`` epochs
-without gain or when the wall-time budget (its ``time`` mode) is spent.
+without gain or when the wall-time budget (its ``time`` mode) is spent. Where the recipe's precision resolves to
+``bf16`` (``service.adaptation.precision``), the trained model's predictions are computed under bfloat16 autocast
+and handed to ultralytics' loss as float32 (box coordinates in bfloat16 would be 2 px apart at 320); its weights,
+validation and saved file are as ultralytics makes them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from service.adaptation import precision as precisions
 from service.adaptation.recipes import DetectorRecipe
 from service.models.loading import safe_load_ultralytics
 from service.models.open_vocabulary import is_open_vocabulary, text_model_name
@@ -45,6 +49,7 @@ class DetectorResult:
     # base was trained with (its ``names``), and the others (any text could be asked of it before)
     kept_classes: tuple[str, ...]
     new_classes: tuple[str, ...]
+    precision: str  # the number format it trained in: bf16 or fp32
 
 
 def start_checkpoint(base: Path, names: Sequence[str], out: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -118,9 +123,12 @@ def adapt_detector(
         data = {"train": {"yolo_data": [str(data_yaml)]}, "val": {"yolo_data": [str(data_yaml)]}}
         trainer_class = open_trainer_class(text_model)
     threads = torch.get_num_threads()  # the stage's (``run.training_threads``)
+    precision = precisions.resolve(recipe.precision)
 
     def on_train_start(trainer: Any) -> None:
         torch.set_num_threads(threads)  # ultralytics' select_device leaves one core idle
+        if precision == "bf16":
+            predict_in_bf16(trainer.model)
 
     def on_epoch_end(trainer: Any) -> None:
         progress(min(1.0, (time.perf_counter() - t) / (recipe.minutes * 60)), f"detector epoch {trainer.epoch + 1}")
@@ -167,7 +175,32 @@ def adapt_detector(
         holdout_map50_95=float(metrics.get("metrics/mAP50-95(B)", 0.0)),
         kept_classes=kept,
         new_classes=new,
+        precision=precision,
     )
+
+
+def predict_in_bf16(model: Any) -> None:
+    """The training model's ``predict`` (what its loss reads, ``BaseModel.loss``) runs under the CPU's bfloat16
+    autocast, its outputs returned as float32 so that the loss is computed in float32. Only this instance changes
+    (ultralytics' EMA copy, which validates and is saved, was made before training starts and keeps float32)."""
+    predict = model.predict
+
+    def predict_bf16(*args: Any, **kwargs: Any) -> Any:
+        with precisions.cpu_autocast("bf16"):
+            out = predict(*args, **kwargs)
+        return _float32(out)
+
+    model.predict = predict_bf16
+
+
+def _float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, list | tuple):
+        return type(value)(_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
 
 
 def open_start_checkpoint(base: Path, out: Path) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.adaptation.recipes import METHODS, DetectorRecipe, SegmenterRecipe
+from service.adaptation.recipes import METHODS, PRECISIONS, DetectorRecipe, SegmenterRecipe
 from service.cli.common import MODEL_FLAGS, add_model_flags, number, settings_from
 from service.startup import configure_process
 
@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=s.max_clicks,
         help=f"SAM: longest simulated click sequence per instance and step (0: random clicks; default {s.max_clicks})",
     )
+    a.add_argument(
+        "--detector-precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="number format the detector trains in: bf16 autocast, fp32, or auto: bf16 where the CPU has a bfloat16 "
+        f"unit (AVX512-BF16, AMX), else fp32 (default {d.precision}); the file saved and served is float32",
+    )
     a.add_argument("--seed", type=number(int, 0), default=0)
     a.add_argument(
         "--noc-instances", type=number(int, 0), default=50, help="instances the simulated annotator clicks on"
@@ -75,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         holdout_fraction=args.holdout_fraction,
         original=args.original,
         replay=args.replay,
-        detector=dataclasses.replace(DetectorRecipe(), minutes=args.detector_minutes, seed=args.seed),
+        detector=dataclasses.replace(
+            DetectorRecipe(), minutes=args.detector_minutes, seed=args.seed, precision=args.detector_precision
+        ),
         segmenter=dataclasses.replace(
             SegmenterRecipe(),
             method=args.segmenter_method,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from service import provenance
+from service.adaptation import precision
 from service.adaptation.recipes import DetectorRecipe, SegmenterRecipe
 from service.adaptation.run import HOLDOUT_NAME, AdaptJob, adapt
 from service.app import InProcessServer
@@ -131,6 +132,9 @@ def test_the_card_names_data_base_models_and_the_new_class(adapted):
     assert card["detector"]["training"]["new_classes"] == ["cross"]
     assert card["detector"]["training"]["kept_classes"] == list(OLD_CLASSES)
     assert card["segmenter"]["method"] == "encoder-lora" and card["segmenter"]["encoder_changed"] is True
+    # the detector trained in bfloat16 where this CPU has a bfloat16 unit (the default, auto)
+    assert card["detector"]["training"]["precision"] == precision.resolve("auto")
+    assert card["recipe"]["detector"]["precision"] == "auto"
     assert card["score_threshold"] is None  # the demo detector names no calibrated threshold
     assert card["evaluation"] == {"score_threshold": 0.25, "noc_instances": NOC}
     assert card["data"]["images"] == 14 and card["data"]["train_images"] + card["data"]["holdout_images"] == 14
