@@ -213,6 +213,29 @@ def test_the_simulated_annotator_clicks_where_ritms_does() -> None:
             not_clicked[y, x] = 0
 
 
+def test_the_distance_map_on_the_regions_box_is_the_whole_frames() -> None:
+    """The annotator's distance maps are computed on each region's bounding box (a small object in a 12 MP photo
+    cost a whole-frame transform per click); every distance, and so every click, is the whole frame's."""
+    import cv2
+    from scipy import ndimage
+
+    from service.evaluation import noc
+
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        region = np.zeros((h, w), np.uint8)
+        for _ in range(rng.integers(0, 3)):
+            cv2.ellipse(region, (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                        (int(rng.integers(0, w)), int(rng.integers(0, h))), float(rng.uniform(0, 180)), 0, 360,
+                        1, -1)  # fmt: skip
+        region = region.astype(bool)
+        whole = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        assert np.array_equal(noc._distance(region), whole), case
+        if region.any():
+            assert noc.interior_point(region) == tuple(np.unravel_index(np.argmax(whole), whole.shape)[::-1]), case
+
+
 def test_the_report_shows_class_names_as_written(tmp_path: Path) -> None:
     """A class named with two "$" (a price band) was read as TeX by matplotlib and the whole report failed (nothing
     written, a traceback); in report.md a name's "<b>" was markup and its line break a broken table row."""
