@@ -1,4 +1,5 @@
-"""The server's interceptors: a span and metrics per RPC (``RpcTelemetry``) and the access log (``AccessLog``).
+"""The server's interceptors: a span and metrics per RPC (``RpcTelemetry``), the access log (``AccessLog``) and the
+refusal of a unary request whose bytes do not parse (``ParseRequests``).
 
 Both observe each call the same way, through ``observe_calls``: the handler is rebuilt so that every call, of any of
 gRPC's four kinds, runs inside a context manager the interceptor gives (streams: the whole stream).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import logging
 import time
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc._cython import cygrpc
 from grpc_health.v1 import health
 from opentelemetry import propagate, trace
@@ -86,6 +89,44 @@ def observe_calls(handler: grpc.RpcMethodHandler, observer: CallObserver) -> grp
                         raise asyncio.CancelledError from None
 
     return make(streaming, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unparsable:
+    """A unary request whose bytes do not parse as ``message`` (its full name): what ``ParseRequests``' deserializer
+    hands on instead of raising."""
+
+    message: str
+
+
+class ParseRequests(grpc.aio.ServerInterceptor):
+    """A unary request that does not parse as its message (a truncated varint, a string that is not UTF-8) is
+    refused INVALID_ARGUMENT, as a stream message is (StreamSegment, Track): gRPC's own deserialization answered
+    UNKNOWN naming protobuf's exception class, and logged a traceback at ERROR. Innermost, so that the access log,
+    telemetry and authentication see the call as any other."""
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not handler.unary_unary or handler.request_deserializer is None:
+            return handler
+        deserialize, inner = handler.request_deserializer, handler.unary_unary
+        descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+        message = getattr(descriptor, "full_name", "") or "its request message"
+
+        def parse(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError:
+                return Unparsable(message)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Unparsable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as a {message}")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=parse, response_serializer=handler.response_serializer
+        )
 
 
 class RpcTelemetry(grpc.aio.ServerInterceptor):

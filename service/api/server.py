@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import telemetry
-from service.api.interceptors import AccessLog, RpcTelemetry
+from service.api.interceptors import AccessLog, ParseRequests, RpcTelemetry
 from service.api.security import TokenAuth, load_tokens, server_credentials
 from service.api.servicer import SegmentationServicer
 from service.api.workers import WorkerLink
@@ -101,6 +101,7 @@ async def start_server(settings: Settings, link: WorkerLink | None = None) -> Se
             *([AccessLog()] if settings.access_log else []),
             RpcTelemetry(),
             *([TokenAuth(tokens)] if tokens else []),
+            ParseRequests(),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -205,10 +205,13 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 session.close()
 
     async def _next_message(self, messages: AsyncIterator[pb.TrackRequest]) -> pb.TrackRequest | None:
-        """The stream's next message, None at its end; DeadlineExceeded when none comes within track_idle_seconds."""
+        """The stream's next message, None at its end; DeadlineExceeded when none comes within track_idle_seconds,
+        InvalidInput when its bytes do not parse (the call ends: gRPC reads no further message of it)."""
         try:
             async with asyncio.timeout(self._settings.track_idle_seconds):  # as Admission: not wait_for
                 return await anext(messages, None)
+        except DecodeError:
+            raise InvalidInput("a stream message does not parse as a detseg.v1.TrackRequest") from None
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no message for {self._settings.track_idle_seconds:g} s (track_idle_seconds): the session is closed"

@@ -115,3 +115,39 @@ def test_a_stream_message_that_does_not_parse_ends_the_stream_with_its_error(stu
             answers.append(result.index)
     assert answers == [0]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not parse" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("Segment", "detseg.v1.SegmentRequest"),
+        ("EncodeImage", "detseg.v1.EncodeImageRequest"),
+        ("BatchSegment", "detseg.v1.BatchSegmentRequest"),
+        ("ListModels", "detseg.v1.ListModelsRequest"),
+    ],
+)
+def test_a_unary_request_that_does_not_parse_is_invalid_argument(stub, channel, method, message):
+    """gRPC's own deserialization answered UNKNOWN naming protobuf's exception class ("Unexpected <class
+    'google.protobuf.message.DecodeError'>") and logged a traceback; the stream RPCs said INVALID_ARGUMENT."""
+    raw = channel.unary_unary(f"/detseg.v1.SegmentationService/{method}", request_serializer=lambda b: b)
+    for payload in (b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab"):  # a length past the end; a field cut short
+        with pytest.raises(grpc.RpcError) as err:
+            raw(payload, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details() == f"the request does not parse as a {message}"
+    assert stub.ListModels(pb.ListModelsRequest(), timeout=30).models  # still serving
+
+
+def test_a_track_message_that_does_not_parse_ends_the_call_with_invalid_argument(stub, channel):
+    """The Track call ended INTERNAL (a fault of the server's) on a frame whose bytes do not parse."""
+    start = pb.TrackRequest(start=pb.TrackStart()).SerializeToString()
+    raw = channel.stream_stream(
+        "/detseg.v1.SegmentationService/Track",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.TrackResponse.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw(iter([start, b"\x12\x01\xff"]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details() == "a stream message does not parse as a detseg.v1.TrackRequest"
+    assert stub.ListModels(pb.ListModelsRequest(), timeout=30).models
