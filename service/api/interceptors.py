@@ -93,8 +93,8 @@ def observe_calls(handler: grpc.RpcMethodHandler, observer: CallObserver) -> grp
 
 @dataclasses.dataclass(frozen=True)
 class Unparsable:
-    """A unary request whose bytes do not parse as ``message`` (its full name): what ``ParseRequests``' deserializer
-    hands on instead of raising."""
+    """A unary request whose bytes do not parse as ``message`` ("a detseg.v1.SegmentRequest"): what
+    ``ParseRequests``' deserializer hands on instead of raising."""
 
     message: str
 
@@ -111,7 +111,8 @@ class ParseRequests(grpc.aio.ServerInterceptor):
             return handler
         deserialize, inner = handler.request_deserializer, handler.unary_unary
         descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
-        message = getattr(descriptor, "full_name", "") or "its request message"
+        full_name = getattr(descriptor, "full_name", "")
+        message = f"a {full_name}" if full_name else "its message type"
 
         def parse(data: bytes) -> Any:
             try:
@@ -121,7 +122,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Unparsable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as a {message}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as {message}")
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
