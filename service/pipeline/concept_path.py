@@ -13,7 +13,7 @@ import numpy as np
 
 from service.errors import Unsupported
 from service.pipeline.images import FoundImage, ImageStore
-from service.pipeline.prompts import Limits, SegmentQuery, check_box_inside, resolve_thresholds
+from service.pipeline.prompts import Limits, SegmentQuery, check_box_inside, exemplar_classes, resolve_thresholds
 from service.pipeline.results import CONCEPT, REGION, InstanceResult, SegmentResult, drop_flagged
 from service.pipeline.review import MaskStats, resolve_review, review
 from service.pipeline.stages import stage
@@ -57,10 +57,13 @@ class ConceptPath:
         if rest.classes or rest.regions:
             result = await self.detector_path(rest, found)
             instances, timings = result.instances, {**timings, **result.timings}
-        labels = list(dict.fromkeys(e.class_name for e in query.exemplars))
+        classes = exemplar_classes(query.exemplars)
+        labels = list(dict.fromkeys(classes))
         w, h = image.width, image.height
         exemplar_boxes = [
-            _normalised_cxcywh(np.array([e.box for e in query.exemplars if e.class_name == label], np.float32), w, h)
+            _normalised_cxcywh(
+                np.array([e.box for e, c in zip(query.exemplars, classes, strict=True) if c == label], np.float32), w, h
+            )
             for label in labels
         ]
         thresholds = resolve_thresholds(query.options, self.limits)

@@ -15,7 +15,7 @@ from service.models.tensors import ClassPrompts, DetectorOutput
 from service.pipeline.cache import CacheEntry
 from service.pipeline.image import DecodedImage
 from service.pipeline.lru import LRU
-from service.pipeline.prompts import Exemplar, Limits, Plan
+from service.pipeline.prompts import Exemplar, Limits, Plan, exemplar_classes
 from service.pipeline.stages import stage
 from service.processing.detection import Detections, DetectorProcessing
 from service.runners.base import Runner
@@ -64,6 +64,7 @@ class DetectStage:
         naming the box for an exemplar class too small to embed, before any model runs. ``image``: the request's
         (None: every exemplar has its own); ``references``: each exemplar's own image (None: the request's)."""
         # An image is its bytes' hash and its size (raw pixels: the same bytes at another size are another image).
+        classes = exemplar_classes(exemplars)
         by_image: dict[tuple[str, int, int] | None, list[int]] = {}
         for i, ref in enumerate(references):
             by_image.setdefault((ref.sha256, ref.width, ref.height) if ref is not None else None, []).append(i)
@@ -71,7 +72,7 @@ class DetectStage:
         for source, indices in by_image.items():
             ref = references[indices[0]] if source is not None else image
             assert ref is not None, "exemplars on the request's image need the request's image"
-            names = [exemplars[i].class_name for i in indices]
+            names = [classes[i] for i in indices]
             local = tuple(dict.fromkeys(names))
             boxes = np.array([exemplars[i].box for i in indices], np.float32)
             ids = np.array([local.index(n) for n in names])

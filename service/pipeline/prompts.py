@@ -86,12 +86,8 @@ class Exemplar:
     request's image."""
 
     box: tuple[float, float, float, float]
-    label: str = ""
+    label: str = ""  # as sent; its class: ``exemplar_classes``
     image: ImageInput | None = None
-
-    @property
-    def class_name(self) -> str:
-        return self.label or "exemplar"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +168,8 @@ def check_query(query: SegmentQuery, limits: Limits) -> None:
     _check_count(query.exemplars, limits.max_exemplars, "exemplars")
     for i, e in enumerate(query.exemplars):
         _check_box(e.box, f"exemplars[{i}].box")
+        if e.label and not e.label.strip():
+            raise InvalidInput(f"exemplars[{i}].label: blank; leave it empty to label the objects 'exemplar'")
         _check_label(e.label, limits.max_text_chars, f"exemplars[{i}].label")
     _check_names(query.texts, limits.max_text_chars, "texts", "give a word or phrase, e.g. 'red car'")
     o = query.options
@@ -262,9 +260,17 @@ def check_box_inside(box: tuple[float, float, float, float], width: int, height:
         )
 
 
-def _exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
-    """The exemplars' classes: one per distinct label, in order of first appearance."""
-    return tuple(dict.fromkeys(e.class_name for e in exemplars))
+def exemplar_classes(exemplars: Sequence[Exemplar]) -> tuple[str, ...]:
+    """Each exemplar's class, the label its objects come back with: its label with the spaces around it trimmed,
+    "exemplar" when empty; labels equal after ``normalise_class_name`` (case, runs of spaces, "_" and "-") are one
+    class, named by its first spelling, as ``vocabulary.request_vocabulary`` names classes and texts ("red_star" and
+    "Red Star" were two classes of one object each)."""
+    first: dict[str, str] = {}
+    out = []
+    for e in exemplars:
+        name = e.label.strip() or "exemplar"
+        out.append(first.setdefault(normalise_class_name(name), name))
+    return tuple(out)
 
 
 def check_inside(query: SegmentQuery, width: int, height: int) -> None:
@@ -309,7 +315,7 @@ def plan(
         prompts.append(SamPrompt(box=box, points=points, point_labels=labels))
     o = query.options
     thresholds = resolve_thresholds(o, limits)
-    exemplars = _exemplar_classes(query.exemplars)
+    exemplars = tuple(dict.fromkeys(exemplar_classes(query.exemplars)))
     return Plan(
         names=(*vocabulary, *exemplars),
         exemplar_start=len(vocabulary),

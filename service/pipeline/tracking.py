@@ -44,7 +44,7 @@ import time
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotFound
 from service.models.tensors import ImageFeatures, MemoryCorrection, TrackStep
 from service.pipeline.detect import ExemplarGroup
 from service.pipeline.image import DecodedImage
@@ -284,6 +284,8 @@ class TrackSession:
                 self._exemplars = self.pipeline.detector.exemplar_groups(q.exemplars, None, references)
         except InvalidInput as e:
             raise InvalidInput(f"start.{e}", field=f"start.{e.field}" if e.field else None) from None
+        except NotFound as e:  # an exemplar's image by a handle not cached
+            raise NotFound(f"start.{e}") from None
         self.pipeline.runner.track_memory()  # Unsupported (FAILED_PRECONDITION) where the runner cannot track
 
     def close(self) -> None:

@@ -109,7 +109,9 @@ def _image_sha256(image: pb.Image) -> str:
         return sha256_hex(image.encoded)
     if which == "raw":
         return sha256_hex(image.raw.data)
-    digest = image.handle.rpartition(" ")[2].removeprefix("sha256:")  # "sha256:<hex>" or "raw WxH <hex>"
+    # A handle's own digest: an encoded image's is its bytes' sha256; a raw image's is sha256("raw WxH <hex>"), not
+    # its pixels' (known to the server's cache only, not here: the manifest differs from raw bytes sent; open)
+    digest = image.handle.removeprefix("sha256:")
     return digest if len(digest) == 64 else sha256_hex(image.handle.encode())
 
 

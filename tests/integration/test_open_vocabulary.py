@@ -496,3 +496,32 @@ def test_an_exemplar_on_raw_pixels_is_embedded_per_size_not_per_bytes(open_stub,
     as_tall = found(pb.Image(raw=pb.RawImage(data=data, width=24, height=32)))
     assert open_runner.calls["embed_exemplars"] == embedded + 1  # embedded anew, not the wide image's
     assert as_tall == found(pb.Image(encoded=encode(tall))) and as_tall != wide
+
+
+def test_exemplar_labels_name_classes_as_class_names_do(open_stub):
+    """Exemplar labels skipped the normalisation classes and texts get: "  x  " came back with its spaces, a blank
+    label was a class named "   ", and "red_star" and "Red Star" were two classes of one exemplar each."""
+    target = pb.Image(encoded=encode(synthetic_rgb(120, 160, seed=33)))
+
+    def labels(*names: str) -> set[str]:
+        exemplars = [_exemplar(box=(10 + 40 * k, 10, 45 + 40 * k, 50), label=n) for k, n in enumerate(names)]
+        options = pb.SegmentOptions(score_threshold=0.01)
+        response = open_stub.Segment(pb.SegmentRequest(image=target, exemplars=exemplars, options=options), timeout=120)
+        return {i.label for i in response.instances}
+
+    assert labels("  red_star ", "Red Star") == {"red_star"}  # one class, its first spelling, trimmed
+    assert labels("", "Exemplar") == {"exemplar"}
+    with pytest.raises(grpc.RpcError) as err:
+        labels("thing", "   ")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("exemplars[1].label: blank"), err.value.details()
+
+
+def test_a_track_starts_exemplar_by_an_unknown_handle_names_the_start_field(open_stub):
+    """Every other start error names start.<field>; an exemplar image's unknown handle was NOT_FOUND naming
+    exemplars[0].image.handle."""
+    exemplar = _exemplar(box=(0, 0, 10, 10), image=pb.Image(handle="sha256:" + "2" * 64))
+    with pytest.raises(grpc.RpcError) as err:
+        list(open_stub.Track(iter([pb.TrackRequest(start=pb.TrackStart(exemplars=[exemplar]))]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().startswith("start.exemplars[0].image.handle: "), err.value.details()
