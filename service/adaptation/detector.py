@@ -186,7 +186,7 @@ def predict_in_bf16(model: Any) -> None:
     predict = model.predict
 
     def predict_bf16(*args: Any, **kwargs: Any) -> Any:
-        with precisions.cpu_autocast("bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             out = predict(*args, **kwargs)
         return _float32(out)
 

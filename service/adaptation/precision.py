@@ -9,9 +9,6 @@ than float32, so ``auto`` keeps float32 there."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from service.adaptation.recipes import PRECISIONS
@@ -30,10 +27,3 @@ def resolve(precision: str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
     return precision
-
-
-@contextlib.contextmanager
-def cpu_autocast(precision: str) -> Iterator[None]:
-    """bfloat16 autocast on the CPU for a resolved ``bf16``; nothing for ``fp32``."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        yield
